@@ -1,0 +1,145 @@
+"""ε for Poisson-sampled Gaussian DP-SGD, and σ calibration.
+
+Every engine records what it actually did in a :class:`PrivacyLedger`: a list of
+``(noise_multiplier, sample_rate, steps)`` segments, the same history format as
+Opacus's accountants. ε is always computed from that ledger, never from the plan.
+
+Sampling convention (Opacus's ``DPDataLoader``): a training set of N examples
+with batch size B has sample rate q = 1 / ceil(N / B) and an epoch is
+int(1 / q) steps, in each of which every example is included independently
+with probability q.
+
+Example:
+    >>> ledger = PrivacyLedger()
+    >>> ledger.record(noise_multiplier=1.5, sample_rate=0.04, steps=2250)
+    >>> round(ledger.epsilon(delta=1e-5), 8)
+    7.32911117
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+ACCOUNTANTS = ("rdp", "prv", "pld")
+MAX_NOISE_MULTIPLIER = 1e4  # beyond this a target ε is considered unreachable
+
+
+def poisson_sample_rate(num_examples: int, batch_size: int) -> float:
+    """Opacus's DPDataLoader sample rate: 1 / ceil(N / B)."""
+    if num_examples < 1 or batch_size < 1:
+        raise ValueError(f"need num_examples >= 1 and batch_size >= 1, got {num_examples} and {batch_size}")
+    return 1.0 / math.ceil(num_examples / batch_size)
+
+
+def steps_per_epoch(sample_rate: float) -> int:
+    """Steps in one epoch, exactly as Opacus's UniformWithReplacementSampler counts them."""
+    return int(1 / sample_rate)
+
+
+def expected_batch_size(num_examples: int, sample_rate: float) -> int:
+    """The denominator Opacus's DPOptimizer divides the noisy gradient sum by."""
+    return int(num_examples * sample_rate)
+
+
+def compute_epsilon(history: list[tuple[float, float, int]], *, delta: float, accountant: str = "rdp") -> float:
+    """ε after the steps in ``history`` (segments of ``(σ, q, steps)``) under ``accountant``."""
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+    history = [(float(s), float(q), int(n)) for s, q, n in history if n > 0]
+    if not history:
+        return 0.0
+    if any(s <= 0 for s, _, _ in history):
+        return math.inf
+    if accountant == "pld":
+        return _pld_epsilon(history, delta)
+    from opacus.accountants import create_accountant
+
+    acc = create_accountant(mechanism=accountant)
+    acc.history = list(history)
+    return float(acc.get_epsilon(delta=delta))
+
+
+def _pld_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+    from dp_accounting import dp_event, pld
+
+    acc = pld.PLDAccountant()
+    for sigma, q, steps in history:
+        event = dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma))
+        acc.compose(dp_event.SelfComposedDpEvent(event, steps))
+    return float(acc.get_epsilon(delta))
+
+
+@dataclass
+class PrivacyLedger:
+    """What a run has spent: segments of ``(noise_multiplier, sample_rate, steps)``."""
+
+    history: list[tuple[float, float, int]] = field(default_factory=list)
+
+    def record(self, *, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
+        if steps <= 0:
+            return
+        if self.history and self.history[-1][:2] == (noise_multiplier, sample_rate):
+            sigma, q, n = self.history[-1]
+            self.history[-1] = (sigma, q, n + steps)
+        else:
+            self.history.append((float(noise_multiplier), float(sample_rate), int(steps)))
+
+    @property
+    def steps(self) -> int:
+        return sum(n for _, _, n in self.history)
+
+    def epsilon(self, *, delta: float, accountant: str = "rdp") -> float:
+        return compute_epsilon(self.history, delta=delta, accountant=accountant)
+
+    def state_dict(self) -> dict:
+        return {"history": [list(seg) for seg in self.history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
+
+
+def calibrate_noise_multiplier(
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str = "rdp",
+    rtol: float = 1e-3,
+) -> float:
+    """The smallest σ (to ``rtol``) whose run of ``steps`` ends at ε <= ``target_epsilon``.
+
+    The returned σ always satisfies ε(σ) <= target; bisection stops once
+    ε(σ) >= target * (1 - rtol). Raises ``ValueError`` when no σ up to
+    ``MAX_NOISE_MULTIPLIER`` reaches the target.
+
+    Example:
+        >>> s = calibrate_noise_multiplier(target_epsilon=2.0, delta=1e-5, sample_rate=0.01, steps=1000)
+        >>> eps = compute_epsilon([(s, 0.01, 1000)], delta=1e-5)
+        >>> 2.0 * (1 - 1e-3) <= eps <= 2.0
+        True
+    """
+    if not target_epsilon > 0 or not math.isfinite(target_epsilon):
+        raise ValueError(f"target epsilon must be a positive finite number, got {target_epsilon}")
+
+    def eps(sigma: float) -> float:
+        return compute_epsilon([(sigma, sample_rate, steps)], delta=delta, accountant=accountant)
+
+    low, high = 0.0, 1.0
+    while eps(high) > target_epsilon:
+        low, high = high, 2 * high
+        if high > MAX_NOISE_MULTIPLIER:
+            raise ValueError(
+                f"target epsilon {target_epsilon} is unreachable for delta={delta}, sample rate "
+                f"{sample_rate:.6g} and {steps} steps (even sigma={MAX_NOISE_MULTIPLIER:g} gives more)"
+            )
+    for _ in range(200):
+        if eps(high) >= target_epsilon * (1 - rtol):
+            break
+        mid = (low + high) / 2
+        if eps(mid) <= target_epsilon:
+            high = mid
+        else:
+            low = mid
+    return high

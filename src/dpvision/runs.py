@@ -1,0 +1,209 @@
+"""Run folders: one directory per training run, every file written atomically.
+
+Layout of ``<runs-dir>/<job>/<run-name>/``::
+
+    config.yaml     the resolved configuration (what actually ran)
+    metrics.csv     append-only, one row per epoch
+    summary.json    final numbers, library versions, device, wall time
+    model.pt        final (or best) model weights
+
+Every write goes to a temporary file in the same directory and is then renamed
+over the target, so a crash never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import platform
+import tempfile
+from dataclasses import asdict, is_dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+import yaml
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Strict JSON (non-finite floats become the strings "inf", "-inf", "nan")."""
+    text = json.dumps(_finite(obj), indent=2, sort_keys=True, default=_json_default, allow_nan=False)
+    atomic_write_text(path, text + "\n")
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if obj != obj else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, Mapping):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` through a temporary file and a rename."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def csv_text(fieldnames: list[str], rows: Iterable[Mapping[str, Any]]) -> str:
+    """Rows as CSV text with ``\\n`` line endings (the same bytes on every OS)."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=fieldnames, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: row[key] for key in fieldnames})
+    return out.getvalue()
+
+
+def read_csv_rows(path: str | os.PathLike) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def check_writable_dir(path: str | os.PathLike, *, flag: str) -> Path:
+    """Create ``path`` if needed and prove it is writable, or raise ``ValueError`` naming ``flag``."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(f"{flag} {str(path)!r} is not a writable directory ({err.strerror or err})") from None
+    return path
+
+
+def library_versions() -> dict[str, str]:
+    import opacus
+    import torchvision
+
+    import dpvision
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "opacus": opacus.__version__,
+        "dpvision": dpvision.__version__,
+    }
+
+
+def _json_default(obj: Any) -> Any:
+    if is_dataclass(obj):
+        return asdict(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.device):
+        return str(obj)
+    raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
+
+
+class RunDir:
+    """A run folder with an append-only metrics CSV.
+
+    Example:
+        >>> run = RunDir.create("runs", "mnist", "demo")       # doctest: +SKIP
+        >>> run.write_config({"lr": 0.1})                        # doctest: +SKIP
+        >>> run.append_metrics({"epoch": 1, "test_accuracy": 0.9})  # doctest: +SKIP
+    """
+
+    CONFIG = "config.yaml"
+    METRICS = "metrics.csv"
+    SUMMARY = "summary.json"
+    MODEL = "model.pt"
+
+    def __init__(self, path: str | os.PathLike, metric_fields: list[str] | None = None) -> None:
+        self.path = Path(path)
+        self.metric_fields = metric_fields
+
+    @classmethod
+    def create(cls, runs_dir: str | os.PathLike, job: str, run_name: str | None = None,
+               metric_fields: list[str] | None = None) -> "RunDir":
+        """A new, empty run folder ``<runs_dir>/<job>/<run_name>`` (a timestamp when no name is given)."""
+        base = check_writable_dir(Path(runs_dir) / job, flag="--runs-dir")
+        name = run_name or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        path = base / name
+        suffix = 1
+        while path.exists():  # never overwrite an earlier run
+            suffix += 1
+            path = base / f"{name}-{suffix}"
+        path.mkdir(parents=True)
+        return cls(path, metric_fields)
+
+    def write_config(self, config: Any) -> None:
+        data = asdict(config) if is_dataclass(config) else dict(config)
+        atomic_write_text(self.path / self.CONFIG, yaml.safe_dump(_plain(data), sort_keys=False))
+
+    def read_config(self) -> dict[str, Any]:
+        with open(self.path / self.CONFIG) as handle:
+            return yaml.safe_load(handle)
+
+    def read_metrics(self) -> list[dict[str, str]]:
+        path = self.path / self.METRICS
+        return read_csv_rows(path) if path.exists() else []
+
+    def append_metrics(self, row: Mapping[str, Any]) -> None:
+        """Add one row; earlier rows are never rewritten, the file is replaced atomically."""
+        fields = self.metric_fields or list(row)
+        self.metric_fields = fields
+        unknown = set(row) - set(fields)
+        if unknown:
+            raise ValueError(f"metrics row has unknown columns {sorted(unknown)}; expected {fields}")
+        path = self.path / self.METRICS
+        previous = path.read_text() if path.exists() else csv_text(fields, [])
+        line = csv_text(fields, [{k: _fmt(row.get(k, "")) for k in fields}]).split("\n", 1)[1]
+        atomic_write_text(path, previous + line)
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        atomic_write_json(self.path / self.SUMMARY, dict(summary))
+
+    def save_model(self, model: torch.nn.Module, name: str | None = None) -> Path:
+        path = self.path / (name or self.MODEL)
+        atomic_torch_save(model.state_dict(), path)
+        return path
+
+
+def _fmt(value: Any) -> Any:
+    if isinstance(value, float):
+        return repr(value)
+    return value
+
+
+def _plain(obj: Any) -> Any:
+    """Config values as YAML-safe plain types."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, (Path, torch.device)):
+        return str(obj)
+    if isinstance(obj, float) and obj != obj:  # NaN
+        return None
+    return obj
