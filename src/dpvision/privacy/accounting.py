@@ -18,11 +18,16 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from dataclasses import dataclass, field
 
 ACCOUNTANTS = ("rdp", "prv", "pld")
 MAX_NOISE_MULTIPLIER = 1e4  # beyond this a target ε is considered unreachable
+AUTO_DELTA_FACTOR = 10  # --delta auto: δ = 1 / (10 N), well below the 1/N where DP stops meaning much
+
+History = tuple[tuple[float, float, int], ...]
 
 
 def poisson_sample_rate(num_examples: int, batch_size: int) -> float:
@@ -42,25 +47,77 @@ def expected_batch_size(num_examples: int, sample_rate: float) -> int:
     return int(num_examples * sample_rate)
 
 
-def compute_epsilon(history: list[tuple[float, float, int]], *, delta: float, accountant: str = "rdp") -> float:
-    """ε after the steps in ``history`` (segments of ``(σ, q, steps)``) under ``accountant``."""
+def resolve_delta(delta: float | str, num_examples: int) -> float:
+    """``"auto"`` becomes 1 / (10 N); a number (or numeric string) is returned as a float.
+
+    Example:
+        >>> resolve_delta("auto", 30_000)
+        3.3333333333333333e-06
+        >>> resolve_delta("1e-5", 30_000)
+        1e-05
+    """
+    if isinstance(delta, str):
+        if delta.strip().lower() == "auto":
+            return 1.0 / (AUTO_DELTA_FACTOR * num_examples)
+        try:
+            delta = float(delta)
+        except ValueError:
+            raise ValueError(f"--delta must be a number in (0, 1) or 'auto', got {delta!r}") from None
+    return float(delta)
+
+
+def normalize_history(history) -> History:
+    """Segments as a hashable tuple of ``(float σ, float q, int steps)``, empty segments dropped."""
+    return tuple((float(s), float(q), int(n)) for s, q, n in history if int(n) > 0)
+
+
+def compute_epsilon(history, *, delta: float, accountant: str = "rdp") -> float:
+    """ε after the steps in ``history`` (segments of ``(σ, q, steps)``) under ``accountant``.
+
+    Results are memoised on ``(history, δ, accountant)``: PRV and PLD cost tenths of a
+    second each, and a run asks for the same ε several times (budget check before an
+    epoch, the per-epoch row after it, σ calibration's bisection).
+    """
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
-    history = [(float(s), float(q), int(n)) for s, q, n in history if n > 0]
+    return _cached_epsilon(normalize_history(history), float(delta), accountant)
+
+
+def compute_epsilons(history, *, delta: float) -> dict[str, float]:
+    """ε under every accountant: ``{"rdp": ..., "prv": ..., "pld": ...}``.
+
+    Example:
+        >>> eps = compute_epsilons([(1.5, 0.04, 2250)], delta=1e-5)
+        >>> eps["prv"] <= eps["rdp"]
+        True
+    """
+    return {name: compute_epsilon(history, delta=delta, accountant=name) for name in ACCOUNTANTS}
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_epsilon(history: History, delta: float, accountant: str) -> float:
     if not history:
         return 0.0
     if any(s <= 0 for s, _, _ in history):
         return math.inf
-    if accountant == "pld":
-        return _pld_epsilon(history, delta)
-    from opacus.accountants import create_accountant
+    try:
+        if accountant == "pld":
+            return _pld_epsilon(history, delta)
+        from opacus.accountants import create_accountant
 
-    acc = create_accountant(mechanism=accountant)
-    acc.history = list(history)
-    return float(acc.get_epsilon(delta=delta))
+        acc = create_accountant(mechanism=accountant)
+        acc.history = list(history)
+        return float(acc.get_epsilon(delta=delta))
+    except (ValueError, RuntimeError, OverflowError, FloatingPointError) as err:
+        # PRV's and PLD's discretisations fail far outside the usual range (tiny σ,
+        # huge ε). ∞ is a valid, if useless, upper bound: never report less than spent.
+        if accountant == "rdp":
+            raise
+        warnings.warn(f"{accountant} accountant failed ({err}); reporting epsilon = inf", stacklevel=3)
+        return math.inf
 
 
-def _pld_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+def _pld_epsilon(history: History, delta: float) -> float:
     from dp_accounting import dp_event, pld
 
     acc = pld.PLDAccountant()
@@ -92,6 +149,19 @@ class PrivacyLedger:
     def epsilon(self, *, delta: float, accountant: str = "rdp") -> float:
         return compute_epsilon(self.history, delta=delta, accountant=accountant)
 
+    def epsilons(self, *, delta: float) -> dict[str, float]:
+        """ε under each of ``ACCOUNTANTS``."""
+        return compute_epsilons(self.history, delta=delta)
+
+    def copy(self) -> "PrivacyLedger":
+        return PrivacyLedger(history=list(self.history))
+
+    def extended(self, *, noise_multiplier: float, sample_rate: float, steps: int) -> "PrivacyLedger":
+        """A copy with ``steps`` more steps recorded (merged exactly as ``record`` merges them)."""
+        ledger = self.copy()
+        ledger.record(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
+        return ledger
+
     def state_dict(self) -> dict:
         return {"history": [list(seg) for seg in self.history]}
 
@@ -111,7 +181,8 @@ def calibrate_noise_multiplier(
     """The smallest σ (to ``rtol``) whose run of ``steps`` ends at ε <= ``target_epsilon``.
 
     The returned σ always satisfies ε(σ) <= target; bisection stops once
-    ε(σ) >= target * (1 - rtol). Raises ``ValueError`` when no σ up to
+    ε(σ) >= target * (1 - rtol). ``accountant`` is the one whose ε the run will
+    report (calibrating with RDP and reporting PRV would overshoot the noise). Raises ``ValueError`` when no σ up to
     ``MAX_NOISE_MULTIPLIER`` reaches the target.
 
     Example:
@@ -122,6 +193,9 @@ def calibrate_noise_multiplier(
     """
     if not target_epsilon > 0 or not math.isfinite(target_epsilon):
         raise ValueError(f"target epsilon must be a positive finite number, got {target_epsilon}")
+
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
 
     def eps(sigma: float) -> float:
         return compute_epsilon([(sigma, sample_rate, steps)], delta=delta, accountant=accountant)

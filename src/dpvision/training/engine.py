@@ -185,14 +185,28 @@ class OpacusEngine(Engine):
         self.noise_generator.set_state(state["noise_generator"])
 
 
+FAST_ONLY_OPTIONS = ("physical_batch_size", "grad_sample_mode", "cuda_graphs", "static_shapes")  # dropped on fallback
+AUDIT_OPTIONS = ("canary_gradients", "noise_scale_for_testing")  # fast engine only, never dropped
+
+
 def build_engine(name: str, **kwargs) -> Engine:
-    """The engine called ``name`` (``"fast"`` or ``"opacus"``); keyword arguments as for ``OpacusEngine``."""
+    """The engine called ``name`` (``"fast"`` or ``"opacus"``); keyword arguments as for ``OpacusEngine``.
+
+    ``"fast"`` falls back to the stock Opacus engine, with a notice on stderr, when
+    it does not support the model (its own speed options are then ignored).
+    """
     if name == "opacus":
         return OpacusEngine(**kwargs)
     if name == "fast":
-        from dpvision.training.fast import FastEngine  # noqa: PLC0415 (optional, heavier import)
+        from dpvision.training.fast import FastEngine, UnsupportedModelError, fallback_notice  # noqa: PLC0415
 
-        return FastEngine(**kwargs)
+        try:
+            return FastEngine(**kwargs)
+        except UnsupportedModelError as err:
+            if any(kwargs.get(k) not in (None, 1.0) for k in AUDIT_OPTIONS):
+                raise
+            fallback_notice(err)
+            return OpacusEngine(**{k: v for k, v in kwargs.items() if k not in FAST_ONLY_OPTIONS + AUDIT_OPTIONS})
     raise ValueError(f"engine (--engine) must be one of {ENGINES}, got {name!r}")
 
 

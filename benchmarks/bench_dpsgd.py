@@ -1,0 +1,286 @@
+"""Seconds per epoch: the stock Opacus recipe against dpvision's fast engine, DP and non-private.
+
+Workloads: SampleConvNet on MNIST (60,000 train images) and CelebaCNN on 64x64 RGB
+(random but fixed uint8 images, ``--celeba-size`` of them), batch 256, plus the
+fast engine at a large logical batch (``--large-batch``, default 4096).
+
+The stock recipe is what Opacus's examples teach: torchvision's ``datasets.MNIST``
+with ``ToTensor`` + ``Normalize`` (for CelebA-64, a map-style dataset normalising
+each item) in a ``DataLoader``, ``PrivacyEngine().make_private`` (Poisson sampling,
+hook-based per-sample gradients), one optimizer step a batch. Non-private: the
+same loader shuffled, plain SGD.
+
+Each configuration: one warm-up run of a few steps (not timed; graph capture and
+cuDNN autotuning happen there), then ``--epochs`` timed runs. With ``--max-steps``
+a timed run stops after that many steps and the time is extrapolated to a full
+epoch (seconds / steps x steps per epoch); the table says so. Reported: median
+seconds per epoch, peak memory (CUDA max_memory_allocated on GPU; peak RSS of
+the process while the configuration ran, on CPU).
+
+    python benchmarks/bench_dpsgd.py --device cuda --data-root data --epochs 3 --json gpu.json
+    python benchmarks/bench_dpsgd.py --device cpu --max-steps 20 --epochs 2 --json cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from dpvision.data.mnist import load_mnist
+from dpvision.data.tensors import ImageTensors, NormalizedTensorDataset
+from dpvision.models import CelebaCNN, SampleConvNet
+from dpvision.privacy.accounting import poisson_sample_rate, steps_per_epoch
+from dpvision.training.engine import DPSettings, OptimizerSpec
+from dpvision.training.fast import FastEngine
+
+DP = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0)
+LR = 0.1
+
+
+class PeakMemory:
+    """Peak memory of one configuration: CUDA max_memory_allocated, or the process's RSS sampled every 5 ms."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.peak, self._stop = self._rss(), threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.mb = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._rss())
+            self.mb = self.peak / 2**20
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------- stock recipe
+class StockRecipe:
+    """Opacus as its examples use it: a DataLoader, make_private, hooks."""
+
+    def __init__(self, model, dataset, batch_size: int, dp: bool, device: torch.device, workers: int) -> None:
+        self.device = device
+        model = model.to(device)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=not dp, num_workers=workers,
+                            pin_memory=device.type == "cuda")
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+        if dp:
+            from opacus import PrivacyEngine
+
+            model, optimizer, loader = PrivacyEngine().make_private(
+                module=model, optimizer=optimizer, data_loader=loader,
+                noise_multiplier=DP.noise_multiplier, max_grad_norm=DP.max_grad_norm, poisson_sampling=True)
+        self.model, self.optimizer, self.loader = model, optimizer, loader
+        self.steps_per_epoch = len(loader)
+
+    def run(self, max_steps: int | None) -> int:
+        self.model.train()
+        steps = 0
+        for images, labels in self.loader:
+            if max_steps is not None and steps >= max_steps:
+                break
+            images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            self.optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(self.model(images), labels).backward()
+            self.optimizer.step()
+            steps += 1
+        sync(self.device)
+        return steps
+
+
+class FastRecipe:
+    def __init__(self, model, data: ImageTensors, batch_size: int, dp: bool, device: torch.device,
+                 mode: str | None, graphs: bool | None) -> None:
+        self.device = device
+        self.engine = FastEngine(model=model, train_data=data, batch_size=batch_size,
+                                 optimizer=OptimizerSpec(lr=LR), dp=DP if dp else None, seed=0, device=device,
+                                 grad_sample_mode=mode, cuda_graphs=graphs)
+        self.steps_per_epoch = self.engine.steps_per_epoch
+
+    def run(self, max_steps: int | None) -> int:
+        steps = self.engine.train_epoch(max_steps=max_steps).steps  # ends with a host sync (loss read)
+        sync(self.device)
+        return steps
+
+
+def time_recipe(make, args, device: torch.device) -> dict:
+    with PeakMemory(device) as mem:
+        recipe = make()
+        recipe.run(min(args.warmup_steps, recipe.steps_per_epoch))
+        times, extrapolated = [], False
+        for _ in range(args.epochs):
+            start = time.perf_counter()
+            steps = recipe.run(args.max_steps)
+            elapsed = time.perf_counter() - start
+            extrapolated |= steps < recipe.steps_per_epoch
+            times.append(elapsed / max(steps, 1) * recipe.steps_per_epoch)
+    del recipe
+    return {"seconds_per_epoch": statistics.median(times), "all_seconds": times,
+            "peak_memory_mb": mem.mb, "extrapolated": extrapolated}
+
+
+# ----------------------------------------------------------------------------- workloads
+def mnist_workload(args):
+    data = load_mnist(args.data_root, train=True)  # also decompresses the IDX files torchvision reads
+    from torchvision import datasets, transforms
+
+    stock = datasets.MNIST(args.data_root, train=True, download=False, transform=transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize(data.mean, data.std)]))
+    return data, stock, SampleConvNet
+
+
+def celeba_workload(args):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (args.celeba_size, 3, 64, 64), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 2, (args.celeba_size,), generator=g)
+    data = ImageTensors(images, labels, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    return data, NormalizedTensorDataset(data), CelebaCNN
+
+
+def versions(device: torch.device) -> dict:
+    import opacus
+    import torchvision
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+           "opacus": opacus.__version__, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+        out["cuda"] = torch.version.cuda
+        out["cudnn"] = torch.backends.cudnn.version()
+    else:
+        out["cpu"] = platform.processor() or platform.machine()
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--epochs", type=int, default=3, help="timed runs per configuration (median reported)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop each timed run after this many steps and extrapolate to a full epoch")
+    p.add_argument("--stock-max-steps", type=int, default=None, help="as --max-steps, for the stock recipe only")
+    p.add_argument("--warmup-steps", type=int, default=5)
+    p.add_argument("--workloads", default="mnist,celeba64")
+    p.add_argument("--engines", default="opacus,fast")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--large-batch", type=int, default=4096, help="fast engine only; 0 to skip")
+    p.add_argument("--celeba-size", type=int, default=20000)
+    p.add_argument("--grad-sample-mode", default=None, choices=["vmap", "hooks"], help="fast engine; default by device")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="fast engine: run every step eagerly")
+    p.add_argument("--stock-workers", type=int, default=None, help="DataLoader workers (default 1 on cuda, 0 on cpu)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    workers = args.stock_workers if args.stock_workers is not None else (1 if device.type == "cuda" else 0)
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+
+    results = []
+    for workload in args.workloads.split(","):
+        data, stock_dataset, model_cls = {"mnist": mnist_workload, "celeba64": celeba_workload}[workload](args)
+        configs = []
+        for engine in args.engines.split(","):
+            batches = [args.batch_size] + ([args.large_batch] if engine == "fast" and args.large_batch else [])
+            for batch in batches:
+                for dp in (True, False):
+                    configs.append((engine, batch, dp))
+        for engine, batch, dp in configs:
+            torch.manual_seed(0)
+            if engine == "opacus":
+                def make(batch=batch, dp=dp):
+                    return StockRecipe(model_cls(), stock_dataset, batch, dp, device, workers)
+                run_args = argparse.Namespace(**{**vars(args), "max_steps": args.stock_max_steps or args.max_steps})
+            else:
+                def make(batch=batch, dp=dp):
+                    return FastRecipe(model_cls(), data, batch, dp, device, args.grad_sample_mode,
+                                      False if args.no_cuda_graphs else None)
+                run_args = args
+            row = {"workload": workload, "engine": engine, "dp": dp, "batch_size": batch,
+                   **time_recipe(make, run_args, device)}
+            row["steps_per_epoch"] = (steps_per_epoch(poisson_sample_rate(len(data), batch)) if dp
+                                      else math.ceil(len(data) / batch))
+            results.append(row)
+            print(f"  {workload:8s} {engine:6s} dp={dp!s:5s} B={batch:5d}: {row['seconds_per_epoch']:.4f} s/epoch"
+                  f"{' (extrapolated)' if row['extrapolated'] else ''}, peak {row['peak_memory_mb']:.0f} MB",
+                  flush=True)
+
+    print_table(results, device)
+    if args.json:
+        out = {"device": args.device, "date": datetime.date.today().isoformat(), "versions": versions(device),
+               "settings": {k: v for k, v in vars(args).items() if k != "json"}, "results": results}
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+def print_table(results: list[dict], device: torch.device) -> None:
+    def find(w, e, dp, b):
+        return next((r for r in results if (r["workload"], r["engine"], r["dp"], r["batch_size"]) == (w, e, dp, b)),
+                    None)
+
+    print(f"\nDP-SGD seconds per epoch on {device.type}"
+          f" ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.machine()},"
+          f" {torch.get_num_threads()} threads); * = extrapolated from partial epochs")
+    print(f"{'workload':9s} {'engine':7s} {'B':>6s} {'DP s/ep':>10s} {'nonDP s/ep':>11s} {'DP/nonDP':>9s}"
+          f" {'DP MB':>8s} {'nonDP MB':>9s} {'stock/fast DP':>14s} {'stock/fast nonDP':>17s}")
+    for r in results:
+        if not r["dp"]:
+            continue
+        w, e, b = r["workload"], r["engine"], r["batch_size"]
+        nd = find(w, e, False, b)
+        stock_dp, stock_nd = find(w, "opacus", True, 256), find(w, "opacus", False, 256)
+
+        def fmt(x):
+            return f"{x['seconds_per_epoch']:.3f}{'*' if x['extrapolated'] else ''}" if x else "-"
+        ratio_dp = (f"{stock_dp['seconds_per_epoch'] / r['seconds_per_epoch']:.1f}x"
+                    if e == "fast" and stock_dp else "")
+        ratio_nd = (f"{stock_nd['seconds_per_epoch'] / nd['seconds_per_epoch']:.1f}x"
+                    if e == "fast" and stock_nd and nd else "")
+        print(f"{w:9s} {e:7s} {b:6d} {fmt(r):>10s} {fmt(nd):>11s}"
+              f" {(r['seconds_per_epoch'] / nd['seconds_per_epoch']) if nd else float('nan'):8.2f}x"
+              f" {r['peak_memory_mb']:8.0f} {nd['peak_memory_mb'] if nd else float('nan'):9.0f}"
+              f" {ratio_dp:>14s} {ratio_nd:>17s}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Command-line front ends: ``dpvision celeba <make-demo-archive|build-subset|preprocess>``.
+
+``add_subcommands(subparsers)`` hangs a ``celeba`` command with its three
+sub-commands on the ``dpvision`` console script; each parsed namespace carries
+``func(args) -> int`` (the exit status). The thin scripts
+``scripts/celeba_build_subset.py`` and ``scripts/celeba_preprocess.py`` call
+:func:`build_subset_main` and :func:`preprocess_main`.
+
+Every bad input becomes one line ``error: ...`` on stderr and exit status 2
+(argparse uses 2 for bad flags too); warnings are ``warning: ...`` lines.
+
+Example:
+    >>> build_subset_main(["--archive-dir", "data/celeba/archive", "--output-dir", "out",   # doctest: +SKIP
+    ...                    "--use-landmarks", "--stratify-by", "interocular", "--total", "20000"])
+    0
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Callable, Sequence
+
+from dpvision.celeba.archive import CelebaDataError
+from dpvision.celeba.subset import DEFAULT_ARCHIVE_DIR, DEFAULT_SEED, LINK_MODES
+
+EXIT_BAD_INPUT = 2
+
+
+def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Turn data errors into ``error: ...`` + exit status 2 instead of a traceback."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except CelebaDataError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except OSError as err:  # e.g. a read-only output folder or a full disk
+            print(f"error: {err.filename or ''}: {err.strerror or err}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+
+    run.__name__ = fn.__name__
+    return run
+
+
+def add_build_subset_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--archive-dir", default=DEFAULT_ARCHIVE_DIR, help="CelebA archive (Kaggle or original layout)")
+    p.add_argument("--attribute", default="Eyeglasses", help="any of CelebA's 40 attributes (default: Eyeglasses)")
+    p.add_argument("--use-landmarks", action="store_true", help="read landmarks and compute interocular distance")
+    p.add_argument("--stratify-by", nargs="+", default=[], metavar="VAR",
+                   help="'interocular' and/or attribute names, space- or comma-separated")
+    p.add_argument("--iod-bins", type=int, default=4, help="quantile bins of interocular distance (train)")
+    p.add_argument("--output-dir", required=True, help="new folder for <split>/<class>/<image> and the index")
+    p.add_argument("--link-mode", choices=LINK_MODES, default="symlink")
+    for split in ("train", "val", "test"):
+        p.add_argument(f"--max-per-class-{split}", type=int, default=None, help=f"cap per class in {split}")
+    p.add_argument("--total", type=int, default=None,
+                   help="caps from the ratio policy: floor(0.8N/2), floor(0.1N/2), floor(0.1N/2) per class")
+    p.add_argument("--min-iod", type=float, default=None, help="keep images with interocular distance >= this")
+    p.add_argument("--max-iod", type=float, default=None, help="keep images with interocular distance <= this")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    p.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
+    p.add_argument("--strict-missing", action="store_true", help="fail on a missing/unreadable image instead of replacing it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def add_preprocess_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--subset-dir", required=True, help="folder made by celeba_build_subset.py")
+    p.add_argument("--output-dir", required=True, help="new folder for <split>.pt and stats.json")
+    p.add_argument("--size", type=int, default=64, help="output side length in pixels (default 64)")
+    p.add_argument("--crop", type=int, default=178, help="centre crop side length before resizing (default 178)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def add_demo_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--out", required=True, help="new archive folder")
+    p.add_argument("--n", type=int, default=2000, help="number of images (default 2000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", choices=("csv", "txt"), default="csv", help="Kaggle CSVs or the original .txt files")
+    p.add_argument("--flat", action="store_true", help="img_align_celeba/ instead of Kaggle's nested folder")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--overwrite", action="store_true")
+    return p
+
+
+@_guard
+def run_build_subset(args: argparse.Namespace) -> int:
+    from dpvision.celeba.subset import build_subset, format_plan
+
+    start = time.perf_counter()
+    summary = build_subset(
+        args.archive_dir, args.output_dir, attribute=args.attribute, use_landmarks=args.use_landmarks,
+        stratify_by=args.stratify_by, iod_bins=args.iod_bins, link_mode=args.link_mode,
+        max_per_class_train=args.max_per_class_train, max_per_class_val=args.max_per_class_val,
+        max_per_class_test=args.max_per_class_test, total=args.total, min_iod=args.min_iod, max_iod=args.max_iod,
+        seed=args.seed, dry_run=args.dry_run, overwrite=args.overwrite, strict_missing=args.strict_missing,
+        progress=False if args.no_progress else None,
+    )
+    print(format_plan(summary))
+    if args.dry_run:
+        print("dry run: nothing written")
+    else:
+        print(f"wrote {summary['total']} images to {args.output_dir} ({args.link_mode}) "
+              f"in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+@_guard
+def run_preprocess(args: argparse.Namespace) -> int:
+    from dpvision.celeba.preprocess import preprocess
+
+    start = time.perf_counter()
+    stats = preprocess(args.subset_dir, args.output_dir, size=args.size, crop=args.crop, overwrite=args.overwrite,
+                       progress=False if args.no_progress else None)
+    print(f"wrote {', '.join(f'{s}.pt ({n})' for s, n in stats['counts'].items())} and stats.json to "
+          f"{args.output_dir} in {time.perf_counter() - start:.1f}s")
+    print(f"train mean {[round(m, 4) for m in stats['mean']]} std {[round(s, 4) for s in stats['std']]}")
+    return 0
+
+
+@_guard
+def run_make_demo_archive(args: argparse.Namespace) -> int:
+    from dpvision.celeba.demo import make_demo_archive
+
+    start = time.perf_counter()
+    info = make_demo_archive(args.out, args.n, args.seed, workers=args.workers, fmt=args.format,
+                             nested=not args.flat, overwrite=args.overwrite)
+    print(f"wrote {info['n']} images ({info['eyeglasses']} with eyeglasses; partitions {info['partitions']}) "
+          f"to {args.out} in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def add_subcommands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``celeba`` (with make-demo-archive, build-subset, preprocess) to a ``dpvision`` subparsers object.
+
+    Example:
+        >>> parser = argparse.ArgumentParser(prog="dpvision")
+        >>> _ = add_subcommands(parser.add_subparsers(dest="command"))
+        >>> args = parser.parse_args(["celeba", "make-demo-archive", "--out", "/tmp/x"])
+        >>> args.n, args.func.__name__
+        (2000, 'run_make_demo_archive')
+    """
+    celeba = subparsers.add_parser("celeba", help="CelebA data: demo archive, balanced subset, preprocessing")
+    sub = celeba.add_subparsers(dest="celeba_command", required=True)
+    add_demo_args(sub.add_parser("make-demo-archive", help="write a synthetic CelebA archive")).set_defaults(
+        func=run_make_demo_archive)
+    add_build_subset_args(sub.add_parser("build-subset", help="build a balanced (stratified) subset")).set_defaults(
+        func=run_build_subset)
+    add_preprocess_args(sub.add_parser("preprocess", help="crop, resize and save tensors + stats")).set_defaults(
+        func=run_preprocess)
+    return celeba
+
+
+def build_subset_main(argv: Sequence[str] | None = None) -> int:
+    parser = add_build_subset_args(argparse.ArgumentParser(
+        prog="celeba_build_subset.py", description="Build a balanced, stratified CelebA subset."))
+    return run_build_subset(parser.parse_args(argv))
+
+
+def preprocess_main(argv: Sequence[str] | None = None) -> int:
+    parser = add_preprocess_args(argparse.ArgumentParser(
+        prog="celeba_preprocess.py", description="Centre-crop, resize and save a CelebA subset as tensors."))
+    return run_preprocess(parser.parse_args(argv))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m dpvision.celeba.cli <sub-command> ...`` (the same as ``dpvision celeba ...``)."""
+    parser = argparse.ArgumentParser(prog="dpvision-celeba")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_subcommands(sub)
+    args = parser.parse_args(["celeba", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Turn a subset folder into one tensor file per split, plus train statistics.
+
+For every image of ``subset_index.csv``: a deterministic centre crop of
+``crop x crop`` pixels (178: the full width of an aligned CelebA image, cutting
+20 px off top and bottom), then an antialiased resize to ``size x size`` with
+PIL's LANCZOS filter (no ``reducing_gap`` shortcut, so the result depends on
+nothing but the input pixels). Output folder::
+
+    train.pt, val.pt, test.pt   {"images": uint8 [N, 3, S, S], "labels": int64 [N],
+                                 "strata": list[str], "image_ids": list[str],
+                                 "class_names": list[str]}
+    stats.json                  per-channel mean/std of train (0..1 scale), sizes, counts
+
+Files load with ``torch.load(..., weights_only=True)``; :func:`load_split` wraps that.
+
+Example:
+    >>> preprocess("data/celeba/subsets/eyeglasses", "data/celeba/preprocessed/eyeglasses_64")  # doctest: +SKIP
+    >>> data, meta = load_split("data/celeba/preprocessed/eyeglasses_64", "train")              # doctest: +SKIP
+    >>> data.images.shape, meta["class_names"]                                                    # doctest: +SKIP
+    (torch.Size([16000, 3, 64, 64]), ['no_eyeglasses', 'eyeglasses'])
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from dpvision.celeba.archive import SPLITS, CelebaDataError
+from dpvision.celeba.subset import INDEX_FILE, SUMMARY_FILE
+from dpvision.data.tensors import ImageTensors
+from dpvision.runs import atomic_torch_save, atomic_write_json
+
+DEFAULT_SIZE = 64
+DEFAULT_CROP = 178
+STATS_FILE = "stats.json"
+RESAMPLE = Image.Resampling.LANCZOS
+DECODE_THREADS = 4  # PIL decodes and resizes without the GIL
+PROGRESS_MIN_IMAGES = 200
+_REQUIRED_COLUMNS = ("image_id", "label", "class_name", "split", "dest_path")
+
+
+def crop_and_resize(img: Image.Image, crop: int = DEFAULT_CROP, size: int = DEFAULT_SIZE) -> np.ndarray:
+    """uint8 [3, size, size]: centre ``crop`` x ``crop`` square, then LANCZOS resize.
+
+    Example:
+        >>> crop_and_resize(Image.new("RGB", (178, 218)), 178, 64).shape
+        (3, 64, 64)
+    """
+    img = img.convert("RGB")
+    width, height = img.size
+    if crop > width or crop > height:
+        raise ValueError(f"--crop {crop} is larger than the image ({width}x{height})")
+    left, top = (width - crop) // 2, (height - crop) // 2  # floor: the same pixels on every run
+    img = img.crop((left, top, left + crop, top + crop))
+    if img.size != (size, size):
+        img = img.resize((size, size), RESAMPLE)
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and (population) std on the 0..1 scale of uint8 [N, C, H, W], exactly.
+
+    Counting each of the 256 values per channel keeps memory small and the sums exact.
+
+    Example:
+        >>> channel_stats(np.array([[[[0, 255]]]], dtype=np.uint8))
+        ([0.5], [0.5])
+    """
+    values = np.arange(256, dtype=np.float64) / 255.0
+    means, stds = [], []
+    for c in range(images.shape[1]):
+        hist = np.bincount(images[:, c].ravel(), minlength=256).astype(np.float64)
+        n = hist.sum()
+        mean = float((hist * values).sum() / n)
+        means.append(mean)
+        stds.append(float(np.sqrt((hist * (values - mean) ** 2).sum() / n)))
+    return means, stds
+
+
+def _read_index(subset_dir: Path) -> tuple[list[dict[str, str]], list[str], str]:
+    index = subset_dir / INDEX_FILE
+    if not subset_dir.is_dir():
+        raise CelebaDataError(f"--subset-dir {str(subset_dir)!r} is not a directory")
+    if not index.is_file():
+        raise CelebaDataError(f"missing {index}: --subset-dir must be a folder made by celeba_build_subset.py")
+    text = index.read_text()
+    rows = list(csv.DictReader(text.splitlines()))
+    header = text.splitlines()[0].split(",") if text else []
+    missing = [c for c in _REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise CelebaDataError(f"{index}: missing column(s) {missing}")
+    for lineno, row in enumerate(rows, start=2):
+        if row["split"] not in SPLITS or row["label"] not in ("0", "1"):
+            raise CelebaDataError(f"{index}:{lineno}: bad split {row['split']!r} or label {row['label']!r}")
+    names = ["", ""]
+    summary = subset_dir / SUMMARY_FILE
+    if summary.is_file():
+        names = list(json.loads(summary.read_text())["class_names"])
+    for row in rows:  # the index itself is the authority when there is no summary
+        names[int(row["label"])] = names[int(row["label"])] or row["class_name"]
+    return rows, names, hashlib.sha256(text.encode()).hexdigest()
+
+
+def _load(job: tuple[Path, int, int]) -> np.ndarray:
+    path, crop, size = job
+    try:
+        with Image.open(path) as img:
+            return crop_and_resize(img, crop, size)
+    except FileNotFoundError:
+        raise CelebaDataError(f"image listed in {INDEX_FILE} is missing: {path}") from None
+    except ValueError as err:
+        raise CelebaDataError(f"{path}: {err}") from None
+    except OSError as err:
+        raise CelebaDataError(f"cannot read image {path}: {err}") from None
+
+
+def preprocess(subset_dir: str | os.PathLike, output_dir: str | os.PathLike, *, size: int = DEFAULT_SIZE,
+               crop: int = DEFAULT_CROP, overwrite: bool = False, progress: bool | None = None) -> dict:
+    """Write ``<split>.pt`` for train/val/test and ``stats.json`` to ``output_dir``; returns the stats dict.
+
+    Built in a temporary sibling folder and renamed into place; an existing
+    ``output_dir`` is refused unless ``overwrite``. Same input -> same bytes.
+    """
+    subset_dir, output_dir = Path(subset_dir), Path(output_dir)
+    if size < 1 or crop < 1:
+        raise CelebaDataError(f"--size and --crop must be positive, got {size} and {crop}")
+    if output_dir.exists() and not overwrite:
+        raise CelebaDataError(f"--output-dir {str(output_dir)!r} already exists (use --overwrite to replace it)")
+    rows, names, index_sha = _read_index(subset_dir)
+    if not any(r["split"] == "train" for r in rows):
+        raise CelebaDataError(f"{subset_dir / INDEX_FILE}: no train images, so no statistics can be computed")
+
+    splits = {}
+    with ThreadPoolExecutor(DECODE_THREADS) as pool:
+        for split in SPLITS:
+            part = [r for r in rows if r["split"] == split]
+            jobs = [(subset_dir / r["dest_path"], crop, size) for r in part]
+            disable = (None if len(jobs) >= PROGRESS_MIN_IMAGES else True) if progress is None else not progress
+            arrays = list(tqdm(pool.map(_load, jobs), total=len(jobs), desc=f"preprocessing {split}",
+                               unit="img", disable=disable))
+            images = np.stack(arrays) if arrays else np.zeros((0, 3, size, size), np.uint8)
+            splits[split] = {
+                "images": torch.from_numpy(images),
+                "labels": torch.tensor([int(r["label"]) for r in part], dtype=torch.int64),
+                "strata": [r.get("stratum", "all") for r in part],
+                "image_ids": [r["image_id"] for r in part],
+                "class_names": list(names),
+            }
+    mean, std = channel_stats(splits["train"]["images"].numpy())
+    stats = {
+        "mean": mean, "std": std, "scale": "0..1", "computed_on": "train",
+        "size": size, "crop": crop, "resample": "PIL LANCZOS", "class_names": names,
+        "counts": {s: len(splits[s]["image_ids"]) for s in SPLITS},
+        "subset_dir": str(subset_dir), "subset_index_sha256": index_sha,
+    }
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        os.chmod(tmp, 0o755)
+        for split, payload in splits.items():
+            atomic_torch_save(payload, tmp / f"{split}.pt")
+        atomic_write_json(tmp / STATS_FILE, stats)
+        if output_dir.exists():
+            shutil.rmtree(output_dir)  # overwrite was asked for (checked above)
+        os.replace(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return stats
+
+
+def load_split(preprocessed_dir: str | os.PathLike, split: str) -> tuple[ImageTensors, dict]:
+    """``(ImageTensors, meta)`` for one split, normalised with train's ``stats.json`` mean/std.
+
+    ``meta`` holds ``image_ids``, ``strata``, ``class_names`` and ``stats``.
+    """
+    preprocessed_dir = Path(preprocessed_dir)
+    if split not in SPLITS:
+        raise CelebaDataError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    stats_path, path = preprocessed_dir / STATS_FILE, preprocessed_dir / f"{split}.pt"
+    for needed in (stats_path, path):
+        if not needed.is_file():
+            raise CelebaDataError(f"missing {needed}: run celeba_preprocess.py first")
+    stats = json.loads(stats_path.read_text())
+    payload = torch.load(path, weights_only=True)
+    data = ImageTensors(payload["images"], payload["labels"], tuple(stats["mean"]), tuple(stats["std"]))
+    meta = {k: payload[k] for k in ("image_ids", "strata", "class_names")}
+    meta["stats"] = stats
+    return data, meta

@@ -1,0 +1,440 @@
+"""A balanced, optionally stratified subset of CelebA for one binary attribute.
+
+The strategy (``docs/data/subset_strategy.md`` has a worked example):
+
+1. Splits are CelebA's official partitions (0 train, 1 val, 2 test); no image
+   moves between them.
+2. Classes are ``<attr>`` (attribute = 1) and ``no_<attr>`` (attribute = -1),
+   labels 1 and 0. Each split gets the same count of both classes: at most the
+   per-class cap (``--max-per-class-<split>``, else the ``--total`` ratio policy
+   ``floor(0.8N/2), floor(0.1N/2), floor(0.1N/2)``, else no cap).
+3. Stratification (``--stratify-by interocular Male ...``) cuts each split into
+   strata; in every stratum both classes get the same count, so each stratifying
+   variable has the same distribution in both classes. A split's per-class count
+   is shared out over strata in proportion to what each can give
+   (``min(#pos, #neg)`` in it), remainders by largest remainder. Interocular
+   bins are quantiles of the *train* partition (equal-width if quantiles tie).
+4. Inside a stratum the images are a seeded random choice; the rest of the
+   stratum, in the same seeded order, replaces any image that is missing or
+   unreadable (every chosen image is opened and decoded).
+
+Example:
+    >>> summary = build_subset("data/celeba/archive", "data/celeba/subsets/demo",   # doctest: +SKIP
+    ...                        use_landmarks=True, stratify_by=["interocular"], total=2000)
+    >>> summary["totals"]["train"]                                                   # doctest: +SKIP
+    {'no_eyeglasses': 800, 'eyeglasses': 800, 'total': 1600}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from dpvision.celeba.archive import (
+    PARTITION_CODES, SPLITS, CelebaDataError, class_names, read_archive, validate_attribute,
+)  # fmt: skip
+
+DEFAULT_SEED = 1337
+DEFAULT_ARCHIVE_DIR = "data/celeba/archive"
+LINK_MODES = ("copy", "symlink", "hardlink")
+INTEROCULAR = "interocular"
+IOD_COLUMN = "iod_bin"
+#: ``--total N`` -> per-class caps: floor(0.8N/2), floor(0.1N/2), floor(0.1N/2) (numerator, denominator).
+RATIO_POLICY = {"train": (8, 20), "val": (1, 20), "test": (1, 20)}
+INDEX_FILE = "subset_index.csv"
+SUMMARY_FILE = "subset_summary.json"
+PROGRESS_MIN_IMAGES = 200  # below this a progress bar is noise
+VERIFY_THREADS = 4  # PIL decodes without the GIL, so threads overlap file reads and decoding
+
+
+def caps_from_total(total: int) -> dict[str, int]:
+    """Per-class caps of the ratio policy (80/10/10 splits, 50/50 classes).
+
+    Example:
+        >>> caps_from_total(20000)
+        {'train': 8000, 'val': 1000, 'test': 1000}
+    """
+    return {split: (num * total) // den for split, (num, den) in RATIO_POLICY.items()}
+
+
+def parse_stratify_by(values: Iterable[str] | None) -> list[str]:
+    """``["interocular Male", "Young"]`` or ``"interocular,Male"`` -> canonical names, in order, once each."""
+    if isinstance(values, str):
+        values = [values]
+    out: list[str] = []
+    for token in re.split(r"[\s,]+", " ".join(values or [])):
+        if not token:
+            continue
+        name = INTEROCULAR if token.lower() in (INTEROCULAR, "iod") else validate_attribute(token)
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def iod_bin_edges(train_iod: np.ndarray, bins: int) -> tuple[list[float], str]:
+    """Inner edges of ``bins`` quantile bins of ``train_iod`` (equal-width when quantiles tie).
+
+    Example:
+        >>> iod_bin_edges(np.array([30., 32., 40., 48.]), 2)
+        ([36.0], 'quantile')
+    """
+    if train_iod.size == 0:
+        raise CelebaDataError("--stratify-by interocular: the train partition has no eligible images to bin")
+    edges = np.quantile(train_iod, np.arange(1, bins) / bins)
+    if bins > 1 and np.any(np.diff(np.concatenate([[train_iod.min()], edges, [train_iod.max()]])) <= 0):
+        return np.linspace(train_iod.min(), train_iod.max(), bins + 1)[1:-1].tolist(), "equal-width"
+    return edges.tolist(), "quantile"
+
+
+def allocate(total: int, capacities: list[int]) -> list[int]:
+    """Share ``total`` over strata in proportion to ``capacities``, largest remainder first.
+
+    Never gives a stratum more than its capacity; ties go to the earlier stratum.
+
+    Example:
+        >>> allocate(10, [10, 5, 5])
+        [5, 3, 2]
+    """
+    available = sum(capacities)
+    total = min(total, available)
+    if total == 0:
+        return [0] * len(capacities)
+    exact = [total * c / available for c in capacities]
+    quotas = [min(c, int(total * c // available)) for c in capacities]
+    order = sorted(range(len(capacities)), key=lambda i: (-(exact[i] - quotas[i]), i))
+    for i in order[: total - sum(quotas)]:
+        quotas[i] += 1
+    return quotas
+
+
+def verify_image(path: str | os.PathLike) -> str | None:
+    """``None`` if ``path`` is a readable image, else why not ("missing" or "unreadable: ...")."""
+    try:
+        with Image.open(path) as img:
+            img.verify()  # structure check; the image cannot be used afterwards, hence the reopen
+        with Image.open(path) as img:
+            img.load()  # full decode catches truncated data that verify() misses
+    except FileNotFoundError:
+        return "missing"
+    except Exception as err:  # PIL raises many types for corrupt files
+        return f"unreadable: {type(err).__name__}: {err}"
+    return None
+
+
+def _check_output_dir(output_dir: Path, archive_dir: Path, overwrite: bool) -> None:
+    out, arch = output_dir.resolve(), archive_dir.resolve()
+    if out == arch or arch in out.parents or out in arch.parents:
+        raise CelebaDataError(f"--output-dir {str(output_dir)!r} overlaps --archive-dir; the archive is never written to")
+    if output_dir.exists() and not overwrite:
+        raise CelebaDataError(f"--output-dir {str(output_dir)!r} already exists (use --overwrite to replace it)")
+
+
+def build_subset(
+    archive_dir: str | os.PathLike = DEFAULT_ARCHIVE_DIR,
+    output_dir: str | os.PathLike | None = None,
+    *,
+    attribute: str = "Eyeglasses",
+    use_landmarks: bool = False,
+    stratify_by: Iterable[str] | str | None = None,
+    iod_bins: int = 4,
+    link_mode: str = "symlink",
+    max_per_class_train: int | None = None,
+    max_per_class_val: int | None = None,
+    max_per_class_test: int | None = None,
+    total: int | None = None,
+    min_iod: float | None = None,
+    max_iod: float | None = None,
+    seed: int = DEFAULT_SEED,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    strict_missing: bool = False,
+    progress: bool | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> dict:
+    """Build the subset into ``output_dir`` (or only plan it with ``dry_run``); returns the summary dict.
+
+    Raises :class:`CelebaDataError` for every bad input; warnings (e.g. caps the
+    archive cannot fill) go to ``warn`` (default: ``warning: ...`` on stderr)
+    and into the summary. ``progress=None`` shows tqdm bars only on a terminal.
+    """
+    warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
+    archive_dir = Path(archive_dir)
+    if output_dir is None:
+        raise CelebaDataError("--output-dir is required")
+    output_dir = Path(output_dir)
+    attribute = validate_attribute(attribute)
+    strat = parse_stratify_by(stratify_by)
+    if attribute in strat:
+        raise CelebaDataError(f"--stratify-by cannot include the target attribute {attribute}")
+    if link_mode not in LINK_MODES:
+        raise CelebaDataError(f"--link-mode must be one of {', '.join(LINK_MODES)}, got {link_mode!r}")
+    if INTEROCULAR in strat and not use_landmarks:
+        raise CelebaDataError("--stratify-by interocular needs --use-landmarks")
+    if (min_iod is not None or max_iod is not None) and not use_landmarks:
+        raise CelebaDataError("--min-iod/--max-iod need --use-landmarks")
+    if iod_bins < 1:
+        raise CelebaDataError(f"--iod-bins must be at least 1, got {iod_bins}")
+    explicit = {"train": max_per_class_train, "val": max_per_class_val, "test": max_per_class_test}
+    for split, cap in explicit.items():
+        if cap is not None and cap < 0:
+            raise CelebaDataError(f"--max-per-class-{split} must be >= 0, got {cap}")
+    if total is not None and total < 0:
+        raise CelebaDataError(f"--total must be >= 0, got {total}")
+    ratio = caps_from_total(total) if total is not None else {}
+    caps = {s: explicit[s] if explicit[s] is not None else ratio.get(s) for s in SPLITS}
+    cap_source = {s: f"--max-per-class-{s}" if explicit[s] is not None else ("--total" if s in ratio else "none") for s in SPLITS}
+    _check_output_dir(output_dir, archive_dir, overwrite)
+
+    archive = read_archive(archive_dir, need_landmarks=use_landmarks)
+    # Imported here, not at the top: dpvision.seeding and dpvision.runs import torch (seconds of start-up),
+    # which flag and archive errors above should not have to wait for.
+    from dpvision.seeding import derive_seed
+
+    names = class_names(attribute)
+    labels = archive.attribute(attribute)
+    iod = archive.interocular() if use_landmarks else None
+    eligible = np.ones(len(archive), dtype=bool)
+    if min_iod is not None:
+        eligible &= iod >= min_iod
+    if max_iod is not None:
+        eligible &= iod <= max_iod
+    train = (archive.partitions == PARTITION_CODES["train"]) & eligible
+
+    # One integer column per stratifying variable.
+    columns: dict[str, np.ndarray] = {}
+    edges, bin_method = None, None
+    for var in strat:
+        if var == INTEROCULAR:
+            edges, bin_method = iod_bin_edges(iod[train], iod_bins)
+            columns[IOD_COLUMN] = np.searchsorted(np.asarray(edges), iod, side="right").astype(np.int64)
+        else:
+            columns[var] = archive.attribute(var).astype(np.int64)
+    col_names = list(columns)
+    keys = np.stack([columns[c] for c in col_names], axis=1) if col_names else np.zeros((len(archive), 0), np.int64)
+
+    def stratum_name(key: tuple[int, ...]) -> str:
+        return "|".join(f"{c}={v}" for c, v in zip(col_names, key)) or "all"
+
+    selected: dict[tuple[str, int, str], list[int]] = {}
+    reserves: dict[tuple[str, int, str], list[int]] = {}
+    available: dict[str, dict[str, int]] = {}
+    balanced: dict[str, int] = {}
+    warnings: list[str] = []
+    for split in SPLITS:
+        in_split = (archive.partitions == PARTITION_CODES[split]) & eligible
+        available[split] = {names[c]: int((in_split & (labels == c)).sum()) for c in (0, 1)}
+        groups: dict[tuple[int, ...], list[list[int]]] = {}
+        for i in np.flatnonzero(in_split):  # archive order, so the seeded shuffle sees a fixed input
+            groups.setdefault(tuple(int(v) for v in keys[i]), [[], []])[int(labels[i])].append(int(i))
+        strata = sorted(groups)
+        capacity = [min(len(groups[k][0]), len(groups[k][1])) for k in strata]
+        balanced[split] = sum(capacity)
+        per_class = balanced[split] if caps[split] is None else min(caps[split], balanced[split])
+        if caps[split] is not None and caps[split] > balanced[split]:
+            msg = (f"{cap_source[split]} asks for {caps[split]} per class but {split} has "
+                   f"{names[1]}={available[split][names[1]]}, {names[0]}={available[split][names[0]]}"
+                   + (f" ({balanced[split]} per class when balanced within strata)" if col_names else "")
+                   + f"; using {per_class} per class")
+            warnings.append(msg)
+            warn(msg)
+        for key, quota in zip(strata, allocate(per_class, capacity)):
+            for c in (0, 1):
+                pool = np.asarray(groups[key][c])
+                rng = np.random.default_rng(derive_seed(seed, f"subset:{split}:{names[c]}:{stratum_name(key)}"))
+                order = pool[rng.permutation(len(pool))].tolist()
+                selected[(split, c, stratum_name(key))] = order[:quota]
+                reserves[(split, c, stratum_name(key))] = order[quota:]
+
+    summary = {
+        "attribute": attribute,
+        "class_names": names,
+        "seed": seed,
+        "arguments": {
+            "archive_dir": str(archive_dir), "output_dir": str(output_dir), "attribute": attribute,
+            "use_landmarks": use_landmarks, "stratify_by": strat, "iod_bins": iod_bins, "link_mode": link_mode,
+            "max_per_class_train": max_per_class_train, "max_per_class_val": max_per_class_val,
+            "max_per_class_test": max_per_class_test, "total": total, "min_iod": min_iod, "max_iod": max_iod,
+            "seed": seed, "strict_missing": strict_missing,
+        },
+        "caps": caps,
+        "cap_source": cap_source,
+        "stratify_columns": col_names,
+        "iod_bin_edges": edges,
+        "iod_bin_method": bin_method,
+        "available": available,
+        "balanced_available_per_class": balanced,
+        "warnings": warnings,
+        "source_checksums": archive.checksums,
+        "dry_run": dry_run,
+    }
+    _fill_counts(summary, selected, names)
+    if dry_run:
+        return summary  # a plan only: no image is opened, nothing is written
+
+    replacements, drops = _verify(archive, selected, reserves, strict_missing, progress)
+    summary["replacements"] = {
+        "total": len(replacements),
+        "by_split": {s: sum(1 for r in replacements if r["split"] == s) for s in SPLITS},
+        "images": replacements,
+    }
+    summary["dropped"] = drops
+    if drops:
+        msg = (f"{sum(d['reason'] != 'balance' for d in drops)} bad image(s) had no spare in their split, class and "
+               f"stratum; dropped {len(drops)} image(s) in all to keep the classes balanced")
+        warnings.append(msg)
+        warn(msg)
+        _fill_counts(summary, selected, names)
+    rows = []
+    for split in SPLITS:
+        for c in (0, 1):
+            for (s, cc, stratum), chosen in selected.items():
+                if s != split or cc != c:
+                    continue
+                for i in chosen:
+                    image_id = archive.image_ids[i]
+                    row = {"image_id": image_id, "label": c, "class_name": names[c], "split": split, "stratum": stratum}
+                    row.update({col: int(columns[col][i]) for col in col_names})
+                    if iod is not None:
+                        row["interocular_distance"] = f"{iod[i]:.3f}"
+                    row["source_path"] = str(archive.image_path(image_id).resolve())
+                    row["dest_path"] = f"{split}/{names[c]}/{image_id}"
+                    rows.append(row)
+    rows.sort(key=lambda r: (SPLITS.index(r["split"]), r["label"], r["image_id"]))
+    fields = ["image_id", "label", "class_name", "split", "stratum", *col_names]
+    fields += (["interocular_distance"] if iod is not None else []) + ["source_path", "dest_path"]
+    _write_output(output_dir, rows, fields, summary, link_mode, overwrite, progress)
+    return summary
+
+
+def _verify(archive, selected, reserves, strict: bool, progress: bool | None) -> tuple[list[dict], list[dict]]:
+    """Open every chosen image; swap a bad one for the next in its group's seeded order.
+
+    When a group runs out of spares (the minority class usually has none), the
+    same number of images is dropped from the other class of that stratum, so
+    the balance holds. Returns ``(replacements, drops)``; ``selected`` is edited.
+    """
+    jobs = [(key, i) for key, chosen in selected.items() for i in chosen]
+    paths = [archive.image_path(archive.image_ids[i]) for _, i in jobs]
+    with ThreadPoolExecutor(VERIFY_THREADS) as pool:
+        results = list(tqdm(pool.map(verify_image, paths), total=len(paths), desc="verifying images", unit="img",
+                            disable=_no_bar(progress, len(paths))))
+    replacements, drops = [], []
+    good: dict[tuple, list[int]] = {key: [] for key in selected}
+    for (key, i), problem in zip(jobs, results):
+        while problem is not None:
+            bad = archive.image_ids[i]
+            if strict:
+                raise CelebaDataError(f"image {archive.image_path(bad)} is {problem} (--strict-missing)")
+            if not reserves[key]:
+                drops.append({"image_id": bad, "reason": problem, "split": key[0], "label": key[1], "stratum": key[2]})
+                break
+            new = reserves[key].pop(0)
+            replacements.append({"image_id": bad, "reason": problem, "split": key[0], "label": key[1],
+                                 "stratum": key[2], "replaced_by": archive.image_ids[new]})
+            i = new
+            problem = verify_image(archive.image_path(archive.image_ids[new]))
+        if problem is None:
+            good[key].append(i)
+    for (split, label, stratum), chosen in good.items():
+        other = good[(split, 1 - label, stratum)]
+        while len(other) > len(chosen):  # keep both classes of the stratum the same size
+            dropped = other.pop()
+            drops.append({"image_id": archive.image_ids[dropped], "reason": "balance", "split": split,
+                          "label": 1 - label, "stratum": stratum})
+    selected.update(good)
+    return replacements, drops
+
+
+def _fill_counts(summary: dict, selected: dict, names: list[str]) -> None:
+    """``counts`` (split -> class -> stratum -> n), ``totals`` and ``total`` from the selection."""
+    counts = {s: {names[c]: {} for c in (0, 1)} for s in SPLITS}
+    for (split, c, stratum), chosen in sorted(selected.items()):
+        counts[split][names[c]][stratum] = len(chosen)
+    summary["counts"] = counts
+    summary["totals"] = {s: {**{n: sum(counts[s][n].values()) for n in names},
+                             "total": sum(sum(counts[s][n].values()) for n in names)} for s in SPLITS}
+    summary["total"] = sum(summary["totals"][s]["total"] for s in SPLITS)
+
+
+def _no_bar(progress: bool | None, n: int) -> bool | None:
+    if progress is None:
+        return None if n >= PROGRESS_MIN_IMAGES else True  # None: tqdm decides (off when not a terminal)
+    return not progress
+
+
+def _place(src: str, dest: Path, link_mode: str) -> None:
+    if link_mode == "copy":
+        shutil.copyfile(src, dest)
+    elif link_mode == "symlink":
+        os.symlink(src, dest)  # absolute, so the link survives renaming the output folder
+    else:
+        try:
+            os.link(src, dest)
+        except OSError as err:
+            raise CelebaDataError(f"--link-mode hardlink failed for {src} ({err.strerror}); "
+                                  f"use --link-mode copy or symlink across filesystems") from None
+
+
+def _write_output(output_dir: Path, rows, fields, summary, link_mode, overwrite, progress) -> None:
+    """Everything goes into a temporary sibling that is renamed over ``output_dir`` at the end."""
+    from dpvision.runs import atomic_write_json, atomic_write_text, csv_text  # lazily: imports torch
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    old = None
+    try:
+        os.chmod(tmp, 0o755)
+        for split in SPLITS:
+            for name in summary["class_names"]:
+                (tmp / split / name).mkdir(parents=True)
+        for row in tqdm(rows, desc=f"{link_mode} images", unit="img", disable=_no_bar(progress, len(rows))):
+            _place(row["source_path"], tmp / row["dest_path"], link_mode)
+        index_text = csv_text(fields, rows)
+        atomic_write_text(tmp / INDEX_FILE, index_text)
+        summary["index_sha256"] = hashlib.sha256(index_text.encode()).hexdigest()
+        atomic_write_json(tmp / SUMMARY_FILE, summary)
+        if output_dir.exists():
+            if not overwrite:  # someone created it while we were working
+                raise CelebaDataError(f"--output-dir {str(output_dir)!r} already exists (use --overwrite to replace it)")
+            old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
+            os.replace(output_dir, old / "previous")
+        os.replace(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not output_dir.exists():
+            os.replace(old / "previous", output_dir)  # put the previous subset back
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def format_plan(summary: dict) -> str:
+    """The per-split, per-class, per-stratum counts as a few readable lines."""
+    lines = [f"attribute {summary['attribute']}: classes {summary['class_names']} (labels 0, 1), seed {summary['seed']}"]
+    if summary.get("iod_bin_edges") is not None:
+        lines.append(f"interocular bin edges ({summary['iod_bin_method']}, from train): "
+                     + ", ".join(f"{e:.2f}" for e in summary["iod_bin_edges"]))
+    for split in SPLITS:
+        t = summary["totals"][split]
+        avail = summary["available"][split]
+        lines.append(f"{split}: {t['total']} images, cap {summary['caps'][split]} per class "
+                     f"({summary['cap_source'][split]}); available " + ", ".join(f"{k}={v}" for k, v in avail.items()))
+        for name in summary["class_names"]:
+            strata = summary["counts"][split][name]
+            lines.append(f"  {name:<20} {t[name]:>7}" + ("   " + ", ".join(f"{k}: {v}" for k, v in strata.items())
+                                                        if list(strata) != ["all"] else ""))
+    if "replacements" in summary:
+        lines.append(f"replaced images: {summary['replacements']['total']}")
+    return "\n".join(lines)

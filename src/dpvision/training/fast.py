@@ -1,0 +1,372 @@
+"""The fast engine: DP-SGD with the data on the device and no host round trips.
+
+Same mathematics as :class:`~dpvision.training.engine.OpacusEngine` (Poisson
+sampling at rate q every step, per-sample clipping to C with Opacus's flat
+factor min(1, C / (norm + 1e-6)), one Gaussian draw of std σC on the clipped
+sum, division by the expected batch size int(N q), then the torch optimizer),
+organised for speed:
+
+* the training set sits on the device as uint8 and is normalised per chunk;
+* the Poisson masks (and the noise) of a block of steps are drawn at once on the
+  device from the run's own generators; the one host synchronisation of a block
+  reads the batch sizes, so every step's work is known before it is issued;
+* every chunk has a static shape: the sampled indices are padded to a fixed
+  capacity with weight-0 slots, and a step whose batch overflows the capacity
+  runs as several chunks (nothing sampled is ever dropped), which also makes
+  large logical batches fit in memory (gradients accumulate over chunks);
+* per-sample gradients come from ``torch.func.vmap(grad)`` (or Opacus's hooks,
+  see :mod:`dpvision.training.per_sample`), clipped and summed in one pass into
+  one flat buffer; on CUDA the whole chunk (gather, forward, per-sample backward,
+  clipping, accumulation, metrics) is one captured CUDA graph.
+
+On the CPU generators, a run is reproducible bit for bit: ``state_dict`` holds
+the model, the optimizer and every generator. Without DP, the engine trains on
+shuffled batches of size B (ceil(N / B) steps), mean loss, like the stock path.
+
+Test/audit hooks (both off by default, and free when off):
+
+* ``canary_gradients`` [m, P] (P = number of model parameters, flattened in
+  ``model.parameters()`` order, each row of norm <= C): m extra "examples" whose
+  clipped per-sample gradient is that row. Each step each row is included
+  independently with probability ``sample_rate`` (drawn from the sampling
+  generator) and added to the clipped sum before the noise. The inclusions of
+  the last epoch are kept in ``canary_included`` [steps, m] (bool).
+* ``noise_scale_for_testing``: multiplies the noise std (e.g. 0.01 for a
+  deliberately broken run).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dpvision.data.tensors import ImageTensors
+from dpvision.privacy.accounting import expected_batch_size
+from dpvision.seeding import make_generator
+from dpvision.training.engine import DPSettings, Engine, EpochResult, OptimizerSpec, ProgressFn
+from dpvision.training.per_sample import BACKENDS
+
+# Per-sample gradient backend by device type, chosen from measurements (benchmarks/NOTES.md).
+DEFAULT_GRAD_SAMPLE_MODE = {"cpu": "hooks", "cuda": "vmap"}
+# Largest physical chunk by device type (examples whose per-sample gradients coexist).
+DEFAULT_MAX_PHYSICAL = {"cpu": 512, "cuda": 4096}
+BLOCK_ELEMENTS = 1 << 25  # random numbers drawn per block of steps (masks or noise), ~128 MiB float32
+PAD_SIGMAS = 3.0  # chunk capacity = expected batch + 3 standard deviations (overflow -> extra chunk)
+
+
+class UnsupportedModelError(ValueError):
+    """The fast engine cannot train this model (``build_engine`` falls back to Opacus)."""
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def chunk_capacity(expected: int, sample_rate: float, num_examples: int, max_physical: int) -> int:
+    """Padded chunk size for a Poisson batch of mean ``expected``: mean + 3 sd, split to fit ``max_physical``."""
+    sd = math.sqrt(max(expected * (1 - sample_rate), 0.0))
+    cap = min(expected + math.ceil(PAD_SIGMAS * sd) + 1, num_examples)
+    chunks = math.ceil(cap / max_physical)
+    size = math.ceil(cap / chunks)
+    return _round_up(size, 8) if size >= 64 else size
+
+
+class FastEngine(Engine):
+    """DP-SGD (or plain SGD) with device-resident data, static shapes and CUDA graphs.
+
+    Keywords as for ``OpacusEngine`` (``num_workers`` is ignored), plus:
+        physical_batch_size: most examples per chunk (default 512 on CPU, 4096 on CUDA).
+        grad_sample_mode: ``"vmap"`` or ``"hooks"`` (default by device, see ``DEFAULT_GRAD_SAMPLE_MODE``).
+        cuda_graphs: capture each chunk as a CUDA graph (default: on CUDA with ``vmap``).
+        static_shapes: pad every chunk to the fixed capacity (default: when graphs are on).
+        canary_gradients, noise_scale_for_testing: test/audit hooks (module docstring).
+    """
+
+    name = "fast"
+
+    def __init__(self, *, model: nn.Module, train_data: ImageTensors, batch_size: int,
+                 optimizer: OptimizerSpec, dp: DPSettings | None, seed: int,
+                 device: torch.device | str = "cpu", num_workers: int = 0,
+                 physical_batch_size: int | None = None, grad_sample_mode: str | None = None,
+                 cuda_graphs: bool | None = None, canary_gradients: torch.Tensor | None = None,
+                 noise_scale_for_testing: float = 1.0, static_shapes: bool | None = None) -> None:
+        super().__init__(train_data=train_data, batch_size=batch_size, dp=dp, seed=seed, device=device)
+        del num_workers  # no loader: the data is on the device
+        dev = self.device
+        kind = dev.type if dev.type in DEFAULT_MAX_PHYSICAL else "cpu"
+        if physical_batch_size is not None and physical_batch_size < 1:
+            raise ValueError(f"physical_batch_size must be >= 1, got {physical_batch_size}")
+        self.max_physical = physical_batch_size or DEFAULT_MAX_PHYSICAL[kind]
+        self.grad_sample_mode = grad_sample_mode or DEFAULT_GRAD_SAMPLE_MODE[kind]
+        if self.grad_sample_mode not in BACKENDS:
+            raise ValueError(f"grad_sample_mode must be one of {tuple(BACKENDS)}, got {self.grad_sample_mode!r}")
+        self.use_graphs = (dev.type == "cuda" and (not dp or self.grad_sample_mode == "vmap")
+                           if cuda_graphs is None else bool(cuda_graphs) and dev.type == "cuda")
+        # Static shapes (padded chunks) are what graphs need; eager runs skip the padding.
+        self.static_shapes = self.use_graphs if static_shapes is None else bool(static_shapes) or self.use_graphs
+        if self.use_graphs and dp and self.grad_sample_mode != "vmap":
+            raise ValueError("cuda_graphs needs grad_sample_mode='vmap' under DP")
+
+        self.model = model.to(dev)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if len(self.params) != len(list(self.model.parameters())):
+            raise UnsupportedModelError("the fast engine trains every parameter (found frozen ones)")
+        self.num_params = sum(p.numel() for p in self.params)
+        self.optimizer = optimizer.build(self.model.parameters())
+
+        self.images = train_data.images.to(dev)  # uint8 [N, C, H, W]
+        self.labels = train_data.labels.to(dev)  # int64 [N]
+        self._mean = torch.tensor(train_data.mean, device=dev).view(1, -1, 1, 1)
+        self._std = torch.tensor(train_data.std, device=dev).view(1, -1, 1, 1)
+
+        self.sampling_generator = make_generator(seed, "sampling", dev)
+        self.data_order_generator = make_generator(seed, "data_order", dev)
+        self.noise_generator = make_generator(seed, "noise", dev)
+        self._loss_sum = torch.zeros((), device=dev)
+        self._correct = torch.zeros((), device=dev)
+        self._graphs: dict[str, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.noise_scale_for_testing = float(noise_scale_for_testing)
+        self.canary_gradients = None
+        self.canary_included: torch.Tensor | None = None
+        self.last_batch_sizes: list[int] = []  # sampled batch size of each step of the last epoch
+        self.backend = None
+
+        if dp is None:
+            if canary_gradients is not None:
+                raise ValueError("canary_gradients need DP (dp=DPSettings(...))")
+            self.chunk = min(batch_size, self.max_physical)
+            return
+
+        for module in self.model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                raise UnsupportedModelError(f"{type(module).__name__} mixes examples; DP needs per-example layers")
+        self.expected_batch = expected_batch_size(self.num_examples, self.sample_rate)
+        self.chunk = chunk_capacity(self.expected_batch, self.sample_rate, self.num_examples, self.max_physical)
+        # One flat gradient: the optimizer reads views of it, the clipped sum is accumulated into _acc.
+        self._acc = torch.zeros(self.num_params, device=dev)
+        self._flat_grad = torch.zeros(self.num_params, device=dev)
+        self._acc_views = self._views(self._acc)
+        self._grad_views = self._views(self._flat_grad)
+        if canary_gradients is not None:
+            canary = torch.as_tensor(canary_gradients, dtype=torch.float32).to(dev)
+            if canary.dim() != 2 or canary.shape[1] != self.num_params:
+                raise ValueError(f"canary_gradients must be [m, {self.num_params}], got {tuple(canary.shape)}")
+            if bool((canary.norm(dim=1) > dp.max_grad_norm * (1 + 1e-5)).any()):
+                raise ValueError(f"every canary gradient needs norm <= C = {dp.max_grad_norm}")
+            self.canary_gradients = canary
+        try:
+            self.backend = BACKENDS[self.grad_sample_mode](self.model)
+            probe = torch.arange(min(2, self.num_examples), device=dev)
+            scratch = torch.zeros(self.num_params, device=dev)
+            self.backend.accumulate(self._normalize(self.images[probe]), self.labels[probe],
+                                    torch.ones(len(probe), device=dev), dp.max_grad_norm,
+                                    self._views(scratch), torch.zeros((), device=dev), torch.zeros((), device=dev))
+        except UnsupportedModelError:
+            raise
+        except Exception as err:  # noqa: BLE001 (any failure of the per-sample path means "not supported")
+            if self.backend is not None:
+                self.backend.close()
+            raise UnsupportedModelError(f"per-sample gradients ({self.grad_sample_mode}) failed: {err}") from err
+
+    # ----------------------------------------------------------------- helpers
+    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        views, offset = [], 0
+        for p in self.params:
+            views.append(flat[offset:offset + p.numel()])  # [numel]
+            offset += p.numel()
+        return views
+
+    def _normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, C, H, W] -> float, exactly as ``ImageTensors.normalize``."""
+        return (images.float().div_(255.0) - self._mean) / self._std
+
+    def _run(self, key: str, fn, idx: torch.Tensor) -> None:
+        """``fn(static_idx)``, replayed from a CUDA graph captured on first use when graphs are on."""
+        if not self.use_graphs:
+            fn(idx)
+            return
+        if key not in self._graphs:
+            try:
+                self._graphs[key] = self._capture(fn, idx)
+            except Exception as err:  # noqa: BLE001
+                warnings.warn(f"CUDA graph capture failed ({err}); running eagerly", stacklevel=2)
+                self.use_graphs = False
+                fn(idx)
+                return
+        graph, static_idx = self._graphs[key]
+        static_idx.copy_(idx)
+        graph.replay()
+
+    def _capture(self, fn, idx: torch.Tensor):
+        static_idx = idx.clone()
+        saved = [t.clone() for t in self._state_tensors()]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up: cuDNN/cuBLAS handles and workspaces
+                fn(static_idx)
+        torch.cuda.current_stream().wait_stream(stream)
+        for p in self.params:  # a captured backward must assign, not add to, the gradients
+            p.grad = None
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn(static_idx)
+        for t, s in zip(self._state_tensors(), saved):  # undo the warm-up's accumulation
+            t.copy_(s)
+        return graph, static_idx
+
+    def _state_tensors(self) -> list[torch.Tensor]:
+        out = [self._loss_sum, self._correct]
+        if self.dp is not None:
+            out.append(self._acc)
+        return out
+
+    def _progress(self, progress: ProgressFn | None, done: int, total: int, last: list[int]) -> None:
+        if progress is None:
+            return
+        every = 1 if self.device.type == "cpu" else max(1, total // 16)
+        if done - last[0] >= every or done == total:
+            progress(done - last[0])
+            last[0] = done
+
+    # ----------------------------------------------------------------- epochs
+    def train_epoch(self, *, max_steps: int | None = None, progress: ProgressFn | None = None) -> EpochResult:
+        self.model.train()
+        steps = self.steps_per_epoch if max_steps is None else max(0, min(max_steps, self.steps_per_epoch))
+        self._loss_sum.zero_()
+        self._correct.zero_()
+        seen = self._dp_epoch(steps, progress) if self.dp else self._plain_epoch(steps, progress)
+        loss_sum, correct = (float(v) for v in torch.stack([self._loss_sum, self._correct]).cpu())
+        return EpochResult(loss=loss_sum / max(seen, 1), accuracy=correct / max(seen, 1), steps=steps, examples=seen)
+
+    def _dp_chunk(self, idx: torch.Tensor) -> None:
+        """Accumulate the clipped per-sample gradients of chunk ``idx`` [P] (-1 = padding) into ``_acc``."""
+        weights = (idx >= 0).float()  # [P]
+        safe = idx.clamp(min=0)
+        self.backend.accumulate(self._normalize(self.images[safe]), self.labels[safe], weights,
+                                self.dp.max_grad_norm, self._acc_views, self._loss_sum, self._correct)
+
+    def _dp_epoch(self, steps: int, progress: ProgressFn | None) -> int:
+        n, dev, q = self.num_examples, self.device, self.sample_rate
+        std = self.dp.noise_multiplier * self.dp.max_grad_norm * self.noise_scale_for_testing
+        block = max(1, BLOCK_ELEMENTS // max(n, self.num_params))
+        seen, done, last = 0, 0, [0]
+        canary_masks, self.last_batch_sizes = [], []
+        arange = torch.arange(self.chunk, device=dev)
+        while done < steps:
+            s_block = min(block, steps - done)
+            masks = torch.rand(s_block, n, generator=self.sampling_generator, device=dev) < q  # [S, N]
+            canary = None
+            if self.canary_gradients is not None:
+                m = len(self.canary_gradients)
+                canary = torch.rand(s_block, m, generator=self.sampling_generator, device=dev) < q  # [S, m]
+                canary_masks.append(canary)
+            noise = None
+            if std > 0:
+                noise = torch.randn(s_block, self.num_params, generator=self.noise_generator, device=dev)
+                noise.mul_(std)  # [S, P]
+            counts = masks.sum(1).tolist()  # the block's one host synchronisation
+            flat_idx = masks.nonzero()[:, 1]  # [sum counts], by step then index
+            # Chunks: step s has max(1, ceil(count / chunk)) of them; idx rows padded with -1.
+            starts, lens, owner, offset = [], [], [], 0
+            for s, c in enumerate(counts):
+                for k in range(max(1, math.ceil(c / self.chunk))):
+                    starts.append(offset + k * self.chunk)
+                    lens.append(max(0, min(self.chunk, c - k * self.chunk)))
+                    owner.append(s)
+                offset += c
+            chunk_idx = None
+            if self.static_shapes:
+                starts_t = torch.tensor(starts, device=dev).unsqueeze(1)
+                lens_t = torch.tensor(lens, device=dev).unsqueeze(1)
+                valid = arange.unsqueeze(0) < lens_t  # [chunks, P]
+                if len(flat_idx):
+                    chunk_idx = flat_idx[(starts_t + arange).clamp(max=len(flat_idx) - 1)]
+                    chunk_idx = torch.where(valid, chunk_idx, -1)
+                else:
+                    chunk_idx = torch.full(valid.shape, -1, device=dev, dtype=torch.long)
+            k = 0
+            for s in range(s_block):
+                self._acc.zero_()
+                while k < len(owner) and owner[k] == s:
+                    if self.static_shapes:  # padded with -1 to the chunk capacity
+                        self._run("dp", self._dp_chunk, chunk_idx[k])
+                    elif lens[k]:  # eager: no padding needed, the exact examples
+                        self._dp_chunk(flat_idx[starts[k]:starts[k] + lens[k]])
+                    k += 1
+                if canary is not None:
+                    self._acc.addmv_(self.canary_gradients.t(), canary[s].float())
+                if noise is not None:
+                    torch.add(self._acc, noise[s], out=self._flat_grad)
+                else:
+                    self._flat_grad.copy_(self._acc)
+                self._flat_grad.div_(self.expected_batch)
+                for p, g in zip(self.params, self._grad_views):
+                    p.grad = g.view_as(p)
+                self.optimizer.step()
+                done += 1
+                self._progress(progress, done, steps, last)
+            seen += sum(counts)
+            self.last_batch_sizes.extend(counts)
+        if self.canary_gradients is not None:
+            self.canary_included = torch.cat(canary_masks) if canary_masks else None
+        return seen
+
+    def _plain_chunk(self, idx: torch.Tensor, scale: float) -> None:
+        logits = self.model(self._normalize(self.images[idx]))  # [b, classes]
+        labels = self.labels[idx]
+        loss = F.cross_entropy(logits, labels, reduction="sum")
+        (loss * scale).backward()
+        with torch.no_grad():
+            self._loss_sum.add_(loss.detach())
+            self._correct.add_((logits.argmax(1) == labels).sum())
+
+    def _plain_epoch(self, steps: int, progress: ProgressFn | None) -> int:
+        self.last_batch_sizes = [len(range(s * self.batch_size, min((s + 1) * self.batch_size, self.num_examples)))
+                                 for s in range(steps)]
+        order = torch.randperm(self.num_examples, generator=self.data_order_generator, device=self.device)
+        b, seen, last = self.batch_size, 0, [0]
+        for s in range(steps):
+            idx = order[s * b:(s + 1) * b]
+            if self.use_graphs and len(idx) == b <= self.max_physical:
+                # The captured backward writes (not adds) the gradients: no zeroing needed.
+                self._run(f"plain{b}", lambda i, scale=1.0 / b: self._plain_chunk(i, scale), idx)
+            else:
+                self.optimizer.zero_grad(set_to_none=not self._graphs)
+                if self._graphs:  # graph-owned .grad tensors: zero in place, keep their addresses
+                    for p in self.params:
+                        if p.grad is not None:
+                            p.grad.zero_()
+                for start in range(0, len(idx), self.max_physical):
+                    self._plain_chunk(idx[start:start + self.max_physical], 1.0 / len(idx))
+            self.optimizer.step()
+            seen += len(idx)
+            self._progress(progress, s + 1, steps, last)
+        return seen
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "sampling_generator": self.sampling_generator.get_state(),
+            "data_order_generator": self.data_order_generator.get_state(),
+            "noise_generator": self.noise_generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampling_generator.set_state(state["sampling_generator"])
+        self.data_order_generator.set_state(state["data_order_generator"])
+        self.noise_generator.set_state(state["noise_generator"])
+
+
+def fallback_notice(err: Exception) -> None:
+    print(f"notice: the fast engine does not support this model ({err}); using the stock Opacus engine",
+          file=sys.stderr)

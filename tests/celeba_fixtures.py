@@ -1,0 +1,60 @@
+"""Shared fixtures for the CelebA tests: small generated archives, built once per session.
+
+Import the fixtures into a test module (``from tests.celeba_fixtures import demo_archive, ...``).
+Archives are cached per (n, seed, format, nested), so modules sharing a fixture
+do not regenerate them; tests that modify an archive take a private copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dpvision.celeba.demo import make_demo_archive
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "scripts"
+DEMO_N = 400  # 320 train / 40 val / 40 test: ~64/8/8 images with eyeglasses
+DEMO_SEED = 0
+_CACHE: dict[tuple, Path] = {}
+
+
+def cached_archive(factory, n: int = DEMO_N, seed: int = DEMO_SEED, fmt: str = "csv", nested: bool = True) -> Path:
+    key = (n, seed, fmt, nested)
+    if key not in _CACHE:
+        out = factory.mktemp("celeba_archive") / f"archive_{n}_{seed}_{fmt}_{int(nested)}"
+        make_demo_archive(out, n, seed, fmt=fmt, nested=nested, workers=1)
+        _CACHE[key] = out
+    return _CACHE[key]
+
+
+@pytest.fixture(scope="session")
+def demo_archive(tmp_path_factory) -> Path:
+    """A read-only 400-image Kaggle-layout archive (CSV tables, nested image folder)."""
+    return cached_archive(tmp_path_factory)
+
+
+@pytest.fixture
+def archive_copy(demo_archive, tmp_path) -> Path:
+    """A private, writable copy of ``demo_archive`` for tests that break it."""
+    return Path(shutil.copytree(demo_archive, tmp_path / "archive"))
+
+
+def tree_digest(root: Path) -> str:
+    """sha256 over every file's relative path and bytes: proves a folder was not modified."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
+    """Run ``scripts/<name>`` with this interpreter, capturing text output."""
+    return subprocess.run([sys.executable, str(SCRIPTS / name), *map(str, args)], capture_output=True, text=True,
+                          timeout=300)

@@ -1,0 +1,278 @@
+"""``celeba_train.py``: baseline and DP runs on a tiny generated archive (32x32), every file and number checked.
+
+The archive is the shared 400-image demo (``tests/celeba_fixtures.py``), balanced
+and stratified by interocular distance, preprocessed at 32x32: ~128 train,
+~16 validation and ~16 test images, a few seconds per run on 2 cores.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from opacus.accountants import RDPAccountant
+
+from dpvision.celeba.preprocess import load_split, preprocess
+from dpvision.celeba.subset import build_subset
+from dpvision.celeba.train import (
+    BEST_MODEL, SUMMARY_KEYS, CelebaTrainConfig, add_train_subcommand, group_accuracy, train_main,
+)  # fmt: skip
+from dpvision.models import CelebaCNN
+from dpvision.privacy.accounting import calibrate_noise_multiplier, compute_epsilon
+from dpvision.training.engine import evaluate
+from tests.celeba_fixtures import SCRIPTS, demo_archive  # noqa: F401 (fixture)
+
+RUN_FILES = ("config.yaml", "metrics.csv", "summary.json", BEST_MODEL, "model.pt", "curves.png", "checkpoint.pt")
+TINY = ["--epochs", "2", "--batch-size", "32", "--width", "8", "--quiet"]
+DP_FLAGS = ["--mode", "dp", "--sigma", "1.1", "--max-grad-norm", "1.5", "--lr", "0.2", "--delta", "1e-4"]
+
+
+@pytest.fixture(scope="module")
+def pre_dir(demo_archive, tmp_path_factory):  # noqa: F811
+    root = tmp_path_factory.mktemp("celeba_train")
+    build_subset(demo_archive, root / "subset", use_landmarks=True, stratify_by=["interocular"], iod_bins=2,
+                 link_mode="symlink", progress=False, warn=lambda msg: None)
+    preprocess(root / "subset", root / "pre", size=32, progress=False)
+    return root / "pre"
+
+
+def run_ok(*args) -> None:
+    assert train_main([str(a) for a in args]) == 0
+
+
+@pytest.fixture(scope="module")
+def runs(pre_dir, tmp_path_factory):
+    """One baseline and one DP run, shared by the checks below."""
+    runs_dir = tmp_path_factory.mktemp("runs")
+    run_ok("--data", pre_dir, "--mode", "baseline", "--runs-dir", runs_dir, "--run-name", "base", "--lr", "0.05",
+           *TINY)
+    run_ok("--data", pre_dir, *DP_FLAGS, "--runs-dir", runs_dir, "--run-name", "dp", *TINY)
+    return {"baseline": runs_dir / "celeba_baseline" / "base", "dp": runs_dir / "celeba_dp" / "dp",
+            "runs_dir": runs_dir}
+
+
+def summary_of(path):
+    return json.loads((path / "summary.json").read_text())
+
+
+def metrics_of(path):
+    with open(path / "metrics.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.parametrize("mode", ["baseline", "dp"])
+def test_run_folder_has_every_file_and_field(runs, mode):
+    path = runs[mode]
+    for name in RUN_FILES:
+        assert (path / name).is_file(), f"{mode}: {name} missing"
+    summary = summary_of(path)
+    assert set(SUMMARY_KEYS) <= set(summary)
+    assert summary["mode"] == mode and summary["epochs_completed"] == 2
+    rows = metrics_of(path)
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    for row in rows:
+        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds"):
+            assert math.isfinite(float(row[key])), (key, row[key])
+        for key in ("epsilon_rdp", "epsilon_prv", "epsilon_pld"):
+            assert key in row
+        assert 0 <= float(row["val_accuracy"]) <= 1 and float(row["seconds"]) > 0
+    config = yaml.safe_load((path / "config.yaml").read_text())
+    assert config["mode"] == mode and config["job"] == "celeba_train"
+    assert (path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_baseline_spends_no_privacy_and_dp_does(runs):
+    base, dp = summary_of(runs["baseline"]), summary_of(runs["dp"])
+    assert base["epsilon"] == "inf" and base["noise_multiplier"] == 0.0 and base["dp"] is False
+    assert all(r["epsilon"] == "inf" for r in metrics_of(runs["baseline"]))
+    assert dp["dp"] is True and 0 < dp["epsilon"] < math.inf
+    assert dp["noise_multiplier"] == 1.1 and dp["delta"] == 1e-4
+
+
+def test_epsilon_is_the_rdp_epsilon_of_the_steps_run(runs, pre_dir):
+    summary, rows = summary_of(runs["dp"]), metrics_of(runs["dp"])
+    n_train = len(load_split(pre_dir, "train")[0])
+    q = 1 / math.ceil(n_train / 32)
+    per_epoch = int(1 / q)
+    assert summary["sample_rate"] == q and summary["steps"] == 2 * per_epoch
+    for epoch, row in enumerate(rows, start=1):
+        accountant = RDPAccountant()
+        accountant.history = [(1.1, q, epoch * per_epoch)]
+        assert int(row["steps"]) == epoch * per_epoch
+        assert float(row["epsilon"]) == pytest.approx(accountant.get_epsilon(delta=1e-4), rel=1e-12)
+    accountant = RDPAccountant()
+    accountant.history = [(1.1, q, 2 * per_epoch)]
+    assert summary["epsilon"] == pytest.approx(accountant.get_epsilon(delta=1e-4), rel=1e-12)
+    assert summary["epsilons"]["prv"] <= summary["epsilons"]["rdp"] + 1e-9
+    assert float(rows[-1]["epsilon_pld"]) == pytest.approx(summary["epsilons"]["pld"], rel=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["baseline", "dp"])
+def test_per_class_and_per_stratum_accuracy_add_up(runs, pre_dir, mode):
+    summary = summary_of(runs[mode])
+    test_data, meta = load_split(pre_dir, "test")
+    n = len(test_data)
+    for acc_key, count_key, expected_groups in (
+            ("test_accuracy_per_class", "test_count_per_class", set(meta["class_names"])),
+            ("test_accuracy_per_stratum", "test_count_per_stratum", set(meta["strata"]))):
+        accs, counts = summary[acc_key], summary[count_key]
+        assert set(accs) == set(counts) == expected_groups
+        assert sum(counts.values()) == n
+        weighted = sum(accs[g] * counts[g] for g in accs) / n
+        assert weighted == pytest.approx(summary["test_accuracy"], abs=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["baseline", "dp"])
+def test_best_on_validation_model_is_saved_and_scored(runs, pre_dir, mode):
+    path = runs[mode]
+    rows, summary = metrics_of(path), summary_of(path)
+    val = [float(r["val_accuracy"]) for r in rows]
+    assert summary["best_epoch"] == 1 + val.index(max(val))  # first epoch reaching the maximum
+    model = CelebaCNN(num_classes=2, width=8)
+    model.load_state_dict(torch.load(path / BEST_MODEL, weights_only=True))
+    test_data, _ = load_split(pre_dir, "test")
+    _, accuracy, _ = evaluate(model, test_data, batch_size=512)
+    assert accuracy == summary["test_accuracy"]
+    val_data, _ = load_split(pre_dir, "val")
+    assert evaluate(model, val_data, batch_size=512)[1] == pytest.approx(max(val))
+
+
+def test_group_accuracy():
+    accs, counts = group_accuracy(torch.tensor([0, 1, 1, 0]), torch.tensor([0, 1, 0, 1]), ["x", "x", "y", "y"])
+    assert accs == {"x": 1.0, "y": 0.0} and counts == {"x": 2, "y": 2}
+
+
+def test_target_epsilon_calibrates_sigma(pre_dir, tmp_path):
+    run_ok("--data", pre_dir, "--mode", "dp", "--target-epsilon", "4", "--delta", "1e-4", "--runs-dir", tmp_path,
+           "--run-name", "t", "--epochs", "1", "--batch-size", "32", "--width", "8", "--quiet")
+    summary = summary_of(tmp_path / "celeba_dp" / "t")
+    q, steps = summary["sample_rate"], summary["steps"]
+    assert summary["noise_multiplier"] == calibrate_noise_multiplier(
+        target_epsilon=4.0, delta=1e-4, sample_rate=q, steps=steps, accountant="rdp")
+    assert 4.0 * (1 - 1e-3) <= summary["epsilon"] <= 4.0
+    assert summary["epsilon"] == compute_epsilon([(summary["noise_multiplier"], q, steps)], delta=1e-4)
+    assert summary["target_epsilon"] == 4.0
+
+
+def test_max_epsilon_stops_before_the_budget(pre_dir, tmp_path):
+    run_ok("--data", pre_dir, "--mode", "dp", "--sigma", "1.0", "--max-epsilon", "2.0", "--delta", "1e-4",
+           "--runs-dir", tmp_path, "--run-name", "b", "--epochs", "50", "--batch-size", "32", "--width", "8",
+           "--quiet")
+    summary = summary_of(tmp_path / "celeba_dp" / "b")
+    assert summary["stopped_early"] and summary["epochs_completed"] < 50
+    assert summary["epsilon"] <= 2.0
+    q = summary["sample_rate"]
+    assert compute_epsilon([(1.0, q, summary["steps"] + 1)], delta=1e-4) > 2.0
+
+
+def test_delta_auto_is_one_over_ten_n(pre_dir):
+    n = len(load_split(pre_dir, "train")[0])
+    assert CelebaTrainConfig(data=str(pre_dir)).delta == 1 / (10 * n)
+
+
+def test_resume_continues_to_the_same_result(runs, pre_dir, tmp_path):
+    from dpvision.celeba.train import load_resume_config, run
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_epoch(event, n):
+        if event == "epoch" and n == 1:
+            raise Stop
+
+    config = CelebaTrainConfig(data=str(pre_dir), mode="dp", sigma=1.1, max_grad_norm=1.5, lr=0.2, delta=1e-4,
+                               epochs=2, batch_size=32, width=8, quiet=True, runs_dir=str(tmp_path),
+                               run_name="r")
+    with pytest.raises(Stop):
+        run(config, hook=stop_after_first_epoch)
+    path = tmp_path / "celeba_dp" / "r"
+    assert len(metrics_of(path)) == 1 and not (path / "summary.json").exists()
+    assert train_main(["--resume", str(path), "--quiet"]) == 0
+    resumed, reference = summary_of(path), summary_of(runs["dp"])
+    assert resumed["resumed"] is True
+    for key in ("test_accuracy", "epsilon", "steps", "test_accuracy_per_stratum", "best_epoch"):
+        assert resumed[key] == reference[key], key
+    assert [r["val_loss"] for r in metrics_of(path)] == [r["val_loss"] for r in metrics_of(runs["dp"])]
+    with pytest.raises(ValueError, match="--lr"):
+        from dpvision.training.loop import check_resume_flags
+        check_resume_flags(["--resume", "--lr"], ["--resume", "--data", "--device", "--quiet"])
+    assert load_resume_config(path)[0].sigma == 1.1
+
+
+BAD_INPUTS = [
+    (["--mode", "dp"], "--data"),  # no --data at all
+    (["--data", "{missing}", "--mode", "dp"], "--data"),
+    (["--data", "{empty}", "--mode", "dp"], "--data"),  # a folder, but not a preprocessed one
+    (["--data", "{pre}", "--mode", "private"], "--mode"),
+    (["--data", "{pre}", "--mode", "dp", "--sigma", "-1"], "--sigma"),
+    (["--data", "{pre}", "--mode", "dp", "--sigma", "1", "--target-epsilon", "2"], "--target-epsilon"),
+    (["--data", "{pre}", "--mode", "baseline", "--sigma", "1"], "--sigma"),
+    (["--data", "{pre}", "--mode", "baseline", "--target-epsilon", "3"], "--target-epsilon"),
+    (["--data", "{pre}", "--mode", "baseline", "--max-grad-norm", "1"], "--max-grad-norm"),
+    (["--data", "{pre}", "--mode", "dp", "--target-epsilon", "-3"], "--target-epsilon"),
+    (["--data", "{pre}", "--mode", "dp", "--target-epsilon", "1e-9"], "--target-epsilon"),  # unreachable
+    (["--data", "{pre}", "--mode", "dp", "--max-grad-norm", "0"], "--max-grad-norm"),
+    (["--data", "{pre}", "--mode", "dp", "--delta", "1.5"], "--delta"),
+    (["--data", "{pre}", "--mode", "dp", "--delta", "often"], "--delta"),
+    (["--data", "{pre}", "--mode", "dp", "--epochs", "0"], "--epochs"),
+    (["--data", "{pre}", "--mode", "dp", "--batch-size", "0"], "--batch-size"),
+    (["--data", "{pre}", "--mode", "dp", "--batch-size", "100000"], "--batch-size"),
+    (["--data", "{pre}", "--mode", "dp", "--lr", "-0.1"], "--lr"),
+    (["--data", "{pre}", "--mode", "dp", "--optimizer", "rmsprop"], "--optimizer"),
+    (["--data", "{pre}", "--mode", "dp", "--device", "tpu"], "--device"),
+    (["--data", "{pre}", "--mode", "dp", "--engine", "jax"], "--engine"),
+    (["--data", "{pre}", "--mode", "dp", "--accountant", "moments"], "--accountant"),
+    (["--data", "{pre}", "--mode", "dp", "--max-epsilon", "0"], "--max-epsilon"),
+    (["--data", "{pre}", "--mode", "dp", "--width", "12"], "--width"),
+    (["--data", "{pre}", "--mode", "dp", "--epochs", "two"], "--epochs"),
+    (["--resume", "{missing}"], "--resume"),
+    (["--resume", "{empty}"], "--resume"),
+]
+
+
+@pytest.mark.parametrize("argv,flag", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_exits_2_naming_the_flag_and_writes_nothing(pre_dir, tmp_path, capsys, argv, flag):
+    (tmp_path / "empty").mkdir()
+    runs_dir = tmp_path / "runs"
+    names = {"pre": pre_dir, "missing": tmp_path / "nope", "empty": tmp_path / "empty"}
+    argv = [a.format(**names) for a in argv] + ["--runs-dir", str(runs_dir), "--quiet"]
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error:" in err and flag in err, err
+    assert not runs_dir.exists()
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+def test_resume_refuses_result_changing_flags(runs, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--resume", str(runs["dp"]), "--lr", "0.3", "--quiet"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "--lr" in err and len(err.splitlines()) == 1
+
+
+def test_script_exits_2_before_writing(tmp_path):
+    result = subprocess.run([sys.executable, str(SCRIPTS / "celeba_train.py"), "--data", str(tmp_path / "nope"),
+                             "--mode", "dp", "--runs-dir", str(tmp_path / "runs")],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--data" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_subcommand_parses_and_runs_the_same_code(pre_dir, tmp_path):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="dpvision celeba")
+    add_train_subcommand(parser.add_subparsers(dest="celeba_command", required=True))
+    args = parser.parse_args(["train", "--data", str(pre_dir), "--mode", "dp", "--sigma", "-2"])
+    assert args.func(args) == 2
+    assert not (tmp_path / "runs").exists()
