@@ -204,7 +204,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--large-batch", type=int, default=4096, help="fast engine only; 0 to skip")
     p.add_argument("--celeba-size", type=int, default=20000)
-    p.add_argument("--grad-sample-mode", default=None, choices=["vmap", "hooks"], help="fast engine; default by device")
+    p.add_argument("--grad-sample-mode", default=None, choices=["vmap", "hooks", "manual"], help="fast engine; default by device")
     p.add_argument("--no-cuda-graphs", action="store_true", help="fast engine: run every step eagerly")
     p.add_argument("--stock-workers", type=int, default=None, help="DataLoader workers (default 1 on cuda, 0 on cpu)")
     p.add_argument("--json", default=None)

@@ -144,7 +144,7 @@ def test_result_changing_flags_are_refused_with_resume(flags, tmp_path, capsys):
 
 def test_free_flags_are_accepted_with_resume(tmp_path, mnist_root, reference):
     with pytest.raises(Interrupt):
-        run(tiny(tmp_path, mnist_root, quiet=False), hook=interrupt_at("epoch", 2))
+        run(replace(tiny(tmp_path, mnist_root), quiet=False), hook=interrupt_at("epoch", 2))
     run_path = tmp_path / "runs" / "mnist" / "r"
     assert mnist_main(["--resume", str(run_path), "--quiet", "--device", "cpu", "--data-root", str(mnist_root)]) == 0
     ref_tmp, _ = reference

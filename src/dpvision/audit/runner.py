@@ -178,7 +178,9 @@ def _black_box(config: AuditConfig, pool: ImageTensors, data: ImageTensors, incl
         model.eval()
         with torch.no_grad():
             logits = model(canaries.normalize(canaries.images.to(device)))
-            return F.cross_entropy(logits, canaries.labels.to(device), reduction="none").cpu()
+            out = F.cross_entropy(logits, canaries.labels.to(device), reduction="none").cpu()
+        model.train()  # the engines (and Opacus's validator) need a model in training mode
+        return out
 
     before = losses()
     engine = build_engine("fast", model=model, train_data=train, batch_size=config.batch_size,

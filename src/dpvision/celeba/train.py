@@ -109,7 +109,7 @@ class CelebaTrainConfig:
     """Every setting of ``celeba_train.py``; field names follow the flags (``--max-grad-norm`` -> max_grad_norm).
 
     Defaults (chosen on the demo archive, see the README): 10 epochs, expected
-    batch 256, SGD with momentum 0.9 at lr 0.05 (baseline) -- the same for DP --, C = 1,
+    batch 256, SGD with momentum 0.9 at lr 0.1 (the same for both modes), CelebaCNN of width 16, C = 1,
     σ = 1 unless ``target_epsilon`` is given, δ = 1/(10 N) ("auto").
     """
 
@@ -118,7 +118,7 @@ class CelebaTrainConfig:
     epochs: int = 10
     batch_size: int = 256
     eval_batch_size: int = 512
-    lr: float = 0.05
+    lr: float = 0.1
     optimizer: str = "sgd"
     momentum: float = 0.9  # SGD only
     sigma: float | None = None  # None: DEFAULT_SIGMA under DP, unless target_epsilon is given
@@ -130,7 +130,7 @@ class CelebaTrainConfig:
     engine: str = "fast"
     accountant: str = "rdp"  # the ε reported, calibrated to and budgeted; metrics.csv has all three
     max_epsilon: float | None = None  # budget: stop before the first step that would exceed it
-    width: int = 32  # channels of the first conv block of CelebaCNN
+    width: int = 16  # channels of the first conv block of CelebaCNN
     runs_dir: str = "runs"
     run_name: str | None = None
     quiet: bool = False
@@ -144,6 +144,22 @@ class CelebaTrainConfig:
             return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
         need(self.mode in MODES, "--mode", f"one of {', '.join(MODES)}", self.mode)
+        if self.sigma is not None:
+            need(finite(self.sigma) and self.sigma >= 0, "--sigma", "a number >= 0", self.sigma)
+        if self.target_epsilon is not None:
+            need(finite(self.target_epsilon) and self.target_epsilon > 0, "--target-epsilon", "a positive number",
+                 self.target_epsilon)
+        if self.max_epsilon is not None:
+            need(finite(self.max_epsilon) and self.max_epsilon > 0, "--max-epsilon", "a positive number",
+                 self.max_epsilon)
+        if self.sigma is not None and self.target_epsilon is not None:
+            raise ValueError("--sigma and --target-epsilon exclude each other: --target-epsilon calibrates sigma; "
+                             "give one of them")
+        if self.mode == "baseline":
+            for flag, value in (("--sigma", self.sigma), ("--target-epsilon", self.target_epsilon),
+                                ("--max-epsilon", self.max_epsilon)):
+                if value is not None:
+                    raise ValueError(f"{flag} needs --mode dp (the baseline adds no noise and spends no privacy)")
         stats = check_data_dir(self.data)
         n_train = int(stats["counts"]["train"])
         if isinstance(self.delta, str):
@@ -172,22 +188,6 @@ class CelebaTrainConfig:
         need(isinstance(self.width, int) and self.width >= 8 and self.width % 8 == 0, "--width",
              "a positive multiple of 8 (GroupNorm uses 8 groups)", self.width)
         need(isinstance(self.seed, int), "--seed", "an integer", self.seed)
-        if self.sigma is not None:
-            need(finite(self.sigma) and self.sigma >= 0, "--sigma", "a number >= 0", self.sigma)
-        if self.target_epsilon is not None:
-            need(finite(self.target_epsilon) and self.target_epsilon > 0, "--target-epsilon", "a positive number",
-                 self.target_epsilon)
-        if self.max_epsilon is not None:
-            need(finite(self.max_epsilon) and self.max_epsilon > 0, "--max-epsilon", "a positive number",
-                 self.max_epsilon)
-        if self.sigma is not None and self.target_epsilon is not None:
-            raise ValueError("--sigma and --target-epsilon exclude each other: --target-epsilon calibrates sigma; "
-                             "give one of them")
-        if self.mode == "baseline":
-            for flag, value in (("--sigma", self.sigma), ("--target-epsilon", self.target_epsilon),
-                                ("--max-epsilon", self.max_epsilon)):
-                if value is not None:
-                    raise ValueError(f"{flag} needs --mode dp (the baseline adds no noise and spends no privacy)")
         if self.device == "cuda":
             import torch
 
@@ -518,7 +518,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     add("--batch-size", type=int, default=None, help="batch size; under DP the expected (Poisson) batch size "
                                                       "(default: 256)")
     add("--eval-batch-size", type=int, default=None, help="batch size for validation and test (default: 512)")
-    add("--lr", type=float, default=None, help="learning rate (default: 0.05)")
+    add("--lr", type=float, default=None, help="learning rate (default: 0.1)")
     add("--optimizer", default=None, choices=OPTIMIZERS, help="sgd (with --momentum) or adam (default: sgd)")
     add("--momentum", type=float, default=None, help="SGD momentum (default: 0.9)")
     add("--sigma", type=float, default=None, help=f"noise multiplier σ under DP (default: {DEFAULT_SIGMA})")
@@ -537,7 +537,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     add("--device", default=None, choices=DEVICES, help="cpu, cuda or auto (default: auto)")
     add("--engine", default=None, choices=ENGINE_NAMES,
         help="fast (device-resident data; falls back to opacus when unsupported) or opacus (default: fast)")
-    add("--width", type=int, default=None, help="channels of CelebaCNN's first block, a multiple of 8 (default: 32)")
+    add("--width", type=int, default=None, help="channels of CelebaCNN's first block, a multiple of 8 (default: 16)")
     add("--runs-dir", default=None, help="runs go to <runs-dir>/celeba_<mode>/<run-name>/ (default: runs)")
     add("--run-name", default=None, help="run folder name (default: from the settings; -2, -3... if taken)")
     add("--quiet", action="store_true", default=None, help="no progress bars or per-epoch lines")
@@ -563,9 +563,10 @@ def given_flags(args: argparse.Namespace) -> list[str]:
 def config_from_args(args: argparse.Namespace) -> CelebaTrainConfig:
     """A :class:`CelebaTrainConfig` from parsed flags (``ValueError`` naming the flag on bad input)."""
     values = {name: getattr(args, name) for name in _FLAG_TO_FIELD.values() if getattr(args, name) is not None}
-    mode = values.get("mode", "dp")
-    if mode == "baseline" and args.max_grad_norm is not None:
+    if values.get("mode", "dp") == "baseline" and args.max_grad_norm is not None:
         raise ValueError("--max-grad-norm needs --mode dp (the baseline does not clip)")
+    if args.data is None:
+        raise ValueError("--data is required: a folder made by celeba_preprocess.py (or give --resume RUN_DIR)")
     return CelebaTrainConfig(**values)
 
 

@@ -52,7 +52,8 @@ from dpvision.training.engine import DPSettings, Engine, EpochResult, OptimizerS
 from dpvision.training.per_sample import BACKENDS
 
 # Per-sample gradient backend by device type, chosen from measurements (benchmarks/NOTES.md).
-DEFAULT_GRAD_SAMPLE_MODE = {"cpu": "hooks", "cuda": "vmap"}
+# First choice, then the fallback when the first does not support the model.
+DEFAULT_GRAD_SAMPLE_MODE = {"cpu": ("manual", "vmap"), "cuda": ("vmap", "manual")}
 # Largest physical chunk by device type (examples whose per-sample gradients coexist).
 DEFAULT_MAX_PHYSICAL = {"cpu": 512, "cuda": 4096}
 BLOCK_ELEMENTS = 1 << 25  # random numbers drawn per block of steps (masks or noise), ~128 MiB float32
@@ -102,15 +103,16 @@ class FastEngine(Engine):
         if physical_batch_size is not None and physical_batch_size < 1:
             raise ValueError(f"physical_batch_size must be >= 1, got {physical_batch_size}")
         self.max_physical = physical_batch_size or DEFAULT_MAX_PHYSICAL[kind]
-        self.grad_sample_mode = grad_sample_mode or DEFAULT_GRAD_SAMPLE_MODE[kind]
-        if self.grad_sample_mode not in BACKENDS:
-            raise ValueError(f"grad_sample_mode must be one of {tuple(BACKENDS)}, got {self.grad_sample_mode!r}")
-        self.use_graphs = (dev.type == "cuda" and (not dp or self.grad_sample_mode == "vmap")
+        modes = (grad_sample_mode,) if grad_sample_mode else DEFAULT_GRAD_SAMPLE_MODE[kind]
+        if any(m not in BACKENDS for m in modes):
+            raise ValueError(f"grad_sample_mode must be one of {tuple(BACKENDS)}, got {grad_sample_mode!r}")
+        self.grad_sample_mode = modes[0]
+        self.use_graphs = (dev.type == "cuda" and (not dp or "hooks" not in modes)
                            if cuda_graphs is None else bool(cuda_graphs) and dev.type == "cuda")
         # Static shapes (padded chunks) are what graphs need; eager runs skip the padding.
         self.static_shapes = self.use_graphs if static_shapes is None else bool(static_shapes) or self.use_graphs
-        if self.use_graphs and dp and self.grad_sample_mode != "vmap":
-            raise ValueError("cuda_graphs needs grad_sample_mode='vmap' under DP")
+        if self.use_graphs and dp and self.grad_sample_mode == "hooks":
+            raise ValueError("cuda_graphs do not work with grad_sample_mode='hooks' (Opacus's Python-side state)")
 
         self.model = model.to(dev)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -159,19 +161,24 @@ class FastEngine(Engine):
             if bool((canary.norm(dim=1) > dp.max_grad_norm * (1 + 1e-5)).any()):
                 raise ValueError(f"every canary gradient needs norm <= C = {dp.max_grad_norm}")
             self.canary_gradients = canary
-        try:
-            self.backend = BACKENDS[self.grad_sample_mode](self.model)
-            probe = torch.arange(min(2, self.num_examples), device=dev)
-            scratch = torch.zeros(self.num_params, device=dev)
-            self.backend.accumulate(self._normalize(self.images[probe]), self.labels[probe],
-                                    torch.ones(len(probe), device=dev), dp.max_grad_norm,
-                                    self._views(scratch), torch.zeros((), device=dev), torch.zeros((), device=dev))
-        except UnsupportedModelError:
-            raise
-        except Exception as err:  # noqa: BLE001 (any failure of the per-sample path means "not supported")
-            if self.backend is not None:
-                self.backend.close()
-            raise UnsupportedModelError(f"per-sample gradients ({self.grad_sample_mode}) failed: {err}") from err
+        failures = []
+        for mode in modes:
+            try:
+                self.backend = BACKENDS[mode](self.model)
+                probe = torch.arange(min(2, self.num_examples), device=dev)
+                scratch = torch.zeros(self.num_params, device=dev)
+                self.backend.accumulate(self._normalize(self.images[probe]), self.labels[probe],
+                                        torch.ones(len(probe), device=dev), dp.max_grad_norm,
+                                        self._views(scratch), torch.zeros((), device=dev), torch.zeros((), device=dev))
+                self.grad_sample_mode = mode
+                break
+            except Exception as err:  # noqa: BLE001 (any failure of the per-sample path means "not supported")
+                if self.backend is not None:
+                    self.backend.close()
+                    self.backend = None
+                failures.append(f"{mode}: {err}")
+        if self.backend is None:
+            raise UnsupportedModelError("per-sample gradients failed (" + "; ".join(failures) + ")")
 
     # ----------------------------------------------------------------- helpers
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:

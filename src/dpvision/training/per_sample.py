@@ -18,6 +18,10 @@ synchronisation to report them.
 * ``HooksPerSample``: Opacus's ``GradSampleModule`` (forward/backward hooks,
   per-layer einsum formulas). Eager only.
 
+* ``ManualPerSample``: hooks of our own that keep layer inputs/outputs, one
+  batched backward to the outputs, and per-layer formulas (Linear, Conv2d,
+  GroupNorm); no wasted parameter gradients; graph-capturable.
+
 ``benchmarks/NOTES.md`` has the measurements behind the per-device default.
 """
 
@@ -99,4 +103,104 @@ class HooksPerSample:
         self.wrapped._close()
 
 
-BACKENDS = {"vmap": VmapPerSample, "hooks": HooksPerSample}
+class ManualPerSample:
+    """Per-sample gradients from one batched backward to the layer outputs (no parameter gradients).
+
+    Forward hooks keep each layer's input ``a`` and output ``z``; ``autograd.grad``
+    of the summed loss w.r.t. the outputs gives ``dz`` (autograd skips the weight
+    gradients nobody asked for). Then per layer: Linear, by ghost norms
+    ``||dz_i|| ||a_i||`` and one matrix product for the clipped sum (nothing
+    per-sample is materialised); Conv2d, ``dz_i @ unfold(a_i)^T`` as one batched
+    product; GroupNorm, ``sum(dz * a_hat)`` and ``sum(dz)``. Graph-capturable.
+    """
+
+    name = "manual"
+    SUPPORTED = (nn.Linear, nn.Conv2d, nn.GroupNorm)
+
+    def __init__(self, model: nn.Module) -> None:
+        from dpvision.training.fast import UnsupportedModelError
+
+        self.model = model
+        modules = dict(model.named_modules())
+        self.entries = []  # (module, "weight"|"bias") in model.parameters() order
+        for name, _ in model.named_parameters():
+            owner, _, attr = name.rpartition(".")
+            module = modules[owner]
+            if type(module) not in self.SUPPORTED or attr not in ("weight", "bias"):
+                raise UnsupportedModelError(f"manual per-sample gradients: unsupported layer {type(module).__name__}")
+            if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"
+                                                  or isinstance(module.padding, str)):
+                raise UnsupportedModelError("manual per-sample gradients: grouped/padded-mode Conv2d")
+            if isinstance(module, nn.GroupNorm) and not module.affine:
+                raise UnsupportedModelError("manual per-sample gradients: GroupNorm without affine")
+            self.entries.append((module, attr))
+        self.layers = list(dict.fromkeys(m for m, _ in self.entries))
+        self._store: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._active = False
+        self._handles = [m.register_forward_hook(self._hook) for m in self.layers]
+
+    def _hook(self, module, inputs, output):
+        if self._active:
+            self._store[module] = (inputs[0].detach(), output)
+
+    def _layer_grads(self, module, a: torch.Tensor, dz: torch.Tensor) -> dict:
+        """{"weight"/"bias": per-sample gradient [B, numel] or ("ghost", dz, a) for a 2-D Linear}."""
+        b = len(a)
+        if isinstance(module, nn.Linear):
+            if a.dim() == 2:
+                return {"weight": ("ghost", dz, a), "bias": dz}
+            a3, dz3 = a.reshape(b, -1, a.shape[-1]), dz.reshape(b, -1, dz.shape[-1])  # [B, T, in], [B, T, out]
+            return {"weight": torch.bmm(dz3.transpose(1, 2), a3).reshape(b, -1), "bias": dz3.sum(1)}
+        if isinstance(module, nn.Conv2d):
+            dz3 = dz.reshape(b, dz.shape[1], -1)  # [B, C_out, T]
+            if tuple(module.dilation) == (1, 1):
+                # Patches as a strided view (F.unfold on CUDA launches one im2col kernel per example).
+                (ph, pw), (sh, sw), (kh, kw) = module.padding, module.stride, module.kernel_size
+                patches = F.pad(a, (pw, pw, ph, ph)).unfold(2, kh, sh).unfold(3, kw, sw)  # [B, C, Ho, Wo, kh, kw]
+                weight = torch.einsum("bohw,bchwij->bocij", dz, patches)  # [B, C_out, C_in, kh, kw]
+                return {"weight": weight.reshape(b, -1), "bias": dz3.sum(2)}
+            cols = F.unfold(a, module.kernel_size, dilation=module.dilation, padding=module.padding,
+                            stride=module.stride)  # [B, C_in*k*k, T]
+            return {"weight": torch.bmm(dz3, cols.transpose(1, 2)).reshape(b, -1), "bias": dz3.sum(2)}
+        # GroupNorm: a_hat = normalised input, per-sample gamma/beta gradients summed over space.
+        a_hat = F.group_norm(a, module.num_groups, eps=module.eps)
+        spatial = tuple(range(2, a.dim()))
+        return {"weight": (dz * a_hat).sum(spatial), "bias": dz.sum(spatial)}
+
+    def accumulate(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, max_grad_norm: float,
+                   acc_views: list[torch.Tensor], loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
+        self._store.clear()
+        self._active = True
+        try:
+            with torch.enable_grad():
+                logits = self.model(x)  # [B, classes]
+        finally:
+            self._active = False
+        losses = F.cross_entropy(logits, y, reduction="none")  # [B]
+        outputs = [self._store[m][1] for m in self.layers]
+        dzs = torch.autograd.grad(losses.sum(), outputs)
+        with torch.no_grad():
+            grads = {}
+            for m, dz in zip(self.layers, dzs):
+                for attr, g in self._layer_grads(m, self._store[m][0], dz).items():
+                    grads[(m, attr)] = g
+            per_entry = [grads[e] for e in self.entries]
+            norms = [g[1].norm(2, dim=1) * g[2].norm(2, dim=1) if isinstance(g, tuple) else g.norm(2, dim=1)
+                     for g in per_entry]
+            factors = clip_factors(norms, max_grad_norm, w)
+            for view, g in zip(acc_views, per_entry):
+                if isinstance(g, tuple):  # ghost Linear weight: sum_i f_i dz_i a_i^T = (f*dz)^T a
+                    _, dz, a = g
+                    view.view(dz.shape[1], a.shape[1]).addmm_((dz * factors[:, None]).t(), a)
+                else:
+                    view.addmv_(g.t(), factors)
+            loss_sum.add_((losses.detach() * w).sum())
+            correct.add_(((logits.detach().argmax(1) == y).float() * w).sum())
+        self._store.clear()
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+BACKENDS = {"vmap": VmapPerSample, "hooks": HooksPerSample, "manual": ManualPerSample}

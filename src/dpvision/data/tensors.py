@@ -1,0 +1,67 @@
+"""Images kept as uint8 tensors and normalised when they are used.
+
+Keeping the raw bytes (a quarter of float32's memory) lets a whole dataset sit
+on the device; normalising on the fly costs one fused multiply-add.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset
+
+
+@dataclass(frozen=True)
+class ImageTensors:
+    """A labelled image set: ``images`` uint8 [N, C, H, W], ``labels`` int64 [N].
+
+    ``mean`` and ``std`` are per-channel statistics on the 0..1 scale, used to
+    normalise: ``(images / 255 - mean) / std``.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise ValueError(f"images must be uint8 [N, C, H, W], got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError(f"labels must be [N] = [{self.images.shape[0]}], got {tuple(self.labels.shape)}")
+        channels = self.images.shape[1]
+        if len(self.mean) != channels or len(self.std) != channels:
+            raise ValueError(f"mean and std need {channels} values, got {self.mean} and {self.std}")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def subset(self, indices: torch.Tensor) -> "ImageTensors":
+        return ImageTensors(self.images[indices], self.labels[indices], self.mean, self.std)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, C, H, W] on any device -> float32 normalised [B, C, H, W]."""
+        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
+        return (images.float().div_(255.0) - mean) / std
+
+
+class NormalizedTensorDataset(Dataset):
+    """A map-style dataset over ``ImageTensors`` yielding ``(float image [C, H, W], label)``.
+
+    Each item is normalised exactly as torchvision's ``ToTensor()`` followed by
+    ``Normalize(mean, std)`` would do it.
+    """
+
+    def __init__(self, data: ImageTensors) -> None:
+        self.data = data
+        self._mean = torch.tensor(data.mean).view(-1, 1, 1)
+        self._std = torch.tensor(data.std).view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.data.images[index].float().div_(255.0)
+        return (image - self._mean) / self._std, int(self.data.labels[index])
