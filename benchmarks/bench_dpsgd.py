@@ -11,7 +11,9 @@ hook-based per-sample gradients), one optimizer step a batch. Non-private: the
 same loader shuffled, plain SGD.
 
 Each configuration: one warm-up run of a few steps (not timed; graph capture and
-cuDNN autotuning happen there), then ``--epochs`` timed runs. With ``--max-steps``
+cuDNN autotuning happen there), then ``--epochs`` timed runs; on the CPU (or with
+``--interleave``) the timed runs go round-robin over all configurations of a
+workload, so that a shared machine's changing load hits all of them alike. With ``--max-steps``
 a timed run stops after that many steps and the time is extrapolated to a full
 epoch (seconds / steps x steps per epoch); the table says so. Reported: median
 seconds per epoch, peak memory (CUDA max_memory_allocated on GPU; peak RSS of
@@ -153,8 +155,37 @@ def time_recipe(make, args, device: torch.device) -> dict:
             extrapolated |= steps < recipe.steps_per_epoch
             times.append(elapsed / max(steps, 1) * recipe.steps_per_epoch)
     del recipe
-    return {"seconds_per_epoch": statistics.median(times), "all_seconds": times,
+    return {"seconds_per_epoch": statistics.median(times), "min_seconds_per_epoch": min(times), "all_seconds": times,
             "peak_memory_mb": mem.mb, "extrapolated": extrapolated}
+
+
+def time_interleaved(makers, args, device: torch.device) -> list[dict]:
+    """Round-robin: every configuration built and warmed up, then timed once per round, ``--epochs`` rounds.
+
+    On a shared machine whose load changes by the minute, this exposes every
+    configuration to the same conditions. Peak memory is then the process's peak
+    RSS during that configuration's timed runs (other live configurations included).
+    """
+    recipes, rows = [], []
+    for *_, make, run_args in makers:
+        torch.manual_seed(0)
+        recipe = make()
+        recipe.run(min(args.warmup_steps, recipe.steps_per_epoch))
+        recipes.append((recipe, run_args))
+        rows.append({"all_seconds": [], "extrapolated": False, "peak_memory_mb": 0.0})
+    for _ in range(args.epochs):
+        for (recipe, run_args), row in zip(recipes, rows):
+            with PeakMemory(device) as mem:
+                start = time.perf_counter()
+                steps = recipe.run(run_args.max_steps)
+                elapsed = time.perf_counter() - start
+            row["extrapolated"] |= steps < recipe.steps_per_epoch
+            row["all_seconds"].append(elapsed / max(steps, 1) * recipe.steps_per_epoch)
+            row["peak_memory_mb"] = max(row["peak_memory_mb"], mem.mb)
+    for row in rows:
+        row["seconds_per_epoch"] = statistics.median(row["all_seconds"])
+        row["min_seconds_per_epoch"] = min(row["all_seconds"])
+    return rows
 
 
 # ----------------------------------------------------------------------------- workloads
@@ -204,14 +235,23 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--large-batch", type=int, default=4096, help="fast engine only; 0 to skip")
     p.add_argument("--celeba-size", type=int, default=20000)
-    p.add_argument("--grad-sample-mode", default=None, choices=["vmap", "hooks", "manual"], help="fast engine; default by device")
+    p.add_argument("--grad-sample-mode", default=None, choices=["vmap", "hooks", "manual"],
+                   help="fast engine's per-sample gradient backend (default by device)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="fast engine: run every step eagerly")
     p.add_argument("--stock-workers", type=int, default=None, help="DataLoader workers (default 1 on cuda, 0 on cpu)")
+    p.add_argument("--interleave", default=None, action=argparse.BooleanOptionalAction,
+                   help="time configurations round-robin, one timed run each per round (default: on for cpu)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads for every engine (on a CPU shared with other jobs, 1 avoids "
+                        "OpenMP oversubscription stalls)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    interleave = args.interleave if args.interleave is not None else device.type == "cpu"
     workers = args.stock_workers if args.stock_workers is not None else (1 if device.type == "cuda" else 0)
     warnings.filterwarnings("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     results = []
@@ -223,8 +263,8 @@ def main(argv=None) -> int:
             for batch in batches:
                 for dp in (True, False):
                     configs.append((engine, batch, dp))
+        makers = []
         for engine, batch, dp in configs:
-            torch.manual_seed(0)
             if engine == "opacus":
                 def make(batch=batch, dp=dp):
                     return StockRecipe(model_cls(), stock_dataset, batch, dp, device, workers)
@@ -234,8 +274,11 @@ def main(argv=None) -> int:
                     return FastRecipe(model_cls(), data, batch, dp, device, args.grad_sample_mode,
                                       False if args.no_cuda_graphs else None)
                 run_args = args
-            row = {"workload": workload, "engine": engine, "dp": dp, "batch_size": batch,
-                   **time_recipe(make, run_args, device)}
+            makers.append((engine, batch, dp, make, run_args))
+        timed = time_interleaved(makers, args, device) if interleave else [
+            time_recipe(make, run_args, device) for *_, make, run_args in makers]
+        for (engine, batch, dp, _, _), timing in zip(makers, timed):
+            row = {"workload": workload, "engine": engine, "dp": dp, "batch_size": batch, **timing}
             row["steps_per_epoch"] = (steps_per_epoch(poisson_sample_rate(len(data), batch)) if dp
                                       else math.ceil(len(data) / batch))
             results.append(row)
@@ -243,7 +286,9 @@ def main(argv=None) -> int:
                   f"{' (extrapolated)' if row['extrapolated'] else ''}, peak {row['peak_memory_mb']:.0f} MB",
                   flush=True)
 
-    print_table(results, device)
+    print_table(results, device, "seconds_per_epoch", "median")
+    if args.epochs > 1:
+        print_table(results, device, "min_seconds_per_epoch", "fastest run")
     if args.json:
         out = {"device": args.device, "date": datetime.date.today().isoformat(), "versions": versions(device),
                "settings": {k: v for k, v in vars(args).items() if k != "json"}, "results": results}
@@ -252,12 +297,12 @@ def main(argv=None) -> int:
     return 0
 
 
-def print_table(results: list[dict], device: torch.device) -> None:
+def print_table(results: list[dict], device: torch.device, key: str, label: str) -> None:
     def find(w, e, dp, b):
         return next((r for r in results if (r["workload"], r["engine"], r["dp"], r["batch_size"]) == (w, e, dp, b)),
                     None)
 
-    print(f"\nDP-SGD seconds per epoch on {device.type}"
+    print(f"\nDP-SGD seconds per epoch ({label} of the timed runs) on {device.type}"
           f" ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.machine()},"
           f" {torch.get_num_threads()} threads); * = extrapolated from partial epochs")
     print(f"{'workload':9s} {'engine':7s} {'B':>6s} {'DP s/ep':>10s} {'nonDP s/ep':>11s} {'DP/nonDP':>9s}"
@@ -270,13 +315,13 @@ def print_table(results: list[dict], device: torch.device) -> None:
         stock_dp, stock_nd = find(w, "opacus", True, 256), find(w, "opacus", False, 256)
 
         def fmt(x):
-            return f"{x['seconds_per_epoch']:.3f}{'*' if x['extrapolated'] else ''}" if x else "-"
-        ratio_dp = (f"{stock_dp['seconds_per_epoch'] / r['seconds_per_epoch']:.1f}x"
+            return f"{x[key]:.3f}{'*' if x['extrapolated'] else ''}" if x else "-"
+        ratio_dp = (f"{stock_dp[key] / r[key]:.1f}x"
                     if e == "fast" and stock_dp else "")
-        ratio_nd = (f"{stock_nd['seconds_per_epoch'] / nd['seconds_per_epoch']:.1f}x"
+        ratio_nd = (f"{stock_nd[key] / nd[key]:.1f}x"
                     if e == "fast" and stock_nd and nd else "")
         print(f"{w:9s} {e:7s} {b:6d} {fmt(r):>10s} {fmt(nd):>11s}"
-              f" {(r['seconds_per_epoch'] / nd['seconds_per_epoch']) if nd else float('nan'):8.2f}x"
+              f" {(r[key] / nd[key]) if nd else float('nan'):8.2f}x"
               f" {r['peak_memory_mb']:8.0f} {nd['peak_memory_mb'] if nd else float('nan'):9.0f}"
               f" {ratio_dp:>14s} {ratio_nd:>17s}")
     sys.stdout.flush()

@@ -143,6 +143,14 @@ def test_best_on_validation_model_is_saved_and_scored(runs, pre_dir, mode):
     assert evaluate(model, val_data, batch_size=512)[1] == pytest.approx(max(val))
 
 
+def test_model_is_accepted_by_opacus_module_validator():
+    from opacus.validators import ModuleValidator
+
+    assert ModuleValidator.validate(CelebaCNN(num_classes=2, width=16), strict=False) == []
+    bad = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
+    assert ModuleValidator.validate(bad, strict=False) != []  # the check can fail
+
+
 def test_group_accuracy():
     accs, counts = group_accuracy(torch.tensor([0, 1, 1, 0]), torch.tensor([0, 1, 0, 1]), ["x", "x", "y", "y"])
     assert accs == {"x": 1.0, "y": 0.0} and counts == {"x": 2, "y": 2}
@@ -174,6 +182,13 @@ def test_max_epsilon_stops_before_the_budget(pre_dir, tmp_path):
 def test_delta_auto_is_one_over_ten_n(pre_dir):
     n = len(load_split(pre_dir, "train")[0])
     assert CelebaTrainConfig(data=str(pre_dir), batch_size=32).delta == 1 / (10 * n)
+    assert CelebaTrainConfig(data=str(pre_dir), batch_size=32, delta=2e-5).delta == 2e-5
+
+
+def test_default_learning_rate_depends_on_mode(pre_dir):
+    assert CelebaTrainConfig(data=str(pre_dir), batch_size=32, mode="baseline").lr == 0.05
+    assert CelebaTrainConfig(data=str(pre_dir), batch_size=32, mode="dp").lr == 0.1
+    assert CelebaTrainConfig(data=str(pre_dir), batch_size=32, mode="baseline", lr=0.3).lr == 0.3
 
 
 def test_resume_continues_to_the_same_result(runs, pre_dir, tmp_path):

@@ -19,6 +19,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # before pyplot: never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _floats(rows: Sequence[Mapping[str, Any]], key: str) -> list[float]:
@@ -57,6 +58,8 @@ def curves_figure(rows: Sequence[Mapping[str, Any]], *, title: str = ""):
     eps_ax.set_ylabel("ε (spent so far)")
     eps_ax.grid(alpha=0.3)
     eps_ax.set_title("privacy spent")
+    for ax in (acc_ax, eps_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -53,7 +53,7 @@ from dpvision.training.per_sample import BACKENDS
 
 # Per-sample gradient backend by device type, chosen from measurements (benchmarks/NOTES.md).
 # First choice, then the fallback when the first does not support the model.
-DEFAULT_GRAD_SAMPLE_MODE = {"cpu": ("manual", "vmap"), "cuda": ("vmap", "manual")}
+DEFAULT_GRAD_SAMPLE_MODE = {"cpu": ("manual", "vmap"), "cuda": ("manual", "vmap")}
 # Largest physical chunk by device type (examples whose per-sample gradients coexist).
 DEFAULT_MAX_PHYSICAL = {"cpu": 512, "cuda": 4096}
 BLOCK_ELEMENTS = 1 << 25  # random numbers drawn per block of steps (masks or noise), ~128 MiB float32

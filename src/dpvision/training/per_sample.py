@@ -141,6 +141,10 @@ class ManualPerSample:
 
     def _hook(self, module, inputs, output):
         if self._active:
+            if module in self._store:  # weight sharing: the per-layer formulas would miss a use
+                from dpvision.training.fast import UnsupportedModelError
+
+                raise UnsupportedModelError(f"manual per-sample gradients: {type(module).__name__} used twice")
             self._store[module] = (inputs[0].detach(), output)
 
     def _layer_grads(self, module, a: torch.Tensor, dz: torch.Tensor) -> dict:
