@@ -49,6 +49,7 @@ from dpvision.training.engine import DPSettings, OptimizerSpec
 from dpvision.training.fast import FastEngine
 
 DP = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0)
+BASELINE_OPTIONS = {"precision": "fp32", "channels_last": False, "pad_sigmas": 3.0}
 LR = 0.1
 
 
@@ -130,11 +131,11 @@ class StockRecipe:
 
 class FastRecipe:
     def __init__(self, model, data: ImageTensors, batch_size: int, dp: bool, device: torch.device,
-                 mode: str | None, graphs: bool | None) -> None:
+                 mode: str | None, graphs: bool | None, options: dict | None = None) -> None:
         self.device = device
         self.engine = FastEngine(model=model, train_data=data, batch_size=batch_size,
                                  optimizer=OptimizerSpec(lr=LR), dp=DP if dp else None, seed=0, device=device,
-                                 grad_sample_mode=mode, cuda_graphs=graphs)
+                                 grad_sample_mode=mode, cuda_graphs=graphs, **(options or {}))
         self.steps_per_epoch = self.engine.steps_per_epoch
 
     def run(self, max_steps: int | None) -> int:
@@ -231,13 +232,19 @@ def main(argv=None) -> int:
     p.add_argument("--stock-max-steps", type=int, default=None, help="as --max-steps, for the stock recipe only")
     p.add_argument("--warmup-steps", type=int, default=5)
     p.add_argument("--workloads", default="mnist,celeba64")
-    p.add_argument("--engines", default="opacus,fast")
+    p.add_argument("--engines", default="opacus,fast",
+                   help="opacus,fast[,fast-fp32] (fast-fp32: the fast engine before the speed options)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--large-batch", type=int, default=4096, help="fast engine only; 0 to skip")
     p.add_argument("--celeba-size", type=int, default=20000)
     p.add_argument("--grad-sample-mode", default=None, choices=["vmap", "hooks", "manual"],
                    help="fast engine's per-sample gradient backend (default by device)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="fast engine: run every step eagerly")
+    p.add_argument("--precision", default=None, choices=["fp32", "tf32", "bf16"],
+                   help="fast engine on CUDA (default: the engine's DEFAULT_PRECISION)")
+    p.add_argument("--channels-last", default=None, action=argparse.BooleanOptionalAction,
+                   help="fast engine on CUDA (default: the engine's DEFAULT_CHANNELS_LAST)")
+    p.add_argument("--pad-sigmas", type=float, default=None, help="fast engine: chunk capacity E[B] + k sd")
     p.add_argument("--stock-workers", type=int, default=None, help="DataLoader workers (default 1 on cuda, 0 on cpu)")
     p.add_argument("--interleave", default=None, action=argparse.BooleanOptionalAction,
                    help="time configurations round-robin, one timed run each per round (default: on for cpu)")
@@ -270,9 +277,15 @@ def main(argv=None) -> int:
                     return StockRecipe(model_cls(), stock_dataset, batch, dp, device, workers)
                 run_args = argparse.Namespace(**{**vars(args), "max_steps": args.stock_max_steps or args.max_steps})
             else:
-                def make(batch=batch, dp=dp):
+                # "fast": the engine's defaults (or the flags); "fast-fp32": the engine before the
+                # speed options (fp32 matmuls, NCHW, 3-sd padding), for a before/after in one run.
+                options = (BASELINE_OPTIONS if engine == "fast-fp32" else
+                           {k: v for k, v in (("precision", args.precision), ("channels_last", args.channels_last),
+                                              ("pad_sigmas", args.pad_sigmas)) if v is not None})
+
+                def make(batch=batch, dp=dp, options=options):
                     return FastRecipe(model_cls(), data, batch, dp, device, args.grad_sample_mode,
-                                      False if args.no_cuda_graphs else None)
+                                      False if args.no_cuda_graphs else None, options)
                 run_args = args
             makers.append((engine, batch, dp, make, run_args))
         timed = time_interleaved(makers, args, device) if interleave else [
@@ -305,7 +318,7 @@ def print_table(results: list[dict], device: torch.device, key: str, label: str)
     print(f"\nDP-SGD seconds per epoch ({label} of the timed runs) on {device.type}"
           f" ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.machine()},"
           f" {torch.get_num_threads()} threads); * = extrapolated from partial epochs")
-    print(f"{'workload':9s} {'engine':7s} {'B':>6s} {'DP s/ep':>10s} {'nonDP s/ep':>11s} {'DP/nonDP':>9s}"
+    print(f"{'workload':9s} {'engine':9s} {'B':>6s} {'DP s/ep':>10s} {'nonDP s/ep':>11s} {'DP/nonDP':>9s}"
           f" {'DP MB':>8s} {'nonDP MB':>9s} {'stock/fast DP':>14s} {'stock/fast nonDP':>17s}")
     for r in results:
         if not r["dp"]:
@@ -317,10 +330,10 @@ def print_table(results: list[dict], device: torch.device, key: str, label: str)
         def fmt(x):
             return f"{x[key]:.3f}{'*' if x['extrapolated'] else ''}" if x else "-"
         ratio_dp = (f"{stock_dp[key] / r[key]:.1f}x"
-                    if e == "fast" and stock_dp else "")
+                    if e != "opacus" and stock_dp else "")
         ratio_nd = (f"{stock_nd[key] / nd[key]:.1f}x"
-                    if e == "fast" and stock_nd and nd else "")
-        print(f"{w:9s} {e:7s} {b:6d} {fmt(r):>10s} {fmt(nd):>11s}"
+                    if e != "opacus" and stock_nd and nd else "")
+        print(f"{w:9s} {e:9s} {b:6d} {fmt(r):>10s} {fmt(nd):>11s}"
               f" {(r[key] / nd[key]) if nd else float('nan'):8.2f}x"
               f" {r['peak_memory_mb']:8.0f} {nd['peak_memory_mb'] if nd else float('nan'):9.0f}"
               f" {ratio_dp:>14s} {ratio_nd:>17s}")

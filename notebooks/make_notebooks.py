@@ -70,10 +70,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-# (import from the modules: `dpvision.celeba.preprocess` is both a module and a function name)
 from dpvision.celeba.archive import read_archive
 from dpvision.celeba.demo import make_demo_archive
-from dpvision.celeba.preprocess import load_split, preprocess
+from dpvision.celeba.preprocessing import load_split, preprocess
 from dpvision.celeba.subset import build_subset
 '''),
         md("""
@@ -260,7 +259,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from dpvision.celeba.demo import make_demo_archive
-from dpvision.celeba.preprocess import load_split, preprocess
+from dpvision.celeba.preprocessing import load_split, preprocess
 from dpvision.celeba.subset import build_subset
 from dpvision.celeba.train import CelebaTrainConfig, run
 from dpvision.celeba.plots import curves_figure, plot_group_accuracy

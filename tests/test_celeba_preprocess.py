@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from dpvision.celeba.archive import CelebaDataError
-from dpvision.celeba.preprocess import channel_stats, crop_and_resize, load_split, preprocess
+from dpvision.celeba.preprocessing import channel_stats, crop_and_resize, load_split, preprocess
 from dpvision.celeba.subset import build_subset
 from dpvision.data.tensors import ImageTensors
 from tests.celeba_fixtures import demo_archive, run_script  # noqa: F401

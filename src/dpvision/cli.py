@@ -77,7 +77,8 @@ def add_mnist_arguments(parser: argparse.ArgumentParser) -> None:
     add("--k", type=int, default=30_000, help="number of training samples, a seeded random subset (default: 30000)")
     add("--disable-dp", action="store_true", help="disable DP and run standard SGD")
     add("--device", default="auto", help="training device: cpu, cuda or auto (default: auto, cuda when available)")
-    add("--engine", default="opacus", choices=ENGINES, help="training engine (default: opacus)")
+    add("--engine", default="fast", choices=ENGINES,
+        help="fast (dpvision engine; falls back to opacus with a notice where unsupported) or opacus (the stock recipe) (default: fast)")
     add("--data-root", default="data", help="folder holding MNIST/raw/ (default: data)")
     add("--out-dir", default="mnist", help="folder for the per-epoch CSV (default: mnist)")
     add("--runs-dir", default="runs", help="folder for run folders runs/mnist/<run-name>/ (default: runs)")

@@ -70,7 +70,7 @@ class MnistConfig:
     k: int = 30_000
     disable_dp: bool = False
     device: str = "auto"
-    engine: str = "opacus"
+    engine: str = "fast"  # falls back to "opacus" (with a notice) for models it does not support
     data_root: str = "data"
     out_dir: str = "mnist"
     runs_dir: str = "runs"

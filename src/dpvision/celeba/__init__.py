@@ -25,8 +25,8 @@ _LAZY = {
     "make_demo_archive": "dpvision.celeba.demo",
     "build_subset": "dpvision.celeba.subset",
     "caps_from_total": "dpvision.celeba.subset",
-    "preprocess": "dpvision.celeba.preprocess",
-    "load_split": "dpvision.celeba.preprocess",
+    "preprocess": "dpvision.celeba.preprocessing",
+    "load_split": "dpvision.celeba.preprocessing",
     "add_subcommands": "dpvision.celeba.cli",
 }
 

@@ -113,7 +113,7 @@ def run_build_subset(args: argparse.Namespace) -> int:
 
 @_guard
 def run_preprocess(args: argparse.Namespace) -> int:
-    from dpvision.celeba.preprocess import preprocess
+    from dpvision.celeba.preprocessing import preprocess
 
     start = time.perf_counter()
     stats = preprocess(args.subset_dir, args.output_dir, size=args.size, crop=args.crop, overwrite=args.overwrite,
@@ -146,7 +146,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> argparse.Argument
         >>> args.n, args.func.__name__
         (2000, 'run_make_demo_archive')
     """
-    celeba = subparsers.add_parser("celeba", help="CelebA data: demo archive, balanced subset, preprocessing")
+    celeba = subparsers.add_parser("celeba", help="CelebA Eyeglasses: demo archive, balanced subset, preprocessing, training")
     sub = celeba.add_subparsers(dest="celeba_command", required=True)
     add_demo_args(sub.add_parser("make-demo-archive", help="write a synthetic CelebA archive")).set_defaults(
         func=run_make_demo_archive)
@@ -154,6 +154,9 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> argparse.Argument
         func=run_build_subset)
     add_preprocess_args(sub.add_parser("preprocess", help="crop, resize and save tensors + stats")).set_defaults(
         func=run_preprocess)
+    from dpvision.celeba.train import add_train_subcommand
+
+    add_train_subcommand(sub)  # dpvision celeba train: baseline or DP-SGD
     return celeba
 
 

@@ -353,7 +353,7 @@ def run(config: CelebaTrainConfig, *, resume: str | os.PathLike | None = None,
     from opacus.validators import ModuleValidator
 
     from dpvision.celeba.plots import plot_curves
-    from dpvision.celeba.preprocess import load_split
+    from dpvision.celeba.preprocessing import load_split
     from dpvision.models import CelebaCNN
     from dpvision.privacy.accounting import ACCOUNTANTS, PrivacyLedger
     from dpvision.runs import RunDir, atomic_torch_save, atomic_write_text, csv_text, library_versions

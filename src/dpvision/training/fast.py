@@ -57,7 +57,18 @@ DEFAULT_GRAD_SAMPLE_MODE = {"cpu": ("manual", "vmap"), "cuda": ("manual", "vmap"
 # Largest physical chunk by device type (examples whose per-sample gradients coexist).
 DEFAULT_MAX_PHYSICAL = {"cpu": 512, "cuda": 4096}
 BLOCK_ELEMENTS = 1 << 25  # random numbers drawn per block of steps (masks or noise), ~128 MiB float32
-PAD_SIGMAS = 3.0  # chunk capacity = expected batch + 3 standard deviations (overflow -> extra chunk)
+# Chunk capacity = expected batch + PAD_SIGMAS standard deviations; a step that overflows runs an extra
+# chunk (nothing dropped). 2 sd: ~288 slots for E[B] ~ 256 (3 sd: 304), overflow on ~2% of steps.
+PAD_SIGMAS = 2.0
+# Numerics of the per-chunk work by device type (benchmarks/NOTES.md, docs/performance.md):
+# "fp32" (matmuls/einsums in full fp32), "tf32" (TF32 tensor cores for matmuls/einsums, scoped
+# to the engine's chunks), "bf16" (autocast of forward/backward and the per-sample weight-gradient
+# einsums to bfloat16; clipping norms, noise and accumulation stay fp32). The CPU is always exact fp32.
+PRECISIONS = ("fp32", "tf32", "bf16")
+# CUDA: TF32 (-5% CelebA-64 epoch, update within 5e-3 of fp32, same accuracy); bf16 and channels-last
+# were slower on the H100 (GroupNorm/max-pool are NCHW fp32 kernels: extra casts/copies), so both are opt-in.
+DEFAULT_PRECISION = {"cpu": "fp32", "cuda": "tf32"}
+DEFAULT_CHANNELS_LAST = {"cpu": False, "cuda": False}
 
 
 class UnsupportedModelError(ValueError):
@@ -68,10 +79,11 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def chunk_capacity(expected: int, sample_rate: float, num_examples: int, max_physical: int) -> int:
-    """Padded chunk size for a Poisson batch of mean ``expected``: mean + 3 sd, split to fit ``max_physical``."""
+def chunk_capacity(expected: int, sample_rate: float, num_examples: int, max_physical: int,
+                   pad_sigmas: float = PAD_SIGMAS) -> int:
+    """Padded chunk size for a Poisson batch of mean ``expected``: mean + k sd, split to fit ``max_physical``."""
     sd = math.sqrt(max(expected * (1 - sample_rate), 0.0))
-    cap = min(expected + math.ceil(PAD_SIGMAS * sd) + 1, num_examples)
+    cap = min(expected + math.ceil(pad_sigmas * sd) + 1, num_examples)
     chunks = math.ceil(cap / max_physical)
     size = math.ceil(cap / chunks)
     return _round_up(size, 8) if size >= 64 else size
@@ -85,6 +97,10 @@ class FastEngine(Engine):
         grad_sample_mode: ``"vmap"`` or ``"hooks"`` (default by device, see ``DEFAULT_GRAD_SAMPLE_MODE``).
         cuda_graphs: capture each chunk as a CUDA graph (default: on CUDA with ``vmap``).
         static_shapes: pad every chunk to the fixed capacity (default: when graphs are on).
+        precision: ``"fp32"``, ``"tf32"`` or ``"bf16"`` (CUDA only; default ``DEFAULT_PRECISION``; the CPU
+            always runs fp32). ``"bf16"`` needs the manual backend (else it runs as ``"tf32"``).
+        channels_last: model and inputs in channels-last memory format (CUDA only; default by device).
+        pad_sigmas: chunk capacity = E[B] + pad_sigmas sd (default ``PAD_SIGMAS``); overflow -> extra chunk.
         canary_gradients, noise_scale_for_testing: test/audit hooks (module docstring).
     """
 
@@ -95,7 +111,9 @@ class FastEngine(Engine):
                  device: torch.device | str = "cpu", num_workers: int = 0,
                  physical_batch_size: int | None = None, grad_sample_mode: str | None = None,
                  cuda_graphs: bool | None = None, canary_gradients: torch.Tensor | None = None,
-                 noise_scale_for_testing: float = 1.0, static_shapes: bool | None = None) -> None:
+                 noise_scale_for_testing: float = 1.0, static_shapes: bool | None = None,
+                 precision: str | None = None, channels_last: bool | None = None,
+                 pad_sigmas: float | None = None) -> None:
         super().__init__(train_data=train_data, batch_size=batch_size, dp=dp, seed=seed, device=device)
         del num_workers  # no loader: the data is on the device
         dev = self.device
@@ -114,7 +132,17 @@ class FastEngine(Engine):
         if self.use_graphs and dp and self.grad_sample_mode == "hooks":
             raise ValueError("cuda_graphs do not work with grad_sample_mode='hooks' (Opacus's Python-side state)")
 
+        if precision is not None and precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        # Speed options that change numerics are CUDA-only: CPU runs stay exact (and bit-reproducible).
+        self.precision = (precision or DEFAULT_PRECISION[kind]) if dev.type == "cuda" else "fp32"
+        self.channels_last = (DEFAULT_CHANNELS_LAST[kind] if channels_last is None else bool(channels_last)) \
+            and dev.type == "cuda"
+        self.pad_sigmas = PAD_SIGMAS if pad_sigmas is None else float(pad_sigmas)
+
         self.model = model.to(dev)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if len(self.params) != len(list(self.model.parameters())):
             raise UnsupportedModelError("the fast engine trains every parameter (found frozen ones)")
@@ -148,7 +176,8 @@ class FastEngine(Engine):
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 raise UnsupportedModelError(f"{type(module).__name__} mixes examples; DP needs per-example layers")
         self.expected_batch = expected_batch_size(self.num_examples, self.sample_rate)
-        self.chunk = chunk_capacity(self.expected_batch, self.sample_rate, self.num_examples, self.max_physical)
+        self.chunk = chunk_capacity(self.expected_batch, self.sample_rate, self.num_examples, self.max_physical,
+                                    self.pad_sigmas)
         # One flat gradient: the optimizer reads views of it, the clipped sum is accumulated into _acc.
         self._acc = torch.zeros(self.num_params, device=dev)
         self._flat_grad = torch.zeros(self.num_params, device=dev)
@@ -165,6 +194,8 @@ class FastEngine(Engine):
         for mode in modes:
             try:
                 self.backend = BACKENDS[mode](self.model)
+                if self.precision == "bf16" and hasattr(self.backend, "amp_dtype"):
+                    self.backend.amp_dtype = torch.bfloat16
                 probe = torch.arange(min(2, self.num_examples), device=dev)
                 scratch = torch.zeros(self.num_params, device=dev)
                 self.backend.accumulate(self._normalize(self.images[probe]), self.labels[probe],
@@ -190,7 +221,12 @@ class FastEngine(Engine):
 
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [B, C, H, W] -> float, exactly as ``ImageTensors.normalize``."""
-        return (images.float().div_(255.0) - self._mean) / self._std
+        x = (images.float().div_(255.0) - self._mean) / self._std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
+    def _numerics(self):
+        """Context of one chunk's work: TF32 matmuls for "tf32"/"bf16" (restored afterwards, not global)."""
+        return _MatmulTF32(self.precision in ("tf32", "bf16"))
 
     def _run(self, key: str, fn, idx: torch.Tensor) -> None:
         """``fn(static_idx)``, replayed from a CUDA graph captured on first use when graphs are on."""
@@ -255,8 +291,9 @@ class FastEngine(Engine):
         """Accumulate the clipped per-sample gradients of chunk ``idx`` [P] (-1 = padding) into ``_acc``."""
         weights = (idx >= 0).float()  # [P]
         safe = idx.clamp(min=0)
-        self.backend.accumulate(self._normalize(self.images[safe]), self.labels[safe], weights,
-                                self.dp.max_grad_norm, self._acc_views, self._loss_sum, self._correct)
+        with self._numerics():
+            self.backend.accumulate(self._normalize(self.images[safe]), self.labels[safe], weights,
+                                    self.dp.max_grad_norm, self._acc_views, self._loss_sum, self._correct)
 
     def _dp_epoch(self, steps: int, progress: ProgressFn | None) -> int:
         n, dev, q = self.num_examples, self.device, self.sample_rate
@@ -325,7 +362,9 @@ class FastEngine(Engine):
         return seen
 
     def _plain_chunk(self, idx: torch.Tensor, scale: float) -> None:
-        logits = self.model(self._normalize(self.images[idx]))  # [b, classes]
+        with self._numerics(), torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                              enabled=self.precision == "bf16"):
+            logits = self.model(self._normalize(self.images[idx])).float()  # [b, classes]
         labels = self.labels[idx]
         loss = F.cross_entropy(logits, labels, reduction="sum")
         (loss * scale).backward()
@@ -372,6 +411,22 @@ class FastEngine(Engine):
         self.sampling_generator.set_state(state["sampling_generator"])
         self.data_order_generator.set_state(state["data_order_generator"])
         self.noise_generator.set_state(state["noise_generator"])
+
+
+class _MatmulTF32:
+    """Sets ``torch.backends.cuda.matmul.allow_tf32`` for a block and restores it (no global change)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def __enter__(self):
+        self.saved = torch.backends.cuda.matmul.allow_tf32
+        if self.enabled:
+            torch.backends.cuda.matmul.allow_tf32 = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        torch.backends.cuda.matmul.allow_tf32 = self.saved
 
 
 def fallback_notice(err: Exception) -> None:

@@ -137,6 +137,9 @@ class ManualPerSample:
         self.layers = list(dict.fromkeys(m for m, _ in self.entries))
         self._store: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
         self._active = False
+        # None: fp32. torch.bfloat16: autocast forward/backward and bf16 per-sample conv einsums
+        # (fp32 accumulation inside the matmul); norms, clipping and the clipped sum stay fp32.
+        self.amp_dtype: torch.dtype | None = None
         self._handles = [m.register_forward_hook(self._hook) for m in self.layers]
 
     def _hook(self, module, inputs, output):
@@ -150,6 +153,10 @@ class ManualPerSample:
     def _layer_grads(self, module, a: torch.Tensor, dz: torch.Tensor) -> dict:
         """{"weight"/"bias": per-sample gradient [B, numel] or ("ghost", dz, a) for a 2-D Linear}."""
         b = len(a)
+        if isinstance(module, nn.Conv2d) and self.amp_dtype is not None:
+            a, dz = a.to(self.amp_dtype), dz.to(self.amp_dtype)
+        else:  # small layers: fp32 formulas
+            a, dz = a.float(), dz.float()
         if isinstance(module, nn.Linear):
             if a.dim() == 2:
                 return {"weight": ("ghost", dz, a), "bias": dz}
@@ -162,10 +169,11 @@ class ManualPerSample:
                 (ph, pw), (sh, sw), (kh, kw) = module.padding, module.stride, module.kernel_size
                 patches = F.pad(a, (pw, pw, ph, ph)).unfold(2, kh, sh).unfold(3, kw, sw)  # [B, C, Ho, Wo, kh, kw]
                 weight = torch.einsum("bohw,bchwij->bocij", dz, patches)  # [B, C_out, C_in, kh, kw]
-                return {"weight": weight.reshape(b, -1), "bias": dz3.sum(2)}
+                return {"weight": weight.reshape(b, -1).float(), "bias": dz3.float().sum(2)}
             cols = F.unfold(a, module.kernel_size, dilation=module.dilation, padding=module.padding,
                             stride=module.stride)  # [B, C_in*k*k, T]
-            return {"weight": torch.bmm(dz3, cols.transpose(1, 2)).reshape(b, -1), "bias": dz3.sum(2)}
+            return {"weight": torch.bmm(dz3, cols.transpose(1, 2)).reshape(b, -1).float(),
+                    "bias": dz3.float().sum(2)}
         # GroupNorm: a_hat = normalised input, per-sample gamma/beta gradients summed over space.
         a_hat = F.group_norm(a, module.num_groups, eps=module.eps)
         spatial = tuple(range(2, a.dim()))
@@ -176,8 +184,9 @@ class ManualPerSample:
         self._store.clear()
         self._active = True
         try:
-            with torch.enable_grad():
-                logits = self.model(x)  # [B, classes]
+            with torch.enable_grad(), torch.autocast(x.device.type, dtype=self.amp_dtype or torch.bfloat16,
+                                                     enabled=self.amp_dtype is not None):
+                logits = self.model(x).float()  # [B, classes]
         finally:
             self._active = False
         losses = F.cross_entropy(logits, y, reduction="none")  # [B]
