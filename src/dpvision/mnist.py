@@ -211,14 +211,6 @@ def load_resume_config(run_path: str | os.PathLike, **overrides) -> tuple[MnistC
     return MnistConfig(**values), saved
 
 
-def _rewrite_outputs(csv_path: Path, run_dir: RunDir, rows: list[dict], metric_rows: list[dict]) -> None:
-    """On resume: the seed CSV and metrics.csv hold exactly the finished (checkpointed) epochs."""
-    if rows:
-        atomic_write_text(csv_path, csv_text(SEED_CSV_COLUMNS, rows))
-    atomic_write_text(run_dir.path / RunDir.METRICS, csv_text(METRIC_COLUMNS, [
-        {k: repr(v) if isinstance(v, float) else v for k, v in row.items()} for row in metric_rows]))
-
-
 def run(config: MnistConfig, *, resume: str | os.PathLike | None = None,
         hook: Callable[[str, int], None] | None = None) -> dict:
     """Train, write the seed CSV and the run folder after every epoch, return the summary.
@@ -261,7 +253,9 @@ def run(config: MnistConfig, *, resume: str | os.PathLike | None = None,
     stop_reason: str | None = extra.get("stop_reason")
     start_epoch = state["epoch"] + 1 if state else 1
     if resume is not None:
-        _rewrite_outputs(csv_path, run_dir, rows, metric_rows)
+        if rows:  # the seed CSV and metrics.csv hold exactly the checkpointed epochs
+            atomic_write_text(csv_path, csv_text(SEED_CSV_COLUMNS, rows))
+        run_dir.rewrite_metrics(metric_rows)
     if not config.quiet:
         mode = "standard SGD (no DP)" if dp is None else (
             f"DP-SGD: sigma={noise_multiplier:.6g}, C={config.max_per_sample_grad_norm}, "

@@ -191,6 +191,14 @@ class RunDir:
         line = csv_text(fields, [{k: _fmt(row.get(k, "")) for k in fields}]).split("\n", 1)[1]
         atomic_write_text(path, previous + line)
 
+    def rewrite_metrics(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Replace metrics.csv with exactly ``rows`` (a resumed run drops epochs it will replay)."""
+        fields = self.metric_fields or []
+        rows = list(rows)
+        if not fields and rows:
+            fields = self.metric_fields = list(rows[0])
+        atomic_write_text(self.path / self.METRICS, csv_text(fields, [{k: _fmt(r.get(k, "")) for k in fields} for r in rows]))
+
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         atomic_write_json(self.path / self.SUMMARY, dict(summary))
 

@@ -349,14 +349,13 @@ def run(config: CelebaTrainConfig, *, resume: str | os.PathLike | None = None,
     (``"step"``) and after every epoch's files are written (``"epoch"``): tests
     raise from it to simulate an interruption.
     """
-    import torch
     from opacus.validators import ModuleValidator
 
     from dpvision.celeba.plots import plot_curves
     from dpvision.celeba.preprocessing import load_split
     from dpvision.models import CelebaCNN
     from dpvision.privacy.accounting import ACCOUNTANTS, PrivacyLedger
-    from dpvision.runs import RunDir, atomic_torch_save, atomic_write_text, csv_text, library_versions
+    from dpvision.runs import RunDir, atomic_torch_save, library_versions
     from dpvision.seeding import seed_everything
     from dpvision.training.engine import DPSettings, OptimizerSpec, build_engine
     from dpvision.training.loop import Checkpointer, epsilon_columns
@@ -405,8 +404,7 @@ def run(config: CelebaTrainConfig, *, resume: str | os.PathLike | None = None,
     best_state: dict | None = extra.get("best_state")
     start_epoch = state["epoch"] + 1 if state else 1
     if resume is not None:  # the folder holds exactly the checkpointed epochs
-        atomic_write_text(run_dir.path / RunDir.METRICS, csv_text(metric_columns, [
-            {k: repr(v) if isinstance(v, float) else v for k, v in row.items()} for row in metric_rows]))
+        run_dir.rewrite_metrics(metric_rows)
         if best_state is not None:
             atomic_torch_save(best_state, run_dir.path / BEST_MODEL)
 
