@@ -11,7 +11,7 @@ See ``python scripts/celeba_train.py --help`` and :mod:`dpvision.celeba.train`.
 
 import sys
 
-from dpvision.celeba.train import train_main
+from dpvision.celeba.train_cli import train_main
 
 if __name__ == "__main__":
     sys.exit(train_main())

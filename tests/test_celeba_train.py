@@ -18,11 +18,10 @@ import torch
 import yaml
 from opacus.accountants import RDPAccountant
 
-from dpvision.celeba.preprocess import load_split, preprocess
+from dpvision.celeba.preprocessing import load_split, preprocess
 from dpvision.celeba.subset import build_subset
-from dpvision.celeba.train import (
-    BEST_MODEL, SUMMARY_KEYS, CelebaTrainConfig, add_train_subcommand, group_accuracy, train_main,
-)  # fmt: skip
+from dpvision.celeba.train import BEST_MODEL, SUMMARY_KEYS, CelebaTrainConfig, group_accuracy
+from dpvision.celeba.train_cli import add_train_subcommand, train_main
 from dpvision.models import CelebaCNN
 from dpvision.privacy.accounting import calibrate_noise_multiplier, compute_epsilon
 from dpvision.training.engine import evaluate

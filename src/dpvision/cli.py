@@ -8,21 +8,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from typing import Sequence
 
+from dpvision.cli_support import OneLineParser, one_line_warnings
 from dpvision.training.engine import ENGINES
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are a single line on stderr and exit status 2."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _one_line_warnings() -> None:
-    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
 
 
 def _delta(text: str) -> float | str:
@@ -137,7 +126,7 @@ def run_mnist(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: S
 
 def mnist_main(argv: Sequence[str] | None = None, prog: str = "mnist.py") -> int:
     """``python mnist.py [flags]``."""
-    _one_line_warnings()
+    one_line_warnings()
     parser = OneLineParser(prog=prog, description="Train SampleConvNet on MNIST, with or without DP-SGD.")
     add_mnist_arguments(parser)
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -201,7 +190,7 @@ def run_audit(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``dpvision <subcommand> ...``."""
-    _one_line_warnings()
+    one_line_warnings()
     parser = OneLineParser(prog="dpvision", description="Differentially private image classifiers (DP-SGD).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     mnist = sub.add_parser("mnist", help="train SampleConvNet on MNIST (same flags as python mnist.py)")

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from dpvision.cli_support import check_can_create_dir, resolve_device
 from dpvision.data.mnist import MNIST_TRAIN_SIZE, load_mnist, random_subset
 from dpvision.data.tensors import ImageTensors
 from dpvision.models import SampleConvNet
@@ -118,12 +119,6 @@ class MnistConfig:
         return self.epochs * steps_per_epoch(self.sample_rate)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def resolve_noise_multiplier(config: MnistConfig) -> float:
     """σ actually used: ``--sigma``, or calibrated so the whole run ends at the ``--epsilon`` target."""
     if config.disable_dp or not config.epsilon_is_target:
@@ -142,16 +137,6 @@ def seed_csv_path(config: MnistConfig, noise_multiplier: float) -> Path:
     name = (f"mnist_{config.lr}_{sigma}_{config.max_per_sample_grad_norm}_{config.batch_size}"
             f"_{config.epochs}_{config.epsilon}_{config.k}.csv")
     return Path(config.out_dir) / name
-
-
-def check_can_create_dir(path: str | os.PathLike, flag: str) -> None:
-    """Raise ``ValueError`` naming ``flag`` if ``path`` could not be created or written; create nothing."""
-    path = Path(path).absolute()
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} must be a writable directory, got {str(path)!r} ({probe} is not writable)")
 
 
 def validate(config: MnistConfig) -> float:
