@@ -65,8 +65,6 @@ We will:
 import csv, json
 from collections import Counter
 
-import matplotlib
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -254,8 +252,6 @@ Both go through `dpvision.celeba.train.run`, exactly what `scripts/celeba_train.
         code('''
 import json, math
 
-import matplotlib
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from dpvision.celeba.demo import make_demo_archive
@@ -315,8 +311,7 @@ def metrics(path):
 
 runs_root = WORK / "runs"
 for mode, name in (("baseline", "baseline"), ("dp", "dp_eps8")):
-    fig = curves_figure(metrics(runs_root / f"celeba_{mode}" / name), title=f"{mode}")
-    plt.show()
+    display(curves_figure(metrics(runs_root / f"celeba_{mode}" / name), title=f"{mode}"))
 '''),
         md("""
 ## Accuracy per stratum

@@ -45,7 +45,6 @@ def test_notebook_is_stored_without_outputs(name):
 def test_notebook_runs_top_to_bottom_in_small_mode(name, tmp_path, monkeypatch):
     monkeypatch.setenv("DPVISION_NOTEBOOK_SMALL", "1")
     monkeypatch.setenv("DPVISION_NOTEBOOK_DIR", str(tmp_path / "work"))
-    monkeypatch.setenv("MPLBACKEND", "Agg")
     before = repo_files()
     nb = nbformat.read(REPO / "notebooks" / name, as_version=4)
     started = time.perf_counter()
@@ -57,6 +56,8 @@ def test_notebook_runs_top_to_bottom_in_small_mode(name, tmp_path, monkeypatch):
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert str(tmp_path / "work") in text  # it used the folder it was given
     assert repo_files() == before, "the notebook wrote into the repository"
+    figures = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(figures) >= 2, "the notebook's plots were not displayed"
     if name.startswith("02"):
         runs = tmp_path / "work" / "nb02" / "runs"
         for mode, run_name in (("baseline", "baseline"), ("dp", "dp_eps8")):

@@ -1,4 +1,8 @@
-"""Figures of a CelebA training run (matplotlib's Agg backend: no display needed).
+"""Figures of a CelebA training run.
+
+The run's ``curves.png`` is drawn on a bare ``matplotlib.figure.Figure`` (no pyplot,
+no global backend change), so it works on machines without a display and leaves a
+notebook's inline backend alone.
 
 * :func:`plot_curves` — train/validation accuracy and ε per epoch (the run's ``curves.png``).
 * :func:`plot_group_accuracy` — test accuracy per class or per stratum for several runs side by side.
@@ -15,11 +19,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")  # before pyplot: never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 
 def _floats(rows: Sequence[Mapping[str, Any]], key: str) -> list[float]:
@@ -35,7 +36,8 @@ def _floats(rows: Sequence[Mapping[str, Any]], key: str) -> list[float]:
 def curves_figure(rows: Sequence[Mapping[str, Any]], *, title: str = ""):
     """A figure with accuracy (train, validation) on the left and ε on the right, per epoch."""
     epochs = [int(float(row["epoch"])) for row in rows]
-    fig, (acc_ax, eps_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = Figure(figsize=(10, 3.8))
+    acc_ax, eps_ax = fig.subplots(1, 2)
     acc_ax.plot(epochs, _floats(rows, "train_accuracy"), "o-", label="train (under DP: noisy, clipped steps)")
     acc_ax.plot(epochs, _floats(rows, "val_accuracy"), "s-", label="validation")
     acc_ax.set_xlabel("epoch")
@@ -71,7 +73,6 @@ def plot_curves(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *, t
     fig = curves_figure(rows, title=title)
     path = Path(path)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -79,7 +80,7 @@ def plot_group_accuracy(results: Mapping[str, Mapping[str, float]], *, ax=None, 
                         counts: Mapping[str, int] | None = None):
     """Grouped bars: one group per class/stratum, one bar per run (``{run: {group: accuracy}}``)."""
     if ax is None:
-        _, ax = plt.subplots(figsize=(7, 3.5))
+        ax = Figure(figsize=(7, 3.5)).subplots()
     groups = sorted({g for accs in results.values() for g in accs})
     width = 0.8 / max(len(results), 1)
     for i, (name, accs) in enumerate(results.items()):
