@@ -92,11 +92,6 @@ def csv_text(fieldnames: list[str], rows: Iterable[Mapping[str, Any]]) -> str:
     return out.getvalue()
 
 
-def read_csv_rows(path: str | os.PathLike) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
 def check_writable_dir(path: str | os.PathLike, *, flag: str) -> Path:
     """Create ``path`` if needed and prove it is writable, or raise ``ValueError`` naming ``flag``."""
     path = Path(path)
@@ -174,10 +169,6 @@ class RunDir:
     def read_config(self) -> dict[str, Any]:
         with open(self.path / self.CONFIG) as handle:
             return yaml.safe_load(handle)
-
-    def read_metrics(self) -> list[dict[str, str]]:
-        path = self.path / self.METRICS
-        return read_csv_rows(path) if path.exists() else []
 
     def append_metrics(self, row: Mapping[str, Any]) -> None:
         """Add one row; earlier rows are never rewritten, the file is replaced atomically."""

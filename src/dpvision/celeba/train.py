@@ -45,7 +45,7 @@ import warnings
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 from dpvision.cli_support import check_can_create_dir, resolve_device
 
@@ -492,8 +492,3 @@ def run(config: CelebaTrainConfig, *, resume: str | os.PathLike | None = None,
 
 
 # ----------------------------------------------------------------------------- command line
-
-
-def read_summary(run_path: str | os.PathLike) -> Mapping[str, Any]:
-    """``summary.json`` of a run folder as a dict (notebook helper)."""
-    return json.loads((Path(run_path) / "summary.json").read_text())
