@@ -21,7 +21,7 @@ from dpvision.data.mnist import load_mnist, random_subset
 from dpvision.models import SampleConvNet
 from dpvision.privacy.accounting import PrivacyLedger
 from dpvision.seeding import make_generator, seed_everything
-from dpvision.training.engine import DPSettings, OptimizerSpec, build_engine, evaluate
+from dpvision.engines import DPSettings, OptimizerSpec, build_engine, evaluate
 
 
 def one_run(engine_name: str, seed: int, args, train_all, test_data, device) -> dict:

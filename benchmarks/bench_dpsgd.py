@@ -45,8 +45,8 @@ from dpvision.data.mnist import load_mnist
 from dpvision.data.tensors import ImageTensors, NormalizedTensorDataset
 from dpvision.models import CelebaCNN, SampleConvNet
 from dpvision.privacy.accounting import poisson_sample_rate, steps_per_epoch
-from dpvision.training.engine import DPSettings, OptimizerSpec
-from dpvision.training.fast import FastEngine
+from dpvision.engines import DPSettings, OptimizerSpec
+from dpvision.engines.fast import FastEngine
 
 DP = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0)
 BASELINE_OPTIONS = {"precision": "fp32", "channels_last": False, "pad_sigmas": 3.0}

@@ -19,7 +19,7 @@ import torch
 from dpvision.data.mnist import load_mnist
 from dpvision.data.tensors import ImageTensors
 from dpvision.models import CelebaCNN, SampleConvNet
-from dpvision.training.engine import DPSettings, OptimizerSpec, build_engine
+from dpvision.engines import DPSettings, OptimizerSpec, build_engine
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -18,7 +18,7 @@ from dpvision.privacy.accounting import (
     compute_epsilons,
     resolve_delta,
 )
-from dpvision.training.loop import EPSILON_COLUMNS, epsilon_columns
+from dpvision.jobs.loop import EPSILON_COLUMNS, epsilon_columns
 
 REFERENCE = [(1.5, 0.04, 2250)]  # σ, q, steps of Opacus's accountant tests (δ = 1e-5)
 

@@ -13,8 +13,8 @@ from dpvision.data.tensors import ImageTensors
 from dpvision.mnist import MnistConfig, run
 from dpvision.privacy.accounting import PrivacyLedger, compute_epsilon
 from dpvision.privacy.budget import PrivacyBudget, steps_within_budget
-from dpvision.training.engine import DPSettings, Engine, EpochResult
-from dpvision.training.loop import train_private_epoch
+from dpvision.engines import DPSettings, Engine, EpochResult
+from dpvision.jobs.loop import train_private_epoch
 
 
 def opacus_rdp(sigma: float, q: float, steps: int, delta: float = 1e-5) -> float:

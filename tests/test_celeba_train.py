@@ -24,7 +24,7 @@ from dpvision.celeba.train import BEST_MODEL, SUMMARY_KEYS, CelebaTrainConfig, g
 from dpvision.celeba.train_cli import add_train_subcommand, train_main
 from dpvision.models import CelebaCNN
 from dpvision.privacy.accounting import calibrate_noise_multiplier, compute_epsilon
-from dpvision.training.engine import evaluate
+from dpvision.engines import evaluate
 from tests.celeba_fixtures import SCRIPTS, demo_archive  # noqa: F401 (fixture)
 
 RUN_FILES = ("config.yaml", "metrics.csv", "summary.json", BEST_MODEL, "model.pt", "curves.png", "checkpoint.pt")
@@ -214,7 +214,7 @@ def test_resume_continues_to_the_same_result(runs, pre_dir, tmp_path):
         assert resumed[key] == reference[key], key
     assert [r["val_loss"] for r in metrics_of(path)] == [r["val_loss"] for r in metrics_of(runs["dp"])]
     with pytest.raises(ValueError, match="--lr"):
-        from dpvision.training.loop import check_resume_flags
+        from dpvision.jobs.loop import check_resume_flags
         check_resume_flags(["--resume", "--lr"], ["--resume", "--data", "--device", "--quiet"])
     assert load_resume_config(path)[0].sigma == 1.1
 

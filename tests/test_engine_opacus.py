@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from dpvision.data.tensors import ImageTensors
 from dpvision.models import SampleConvNet
-from dpvision.training.engine import DPSettings, OpacusEngine, OptimizerSpec, build_engine
+from dpvision.engines import DPSettings, OpacusEngine, OptimizerSpec, build_engine
 
 
 def random_mnist_like(n: int, seed: int = 0) -> ImageTensors:

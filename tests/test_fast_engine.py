@@ -18,8 +18,8 @@ from dpvision.data.tensors import ImageTensors
 from dpvision.models import CelebaCNN, SampleConvNet
 from dpvision.privacy.accounting import expected_batch_size
 from dpvision.seeding import make_generator
-from dpvision.training.engine import DPSettings, OpacusEngine, OptimizerSpec, build_engine
-from dpvision.training.fast import FastEngine
+from dpvision.engines import DPSettings, OpacusEngine, OptimizerSpec, build_engine
+from dpvision.engines.fast import FastEngine
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")])]

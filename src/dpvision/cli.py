@@ -11,7 +11,7 @@ import sys
 from typing import Sequence
 
 from dpvision.cli_support import OneLineParser, one_line_warnings
-from dpvision.training.engine import ENGINES
+from dpvision.engines import ENGINES
 
 
 def _delta(text: str) -> float | str:
@@ -102,7 +102,7 @@ def run_mnist(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: S
     from dpvision.checkpoint import CheckpointError
     from dpvision.data.mnist import DataNotFoundError
     from dpvision.mnist import RESUME_FLAGS, load_resume_config, run, validate
-    from dpvision.training.loop import check_resume_flags
+    from dpvision.jobs.loop import check_resume_flags
 
     try:
         if args.resume is not None:

@@ -40,8 +40,8 @@ from dpvision.privacy.accounting import (
 from dpvision.privacy.budget import PrivacyBudget
 from dpvision.runs import RunDir, atomic_write_text, csv_text, library_versions
 from dpvision.seeding import make_generator, seed_everything
-from dpvision.training.engine import ENGINES, DPSettings, Engine, OptimizerSpec, build_engine, evaluate
-from dpvision.training.loop import EPSILON_COLUMNS, Checkpointer, EpochOutcome, epsilon_columns, train_private_epoch
+from dpvision.engines import ENGINES, DPSettings, Engine, OptimizerSpec, build_engine, evaluate
+from dpvision.jobs.loop import EPSILON_COLUMNS, Checkpointer, EpochOutcome, epsilon_columns, train_private_epoch
 
 SEED_CSV_COLUMNS = ["Epoch", "Train Accuracy", "Test Accuracy", "Epsilon", "Delta"]
 METRIC_COLUMNS = [

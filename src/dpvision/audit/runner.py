@@ -51,7 +51,7 @@ from dpvision.privacy.accounting import (
     steps_per_epoch,
 )
 from dpvision.seeding import make_generator, seed_everything
-from dpvision.training.engine import DPSettings, OptimizerSpec, build_engine
+from dpvision.engines import DPSettings, OptimizerSpec, build_engine
 
 MODES = ("white", "black")
 SCORES = ("steps", "final")

@@ -71,7 +71,7 @@ SUMMARY_KEYS = (  # the fields the issue asks for; summary.json has more
 
 
 def _metric_columns() -> list[str]:
-    from dpvision.training.loop import EPSILON_COLUMNS
+    from dpvision.jobs.loop import EPSILON_COLUMNS
 
     return ["epoch", "steps", "sample_rate", "noise_multiplier", "max_grad_norm", "train_loss", "train_accuracy",
             "val_loss", "val_accuracy", "epsilon", "delta", "seconds", "accountant", *EPSILON_COLUMNS]
@@ -277,7 +277,7 @@ def train(engine, ledger, epoch: int, config: CelebaTrainConfig, noise_multiplie
     from tqdm import tqdm
 
     from dpvision.privacy.budget import PrivacyBudget
-    from dpvision.training.loop import train_private_epoch
+    from dpvision.jobs.loop import train_private_epoch
 
     budget = None
     if config.dp and config.max_epsilon is not None:
@@ -295,7 +295,7 @@ def train(engine, ledger, epoch: int, config: CelebaTrainConfig, noise_multiplie
 
 def evaluate_split(model, data, config: CelebaTrainConfig, device) -> tuple[float, float, Any]:
     """Mean loss, accuracy and predictions of ``model`` on one split."""
-    from dpvision.training.engine import evaluate
+    from dpvision.engines import evaluate
 
     return evaluate(model, data, batch_size=config.eval_batch_size, device=device)
 
@@ -340,8 +340,8 @@ def run(config: CelebaTrainConfig, *, resume: str | os.PathLike | None = None,
     from dpvision.privacy.accounting import ACCOUNTANTS, PrivacyLedger
     from dpvision.runs import RunDir, atomic_torch_save, library_versions
     from dpvision.seeding import seed_everything
-    from dpvision.training.engine import DPSettings, OptimizerSpec, build_engine
-    from dpvision.training.loop import Checkpointer, epsilon_columns
+    from dpvision.engines import DPSettings, OptimizerSpec, build_engine
+    from dpvision.jobs.loop import Checkpointer, epsilon_columns
 
     metric_columns = _metric_columns()
     if resume is None:

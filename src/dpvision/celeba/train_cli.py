@@ -86,7 +86,7 @@ def run_from_args(args: argparse.Namespace) -> tuple[int, str | None]:
 
     try:
         if args.resume is not None:
-            from dpvision.training.loop import check_resume_flags
+            from dpvision.jobs.loop import check_resume_flags
 
             given = given_flags(args)
             check_resume_flags(given, RESUME_FLAGS)

@@ -1,6 +1,6 @@
 """The fast engine: DP-SGD with the data on the device and no host round trips.
 
-Same mathematics as :class:`~dpvision.training.engine.OpacusEngine` (Poisson
+Same mathematics as :class:`~dpvision.engines.OpacusEngine` (Poisson
 sampling at rate q every step, per-sample clipping to C with Opacus's flat
 factor min(1, C / (norm + 1e-6)), one Gaussian draw of std σC on the clipped
 sum, division by the expected batch size int(N q), then the torch optimizer),
@@ -15,7 +15,7 @@ organised for speed:
   runs as several chunks (nothing sampled is ever dropped), which also makes
   large logical batches fit in memory (gradients accumulate over chunks);
 * per-sample gradients come from ``torch.func.vmap(grad)`` (or Opacus's hooks,
-  see :mod:`dpvision.training.per_sample`), clipped and summed in one pass into
+  see :mod:`dpvision.engines.per_sample`), clipped and summed in one pass into
   one flat buffer; on CUDA the whole chunk (gather, forward, per-sample backward,
   clipping, accumulation, metrics) is one captured CUDA graph.
 
@@ -48,8 +48,8 @@ from torch import nn
 from dpvision.data.tensors import ImageTensors
 from dpvision.privacy.accounting import expected_batch_size
 from dpvision.seeding import make_generator
-from dpvision.training.engine import DPSettings, Engine, EpochResult, OptimizerSpec, ProgressFn
-from dpvision.training.per_sample import BACKENDS
+from dpvision.engines.base import DPSettings, Engine, EpochResult, OptimizerSpec, ProgressFn, UnsupportedModelError
+from dpvision.engines.per_sample import BACKENDS
 
 # Per-sample gradient backend by device type, chosen from measurements (benchmarks/NOTES.md).
 # First choice, then the fallback when the first does not support the model.
@@ -69,10 +69,6 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 # were slower on the H100 (GroupNorm/max-pool are NCHW fp32 kernels: extra casts/copies), so both are opt-in.
 DEFAULT_PRECISION = {"cpu": "fp32", "cuda": "tf32"}
 DEFAULT_CHANNELS_LAST = {"cpu": False, "cuda": False}
-
-
-class UnsupportedModelError(ValueError):
-    """The fast engine cannot train this model (``build_engine`` falls back to Opacus)."""
 
 
 def _round_up(x: int, m: int) -> int:

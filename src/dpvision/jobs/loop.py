@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Mapping
 from dpvision.checkpoint import CHECKPOINT_NAME, config_fingerprint, load_checkpoint, save_checkpoint
 from dpvision.privacy.accounting import ACCOUNTANTS, PrivacyLedger
 from dpvision.privacy.budget import PrivacyBudget
-from dpvision.training.engine import Engine, EpochResult
+from dpvision.engines import Engine, EpochResult
 
 EPSILON_COLUMNS = [f"epsilon_{name}" for name in ACCOUNTANTS]
 

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpvision.engines.base import UnsupportedModelError
+
 CLIP_EPS = 1e-6  # Opacus's DPOptimizer: factor = min(1, C / (norm + 1e-6))
 
 
@@ -118,8 +120,6 @@ class ManualPerSample:
     SUPPORTED = (nn.Linear, nn.Conv2d, nn.GroupNorm)
 
     def __init__(self, model: nn.Module) -> None:
-        from dpvision.training.fast import UnsupportedModelError
-
         self.model = model
         modules = dict(model.named_modules())
         self.entries = []  # (module, "weight"|"bias") in model.parameters() order
@@ -145,9 +145,7 @@ class ManualPerSample:
     def _hook(self, module, inputs, output):
         if self._active:
             if module in self._store:  # weight sharing: the per-layer formulas would miss a use
-                from dpvision.training.fast import UnsupportedModelError
-
-                raise UnsupportedModelError(f"manual per-sample gradients: {type(module).__name__} used twice")
+                        raise UnsupportedModelError(f"manual per-sample gradients: {type(module).__name__} used twice")
             self._store[module] = (inputs[0].detach(), output)
 
     def _layer_grads(self, module, a: torch.Tensor, dz: torch.Tensor) -> dict:

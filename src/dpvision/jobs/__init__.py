@@ -1,0 +1,1 @@
+"""Jobs: the one training loop and what runs through it."""
