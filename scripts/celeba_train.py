@@ -6,12 +6,12 @@ Example:
     python scripts/celeba_train.py --data data/celeba/preprocessed/eyeglasses_64 --mode dp --target-epsilon 8
 
 Bad input exits with status 2 and one line naming the flag, before anything is written.
-See ``python scripts/celeba_train.py --help`` and :mod:`dpvision.celeba.train`.
+See ``python scripts/celeba_train.py --help`` and :mod:`dpvision.jobs.celeba_seed`.
 """
 
 import sys
 
-from dpvision.celeba.train_cli import train_main
+from dpvision.jobs.celeba_seed import main as train_main
 
 if __name__ == "__main__":
     sys.exit(train_main())

@@ -1,7 +1,8 @@
-"""Command-line entry points: ``dpvision <subcommand>`` and the seed's ``python mnist.py``.
+"""Command-line entry points: ``dpvision <subcommand>`` (also ``python -m dpvision``) and ``python mnist.py``.
 
-Bad input exits with status 2 and one line that names the flag and what would
-be valid, before anything is written.
+Subcommands: ``train`` (the one training job), ``mnist`` (the MNIST seed's flags), ``audit``,
+``celeba`` (make-demo-archive, build-subset, preprocess, train). Bad input exits with status 2
+and one line that names the flag and what would be valid, before anything is written.
 """
 
 from __future__ import annotations
@@ -10,202 +11,146 @@ import argparse
 import sys
 from typing import Sequence
 
-from dpvision.cli_support import OneLineParser, one_line_warnings
-from dpvision.engines import ENGINES
+from dpvision.cli_support import OneLineParser, given_flags, one_line_warnings
+
+# dpvision train's named flags: flag -> config field (any other field: --set section.field=value).
+TRAIN_FLAGS = {
+    "--dataset": ("data.dataset", str, "dataset: mnist, fashion-mnist, cifar10, celeba or imagefolder"),
+    "--data-root": ("data.root", str, "dataset folder (torchvision root; celeba/imagefolder: the folder)"),
+    "--image-size": ("data.image_size", int, "imagefolder: resize images to PX x PX"),
+    "--k": ("data.k", int, "train on a seeded random subset of N training examples"),
+    "--val-size": ("data.val_size", int, "carve a seeded validation split of N examples from train"),
+    "--model": ("model.name", str, "model: sample_convnet, celeba_cnn, wrn16_4, scatternet_cnn, ..."),
+    "--activation": ("model.activation", str, "relu, tanh or tempered_sigmoid"),
+    "--width": ("model.width", int, "model width (model-specific meaning)"),
+    "--optimizer": ("optim.name", str, "sgd or adam"),
+    "--epochs": ("optim.epochs", int, "training epochs"),
+    "--batch-size": ("optim.batch_size", int, "batch size; under DP the expected (Poisson) batch size"),
+    "--lr": ("optim.lr", float, "learning rate"),
+    "--momentum": ("optim.momentum", float, "SGD momentum"),
+    "--sigma": ("dp.noise_multiplier", float, "noise multiplier σ (excludes --target-epsilon)"),
+    "--target-epsilon": ("dp.target_epsilon", float, "calibrate σ so the whole run ends at this ε"),
+    "--max-grad-norm": ("dp.max_grad_norm", float, "per-example clipping norm C"),
+    "--delta": ("dp.delta", str, "δ, a number or 'auto' for 1/(10 N)"),
+    "--accountant": ("dp.accountant", str, "rdp, prv or pld: the ε reported, calibrated to and budgeted"),
+    "--max-epsilon": ("dp.max_epsilon", float, "privacy budget: stop before the step that would exceed it"),
+    "--engine": ("run.engine", str, "fast or opacus"),
+    "--device": ("run.device", str, "cpu, cuda or auto"),
+    "--seed": ("run.seed", int, "seed of subset, initialisation, sampling and noise"),
+    "--runs-dir": ("run.runs_dir", str, "run folders go to RUNS_DIR/<dataset>/<run-name>/"),
+    "--run-name": ("run.run_name", str, "run folder name (default: from the settings; -2, -3... if taken)"),
+    "--select": ("run.select", str, "last or best_val: which weights the test set judges"),
+}
+RESUME_FREE_FLAGS = {"--data-root": "data.root", "--device": "run.device", "--quiet": "run.quiet",
+                     "--tensorboard": "run.tensorboard"}
 
 
-def _delta(text: str) -> float | str:
-    """``--delta``: a number, or ``auto`` for 1 / (10 N)."""
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1) or 'auto', got {text!r}") from None
-
-
-def given_flags(add_arguments, argv: Sequence[str]) -> list[str]:
-    """The flags actually present in ``argv`` (abbreviations resolved), for ``--resume``'s check.
-
-    Parses ``argv`` again with every default suppressed: what is left was typed.
-    """
-    probe = argparse.ArgumentParser(add_help=False)
-    add_arguments(probe)
-    flags = {}
-    for action in probe._actions:
-        action.default = argparse.SUPPRESS
-        if action.option_strings:
-            flags[action.dest] = max(action.option_strings, key=len)
-    namespace, _ = probe.parse_known_args(list(argv))
-    return [flags[dest] for dest in vars(namespace) if dest in flags]
-
-
-def add_mnist_arguments(parser: argparse.ArgumentParser) -> None:
-    """The seed's flag table (same names and defaults) plus dpvision's own flags."""
+def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add = parser.add_argument
-    add("--batch-size", type=int, default=256, help="batch size for training; under DP the expected batch size (default: 256)")
-    add("--test-batch-size", type=int, default=1024, help="batch size for testing (default: 1024)")
-    add("--epochs", type=int, default=30, help="number of training epochs (default: 30)")
-    add("--lr", type=float, default=0.15, help="learning rate (default: 0.15)")
-    add("--sigma", type=float, default=None, help="noise multiplier for DP (default: 1.3)")
-    add("--max-per-sample-grad-norm", type=float, default=1.0, help="per-sample gradient clipping norm C (default: 1.0)")
-    add("--delta", type=_delta, default=1e-5,
-        help="delta parameter for DP, or 'auto' for 1/(10 k) (default: 1e-5)")
-    add("--epsilon", type=float, default=None,
-        help="target epsilon: when given, sigma is calibrated so the whole run ends at this epsilon "
-             "(default: 0.3, then only a file-name label and --sigma rules)")
-    add("--target-epsilon", type=float, default=None, help="same as --epsilon (the target epsilon)")
-    add("--accountant", default="rdp", choices=("rdp", "prv", "pld"),
-        help="accountant of the reported, calibrated and budgeted epsilon; metrics.csv has all three "
-             "(default: rdp)")
-    add("--max-epsilon", type=float, default=None,
-        help="privacy budget: stop before the first step that would take epsilon above it (default: none)")
-    add("--resume", default=None, metavar="RUN_DIR",
-        help="continue the interrupted run in RUN_DIR with its saved settings (only --data-root, --device "
-             "and --quiet may be given again)")
-    add("--k", type=int, default=30_000, help="number of training samples, a seeded random subset (default: 30000)")
-    add("--disable-dp", action="store_true", help="disable DP and run standard SGD")
-    add("--device", default="auto", help="training device: cpu, cuda or auto (default: auto, cuda when available)")
-    add("--engine", default="fast", choices=ENGINES,
-        help="fast (dpvision engine; falls back to opacus with a notice where unsupported) or opacus (the stock recipe) (default: fast)")
-    add("--data-root", default="data", help="folder holding MNIST/raw/ (default: data)")
-    add("--out-dir", default="mnist", help="folder for the per-epoch CSV (default: mnist)")
-    add("--runs-dir", default="runs", help="folder for run folders runs/mnist/<run-name>/ (default: runs)")
-    add("--run-name", default=None, help="run folder name (default: the CSV's name; -2, -3... if taken)")
-    add("--seed", type=int, default=0, help="random seed for subset, initialisation, sampling and noise (default: 0)")
-    add("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    add("--config", default=None, metavar="FILE", help="YAML recipe (e.g. recipes/mnist_seed.yaml); flags override it")
+    for flag, (field, kind, text) in TRAIN_FLAGS.items():
+        add(flag, type=kind, default=None, help=f"{text} ({field})")
+    add("--disable-dp", action="store_true", default=None, help="the baseline: the same config without DP")
+    add("--quiet", action="store_true", default=None, help="no progress bars or per-epoch lines (run.quiet)")
+    add("--tensorboard", action="store_true", default=None,
+        help="also write TensorBoard events (needs pip install 'dpvision[tensorboard]')")
+    add("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+        help="override any config field, e.g. --set optim.momentum=0.9 (repeatable)")
+    add("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved config "
+        f"(only {', '.join(RESUME_FREE_FLAGS)} may be given again)")
+    return parser
 
 
-def mnist_config_from_args(args: argparse.Namespace):
-    from dpvision.mnist import MnistConfig
+def train_overrides(args: argparse.Namespace) -> dict:
+    """``{"section.field": value}`` from the named flags and ``--set`` (later wins)."""
+    from dpvision.jobs.config import parse_value
 
-    if args.target_epsilon is not None:
-        if args.epsilon is not None and args.epsilon != args.target_epsilon:
-            raise ValueError(f"--epsilon {args.epsilon} and --target-epsilon {args.target_epsilon} disagree: "
-                             "they are the same setting, give one of them")
-        args.epsilon = args.target_epsilon
-    if args.epsilon is not None and args.sigma is not None:
-        raise ValueError("--sigma and --epsilon exclude each other: --epsilon is a target and sigma is "
-                         "calibrated to reach it; give one of them")
-    return MnistConfig(
-        batch_size=args.batch_size, test_batch_size=args.test_batch_size, epochs=args.epochs, lr=args.lr,
-        sigma=1.3 if args.sigma is None else args.sigma, max_per_sample_grad_norm=args.max_per_sample_grad_norm,
-        delta=args.delta, epsilon=0.3 if args.epsilon is None else args.epsilon,
-        epsilon_is_target=args.epsilon is not None, k=args.k, disable_dp=args.disable_dp, device=args.device,
-        engine=args.engine, data_root=args.data_root, out_dir=args.out_dir, runs_dir=args.runs_dir,
-        run_name=args.run_name, seed=args.seed, quiet=args.quiet, accountant=args.accountant,
-        max_epsilon=args.max_epsilon,
-    )
+    overrides = {}
+    for flag, (field, _, _) in TRAIN_FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            overrides[field] = parse_value(value) if field == "dp.delta" else value
+    for flag in ("quiet", "tensorboard"):
+        if getattr(args, flag):
+            overrides[f"run.{flag}"] = True
+    for item in args.set:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set needs SECTION.FIELD=VALUE, got {item!r}")
+        overrides[key.strip()] = parse_value(text)
+    return overrides
 
 
-def run_mnist(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str] = ()) -> int:
-    from dpvision.checkpoint import CheckpointError
-    from dpvision.data.mnist import DataNotFoundError
-    from dpvision.mnist import RESUME_FLAGS, load_resume_config, run, validate
-    from dpvision.jobs.loop import check_resume_flags
+def train_config(args: argparse.Namespace, given: Sequence[str]):
+    """The recipe (if any), overridden by the flags; ``--disable-dp`` deactivates DP last."""
+    from dpvision.jobs.config import TrainConfig, load_recipe
 
+    base = TrainConfig.from_dict(load_recipe(args.config), source=args.config) if args.config else TrainConfig()
+    overrides = train_overrides(args)
+    if args.disable_dp:
+        refused = [f for f in ("--sigma", "--target-epsilon", "--max-epsilon") if f in given]
+        if refused:
+            raise ValueError(f"{refused[0]} needs DP: --disable-dp adds no noise and spends no privacy")
+        dp_keys = [k for k in overrides if k in ("dp.noise_multiplier", "dp.target_epsilon", "dp.max_epsilon")]
+        if dp_keys:
+            raise ValueError(f"--set {dp_keys[0]} needs DP: --disable-dp adds no noise and spends no privacy")
+        base = base.deactivated()
+    if "dp.target_epsilon" in overrides:  # a target given on the command line replaces the recipe's σ
+        overrides.setdefault("dp.noise_multiplier", None)
+    elif "dp.noise_multiplier" in overrides:
+        overrides.setdefault("dp.target_epsilon", None)
     try:
-        if args.resume is not None:
-            given = given_flags(add_mnist_arguments, argv)
-            check_resume_flags(given, RESUME_FLAGS)
-            overrides = {"data_root": args.data_root, "device": args.device, "quiet": args.quiet}
-            dests = {"--data-root": "data_root", "--device": "device", "--quiet": "quiet"}
-            config, _ = load_resume_config(args.resume, **{dests[f]: overrides[dests[f]] for f in given
-                                                          if f in dests})
-        else:
-            config = mnist_config_from_args(args)
-            validate(config)
-    except (ValueError, OSError) as err:
-        parser.error(str(err))
-    try:
-        run(config, resume=args.resume)
-    except (DataNotFoundError, CheckpointError) as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
-    return 0
-
-
-def mnist_main(argv: Sequence[str] | None = None, prog: str = "mnist.py") -> int:
-    """``python mnist.py [flags]``."""
-    one_line_warnings()
-    parser = OneLineParser(prog=prog, description="Train SampleConvNet on MNIST, with or without DP-SGD.")
-    add_mnist_arguments(parser)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    return run_mnist(parser.parse_args(argv), parser, argv)
-
-
-def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
-    """``dpvision audit``: one training run with canaries, an ε lower bound, a verdict."""
-    add = parser.add_argument
-    add("--mode", default="white", choices=("white", "black"),
-        help="white: gradient canaries, every iterate seen (tighter); black: mislabelled images, final model "
-             "(default: white)")
-    add("--canaries", type=int, default=1000, help="number of canaries m, each included with probability 1/2 (default: 1000)")
-    add("--k", type=int, default=10_000, help="real MNIST training examples (default: 10000)")
-    add("--batch-size", type=int, default=250, help="expected batch size (default: 250)")
-    add("--epochs", type=int, default=5, help="training epochs (default: 5)")
-    add("--lr", type=float, default=0.5, help="SGD learning rate (default: 0.5)")
-    add("--model", default="convnet", choices=("convnet", "linear"), help="model (default: convnet)")
-    add("--sigma", type=float, default=None, help="noise multiplier (give this or --epsilon)")
-    add("--epsilon", "--target-epsilon", dest="epsilon", type=float, default=None,
-        help="target epsilon: sigma is calibrated so the run ends at it")
-    add("--max-grad-norm", type=float, default=1.0, help="clipping norm C (default: 1.0)")
-    add("--delta", type=_delta, default=1e-5, help="delta, or 'auto' for 1/(10 k) (default: 1e-5)")
-    add("--accountant", default="rdp", choices=("rdp", "prv", "pld"), help="accountant of the claimed epsilon (default: rdp)")
-    add("--disable-dp", action="store_true", help="no noise (clipping kept): the non-private reference")
-    add("--score", default="steps", choices=("steps", "final"),
-        help="white-box score: likelihood ratio over all iterates, or <c, theta_0 - theta_T> (default: steps)")
-    add("--confidence", type=float, default=0.95, help="confidence of the lower bound (default: 0.95)")
-    add("--noise-scale-for-testing", type=float, default=1.0,
-        help="multiply the noise std (testing only: < 1 is a broken run the audit should catch)")
-    add("--seed", type=int, default=0, help="random seed (default: 0)")
-    add("--data-root", default="data", help="folder holding MNIST/raw/ (default: data)")
-    add("--device", default="cpu", help="device (default: cpu)")
-    add("--out", default="audit.json", help="where to write the audit JSON (default: audit.json)")
-
-
-def run_audit(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """Print the one-line verdict; exit 0 when consistent, 1 when the audit caught a violation."""
-    from dpvision.audit import AuditConfig
-    from dpvision.audit import run_audit as audit
-    from dpvision.data.mnist import DataNotFoundError, ensure_mnist
-    from dpvision.runs import atomic_write_json
-
-    try:
-        config = AuditConfig(
-            mode=args.mode, canaries=args.canaries, k=args.k, batch_size=args.batch_size, epochs=args.epochs,
-            lr=args.lr, model=args.model, sigma=args.sigma, epsilon=args.epsilon, max_grad_norm=args.max_grad_norm,
-            delta=args.delta, accountant=args.accountant, disable_dp=args.disable_dp, score=args.score,
-            confidence=args.confidence, noise_scale_for_testing=args.noise_scale_for_testing, seed=args.seed,
-            data_root=args.data_root, device=args.device)
-        ensure_mnist(args.data_root)
+        return base.with_overrides(overrides)
     except ValueError as err:
-        parser.error(str(err))
-    except DataNotFoundError as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
-    result = audit(config)
-    atomic_write_json(args.out, result)
-    print(result["verdict"], flush=True)
-    return 0 if result["consistent"] else 1
+        source = f"{args.config} with the flags" if args.config else "flags"
+        raise ValueError(f"{err} ({source})") from None
+
+
+def run_train(args: argparse.Namespace, given: Sequence[str]) -> dict:
+    from dpvision.jobs.loop import check_resume_flags
+    from dpvision.jobs.train import run
+
+    if args.resume is not None:
+        check_resume_flags(given, ["--resume", *RESUME_FREE_FLAGS])
+        overrides = {field: (True if flag in ("--quiet", "--tensorboard") else getattr(args, flag[2:].replace("-", "_")))
+                     for flag, field in RESUME_FREE_FLAGS.items() if flag in given}
+        return run(resume=args.resume, overrides=overrides)
+    return run(train_config(args, given))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``dpvision <subcommand> ...``."""
+    from dpvision.jobs.errors import run_guarded
+
     one_line_warnings()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["mnist"]:
+        from dpvision.jobs.mnist_seed import main as mnist_main
+
+        return mnist_main(argv[1:], prog="dpvision mnist")
+    if argv[:2] == ["celeba", "train"]:
+        from dpvision.jobs.celeba_seed import main as celeba_train_main
+
+        return celeba_train_main(argv[2:], prog="dpvision celeba train")
     parser = OneLineParser(prog="dpvision", description="Differentially private image classifiers (DP-SGD).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    mnist = sub.add_parser("mnist", help="train SampleConvNet on MNIST (same flags as python mnist.py)")
-    add_mnist_arguments(mnist)
-    mnist.set_defaults(handler=lambda args: run_mnist(args, mnist, argv[1:]))
+    train = add_train_arguments(sub.add_parser("train", help="train any dataset and model, baseline or DP-SGD"))
+    sub.add_parser("mnist", help="train SampleConvNet on MNIST (the same flags as python mnist.py)", add_help=False)
+    from dpvision.audit.cli import add_audit_arguments, run_audit
+
     audit = sub.add_parser("audit", help="one-run empirical privacy audit (Steinke, Nasr, Jagielski 2023)")
     add_audit_arguments(audit)
-    audit.set_defaults(handler=lambda args: run_audit(args, audit))
     from dpvision.celeba.cli import add_subcommands as add_celeba_subcommands
 
-    add_celeba_subcommands(sub)  # dpvision celeba make-demo-archive | build-subset | preprocess | train
-    argv = sys.argv[1:] if argv is None else list(argv)
+    celeba = add_celeba_subcommands(sub)  # dpvision celeba make-demo-archive | build-subset | preprocess
+    celeba.subcommands.add_parser("train", help="train the CelebA CNN: baseline or DP-SGD (see --help)",
+                                  add_help=False)
     args = parser.parse_args(argv)
-    handler = getattr(args, "handler", None) or args.func
-    return handler(args)
+    if args.command == "train":
+        return run_guarded(train, lambda: run_train(args, given_flags(train, argv[1:])))
+    if args.command == "audit":
+        return run_audit(args, audit)
+    return args.func(args)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,31 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def given_flags(parser: argparse.ArgumentParser, argv) -> list[str]:
+    """The options actually typed in ``argv`` (abbreviations resolved), by their longest name.
+
+    Parses ``argv`` again with every default suppressed: what is left was typed.
+
+    Example:
+        >>> p = argparse.ArgumentParser()
+        >>> _ = p.add_argument("--lr", type=float, default=0.1); _ = p.add_argument("--quiet", action="store_true")
+        >>> given_flags(p, ["--qui", "--lr", "0.2"])
+        ['--quiet', '--lr']
+    """
+    import copy
+
+    probe = copy.deepcopy(parser)
+    names = {}
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+        action.required = False
+        if action.option_strings:
+            names[action.dest] = max(action.option_strings, key=len)
+    probe.error = lambda message: None  # the real parser has already accepted argv
+    namespace, _ = probe.parse_known_args(list(argv))
+    return [names[dest] for dest in vars(namespace) if dest in names]  # set while parsing: argv order
+
+
 def one_line_warnings() -> None:
     """Print warnings as ``warning: <message>`` (no file name, line number or source line)."""
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
@@ -34,10 +59,33 @@ def resolve_device(name: str):
 
 
 def check_can_create_dir(path: str | os.PathLike, flag: str) -> None:
-    """Raise ``ValueError`` naming ``flag`` if ``path`` could not be created or written; create nothing."""
+    """Raise ``ValueError`` naming ``flag`` if ``path`` could not be created or written; leave nothing behind.
+
+    Tried for real (folders created, a probe file written, then all removed): permission bits
+    say nothing for root, and places like ``/proc`` refuse files whatever the bits say.
+    """
+    import tempfile
+
     path = Path(path).absolute()
+    missing = []
     probe = path
     while not probe.exists():
+        missing.append(probe)
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} must be a writable directory, got {str(path)!r} ({probe} is not writable)")
+    try:
+        if not probe.is_dir():
+            raise NotADirectoryError(f"{probe} is not a directory")
+        for folder in reversed(missing):
+            folder.mkdir()
+        fd, name = tempfile.mkstemp(prefix=".write-probe.", dir=path)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as err:
+        raise ValueError(f"{flag} must be a writable directory, got {str(path)!r} "
+                         f"({err.strerror or err})") from None
+    finally:
+        for folder in missing:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                pass

@@ -162,6 +162,36 @@ class RunDir:
         path.mkdir(parents=True)
         return cls(path, metric_fields)
 
+    LOCK = ".lock"
+
+    def lock(self) -> None:
+        """Hold an exclusive lock on this folder until the process ends (or :meth:`unlock`).
+
+        Two processes appending to one run (two ``--resume`` of the same folder) would
+        write every epoch twice; the second one is refused instead.
+        """
+        import fcntl
+
+        handle = open(self.path / self.LOCK, "a+")  # noqa: SIM115 (held open: the lock lives with it)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise ValueError(f"run folder {self.path} is in use by {holder}; wait for it to finish") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()}\n")
+        handle.flush()
+        self._lock_handle = handle
+
+    def unlock(self) -> None:
+        handle = getattr(self, "_lock_handle", None)
+        if handle is not None:
+            handle.close()  # closing the file releases the lock
+            self._lock_handle = None
+
     def write_config(self, config: Any) -> None:
         data = asdict(config) if is_dataclass(config) else dict(config)
         atomic_write_text(self.path / self.CONFIG, yaml.safe_dump(_plain(data), sort_keys=False))

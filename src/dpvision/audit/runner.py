@@ -52,6 +52,7 @@ from dpvision.privacy.accounting import (
 )
 from dpvision.seeding import make_generator, seed_everything
 from dpvision.engines import DPSettings, OptimizerSpec, build_engine
+from dpvision.jobs.loop import train_private_epoch
 
 MODES = ("white", "black")
 SCORES = ("steps", "final")
@@ -98,7 +99,11 @@ class AuditConfig:
         need(1 <= self.batch_size <= self.k, "--batch-size", f"between 1 and --k ({self.k})", self.batch_size)
         need(self.epochs >= 1, "--epochs", "a positive integer", self.epochs)
         need(math.isfinite(self.lr) and self.lr > 0, "--lr", "> 0", self.lr)
-        need(self.max_grad_norm > 0, "--max-grad-norm", "> 0", self.max_grad_norm)
+        need(math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0, "--max-grad-norm", "a finite number > 0",
+             self.max_grad_norm)
+        need(self.device in ("cpu", "cuda", "auto"), "--device", "one of cpu, cuda, auto", self.device)
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device must be cpu or auto on this machine (no CUDA device is available), got 'cuda'")
         need(0 < self.confidence < 1, "--confidence", "in (0, 1)", self.confidence)
         need(self.noise_scale_for_testing >= 0, "noise_scale_for_testing", ">= 0", self.noise_scale_for_testing)
         self.delta = resolve_delta(self.delta, self.k)
@@ -151,8 +156,7 @@ def _white_box(config: AuditConfig, data: ImageTensors, sigma: float, included: 
     unit = engine.expected_batch / (config.lr * config.max_grad_norm**2)
     projections, ledger, previous = [], PrivacyLedger(), theta0
     for _ in range(total):
-        done = engine.train_epoch(max_steps=1).steps
-        ledger.record(noise_multiplier=sigma, sample_rate=engine.sample_rate, steps=done)
+        train_private_epoch(engine, ledger, noise_multiplier=sigma, max_steps=1)
         current = _flat(params)
         projections.append((c_dev @ (previous - current)).cpu() * unit)  # [m]
         previous = current
@@ -189,7 +193,7 @@ def _black_box(config: AuditConfig, pool: ImageTensors, data: ImageTensors, incl
                           seed=config.seed, device=device, noise_scale_for_testing=config.noise_scale_for_testing)
     ledger = PrivacyLedger()
     for _ in range(config.epochs):
-        ledger.record(noise_multiplier=sigma, sample_rate=engine.sample_rate, steps=engine.train_epoch().steps)
+        train_private_epoch(engine, ledger, noise_multiplier=sigma)
     model = engine.model
     scores = (before - losses()).double()  # how much training lowered each canary's loss
     return scores.numpy(), ledger, {"sample_rate": engine.sample_rate, "training_examples": len(train)}
@@ -198,7 +202,8 @@ def _black_box(config: AuditConfig, pool: ImageTensors, data: ImageTensors, incl
 def run_audit(config: AuditConfig) -> dict:
     """Train once with canaries, score them and return the audit as a JSON-ready dict."""
     started = time.perf_counter()
-    device = torch.device(config.device)
+    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if config.device == "auto" else config.device)
     seed_everything(config.seed)
     full = load_mnist(config.data_root, train=True)
     order = torch.randperm(len(full), generator=make_generator(config.seed, "subset"))

@@ -18,7 +18,9 @@ Two layouts are accepted, so either download works:
   has neither.
 
 The archive is only ever read. Every problem raises :class:`CelebaDataError`
-with a one-line message naming the file (and line) at fault.
+with a one-line message naming the file (and line) at fault: a table that is
+not UTF-8, has no rows, lists an image twice or names an image by a path
+rather than a file name (:func:`~dpvision.celeba.safety.check_image_id`).
 
 Example:
     >>> archive = read_archive("data/celeba/archive", need_landmarks=True)  # doctest: +SKIP
@@ -31,10 +33,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from dpvision.celeba.safety import CelebaDataError, check_image_id
 
 #: CelebA's 40 binary attributes, in the order of the official files.
 ATTRIBUTE_NAMES: tuple[str, ...] = (
@@ -67,10 +72,11 @@ PARTITION_CODES = {"train": 0, "val": 1, "test": 2}
 
 # Sub-folders where the original release keeps its tables and images.
 _TABLE_DIRS = (".", "Anno", "Eval")
-
-
-class CelebaDataError(ValueError):
-    """Bad or missing CelebA input; the message names the file, flag or field at fault."""
+#: Bounds on an annotation table (the real ones: 202,599 rows, at most ~26 MB), so no file can exhaust memory.
+MAX_TABLE_BYTES = 256 << 20
+MAX_TABLE_ROWS = 2_000_000
+#: A candidate image folder holds the images when it holds any of the first this-many listed images.
+IMAGE_PROBE = 16
 
 
 @dataclass
@@ -140,13 +146,25 @@ def class_names(attribute: str) -> list[str]:
     return [f"no_{positive}", positive]
 
 
-def find_image_dir(root: str | os.PathLike) -> Path:
-    """The folder holding the JPEGs, also when Kaggle nests it as ``img_align_celeba/img_align_celeba``."""
+def find_image_dir(root: str | os.PathLike, image_ids: list[str], listed_in: str | os.PathLike) -> Path:
+    """The folder holding the JPEGs: ``img_align_celeba/``, Kaggle's nested ``img_align_celeba/img_align_celeba/``
+    or ``Img/img_align_celeba/``, whichever holds any of the first :data:`IMAGE_PROBE` ``image_ids``.
+
+    An empty nested folder does not hide the images beside it; images in two of
+    them are refused (which set is meant is not ours to guess).
+    """
     root = Path(root)
-    for candidate in (root / IMAGE_DIR / IMAGE_DIR, root / IMAGE_DIR, root / "Img" / IMAGE_DIR):
-        if candidate.is_dir():
-            return candidate
-    raise CelebaDataError(f"image folder not found: expected {root / IMAGE_DIR}/ (or {IMAGE_DIR}/{IMAGE_DIR}/)")
+    candidates = [c for c in (root / IMAGE_DIR / IMAGE_DIR, root / IMAGE_DIR, root / "Img" / IMAGE_DIR) if c.is_dir()]
+    if not candidates:
+        raise CelebaDataError(f"image folder not found: expected {root / IMAGE_DIR}/ (or {IMAGE_DIR}/{IMAGE_DIR}/)")
+    probe = image_ids[:IMAGE_PROBE]
+    holding = [c for c in candidates if any(os.path.lexists(c / image_id) for image_id in probe)]
+    if len(holding) > 1:
+        raise CelebaDataError(f"images are in both {holding[0]}/ and {holding[1]}/; keep them in one of the two")
+    if not holding:
+        raise CelebaDataError(f"none of the images listed in {listed_in} (e.g. {probe[0]}) are in "
+                              + " or ".join(f"{c}/" for c in candidates))
+    return holding[0]
 
 
 def find_table(root: str | os.PathLike, base: str, *, required: bool = True) -> Path | None:
@@ -155,7 +173,8 @@ def find_table(root: str | os.PathLike, base: str, *, required: bool = True) -> 
     for ext in (".csv", ".txt"):
         for sub in _TABLE_DIRS:
             path = root / sub / f"{base}{ext}"
-            if path.is_file():
+            if os.path.lexists(path):
+                _check_regular(path)
                 return path
     if required:
         raise CelebaDataError(f"missing annotation file: {root / (base + '.csv')} (or {base}.txt)")
@@ -170,20 +189,47 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def _check_regular(path: Path) -> None:
+    """Refuse a FIFO, folder or device by its ``stat`` (opening a FIFO would block forever)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        raise CelebaDataError(f"cannot read {path}: {err.strerror or err}") from None
+    if not stat.S_ISREG(mode):
+        raise CelebaDataError(f"{path} is not a regular file ({'a FIFO' if stat.S_ISFIFO(mode) else 'not a file'}); "
+                              f"expected a table")
+
+
+def read_lines(path: str | os.PathLike) -> list[str]:
+    """The lines of a UTF-8 text file (a BOM is allowed), refused if not a regular file or too large."""
+    path = Path(path)
+    _check_regular(path)
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_TABLE_BYTES + 1)
+    except OSError as err:
+        raise CelebaDataError(f"cannot read {path}: {err.strerror or err}") from None
+    if len(data) > MAX_TABLE_BYTES or data.count(b"\n") > MAX_TABLE_ROWS:
+        raise CelebaDataError(f"{path} is larger than {MAX_TABLE_BYTES} bytes or {MAX_TABLE_ROWS} lines; "
+                              f"not a CelebA table")
+    try:
+        return data.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise CelebaDataError(f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save the file as UTF-8") from None
+
+
 def read_table(path: str | os.PathLike, columns: tuple[str, ...], *, txt_header: bool = True) -> tuple[list[str], list[list[str]]]:
     """Rows of ``image_id`` + ``columns`` from a CSV (with header) or a whitespace ``.txt``.
 
     For ``.txt``, ``txt_header`` says the file starts with a count line and a
     header line (all tables except the partition list). Columns are matched by
     name, so their order in the file does not matter. Returns ``(image_ids, values)``
-    with values as strings; a malformed row raises naming the file and line.
+    with values as strings; a malformed row, an id that is no plain file name,
+    an id listed twice or a table without rows raises naming the file and line.
     """
     path = Path(path)
-    try:
-        with open(path, newline="") as handle:
-            lines = handle.read().splitlines()
-    except OSError as err:
-        raise CelebaDataError(f"cannot read {path}: {err.strerror or err}") from None
+    lines = read_lines(path)
     if path.suffix == ".csv":
         rows = csv.reader(lines)
         header = next(rows, None)
@@ -211,6 +257,8 @@ def read_table(path: str | os.PathLike, columns: tuple[str, ...], *, txt_header:
             first_line = 3
             lines = lines[2:]
         else:
+            if not any(line.strip() for line in lines):
+                raise CelebaDataError(f"{path}: empty file, expected one row per image")
             header = list(columns)
         body = (line.split() for line in lines)
         if declared is not None and declared != sum(1 for line in lines if line.strip()):
@@ -222,13 +270,24 @@ def read_table(path: str | os.PathLike, columns: tuple[str, ...], *, txt_header:
     width = len(header) + 1
     image_ids: list[str] = []
     values: list[list[str]] = []
-    for lineno, row in enumerate(body, start=first_line):
-        if not row or (len(row) == 1 and not row[0].strip()):
-            continue  # blank lines (e.g. a trailing newline) are harmless
-        if len(row) != width:
-            raise CelebaDataError(f"{path}:{lineno}: expected {width} fields, got {len(row)}")
-        image_ids.append(row[0].strip())
-        values.append([row[i].strip() for i in order])
+    first_seen: dict[str, int] = {}
+    lineno = first_line - 1
+    try:
+        for lineno, row in enumerate(body, start=first_line):
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue  # blank lines (e.g. a trailing newline) are harmless
+            if len(row) != width:
+                raise CelebaDataError(f"{path}:{lineno}: expected {width} fields, got {len(row)}")
+            image_id = check_image_id(row[0].strip(), f"{path}:{lineno}")
+            if image_id in first_seen:  # the last row must not silently win
+                raise CelebaDataError(f"{path}:{lineno}: image {image_id!r} appears twice (first on line {first_seen[image_id]})")
+            first_seen[image_id] = lineno
+            image_ids.append(image_id)
+            values.append([row[i].strip() for i in order])
+    except csv.Error as err:
+        raise CelebaDataError(f"{path}:{lineno + 1}: {err}") from None
+    if not image_ids:
+        raise CelebaDataError(f"{path}: no image rows, only a header")
     return image_ids, values
 
 
@@ -276,7 +335,6 @@ def read_archive(root: str | os.PathLike, *, need_landmarks: bool = False, need_
     root = Path(root)
     if not root.is_dir():
         raise CelebaDataError(f"--archive-dir {str(root)!r} is not a directory")
-    image_dir = find_image_dir(root)
     attr_path = find_table(root, ATTR_FILE)
     part_path = find_table(root, PARTITION_FILE)
     lm_path = find_table(root, LANDMARKS_FILE, required=False)
@@ -288,9 +346,7 @@ def read_archive(root: str | os.PathLike, *, need_landmarks: bool = False, need_
 
     ids, raw = read_table(attr_path, ATTRIBUTE_NAMES)
     attributes = _to_int(attr_path, raw, _first_data_line(attr_path), {"-1", "1"}).astype(np.int8)
-    index = {image_id: i for i, image_id in enumerate(ids)}
-    if len(index) != len(ids):
-        raise CelebaDataError(f"{attr_path}: duplicate image ids")
+    index = {image_id: i for i, image_id in enumerate(ids)}  # ids are unique: read_table checks
     files = {ATTR_FILE: attr_path, PARTITION_FILE: part_path}
 
     p_ids, p_raw = read_table(part_path, ("partition",), txt_header=False)
@@ -309,7 +365,7 @@ def read_archive(root: str | os.PathLike, *, need_landmarks: bool = False, need_
         files[BBOX_FILE] = bbox_path
     return CelebaArchive(
         root=root,
-        image_dir=image_dir,
+        image_dir=find_image_dir(root, ids, attr_path),
         image_ids=ids,
         attributes=attributes,
         partitions=partitions.astype(np.int8),

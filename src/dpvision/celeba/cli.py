@@ -154,9 +154,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> argparse.Argument
         func=run_build_subset)
     add_preprocess_args(sub.add_parser("preprocess", help="crop, resize and save tensors + stats")).set_defaults(
         func=run_preprocess)
-    from dpvision.celeba.train_cli import add_train_subcommand
-
-    add_train_subcommand(sub)  # dpvision celeba train: baseline or DP-SGD
+    celeba.subcommands = sub  # dpvision.cli adds `train` (a job, above this data package) here
     return celeba
 
 

@@ -1,5 +1,13 @@
-"""Datasets as uint8 tensors, normalised on the fly."""
+"""Datasets as uint8 tensors, normalised on the fly; ``load_dataset`` reads any supported dataset."""
 
-from dpvision.data.tensors import ImageTensors, NormalizedTensorDataset
+from dpvision.data.files import DataError, DataNotFoundError
+from dpvision.data.registry import (
+    DATASETS, DEFAULT_IMAGE_SIZE, MAX_IMAGE_SIZE, DatasetSplits, data_fingerprint, dataset_root_hint, load_dataset,
+)  # fmt: skip
+from dpvision.data.tensors import ImageTensors, NormalizedTensorDataset, channel_stats
 
-__all__ = ["ImageTensors", "NormalizedTensorDataset"]
+__all__ = [
+    "DATASETS", "DEFAULT_IMAGE_SIZE", "MAX_IMAGE_SIZE", "DataError", "DataNotFoundError", "DatasetSplits",
+    "ImageTensors", "NormalizedTensorDataset", "channel_stats", "data_fingerprint", "dataset_root_hint",
+    "load_dataset",
+]

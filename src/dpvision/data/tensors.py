@@ -47,6 +47,29 @@ class ImageTensors:
         return (images.float().div_(255.0) - mean) / std
 
 
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) std on the 0..1 scale of uint8 [N, C, H, W], exactly.
+
+    Counting each of the 256 values per channel keeps memory small and the sums exact
+    (the same numbers as ``celeba.preprocessing.channel_stats``).
+
+    Example:
+        >>> channel_stats(torch.tensor([[[[0, 255]], [[51, 51]]]], dtype=torch.uint8))
+        ((0.5, 0.2), (0.5, 0.0))
+    """
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[0] == 0:
+        raise ValueError(f"channel_stats needs uint8 [N, C, H, W] with N >= 1, got {images.dtype} {tuple(images.shape)}")
+    values = torch.arange(256, dtype=torch.float64) / 255.0
+    means, stds = [], []
+    for c in range(images.shape[1]):
+        hist = torch.bincount(images[:, c].reshape(-1).long(), minlength=256).to(torch.float64)  # [256]
+        n = hist.sum()
+        mean = float((hist * values).sum() / n)
+        means.append(mean)
+        stds.append(float(torch.sqrt((hist * (values - mean) ** 2).sum() / n)))
+    return tuple(means), tuple(stds)
+
+
 class NormalizedTensorDataset(Dataset):
     """A map-style dataset over ``ImageTensors`` yielding ``(float image [C, H, W], label)``.
 

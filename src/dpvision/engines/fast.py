@@ -23,6 +23,14 @@ On the CPU generators, a run is reproducible bit for bit: ``state_dict`` holds
 the model, the optimizer and every generator. Without DP, the engine trains on
 shuffled batches of size B (ceil(N / B) steps), mean loss, like the stock path.
 
+Data-parallel (``dist=`` a :class:`~dpvision.engines.distributed.DistContext` of
+several ranks): under DP each rank keeps only its shard ``r::W`` on its device and
+Poisson-samples it at the global q; rank 0 alone adds the noise to its clipped sum
+before the all-reduce of the flat sum; the divisor stays int(N q) with the global N.
+Without DP each rank takes its slice of every shared shuffled batch and the gradients
+are all-reduced. :mod:`dpvision.engines.distributed` explains why this is exactly the
+single-device mechanism.
+
 Test/audit hooks (both off by default, and free when off):
 
 * ``canary_gradients`` [m, P] (P = number of model parameters, flattened in
@@ -49,6 +57,9 @@ from dpvision.data.tensors import ImageTensors
 from dpvision.privacy.accounting import expected_batch_size
 from dpvision.seeding import make_generator
 from dpvision.engines.base import DPSettings, Engine, EpochResult, OptimizerSpec, ProgressFn, UnsupportedModelError
+from dpvision.engines.distributed import (
+    DistContext, all_reduce_grads_, engine_state, load_engine_state, reduce_epoch_totals, shard_indices,
+)  # fmt: skip
 from dpvision.engines.per_sample import BACKENDS
 
 # Per-sample gradient backend by device type, chosen from measurements (benchmarks/NOTES.md).
@@ -97,7 +108,8 @@ class FastEngine(Engine):
             always runs fp32). ``"bf16"`` needs the manual backend (else it runs as ``"tf32"``).
         channels_last: model and inputs in channels-last memory format (CUDA only; default by device).
         pad_sigmas: chunk capacity = E[B] + pad_sigmas sd (default ``PAD_SIGMAS``); overflow -> extra chunk.
-        canary_gradients, noise_scale_for_testing: test/audit hooks (module docstring).
+        canary_gradients, noise_scale_for_testing: test/audit hooks (module docstring; one process only).
+        dist: the data-parallel context (default: one process); ``device`` must be ``dist.device``.
     """
 
     name = "fast"
@@ -109,10 +121,16 @@ class FastEngine(Engine):
                  cuda_graphs: bool | None = None, canary_gradients: torch.Tensor | None = None,
                  noise_scale_for_testing: float = 1.0, static_shapes: bool | None = None,
                  precision: str | None = None, channels_last: bool | None = None,
-                 pad_sigmas: float | None = None) -> None:
+                 pad_sigmas: float | None = None, dist: DistContext | None = None) -> None:
         super().__init__(train_data=train_data, batch_size=batch_size, dp=dp, seed=seed, device=device)
         del num_workers  # no loader: the data is on the device
         dev = self.device
+        self.dist = dist if dist is not None else DistContext(device=dev)
+        if self.dist.is_distributed:
+            if dev != self.dist.device:
+                raise ValueError(f"device {dev} is not this rank's device {self.dist.device} (pass device=dist.device)")
+            if canary_gradients is not None or noise_scale_for_testing != 1.0:
+                raise ValueError("canary_gradients and noise_scale_for_testing need a single process")
         kind = dev.type if dev.type in DEFAULT_MAX_PHYSICAL else "cpu"
         if physical_batch_size is not None and physical_batch_size < 1:
             raise ValueError(f"physical_batch_size must be >= 1, got {physical_batch_size}")
@@ -137,6 +155,7 @@ class FastEngine(Engine):
         self.pad_sigmas = PAD_SIGMAS if pad_sigmas is None else float(pad_sigmas)
 
         self.model = model.to(dev)
+        self.dist.broadcast_module_(self.model)  # every rank starts from rank 0's weights
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -145,21 +164,29 @@ class FastEngine(Engine):
         self.num_params = sum(p.numel() for p in self.params)
         self.optimizer = optimizer.build(self.model.parameters())
 
-        self.images = train_data.images.to(dev)  # uint8 [N, C, H, W]
-        self.labels = train_data.labels.to(dev)  # int64 [N]
+        # Distributed DP: this rank's shard only (rank::W), local index i is example shard[i]. Without DP
+        # every rank needs the whole set: its slice of a shuffled global batch can be anywhere.
+        self.shard = None
+        images, labels = train_data.images, train_data.labels
+        if self.dist.is_distributed and dp is not None:
+            self.shard = shard_indices(self.num_examples, rank=self.dist.rank, world_size=self.dist.world_size)
+            images, labels = images[self.shard], labels[self.shard]
+        self.images = images.to(dev)  # uint8 [n, C, H, W], n = N or this rank's shard
+        self.labels = labels.to(dev)  # int64 [n]
         self._mean = torch.tensor(train_data.mean, device=dev).view(1, -1, 1, 1)
         self._std = torch.tensor(train_data.std, device=dev).view(1, -1, 1, 1)
 
-        self.sampling_generator = make_generator(seed, "sampling", dev)
-        self.data_order_generator = make_generator(seed, "data_order", dev)
-        self.noise_generator = make_generator(seed, "noise", dev)
+        self.sampling_generator = make_generator(seed, self.dist.stream("sampling"), dev)  # per rank
+        self.data_order_generator = make_generator(seed, "data_order", dev)  # shared: one global order
+        self.noise_generator = make_generator(seed, "noise", dev)  # drawn from by rank 0 only
         self._loss_sum = torch.zeros((), device=dev)
         self._correct = torch.zeros((), device=dev)
         self._graphs: dict[str, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.noise_scale_for_testing = float(noise_scale_for_testing)
         self.canary_gradients = None
         self.canary_included: torch.Tensor | None = None
-        self.last_batch_sizes: list[int] = []  # sampled batch size of each step of the last epoch
+        self.last_batch_sizes: list[int] = []  # sampled (global) batch size of each step of the last epoch
+        self.last_local_batch_sizes: list[int] = []  # this rank's part of them (distributed DP)
         self.backend = None
 
         if dp is None:
@@ -171,9 +198,10 @@ class FastEngine(Engine):
         for module in self.model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 raise UnsupportedModelError(f"{type(module).__name__} mixes examples; DP needs per-example layers")
-        self.expected_batch = expected_batch_size(self.num_examples, self.sample_rate)
-        self.chunk = chunk_capacity(self.expected_batch, self.sample_rate, self.num_examples, self.max_physical,
-                                    self.pad_sigmas)
+        self.expected_batch = expected_batch_size(self.num_examples, self.sample_rate)  # the global divisor
+        local = len(self.images)  # N in one process
+        self.chunk = chunk_capacity(expected_batch_size(local, self.sample_rate), self.sample_rate, local,
+                                    self.max_physical, self.pad_sigmas)
         # One flat gradient: the optimizer reads views of it, the clipped sum is accumulated into _acc.
         self._acc = torch.zeros(self.num_params, device=dev)
         self._flat_grad = torch.zeros(self.num_params, device=dev)
@@ -192,7 +220,7 @@ class FastEngine(Engine):
                 self.backend = BACKENDS[mode](self.model)
                 if self.precision == "bf16" and hasattr(self.backend, "amp_dtype"):
                     self.backend.amp_dtype = torch.bfloat16
-                probe = torch.arange(min(2, self.num_examples), device=dev)
+                probe = torch.arange(min(2, len(self.images)), device=dev)
                 scratch = torch.zeros(self.num_params, device=dev)
                 self.backend.accumulate(self._normalize(self.images[probe]), self.labels[probe],
                                         torch.ones(len(probe), device=dev), dp.max_grad_norm,
@@ -281,6 +309,8 @@ class FastEngine(Engine):
         self._correct.zero_()
         seen = self._dp_epoch(steps, progress) if self.dp else self._plain_epoch(steps, progress)
         loss_sum, correct = (float(v) for v in torch.stack([self._loss_sum, self._correct]).cpu())
+        if self.dist.is_distributed:  # this rank's sums -> the global ones, the same on every rank
+            loss_sum, correct, seen = reduce_epoch_totals(self.dist, loss_sum, correct, seen)
         return EpochResult(loss=loss_sum / max(seen, 1), accuracy=correct / max(seen, 1), steps=steps, examples=seen)
 
     def _dp_chunk(self, idx: torch.Tensor) -> None:
@@ -292,8 +322,10 @@ class FastEngine(Engine):
                                     self.dp.max_grad_norm, self._acc_views, self._loss_sum, self._correct)
 
     def _dp_epoch(self, steps: int, progress: ProgressFn | None) -> int:
-        n, dev, q = self.num_examples, self.device, self.sample_rate
+        n, dev, q = len(self.images), self.device, self.sample_rate  # n: N, or this rank's shard
         std = self.dp.noise_multiplier * self.dp.max_grad_norm * self.noise_scale_for_testing
+        if not self.dist.is_main:
+            std = 0.0  # noise once: rank 0's draw goes into the all-reduced sum
         block = max(1, BLOCK_ELEMENTS // max(n, self.num_params))
         seen, done, last = 0, 0, [0]
         canary_masks, self.last_batch_sizes = [], []
@@ -341,7 +373,12 @@ class FastEngine(Engine):
                     k += 1
                 if canary is not None:
                     self._acc.addmv_(self.canary_gradients.t(), canary[s].float())
-                if noise is not None:
+                if self.dist.is_distributed:
+                    if noise is not None:  # rank 0 only
+                        self._acc.add_(noise[s])
+                    self.dist.all_reduce_sum_(self._acc)  # the global clipped sum + one noise draw
+                    self._flat_grad.copy_(self._acc)
+                elif noise is not None:
                     torch.add(self._acc, noise[s], out=self._flat_grad)
                 else:
                     self._flat_grad.copy_(self._acc)
@@ -355,6 +392,10 @@ class FastEngine(Engine):
             self.last_batch_sizes.extend(counts)
         if self.canary_gradients is not None:
             self.canary_included = torch.cat(canary_masks) if canary_masks else None
+        if self.dist.is_distributed:
+            self.last_local_batch_sizes = self.last_batch_sizes
+            sizes = torch.tensor(self.last_batch_sizes, dtype=torch.int64, device=dev)  # [steps]
+            self.last_batch_sizes = self.dist.all_reduce_sum_(sizes).tolist()
         return seen
 
     def _plain_chunk(self, idx: torch.Tensor, scale: float) -> None:
@@ -374,10 +415,13 @@ class FastEngine(Engine):
         order = torch.randperm(self.num_examples, generator=self.data_order_generator, device=self.device)
         b, seen, last = self.batch_size, 0, [0]
         for s in range(steps):
-            idx = order[s * b:(s + 1) * b]
-            if self.use_graphs and len(idx) == b <= self.max_physical:
+            idx = order[s * b:(s + 1) * b]  # the global batch
+            full, scale = len(idx) == b, 1.0 / len(idx)  # mean over the global batch
+            if self.dist.is_distributed:
+                idx = idx[self.dist.rank::self.dist.world_size]  # this rank's slice [~B / W]
+            if self.use_graphs and full and 0 < len(idx) <= self.max_physical:
                 # The captured backward writes (not adds) the gradients: no zeroing needed.
-                self._run(f"plain{b}", lambda i, scale=1.0 / b: self._plain_chunk(i, scale), idx)
+                self._run(f"plain{len(idx)}", lambda i, scale=scale: self._plain_chunk(i, scale), idx)
             else:
                 self.optimizer.zero_grad(set_to_none=not self._graphs)
                 if self._graphs:  # graph-owned .grad tensors: zero in place, keep their addresses
@@ -385,28 +429,29 @@ class FastEngine(Engine):
                         if p.grad is not None:
                             p.grad.zero_()
                 for start in range(0, len(idx), self.max_physical):
-                    self._plain_chunk(idx[start:start + self.max_physical], 1.0 / len(idx))
+                    self._plain_chunk(idx[start:start + self.max_physical], scale)
+            if self.dist.is_distributed:
+                all_reduce_grads_(self.params, self.dist)
             self.optimizer.step()
             seen += len(idx)
             self._progress(progress, s + 1, steps, last)
         return seen
 
     # ----------------------------------------------------------------- state
-    def state_dict(self) -> dict:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "sampling_generator": self.sampling_generator.get_state(),
-            "data_order_generator": self.data_order_generator.get_state(),
-            "noise_generator": self.noise_generator.get_state(),
-        }
+    def _generators(self) -> dict[str, torch.Generator]:
+        return {"sampling_generator": self.sampling_generator, "data_order_generator": self.data_order_generator,
+                "noise_generator": self.noise_generator}
 
-    def load_state_dict(self, state: dict) -> None:
+    def state_dict(self) -> dict:
+        """Model, optimizer, generators; distributed, every rank's generators (every rank must call it)."""
+        common = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        return engine_state(self.dist, common, self._generators())
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """Distributed, every rank must call it; rank 0's ``state`` is used (see ``load_engine_state``)."""
+        state = load_engine_state(self.dist, state, self._generators())
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.sampling_generator.set_state(state["sampling_generator"])
-        self.data_order_generator.set_state(state["data_order_generator"])
-        self.noise_generator.set_state(state["noise_generator"])
 
 
 class _MatmulTF32:

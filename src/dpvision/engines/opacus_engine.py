@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from dpvision.data.tensors import ImageTensors, NormalizedTensorDataset
 from dpvision.engines.base import DPSettings, Engine, EpochResult, OptimizerSpec, ProgressFn
+from dpvision.privacy.accounting import expected_batch_size
 from dpvision.seeding import make_generator
 
 
@@ -54,7 +55,16 @@ class OpacusEngine(Engine):
             noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
             poisson_sampling=True, noise_generator=self.noise_generator,
         )
-        assert abs(1 / len(loader) - self.sample_rate) < 1e-15, "Opacus and dpvision disagree on q"
+        assert loader.sample_rate == self.sample_rate and len(loader) == self.steps_per_epoch, \
+            "Opacus and dpvision disagree on q or on the steps of an epoch"
+        # make_private divides by int(N * (1 / len(loader))) in floating point: one too small where len(loader)
+        # divides N (N = 49, B = 1: 0, so NaN weights), and len(loader) = int(1 / (1/m)) is m - 1 for some
+        # m = ceil(N/B) (93, 99, ...). Use the fast engine's exact N // m; assert Opacus was off only by that.
+        exact = self.num_examples // len(loader)
+        assert opt.expected_batch_size == exact or (
+            opt.expected_batch_size == exact - 1 and self.num_examples % len(loader) == 0), \
+            f"Opacus's expected batch size {opt.expected_batch_size} is not N // len(loader) = {exact}"
+        opt.expected_batch_size = expected_batch_size(self.num_examples, self.sample_rate)
         self.model, self.optimizer, self.loader, self._wrapped = model, opt, loader, wrapped
 
     def train_epoch(self, *, max_steps: int | None = None, progress: ProgressFn | None = None) -> EpochResult:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpvision.engines.base import UnsupportedModelError
+from dpvision.engines.ghost import METHODS, clipped_sum, layer_method, layer_norm_sq
 
 CLIP_EPS = 1e-6  # Opacus's DPOptimizer: factor = min(1, C / (norm + 1e-6))
 
@@ -40,6 +41,11 @@ def clip_factors(per_param_norms: list[torch.Tensor], max_grad_norm: float, weig
     """[P] per-sample factors w_i * min(1, C / (||g_i|| + 1e-6)) from per-parameter norms [P] each."""
     norms = torch.stack(per_param_norms, dim=1).norm(2, dim=1)  # [P]
     return (max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0) * weights
+
+
+def clip_factors_sq(norm_sq: torch.Tensor, max_grad_norm: float, weights: torch.Tensor) -> torch.Tensor:
+    """[B] factors w_i * min(1, C / (||g_i|| + 1e-6)) from squared per-sample norms [B] (summed over layers)."""
+    return (max_grad_norm / (norm_sq.sqrt() + CLIP_EPS)).clamp(max=1.0) * weights
 
 
 class VmapPerSample:
@@ -106,21 +112,29 @@ class HooksPerSample:
 
 
 class ManualPerSample:
-    """Per-sample gradients from one batched backward to the layer outputs (no parameter gradients).
+    """Exact per-example norms without per-example gradients, then the clipped sum by book-keeping.
 
-    Forward hooks keep each layer's input ``a`` and output ``z``; ``autograd.grad``
-    of the summed loss w.r.t. the outputs gives ``dz`` (autograd skips the weight
-    gradients nobody asked for). Then per layer: Linear, by ghost norms
-    ``||dz_i|| ||a_i||`` and one matrix product for the clipped sum (nothing
-    per-sample is materialised); Conv2d, ``dz_i @ unfold(a_i)^T`` as one batched
-    product; GroupNorm, ``sum(dz * a_hat)`` and ``sum(dz)``. Graph-capturable.
+    Forward hooks keep each layer's input ``a`` and output ``z``; one ``autograd.grad`` of the summed
+    loss with respect to the outputs gives every ``dz`` (autograd skips the weight gradients nobody
+    asked for). Pass 1, per layer (:mod:`dpvision.engines.ghost`): the squared per-example gradient
+    norm, by ghost norms or by materialising that layer's per-example gradients only, whichever the
+    layer's shapes make cheaper (``method`` forces one for every Linear/Conv2d, for tests). Then the
+    clip factors f_i = w_i min(1, C / (||g_i|| + 1e-6)). Pass 2, per layer: sum_i f_i g_i as the batch
+    weight gradient of the output gradients scaled by f (one cuDNN weight-gradient call per conv).
+    Nothing per-example outlives its layer; graph-capturable.
+
+    ``amp_dtype`` (set by the engine for ``precision="bf16"``): autocast of forward/backward and the
+    per-layer products in that dtype; norms, factors and the accumulated sum stay float32.
     """
 
     name = "manual"
     SUPPORTED = (nn.Linear, nn.Conv2d, nn.GroupNorm)
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, method: str = "auto") -> None:
+        if method not in METHODS:
+            raise ValueError(f"manual per-sample method must be one of {METHODS}, got {method!r}")
         self.model = model
+        self.method = method
         modules = dict(model.named_modules())
         self.entries = []  # (module, "weight"|"bias") in model.parameters() order
         for name, _ in model.named_parameters():
@@ -135,47 +149,28 @@ class ManualPerSample:
                 raise UnsupportedModelError("manual per-sample gradients: GroupNorm without affine")
             self.entries.append((module, attr))
         self.layers = list(dict.fromkeys(m for m, _ in self.entries))
-        self._store: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.names = {m: n for n, m in model.named_modules() if m in self.layers}
+        # layer -> (input, output, their versions at the hook): a later in-place change would make the
+        # stored tensors lie (e.g. ReLU(inplace=True) on a layer's output), so it is refused.
+        self._store: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, int, int]] = {}
         self._active = False
-        # None: fp32. torch.bfloat16: autocast forward/backward and bf16 per-sample conv einsums
-        # (fp32 accumulation inside the matmul); norms, clipping and the clipped sum stay fp32.
         self.amp_dtype: torch.dtype | None = None
+        self.chosen: dict[str, str | None] = {}  # layer name -> norm method of the last chunk (reports)
         self._handles = [m.register_forward_hook(self._hook) for m in self.layers]
 
     def _hook(self, module, inputs, output):
         if self._active:
             if module in self._store:  # weight sharing: the per-layer formulas would miss a use
-                        raise UnsupportedModelError(f"manual per-sample gradients: {type(module).__name__} used twice")
-            self._store[module] = (inputs[0].detach(), output)
+                raise UnsupportedModelError(f"manual per-sample gradients: {type(module).__name__} used twice")
+            a = inputs[0].detach()
+            self._store[module] = (a, output, a._version, output._version)
 
-    def _layer_grads(self, module, a: torch.Tensor, dz: torch.Tensor) -> dict:
-        """{"weight"/"bias": per-sample gradient [B, numel] or ("ghost", dz, a) for a 2-D Linear}."""
-        b = len(a)
-        if isinstance(module, nn.Conv2d) and self.amp_dtype is not None:
-            a, dz = a.to(self.amp_dtype), dz.to(self.amp_dtype)
-        else:  # small layers: fp32 formulas
-            a, dz = a.float(), dz.float()
-        if isinstance(module, nn.Linear):
-            if a.dim() == 2:
-                return {"weight": ("ghost", dz, a), "bias": dz}
-            a3, dz3 = a.reshape(b, -1, a.shape[-1]), dz.reshape(b, -1, dz.shape[-1])  # [B, T, in], [B, T, out]
-            return {"weight": torch.bmm(dz3.transpose(1, 2), a3).reshape(b, -1), "bias": dz3.sum(1)}
-        if isinstance(module, nn.Conv2d):
-            dz3 = dz.reshape(b, dz.shape[1], -1)  # [B, C_out, T]
-            if tuple(module.dilation) == (1, 1):
-                # Patches as a strided view (F.unfold on CUDA launches one im2col kernel per example).
-                (ph, pw), (sh, sw), (kh, kw) = module.padding, module.stride, module.kernel_size
-                patches = F.pad(a, (pw, pw, ph, ph)).unfold(2, kh, sh).unfold(3, kw, sw)  # [B, C, Ho, Wo, kh, kw]
-                weight = torch.einsum("bohw,bchwij->bocij", dz, patches)  # [B, C_out, C_in, kh, kw]
-                return {"weight": weight.reshape(b, -1).float(), "bias": dz3.float().sum(2)}
-            cols = F.unfold(a, module.kernel_size, dilation=module.dilation, padding=module.padding,
-                            stride=module.stride)  # [B, C_in*k*k, T]
-            return {"weight": torch.bmm(dz3, cols.transpose(1, 2)).reshape(b, -1).float(),
-                    "bias": dz3.float().sum(2)}
-        # GroupNorm: a_hat = normalised input, per-sample gamma/beta gradients summed over space.
-        a_hat = F.group_norm(a, module.num_groups, eps=module.eps)
-        spatial = tuple(range(2, a.dim()))
-        return {"weight": (dz * a_hat).sum(spatial), "bias": dz.sum(spatial)}
+    def _stored(self, module) -> tuple[torch.Tensor, torch.Tensor]:
+        a, z, va, vz = self._store[module]
+        if a._version != va or z._version != vz:
+            raise UnsupportedModelError(f"manual per-sample gradients: the input or output of {self.names[module]}"
+                                        " is modified in place after the layer")
+        return a, z
 
     def accumulate(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, max_grad_norm: float,
                    acc_views: list[torch.Tensor], loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
@@ -188,23 +183,25 @@ class ManualPerSample:
         finally:
             self._active = False
         losses = F.cross_entropy(logits, y, reduction="none")  # [B]
-        outputs = [self._store[m][1] for m in self.layers]
-        dzs = torch.autograd.grad(losses.sum(), outputs)
+        layers = [m for m in self.layers if m in self._store]  # a layer the forward skipped has gradient 0
+        stored = [self._stored(m) for m in layers]
+        dzs = list(torch.autograd.grad(losses.sum(), [z for _, z in stored]))
+        dtype = self.amp_dtype or torch.float32
+        views = dict(zip(self.entries, acc_views))
         with torch.no_grad():
-            grads = {}
-            for m, dz in zip(self.layers, dzs):
-                for attr, g in self._layer_grads(m, self._store[m][0], dz).items():
-                    grads[(m, attr)] = g
-            per_entry = [grads[e] for e in self.entries]
-            norms = [g[1].norm(2, dim=1) * g[2].norm(2, dim=1) if isinstance(g, tuple) else g.norm(2, dim=1)
-                     for g in per_entry]
-            factors = clip_factors(norms, max_grad_norm, w)
-            for view, g in zip(acc_views, per_entry):
-                if isinstance(g, tuple):  # ghost Linear weight: sum_i f_i dz_i a_i^T = (f*dz)^T a
-                    _, dz, a = g
-                    view.view(dz.shape[1], a.shape[1]).addmm_((dz * factors[:, None]).t(), a)
-                else:
-                    view.addmv_(g.t(), factors)
+            norm_sq = torch.zeros(len(x), device=x.device)  # [B]
+            states = []
+            for m, (a, _), dz in zip(layers, stored, dzs):  # pass 1: per-example squared norms
+                method = layer_method(m, a, dz, self.method) if not isinstance(m, nn.GroupNorm) else None
+                self.chosen[self.names[m]] = method
+                sq, state = layer_norm_sq(m, a, dz, method, dtype)
+                norm_sq += sq
+                states.append(state)
+            factors = clip_factors_sq(norm_sq, max_grad_norm, w)  # [B]
+            for i, (m, (a, _), state) in enumerate(zip(layers, stored, states)):  # pass 2: clipped sums
+                for attr, g in clipped_sum(m, a, dzs[i], factors, state, dtype).items():
+                    views[(m, attr)].add_(g.reshape(-1))
+                dzs[i] = None  # free as we go
             loss_sum.add_((losses.detach() * w).sum())
             correct.add_(((logits.detach().argmax(1) == y).float() * w).sum())
         self._store.clear()

@@ -1,4 +1,4 @@
-"""Per-epoch pieces shared by the MNIST job and the CelebA trainer.
+"""The per-epoch pieces of the training job (and of the audit, which trains through the same function).
 
 * :func:`train_private_epoch` runs one epoch, cut short before the first step
   that would exceed a :class:`~dpvision.privacy.budget.PrivacyBudget`, and
@@ -49,13 +49,14 @@ class EpochOutcome:
 
 
 def train_private_epoch(engine: Engine, ledger: PrivacyLedger, *, noise_multiplier: float,
-                        budget: PrivacyBudget | None = None,
+                        budget: PrivacyBudget | None = None, max_steps: int | None = None,
                         progress: Callable[[int], None] | None = None) -> EpochOutcome:
-    """One epoch of ``engine``, at most as many steps as ``budget`` allows; steps go into ``ledger``.
+    """One epoch of ``engine`` (or its first ``max_steps`` steps), at most as many steps as ``budget``
+    allows; the steps taken go into ``ledger``.
 
     Without DP (``engine.dp is None``) the ledger and budget are left alone.
     """
-    planned = engine.steps_per_epoch
+    planned = engine.steps_per_epoch if max_steps is None else min(max_steps, engine.steps_per_epoch)
     dp = engine.dp is not None
     allowed = planned
     if dp and budget is not None:
@@ -68,7 +69,7 @@ def train_private_epoch(engine: Engine, ledger: PrivacyLedger, *, noise_multipli
                                     noise_multiplier=noise_multiplier, sample_rate=engine.sample_rate)
     if allowed == 0:
         return EpochOutcome(result=None, steps=0, stopped=True, stop_reason=reason)
-    result = engine.train_epoch(max_steps=allowed if allowed < planned else None, progress=progress)
+    result = engine.train_epoch(max_steps=allowed if allowed < engine.steps_per_epoch else None, progress=progress)
     if dp:
         # The steps the engine reports, not the plan: this is what the ε is about.
         ledger.record(noise_multiplier=noise_multiplier, sample_rate=engine.sample_rate, steps=result.steps)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 ACCOUNTANTS = ("rdp", "prv", "pld")
 MAX_NOISE_MULTIPLIER = 1e4  # beyond this a target ε is considered unreachable
+BATCH_SIZE_RTOL = 1e-12  # float error allowed in N * q before it is floored (q not of the form 1/m)
 AUTO_DELTA_FACTOR = 10  # --delta auto: δ = 1 / (10 N), well below the 1/N where DP stops meaning much
 
 History = tuple[tuple[float, float, int], ...]
@@ -43,8 +44,32 @@ def steps_per_epoch(sample_rate: float) -> int:
 
 
 def expected_batch_size(num_examples: int, sample_rate: float) -> int:
-    """The denominator Opacus's DPOptimizer divides the noisy gradient sum by."""
-    return int(num_examples * sample_rate)
+    """E[batch size] rounded down: the divisor of the noisy gradient sum (Opacus's ``expected_batch_size``).
+
+    For q = 1 / m (every rate :func:`poisson_sample_rate` makes, m = ceil(N / B))
+    this is N // m, in exact integer arithmetic, and at least 1 since m <= N.
+    Opacus computes ``int(N * q)`` in floating point, which is one too small
+    whenever m divides N and fl(N * fl(1/m)) falls just below N / m: N = 49,
+    B = 1 gives int(0.9999999999999999) = 0, a division by zero. Everywhere else
+    the two agree (rounding can push N * q above an integer only for N > 1e15).
+    Any other q is floored with a relative tolerance of ``BATCH_SIZE_RTOL``.
+
+    Example:
+        >>> expected_batch_size(49, poisson_sample_rate(49, 1)), int(49 * poisson_sample_rate(49, 1))
+        (1, 0)
+        >>> expected_batch_size(60_000, poisson_sample_rate(60_000, 256))
+        255
+    """
+    if num_examples < 1 or not 0 < sample_rate <= 1:
+        raise ValueError(f"need num_examples >= 1 and 0 < sample_rate <= 1, got {num_examples} and {sample_rate}")
+    m = round(1 / sample_rate)
+    if 1.0 / m == sample_rate:
+        return num_examples // m
+    expected = math.floor(num_examples * sample_rate * (1 + BATCH_SIZE_RTOL))
+    if expected < 1:
+        raise ValueError(f"expected batch size num_examples * sample_rate = {num_examples * sample_rate:.3g} is "
+                         f"below 1: use a larger sample rate or more examples")
+    return expected
 
 
 def resolve_delta(delta: float | str, num_examples: int) -> float:

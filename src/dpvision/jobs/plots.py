@@ -1,4 +1,4 @@
-"""Figures of a CelebA training run.
+"""Figures of a training run.
 
 The run's ``curves.png`` is drawn on a bare ``matplotlib.figure.Figure`` (no pyplot,
 no global backend change), so it works on machines without a display and leaves a
@@ -34,12 +34,15 @@ def _floats(rows: Sequence[Mapping[str, Any]], key: str) -> list[float]:
 
 
 def curves_figure(rows: Sequence[Mapping[str, Any]], *, title: str = ""):
-    """A figure with accuracy (train, validation) on the left and ε on the right, per epoch."""
+    """A figure with accuracy (train, and validation/test where measured) on the left and ε on the right, per epoch."""
     epochs = [int(float(row["epoch"])) for row in rows]
     fig = Figure(figsize=(10, 3.8))
     acc_ax, eps_ax = fig.subplots(1, 2)
     acc_ax.plot(epochs, _floats(rows, "train_accuracy"), "o-", label="train (under DP: noisy, clipped steps)")
-    acc_ax.plot(epochs, _floats(rows, "val_accuracy"), "s-", label="validation")
+    for key, style, label in (("val_accuracy", "s-", "validation"), ("test_accuracy", "d-", "test")):
+        values = _floats(rows, key)
+        if any(not math.isnan(v) for v in values):
+            acc_ax.plot(epochs, values, style, label=label)
     acc_ax.set_xlabel("epoch")
     acc_ax.set_ylabel("accuracy")
     acc_ax.set_ylim(0.0, 1.0)

@@ -1,0 +1,294 @@
+"""The training job's configuration: five small typed sections, readable as YAML recipes.
+
+A :class:`TrainConfig` is ``data``, ``model``, ``optim``, ``dp`` and ``run``. Each
+section validates itself in ``__post_init__`` and names the bad field as
+``section.field`` (front-ends translate that into their own flag names). A recipe
+is the same thing as YAML; any field can be overridden (``--set optim.lr=0.1``
+or a named flag), and an unknown key is an error, never silently ignored.
+
+The baseline is the same config with DP switched off: ``config.deactivated()``.
+
+Example:
+    >>> config = TrainConfig.from_dict({"optim": {"epochs": 2}, "dp": {"target_epsilon": 3.0}})
+    >>> config.optim.epochs, config.dp.noise_multiplier, config.dp.target_epsilon
+    (2, None, 3.0)
+    >>> config.deactivated().dp.enabled
+    False
+    >>> TrainConfig.from_dict({"optim": {"epoch": 2}})
+    Traceback (most recent call last):
+    ...
+    ValueError: optim.epoch is not a setting (valid: name, lr, momentum, epochs, batch_size, eval_batch_size)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+DATASETS = ("mnist", "fashion-mnist", "cifar10", "celeba", "imagefolder")
+ENGINES = ("fast", "opacus")
+OPTIMIZERS = ("sgd", "adam")
+ACCOUNTANTS = ("rdp", "prv", "pld")
+DEVICES = ("auto", "cpu", "cuda")
+SELECTIONS = ("last", "best_val")  # which weights the test set judges
+MAX_EPOCHS = 100_000  # bounds the work a typo can ask for
+MAX_BATCH_SIZE = 1 << 20
+RESOLVED = "resolved"  # the key under which a run folder's config.yaml records what was derived (σ, q, N, ...)
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """YAML as people write numbers: ``1e-5`` is a float (plain YAML 1.1 reads it as a string)."""
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+               r"|[0-9][0-9_]*[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def _need(ok: bool, where: str, valid: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"{where} must be {valid}, got {value!r}")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    dataset: str = "mnist"
+    root: str = "data"  # mnist/fashion-mnist/cifar10: torchvision's root; celeba/imagefolder: the folder itself
+    image_size: int | None = None  # imagefolder: resize to this (None: the dataset's own size)
+    k: int | None = None  # train on a seeded random subset of k training examples (None: all)
+    val_size: int = 0  # carve a seeded validation split of this many examples out of the training set
+    download: bool = True  # torchvision datasets: download when missing (needs internet)
+
+    def __post_init__(self) -> None:
+        _need(self.dataset in DATASETS, "data.dataset", f"one of {', '.join(DATASETS)}", self.dataset)
+        _need(isinstance(self.root, str) and self.root != "", "data.root", "a folder", self.root)
+        if self.image_size is not None:
+            _need(_is_int(self.image_size) and 8 <= self.image_size <= 512, "data.image_size",
+                  "an integer between 8 and 512", self.image_size)
+        if self.k is not None:
+            _need(_is_int(self.k) and self.k >= 1, "data.k", "a positive integer", self.k)
+        _need(_is_int(self.val_size) and self.val_size >= 0, "data.val_size", "an integer >= 0", self.val_size)
+        _need(isinstance(self.download, bool), "data.download", "true or false", self.download)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name: str = "sample_convnet"
+    activation: str = "relu"
+    width: int | None = None  # None: the model's default
+    weight_standardization: bool = False
+
+    def __post_init__(self) -> None:
+        _need(isinstance(self.name, str), "model.name", "a model name", self.name)
+        if self.width is not None:
+            _need(_is_int(self.width) and 1 <= self.width <= 4096, "model.width", "an integer in [1, 4096]",
+                  self.width)
+        _need(isinstance(self.weight_standardization, bool), "model.weight_standardization", "true or false",
+              self.weight_standardization)
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    name: str = "sgd"
+    lr: float = 0.15
+    momentum: float = 0.0  # SGD only
+    epochs: int = 30
+    batch_size: int = 256  # under DP the expected (Poisson) batch size: q = 1 / ceil(N / batch_size)
+    eval_batch_size: int = 1024
+
+    def __post_init__(self) -> None:
+        _need(self.name in OPTIMIZERS, "optim.name", f"one of {', '.join(OPTIMIZERS)}", self.name)
+        _need(_is_number(self.lr) and self.lr >= 0, "optim.lr", "a number >= 0", self.lr)
+        _need(_is_number(self.momentum) and 0 <= self.momentum < 1, "optim.momentum", "in [0, 1)", self.momentum)
+        _need(_is_int(self.epochs) and 1 <= self.epochs <= MAX_EPOCHS, "optim.epochs",
+              f"an integer between 1 and {MAX_EPOCHS}", self.epochs)
+        _need(_is_int(self.batch_size) and 1 <= self.batch_size <= MAX_BATCH_SIZE, "optim.batch_size",
+              f"an integer between 1 and {MAX_BATCH_SIZE}", self.batch_size)
+        _need(_is_int(self.eval_batch_size) and 1 <= self.eval_batch_size <= MAX_BATCH_SIZE,
+              "optim.eval_batch_size", f"an integer between 1 and {MAX_BATCH_SIZE}", self.eval_batch_size)
+
+
+@dataclass(kw_only=True)
+class DPConfig:
+    enabled: bool = True
+    noise_multiplier: float | None = None  # σ; None: calibrated from target_epsilon, or DEFAULT_NOISE_MULTIPLIER
+    target_epsilon: float | None = None  # calibrate σ so that the whole run ends at this ε
+    max_grad_norm: float = 1.0  # per-example clipping norm C
+    delta: float | str = 1e-5  # or "auto": 1 / (10 N), resolved once N is known
+    accountant: str = "rdp"  # the ε reported, calibrated to and budgeted; metrics.csv has all three
+    max_epsilon: float | None = None  # budget: stop before the first step that would exceed it
+
+    DEFAULT_NOISE_MULTIPLIER = 1.0
+
+    def __post_init__(self) -> None:
+        _need(isinstance(self.enabled, bool), "dp.enabled", "true or false", self.enabled)
+        if self.noise_multiplier is not None:
+            _need(_is_number(self.noise_multiplier) and self.noise_multiplier >= 0, "dp.noise_multiplier",
+                  "a number >= 0", self.noise_multiplier)
+        for name in ("target_epsilon", "max_epsilon"):
+            value = getattr(self, name)
+            if value is not None:
+                _need(_is_number(value) and value > 0, f"dp.{name}", "a positive number", value)
+        _need(_is_number(self.max_grad_norm) and self.max_grad_norm > 0, "dp.max_grad_norm", "a positive number",
+              self.max_grad_norm)
+        if isinstance(self.delta, str) and self.delta.strip().lower() != "auto":
+            try:
+                self.delta = float(self.delta)
+            except ValueError:
+                pass
+        if isinstance(self.delta, str):
+            _need(self.delta.strip().lower() == "auto", "dp.delta", "a number in (0, 1) or 'auto'", self.delta)
+            self.delta = "auto"
+        else:
+            _need(_is_number(self.delta) and 0 < self.delta < 1, "dp.delta", "a number in (0, 1) or 'auto'",
+                  self.delta)
+        _need(self.accountant in ACCOUNTANTS, "dp.accountant", f"one of {', '.join(ACCOUNTANTS)}", self.accountant)
+        if self.noise_multiplier is not None and self.target_epsilon is not None:
+            raise ValueError("dp.noise_multiplier and dp.target_epsilon exclude each other: the target calibrates "
+                             "the noise multiplier; give one of them")
+        if not self.enabled:
+            for name in ("noise_multiplier", "target_epsilon", "max_epsilon"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"dp.{name} needs DP: a run without DP adds no noise and spends no privacy "
+                                     f"(drop dp.{name}, or enable DP)")
+
+    def deactivated(self) -> "DPConfig":
+        """The same settings with DP off (and nothing that only DP uses)."""
+        return dataclasses.replace(self, enabled=False, noise_multiplier=None, target_epsilon=None,
+                                   max_epsilon=None)
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    engine: str = "fast"  # falls back to "opacus" (with a notice) for models it does not support
+    device: str = "auto"
+    seed: int = 0
+    runs_dir: str = "runs"
+    run_name: str | None = None  # None: made from the settings; "-2", "-3", ... when taken
+    select: str = "last"  # "best_val": the test set judges the weights of the best validation epoch
+    test_every_epoch: bool = True  # False: the test set is evaluated once, at the end
+    quiet: bool = False
+    tensorboard: bool = False  # also write TensorBoard events next to metrics.csv (optional extra)
+
+    def __post_init__(self) -> None:
+        _need(self.engine in ENGINES, "run.engine", f"one of {', '.join(ENGINES)}", self.engine)
+        _need(self.device in DEVICES, "run.device", f"one of {', '.join(DEVICES)}", self.device)
+        _need(_is_int(self.seed) and 0 <= self.seed < 2**63, "run.seed", "an integer in [0, 2**63)", self.seed)
+        _need(isinstance(self.runs_dir, str) and self.runs_dir != "", "run.runs_dir", "a folder", self.runs_dir)
+        if self.run_name is not None:
+            _need(isinstance(self.run_name, str) and self.run_name not in ("", ".", "..")
+                  and "/" not in self.run_name and "\\" not in self.run_name and "\0" not in self.run_name,
+                  "run.run_name", "a plain folder name (no path separators)", self.run_name)
+        _need(self.select in SELECTIONS, "run.select", f"one of {', '.join(SELECTIONS)}", self.select)
+        for name in ("test_every_epoch", "quiet", "tensorboard"):
+            _need(isinstance(getattr(self, name), bool), f"run.{name}", "true or false", getattr(self, name))
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "dp": DPConfig, "run": RunConfig}
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        if self.run.select == "best_val" and self.data.val_size == 0 and self.data.dataset not in ("celeba",
+                                                                                                   "imagefolder"):
+            raise ValueError("run.select best_val needs a validation split: set data.val_size > 0 "
+                             f"({self.data.dataset} ships none)")
+
+    def deactivated(self) -> "TrainConfig":
+        """The baseline: this config with DP switched off."""
+        return dataclasses.replace(self, dp=self.dp.deactivated())
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], *, source: str = "config") -> "TrainConfig":
+        """Build from nested dicts; unknown sections or fields raise ``ValueError`` naming them.
+
+        The ``resolved`` section of a run folder's ``config.yaml`` is accepted and ignored.
+        """
+        if not isinstance(values, Mapping):
+            raise ValueError(f"{source} must be a mapping of sections ({', '.join(SECTIONS)}), got "
+                             f"{type(values).__name__}")
+        unknown = set(values) - set(SECTIONS) - {RESOLVED}
+        if unknown:
+            raise ValueError(f"{sorted(unknown)[0]} is not a config section (valid: {', '.join(SECTIONS)})")
+        sections = {}
+        for name, kind in SECTIONS.items():
+            given = values.get(name) or {}
+            if not isinstance(given, Mapping):
+                raise ValueError(f"{name} must be a mapping of settings, got {type(given).__name__}")
+            valid = [f.name for f in fields(kind)]
+            for key in given:
+                if key not in valid:
+                    raise ValueError(f"{name}.{key} is not a setting (valid: {', '.join(valid)})")
+            sections[name] = kind(**given)
+        return cls(**sections)
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> "TrainConfig":
+        """A new config with ``{"section.field": value}`` applied (validated again)."""
+        values = self.to_dict()
+        for key, value in overrides.items():
+            section, _, name = key.partition(".")
+            if section not in SECTIONS or not name:
+                raise ValueError(f"{key} is not a setting: use section.field with section one of "
+                                 f"{', '.join(SECTIONS)}")
+            values[section][name] = value
+        return TrainConfig.from_dict(values)
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """The nested dict of a YAML recipe; ``ValueError`` naming the file on any problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: cannot read recipe ({getattr(err, 'strerror', None) or err})") from None
+    try:
+        values = yaml.load(text, Loader=RecipeLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: a recipe is a mapping of sections ({', '.join(SECTIONS)}), got "
+                         f"{type(values).__name__}")
+    return values
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value as YAML would read it: ``0.1`` -> float, ``true`` -> bool, ``null`` -> None.
+
+    Example:
+        >>> parse_value("0.1"), parse_value("true"), parse_value("auto"), parse_value("null")
+        (0.1, True, 'auto', None)
+        >>> parse_value("1e-5")
+        1e-05
+    """
+    try:
+        return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError:
+        return text

@@ -1,0 +1,49 @@
+"""How every job ends when it cannot go on: one line, a known exit status, no traceback.
+
+* bad input (a flag, a recipe, a data file, a checkpoint of another run): ``prog: error: ...``, exit 2;
+* a full disk or an unwritable path found while running: the path and the reason, exit 2
+  (everything already written was written atomically, so nothing is half-written);
+* Ctrl-C: ``prog: interrupted`` and exit 130; the last checkpoint stays usable by ``--resume``.
+
+Example:
+    >>> import argparse
+    >>> def bad():
+    ...     raise ValueError("--lr must be >= 0, got -1.0")
+    >>> run_guarded(argparse.ArgumentParser(prog="demo"), bad, stream=sys.stdout)
+    demo: error: --lr must be >= 0, got -1.0
+    2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+
+
+def one_line(err: BaseException) -> str:
+    """The first line of an error's message, with the path for an ``OSError``."""
+    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and err.filename:
+        return f"{err.filename}: {err.strerror or err}"
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def run_guarded(parser: argparse.ArgumentParser, fn: Callable[[], object], *,
+                translate: Callable[[str], str] | None = None, stream=None) -> int:
+    """Run ``fn()``; exit status 0, or print one line and return 2 (bad input) or 130 (Ctrl-C)."""
+    stream = stream or sys.stderr
+    try:
+        fn()
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted (the last completed epoch is checkpointed: --resume continues it)",
+              file=stream, flush=True)
+        return EXIT_INTERRUPTED
+    except (ValueError, OSError) as err:  # DataError, CheckpointError and friends are ValueErrors
+        message = one_line(err)
+        print(f"{parser.prog}: error: {translate(message) if translate else message}", file=stream, flush=True)
+        return EXIT_BAD_INPUT
+    return 0

@@ -1,0 +1,198 @@
+"""``python mnist.py``: the MNIST seed's flags, mapped onto the one training job.
+
+Every flag and default of the seed's table is kept (``--sigma``, ``--max-per-sample-grad-norm``,
+``--epsilon``, ...); inside dpvision they are ``dp.noise_multiplier``, ``dp.max_grad_norm`` and
+``dp.target_epsilon``. The job runs as ``dpvision train --config recipes/mnist_seed.yaml`` would,
+and this front-end adds the seed's CSV: ``<out-dir>/mnist_{lr}_{sigma}_{C}_{batch}_{epochs}_{epsilon}_{k}.csv``
+(columns ``Epoch,Train Accuracy,Test Accuracy,Epsilon,Delta``), rewritten after every epoch, with
+a copy in the run folder (the shared name does not say the seed, δ or accountant: a second run
+replaces it, and says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from dpvision.cli_support import OneLineParser, check_can_create_dir, given_flags, one_line_warnings
+
+SEED_CSV_COLUMNS = ["Epoch", "Train Accuracy", "Test Accuracy", "Epsilon", "Delta"]
+DEFAULT_SIGMA, DEFAULT_EPSILON_LABEL = 1.3, 0.3
+RESUME_FLAGS = ("--resume", "--data-root", "--device", "--quiet", "--out-dir")
+DP_ONLY_FLAGS = ("--sigma", "--epsilon", "--target-epsilon", "--max-epsilon")
+
+
+def add_mnist_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The seed's flag table (same names and defaults) plus dpvision's own flags."""
+    add = parser.add_argument
+    add("--batch-size", type=int, default=256, help="batch size; under DP the expected batch size (default: 256)")
+    add("--test-batch-size", type=int, default=1024, help="batch size for testing (default: 1024)")
+    add("--epochs", type=int, default=30, help="number of training epochs (default: 30)")
+    add("--lr", type=float, default=0.15, help="learning rate (default: 0.15)")
+    add("--sigma", type=float, default=None, help=f"noise multiplier for DP (default: {DEFAULT_SIGMA})")
+    add("--max-per-sample-grad-norm", type=float, default=1.0, help="per-sample clipping norm C (default: 1.0)")
+    add("--delta", default="1e-5", help="delta parameter for DP, or 'auto' for 1/(10 k) (default: 1e-5)")
+    add("--epsilon", type=float, default=None,
+        help="target epsilon: when given, sigma is calibrated so the whole run ends at this epsilon "
+             f"(default: {DEFAULT_EPSILON_LABEL}, then only a file-name label and --sigma rules)")
+    add("--target-epsilon", type=float, default=None, help="same as --epsilon (the target epsilon)")
+    add("--accountant", default="rdp", choices=("rdp", "prv", "pld"),
+        help="accountant of the reported, calibrated and budgeted epsilon; metrics.csv has all three (default: rdp)")
+    add("--max-epsilon", type=float, default=None,
+        help="privacy budget: stop before the first step that would take epsilon above it (default: none)")
+    add("--resume", default=None, metavar="RUN_DIR", help="continue the interrupted run in RUN_DIR with its saved "
+        "settings (only --data-root, --device, --quiet and --out-dir may be given again)")
+    add("--k", type=int, default=30_000, help="number of training samples, a seeded random subset (default: 30000)")
+    add("--disable-dp", action="store_true", help="disable DP and run standard SGD")
+    add("--device", default="auto", help="training device: cpu, cuda or auto (default: auto, cuda when available)")
+    add("--engine", default="fast", help="fast (dpvision's engine; falls back to opacus with a notice where "
+        "unsupported) or opacus (the stock recipe) (default: fast)")
+    add("--data-root", default="data", help="folder holding MNIST/raw/ (default: data)")
+    add("--out-dir", default="mnist", help="folder for the per-epoch CSV (default: mnist)")
+    add("--runs-dir", default="runs", help="folder for run folders runs/mnist/<run-name>/ (default: runs)")
+    add("--run-name", default=None, help="run folder name (default: the CSV's name; -2, -3... if taken)")
+    add("--seed", type=int, default=0, help="seed for subset, initialisation, sampling and noise (default: 0)")
+    add("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, given: Sequence[str]):
+    """The job's :class:`~dpvision.jobs.config.TrainConfig` for these flags (``ValueError`` naming a flag)."""
+    from dpvision.jobs.config import TrainConfig
+
+    if args.target_epsilon is not None:
+        if args.epsilon is not None and args.epsilon != args.target_epsilon:
+            raise ValueError(f"--epsilon {args.epsilon} and --target-epsilon {args.target_epsilon} disagree: they "
+                             "are the same setting, give one of them")
+        args.epsilon = args.target_epsilon
+    if args.epsilon is not None and args.sigma is not None:
+        raise ValueError("--sigma and --epsilon exclude each other: --epsilon is a target and sigma is calibrated "
+                         "to reach it; give one of them")
+    refused = [flag for flag in DP_ONLY_FLAGS if flag in given]
+    if args.disable_dp and refused:
+        raise ValueError(f"{refused[0]} needs DP: --disable-dp adds no noise and spends no privacy "
+                         "(drop one of the two)")
+    dp = {"enabled": not args.disable_dp, "max_grad_norm": args.max_per_sample_grad_norm,
+          "delta": parse_delta(args.delta),
+          "accountant": args.accountant, "max_epsilon": args.max_epsilon}
+    if not args.disable_dp:
+        dp.update(target_epsilon=args.epsilon) if args.epsilon is not None else dp.update(
+            noise_multiplier=DEFAULT_SIGMA if args.sigma is None else args.sigma)
+    return _seed_errors(TrainConfig.from_dict, {
+        "data": {"dataset": "mnist", "root": args.data_root, "k": args.k},
+        "model": {"name": "sample_convnet"},
+        "optim": {"name": "sgd", "lr": args.lr, "epochs": args.epochs, "batch_size": args.batch_size,
+                  "eval_batch_size": args.test_batch_size},
+        "dp": dp,
+        "run": {"engine": args.engine, "device": args.device, "seed": args.seed, "runs_dir": args.runs_dir,
+                "run_name": args.run_name, "quiet": args.quiet},
+    })
+
+
+def parse_delta(text: str) -> float | str:
+    """``--delta``: a number, or ``auto`` for 1 / (10 N)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--delta must be a number in (0, 1) or 'auto', got {text!r}") from None
+
+
+# Config fields as the seed's flags name them, for error messages.
+FLAG_NAMES = {"data.k": "--k", "data.root": "--data-root", "optim.lr": "--lr", "optim.epochs": "--epochs",
+              "optim.batch_size": "--batch-size", "optim.eval_batch_size": "--test-batch-size",
+              "dp.noise_multiplier": "--sigma", "dp.target_epsilon": "--epsilon",
+              "dp.max_grad_norm": "--max-per-sample-grad-norm", "dp.delta": "--delta",
+              "dp.max_epsilon": "--max-epsilon", "run.engine": "--engine", "run.device": "--device",
+              "run.seed": "--seed", "run.runs_dir": "--runs-dir", "run.run_name": "--run-name"}
+
+
+def _seed_errors(fn, *args, **kwargs):
+    """Call ``fn``; a ``ValueError`` naming a config field is re-raised naming the seed's flag."""
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as err:
+        raise ValueError(seed_message(str(err))) from None
+
+
+def seed_message(message: str) -> str:
+    for field_name, flag in sorted(FLAG_NAMES.items(), key=lambda kv: -len(kv[0])):
+        message = message.replace(field_name, flag)
+    return message
+
+
+class SeedCsv:
+    """Writes the seed's CSV from the job's metric rows (``on_rows``), shared copy and run-folder copy."""
+
+    def __init__(self, args: argparse.Namespace, out_dir: str | None) -> None:
+        self.args, self.out_dir, self.announced, self.path = args, out_dir, False, None
+
+    def name(self, resolved: dict, target: float | None) -> str:
+        a = self.args
+        sigma = f"{resolved['noise_multiplier']:.4g}" if target is not None else str(
+            DEFAULT_SIGMA if a.sigma is None else a.sigma)
+        epsilon = DEFAULT_EPSILON_LABEL if target is None else target
+        return f"mnist_{a.lr}_{sigma}_{a.max_per_sample_grad_norm}_{a.batch_size}_{a.epochs}_{epsilon}_{a.k}.csv"
+
+    def __call__(self, run_dir, rows: list[dict]) -> None:
+        from dpvision.runs import atomic_write_text, csv_text
+
+        saved = run_dir.read_config()
+        front = saved["resolved"].get("front_end", {})
+        name, out_dir = front["seed_csv_name"], Path(self.out_dir or front["out_dir"])
+        text = csv_text(SEED_CSV_COLUMNS, [{"Epoch": r["epoch"], "Train Accuracy": r["train_accuracy"],
+                                            "Test Accuracy": r["test_accuracy"], "Epsilon": r["epsilon"],
+                                            "Delta": r["delta"]} for r in rows])
+        own, shared = run_dir.path / name, out_dir / name
+        if not self.announced and shared.exists() and (not own.exists() or own.read_text() != shared.read_text()):
+            print(f"note: replacing {shared} (written by another run; every run folder keeps its own copy)",
+                  file=sys.stderr, flush=True)
+        self.announced = True
+        atomic_write_text(own, text)
+        atomic_write_text(shared, text)
+        self.path = shared
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "mnist.py") -> int:
+    """``python mnist.py [flags]``: exit 0, or 2 with one ``error:`` line naming the flag."""
+    from dpvision.jobs.errors import run_guarded
+
+    one_line_warnings()
+    parser = add_mnist_arguments(OneLineParser(prog=prog, description="Train SampleConvNet on MNIST, with or "
+                                                                      "without DP-SGD."))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    given = given_flags(parser, argv)
+    return run_guarded(parser, lambda: _run(args, given), translate=seed_message)
+
+
+def _run(args: argparse.Namespace, given: list[str]) -> dict:
+    from dpvision.jobs.loop import check_resume_flags
+    from dpvision.jobs.train import run
+
+    if args.resume is not None:
+        check_resume_flags(given, RESUME_FLAGS)
+        overrides = {key: getattr(args, attr) for flag, key, attr in (
+            ("--data-root", "data.root", "data_root"), ("--device", "run.device", "device"),
+            ("--quiet", "run.quiet", "quiet")) if flag in given}
+        out_dir = args.out_dir if "--out-dir" in given else None
+        if out_dir is not None:
+            check_can_create_dir(out_dir, "--out-dir")
+        csv = SeedCsv(args, out_dir)
+        summary = run(resume=args.resume, overrides=overrides, on_rows=csv)
+        print(f"Seed CSV: {csv.path}", flush=True)
+        return summary
+    config = config_from_args(args, given)
+    check_can_create_dir(args.out_dir, "--out-dir")
+    csv = SeedCsv(args, args.out_dir)
+
+    def front_end(resolved: dict) -> dict:
+        name = csv.name(resolved, config.dp.target_epsilon)
+        return {"out_dir": args.out_dir, "seed_csv_name": name, "run_name": Path(name).stem}
+
+    summary = run(config, group="mnist", run_name=args.run_name, on_rows=csv, front_end=front_end)
+    print(f"Seed CSV: {csv.path}", flush=True)
+    return summary
