@@ -1,14 +1,27 @@
-"""Seconds per epoch: the stock Opacus recipe against dpvision's fast engine, DP and non-private.
+"""Seconds per epoch and ms per step: stock Opacus, plain PyTorch and dpvision's fast engine, DP and not.
 
-Workloads: SampleConvNet on MNIST (60,000 train images) and CelebaCNN on 64x64 RGB
-(random but fixed uint8 images, ``--celeba-size`` of them), batch 256, plus the
-fast engine at a large logical batch (``--large-batch``, default 4096).
+Workloads: SampleConvNet on MNIST (60,000 train images), CelebaCNN on 64x64 RGB
+(random but fixed uint8 images, ``--celeba-size`` of them) and WideResNet-16-4
+(GroupNorm, ``build_model("wrn16_4")``) on 32x32 RGB (random but fixed, ``--wrn-size``,
+CIFAR-10's 50,000 by default, 10 classes), batch 256, plus the fast engine at a large
+logical batch (``--large-batch``, default 4096).
 
-The stock recipe is what Opacus's examples teach: torchvision's ``datasets.MNIST``
-with ``ToTensor`` + ``Normalize`` (for CelebA-64, a map-style dataset normalising
-each item) in a ``DataLoader``, ``PrivacyEngine().make_private`` (Poisson sampling,
-hook-based per-sample gradients), one optimizer step a batch. Non-private: the
-same loader shuffled, plain SGD.
+Engines (``--engines``, per workload with ``--wrn-engines``):
+
+* ``opacus``: the stock recipe Opacus's examples teach: torchvision's ``datasets.MNIST``
+  with ``ToTensor`` + ``Normalize`` (otherwise a map-style dataset normalising each item)
+  in a ``DataLoader``, ``PrivacyEngine().make_private`` (Poisson sampling, hooks), one
+  optimizer step a batch. Non-private: the same loader shuffled, plain SGD.
+* ``opacus-hooks``, ``opacus-ghost`` (DP only): Opacus 1.6's per-step work alone, from
+  ``make_private(grad_sample_mode="hooks" | "ghost")``, fed by Poisson batches drawn on the
+  device from the device-resident data (no DataLoader), loss and optimizer as Opacus wants.
+* ``plain`` (non-private only): the yardstick, plain PyTorch eager: the same model and
+  batch size, data on the device, shuffled batches, mean cross-entropy, ``backward``,
+  ``torch.optim.SGD``; fp32 parameters and activations (cuDNN's default TF32 convolutions).
+* ``fast``: ``FastEngine`` with its defaults (or the ``--precision``... flags);
+  ``fast-fp32``: the engine before run 9's speed options; ``fast:key=value,...``: the
+  defaults overridden (keys ``precision``, ``channels_last``, ``pad_sigmas``,
+  ``cuda_graphs``, ``grad_sample_mode``, ``method``: the manual backend's norm method).
 
 Each configuration: one warm-up run of a few steps (not timed; graph capture and
 cuDNN autotuning happen there), then ``--epochs`` timed runs; on the CPU (or with
@@ -16,10 +29,14 @@ cuDNN autotuning happen there), then ``--epochs`` timed runs; on the CPU (or wit
 workload, so that a shared machine's changing load hits all of them alike. With ``--max-steps``
 a timed run stops after that many steps and the time is extrapolated to a full
 epoch (seconds / steps x steps per epoch); the table says so. Reported: median
-seconds per epoch, peak memory (CUDA max_memory_allocated on GPU; peak RSS of
-the process while the configuration ran, on CPU).
+seconds per epoch and ms per step, peak memory (CUDA max_memory_allocated on GPU; peak
+RSS of the process while the configuration ran, on CPU), and the achieved rate of
+useful arithmetic: the FLOPs of one non-private forward + backward of the model at the
+batch size (``torch.utils.flop_counter.FlopCounterMode``) per step time, next to the
+GPU's matrix-multiply ceilings measured in the same run (TF32 and bf16, 8192^3).
 
     python benchmarks/bench_dpsgd.py --device cuda --data-root data --epochs 3 --json gpu.json
+    python benchmarks/bench_dpsgd.py --device cuda --workloads wrn16_4 --max-steps 30 --large-batch 0
     python benchmarks/bench_dpsgd.py --device cpu --max-steps 20 --epochs 2 --json cpu.json
 """
 
@@ -39,11 +56,12 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from dpvision.data.mnist import load_mnist
 from dpvision.data.tensors import ImageTensors, NormalizedTensorDataset
-from dpvision.models import CelebaCNN, SampleConvNet
+from dpvision.models import CelebaCNN, SampleConvNet, build_model
 from dpvision.privacy.accounting import poisson_sample_rate, steps_per_epoch
 from dpvision.engines import DPSettings, OptimizerSpec
 from dpvision.engines.fast import FastEngine
@@ -51,6 +69,8 @@ from dpvision.engines.fast import FastEngine
 DP = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0)
 BASELINE_OPTIONS = {"precision": "fp32", "channels_last": False, "pad_sigmas": 3.0}
 LR = 0.1
+FAST_KEYS = {"precision": str, "channels_last": bool, "pad_sigmas": float, "cuda_graphs": bool,
+             "grad_sample_mode": str, "method": str}
 
 
 class PeakMemory:
@@ -133,13 +153,98 @@ class FastRecipe:
     def __init__(self, model, data: ImageTensors, batch_size: int, dp: bool, device: torch.device,
                  mode: str | None, graphs: bool | None, options: dict | None = None) -> None:
         self.device = device
+        options = dict(options or {})
+        method = options.pop("method", None)
+        options.setdefault("grad_sample_mode", mode)
+        options.setdefault("cuda_graphs", graphs)
         self.engine = FastEngine(model=model, train_data=data, batch_size=batch_size,
                                  optimizer=OptimizerSpec(lr=LR), dp=DP if dp else None, seed=0, device=device,
-                                 grad_sample_mode=mode, cuda_graphs=graphs, **(options or {}))
+                                 **options)
+        if method is not None and self.engine.backend is not None:
+            self.engine.backend.method = method  # before the first chunk (and graph capture)
         self.steps_per_epoch = self.engine.steps_per_epoch
 
     def run(self, max_steps: int | None) -> int:
         steps = self.engine.train_epoch(max_steps=max_steps).steps  # ends with a host sync (loss read)
+        sync(self.device)
+        return steps
+
+
+class DeviceBatches:
+    """The data on the device as uint8 and its normalisation, shared by the plain and Opacus-step recipes."""
+
+    def __init__(self, data: ImageTensors, device: torch.device) -> None:
+        self.images, self.labels = data.images.to(device), data.labels.to(device)
+        self.mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
+        self.generator = torch.Generator(device).manual_seed(0)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def get(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.images[idx].float().div_(255.0) - self.mean) / self.std, self.labels[idx]
+
+
+class PlainRecipe:
+    """The yardstick: plain PyTorch, non-private, eager, same model and batch size, data on the device."""
+
+    def __init__(self, model, data: ImageTensors, batch_size: int, device: torch.device) -> None:
+        self.device, self.batch_size = device, batch_size
+        self.batches = DeviceBatches(data, device)
+        self.model = model.to(device)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=LR)
+        self.steps_per_epoch = math.ceil(len(data) / batch_size)
+
+    def run(self, max_steps: int | None) -> int:
+        self.model.train()
+        n, b = len(self.batches), self.batch_size
+        order = torch.randperm(n, device=self.device, generator=self.batches.generator)
+        steps = self.steps_per_epoch if max_steps is None else min(max_steps, self.steps_per_epoch)
+        for s in range(steps):
+            x, y = self.batches.get(order[s * b:(s + 1) * b])
+            self.optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(self.model(x), y).backward()
+            self.optimizer.step()
+        sync(self.device)
+        return steps
+
+
+class OpacusStepRecipe:
+    """Opacus 1.6's per-step work (``make_private``, hooks or ghost clipping) on device-resident Poisson batches.
+
+    ``make_private`` gets a stand-in DataLoader of the right length and batch size (so that its
+    sample rate and expected batch size are the real ones); the batches themselves are drawn on
+    the device at that rate, so no DataLoader time is in the step.
+    """
+
+    def __init__(self, model, data: ImageTensors, batch_size: int, device: torch.device, mode: str) -> None:
+        from opacus import PrivacyEngine
+
+        self.device = device
+        self.batches = DeviceBatches(data, device)
+        stand_in = DataLoader(TensorDataset(torch.zeros(len(data), 1)), batch_size=batch_size)
+        out = PrivacyEngine().make_private(
+            module=model.to(device), optimizer=torch.optim.SGD(model.parameters(), lr=LR), data_loader=stand_in,
+            noise_multiplier=DP.noise_multiplier, max_grad_norm=DP.max_grad_norm, poisson_sampling=True,
+            grad_sample_mode=mode, criterion=nn.CrossEntropyLoss())
+        if mode == "ghost":
+            self.model, self.optimizer, self.criterion, loader = out
+        else:
+            (self.model, self.optimizer, loader), self.criterion = out, nn.CrossEntropyLoss()
+        self.sample_rate = poisson_sample_rate(len(data), batch_size)
+        self.steps_per_epoch = len(loader)
+
+    def run(self, max_steps: int | None) -> int:
+        self.model.train()
+        steps = self.steps_per_epoch if max_steps is None else min(max_steps, self.steps_per_epoch)
+        n = len(self.batches)
+        for _ in range(steps):
+            mask = torch.rand(n, device=self.device, generator=self.batches.generator) < self.sample_rate
+            x, y = self.batches.get(mask.nonzero()[:, 0])
+            self.optimizer.zero_grad(set_to_none=True)
+            self.criterion(self.model(x), y).backward()
+            self.optimizer.step()
         sync(self.device)
         return steps
 
@@ -207,6 +312,75 @@ def celeba_workload(args):
     return data, NormalizedTensorDataset(data), CelebaCNN
 
 
+def wrn_workload(args):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (args.wrn_size, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (args.wrn_size,), generator=g)
+    data = ImageTensors(images, labels, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    return data, NormalizedTensorDataset(data), lambda: build_model("wrn16_4", in_channels=3, num_classes=10,
+                                                                    image_size=32)
+
+
+WORKLOADS = {"mnist": mnist_workload, "celeba64": celeba_workload, "wrn16_4": wrn_workload}
+
+
+def step_flops(model_cls, data: ImageTensors, batch: int) -> float:
+    """FLOPs of one non-private forward + backward at ``batch`` (counted on the meta device: nothing runs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = model_cls().to("meta")
+    x = torch.empty(batch, *data.images.shape[1:], device="meta")
+    y = torch.zeros(batch, dtype=torch.long, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(x), y).backward()
+    return float(counter.get_total_flops())
+
+
+def matmul_ceilings(device: torch.device) -> dict:
+    """Measured TFLOP/s of an 8192^3 matrix product in bf16 and in fp32 with TF32 (median of 10, after 3)."""
+    if device.type != "cuda":
+        return {}
+    out, n = {}, 8192
+    saved = torch.backends.cuda.matmul.allow_tf32
+    for name, dtype in (("bf16", torch.bfloat16), ("tf32", torch.float32)):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+        times = []
+        for i in range(13):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            a @ b
+            end.record()
+            torch.cuda.synchronize()
+            if i >= 3:
+                times.append(start.elapsed_time(end) / 1e3)
+        out[name] = 2 * n**3 / statistics.median(times) / 1e12
+        del a, b
+    torch.backends.cuda.matmul.allow_tf32 = saved
+    return out
+
+
+def parse_engine(engine: str, args) -> tuple[str, dict]:
+    """("opacus" | "opacus-hooks" | "opacus-ghost" | "plain" | "fast", fast engine options) from a name."""
+    if engine in ("opacus", "opacus-hooks", "opacus-ghost", "plain"):
+        return engine, {}
+    if engine == "fast-fp32":  # the engine before run 9's speed options (fp32 matmuls, NCHW, 3-sd padding)
+        return "fast", dict(BASELINE_OPTIONS)
+    options = {k: v for k, v in (("precision", args.precision), ("channels_last", args.channels_last),
+                                 ("pad_sigmas", args.pad_sigmas), ("grad_sample_mode", args.grad_sample_mode),
+                                 ("cuda_graphs", False if args.no_cuda_graphs else None)) if v is not None}
+    name, _, rest = engine.partition(":")
+    if name != "fast":
+        raise SystemExit(f"bench_dpsgd.py: error: unknown engine {engine!r}")
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        if key not in FAST_KEYS:
+            raise SystemExit(f"bench_dpsgd.py: error: {engine!r}: option must be one of {tuple(FAST_KEYS)}")
+        kind = FAST_KEYS[key]
+        options[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return "fast", options
+
+
 def versions(device: torch.device) -> dict:
     import opacus
     import torchvision
@@ -231,9 +405,13 @@ def main(argv=None) -> int:
                    help="stop each timed run after this many steps and extrapolate to a full epoch")
     p.add_argument("--stock-max-steps", type=int, default=None, help="as --max-steps, for the stock recipe only")
     p.add_argument("--warmup-steps", type=int, default=5)
-    p.add_argument("--workloads", default="mnist,celeba64")
+    p.add_argument("--workloads", default="mnist,celeba64,wrn16_4")
     p.add_argument("--engines", default="opacus,fast",
-                   help="opacus,fast[,fast-fp32] (fast-fp32: the fast engine before the speed options)")
+                   help="for MNIST and CelebA-64: opacus,opacus-hooks,opacus-ghost,plain,fast,fast-fp32,"
+                        "fast:key=value,... (module docstring)")
+    p.add_argument("--wrn-engines", default="plain,opacus-hooks,opacus-ghost,fast",
+                   help="as --engines, for the WRN-16-4 workload")
+    p.add_argument("--wrn-size", type=int, default=50000)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--large-batch", type=int, default=4096, help="fast engine only; 0 to skip")
     p.add_argument("--celeba-size", type=int, default=20000)
@@ -261,53 +439,84 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
+    ceilings = matmul_ceilings(device)
+    if ceilings:
+        print("matmul ceilings (TFLOP/s, 8192^3): " + ", ".join(f"{k} {v:.0f}" for k, v in ceilings.items()))
     results = []
     for workload in args.workloads.split(","):
-        data, stock_dataset, model_cls = {"mnist": mnist_workload, "celeba64": celeba_workload}[workload](args)
-        configs = []
-        for engine in args.engines.split(","):
+        if workload not in WORKLOADS:
+            raise SystemExit(f"bench_dpsgd.py: error: --workloads: unknown {workload!r}, valid: {tuple(WORKLOADS)}")
+        data, stock_dataset, model_cls = WORKLOADS[workload](args)
+        engines = (args.wrn_engines if workload == "wrn16_4" else args.engines).split(",")
+        makers = []
+        for engine in engines:
+            kind, options = parse_engine(engine, args)
             batches = [args.batch_size] + ([args.large_batch] if engine == "fast" and args.large_batch else [])
             for batch in batches:
                 for dp in (True, False):
-                    configs.append((engine, batch, dp))
-        makers = []
-        for engine, batch, dp in configs:
-            if engine == "opacus":
-                def make(batch=batch, dp=dp):
-                    return StockRecipe(model_cls(), stock_dataset, batch, dp, device, workers)
-                run_args = argparse.Namespace(**{**vars(args), "max_steps": args.stock_max_steps or args.max_steps})
-            else:
-                # "fast": the engine's defaults (or the flags); "fast-fp32": the engine before the
-                # speed options (fp32 matmuls, NCHW, 3-sd padding), for a before/after in one run.
-                options = (BASELINE_OPTIONS if engine == "fast-fp32" else
-                           {k: v for k, v in (("precision", args.precision), ("channels_last", args.channels_last),
-                                              ("pad_sigmas", args.pad_sigmas)) if v is not None})
-
-                def make(batch=batch, dp=dp, options=options):
-                    return FastRecipe(model_cls(), data, batch, dp, device, args.grad_sample_mode,
-                                      False if args.no_cuda_graphs else None, options)
-                run_args = args
-            makers.append((engine, batch, dp, make, run_args))
+                    if (kind == "plain" and dp) or (kind.startswith("opacus-") and not dp):
+                        continue
+                    makers.append((engine, batch, dp, *make_recipe(kind, options, model_cls, data, stock_dataset,
+                                                                   batch, dp, device, workers, args)))
         timed = time_interleaved(makers, args, device) if interleave else [
             time_recipe(make, run_args, device) for *_, make, run_args in makers]
+        flops = {b: step_flops(model_cls, data, b) for b in {m[1] for m in makers}}
         for (engine, batch, dp, _, _), timing in zip(makers, timed):
             row = {"workload": workload, "engine": engine, "dp": dp, "batch_size": batch, **timing}
             row["steps_per_epoch"] = (steps_per_epoch(poisson_sample_rate(len(data), batch)) if dp
                                       else math.ceil(len(data) / batch))
+            row["ms_per_step"] = 1e3 * row["seconds_per_epoch"] / row["steps_per_epoch"]
+            row["model_gflop_per_step"] = flops[batch] / 1e9
+            row["tflops"] = flops[batch] / row["ms_per_step"] / 1e9
             results.append(row)
-            print(f"  {workload:8s} {engine:6s} dp={dp!s:5s} B={batch:5d}: {row['seconds_per_epoch']:.4f} s/epoch"
-                  f"{' (extrapolated)' if row['extrapolated'] else ''}, peak {row['peak_memory_mb']:.0f} MB",
-                  flush=True)
+            print(f"  {workload:8s} {engine:12s} dp={dp!s:5s} B={batch:5d}: {row['seconds_per_epoch']:.4f} s/epoch"
+                  f"{' (extrapolated)' if row['extrapolated'] else ''}, {row['ms_per_step']:.2f} ms/step, "
+                  f"peak {row['peak_memory_mb']:.0f} MB", flush=True)
 
     print_table(results, device, "seconds_per_epoch", "median")
     if args.epochs > 1:
         print_table(results, device, "min_seconds_per_epoch", "fastest run")
+    print_step_table(results, device, ceilings)
     if args.json:
         out = {"device": args.device, "date": datetime.date.today().isoformat(), "versions": versions(device),
+               "matmul_ceilings_tflops": ceilings,
                "settings": {k: v for k, v in vars(args).items() if k != "json"}, "results": results}
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
     return 0
+
+
+def make_recipe(kind: str, options: dict, model_cls, data, stock_dataset, batch: int, dp: bool,
+                device: torch.device, workers: int, args):
+    """(make, run_args): a recipe factory for one configuration, and the arguments its timed runs use."""
+    if kind == "opacus":
+        run_args = argparse.Namespace(**{**vars(args), "max_steps": args.stock_max_steps or args.max_steps})
+        return (lambda: StockRecipe(model_cls(), stock_dataset, batch, dp, device, workers)), run_args
+    if kind == "plain":
+        return (lambda: PlainRecipe(model_cls(), data, batch, device)), args
+    if kind.startswith("opacus-"):
+        run_args = argparse.Namespace(**{**vars(args), "max_steps": args.stock_max_steps or args.max_steps})
+        return (lambda: OpacusStepRecipe(model_cls(), data, batch, device, kind.split("-")[1])), run_args
+    return (lambda: FastRecipe(model_cls(), data, batch, dp, device, None, None, options)), args
+
+
+def print_step_table(results: list[dict], device: torch.device, ceilings: dict) -> None:
+    """ms per step, peak memory and achieved useful TFLOP/s, against the plain PyTorch row of the workload."""
+    ceiling = ceilings.get("tf32")
+    print(f"\nPer step (median), useful TFLOP/s = FLOPs of one non-private forward+backward / step time"
+          + (f"; measured matmul ceilings: TF32 {ceiling:.0f}, bf16 {ceilings['bf16']:.0f} TFLOP/s" if ceiling else ""))
+    print(f"{'workload':9s} {'engine':28s} {'DP':>3s} {'B':>6s} {'ms/step':>9s} {'x plain':>8s} {'peak MB':>8s}"
+          f" {'x plain':>8s} {'TFLOP/s':>8s} {'% TF32':>7s}")
+    for r in results:
+        plain = next((q for q in results if q["workload"] == r["workload"] and q["engine"] == "plain"
+                      and q["batch_size"] == r["batch_size"]), None)
+        t_ratio = f"{r['ms_per_step'] / plain['ms_per_step']:.2f}" if plain else "-"
+        m_ratio = f"{r['peak_memory_mb'] / plain['peak_memory_mb']:.2f}" if plain else "-"
+        share = f"{100 * r['tflops'] / ceiling:.1f}" if ceiling else "-"
+        print(f"{r['workload']:9s} {r['engine'][:28]:28s} {'yes' if r['dp'] else 'no':>3s} {r['batch_size']:6d}"
+              f" {r['ms_per_step']:9.2f} {t_ratio:>8s} {r['peak_memory_mb']:8.0f} {m_ratio:>8s}"
+              f" {r['tflops']:8.1f} {share:>7s}")
+    sys.stdout.flush()
 
 
 def print_table(results: list[dict], device: torch.device, key: str, label: str) -> None:
@@ -318,7 +527,7 @@ def print_table(results: list[dict], device: torch.device, key: str, label: str)
     print(f"\nDP-SGD seconds per epoch ({label} of the timed runs) on {device.type}"
           f" ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.machine()},"
           f" {torch.get_num_threads()} threads); * = extrapolated from partial epochs")
-    print(f"{'workload':9s} {'engine':9s} {'B':>6s} {'DP s/ep':>10s} {'nonDP s/ep':>11s} {'DP/nonDP':>9s}"
+    print(f"{'workload':9s} {'engine':12s} {'B':>6s} {'DP s/ep':>10s} {'nonDP s/ep':>11s} {'DP/nonDP':>9s}"
           f" {'DP MB':>8s} {'nonDP MB':>9s} {'stock/fast DP':>14s} {'stock/fast nonDP':>17s}")
     for r in results:
         if not r["dp"]:
@@ -333,7 +542,7 @@ def print_table(results: list[dict], device: torch.device, key: str, label: str)
                     if e != "opacus" and stock_dp else "")
         ratio_nd = (f"{stock_nd[key] / nd[key]:.1f}x"
                     if e != "opacus" and stock_nd and nd else "")
-        print(f"{w:9s} {e:9s} {b:6d} {fmt(r):>10s} {fmt(nd):>11s}"
+        print(f"{w:9s} {e:12s} {b:6d} {fmt(r):>10s} {fmt(nd):>11s}"
               f" {(r[key] / nd[key]) if nd else float('nan'):8.2f}x"
               f" {r['peak_memory_mb']:8.0f} {nd['peak_memory_mb'] if nd else float('nan'):9.0f}"
               f" {ratio_dp:>14s} {ratio_nd:>17s}")

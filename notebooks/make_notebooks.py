@@ -62,16 +62,14 @@ We will:
             'N_IMAGES = 500 if SMALL else 4000   # images in the demo archive\n'
             'SIZE = 32 if SMALL else 64          # side length after preprocessing'))),
         code('''
+%matplotlib inline
 import csv, json
 from collections import Counter
 
 import matplotlib.pyplot as plt
 import numpy as np
 
-from dpvision.celeba.archive import read_archive
-from dpvision.celeba.demo import make_demo_archive
-from dpvision.celeba.preprocessing import load_split, preprocess
-from dpvision.celeba.subset import build_subset
+from dpvision.celeba import build_subset, load_split, make_demo_archive, preprocess, read_archive
 '''),
         md("""
 ## 1. A demo archive
@@ -238,7 +236,8 @@ the examples of a batch and breaks per-example privacy) twice on the same data:
   clips each image's gradient to norm at most *C*, adds Gaussian noise of standard deviation *σ·C* to the sum,
   and a privacy accountant turns (σ, q, number of steps, δ) into the guarantee ε.
 
-Both go through `dpvision.celeba.train.run`, exactly what `scripts/celeba_train.py --mode baseline|dp` runs.
+Both go through the one training job, `dpvision.jobs.run`, with the configuration `scripts/celeba_train.py --mode
+baseline|dp` builds (the recipe `recipes/celeba_seed.yaml`).
 
 > `DPVISION_NOTEBOOK_DIR` chooses the working folder (default: a fresh temporary one);
 > `DPVISION_NOTEBOOK_SMALL=1` shrinks everything (500 images, 32×32, 2 epochs) for the automated tests. With tiny
@@ -250,15 +249,14 @@ Both go through `dpvision.celeba.train.run`, exactly what `scripts/celeba_train.
             'EPOCHS = 2 if SMALL else 10\n'
             'BATCH = 32 if SMALL else 128'))),
         code('''
-import json, math
+%matplotlib inline
+import csv, json
 
 import matplotlib.pyplot as plt
 
-from dpvision.celeba.demo import make_demo_archive
-from dpvision.celeba.preprocessing import load_split, preprocess
-from dpvision.celeba.subset import build_subset
-from dpvision.celeba.train import CelebaTrainConfig, run
-from dpvision.celeba.plots import curves_figure, plot_group_accuracy
+from dpvision.celeba import build_subset, make_demo_archive, preprocess
+from dpvision.jobs import TrainConfig, run
+from dpvision.jobs.plots import curves_figure, plot_group_accuracy
 from dpvision.privacy.accounting import compute_epsilon, poisson_sample_rate, steps_per_epoch
 '''),
         md("""
@@ -283,18 +281,28 @@ print("images per split:", stats["counts"])
         md("""
 ## Baseline and DP-SGD, same settings
 
-The configuration is one dataclass; the baseline is the same config with `mode="baseline"`. For DP we ask for a
-target ε and let the accountant **calibrate σ** so that the whole run ends exactly there. δ is `"auto"`:
+The configuration is one typed config with five sections (the same as a YAML recipe); the baseline is the same
+config with DP switched off (`config.deactivated()`) and the smaller learning rate of the baseline. For DP we ask
+for a target ε and let the accountant **calibrate σ** so that the whole run ends exactly there. δ is `"auto"`:
 1/(10·N), well below 1/N (a δ near 1/N would allow "leak one person's data entirely" with non-negligible
-probability).
+probability). The test set judges the weights of the best validation epoch (`select: best_val`).
 """),
         code('''
-common = dict(data=str(pre_dir), epochs=EPOCHS, batch_size=BATCH, runs_dir=str(WORK / "runs"), quiet=True)
-baseline = run(CelebaTrainConfig(mode="baseline", run_name="baseline", **common))
-dp = run(CelebaTrainConfig(mode="dp", target_epsilon=8.0, run_name="dp_eps8", **common))
+config = TrainConfig.from_dict({
+    "data": {"dataset": "celeba", "root": str(pre_dir)},
+    "model": {"name": "celeba_cnn", "width": 16},
+    "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "epochs": EPOCHS, "batch_size": BATCH},
+    "dp": {"target_epsilon": 8.0, "max_grad_norm": 1.0, "delta": "auto"},
+    "run": {"select": "best_val", "test_every_epoch": False, "runs_dir": str(WORK / "runs"), "quiet": True},
+})
+baseline_config = config.deactivated().with_overrides({"optim.lr": 0.05})
+baseline = run(baseline_config, group="celeba_baseline", run_name="baseline")
+dp = run(config, group="celeba_dp", run_name="dp_eps8")
+print(f"{'run':9s} {'test acc':>8s} {'epsilon':>8s} {'sigma':>6s} {'q':>7s} {'steps':>5s}")
 for name, s in (("baseline", baseline), ("DP-SGD", dp)):
-    print(f"{name:9s} test accuracy {s['test_accuracy']:.3f} | epsilon {s['epsilon']} | sigma {s['noise_multiplier']:.3f} "
-          f"| q {s['sample_rate']:.4f} | steps {s['steps']} | {s['seconds_per_epoch']:.1f} s/epoch")
+    sigma = s["noise_multiplier"] or 0.0  # the baseline adds no noise
+    print(f"{name:9s} {s['test_accuracy']:8.3f} {s['epsilon']:8.3f} {sigma:6.3f} {s['sample_rate']:7.4f} "
+          f"{s['steps']:5d}   ({s['seconds_per_epoch']:.1f} s/epoch)")
 '''),
         md("""
 ### Curves
@@ -304,14 +312,12 @@ Right: ε spent so far. It grows with every step, roughly like the square root o
 PLD are three accountants bounding the *same* mechanism, PRV and PLD more tightly.
 """),
         code('''
-import csv
-def metrics(path):
-    with open(path / "metrics.csv", newline="") as f:
+def metrics(run_dir):
+    with open(Path(run_dir) / "metrics.csv", newline="") as f:
         return list(csv.DictReader(f))
 
-runs_root = WORK / "runs"
-for mode, name in (("baseline", "baseline"), ("dp", "dp_eps8")):
-    display(curves_figure(metrics(runs_root / f"celeba_{mode}" / name), title=f"{mode}"))
+for name, s in (("baseline", baseline), ("DP-SGD", dp)):
+    display(curves_figure(metrics(s["run_dir"]), title=name))  # the figure of the run's curves.png
 '''),
         md("""
 ## Accuracy per stratum
@@ -322,16 +328,17 @@ that the clipped, noisy average represents less well, so DP's accuracy drop is o
 With tiny test sets (small mode) a bin holds only a handful of images: read the counts before the bars.
 """),
         code('''
+# summary.json: test accuracy per group (here the interocular strata of the subset) and per class, with counts
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
-plot_group_accuracy({"baseline": baseline["test_accuracy_per_stratum"], "DP-SGD": dp["test_accuracy_per_stratum"]},
-                    ax=axes[0], title="test accuracy per interocular bin", counts=dp["test_count_per_stratum"])
+plot_group_accuracy({"baseline": baseline["test_accuracy_per_group"], "DP-SGD": dp["test_accuracy_per_group"]},
+                    ax=axes[0], title="test accuracy per interocular bin", counts=dp["test_count_per_group"])
 plot_group_accuracy({"baseline": baseline["test_accuracy_per_class"], "DP-SGD": dp["test_accuracy_per_class"]},
                     ax=axes[1], title="test accuracy per class", counts=dp["test_count_per_class"])
 fig.tight_layout()
 plt.show()
-for st in sorted(dp["test_accuracy_per_stratum"]):
-    gap = baseline["test_accuracy_per_stratum"][st] - dp["test_accuracy_per_stratum"][st]
-    print(f"{st}: baseline - DP = {gap:+.3f}  (n = {dp['test_count_per_stratum'][st]})")
+for st in sorted(dp["test_accuracy_per_group"]):
+    gap = baseline["test_accuracy_per_group"][st] - dp["test_accuracy_per_group"][st]
+    print(f"{st}: baseline - DP = {gap:+.3f}  (n = {dp['test_count_per_group'][st]})")
 '''),
         md("""
 ## What σ, C, q and δ do
@@ -396,12 +403,21 @@ def _metadata() -> dict:
     }
 
 
+NOTEBOOKS = {"01_data_and_preprocessing.ipynb": notebook_01, "02_training_baseline_vs_dp.ipynb": notebook_02}
+
+
+def render(name: str) -> str:
+    """The text of notebook ``name`` as it is stored: no outputs, cell ids numbered (the same bytes every time)."""
+    nb = NOTEBOOKS[name]()
+    for i, cell in enumerate(nb.cells):
+        cell.id = f"{name[:2]}-{i:02d}"
+    nbformat.validate(nb)
+    return nbformat.writes(nb) + "\n"
+
+
 def main() -> None:
-    for name, build in (("01_data_and_preprocessing.ipynb", notebook_01),
-                        ("02_training_baseline_vs_dp.ipynb", notebook_02)):
-        nb = build()
-        nbformat.validate(nb)
-        nbformat.write(nb, HERE / name)
+    for name in NOTEBOOKS:
+        (HERE / name).write_text(render(name), encoding="utf-8")
         print("wrote", HERE / name)
 
 

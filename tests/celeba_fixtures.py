@@ -11,6 +11,7 @@ import hashlib
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,12 @@ def archive_copy(demo_archive, tmp_path) -> Path:
     return Path(shutil.copytree(demo_archive, tmp_path / "archive"))
 
 
+@pytest.fixture
+def txt_archive_copy(tmp_path_factory, tmp_path) -> Path:
+    """A private, writable copy of the original-release (``.txt``, flat image folder) demo archive."""
+    return Path(shutil.copytree(cached_archive(tmp_path_factory, fmt="txt", nested=False), tmp_path / "archive_txt"))
+
+
 def tree_digest(root: Path) -> str:
     """sha256 over every file's relative path and bytes: proves a folder was not modified."""
     digest = hashlib.sha256()
@@ -54,7 +61,31 @@ def tree_digest(root: Path) -> str:
     return digest.hexdigest()
 
 
-def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
-    """Run ``scripts/<name>`` with this interpreter, capturing text output."""
+def run_script(name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``scripts/<name>`` with this interpreter, capturing text output.
+
+    A run that outlives ``timeout`` (e.g. one hanging on a FIFO) raises ``subprocess.TimeoutExpired``.
+    """
     return subprocess.run([sys.executable, str(SCRIPTS / name), *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=timeout)
+
+
+def start_celeba_cli(*args: str) -> subprocess.Popen:
+    """Start ``python -m dpvision.celeba.cli <args>`` in the background, stderr captured as text."""
+    return subprocess.Popen([sys.executable, "-m", "dpvision.celeba.cli", *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_staging(parent: Path, name: str, proc: subprocess.Popen, limit_s: float = 120) -> Path:
+    """The ``.<name>.tmp-*`` folder a running command stages its output in, once it holds a JPEG.
+
+    Polls (no timing is asserted); fails if the command ends first or ``limit_s`` passes.
+    """
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the command ended early: {proc.stderr.read()}"
+        for folder in parent.glob(f".{name}.tmp-*"):
+            if next(folder.rglob("*.jpg"), None) is not None:
+                return folder
+        time.sleep(0.05)
+    raise AssertionError(f"no staging folder .{name}.tmp-* with images appeared in {parent}")

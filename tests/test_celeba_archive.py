@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
 import pytest
-from tests.celeba_fixtures import DEMO_N, archive_copy, cached_archive, demo_archive, tree_digest  # noqa: F401
 from PIL import Image
+from tests.celeba_fixtures import (  # noqa: F401 (fixtures)
+    DEMO_N, archive_copy, cached_archive, demo_archive, tree_digest, txt_archive_copy,
+)
 
 from dpvision.celeba.archive import (
     ATTRIBUTE_NAMES, LANDMARK_COLUMNS, CelebaDataError, class_names, interocular_distance, read_archive,
@@ -29,7 +32,7 @@ def test_attribute_names_are_celebas_forty():
 
 
 def test_demo_archive_has_kaggle_layout(demo_archive):
-    assert sorted(p.name for p in demo_archive.iterdir()) == sorted(KAGGLE_FILES + ["img_align_celeba"])
+    assert sorted(p.name for p in demo_archive.iterdir()) == sorted(KAGGLE_FILES + [".dpvision-output", "img_align_celeba"])
     images = sorted((demo_archive / "img_align_celeba" / "img_align_celeba").iterdir())
     assert len(images) == DEMO_N and images[0].name == "000001.jpg" and images[-1].name == f"{DEMO_N:06d}.jpg"
     with Image.open(images[0]) as img:
@@ -147,6 +150,24 @@ def test_eyeglasses_are_drawn_at_the_eye_landmarks():
         (lambda r: _replace_line(r / "list_eval_partition.csv", 3, "999999.jpg,0"),
          r"list_eval_partition.csv:3: image '999999.jpg' is not in list_attr_celeba"),
         (lambda r: (r / "list_landmarks_align_celeba.csv").unlink(), "--use-landmarks needs .*list_landmarks"),
+        # header-only tables
+        (lambda r: _keep_lines(r / "list_attr_celeba.csv", 1), r"list_attr_celeba.csv: no image rows, only a header$"),
+        (lambda r: _keep_lines(r / "list_eval_partition.csv", 1), r"list_eval_partition.csv: no image rows, only a header$"),
+        (lambda r: _keep_lines(r / "list_landmarks_align_celeba.csv", 1),
+         r"list_landmarks_align_celeba.csv: no image rows, only a header$"),
+        (lambda r: (r / "list_attr_celeba.csv").write_bytes(b""), r"list_attr_celeba.csv: empty file, expected a header line"),
+        # not UTF-8 (Latin-1 e-acute on line 3)
+        (lambda r: _replace_line_bytes(r / "list_eval_partition.csv", 3, b"00000\xe9.jpg,0"),
+         r"list_eval_partition.csv:3: not UTF-8 text \(byte 0xe9\); save the file as UTF-8$"),
+        (lambda r: _replace_line_bytes(r / "list_attr_celeba.csv", 1, b"image_id,\xff" + b",x" * 39),
+         r"list_attr_celeba.csv:1: not UTF-8 text \(byte 0xff\)"),
+        # a duplicated image id: the first row must not be silently overridden by the last
+        (lambda r: _append_line(r / "list_eval_partition.csv", "000001.jpg,2"),
+         rf"list_eval_partition.csv:{DEMO_N + 2}: image '000001.jpg' appears twice \(first on line 2\)$"),
+        (lambda r: _append_line(r / "list_landmarks_align_celeba.csv", "000003.jpg" + ",1" * 10),
+         rf"list_landmarks_align_celeba.csv:{DEMO_N + 2}: image '000003.jpg' appears twice \(first on line 4\)$"),
+        (lambda r: _append_line(r / "list_attr_celeba.csv", "000002.jpg" + ",1" * 40),
+         rf"list_attr_celeba.csv:{DEMO_N + 2}: image '000002.jpg' appears twice \(first on line 3\)$"),
     ],
 )
 def test_bad_archives_raise_clear_errors(archive_copy, edit, message):
@@ -158,6 +179,93 @@ def test_bad_archives_raise_clear_errors(archive_copy, edit, message):
 def test_unknown_attribute_lists_the_valid_ones():
     with pytest.raises(CelebaDataError, match="unknown attribute 'Glasses'; valid attributes: 5_o_Clock_Shadow,.*Young"):
         validate_attribute("Glasses")
+
+
+@pytest.mark.parametrize("bad", ["../../../victim.txt", "a/b.jpg", "/etc/passwd", "..", ".", "x\\y.jpg",
+                                 "nul\x00.jpg", "", "bell\x07.jpg"])
+def test_image_ids_must_be_plain_file_names(archive_copy, bad):
+    """Image ids become file names under the output folder: a path in one must never get that far."""
+    _rename_image(archive_copy, "000004.jpg", bad)
+    with pytest.raises(CelebaDataError) as info:
+        read_archive(archive_copy)
+    message = str(info.value)
+    assert message.startswith(f"{archive_copy / 'list_attr_celeba.csv'}:5: image id {bad!r} is not a plain file name")
+    assert "\n" not in message
+
+
+def test_txt_tables_header_only_and_not_utf8(txt_archive_copy):
+    attr = txt_archive_copy / "list_attr_celeba.txt"
+    original = attr.read_bytes()
+    header = original.splitlines()[1]
+    attr.write_bytes(b"0\n" + header + b"\n")
+    with pytest.raises(CelebaDataError, match=r"list_attr_celeba.txt: no image rows, only a header$"):
+        read_archive(txt_archive_copy)
+    attr.write_bytes(original)
+    part = txt_archive_copy / "list_eval_partition.txt"
+    part.write_bytes(b"000001.jpg 0\n000002.jpg \xa00\n")
+    with pytest.raises(CelebaDataError, match=r"list_eval_partition.txt:2: not UTF-8 text \(byte 0xa0\)"):
+        read_archive(txt_archive_copy)
+    part.write_bytes(b"")
+    with pytest.raises(CelebaDataError, match=r"list_eval_partition.txt: empty file, expected one row per image$"):
+        read_archive(txt_archive_copy)
+
+
+def test_a_table_that_is_a_fifo_is_refused_without_opening_it(archive_copy):
+    part = archive_copy / "list_eval_partition.csv"
+    part.unlink()
+    os.mkfifo(part)  # opening it for reading would block forever
+    with pytest.raises(CelebaDataError, match=rf"^{part} is not a regular file \(a FIFO\)"):
+        read_archive(archive_copy)
+
+
+def test_oversized_table_is_refused_before_reading(archive_copy, monkeypatch):
+    import dpvision.celeba.archive as archive_module
+
+    monkeypatch.setattr(archive_module, "MAX_TABLE_BYTES", 1000)
+    with pytest.raises(CelebaDataError, match=r"list_attr_celeba.csv is larger than 1000 bytes"):
+        read_archive(archive_copy)
+
+
+def test_empty_nested_image_folder_does_not_hide_the_images(archive_copy):
+    outer = archive_copy / "img_align_celeba"
+    for image in sorted((outer / "img_align_celeba").iterdir()):  # flat layout + an empty Kaggle-style folder
+        image.rename(outer / image.name)
+    assert list((outer / "img_align_celeba").iterdir()) == []
+    assert read_archive(archive_copy).image_dir == outer
+    (outer / ".DS_Store").write_text("x")  # stray files do not make a folder hold the images
+    shutil.copy(outer / "000009.jpg", outer / "img_align_celeba" / "000009.jpg")
+    with pytest.raises(CelebaDataError, match=rf"images are in both {outer / 'img_align_celeba'}/ and {outer}/"):
+        read_archive(archive_copy)
+
+
+def test_stray_files_beside_the_nested_folder_are_ignored(archive_copy):
+    outer = archive_copy / "img_align_celeba"
+    (outer / "README.txt").write_text("downloaded from kaggle")
+    assert read_archive(archive_copy).image_dir == outer / "img_align_celeba"
+    shutil.rmtree(outer / "img_align_celeba")
+    (outer / "img_align_celeba").mkdir()
+    with pytest.raises(CelebaDataError, match=r"none of the images listed in .*list_attr_celeba.csv \(e.g. 000001.jpg\)"):
+        read_archive(archive_copy)
+
+
+def _rename_image(root, old, new):
+    """Rename image ``old`` to ``new`` in every table of a CSV archive."""
+    for table in root.glob("list_*.csv"):
+        table.write_text(table.read_text().replace(f"\n{old},", f"\n{new},"))
+
+
+def _keep_lines(path, n):
+    path.write_text("\n".join(path.read_text().splitlines()[:n]) + "\n")
+
+
+def _append_line(path, text):
+    path.write_text(path.read_text() + text + "\n")
+
+
+def _replace_line_bytes(path, lineno, data):
+    lines = path.read_bytes().splitlines()
+    lines[lineno - 1] = data
+    path.write_bytes(b"\n".join(lines) + b"\n")
 
 
 def _replace_line(path, lineno, text):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from dpvision.celeba.archive import CelebaDataError
 from dpvision.celeba.preprocessing import channel_stats, crop_and_resize, load_split, preprocess
 from dpvision.celeba.subset import build_subset
 from dpvision.data.tensors import ImageTensors
-from tests.celeba_fixtures import demo_archive, run_script  # noqa: F401
+from tests.celeba_fixtures import demo_archive, run_script, tree_digest  # noqa: F401
 
 SPLITS = ("train", "val", "test")
 
@@ -41,7 +43,8 @@ def index_rows(subset_dir):
 
 
 def test_split_files_have_the_documented_format(subset_dir, pre_dir):
-    assert sorted(p.name for p in pre_dir.iterdir()) == ["stats.json", "test.pt", "train.pt", "val.pt"]
+    assert sorted(p.name for p in pre_dir.iterdir()) == [".dpvision-output", "stats.json", "test.pt", "train.pt", "val.pt"]
+    assert json.loads((pre_dir / ".dpvision-output").read_text())["kind"] == "celeba-preprocessed"
     rows = index_rows(subset_dir)
     for split in SPLITS:
         payload = torch.load(pre_dir / f"{split}.pt", weights_only=True)
@@ -104,7 +107,7 @@ def test_bad_inputs(subset_dir, pre_dir, tmp_path):
     res = run_script("celeba_preprocess.py", "--subset-dir", tmp_path / "none", "--output-dir", tmp_path / "o")
     assert res.returncode == 2 and res.stderr == f"error: --subset-dir {str(tmp_path / 'none')!r} is not a directory\n"
     res = run_script("celeba_preprocess.py", "--subset-dir", subset_dir, "--output-dir", pre_dir)
-    assert res.returncode == 2 and "already exists (use --overwrite" in res.stderr
+    assert res.returncode == 2 and "already exists: pass --overwrite to replace it" in res.stderr
     (tmp_path / "empty").mkdir()
     with pytest.raises(CelebaDataError, match="missing .*subset_index.csv"):
         preprocess(tmp_path / "empty", tmp_path / "o")
@@ -119,3 +122,81 @@ def test_bad_inputs(subset_dir, pre_dir, tmp_path):
     with pytest.raises(CelebaDataError, match=f"cannot read image .*{victim['image_id']}"):
         preprocess(broken, tmp_path / "o", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "empty"]  # nothing half-written
+
+
+@pytest.mark.parametrize("where", ["parent", "itself", "child"])
+def test_overwrite_never_removes_the_subset_or_what_is_beside_it(subset_dir, tmp_path, where):
+    """Issue 13.8: ``--output-dir <the subset's parent or the subset> --overwrite`` used to delete the subset."""
+    subset = Path(shutil.copytree(subset_dir, tmp_path / "data" / "subset"))
+    (tmp_path / "data" / "notes.txt").write_text("beside the subset")
+    digest = tree_digest(tmp_path / "data")
+    out = {"parent": tmp_path / "data", "itself": subset, "child": subset / "pre"}[where]
+    res = run_script("celeba_preprocess.py", "--subset-dir", subset, "--output-dir", out, "--overwrite", "--no-progress")
+    assert res.returncode == 2 and res.stderr == (f"error: --output-dir {str(out)!r} overlaps --subset-dir {str(subset)!r}; "
+                                                  f"an input, its parents and its sub-folders are never written to\n")
+    assert tree_digest(tmp_path / "data") == digest
+
+
+def test_overwrite_replaces_only_a_preprocessed_folder(subset_dir, pre_dir, tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("years of work")
+    res = run_script("celeba_preprocess.py", "--subset-dir", subset_dir, "--output-dir", foreign, "--overwrite")
+    assert res.returncode == 2 and "was not written by dpvision (it has no .dpvision-output marker)" in res.stderr
+    assert (foreign / "thesis.tex").read_text() == "years of work"
+    other_subset = shutil.copytree(subset_dir, tmp_path / "other_subset", symlinks=True)
+    with pytest.raises(CelebaDataError, match=r"holds a celeba-subset \(written by dpvision celeba build-subset\); "
+                                              r"--overwrite only replaces a celeba-preprocessed folder"):
+        preprocess(subset_dir, other_subset, overwrite=True, progress=False)
+    again = shutil.copytree(pre_dir, tmp_path / "again")
+    (again / "train.pt").write_bytes(b"stale")
+    preprocess(subset_dir, again, overwrite=True, progress=False)
+    assert (again / "train.pt").read_bytes() == (pre_dir / "train.pt").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "mine", "other_subset"]
+
+
+def test_a_fifo_image_is_refused_not_opened(subset_dir, tmp_path):
+    broken = shutil.copytree(subset_dir, tmp_path / "broken")
+    fifo = broken / index_rows(broken)[3]["dest_path"]
+    fifo.unlink()
+    os.mkfifo(fifo)
+    res = run_script("celeba_preprocess.py", "--subset-dir", broken, "--output-dir", tmp_path / "o", timeout=120)
+    assert res.returncode == 2 and res.stderr == f"error: {fifo} is not a regular file (a FIFO); an image must be a file\n"
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda rows: rows[2].update(dest_path="../../../etc/passwd"),
+         r"subset_index.csv:4: dest_path '../../../etc/passwd' must be '<split>/<class_name>/<image_id>'"),
+        (lambda rows: rows[2].update(dest_path=f"/{rows[2]['dest_path']}"), r"subset_index.csv:4: dest_path '/train/"),
+        (lambda rows: rows[1].update(image_id="../x.jpg"), r"subset_index.csv:3: image id '../x.jpg' is not a plain file name"),
+    ],
+)
+def test_index_paths_must_stay_inside_the_subset(subset_dir, tmp_path, edit, message):
+    broken = shutil.copytree(subset_dir, tmp_path / "broken")
+    rows = index_rows(broken)
+    edit(rows)
+    with open(broken / "subset_index.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(CelebaDataError, match=message):
+        preprocess(broken, tmp_path / "o", progress=False)
+
+
+def test_bad_index_and_summary_files(subset_dir, tmp_path):
+    broken = shutil.copytree(subset_dir, tmp_path / "broken")
+    index = broken / "subset_index.csv"
+    index.write_bytes(index.read_bytes().replace(b"eyeglasses", b"eyegl\xe4sses", 1))
+    with pytest.raises(CelebaDataError, match=r"subset_index.csv:2: not UTF-8 text \(byte 0xe4\)"):
+        preprocess(broken, tmp_path / "o", progress=False)
+    shutil.copy(subset_dir / "subset_index.csv", index)
+    (broken / "subset_summary.json").write_text("{not json")
+    with pytest.raises(CelebaDataError, match=r"subset_summary.json: not valid JSON"):
+        preprocess(broken, tmp_path / "o", progress=False)
+    (broken / "subset_summary.json").write_text('{"class_names": "oops"}')
+    with pytest.raises(CelebaDataError, match=r"subset_summary.json: class_names must be a list of two names"):
+        preprocess(broken, tmp_path / "o", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]

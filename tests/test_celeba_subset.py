@@ -18,6 +18,8 @@ from dpvision.celeba.subset import (
 )  # fmt: skip
 from tests.celeba_fixtures import archive_copy, demo_archive, run_script, tree_digest  # noqa: F401
 
+ATTR_CSV = "list_attr_celeba.csv"
+
 SPLITS = ("train", "val", "test")
 
 
@@ -220,10 +222,22 @@ def test_dry_run_writes_nothing_and_existing_output_is_refused(demo_archive, tmp
     out.mkdir()
     (out / "keep.txt").write_text("old")
     res = run_script("celeba_build_subset.py", "--archive-dir", demo_archive, "--output-dir", out, "--total", "100")
-    assert res.returncode == 2 and res.stderr == f"error: --output-dir {str(out)!r} already exists (use --overwrite to replace it)\n"
+    assert res.returncode == 2 and res.stderr == (f"error: --output-dir {str(out)!r} already exists: pass --overwrite "
+                                                  f"to replace it, or choose another --output-dir\n")
     assert (out / "keep.txt").read_text() == "old"
-    build(demo_archive, out, total=100, overwrite=True)
-    assert not (out / "keep.txt").exists() and len(read_index(out)) == 100
+    # --overwrite only ever replaces a folder dpvision wrote: not this one
+    res = run_script("celeba_build_subset.py", "--archive-dir", demo_archive, "--output-dir", out, "--total", "100",
+                     "--overwrite")
+    assert res.returncode == 2 and res.stderr == (
+        f"error: --output-dir {str(out)!r} was not written by dpvision (it has no .dpvision-output marker); "
+        f"--overwrite only replaces a celeba-subset folder, so remove it yourself or choose another --output-dir\n")
+    assert (out / "keep.txt").read_text() == "old"
+    (out / "keep.txt").unlink()  # an empty folder holds nothing to lose: used as it is
+    build(demo_archive, out, total=100)
+    assert json.loads((out / ".dpvision-output").read_text())["kind"] == "celeba-subset"
+    first = (out / INDEX_FILE).read_bytes()
+    build(demo_archive, out, total=40, overwrite=True)  # a subset replaces a subset
+    assert len(read_index(out)) == 40 and (out / INDEX_FILE).read_bytes() != first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]
     assert tree_digest(demo_archive) == digest  # the archive is never modified
 
@@ -299,3 +313,61 @@ def test_bad_image_without_spare_drops_its_partner(archive_copy, tmp_path):
     assert "dropped 2 image(s)" in warnings[-1]
     assert len(read_index(tmp_path / "second")) == s["total"] == sum(b["total"] for b in
                                                                     json.loads((tmp_path / "first" / SUMMARY_FILE).read_text())["totals"].values()) - 2
+
+
+def test_image_id_with_a_path_cannot_write_outside_the_output(archive_copy, tmp_path):
+    """Issue 13.7: a row naming ``../../../victim.txt`` must not make ``--link-mode copy`` write outside the output."""
+    a = read_archive(archive_copy)
+    row = int(np.flatnonzero((a.partitions == 0) & (a.attribute("Eyeglasses") == 1))[0])  # chosen: minority class
+    good, evil = a.image_ids[row], "../../../victim.txt"
+    for table in archive_copy.glob("list_*.csv"):
+        table.write_text(table.read_text().replace(f"\n{good},", f"\n{evil},"))
+    image_dir = archive_copy / "img_align_celeba" / "img_align_celeba"
+    (image_dir / good).rename(image_dir / evil)  # the "image" behind the id: <tmp_path>/victim.txt
+    victim = tmp_path / "outs" / "victim.txt"  # where the copy would land: beside --output-dir
+    victim.parent.mkdir()
+    victim.write_text("precious")
+    res = run_script("celeba_build_subset.py", "--archive-dir", archive_copy, "--output-dir", tmp_path / "outs" / "subset",
+                     "--link-mode", "copy", "--no-progress")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert res.stderr.startswith(f"error: {archive_copy / ATTR_CSV}:{row + 2}: image id {evil!r} is not a plain file name")
+    assert victim.read_text() == "precious" and sorted(p.name for p in victim.parent.iterdir()) == ["victim.txt"]
+
+
+def test_header_only_tables_exit_2(archive_copy, tmp_path, capsys):
+    for table in archive_copy.glob("list_*.csv"):
+        table.write_text(table.read_text().splitlines()[0] + "\n")
+    code = build_subset_main(["--archive-dir", str(archive_copy), "--output-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"error: {archive_copy / ATTR_CSV}: no image rows, only a header\n"
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_fifo_image_is_refused_not_opened(archive_copy, tmp_path):
+    """A FIFO where an image should be would block the first ``open`` forever: it is refused from its ``stat``."""
+    a = read_archive(archive_copy)
+    row = int(np.flatnonzero((a.partitions == 1) & (a.attribute("Eyeglasses") == 1))[0])
+    fifo = a.image_path(a.image_ids[row])
+    fifo.unlink()
+    os.mkfifo(fifo)
+    res = run_script("celeba_build_subset.py", "--archive-dir", archive_copy, "--output-dir", tmp_path / "o",
+                     "--no-progress", timeout=120)
+    assert res.returncode == 2 and res.stderr == f"error: {fifo} is not a regular file (a FIFO); an image must be a file\n"
+    assert not (tmp_path / "o").exists()
+
+
+def test_overlapping_output_is_refused_even_with_overwrite(archive_copy, tmp_path):
+    digest = tree_digest(archive_copy)
+    for out in (archive_copy, tmp_path, archive_copy / "img_align_celeba"):
+        with pytest.raises(CelebaDataError, match=f"--output-dir {str(out)!r} overlaps --archive-dir"):
+            build(archive_copy, out, overwrite=True)
+    assert tree_digest(archive_copy) == digest
+
+
+def test_no_default_output_name_claims_a_size(demo_archive, tmp_path, capsys):
+    """Issue 14: nothing names the output after a size ("20k") it may not have: --output-dir is required."""
+    with pytest.raises(SystemExit):
+        build_subset_main(["--archive-dir", str(demo_archive), "--total", "100"])
+    assert "the following arguments are required: --output-dir" in capsys.readouterr().err
+    with pytest.raises(CelebaDataError, match="--output-dir is required"):
+        build(demo_archive, None)

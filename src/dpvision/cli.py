@@ -1,6 +1,6 @@
 """Command-line entry points: ``dpvision <subcommand>`` (also ``python -m dpvision``) and ``python mnist.py``.
 
-Subcommands: ``train`` (the one training job), ``mnist`` (the MNIST seed's flags), ``audit``,
+Subcommands: ``train`` (the one training job), ``sweep`` (a recipe over ε values and seeds), ``mnist`` (the MNIST seed's flags), ``audit``,
 ``celeba`` (make-demo-archive, build-subset, preprocess, train). Bad input exits with status 2
 and one line that names the flag and what would be valid, before anything is written.
 """
@@ -135,6 +135,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = OneLineParser(prog="dpvision", description="Differentially private image classifiers (DP-SGD).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     train = add_train_arguments(sub.add_parser("train", help="train any dataset and model, baseline or DP-SGD"))
+    from dpvision.jobs.sweep import add_sweep_arguments, run_sweep
+
+    sweep = add_train_arguments(sub.add_parser("sweep", help="one recipe over ε values and seeds: the "
+                                               "privacy-utility frontier (results.csv, frontier.png, report.md)"))
+    add_sweep_arguments(sweep)
     sub.add_parser("mnist", help="train SampleConvNet on MNIST (the same flags as python mnist.py)", add_help=False)
     from dpvision.audit.cli import add_audit_arguments, run_audit
 
@@ -148,6 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "train":
         return run_guarded(train, lambda: run_train(args, given_flags(train, argv[1:])))
+    if args.command == "sweep":
+        return run_guarded(sweep, lambda: run_sweep(args, given_flags(sweep, argv[1:])))
     if args.command == "audit":
         return run_audit(args, audit)
     return args.func(args)

@@ -8,6 +8,9 @@ sub-commands on the ``dpvision`` console script; each parsed namespace carries
 
 Every bad input becomes one line ``error: ...`` on stderr and exit status 2
 (argparse uses 2 for bad flags too); warnings are ``warning: ...`` lines.
+Ctrl-C prints ``interrupted`` and exits with 130, leaving no staging folder
+behind. Outputs are staged and renamed into place, and ``--overwrite`` only
+replaces a folder the same command wrote (:mod:`dpvision.celeba.safety`).
 
 Example:
     >>> build_subset_main(["--archive-dir", "data/celeba/archive", "--output-dir", "out",   # doctest: +SKIP
@@ -22,14 +25,19 @@ import sys
 import time
 from typing import Callable, Sequence
 
-from dpvision.celeba.archive import CelebaDataError
+from dpvision.celeba.archive import SPLITS, CelebaDataError
 from dpvision.celeba.subset import DEFAULT_ARCHIVE_DIR, DEFAULT_SEED, LINK_MODES
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
 
 def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Turn data errors into ``error: ...`` + exit status 2 instead of a traceback."""
+    """Turn data errors into ``error: ...`` + exit status 2, and Ctrl-C into ``interrupted`` + 130.
+
+    The commands remove their staging folders on the way out (``safety.staged_output``),
+    so by the time these lines print nothing half-written is left.
+    """
 
     def run(args: argparse.Namespace) -> int:
         try:
@@ -37,9 +45,13 @@ def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
         except CelebaDataError as err:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_BAD_INPUT
-        except OSError as err:  # e.g. a read-only output folder or a full disk
-            print(f"error: {err.filename or ''}: {err.strerror or err}", file=sys.stderr)
+        except OSError as err:  # e.g. an input that vanished; writes are reported by staged_output
+            where = f"{err.filename}: " if err.filename else ""
+            print(f"error: {where}{err.strerror or err}", file=sys.stderr)
             return EXIT_BAD_INPUT
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
 
     run.__name__ = fn.__name__
     return run
@@ -52,7 +64,8 @@ def add_build_subset_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     p.add_argument("--stratify-by", nargs="+", default=[], metavar="VAR",
                    help="'interocular' and/or attribute names, space- or comma-separated")
     p.add_argument("--iod-bins", type=int, default=4, help="quantile bins of interocular distance (train)")
-    p.add_argument("--output-dir", required=True, help="new folder for <split>/<class>/<image> and the index")
+    p.add_argument("--output-dir", required=True,
+                   help="new folder for <split>/<class>/<image> and the index (name it after what you ask for)")
     p.add_argument("--link-mode", choices=LINK_MODES, default="symlink")
     for split in ("train", "val", "test"):
         p.add_argument(f"--max-per-class-{split}", type=int, default=None, help=f"cap per class in {split}")
@@ -62,7 +75,7 @@ def add_build_subset_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     p.add_argument("--max-iod", type=float, default=None, help="keep images with interocular distance <= this")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     p.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
+    p.add_argument("--overwrite", action="store_true", help="replace an --output-dir that build-subset wrote")
     p.add_argument("--strict-missing", action="store_true", help="fail on a missing/unreadable image instead of replacing it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -73,7 +86,7 @@ def add_preprocess_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True, help="new folder for <split>.pt and stats.json")
     p.add_argument("--size", type=int, default=64, help="output side length in pixels (default 64)")
     p.add_argument("--crop", type=int, default=178, help="centre crop side length before resizing (default 178)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an --output-dir that preprocess wrote")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -85,13 +98,33 @@ def add_demo_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("csv", "txt"), default="csv", help="Kaggle CSVs or the original .txt files")
     p.add_argument("--flat", action="store_true", help="img_align_celeba/ instead of Kaggle's nested folder")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out that make-demo-archive wrote")
     return p
+
+
+def format_plan(summary: dict) -> str:
+    """The per-split, per-class, per-stratum counts of a subset summary as a few readable lines."""
+    lines = [f"attribute {summary['attribute']}: classes {summary['class_names']} (labels 0, 1), seed {summary['seed']}"]
+    if summary.get("iod_bin_edges") is not None:
+        lines.append(f"interocular bin edges ({summary['iod_bin_method']}, from train): "
+                     + ", ".join(f"{e:.2f}" for e in summary["iod_bin_edges"]))
+    for split in SPLITS:
+        t = summary["totals"][split]
+        avail = summary["available"][split]
+        lines.append(f"{split}: {t['total']} images, cap {summary['caps'][split]} per class "
+                     f"({summary['cap_source'][split]}); available " + ", ".join(f"{k}={v}" for k, v in avail.items()))
+        for name in summary["class_names"]:
+            strata = summary["counts"][split][name]
+            lines.append(f"  {name:<20} {t[name]:>7}" + ("   " + ", ".join(f"{k}: {v}" for k, v in strata.items())
+                                                        if list(strata) != ["all"] else ""))
+    if "replacements" in summary:
+        lines.append(f"replaced images: {summary['replacements']['total']}")
+    return "\n".join(lines)
 
 
 @_guard
 def run_build_subset(args: argparse.Namespace) -> int:
-    from dpvision.celeba.subset import build_subset, format_plan
+    from dpvision.celeba.subset import build_subset
 
     start = time.perf_counter()
     summary = build_subset(

@@ -20,6 +20,9 @@ Choices, and why:
 * Partitions are an exact 80/10/10 seeded shuffle (no identities exist here).
 * Each image has its own seed ``derive_seed(seed, "demo-image:<index>")``, so the
   bytes do not depend on the number of worker processes.
+* The archive is staged and renamed into place with a ``.dpvision-output``
+  marker, so ``--overwrite`` can replace an earlier demo archive but never a
+  real CelebA download (:mod:`dpvision.celeba.safety`).
 
 Example:
     >>> make_demo_archive("/tmp/celeba_demo", n=200, seed=0)   # doctest: +SKIP
@@ -33,8 +36,7 @@ import math
 import multiprocessing
 import os
 import random
-import shutil
-import tempfile
+import signal
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
@@ -43,6 +45,7 @@ from dpvision.celeba.archive import (
     ATTR_FILE, ATTRIBUTE_NAMES, BBOX_COLUMNS, BBOX_FILE, IMAGE_DIR, LANDMARK_COLUMNS, LANDMARKS_FILE,
     PARTITION_FILE, CelebaDataError,
 )  # fmt: skip
+from dpvision.celeba.safety import prepare_output, staged_output
 from dpvision.runs import atomic_write_text
 from dpvision.seeding import derive_seed
 
@@ -53,6 +56,7 @@ EYEGLASSES_RATE = {"male": 0.26, "female": 0.16}  # ~20% overall with P(Male) = 
 JPEG_QUALITY = 90
 PARTITION_FRACTIONS = (0.8, 0.1, 0.1)
 PARALLEL_THRESHOLD = 500  # below this many images, worker start-up costs more than it saves
+OUTPUT_KIND = "celeba-demo-archive"  # the marker kind: --overwrite replaces only a folder of this kind
 
 # Approximate positive rates in real CelebA, used for the attributes only written as labels.
 _BASE_RATES = {
@@ -212,6 +216,11 @@ def _render_to_file(job: tuple[int, int, str]) -> tuple[int, dict[str, int], lis
     return index, attrs, landmarks, bbox
 
 
+def _ignore_sigint() -> None:
+    """Workers leave Ctrl-C to the parent, which stops them: one ``interrupted`` line, not one traceback each."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def image_id(index: int) -> str:
     """CelebA's file naming: index 0 -> ``000001.jpg``."""
     return f"{index + 1:06d}.jpg"
@@ -257,25 +266,24 @@ def make_demo_archive(out_dir: str | os.PathLike, n: int = 2000, seed: int = 0, 
     ``fmt`` is ``"csv"`` (Kaggle) or ``"txt"`` (original release); ``nested``
     puts the images in ``img_align_celeba/img_align_celeba/`` as Kaggle does.
     The archive is built in a temporary sibling folder and renamed into place,
-    so an interrupted run leaves nothing behind. Same (n, seed, fmt) -> same bytes.
+    so an interrupted run leaves nothing behind (a killed one's folder is removed
+    by the next run). ``overwrite`` replaces only an earlier demo archive.
+    Same (n, seed, fmt) -> same bytes.
     """
     if n < 1:
         raise CelebaDataError(f"--n must be at least 1, got {n}")
     if fmt not in ("csv", "txt"):
         raise CelebaDataError(f"--format must be 'csv' or 'txt', got {fmt!r}")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())) and not overwrite:
-        raise CelebaDataError(f"--out {str(out_dir)!r} already exists and is not empty (use --overwrite)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would make the finished archive private
+    output = dict(kind=OUTPUT_KIND, flag="--out", overwrite=overwrite)
+    prepare_output(out_dir, **output)  # refuse a bad --out before drawing anything
+    with staged_output(out_dir, **output) as tmp:
         image_dir = tmp / IMAGE_DIR / IMAGE_DIR if nested else tmp / IMAGE_DIR
         image_dir.mkdir(parents=True)
         jobs = [(i, seed, str(image_dir)) for i in range(n)]
         workers = workers if workers is not None else (os.cpu_count() or 1)
         if workers > 1 and n >= PARALLEL_THRESHOLD:
-            with multiprocessing.get_context("fork" if os.name == "posix" else "spawn").Pool(workers) as pool:
+            context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
+            with context.Pool(workers, initializer=_ignore_sigint) as pool:  # Ctrl-C: leaving the block stops them
                 results = pool.map(_render_to_file, jobs, chunksize=max(1, n // (workers * 8)))
         else:
             results = [_render_to_file(job) for job in jobs]
@@ -285,12 +293,6 @@ def make_demo_archive(out_dir: str | os.PathLike, n: int = 2000, seed: int = 0, 
         parts = _partitions(n, seed)
         for name, text in _tables(ids, attrs, [r[2] for r in results], [r[3] for r in results], parts, fmt).items():
             atomic_write_text(tmp / name, text)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     glasses = sum(1 for a in attrs if a[ATTRIBUTE_NAMES.index("Eyeglasses")] > 0)
     return {"out": str(out_dir), "n": n, "seed": seed, "format": fmt, "eyeglasses": glasses,
             "partitions": {s: parts.count(c) for s, c in (("train", 0), ("val", 1), ("test", 2))}}

@@ -12,6 +12,11 @@ nothing but the input pixels). Output folder::
     stats.json                  per-channel mean/std of train (0..1 scale), sizes, counts
 
 Files load with ``torch.load(..., weights_only=True)``; :func:`load_split` wraps that.
+The folder is staged and renamed into place, and carries the marker that lets a
+later ``--overwrite`` replace it; the subset, its parents and its sub-folders
+are never written to (:mod:`dpvision.celeba.safety`). Every ``dest_path`` of
+the index must be ``<split>/<class_name>/<image_id>``, so nothing outside the
+subset is read, and an image that is not a regular file (a FIFO) is refused.
 
 Example:
     >>> preprocess("data/celeba/subsets/eyeglasses", "data/celeba/preprocessed/eyeglasses_64")  # doctest: +SKIP
@@ -26,17 +31,16 @@ import csv
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
-from dpvision.celeba.archive import SPLITS, CelebaDataError
+from dpvision.celeba.archive import SPLITS, CelebaDataError, read_lines
+from dpvision.celeba.safety import (
+    check_image_id, check_image_size, file_problem, interruptible_map, prepare_output, staged_output,
+)  # fmt: skip
 from dpvision.celeba.subset import INDEX_FILE, SUMMARY_FILE
 from dpvision.data.tensors import ImageTensors
 from dpvision.runs import atomic_torch_save, atomic_write_json
@@ -48,6 +52,7 @@ RESAMPLE = Image.Resampling.LANCZOS
 DECODE_THREADS = 4  # PIL decodes and resizes without the GIL
 PROGRESS_MIN_IMAGES = 200
 _REQUIRED_COLUMNS = ("image_id", "label", "class_name", "split", "dest_path")
+OUTPUT_KIND = "celeba-preprocessed"  # the marker kind: --overwrite replaces only a folder of this kind
 
 
 def crop_and_resize(img: Image.Image, crop: int = DEFAULT_CROP, size: int = DEFAULT_SIZE) -> np.ndarray:
@@ -92,33 +97,56 @@ def _read_index(subset_dir: Path) -> tuple[list[dict[str, str]], list[str], str]
     index = subset_dir / INDEX_FILE
     if not subset_dir.is_dir():
         raise CelebaDataError(f"--subset-dir {str(subset_dir)!r} is not a directory")
-    if not index.is_file():
+    if not os.path.lexists(index):
         raise CelebaDataError(f"missing {index}: --subset-dir must be a folder made by celeba_build_subset.py")
-    text = index.read_text()
-    rows = list(csv.DictReader(text.splitlines()))
-    header = text.splitlines()[0].split(",") if text else []
+    lines = read_lines(index)  # UTF-8, a regular file, bounded in size
+    try:
+        rows = list(csv.DictReader(lines))
+    except csv.Error as err:
+        raise CelebaDataError(f"{index}: {err}") from None
+    header = lines[0].split(",") if lines else []
     missing = [c for c in _REQUIRED_COLUMNS if c not in header]
     if missing:
         raise CelebaDataError(f"{index}: missing column(s) {missing}")
     for lineno, row in enumerate(rows, start=2):
         if row["split"] not in SPLITS or row["label"] not in ("0", "1"):
             raise CelebaDataError(f"{index}:{lineno}: bad split {row['split']!r} or label {row['label']!r}")
+        check_image_id(row["image_id"], f"{index}:{lineno}")
+        check_image_id(row["class_name"], f"{index}:{lineno}: class_name")
+        if row["dest_path"] != f"{row['split']}/{row['class_name']}/{row['image_id']}":
+            raise CelebaDataError(f"{index}:{lineno}: dest_path {row['dest_path']!r} must be "
+                                  f"'<split>/<class_name>/<image_id>' inside the subset")
     names = ["", ""]
     summary = subset_dir / SUMMARY_FILE
-    if summary.is_file():
-        names = list(json.loads(summary.read_text())["class_names"])
+    if os.path.lexists(summary):
+        text = "\n".join(read_lines(summary))
+        try:
+            names = json.loads(text)
+        except ValueError as err:
+            raise CelebaDataError(f"{summary}: not valid JSON ({err})") from None
+        names = names.get("class_names") if isinstance(names, dict) else None
+        if not (isinstance(names, list) and len(names) == 2 and all(isinstance(n, str) for n in names)):
+            raise CelebaDataError(f"{summary}: class_names must be a list of two names, got {names!r}")
+        names = list(names)
     for row in rows:  # the index itself is the authority when there is no summary
         names[int(row["label"])] = names[int(row["label"])] or row["class_name"]
-    return rows, names, hashlib.sha256(text.encode()).hexdigest()
+    return rows, names, hashlib.sha256(index.read_bytes()).hexdigest()
 
 
 def _load(job: tuple[Path, int, int]) -> np.ndarray:
     path, crop, size = job
+    problem = file_problem(path)  # raises for a FIFO: it is never opened
+    if problem is not None:
+        raise CelebaDataError(f"image listed in {INDEX_FILE} is missing: {path}" if problem == "missing"
+                              else f"cannot read image {path}: {problem}")
     try:
         with Image.open(path) as img:
+            check_image_size(*img.size, path)  # before decoding: a huge image could exhaust memory
             return crop_and_resize(img, crop, size)
     except FileNotFoundError:
         raise CelebaDataError(f"image listed in {INDEX_FILE} is missing: {path}") from None
+    except CelebaDataError:
+        raise
     except ValueError as err:
         raise CelebaDataError(f"{path}: {err}") from None
     except OSError as err:
@@ -130,33 +158,32 @@ def preprocess(subset_dir: str | os.PathLike, output_dir: str | os.PathLike, *, 
     """Write ``<split>.pt`` for train/val/test and ``stats.json`` to ``output_dir``; returns the stats dict.
 
     Built in a temporary sibling folder and renamed into place; an existing
-    ``output_dir`` is refused unless ``overwrite``. Same input -> same bytes.
+    ``output_dir`` is refused unless ``overwrite`` and it is an earlier
+    preprocessed folder. Same input -> same bytes.
     """
-    subset_dir, output_dir = Path(subset_dir), Path(output_dir)
+    subset_dir = Path(subset_dir)
     if size < 1 or crop < 1:
         raise CelebaDataError(f"--size and --crop must be positive, got {size} and {crop}")
-    if output_dir.exists() and not overwrite:
-        raise CelebaDataError(f"--output-dir {str(output_dir)!r} already exists (use --overwrite to replace it)")
+    output = dict(kind=OUTPUT_KIND, flag="--output-dir", overwrite=overwrite, inputs=[("--subset-dir", subset_dir)])
+    prepare_output(output_dir, **output)  # refuse a bad --output-dir before any work
     rows, names, index_sha = _read_index(subset_dir)
     if not any(r["split"] == "train" for r in rows):
         raise CelebaDataError(f"{subset_dir / INDEX_FILE}: no train images, so no statistics can be computed")
 
     splits = {}
-    with ThreadPoolExecutor(DECODE_THREADS) as pool:
-        for split in SPLITS:
-            part = [r for r in rows if r["split"] == split]
-            jobs = [(subset_dir / r["dest_path"], crop, size) for r in part]
-            disable = (None if len(jobs) >= PROGRESS_MIN_IMAGES else True) if progress is None else not progress
-            arrays = list(tqdm(pool.map(_load, jobs), total=len(jobs), desc=f"preprocessing {split}",
-                               unit="img", disable=disable))
-            images = np.stack(arrays) if arrays else np.zeros((0, 3, size, size), np.uint8)
-            splits[split] = {
-                "images": torch.from_numpy(images),
-                "labels": torch.tensor([int(r["label"]) for r in part], dtype=torch.int64),
-                "strata": [r.get("stratum", "all") for r in part],
-                "image_ids": [r["image_id"] for r in part],
-                "class_names": list(names),
-            }
+    for split in SPLITS:
+        part = [r for r in rows if r["split"] == split]
+        jobs = [(subset_dir / r["dest_path"], crop, size) for r in part]
+        disable = (None if len(jobs) >= PROGRESS_MIN_IMAGES else True) if progress is None else not progress
+        arrays = interruptible_map(_load, jobs, threads=DECODE_THREADS, desc=f"preprocessing {split}", disable=disable)
+        images = np.stack(arrays) if arrays else np.zeros((0, 3, size, size), np.uint8)
+        splits[split] = {
+            "images": torch.from_numpy(images),
+            "labels": torch.tensor([int(r["label"]) for r in part], dtype=torch.int64),
+            "strata": [r.get("stratum", "all") for r in part],
+            "image_ids": [r["image_id"] for r in part],
+            "class_names": list(names),
+        }
     mean, std = channel_stats(splits["train"]["images"].numpy())
     stats = {
         "mean": mean, "std": std, "scale": "0..1", "computed_on": "train",
@@ -165,19 +192,10 @@ def preprocess(subset_dir: str | os.PathLike, output_dir: str | os.PathLike, *, 
         "subset_dir": str(subset_dir), "subset_index_sha256": index_sha,
     }
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
-        os.chmod(tmp, 0o755)
+    with staged_output(output_dir, **output) as tmp:
         for split, payload in splits.items():
             atomic_torch_save(payload, tmp / f"{split}.pt")
         atomic_write_json(tmp / STATS_FILE, stats)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)  # overwrite was asked for (checked above)
-        os.replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return stats
 
 

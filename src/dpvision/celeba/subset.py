@@ -16,7 +16,11 @@ The strategy (``docs/data/subset_strategy.md`` has a worked example):
    bins are quantiles of the *train* partition (equal-width if quantiles tie).
 4. Inside a stratum the images are a seeded random choice; the rest of the
    stratum, in the same seeded order, replaces any image that is missing or
-   unreadable (every chosen image is opened and decoded).
+   unreadable (every chosen image is opened and decoded). Something that is
+   not a regular file (a FIFO) is refused, never opened.
+
+The output folder is staged and renamed into place, and carries the marker that
+lets a later ``--overwrite`` replace it (:mod:`dpvision.celeba.safety`).
 
 Example:
     >>> summary = build_subset("data/celeba/archive", "data/celeba/subsets/demo",   # doctest: +SKIP
@@ -32,18 +36,17 @@ import os
 import re
 import shutil
 import sys
-import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from dpvision.celeba.archive import (
     PARTITION_CODES, SPLITS, CelebaDataError, class_names, read_archive, validate_attribute,
 )  # fmt: skip
+from dpvision.celeba.safety import check_output_dir, prepare_output, staged_output
+from dpvision.celeba.verify import replace_bad_images
 
 DEFAULT_SEED = 1337
 DEFAULT_ARCHIVE_DIR = "data/celeba/archive"
@@ -53,9 +56,9 @@ IOD_COLUMN = "iod_bin"
 #: ``--total N`` -> per-class caps: floor(0.8N/2), floor(0.1N/2), floor(0.1N/2) (numerator, denominator).
 RATIO_POLICY = {"train": (8, 20), "val": (1, 20), "test": (1, 20)}
 INDEX_FILE = "subset_index.csv"
+OUTPUT_KIND = "celeba-subset"  # the marker kind: --overwrite replaces only a folder of this kind
 SUMMARY_FILE = "subset_summary.json"
 PROGRESS_MIN_IMAGES = 200  # below this a progress bar is noise
-VERIFY_THREADS = 4  # PIL decodes without the GIL, so threads overlap file reads and decoding
 
 
 def caps_from_total(total: int) -> dict[str, int]:
@@ -118,28 +121,6 @@ def allocate(total: int, capacities: list[int]) -> list[int]:
     return quotas
 
 
-def verify_image(path: str | os.PathLike) -> str | None:
-    """``None`` if ``path`` is a readable image, else why not ("missing" or "unreadable: ...")."""
-    try:
-        with Image.open(path) as img:
-            img.verify()  # structure check; the image cannot be used afterwards, hence the reopen
-        with Image.open(path) as img:
-            img.load()  # full decode catches truncated data that verify() misses
-    except FileNotFoundError:
-        return "missing"
-    except Exception as err:  # PIL raises many types for corrupt files
-        return f"unreadable: {type(err).__name__}: {err}"
-    return None
-
-
-def _check_output_dir(output_dir: Path, archive_dir: Path, overwrite: bool) -> None:
-    out, arch = output_dir.resolve(), archive_dir.resolve()
-    if out == arch or arch in out.parents or out in arch.parents:
-        raise CelebaDataError(f"--output-dir {str(output_dir)!r} overlaps --archive-dir; the archive is never written to")
-    if output_dir.exists() and not overwrite:
-        raise CelebaDataError(f"--output-dir {str(output_dir)!r} already exists (use --overwrite to replace it)")
-
-
 def build_subset(
     archive_dir: str | os.PathLike = DEFAULT_ARCHIVE_DIR,
     output_dir: str | os.PathLike | None = None,
@@ -194,7 +175,9 @@ def build_subset(
     ratio = caps_from_total(total) if total is not None else {}
     caps = {s: explicit[s] if explicit[s] is not None else ratio.get(s) for s in SPLITS}
     cap_source = {s: f"--max-per-class-{s}" if explicit[s] is not None else ("--total" if s in ratio else "none") for s in SPLITS}
-    _check_output_dir(output_dir, archive_dir, overwrite)
+    inputs = [("--archive-dir", archive_dir)]
+    (check_output_dir if dry_run else prepare_output)(  # a dry run cleans up nothing: it writes nothing
+        output_dir, kind=OUTPUT_KIND, flag="--output-dir", overwrite=overwrite, inputs=inputs)
 
     archive = read_archive(archive_dir, need_landmarks=use_landmarks)
     # Imported here, not at the top: dpvision.seeding and dpvision.runs import torch (seconds of start-up),
@@ -282,7 +265,8 @@ def build_subset(
     if dry_run:
         return summary  # a plan only: no image is opened, nothing is written
 
-    replacements, drops = _verify(archive, selected, reserves, strict_missing, progress)
+    n_chosen = sum(len(chosen) for chosen in selected.values())
+    replacements, drops = replace_bad_images(archive, selected, reserves, strict_missing, _no_bar(progress, n_chosen))
     summary["replacements"] = {
         "total": len(replacements),
         "by_split": {s: sum(1 for r in replacements if r["split"] == s) for s in SPLITS},
@@ -313,47 +297,9 @@ def build_subset(
     rows.sort(key=lambda r: (SPLITS.index(r["split"]), r["label"], r["image_id"]))
     fields = ["image_id", "label", "class_name", "split", "stratum", *col_names]
     fields += (["interocular_distance"] if iod is not None else []) + ["source_path", "dest_path"]
-    _write_output(output_dir, rows, fields, summary, link_mode, overwrite, progress)
+    with staged_output(output_dir, kind=OUTPUT_KIND, flag="--output-dir", overwrite=overwrite, inputs=inputs) as tmp:
+        _write_output(tmp, rows, fields, summary, link_mode, progress)
     return summary
-
-
-def _verify(archive, selected, reserves, strict: bool, progress: bool | None) -> tuple[list[dict], list[dict]]:
-    """Open every chosen image; swap a bad one for the next in its group's seeded order.
-
-    When a group runs out of spares (the minority class usually has none), the
-    same number of images is dropped from the other class of that stratum, so
-    the balance holds. Returns ``(replacements, drops)``; ``selected`` is edited.
-    """
-    jobs = [(key, i) for key, chosen in selected.items() for i in chosen]
-    paths = [archive.image_path(archive.image_ids[i]) for _, i in jobs]
-    with ThreadPoolExecutor(VERIFY_THREADS) as pool:
-        results = list(tqdm(pool.map(verify_image, paths), total=len(paths), desc="verifying images", unit="img",
-                            disable=_no_bar(progress, len(paths))))
-    replacements, drops = [], []
-    good: dict[tuple, list[int]] = {key: [] for key in selected}
-    for (key, i), problem in zip(jobs, results):
-        while problem is not None:
-            bad = archive.image_ids[i]
-            if strict:
-                raise CelebaDataError(f"image {archive.image_path(bad)} is {problem} (--strict-missing)")
-            if not reserves[key]:
-                drops.append({"image_id": bad, "reason": problem, "split": key[0], "label": key[1], "stratum": key[2]})
-                break
-            new = reserves[key].pop(0)
-            replacements.append({"image_id": bad, "reason": problem, "split": key[0], "label": key[1],
-                                 "stratum": key[2], "replaced_by": archive.image_ids[new]})
-            i = new
-            problem = verify_image(archive.image_path(archive.image_ids[new]))
-        if problem is None:
-            good[key].append(i)
-    for (split, label, stratum), chosen in good.items():
-        other = good[(split, 1 - label, stratum)]
-        while len(other) > len(chosen):  # keep both classes of the stratum the same size
-            dropped = other.pop()
-            drops.append({"image_id": archive.image_ids[dropped], "reason": "balance", "split": split,
-                          "label": 1 - label, "stratum": stratum})
-    selected.update(good)
-    return replacements, drops
 
 
 def _fill_counts(summary: dict, selected: dict, names: list[str]) -> None:
@@ -386,55 +332,20 @@ def _place(src: str, dest: Path, link_mode: str) -> None:
                                   f"use --link-mode copy or symlink across filesystems") from None
 
 
-def _write_output(output_dir: Path, rows, fields, summary, link_mode, overwrite, progress) -> None:
-    """Everything goes into a temporary sibling that is renamed over ``output_dir`` at the end."""
+def _write_output(tmp: Path, rows, fields, summary, link_mode, progress) -> None:
+    """The class folders, images, index and summary, into the staging folder ``tmp``.
+
+    Every ``dest_path`` is ``<split>/<class>/<image_id>`` with an id that
+    :func:`~dpvision.celeba.safety.check_image_id` accepted, so nothing lands outside ``tmp``.
+    """
     from dpvision.runs import atomic_write_json, atomic_write_text, csv_text  # lazily: imports torch
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    old = None
-    try:
-        os.chmod(tmp, 0o755)
-        for split in SPLITS:
-            for name in summary["class_names"]:
-                (tmp / split / name).mkdir(parents=True)
-        for row in tqdm(rows, desc=f"{link_mode} images", unit="img", disable=_no_bar(progress, len(rows))):
-            _place(row["source_path"], tmp / row["dest_path"], link_mode)
-        index_text = csv_text(fields, rows)
-        atomic_write_text(tmp / INDEX_FILE, index_text)
-        summary["index_sha256"] = hashlib.sha256(index_text.encode()).hexdigest()
-        atomic_write_json(tmp / SUMMARY_FILE, summary)
-        if output_dir.exists():
-            if not overwrite:  # someone created it while we were working
-                raise CelebaDataError(f"--output-dir {str(output_dir)!r} already exists (use --overwrite to replace it)")
-            old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
-            os.replace(output_dir, old / "previous")
-        os.replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not output_dir.exists():
-            os.replace(old / "previous", output_dir)  # put the previous subset back
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def format_plan(summary: dict) -> str:
-    """The per-split, per-class, per-stratum counts as a few readable lines."""
-    lines = [f"attribute {summary['attribute']}: classes {summary['class_names']} (labels 0, 1), seed {summary['seed']}"]
-    if summary.get("iod_bin_edges") is not None:
-        lines.append(f"interocular bin edges ({summary['iod_bin_method']}, from train): "
-                     + ", ".join(f"{e:.2f}" for e in summary["iod_bin_edges"]))
     for split in SPLITS:
-        t = summary["totals"][split]
-        avail = summary["available"][split]
-        lines.append(f"{split}: {t['total']} images, cap {summary['caps'][split]} per class "
-                     f"({summary['cap_source'][split]}); available " + ", ".join(f"{k}={v}" for k, v in avail.items()))
         for name in summary["class_names"]:
-            strata = summary["counts"][split][name]
-            lines.append(f"  {name:<20} {t[name]:>7}" + ("   " + ", ".join(f"{k}: {v}" for k, v in strata.items())
-                                                        if list(strata) != ["all"] else ""))
-    if "replacements" in summary:
-        lines.append(f"replaced images: {summary['replacements']['total']}")
-    return "\n".join(lines)
+            (tmp / split / name).mkdir(parents=True)
+    for row in tqdm(rows, desc=f"{link_mode} images", unit="img", disable=_no_bar(progress, len(rows))):
+        _place(row["source_path"], tmp / row["dest_path"], link_mode)
+    index_text = csv_text(fields, rows)
+    atomic_write_text(tmp / INDEX_FILE, index_text)
+    summary["index_sha256"] = hashlib.sha256(index_text.encode()).hexdigest()
+    atomic_write_json(tmp / SUMMARY_FILE, summary)

@@ -74,6 +74,8 @@ def _read_split(path: Path, mean: tuple[float, ...], std: tuple[float, ...]) -> 
         raise
     except Exception as err:  # truncated zip, garbage, a pickle with forbidden globals, ...
         first = str(err).splitlines()[0] if str(err) else ""
+        if "Weights only load failed" in first:
+            first = "garbage, or objects other than tensors, lists and strings (refused by weights_only loading)"
         raise DataError(f"{path}: not a readable tensor file ({type(err).__name__}: {first[:200]}); "
                         "re-run celeba_preprocess.py") from None
     if not isinstance(payload, dict) or not {"images", "labels", "class_names"} <= payload.keys():
@@ -109,7 +111,8 @@ def load_celeba_folder(folder: str | os.PathLike) -> tuple[dict[str, CelebaSplit
     paths = {name: folder / name for name in (*(f"{s}.pt" for s in SPLITS), STATS_FILE)}
     missing = [name for name, path in paths.items() if not os.path.lexists(path)]
     if missing:
-        raise DataNotFoundError(f"{folder} lacks {', '.join(missing)}; --data-root for celeba must be {FOLDER_HINT}")
+        raise DataNotFoundError(f"missing {', '.join(str(paths[name]) for name in missing)}; --data-root for "
+                                f"celeba must be {FOLDER_HINT}")
     sizes = sum(regular_file_stat(path).st_size for path in paths.values())
     check_total_bytes(sizes, f"the CelebA files in {folder}", "these are not preprocessed CelebA splits")
     stats = _read_stats(paths[STATS_FILE])

@@ -162,8 +162,8 @@ def ensure_cifar10(data_root: str | Path, *, download: bool = True) -> Path:
 
 
 def _split(paths: list[Path], num_classes: int) -> ImageTensors:
-    check_total_bytes(sum(regular_file_stat(p).st_size for p in paths), f"CIFAR-10 batches {', '.join(p.name for p in paths)}",
-                      "these are not CIFAR-10 batches")
+    size = sum(regular_file_stat(p).st_size for p in paths)
+    check_total_bytes(size, f"CIFAR-10 batches {', '.join(p.name for p in paths)}", "these are not CIFAR-10 batches")
     parts = [read_batch(p, num_classes) for p in paths]
     images = np.concatenate([p[0] for p in parts])  # [N, 3, 32, 32]
     if len(images) == 0:

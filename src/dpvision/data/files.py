@@ -53,7 +53,10 @@ def check_total_bytes(n_bytes: int, what: str, fix: str) -> None:
     """Refuse a dataset whose tensors would take more than :func:`max_dataset_bytes`."""
     limit = max_dataset_bytes()
     if n_bytes > limit:
-        raise DataError(f"{what} would take {_human(n_bytes)} in memory, more than the {_human(limit)} allowed "
+        need, have = _human(n_bytes), _human(limit)
+        if need == have:
+            need, have = f"{n_bytes:,} bytes", f"{limit:,} bytes"
+        raise DataError(f"{what} would take {need} in memory, more than the {have} allowed "
                         f"(half of physical memory, or ${MAX_BYTES_ENV}); {fix}")
 
 

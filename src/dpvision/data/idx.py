@@ -38,34 +38,43 @@ def _open(path: Path):
     return handle, handle
 
 
-def _read_exactly(stream, n: int, path: Path, what: str) -> bytes:
+READ_CHUNK = 1 << 20  # read in chunks: memory follows the bytes really there, not what a header claims
+
+
+def _read_exactly(stream, n: int, path: Path, what: str) -> bytearray:
+    data = bytearray()
     try:
-        data = stream.read(n)
+        while len(data) < n:
+            chunk = stream.read(min(READ_CHUNK, n - len(data)))
+            if not chunk:
+                break
+            data += chunk
     except (OSError, EOFError, zlib.error) as err:  # BadGzipFile is an OSError; EOFError: gzip cut short
         raise DataError(f"{path}: not a readable gzip file ({err}); delete it (it is re-downloaded) or "
                         "replace it with an intact copy") from None
     if len(data) < n:
-        if len(data) == 0 and what == "header":
+        if len(data) == 0 and what == "the magic number":
             raise DataError(f"{path} is empty; an IDX file starts with a 4-byte magic number")
-        raise DataError(f"{path} is truncated: {what} needs {n} bytes, the file has only {len(data)} left")
+        raise DataError(f"{path} is truncated: it ends {n - len(data)} bytes short of {what} ({len(data)} of {n} "
+                        "bytes present)")
     return data
 
 
-def _read_idx(path: Path, magic: int, ndim: int) -> tuple[tuple[int, ...], bytes]:
+def _read_idx(path: Path, magic: int, ndim: int) -> tuple[tuple[int, ...], bytearray]:
     """``(sizes, payload)`` of an IDX file of unsigned bytes with the given magic number."""
     stream, raw = _open(path)
     with raw, stream:
-        found = struct.unpack(">I", _read_exactly(stream, 4, path, "header"))[0]
+        found = struct.unpack(">I", _read_exactly(stream, 4, path, "the magic number"))[0]
         if found != magic:
             want = _MAGIC_NAMES[magic]
             other = f" (that is the {_MAGIC_NAMES[found]} magic: images and labels swapped?)" if found in _MAGIC_NAMES \
                 else ""
             raise DataError(f"{path}: bad magic number {found} (0x{found:08x}){other}; IDX {want} expected")
-        sizes = struct.unpack(f">{ndim}I", _read_exactly(stream, 4 * ndim, path, "header"))
+        sizes = struct.unpack(f">{ndim}I", _read_exactly(stream, 4 * ndim, path, "the header's sizes"))
         n_bytes = int(np.prod(sizes, dtype=np.int64))
         check_total_bytes(n_bytes, f"{path} (header sizes {list(sizes)})", "the header is corrupt or the file is "
                           "too large to load")
-        payload = _read_exactly(stream, n_bytes, path, f"the {'x'.join(map(str, sizes))} values of the header")
+        payload = _read_exactly(stream, n_bytes, path, f"the {'x'.join(map(str, sizes))} values its header announces")
         if _read_exactly_or_less(stream, path):
             raise DataError(f"{path} has bytes beyond the {'x'.join(map(str, sizes))} values its header announces; "
                             "the header sizes are wrong or two files were concatenated")
@@ -87,7 +96,7 @@ def read_idx_images(path: str | os.PathLike, rows: int = 28, cols: int = 28) -> 
         raise DataError(f"{path}: images are {sizes[1]}x{sizes[2]}, expected {rows}x{cols}")
     if sizes[0] == 0:
         raise DataError(f"{path} holds no images (its header says 0)")
-    array = np.frombuffer(bytearray(payload), dtype=np.uint8).reshape(sizes)  # bytearray: a writable buffer
+    array = np.frombuffer(payload, dtype=np.uint8).reshape(sizes)  # a bytearray: writable, no copy
     return torch.from_numpy(array)
 
 

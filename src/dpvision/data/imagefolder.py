@@ -8,9 +8,10 @@ Layout (what ``scripts/celeba_build_subset.py`` writes; symlinked images and fol
 
 Classes are the subfolder names, sorted (label = position); every split must
 have the same ones. Images are the files with one of :data:`IMAGE_EXTENSIONS`
-(any case); other files and names starting with ``.`` are skipped, as are
-symlink loops. A FIFO, socket or device named like an image is refused
-without being opened; an image that does not decode is a ``DataError`` naming it.
+(any case); other files and names starting with ``.`` are skipped; a symlink
+back to a parent folder (a loop) is refused. A FIFO, socket or device named
+like an image is refused without being opened; an image that does not decode
+is a ``DataError`` naming it.
 
 Every image is converted to RGB (grayscale ones too: one channel count for the
 whole dataset, whatever mix of files it holds), centre-cropped to a square of
@@ -95,20 +96,20 @@ def _class_names(split_dir: Path) -> tuple[str, ...]:
     return names
 
 
-def _walk(folder: Path, root: Path, label: int, depth: int, seen: set, out: list[ImageFile]) -> None:
-    """Append the images under ``folder`` (sorted, symlinks followed, each real folder once)."""
-    if depth > MAX_DEPTH:
+def _walk(folder: Path, root: Path, label: int, ancestors: tuple, out: list[ImageFile]) -> None:
+    """Append the images under ``folder``, sorted, symlinks followed; a link back to an ancestor is refused."""
+    if len(ancestors) > MAX_DEPTH:
         raise DataError(f"{folder} is more than {MAX_DEPTH} folders deep below its class folder")
     info = os.stat(folder)
-    if (info.st_dev, info.st_ino) in seen:  # a symlink loop, or two links to one folder
-        return
-    seen.add((info.st_dev, info.st_ino))
+    here = (info.st_dev, info.st_ino)
+    if here in ancestors:
+        raise DataError(f"{folder} leads back to one of its own parent folders (a symlink loop); remove that link")
     for entry in _listdir(folder):
         if entry.name.startswith("."):
             continue
         path = Path(entry.path)
         if entry.is_dir():
-            _walk(path, root, label, depth + 1, seen, out)
+            _walk(path, root, label, (*ancestors, here), out)
         elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
             stat = regular_file_stat(path)  # FIFO, socket, device, broken link: refused, never opened
             out.append(ImageFile(path, path.relative_to(root).as_posix(), label, stat.st_size, stat.st_mtime_ns))
@@ -133,7 +134,7 @@ def scan_imagefolder(root: str | os.PathLike) -> tuple[tuple[str, ...], dict[str
         files: list[ImageFile] = []
         for label, name in enumerate(class_names):
             before = len(files)
-            _walk(root / split / name, root, label, 0, set(), files)
+            _walk(root / split / name, root, label, (), files)
             if split == "train" and len(files) == before:
                 raise DataError(f"{root / split / name} holds no images (extensions: {', '.join(IMAGE_EXTENSIONS)})")
         if not files:
@@ -174,9 +175,13 @@ def cache_key(class_names: tuple[str, ...], splits: dict[str, list[ImageFile]], 
 
 def _cache_places(root: Path, image_size: int) -> list[tuple[Path, str]]:
     """``(folder, file-name prefix)`` to try: inside the root, then the user's cache (tagged with the root)."""
-    user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dpvision"
+    places = [(root / CACHE_DIR, f"imagefolder-s{image_size}-")]
+    try:
+        user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dpvision"
+    except RuntimeError:  # no home directory: only the root's own cache
+        return places
     root_tag = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
-    return [(root / CACHE_DIR, f"imagefolder-s{image_size}-"), (user, f"imagefolder-{root_tag}-s{image_size}-")]
+    return [*places, (user, f"imagefolder-{root_tag}-s{image_size}-")]
 
 
 def _read_cache(path: Path, key: str, splits: dict[str, list[ImageFile]], image_size: int):
@@ -257,8 +262,8 @@ def load_imagefolder(root: str | os.PathLike, image_size: int | None = None,
             except OSError:  # read-only root: try the user's cache next
                 continue
         else:
-            warnings.warn(f"could not write an image cache in {places[0][0]} or {places[1][0]}; images will be "
-                          "decoded again next time")
+            warnings.warn(f"could not write an image cache in {' or '.join(str(p[0]) for p in places)}; images "
+                          "will be decoded again next time")
     mean, std = channel_stats(images["train"])
     out = {split: ImageTensors(images[split], torch.tensor([f.label for f in files], dtype=torch.int64), mean, std)
            for split, files in splits.items()}

@@ -3,7 +3,10 @@
 ``root`` is ``--data-root``; what it must hold depends on the dataset
 (:func:`dataset_root_hint`). MNIST, Fashion-MNIST and CIFAR-10 are downloaded
 through torchvision when missing (unless ``download=False``); offline, the
-``DataError`` says which files go where.
+``DataError`` says which files go where. ``image_size`` is bounded by
+:data:`MAX_IMAGE_SIZE` (512: 0.75 MiB per uint8 RGB image, and per-example
+gradients at larger sizes do not fit DP-SGD batches anyway); a whole dataset's
+tensors are bounded by half of physical memory (``$DPVISION_MAX_DATA_BYTES``).
 
 Example:
     >>> splits = load_dataset("mnist", "data")                         # doctest: +SKIP
@@ -134,8 +137,10 @@ def data_fingerprint(data: ImageTensors) -> str:
         >>> import torch
         >>> a = ImageTensors(torch.zeros(2, 1, 2, 2, dtype=torch.uint8), torch.tensor([0, 1]), (0.5,), (0.5,))
         >>> b = ImageTensors(torch.zeros(2, 1, 2, 2, dtype=torch.uint8), torch.tensor([1, 0]), (0.5,), (0.5,))
-        >>> data_fingerprint(a) == data_fingerprint(a.subset(torch.arange(2))), data_fingerprint(a) == data_fingerprint(b)
-        (True, False)
+        >>> data_fingerprint(a) == data_fingerprint(a.subset(torch.arange(2)))
+        True
+        >>> data_fingerprint(a) == data_fingerprint(b)  # labels swapped
+        False
     """
     images = data.images.detach().cpu().contiguous()
     labels = data.labels.detach().cpu().to(dtype=data.labels.dtype).contiguous()

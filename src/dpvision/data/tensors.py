@@ -58,7 +58,8 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
         ((0.5, 0.2), (0.5, 0.0))
     """
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[0] == 0:
-        raise ValueError(f"channel_stats needs uint8 [N, C, H, W] with N >= 1, got {images.dtype} {tuple(images.shape)}")
+        raise ValueError(f"channel_stats needs uint8 [N, C, H, W] with N >= 1, got {images.dtype} "
+                         f"{tuple(images.shape)}")
     values = torch.arange(256, dtype=torch.float64) / 255.0
     means, stds = [], []
     for c in range(images.shape[1]):

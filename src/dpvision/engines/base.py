@@ -45,10 +45,14 @@ class DPSettings:
 
 @dataclass(kw_only=True, frozen=True)
 class OptimizerSpec:
+    """The torch optimizer an engine builds, and its learning-rate schedule (per step)."""
+
     name: str = "sgd"
     lr: float
-    momentum: float = 0.0
-    weight_decay: float = 0.0
+    momentum: float = 0.0  # SGD only
+    schedule: str = "constant"  # or "cosine" (to 0 over total_steps)
+    warmup_steps: int = 0  # linear warm-up from lr / warmup_steps
+    total_steps: int = 0  # the run's optimizer steps (what "cosine" decays over)
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
@@ -57,9 +61,15 @@ class OptimizerSpec:
             raise ValueError(f"lr (--lr) must be >= 0, got {self.lr}")
 
     def build(self, params) -> torch.optim.Optimizer:
+        from dpvision.engines.schedule import attach_schedule
+
         if self.name == "adam":
-            return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
-        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+            optimizer = torch.optim.Adam(params, lr=self.lr)
+        else:
+            optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
+        attach_schedule(optimizer, base_lr=self.lr, schedule=self.schedule, warmup_steps=self.warmup_steps,
+                        total_steps=self.total_steps)
+        return optimizer
 
 
 @dataclass

@@ -121,19 +121,22 @@ def layer_method(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, forced: s
 
 
 def layer_norm_sq(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, method: str | None,
-                  compute_dtype: torch.dtype) -> tuple[torch.Tensor, object]:
-    """([B] squared per-example gradient norm over the layer's weight and bias, state for ``clipped_sum``)."""
-    if isinstance(module, nn.GroupNorm):
-        a_hat = F.group_norm(a.float(), module.num_groups, eps=module.eps)
-        dzf = dz.float()
-        spatial = tuple(range(2, a.dim()))
-        gw, gb = (dzf * a_hat).sum(spatial), dzf.sum(spatial)  # [B, C] each
-        return _sum_sq(gw) + _sum_sq(gb), (gw, gb)
+                  compute_dtype: torch.dtype) -> torch.Tensor:
+    """[B] squared per-example gradient norms over a Linear's or Conv2d's weight and bias."""
     sq = weight_norm_sq(module, a, dz, method or MATERIALISE, compute_dtype)
-    if module.bias is not None:
+    if module.bias is not None:  # per-example bias gradient: dz summed over positions, [B, p]
         sq = sq + _sum_sq(dz.float().reshape(len(dz), -1, dz.shape[-1]).sum(1) if isinstance(module, nn.Linear)
-                          else dz.float().flatten(2).sum(2))  # per-example bias gradient [B, p]
-    return sq, None
+                          else dz.float().flatten(2).sum(2))
+    return sq
+
+
+def group_norm_norm_sq(module: nn.GroupNorm, a: torch.Tensor, dz: torch.Tensor):
+    """([B] squared norms, (gamma, beta) per-example gradients [B, C] each) of an affine GroupNorm."""
+    a_hat = F.group_norm(a.float(), module.num_groups, eps=module.eps)  # normalised input [B, C, ...]
+    dzf = dz.float()
+    spatial = tuple(range(2, a.dim()))
+    gw, gb = (dzf * a_hat).sum(spatial), dzf.sum(spatial)
+    return _sum_sq(gw) + _sum_sq(gb), (gw, gb)
 
 
 def clipped_sum(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, factors: torch.Tensor, state: object,

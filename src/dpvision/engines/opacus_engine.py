@@ -5,6 +5,13 @@ Example:
     ...                       optimizer=OptimizerSpec(lr=0.15),
     ...                       dp=DPSettings(noise_multiplier=1.3, max_grad_norm=1.0), seed=0)
     >>> result = engine.train_epoch()                                                   # doctest: +SKIP
+
+Data-parallel (``dist=`` a :class:`~dpvision.engines.distributed.DistContext` of several
+ranks): the model is wrapped in Opacus's ``DPDDP`` and ``make_private`` returns its
+``DistributedDPOptimizer`` (rank 0 alone adds the noise; the sums are all-reduced). The
+loader is dpvision's :class:`~dpvision.engines.distributed.ShardPoissonBatchSampler`,
+not Opacus's distributed sampler, which skips a rank's empty batch and so would put the
+ranks out of step (:mod:`dpvision.engines.distributed`).
 """
 
 from __future__ import annotations
@@ -18,6 +25,10 @@ from torch.utils.data import DataLoader
 
 from dpvision.data.tensors import ImageTensors, NormalizedTensorDataset
 from dpvision.engines.base import DPSettings, Engine, EpochResult, OptimizerSpec, ProgressFn
+from dpvision.engines.distributed import (
+    DistContext, ShardPoissonBatchSampler, ShardShuffleBatchSampler, all_reduce_grads_, engine_state,
+    load_engine_state, reduce_epoch_totals,
+)  # fmt: skip
 from dpvision.privacy.accounting import expected_batch_size
 from dpvision.seeding import make_generator
 
@@ -29,8 +40,12 @@ class OpacusEngine(Engine):
 
     def __init__(self, *, model: nn.Module, train_data: ImageTensors, batch_size: int,
                  optimizer: OptimizerSpec, dp: DPSettings | None, seed: int,
-                 device: torch.device | str = "cpu", num_workers: int = 0) -> None:
+                 device: torch.device | str = "cpu", num_workers: int = 0, dist: DistContext | None = None) -> None:
         super().__init__(train_data=train_data, batch_size=batch_size, dp=dp, seed=seed, device=device)
+        self.dist = dist if dist is not None else DistContext(device=self.device)
+        if self.dist.is_distributed:
+            self._init_distributed(model, optimizer, num_workers)
+            return
         model = model.to(self.device)
         self.order_generator = make_generator(seed, "sampling" if dp else "data_order")
         self.noise_generator = make_generator(seed, "noise", self.device)
@@ -68,6 +83,8 @@ class OpacusEngine(Engine):
         self.model, self.optimizer, self.loader, self._wrapped = model, opt, loader, wrapped
 
     def train_epoch(self, *, max_steps: int | None = None, progress: ProgressFn | None = None) -> EpochResult:
+        if self.dist.is_distributed:
+            return self._train_epoch_distributed(max_steps, progress)
         self._wrapped.train()
         total_loss, correct, seen, steps = 0.0, 0, 0, 0
         for images, labels in self.loader:
@@ -89,17 +106,101 @@ class OpacusEngine(Engine):
         return EpochResult(loss=total_loss / max(seen, 1), accuracy=correct / max(seen, 1), steps=steps, examples=seen)
 
     def state_dict(self) -> dict:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "order_generator": self.order_generator.get_state(),
-            "noise_generator": self.noise_generator.get_state(),
-        }
+        """Model, optimizer, generators; distributed, every rank's generators (every rank must call it)."""
+        common = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        return engine_state(self.dist, common, self._generators())
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict | None) -> None:
+        """Distributed, every rank must call it; rank 0's ``state`` is used (see ``load_engine_state``)."""
+        state = load_engine_state(self.dist, state, self._generators())
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.order_generator.set_state(state["order_generator"])
-        self.noise_generator.set_state(state["noise_generator"])
+
+    def _generators(self) -> dict[str, torch.Generator]:
+        return {"order_generator": self.order_generator, "noise_generator": self.noise_generator}
+
+    # ----------------------------------------------------------------- data-parallel
+    def _init_distributed(self, model: nn.Module, optimizer: OptimizerSpec, num_workers: int) -> None:
+        """Several ranks: this rank's loader, and under DP ``DPDDP`` + ``make_private`` (noise on rank 0 only)."""
+        dist, n = self.dist, self.num_examples
+        if self.device != dist.device:
+            raise ValueError(f"device {self.device} is not this rank's device {dist.device} (pass device=dist.device)")
+        model = model.to(self.device)
+        dist.broadcast_module_(model)  # every rank starts from rank 0's weights
+        dataset = NormalizedTensorDataset(self.train_data)
+        self.noise_generator = make_generator(self.seed, "noise", self.device)  # drawn from by rank 0 only
+        opt = optimizer.build(model.parameters())
+        if self.dp is None:  # one shared shuffled order; the loader yields this rank's slice of each batch
+            self.order_generator = make_generator(self.seed, "data_order")
+            sampler = ShardShuffleBatchSampler(num_examples=n, batch_size=self.batch_size, dist=dist,
+                                               generator=self.order_generator)
+            self.loader = DataLoader(dataset, batch_sampler=sampler, generator=self.order_generator,
+                                     num_workers=num_workers)
+            self.model, self.optimizer, self._wrapped = model, opt, model
+            return
+        from opacus import PrivacyEngine
+        from opacus.data_loader import wrap_collate_with_empty
+        from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+        from opacus.optimizers import DistributedDPOptimizer
+        from opacus.validators import ModuleValidator
+        from torch.utils.data._utils.collate import default_collate
+
+        ModuleValidator.validate(model, strict=True)
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        self.order_generator = make_generator(self.seed, dist.stream("sampling"))  # this rank's own stream
+        sampler = ShardPoissonBatchSampler(num_examples=n, sample_rate=self.sample_rate, steps=self.steps_per_epoch,
+                                           dist=dist, generator=self.order_generator)
+        image, _ = dataset[0]
+        collate = wrap_collate_with_empty(collate_fn=default_collate,  # an empty batch keeps its shapes
+                                          sample_empty_shapes=[(0, *image.shape), (0,)],
+                                          dtypes=[image.dtype, torch.int64])
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, generator=self.order_generator,
+                            num_workers=num_workers)
+        self.privacy_engine = PrivacyEngine(accountant="rdp")  # not used for reporting (the job's ledger is)
+        # poisson_sampling=False: the loader above already Poisson-samples this rank's shard at q.
+        wrapped, opt, loader = self.privacy_engine.make_private(
+            module=DPDDP(model), optimizer=opt, data_loader=loader,
+            noise_multiplier=self.dp.noise_multiplier, max_grad_norm=self.dp.max_grad_norm,
+            poisson_sampling=False, noise_generator=self.noise_generator,
+        )
+        wrapped.forbid_grad_accumulation()  # as make_private does with poisson_sampling=True
+        assert isinstance(opt, DistributedDPOptimizer), f"expected Opacus's DistributedDPOptimizer, got {type(opt)}"
+        # DistributedDPOptimizer divides each rank's (noised on rank 0) sum by expected_batch_size, all-reduces,
+        # and divides by W: with E / W here, the update is (sum of all clipped grads + noise) / E, E = int(N q).
+        opt.expected_batch_size = expected_batch_size(n, self.sample_rate) / dist.world_size
+        self.model, self.optimizer, self.loader, self._wrapped = model, opt, loader, wrapped
+
+    def _train_epoch_distributed(self, max_steps: int | None, progress: ProgressFn | None) -> EpochResult:
+        self._wrapped.train()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        total_loss, correct, seen, steps = 0.0, 0, 0, 0
+        for images, labels in self.loader:  # every rank gets a batch (maybe empty) every step
+            if max_steps is not None and steps >= max_steps:
+                break
+            images, labels = images.to(self.device), labels.to(self.device)
+            self.optimizer.zero_grad(set_to_none=True)
+            logits = self._wrapped(images)  # [b, classes], b = this rank's part of the batch
+            if self.dp is not None:
+                loss = F.cross_entropy(logits, labels)  # Opacus's hooks undo the mean: per-sample grads
+                loss.backward()
+                with self.dist.collective("DP optimizer step"):
+                    self.optimizer.step()  # clip, noise (rank 0), / (E / W), all-reduce, / W, update
+                loss_sum = float(loss.detach()) * len(labels) if len(labels) else 0.0
+            else:
+                global_len = min(self.batch_size, self.num_examples - steps * self.batch_size)
+                loss = F.cross_entropy(logits, labels, reduction="sum")
+                (loss / global_len).backward()  # summed over ranks: the global batch's mean loss
+                all_reduce_grads_(params, self.dist)
+                self.optimizer.step()
+                loss_sum = float(loss.detach())
+            steps += 1
+            total_loss += loss_sum
+            correct += int((logits.argmax(1) == labels).sum())
+            seen += len(labels)
+            if progress:
+                progress(1)
+        total_loss, correct, seen = reduce_epoch_totals(self.dist, total_loss, correct, seen)
+        return EpochResult(loss=total_loss / max(seen, 1), accuracy=correct / max(seen, 1), steps=steps, examples=seen)
 
 

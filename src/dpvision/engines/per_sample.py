@@ -30,9 +30,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 
 from dpvision.engines.base import UnsupportedModelError
-from dpvision.engines.ghost import METHODS, clipped_sum, layer_method, layer_norm_sq
+from dpvision.engines.ghost import METHODS, clipped_sum, group_norm_norm_sq, layer_method, layer_norm_sq
 
 CLIP_EPS = 1e-6  # Opacus's DPOptimizer: factor = min(1, C / (norm + 1e-6))
 
@@ -114,17 +115,21 @@ class HooksPerSample:
 class ManualPerSample:
     """Exact per-example norms without per-example gradients, then the clipped sum by book-keeping.
 
-    Forward hooks keep each layer's input ``a`` and output ``z``; one ``autograd.grad`` of the summed
-    loss with respect to the outputs gives every ``dz`` (autograd skips the weight gradients nobody
-    asked for). Pass 1, per layer (:mod:`dpvision.engines.ghost`): the squared per-example gradient
-    norm, by ghost norms or by materialising that layer's per-example gradients only, whichever the
-    layer's shapes make cheaper (``method`` forces one for every Linear/Conv2d, for tests). Then the
-    clip factors f_i = w_i min(1, C / (||g_i|| + 1e-6)). Pass 2, per layer: sum_i f_i g_i as the batch
-    weight gradient of the output gradients scaled by f (one cuDNN weight-gradient call per conv).
-    Nothing per-example outlives its layer; graph-capturable.
+    Forward hooks keep each layer's input ``a`` and the autograd edge of its output (not the output
+    itself, so its memory is freed as in plain training, and an in-place op after the layer is
+    harmless); one ``autograd.grad`` of the summed loss to those edges gives each Linear/Conv2d
+    output gradient ``dz`` (autograd skips the weight gradients nobody asked for). GroupNorm's
+    per-example gradients [B, C] are taken by a tensor hook during that backward, so its ``dz`` is
+    never kept. Pass 1, per layer (:mod:`dpvision.engines.ghost`): squared per-example norms, by ghost
+    norms or by materialising that layer's per-example gradients, whichever its shapes make cheaper
+    (``method`` forces one for every Linear/Conv2d, for tests). Then the clip factors
+    f_i = w_i min(1, C / (||g_i|| + 1e-6)). Pass 2, per layer: sum_i f_i g_i as the batch weight
+    gradient of the output gradients scaled by f (one cuDNN weight-gradient call per conv). Nothing
+    per-example outlives its layer; graph-capturable.
 
-    ``amp_dtype`` (set by the engine for ``precision="bf16"``): autocast of forward/backward and the
-    per-layer products in that dtype; norms, factors and the accumulated sum stay float32.
+    ``amp_dtype`` (set by the engine for ``precision="bf16"``): autocast of forward/backward, each
+    conv input cast once to that dtype by a pre-hook (the copy autograd and pass 2 share), and the
+    per-layer products in it; norms, factors and the accumulated sum stay float32.
     """
 
     name = "manual"
@@ -150,31 +155,44 @@ class ManualPerSample:
             self.entries.append((module, attr))
         self.layers = list(dict.fromkeys(m for m, _ in self.entries))
         self.names = {m: n for n, m in model.named_modules() if m in self.layers}
-        # layer -> (input, output, their versions at the hook): a later in-place change would make the
-        # stored tensors lie (e.g. ReLU(inplace=True) on a layer's output), so it is refused.
-        self._store: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, int, int]] = {}
+        # layer -> (input, output edge or None). An in-place change of a stored input after its layer
+        # is caught by autograd itself (every supported layer saves its input for backward).
+        self._store: dict[nn.Module, tuple] = {}
+        self._group_norm: dict[nn.Module, tuple] = {}  # GroupNorm -> (squared norms [B], state), from its hook
         self._active = False
         self.amp_dtype: torch.dtype | None = None
         self.chosen: dict[str, str | None] = {}  # layer name -> norm method of the last chunk (reports)
         self._handles = [m.register_forward_hook(self._hook) for m in self.layers]
+        self._handles += [m.register_forward_pre_hook(self._cast_input) for m in self.layers
+                          if isinstance(m, nn.Conv2d)]
+
+    def _cast_input(self, module, inputs):
+        x = inputs[0]
+        if self._active and self.amp_dtype is not None and x.is_floating_point() and x.dtype != self.amp_dtype:
+            return (x.to(self.amp_dtype), *inputs[1:])
+        return None
 
     def _hook(self, module, inputs, output):
-        if self._active:
-            if module in self._store:  # weight sharing: the per-layer formulas would miss a use
-                raise UnsupportedModelError(f"manual per-sample gradients: {type(module).__name__} used twice")
-            a = inputs[0].detach()
-            self._store[module] = (a, output, a._version, output._version)
+        if not self._active:
+            return
+        if module in self._store:  # weight sharing: the per-layer formulas would miss a use
+            raise UnsupportedModelError(f"manual per-sample gradients: {type(module).__name__} used twice")
+        a = inputs[0].detach()
+        if isinstance(module, nn.GroupNorm) and inputs[0].requires_grad:
+            # Its backward runs on the way to an earlier layer's output: take the gradients there.
+            output.register_hook(lambda dz, m=module, a=a: self._group_norm_hook(m, a, dz))
+            self._store[module] = (a, None)
+        else:
+            self._store[module] = (a, get_gradient_edge(output))
 
-    def _stored(self, module) -> tuple[torch.Tensor, torch.Tensor]:
-        a, z, va, vz = self._store[module]
-        if a._version != va or z._version != vz:
-            raise UnsupportedModelError(f"manual per-sample gradients: the input or output of {self.names[module]}"
-                                        " is modified in place after the layer")
-        return a, z
+    def _group_norm_hook(self, module, a, dz):
+        with torch.no_grad():
+            self._group_norm[module] = group_norm_norm_sq(module, a, dz)
 
-    def accumulate(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, max_grad_norm: float,
-                   acc_views: list[torch.Tensor], loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor):
+        """(logits [B, classes], losses [B], {layer: dz} for the layers whose output edge was kept)."""
         self._store.clear()
+        self._group_norm.clear()
         self._active = True
         try:
             with torch.enable_grad(), torch.autocast(x.device.type, dtype=self.amp_dtype or torch.bfloat16,
@@ -183,25 +201,36 @@ class ManualPerSample:
         finally:
             self._active = False
         losses = F.cross_entropy(logits, y, reduction="none")  # [B]
-        layers = [m for m in self.layers if m in self._store]  # a layer the forward skipped has gradient 0
-        stored = [self._stored(m) for m in layers]
-        dzs = list(torch.autograd.grad(losses.sum(), [z for _, z in stored]))
+        edges = {m: edge for m, (_, edge) in self._store.items() if edge is not None}
+        dzs = torch.autograd.grad(losses.sum(), list(edges.values()))
+        return logits, losses, dict(zip(edges, dzs))
+
+    def accumulate(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, max_grad_norm: float,
+                   acc_views: list[torch.Tensor], loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
+        logits, losses, dzs = self._forward_backward(x, y)
         dtype = self.amp_dtype or torch.float32
         views = dict(zip(self.entries, acc_views))
         with torch.no_grad():
             norm_sq = torch.zeros(len(x), device=x.device)  # [B]
-            states = []
-            for m, (a, _), dz in zip(layers, stored, dzs):  # pass 1: per-example squared norms
-                method = layer_method(m, a, dz, self.method) if not isinstance(m, nn.GroupNorm) else None
-                self.chosen[self.names[m]] = method
-                sq, state = layer_norm_sq(m, a, dz, method, dtype)
+            states = {}
+            for m in self.layers:  # pass 1: per-example squared norms (a layer the forward skipped: gradient 0)
+                if m in self._group_norm:
+                    sq, states[m] = self._group_norm.pop(m)
+                elif m in dzs:
+                    a = self._store[m][0]
+                    if isinstance(m, nn.GroupNorm):  # input without gradient: its dz was asked for
+                        sq, states[m] = group_norm_norm_sq(m, a, dzs[m])
+                    else:
+                        method = self.chosen[self.names[m]] = layer_method(m, a, dzs[m], self.method)
+                        sq, states[m] = layer_norm_sq(m, a, dzs[m], method, dtype), None
+                else:
+                    continue
                 norm_sq += sq
-                states.append(state)
             factors = clip_factors_sq(norm_sq, max_grad_norm, w)  # [B]
-            for i, (m, (a, _), state) in enumerate(zip(layers, stored, states)):  # pass 2: clipped sums
-                for attr, g in clipped_sum(m, a, dzs[i], factors, state, dtype).items():
+            for m, state in states.items():  # pass 2: clipped sums by book-keeping
+                a = self._store[m][0]
+                for attr, g in clipped_sum(m, a, dzs.pop(m, None), factors, state, dtype).items():
                     views[(m, attr)].add_(g.reshape(-1))
-                dzs[i] = None  # free as we go
             loss_sum.add_((losses.detach() * w).sum())
             correct.add_(((logits.detach().argmax(1) == y).float() * w).sum())
         self._store.clear()

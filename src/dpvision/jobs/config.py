@@ -17,7 +17,7 @@ Example:
     >>> TrainConfig.from_dict({"optim": {"epoch": 2}})
     Traceback (most recent call last):
     ...
-    ValueError: optim.epoch is not a setting (valid: name, lr, momentum, epochs, batch_size, eval_batch_size)
+    ValueError: optim.epoch is not a setting (valid: name, lr, momentum, epochs, batch_size, eval_batch_size, schedule, warmup_epochs, ema_decay, augmult)
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ OPTIMIZERS = ("sgd", "adam")
 ACCOUNTANTS = ("rdp", "prv", "pld")
 DEVICES = ("auto", "cpu", "cuda")
 SELECTIONS = ("last", "best_val")  # which weights the test set judges
+SCHEDULES = ("constant", "cosine")
+MAX_AUGMULT = 64  # augmentations per example: each multiplies the per-example work
 MAX_EPOCHS = 100_000  # bounds the work a typo can ask for
 MAX_BATCH_SIZE = 1 << 20
 RESOLVED = "resolved"  # the key under which a run folder's config.yaml records what was derived (σ, q, N, ...)
@@ -90,7 +92,7 @@ class DataConfig:
 @dataclass(kw_only=True)
 class ModelConfig:
     name: str = "sample_convnet"
-    activation: str = "relu"
+    activation: str | None = None  # None: the model's default (relu; tanh for scatternet_cnn)
     width: int | None = None  # None: the model's default
     weight_standardization: bool = False
 
@@ -111,6 +113,10 @@ class OptimConfig:
     epochs: int = 30
     batch_size: int = 256  # under DP the expected (Poisson) batch size: q = 1 / ceil(N / batch_size)
     eval_batch_size: int = 1024
+    schedule: str = "constant"  # or "cosine": the lr decays to 0 over the run (after the warm-up)
+    warmup_epochs: float = 0.0  # linear lr warm-up over this many epochs
+    ema_decay: float | None = None  # evaluate an exponential moving average of the weights (free in privacy)
+    augmult: int = 0  # K > 0: K augmentations of each sampled example, gradients averaged before clipping
 
     def __post_init__(self) -> None:
         _need(self.name in OPTIMIZERS, "optim.name", f"one of {', '.join(OPTIMIZERS)}", self.name)
@@ -122,6 +128,14 @@ class OptimConfig:
               f"an integer between 1 and {MAX_BATCH_SIZE}", self.batch_size)
         _need(_is_int(self.eval_batch_size) and 1 <= self.eval_batch_size <= MAX_BATCH_SIZE,
               "optim.eval_batch_size", f"an integer between 1 and {MAX_BATCH_SIZE}", self.eval_batch_size)
+        _need(self.schedule in SCHEDULES, "optim.schedule", f"one of {', '.join(SCHEDULES)}", self.schedule)
+        _need(_is_number(self.warmup_epochs) and 0 <= self.warmup_epochs <= self.epochs, "optim.warmup_epochs",
+              f"a number between 0 and optim.epochs ({self.epochs})", self.warmup_epochs)
+        if self.ema_decay is not None:
+            _need(_is_number(self.ema_decay) and 0 < self.ema_decay < 1, "optim.ema_decay", "a number in (0, 1)",
+                  self.ema_decay)
+        _need(_is_int(self.augmult) and 0 <= self.augmult <= MAX_AUGMULT, "optim.augmult",
+              f"an integer between 0 and {MAX_AUGMULT}", self.augmult)
 
 
 @dataclass(kw_only=True)

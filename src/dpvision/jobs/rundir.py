@@ -67,7 +67,7 @@ def open_run(config: TrainConfig, plan, data, engine, device, *, resume, group: 
         resolved["front_end"] = front_end(dict(resolved))
     name = (run_name or config.run.run_name or resolved.get("front_end", {}).get("run_name")
             or default_run_name(config, plan))
-    run_dir = RunDir.create(config.run.runs_dir, group or config.data.dataset, name, columns)
+    run_dir = RunDir.create(config.run.runs_dir, config.data.dataset if group is None else group, name, columns)
     run_dir.lock()
     run_dir.write_config({**config.to_dict(), RESOLVED: resolved})
     return run_dir, _checkpointer(run_dir)

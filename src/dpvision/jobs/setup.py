@@ -164,6 +164,8 @@ def build(config: TrainConfig, data: Data, plan: PrivacyPlan, device):
     dp = (DPSettings(noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm) if plan.dp
           else None)
     optim = config.optim
-    optimizer = OptimizerSpec(name=optim.name, lr=optim.lr, momentum=optim.momentum if optim.name == "sgd" else 0.0)
+    optimizer = OptimizerSpec(name=optim.name, lr=optim.lr, momentum=optim.momentum if optim.name == "sgd" else 0.0,
+                              schedule=optim.schedule, warmup_steps=round(optim.warmup_epochs * plan.steps_per_epoch),
+                              total_steps=optim.epochs * plan.steps_per_epoch)
     return build_engine(config.run.engine, model=model, train_data=train, batch_size=optim.batch_size,
                         optimizer=optimizer, dp=dp, seed=config.run.seed, device=device)

@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from dpvision.jobs.config import TrainConfig
+from dpvision.jobs.ema import WeightAverage
 from dpvision.jobs.loop import EPSILON_COLUMNS, EpochOutcome, train_private_epoch
 from dpvision.jobs.report import epoch_line, final_line, group_accuracy, summarize
 from dpvision.jobs.rundir import RESUME_FREE_KEYS, open_run, restore
@@ -96,7 +98,7 @@ def validate(config: TrainConfig):
 
 def run(config: TrainConfig | None = None, *, resume: str | os.PathLike | None = None, group: str | None = None,
         run_name: str | None = None, overrides: dict | None = None,
-        front_end: Callable[[dict], dict] | None = None, on_rows: Callable[[object, list[dict]], None] | None = None, hook: Hook | None = None) -> dict:
+        front_end: Callable[[dict], dict] | None = None, announce: bool = True, on_rows: Callable[[object, list[dict]], None] | None = None, hook: Hook | None = None) -> dict:
     """Train, write the run folder after every epoch, evaluate on test; return the summary.
 
     ``resume`` continues the run folder it names with its saved config (``overrides``
@@ -104,7 +106,8 @@ def run(config: TrainConfig | None = None, *, resume: str | os.PathLike | None =
     same). ``group``/``run_name`` place a new run folder (default: the dataset and a
     name made from the settings). ``front_end(resolved) -> dict`` lets a seed front-end
     record its own outputs in ``config.yaml`` (``resolved.front_end``; a ``run_name`` there
-    is the default folder name). ``on_rows(run_dir, rows)`` is called whenever
+    is the default folder name). ``announce=False`` leaves out the closing summary lines (a sweep
+    prints its own). ``on_rows(run_dir, rows)`` is called whenever
     ``metrics.csv`` changes (the MNIST seed derives its CSV there).
     """
     from dpvision.privacy import PrivacyLedger
@@ -132,16 +135,28 @@ def run(config: TrainConfig | None = None, *, resume: str | os.PathLike | None =
     seed_everything(config.run.seed)  # weight initialisation draws from torch's global generator
     engine = build(config, data, plan, device)
     ledger = PrivacyLedger()
+    ema = None
+    if config.optim.ema_decay is not None:
+        ema = WeightAverage(engine.model, config.optim.ema_decay)
+        ema.attach(getattr(engine.optimizer, "original_optimizer", engine.optimizer))  # under Opacus: the inner one
     run_dir, checkpointer = open_run(config, plan, data, engine, device, resume=resume, group=group,
                                      run_name=run_name, front_end=front_end, columns=METRIC_COLUMNS)
     try:
-        return _train_run(config, data, plan, device, engine, ledger, run_dir, checkpointer, resume=resume,
-                          on_rows=on_rows, hook=hook)
+        summary = _train_run(config, data, plan, device, engine, ledger, ema, run_dir, checkpointer,
+                             resume=resume, on_rows=on_rows, hook=hook)
     finally:
         run_dir.unlock()
+    if announce:
+        print(final_line(summary), flush=True)
+    return summary
 
 
-def _train_run(config, data, plan, device, engine, ledger, run_dir, checkpointer, *, resume, on_rows,
+def judged(ema: WeightAverage | None, model):
+    """The weights evaluation sees: the moving average when there is one, else the model's own."""
+    return ema.applied() if ema is not None else contextlib.nullcontext(model)
+
+
+def _train_run(config, data, plan, device, engine, ledger, ema, run_dir, checkpointer, *, resume, on_rows,
                hook) -> dict:
     from dpvision.jobs.loop import epsilon_columns
     from dpvision.jobs.report import TensorBoardLog
@@ -154,6 +169,8 @@ def _train_run(config, data, plan, device, engine, ledger, run_dir, checkpointer
     stop_reason: str | None = extra.get("stop_reason")
     best_epoch, best_val = int(extra.get("best_epoch", 0)), float(extra.get("best_val_accuracy", -math.inf))
     best_state: dict | None = extra.get("best_state")
+    if ema is not None and "ema" in extra:
+        ema.load_state_dict(extra["ema"])
     start_epoch = state["epoch"] + 1 if state else 1
     if resume is not None:  # the folder holds exactly the checkpointed epochs
         run_dir.rewrite_metrics(rows)
@@ -185,14 +202,15 @@ def _train_run(config, data, plan, device, engine, ledger, run_dir, checkpointer
             break
         result = outcome.result
         epsilons = epsilon_columns(ledger, delta=plan.delta, dp=plan.dp)
-        val_loss, val_accuracy, _ = evaluate_split(engine.model, data.val, config, device)
-        test_loss, test_accuracy = math.nan, math.nan
-        if config.run.test_every_epoch:
-            test_loss, test_accuracy, _ = evaluate_split(engine.model, data.test, config, device)
-        improved = config.run.select == "best_val" and val_accuracy > best_val
-        if improved:
-            best_epoch, best_val = epoch, val_accuracy
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in engine.model.state_dict().items()}
+        with judged(ema, engine.model) as model:
+            val_loss, val_accuracy, _ = evaluate_split(model, data.val, config, device)
+            test_loss, test_accuracy = math.nan, math.nan
+            if config.run.test_every_epoch:
+                test_loss, test_accuracy, _ = evaluate_split(model, data.test, config, device)
+            improved = config.run.select == "best_val" and val_accuracy > best_val
+            if improved:
+                best_epoch, best_val = epoch, val_accuracy
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         rows.append({
             "epoch": epoch, "steps": ledger.steps if plan.dp else epoch * engine.steps_per_epoch,
             "sample_rate": plan.sample_rate, "noise_multiplier": plan.noise_multiplier,
@@ -206,7 +224,7 @@ def _train_run(config, data, plan, device, engine, ledger, run_dir, checkpointer
         # before the state that produced it is saved (docs/privacy.md).
         checkpointer.save(engine=engine, ledger=ledger, epoch=epoch, steps=ledger.steps, extra={
             "metrics": rows, "stop_reason": stop_reason, "best_epoch": best_epoch, "best_val_accuracy": best_val,
-            "best_state": best_state})
+            "best_state": best_state, **({"ema": ema.state_dict()} if ema is not None else {})})
         if improved:
             atomic_torch_save(best_state, run_dir.path / BEST_MODEL)
         run_dir.append_metrics(rows[-1])
@@ -222,22 +240,23 @@ def _train_run(config, data, plan, device, engine, ledger, run_dir, checkpointer
         print(f"Stopped early: {stop_reason}", flush=True)
     if tensorboard:
         tensorboard.close()
-    return _finish(config, data, plan, device, engine, ledger, run_dir, rows, stop_reason, resume,
-                   best_epoch, best_val, best_state, started)
+    with judged(ema, engine.model) as model:
+        return _finish(config, data, plan, device, engine, model, ledger, run_dir, rows, stop_reason, resume,
+                       best_epoch, best_val, best_state, started)
 
 
-def _finish(config, data, plan, device, engine, ledger, run_dir, rows, stop_reason, resume, best_epoch, best_val,
-            best_state, started) -> dict:
+def _finish(config, data, plan, device, engine, model, ledger, run_dir, rows, stop_reason, resume, best_epoch,
+            best_val, best_state, started) -> dict:
     """Save the final weights, judge the selected ones on the test set, write summary and plot."""
     from dpvision.jobs.loop import epsilon_columns
     from dpvision.jobs.plots import plot_curves
 
-    run_dir.save_model(engine.model)  # model.pt: the last epoch
+    run_dir.save_model(model)  # model.pt: the last epoch (its moving average with optim.ema_decay)
     test_accuracy_last = None
     if config.run.select == "best_val" and best_state is not None:
-        _, test_accuracy_last, _ = evaluate_split(engine.model, data.test, config, device)
-        engine.model.load_state_dict(best_state)  # training is over: judge the selected weights
-    test_loss, test_accuracy, predictions = evaluate_split(engine.model, data.test, config, device)
+        _, test_accuracy_last, _ = evaluate_split(model, data.test, config, device)
+        model.load_state_dict(best_state)  # training is over: judge the selected weights
+    test_loss, test_accuracy, predictions = evaluate_split(model, data.test, config, device)
     labels = data.test.labels
     per_class = group_accuracy(predictions, labels, [data.class_names[int(y)] for y in labels])
     per_group = group_accuracy(predictions, labels, list(data.test_groups)) if data.test_groups else None
@@ -253,7 +272,6 @@ def _finish(config, data, plan, device, engine, ledger, run_dir, rows, stop_reas
         if plan.dp else "no DP")
     plot_curves(rows, Path(run_dir.path) / CURVES, title=title)
     run_dir.write_summary(summary)
-    print(final_line(summary), flush=True)
     return summary
 
 

@@ -139,7 +139,8 @@ class Scattering2D(nn.Module):
             raise ValueError(f"Scattering2D was built for {self.image_size}x{self.image_size} images, "
                              f"got {h}x{w}")
         p = self.pad
-        u = torch.nn.functional.pad(x.reshape(b * c, 1, h, w).float(), (p, p, p, p), mode="reflect")
+        x = x.reshape(b * c, 1, h, w).to(self.phi_0.dtype)  # the filters' precision (FFTs have no bf16)
+        u = torch.nn.functional.pad(x, (p, p, p, p), mode="reflect")  # [BC, 1, m, m]
         u0_hat = torch.fft.fft2(u[:, 0])  # [BC, m, m] complex
         out = [self._low_pass(u0_hat, 0).unsqueeze(1)]  # order 0: [BC, 1, h', w']
         order2 = []

@@ -1,0 +1,308 @@
+"""Where a fast-engine DP step spends its time: per-layer norm methods, engine variants, kernel profile.
+
+Sections (``--sections``, comma-separated, run in this order):
+
+* ``layers``: every Conv2d of WRN-16-4 at the chunk size, with its real input and output
+  gradient: ms for the squared per-example norms by ghost Gram matrices, by materialised
+  per-example gradients (unfolded patches + one batched product), by cuDNN's grouped
+  weight-gradient kernel (the batch as groups), and for the book-keeping clipped sum (one
+  weight-gradient call), in TF32 and bf16; and which method ``choose_method`` picks.
+* ``variants``: ms per step and peak memory of FastEngine configurations (``--variants``),
+  next to the plain PyTorch eager step of the same model and batch.
+* ``numerics``: relative L2 distance of the update after 3 noise-free steps, each precision
+  against the fp32 engine.
+* ``profile``: torch.profiler tables (top CUDA kernels) of eager steps, padded as under graphs.
+* ``flops``: FLOPs of one DP chunk (FlopCounterMode) against one non-private forward + backward.
+
+    python benchmarks/profile_dp_step.py --out prof --sections layers,variants,numerics,profile,flops
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_dpsgd import DP, LR, PlainRecipe, celeba_workload, wrn_workload  # noqa: E402
+
+from dpvision.engines import DPSettings, OptimizerSpec  # noqa: E402
+from dpvision.engines import ghost  # noqa: E402
+from dpvision.engines.fast import FastEngine  # noqa: E402
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # --device
+
+
+def sync() -> None:
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def cuda_ms(fn, repeats: int = 10, warmup: int = 3) -> float:
+    """Median ms of ``fn()`` (host clock around a device synchronisation)."""
+    times = []
+    for i in range(warmup + repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def reset_memory() -> None:
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_mb() -> float:
+    return torch.cuda.max_memory_allocated() / 2**20 if DEV.type == "cuda" else float("nan")
+
+
+def grouped_norm_sq(conv: nn.Conv2d, a: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+    """[B] squared norms of per-example conv weight gradients by cuDNN's grouped weight-gradient kernel."""
+    b, c, h, w = a.shape
+    p = dz.shape[1]
+    weight = a.new_empty((b * p, c, *conv.kernel_size))
+    _, gw, _ = torch.ops.aten.convolution_backward(
+        dz.reshape(1, b * p, *dz.shape[2:]), a.reshape(1, b * c, h, w), weight, None, list(conv.stride),
+        list(conv.padding), list(conv.dilation), False, [0, 0], b, [False, True, False])
+    return torch.linalg.vector_norm(gw.view(b, -1), dim=1, dtype=torch.float32).square()
+
+
+def layer_inputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[tuple[str, nn.Conv2d, torch.Tensor,
+                                                                                     torch.Tensor]]:
+    """(name, conv, input a, output gradient dz) of every Conv2d for one batch."""
+    store, handles = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            handles.append(m.register_forward_hook(
+                lambda mod, inp, out, name=name: store.__setitem__(name, (mod, inp[0].detach(), out))))
+    loss = F.cross_entropy(model(x), y, reduction="sum")
+    dzs = torch.autograd.grad(loss, [out for _, _, out in store.values()])
+    for h in handles:
+        h.remove()
+    return [(name, m, a, dz) for (name, (m, a, _)), dz in zip(store.items(), dzs)]
+
+
+def section_layers(args, out: dict) -> None:
+    data, _, model_cls = wrn_workload(argparse.Namespace(wrn_size=args.chunk))
+    model = model_cls().to(DEV)
+    x = ((data.images.to(DEV).float() / 255) - 0.5) / 0.25
+    rows = []
+    torch.backends.cuda.matmul.allow_tf32 = True
+    for name, conv, a, dz in layer_inputs(model, x, data.labels.to(DEV)):
+        t, d, p = ghost._shape_tdp(conv, a, dz)
+        row = {"layer": name, "T": t, "d": d, "p": p, "auto": ghost.choose_method(t, d, p)}
+        ref = ghost.weight_norm_sq(conv, a.double(), dz.double(), ghost.MATERIALISE, torch.float64)
+        for dtype_name, dtype in (("tf32", torch.float32), ("bf16", torch.bfloat16)):
+            ad, dzd = a.to(dtype), dz.to(dtype)
+            for method in (ghost.GHOST, ghost.MATERIALISE):
+                got = ghost.weight_norm_sq(conv, ad, dzd, method, dtype)
+                row[f"{method}_{dtype_name}_err"] = float(((got - ref).abs() / ref).max())
+                row[f"{method}_{dtype_name}"] = cuda_ms(lambda: ghost.weight_norm_sq(conv, ad, dzd, method, dtype))
+            got = grouped_norm_sq(conv, ad, dzd)
+            row[f"grouped_{dtype_name}_err"] = float(((got - ref).abs() / ref).max())
+            row[f"grouped_{dtype_name}"] = cuda_ms(lambda: grouped_norm_sq(conv, ad, dzd))
+            f = torch.rand(len(a), device=DEV)
+            row[f"clipped_{dtype_name}"] = cuda_ms(lambda: ghost.clipped_sum(conv, ad, dzd, f, None, dtype))
+        rows.append(row)
+    out["layers"] = rows
+    cols = ["ghost", "materialise", "grouped", "clipped"]
+    print(f"\nper-layer ms, WRN-16-4, B={args.chunk}: norm by ghost / materialise / grouped cuDNN, clipped sum")
+    print(f"{'layer':26s} {'T':>5s} {'d':>5s} {'p':>4s} {'auto':>11s} " +
+          " ".join(f"{c[:6] + '_' + k:>12s}" for k in ("tf32", "bf16") for c in cols))
+    for r in rows:
+        print(f"{r['layer']:26s} {r['T']:5d} {r['d']:5d} {r['p']:4d} {r['auto']:>11s} " +
+              " ".join(f"{r[f'{c}_{k}']:12.3f}" for k in ("tf32", "bf16") for c in cols))
+    for k in ("tf32", "bf16"):
+        best = sum(min(r[f"ghost_{k}"], r[f"materialise_{k}"], r[f"grouped_{k}"]) for r in rows)
+        auto = sum(r[f"{r['auto']}_{k}"] for r in rows)
+        print(f"  {k}: sum over layers: auto {auto:.2f} ms, best of three {best:.2f} ms, "
+              f"clipped sums {sum(r[f'clipped_{k}'] for r in rows):.2f} ms; max rel. norm error "
+              f"{max(max(r[f'{m}_{k}_err'] for m in ('ghost', 'materialise', 'grouped')) for r in rows):.1e}")
+
+
+WORK = {"wrn16_4": wrn_workload, "celeba64": celeba_workload}
+
+
+def parse_variant(text: str) -> tuple[str, bool, dict]:
+    """"wrn16_4:dp:precision=bf16,cuda_graphs=0" -> (workload, dp, options)."""
+    workload, dp, *rest = text.split(":")
+    options = {}
+    for item in filter(None, (rest[0] if rest else "").split(",")):
+        key, _, value = item.partition("=")
+        options[key] = {"precision": str, "method": str, "pad_sigmas": float}.get(key, lambda v: v in ("1", "true"))(
+            value)
+    return workload, dp == "dp", options
+
+
+def make_data(workload: str, args):
+    return WORK[workload](argparse.Namespace(wrn_size=args.wrn_size, celeba_size=args.celeba_size))
+
+
+def time_variant(workload: str, dp: bool, options: dict, args) -> dict:
+    data, _, model_cls = make_data(workload, args)
+    reset_memory()
+    options = dict(options)
+    method = options.pop("method", None)
+    torch.manual_seed(0)
+    if options.pop("plain", False):
+        recipe = PlainRecipe(model_cls(), data, args.batch_size, DEV)
+        run = recipe.run
+    else:
+        engine = FastEngine(model=model_cls(), train_data=data, batch_size=args.batch_size,
+                            optimizer=OptimizerSpec(lr=LR), dp=DP if dp else None, seed=0, device=DEV, **options)
+        if method:
+            engine.backend.method = method
+
+        def run(steps):
+            return engine.train_epoch(max_steps=steps).steps
+    run(3)
+    times = []
+    for _ in range(args.repeats):
+        sync()
+        start = time.perf_counter()
+        steps = run(args.steps)
+        sync()
+        times.append((time.perf_counter() - start) / steps * 1e3)
+    graphs = engine.use_graphs if "engine" in locals() else False  # False also when a capture failed
+    return {"ms_per_step": statistics.median(times), "all_ms": times, "peak_mb": peak_mb(), "graphs": graphs}
+
+
+def section_variants(args, out: dict) -> None:
+    rows = []
+    for text in args.variants.split(";"):
+        workload, dp, options = parse_variant(text)
+        try:
+            row = {"variant": text, **time_variant(workload, dp, options, args)}
+        except Exception as err:  # noqa: BLE001 (report and go on: one broken variant must not end the run)
+            row = {"variant": text, "error": repr(err)[:300]}
+        rows.append(row)
+        print(f"  {text:60s} " + (f"{row['ms_per_step']:8.2f} ms/step  peak {row['peak_mb']:7.0f} MB"
+                                  f"  graphs {row['graphs']}"
+                                  if "error" not in row else row["error"]), flush=True)
+    out["variants"] = rows
+
+
+def section_numerics(args, out: dict) -> None:
+    rows = []
+    for workload in ("wrn16_4", "celeba64"):
+        data, _, model_cls = make_data(workload, argparse.Namespace(wrn_size=2048, celeba_size=2048))
+        torch.manual_seed(0)
+        model = model_cls()
+        start = torch.cat([p.detach().flatten() for p in model.parameters()]).double()
+        updates = {}
+        for precision in ("fp32", "tf32", "bf16"):
+            torch.backends.cudnn.allow_tf32 = precision != "fp32"
+            engine = FastEngine(model=copy.deepcopy(model), train_data=data, batch_size=args.batch_size,
+                                optimizer=OptimizerSpec(lr=LR), dp=DPSettings(noise_multiplier=0.0, max_grad_norm=1.0),
+                                seed=0, device=DEV, precision=precision)
+            engine.train_epoch(max_steps=3)
+            updates[precision] = torch.cat([p.detach().flatten() for p in engine.model.parameters()]).double().cpu() \
+                - start.cpu()
+        torch.backends.cudnn.allow_tf32 = True
+        for precision in ("tf32", "bf16"):
+            err = float((updates[precision] - updates["fp32"]).norm() / updates["fp32"].norm())
+            rows.append({"workload": workload, "precision": precision, "rel_update_error": err})
+            print(f"  numerics {workload:9s} {precision}: update vs fp32 (3 steps, no noise) rel. L2 {err:.2e}")
+    out["numerics"] = rows
+
+
+def section_profile(args, out: dict) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    for text in args.profile.split(";"):
+        workload, dp, options = parse_variant(text)
+        data, _, model_cls = make_data(workload, args)
+        torch.manual_seed(0)
+        if options.pop("plain", False):
+            recipe = PlainRecipe(model_cls(), data, args.batch_size, DEV)
+            run = recipe.run
+        else:
+            engine = FastEngine(model=model_cls(), train_data=data, batch_size=args.batch_size,
+                                optimizer=OptimizerSpec(lr=LR), dp=DP if dp else None, seed=0, device=DEV,
+                                cuda_graphs=False, static_shapes=True, **options)
+
+            def run(steps):
+                return engine.train_epoch(max_steps=steps).steps
+        run(3)
+        sync()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            run(10)
+            sync()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+        events = prof.key_averages()
+        total = sum(e.self_device_time_total for e in events) / 1e3 / 10
+        print(f"\nprofile {text}: {total:.2f} ms of kernel time a step (10 steps)\n{table}")
+        safe = text.replace(":", "_").replace(",", "_").replace("=", "-")
+        with open(os.path.join(args.out, f"profile_{safe}.txt"), "w") as f:
+            f.write(table)
+        out.setdefault("profile", {})[text] = total
+
+
+def section_flops(args, out: dict) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench_dpsgd import step_flops
+
+    data, _, model_cls = make_data("wrn16_4", argparse.Namespace(wrn_size=args.batch_size, celeba_size=0))
+    engine = FastEngine(model=model_cls(), train_data=data, batch_size=args.batch_size,
+                        optimizer=OptimizerSpec(lr=LR), dp=DP, seed=0, device=DEV, cuda_graphs=False)
+    idx = torch.arange(args.batch_size, device=DEV)
+    with FlopCounterMode(display=False) as counter:
+        engine._dp_chunk(idx)
+    dp_flops = counter.get_total_flops()
+    plain = step_flops(model_cls, data, args.batch_size)
+    by_op = {str(k): v / 1e9 for k, v in counter.get_flop_counts()["Global"].items()}
+    print(f"\nWRN-16-4, B={args.batch_size}: DP chunk {dp_flops / 1e9:.0f} GFLOP vs non-private fwd+bwd "
+          f"{plain / 1e9:.0f} GFLOP ({dp_flops / plain:.2f}x); by op: {by_op}")
+    out["flops"] = {"dp_gflop": dp_flops / 1e9, "plain_gflop": plain / 1e9, "by_op_gflop": by_op}
+
+
+def main() -> int:
+    global DEV
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="prof")
+    p.add_argument("--device", default=DEV.type, choices=["cpu", "cuda"])
+    p.add_argument("--sections", default="layers,variants,numerics,profile,flops")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--chunk", type=int, default=288, help="examples in the per-layer section (a padded chunk)")
+    p.add_argument("--wrn-size", type=int, default=50000)
+    p.add_argument("--celeba-size", type=int, default=20000)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--variants", default="wrn16_4:nodp:plain=1;wrn16_4:dp;wrn16_4:dp:precision=bf16")
+    p.add_argument("--profile", default="wrn16_4:dp;wrn16_4:nodp:plain=1")
+    args = p.parse_args()
+    DEV = torch.device(args.device)
+    os.makedirs(args.out, exist_ok=True)
+    out = {"device": torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu", "torch": torch.__version__}
+    sections = {"layers": section_layers, "variants": section_variants, "numerics": section_numerics,
+                "profile": section_profile, "flops": section_flops}
+    for name in args.sections.split(","):
+        start = time.perf_counter()
+        try:
+            sections[name](args, out)
+        except Exception as err:  # noqa: BLE001 (keep what the other sections found)
+            print(f"section {name} failed: {err!r}")
+            out[f"{name}_error"] = repr(err)
+        print(f"[section {name}: {time.perf_counter() - start:.0f} s]", flush=True)
+        with open(os.path.join(args.out, "profile.json"), "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""``dpvision sweep``: one recipe over a list of ε values and seeds, and the privacy-utility frontier.
+
+Every point is an ordinary training run (one run folder each under ``OUT/runs/``), with σ
+calibrated to the target ε; the non-private baseline is the same recipe deactivated, once per
+seed. The plan is written to ``OUT/sweep.yaml`` first: a restarted sweep skips the runs that
+finished, resumes the ones that were interrupted, and refuses a folder that holds another plan.
+
+Outputs: ``results.csv`` (one row per run), ``frontier.png`` (test accuracy against ε, mean and
+seed spread, the baseline as a horizontal band) and ``report.md``.
+
+Example:
+    >>> plan = plan_runs(epsilons=[1.0, 3.0], seeds=[0, 1], vary=None, baseline=True)
+    >>> [p["name"] for p in plan]
+    ['eps1_seed0', 'eps1_seed1', 'eps3_seed0', 'eps3_seed1', 'baseline_seed0', 'baseline_seed1']
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from dpvision.jobs.config import TrainConfig
+
+MAX_RUNS = 1000  # a sweep is bounded work: ε values x seeds x varied values (+ baselines)
+PLAN_FILE = "sweep.yaml"
+RESULT_COLUMNS = ["name", "target_epsilon", "seed", "vary", "value", "test_accuracy", "epsilon", "epsilon_rdp",
+                  "epsilon_prv", "epsilon_pld", "delta", "noise_multiplier", "steps", "wall_seconds", "run_dir"]
+
+
+def parse_list(text: str, flag: str, kind=float) -> list:
+    """``"0.5,1,3"`` -> ``[0.5, 1.0, 3.0]``; ``ValueError`` naming ``flag`` for anything else."""
+    try:
+        values = [kind(part) for part in text.split(",") if part.strip() != ""]
+    except ValueError:
+        raise ValueError(f"{flag} must be a comma-separated list of numbers, got {text!r}") from None
+    if not values:
+        raise ValueError(f"{flag} must list at least one value, got {text!r}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{flag} lists a value twice: {text!r}")
+    return values
+
+
+def _label(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def plan_runs(*, epsilons: Sequence[float], seeds: Sequence[int], vary: tuple[str, list] | None,
+              baseline: bool) -> list[dict]:
+    """The runs of a sweep, each ``{"name", "target_epsilon", "seed", "value"}`` (value: of the varied field)."""
+    values = vary[1] if vary else [None]
+    suffix = (lambda v: f"_{vary[0]}={_label(v)}") if vary else (lambda v: "")
+    runs = [{"name": f"eps{_label(eps)}_seed{seed}{suffix(v)}", "target_epsilon": eps, "seed": seed, "value": v}
+            for eps in epsilons for v in values for seed in seeds]
+    if baseline:
+        runs += [{"name": f"baseline_seed{seed}{suffix(v)}", "target_epsilon": None, "seed": seed, "value": v}
+                 for v in values for seed in seeds]
+    if len(runs) > MAX_RUNS:
+        raise ValueError(f"--epsilons x --seeds x --vary make {len(runs)} runs; at most {MAX_RUNS}")
+    return runs
+
+
+def run_config(base: TrainConfig, point: dict, vary: tuple[str, list] | None, runs_dir: Path) -> TrainConfig:
+    """The config of one point: the recipe with its ε target (or DP off), seed and varied value."""
+    overrides = {"run.seed": point["seed"], "run.runs_dir": str(runs_dir), "run.run_name": point["name"],
+                 "run.quiet": True}
+    if vary:
+        overrides[vary[0]] = point["value"]
+    if point["target_epsilon"] is None:
+        return base.deactivated().with_overrides(overrides)
+    overrides.update({"dp.enabled": True, "dp.target_epsilon": point["target_epsilon"], "dp.noise_multiplier": None})
+    return base.with_overrides(overrides)
+
+
+def sweep(base: TrainConfig, *, epsilons: Sequence[float], seeds: Sequence[int], out: str | Path,
+          vary: tuple[str, list] | None = None, baseline: bool = True, command: str = "") -> list[dict]:
+    """Run (or finish) every point of the sweep and write the results; returns the result rows."""
+    import yaml
+
+    from dpvision.jobs.sweep_report import write_outputs
+    from dpvision.runs import atomic_write_text, check_writable_dir
+
+    if base.dp.enabled is False and not baseline:
+        raise ValueError("--config: the recipe has DP switched off; a sweep over ε needs DP")
+    out = check_writable_dir(out, flag="--out")
+    points = plan_runs(epsilons=epsilons, seeds=seeds, vary=vary, baseline=baseline)
+    runs_dir = out / "runs"
+    configs = {p["name"]: run_config(base, p, vary, runs_dir) for p in points}  # validates every point first
+    plan = {"recipe": base.to_dict(), "epsilons": list(epsilons), "seeds": list(seeds), "baseline": baseline,
+            "vary": {"field": vary[0], "values": vary[1]} if vary else None}
+    plan_path = out / PLAN_FILE
+    if plan_path.exists():
+        if yaml.safe_load(plan_path.read_text()) != yaml.safe_load(yaml.safe_dump(plan)):
+            raise ValueError(f"--out {str(out)!r} holds another sweep ({plan_path} differs); choose a new --out")
+    else:
+        atomic_write_text(plan_path, yaml.safe_dump(plan, sort_keys=False))
+    rows = []
+    for i, point in enumerate(points, start=1):
+        folder = runs_dir / point["name"]
+        print(f"[{i}/{len(points)}] {point['name']}", end=" ", flush=True)
+        summary = _finished(folder)
+        if summary is not None:
+            print("(done earlier)", flush=True)
+        else:
+            summary = _run_point(configs[point["name"]], folder)
+            print(f"test accuracy {summary['test_accuracy']:.4f}, epsilon {summary['epsilon']:.4g}", flush=True)
+        rows.append(_result_row(point, vary, summary, folder))
+        write_outputs(out, rows, points=points, vary=vary, command=command)
+    return rows
+
+
+def _finished(folder: Path) -> dict | None:
+    import json
+
+    path = folder / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        return None
+
+
+def _run_point(config: TrainConfig, folder: Path) -> dict:
+    from dpvision.jobs.train import run
+
+    if (folder / "checkpoint.pt").exists():  # interrupted earlier: continue it
+        return run(resume=folder, overrides={"run.quiet": True}, announce=False)
+    if folder.exists():  # created but never checkpointed: nothing to keep
+        import shutil
+
+        shutil.rmtree(folder)
+    return run(config, group="", run_name=config.run.run_name, announce=False)
+
+
+def _result_row(point: dict, vary, summary: dict, folder: Path) -> dict:
+    number = float  # summary.json writes inf as the string "inf", which float() reads back
+    epsilons = summary.get("epsilons", {})
+    return {
+        "name": point["name"], "target_epsilon": point["target_epsilon"] if point["target_epsilon"] else math.inf,
+        "seed": point["seed"], "vary": vary[0] if vary else "", "value": "" if point["value"] is None else point["value"],
+        "test_accuracy": number(summary["test_accuracy"]), "epsilon": number(summary["epsilon"]),
+        **{f"epsilon_{k}": number(epsilons.get(k, math.inf)) for k in ("rdp", "prv", "pld")},
+        "delta": number(summary["delta"]), "noise_multiplier": number(summary["noise_multiplier"]),
+        "steps": int(summary["steps"]), "wall_seconds": number(summary["wall_seconds"]), "run_dir": str(folder),
+    }
+
+
+def add_sweep_arguments(parser) -> None:
+    parser.add_argument("--epsilons", required=True, help="target ε values, comma-separated (e.g. 0.5,1,3)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 for every point (default: 3)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="sweep folder: runs/, results.csv, frontier.png")
+    parser.add_argument("--vary", default=None, metavar="SECTION.FIELD=V1,V2",
+                        help="also vary one config field over these values")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the non-private baseline runs")
+
+
+def run_sweep(args, given: Sequence[str]) -> list[dict]:
+    """``dpvision sweep``: the recipe and train flags of ``args``, over ``--epsilons`` and ``--seeds``."""
+    from dpvision.cli import train_config
+    from dpvision.jobs.config import parse_value
+
+    epsilons = parse_list(args.epsilons, "--epsilons")
+    if any(not (math.isfinite(e) and e > 0) for e in epsilons):
+        raise ValueError(f"--epsilons must be positive numbers, got {args.epsilons!r}")
+    if not 1 <= args.seeds <= MAX_RUNS:
+        raise ValueError(f"--seeds must be between 1 and {MAX_RUNS}, got {args.seeds}")
+    vary = None
+    if args.vary:
+        key, sep, text = args.vary.partition("=")
+        if not sep or "." not in key:
+            raise ValueError(f"--vary needs SECTION.FIELD=V1,V2,..., got {args.vary!r}")
+        values = [parse_value(v) for v in text.split(",") if v.strip()]
+        if not values or len({str(v) for v in values}) != len(values):
+            raise ValueError(f"--vary needs distinct values, got {args.vary!r}")
+        vary = (key.strip(), values)
+    base = train_config(args, given)
+    command = "dpvision sweep " + " ".join(sys.argv[2:])
+    return sweep(base, epsilons=epsilons, seeds=list(range(args.seeds)), out=args.out, vary=vary,
+                 baseline=not args.no_baseline, command=command)
