@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import statistics
@@ -59,26 +60,22 @@ def cuda_ms(fn, repeats: int = 10, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+_BASE = [0]
+
+
 def reset_memory() -> None:
+    """Free what earlier configurations left (graphs, hook cycles), then count from what is still allocated."""
+    gc.collect()
     if DEV.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        _BASE[0] = torch.cuda.memory_allocated()
 
 
 def peak_mb() -> float:
-    return torch.cuda.max_memory_allocated() / 2**20 if DEV.type == "cuda" else float("nan")
-
-
-def grouped_norm_sq(conv: nn.Conv2d, a: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
-    """[B] squared norms of per-example conv weight gradients by cuDNN's grouped weight-gradient kernel."""
-    b, c, h, w = a.shape
-    p = dz.shape[1]
-    weight = a.new_empty((b * p, c, *conv.kernel_size))
-    _, gw, _ = torch.ops.aten.convolution_backward(
-        dz.reshape(1, b * p, *dz.shape[2:]), a.reshape(1, b * c, h, w), weight, None, list(conv.stride),
-        list(conv.padding), list(conv.dilation), False, [0, 0], b, [False, True, False])
-    return torch.linalg.vector_norm(gw.view(b, -1), dim=1, dtype=torch.float32).square()
+    """Peak allocated since ``reset_memory``, less what was allocated then (the data of other workloads)."""
+    return (torch.cuda.max_memory_allocated() - _BASE[0]) / 2**20 if DEV.type == "cuda" else float("nan")
 
 
 def layer_inputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[tuple[str, nn.Conv2d, torch.Tensor,
@@ -102,36 +99,37 @@ def section_layers(args, out: dict) -> None:
     x = ((data.images.to(DEV).float() / 255) - 0.5) / 0.25
     rows = []
     torch.backends.cuda.matmul.allow_tf32 = True
+    methods = (ghost.GHOST, ghost.MATERIALISE, ghost.GROUPED)
     for name, conv, a, dz in layer_inputs(model, x, data.labels.to(DEV)):
-        t, d, p = ghost._shape_tdp(conv, a, dz)
-        row = {"layer": name, "T": t, "d": d, "p": p, "auto": ghost.choose_method(t, d, p)}
+        t, d, p = ghost.layer_shape(conv, a, dz)
+        row = {"layer": name, "T": t, "d": d, "p": p, "rule": ghost.choose_method(conv, a, dz)}
         ref = ghost.weight_norm_sq(conv, a.double(), dz.double(), ghost.MATERIALISE, torch.float64)
         for dtype_name, dtype in (("tf32", torch.float32), ("bf16", torch.bfloat16)):
             ad, dzd = a.to(dtype), dz.to(dtype)
-            for method in (ghost.GHOST, ghost.MATERIALISE):
+            for method in methods:
                 got = ghost.weight_norm_sq(conv, ad, dzd, method, dtype)
                 row[f"{method}_{dtype_name}_err"] = float(((got - ref).abs() / ref).max())
                 row[f"{method}_{dtype_name}"] = cuda_ms(lambda: ghost.weight_norm_sq(conv, ad, dzd, method, dtype))
-            got = grouped_norm_sq(conv, ad, dzd)
-            row[f"grouped_{dtype_name}_err"] = float(((got - ref).abs() / ref).max())
-            row[f"grouped_{dtype_name}"] = cuda_ms(lambda: grouped_norm_sq(conv, ad, dzd))
+            row[f"tuned_{dtype_name}"] = ghost.fastest_method(conv, ad, dzd, dtype)
             f = torch.rand(len(a), device=DEV)
             row[f"clipped_{dtype_name}"] = cuda_ms(lambda: ghost.clipped_sum(conv, ad, dzd, f, None, dtype))
         rows.append(row)
     out["layers"] = rows
-    cols = ["ghost", "materialise", "grouped", "clipped"]
-    print(f"\nper-layer ms, WRN-16-4, B={args.chunk}: norm by ghost / materialise / grouped cuDNN, clipped sum")
-    print(f"{'layer':26s} {'T':>5s} {'d':>5s} {'p':>4s} {'auto':>11s} " +
+    cols = [*methods, "clipped"]
+    print(f"\nper-layer ms, WRN-16-4, B={args.chunk}: squared norms by ghost / materialise / grouped, clipped sum")
+    print(f"{'layer':20s} {'T':>5s} {'d':>5s} {'p':>4s} {'rule':>6s} {'tf32':>6s} {'bf16':>6s} " +
           " ".join(f"{c[:6] + '_' + k:>12s}" for k in ("tf32", "bf16") for c in cols))
     for r in rows:
-        print(f"{r['layer']:26s} {r['T']:5d} {r['d']:5d} {r['p']:4d} {r['auto']:>11s} " +
-              " ".join(f"{r[f'{c}_{k}']:12.3f}" for k in ("tf32", "bf16") for c in cols))
+        print(f"{r['layer']:20s} {r['T']:5d} {r['d']:5d} {r['p']:4d} {r['rule'][:6]:>6s} {r['tuned_tf32'][:6]:>6s}"
+              f" {r['tuned_bf16'][:6]:>6s} " + " ".join(f"{r[f'{c}_{k}']:12.3f}" for k in ("tf32", "bf16") for c in cols))
     for k in ("tf32", "bf16"):
-        best = sum(min(r[f"ghost_{k}"], r[f"materialise_{k}"], r[f"grouped_{k}"]) for r in rows)
-        auto = sum(r[f"{r['auto']}_{k}"] for r in rows)
-        print(f"  {k}: sum over layers: auto {auto:.2f} ms, best of three {best:.2f} ms, "
-              f"clipped sums {sum(r[f'clipped_{k}'] for r in rows):.2f} ms; max rel. norm error "
-              f"{max(max(r[f'{m}_{k}_err'] for m in ('ghost', 'materialise', 'grouped')) for r in rows):.1e}")
+        rule = sum(r[f"{r['rule']}_{k}"] for r in rows)
+        tuned = sum(r[f"{r[f'tuned_{k}']}_{k}"] for r in rows)
+        best = sum(min(r[f"{m}_{k}"] for m in methods) for r in rows)
+        clipped = sum(r[f"clipped_{k}"] for r in rows)
+        err = max(r[f"{m}_{k}_err"] for m in methods for r in rows)
+        print(f"  {k}: sum over layers: rule {rule:.2f} ms, tuned {tuned:.2f} ms, best {best:.2f} ms, "
+              f"clipped sums {clipped:.2f} ms; max rel. norm error {err:.1e}")
 
 
 WORK = {"wrn16_4": wrn_workload, "celeba64": celeba_workload}
@@ -144,12 +142,19 @@ def parse_variant(text: str) -> tuple[str, bool, dict]:
     for item in filter(None, (rest[0] if rest else "").split(",")):
         key, _, value = item.partition("=")
         options[key] = {"precision": str, "method": str, "pad_sigmas": float}.get(key, lambda v: v in ("1", "true"))(
-            value)
+            value)  # the rest are booleans: cuda_graphs, channels_last, plain, autotune
     return workload, dp == "dp", options
 
 
+_DATA: dict = {}
+
+
 def make_data(workload: str, args):
-    return WORK[workload](argparse.Namespace(wrn_size=args.wrn_size, celeba_size=args.celeba_size))
+    """(data, stock dataset, model factory) of a workload, made once per size."""
+    key = (workload, args.wrn_size, args.celeba_size)
+    if key not in _DATA:
+        _DATA[key] = WORK[workload](argparse.Namespace(wrn_size=args.wrn_size, celeba_size=args.celeba_size))
+    return _DATA[key]
 
 
 def time_variant(workload: str, dp: bool, options: dict, args) -> dict:
@@ -157,6 +162,7 @@ def time_variant(workload: str, dp: bool, options: dict, args) -> dict:
     reset_memory()
     options = dict(options)
     method = options.pop("method", None)
+    autotune = options.pop("autotune", True)
     torch.manual_seed(0)
     if options.pop("plain", False):
         recipe = PlainRecipe(model_cls(), data, args.batch_size, DEV)
@@ -164,8 +170,9 @@ def time_variant(workload: str, dp: bool, options: dict, args) -> dict:
     else:
         engine = FastEngine(model=model_cls(), train_data=data, batch_size=args.batch_size,
                             optimizer=OptimizerSpec(lr=LR), dp=DP if dp else None, seed=0, device=DEV, **options)
-        if method:
-            engine.backend.method = method
+        if engine.backend is not None:
+            engine.backend.method = method or engine.backend.method
+            engine.backend.autotune = autotune
 
         def run(steps):
             return engine.train_epoch(max_steps=steps).steps
@@ -197,26 +204,32 @@ def section_variants(args, out: dict) -> None:
 
 
 def section_numerics(args, out: dict) -> None:
+    """One noise-free step (lr 1, so the update is the clipped sum / E[B]) per precision against fp32,
+    relative to the fp32 update and to the norm of the noise that step would add (sigma C sqrt(P) / E[B])."""
     rows = []
     for workload in ("wrn16_4", "celeba64"):
         data, _, model_cls = make_data(workload, argparse.Namespace(wrn_size=2048, celeba_size=2048))
         torch.manual_seed(0)
         model = model_cls()
-        start = torch.cat([p.detach().flatten() for p in model.parameters()]).double()
+        start = torch.cat([p.detach().flatten() for p in model.parameters()]).double().cpu()
         updates = {}
         for precision in ("fp32", "tf32", "bf16"):
             torch.backends.cudnn.allow_tf32 = precision != "fp32"
             engine = FastEngine(model=copy.deepcopy(model), train_data=data, batch_size=args.batch_size,
-                                optimizer=OptimizerSpec(lr=LR), dp=DPSettings(noise_multiplier=0.0, max_grad_norm=1.0),
+                                optimizer=OptimizerSpec(lr=1.0), dp=DPSettings(noise_multiplier=0.0, max_grad_norm=1.0),
                                 seed=0, device=DEV, precision=precision)
-            engine.train_epoch(max_steps=3)
+            engine.train_epoch(max_steps=1)
             updates[precision] = torch.cat([p.detach().flatten() for p in engine.model.parameters()]).double().cpu() \
-                - start.cpu()
+                - start
         torch.backends.cudnn.allow_tf32 = True
+        noise = DP.noise_multiplier * DP.max_grad_norm * len(start) ** 0.5 / engine.expected_batch
         for precision in ("tf32", "bf16"):
-            err = float((updates[precision] - updates["fp32"]).norm() / updates["fp32"].norm())
-            rows.append({"workload": workload, "precision": precision, "rel_update_error": err})
-            print(f"  numerics {workload:9s} {precision}: update vs fp32 (3 steps, no noise) rel. L2 {err:.2e}")
+            diff = float((updates[precision] - updates["fp32"]).norm())
+            row = {"workload": workload, "precision": precision, "rel_update_error": diff / float(updates["fp32"].norm()),
+                   "error_vs_noise": diff / noise}
+            rows.append(row)
+            print(f"  numerics {workload:9s} {precision}: one step vs fp32: rel. L2 {row['rel_update_error']:.2e}, "
+                  f"{row['error_vs_noise']:.2e} of the noise norm (sigma=1)")
     out["numerics"] = rows
 
 
@@ -244,7 +257,8 @@ def section_profile(args, out: dict) -> None:
             sync()
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
         events = prof.key_averages()
-        total = sum(e.self_device_time_total for e in events) / 1e3 / 10
+        total = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) \
+            / 1e3 / 10
         print(f"\nprofile {text}: {total:.2f} ms of kernel time a step (10 steps)\n{table}")
         safe = text.replace(":", "_").replace(",", "_").replace("=", "-")
         with open(os.path.join(args.out, f"profile_{safe}.txt"), "w") as f:

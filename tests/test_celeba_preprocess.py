@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from dpvision.celeba.archive import CelebaDataError
+from dpvision.celeba.cli import preprocess_main
 from dpvision.celeba.preprocessing import channel_stats, crop_and_resize, load_split, preprocess
 from dpvision.celeba.subset import build_subset
 from dpvision.data.tensors import ImageTensors
@@ -125,24 +126,25 @@ def test_bad_inputs(subset_dir, pre_dir, tmp_path):
 
 
 @pytest.mark.parametrize("where", ["parent", "itself", "child"])
-def test_overwrite_never_removes_the_subset_or_what_is_beside_it(subset_dir, tmp_path, where):
+def test_overwrite_never_removes_the_subset_or_what_is_beside_it(subset_dir, tmp_path, capsys, where):
     """Issue 13.8: ``--output-dir <the subset's parent or the subset> --overwrite`` used to delete the subset."""
     subset = Path(shutil.copytree(subset_dir, tmp_path / "data" / "subset"))
     (tmp_path / "data" / "notes.txt").write_text("beside the subset")
     digest = tree_digest(tmp_path / "data")
     out = {"parent": tmp_path / "data", "itself": subset, "child": subset / "pre"}[where]
-    res = run_script("celeba_preprocess.py", "--subset-dir", subset, "--output-dir", out, "--overwrite", "--no-progress")
-    assert res.returncode == 2 and res.stderr == (f"error: --output-dir {str(out)!r} overlaps --subset-dir {str(subset)!r}; "
-                                                  f"an input, its parents and its sub-folders are never written to\n")
+    code = preprocess_main(["--subset-dir", str(subset), "--output-dir", str(out), "--overwrite", "--no-progress"])
+    assert code == 2 and capsys.readouterr().err == (f"error: --output-dir {str(out)!r} overlaps --subset-dir "
+                                                     f"{str(subset)!r}; an input, its parents and its sub-folders "
+                                                     f"are never written to\n")
     assert tree_digest(tmp_path / "data") == digest
 
 
-def test_overwrite_replaces_only_a_preprocessed_folder(subset_dir, pre_dir, tmp_path):
+def test_overwrite_replaces_only_a_preprocessed_folder(subset_dir, pre_dir, tmp_path, capsys):
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("years of work")
-    res = run_script("celeba_preprocess.py", "--subset-dir", subset_dir, "--output-dir", foreign, "--overwrite")
-    assert res.returncode == 2 and "was not written by dpvision (it has no .dpvision-output marker)" in res.stderr
+    assert preprocess_main(["--subset-dir", str(subset_dir), "--output-dir", str(foreign), "--overwrite"]) == 2
+    assert "was not written by dpvision (it has no .dpvision-output marker)" in capsys.readouterr().err
     assert (foreign / "thesis.tex").read_text() == "years of work"
     other_subset = shutil.copytree(subset_dir, tmp_path / "other_subset", symlinks=True)
     with pytest.raises(CelebaDataError, match=r"holds a celeba-subset \(written by dpvision celeba build-subset\); "

@@ -212,7 +212,7 @@ def test_link_modes(demo_archive, tmp_path, mode):
             assert dest.stat().st_ino != src.stat().st_ino
 
 
-def test_dry_run_writes_nothing_and_existing_output_is_refused(demo_archive, tmp_path):
+def test_dry_run_writes_nothing_and_existing_output_is_refused(demo_archive, tmp_path, capsys):
     digest = tree_digest(demo_archive)
     res = run_script("celeba_build_subset.py", "--archive-dir", demo_archive, "--output-dir", tmp_path / "x",
                      "--total", "100", "--dry-run")
@@ -226,9 +226,9 @@ def test_dry_run_writes_nothing_and_existing_output_is_refused(demo_archive, tmp
                                                   f"to replace it, or choose another --output-dir\n")
     assert (out / "keep.txt").read_text() == "old"
     # --overwrite only ever replaces a folder dpvision wrote: not this one
-    res = run_script("celeba_build_subset.py", "--archive-dir", demo_archive, "--output-dir", out, "--total", "100",
-                     "--overwrite")
-    assert res.returncode == 2 and res.stderr == (
+    code = build_subset_main(["--archive-dir", str(demo_archive), "--output-dir", str(out), "--total", "100",
+                              "--overwrite"])
+    assert code == 2 and capsys.readouterr().err == (
         f"error: --output-dir {str(out)!r} was not written by dpvision (it has no .dpvision-output marker); "
         f"--overwrite only replaces a celeba-subset folder, so remove it yourself or choose another --output-dir\n")
     assert (out / "keep.txt").read_text() == "old"

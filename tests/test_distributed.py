@@ -1,18 +1,20 @@
 """Data-parallel DP-SGD (both engines) on CPU with gloo: sampling, noise once, equivalence, resume, faults.
 
-Each multi-rank test starts its ranks as fresh processes (``spawn``) that rendezvous on a free
-TCP port of 127.0.0.1 through the same environment variables torchrun sets; a rank runs one
-``scenario_*`` function of this module and saves what it returns for the test to check.
+Ranks are fresh processes (``spawn``) that rendezvous on a free TCP port of 127.0.0.1 through
+the same environment variables torchrun sets; a rank runs ``scenario_*`` functions of this module
+and saves what they return for the tests to check. Starting processes is most of the cost, so one
+launch per world size (2 and 3, a module fixture) serves the sampling, noise, equivalence and
+resume tests, which run in CI; the fault tests (one launch each) are marked slow.
 
 Statistical tolerances (the seeds are fixed, so each check is deterministic; the tolerances say
 how far from the claim a result may be before it counts as wrong):
 
 * global batch size ~ Binomial(N, q): over S steps, the sample mean within 4 standard errors
   (sqrt(Nq(1-q)/S)) of Nq and the sample variance within 4 standard errors (Var sqrt(2/(S-1)))
-  of Nq(1-q). Ranks sharing one stream would double (world 2) or triple (world 3) the variance,
-  16-30 standard errors away.
+  of Nq(1-q) (S = 300 steps). Ranks sharing one stream would double (world 2) or triple (world 3)
+  the variance, 12-24 standard errors away.
 * noise once: std of the per-step update (lr = E, so the update is the noisy sum) within 8% of σC
-  (5 standard errors of a std estimated from ~2000 draws); noise added once per rank would be
+  (~8 standard errors of a std estimated from 4,700 draws); noise added once per rank would be
   σC√2 (+41%) or σC√3 (+73%).
 """
 
@@ -113,8 +115,8 @@ def check_ok(codes, errors) -> None:
 
 
 # --------------------------------------------------------------------- scenarios (run in each rank)
-STATS_N, STATS_B, STATS_EPOCHS = 600, 30, 25  # q = 1/20: 500 steps, E[batch] = 30
-NOISE_N, NOISE_B, NOISE_STEPS = 200, 10, 200  # E = 10; 200 steps x 47 parameters
+STATS_N, STATS_B, STATS_EPOCHS = 600, 30, 15  # q = 1/20: 300 steps, E[batch] = 30
+NOISE_N, NOISE_B, NOISE_STEPS = 200, 10, 100  # E = 10; 100 steps x 47 parameters
 NOISE_DP = DPSettings(noise_multiplier=1e4, max_grad_norm=1e-4)  # σC = 1; clipped sums <= 1e-3, negligible
 
 
@@ -182,6 +184,15 @@ def scenario_resume(dist: DistContext, out: Path) -> dict:
     return result
 
 
+def scenario_all(dist: DistContext, out: Path) -> dict:
+    """What the CI tests check, in one launch: statistics; with two ranks also equivalence and resume."""
+    result = {"statistics": scenario_statistics(dist, out)}
+    if dist.world_size == 2:
+        result["equivalence"] = scenario_equivalence(dist, out)
+        result["resume"] = scenario_resume(dist, out)
+    return result
+
+
 def scenario_failure(dist: DistContext, out: Path, *, how: str) -> dict:
     """Rank 1 fails at step 3 of DP training (``raise``, ``exit`` without a word, or ``hang``)."""
     engine = build("fast", dist, n=200, batch_size=10, dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0), seed=3)
@@ -203,8 +214,29 @@ def scenario_failure(dist: DistContext, out: Path, *, how: str) -> dict:
 
 # --------------------------------------------------------------------- tests
 def in_process(scenario: str) -> dict:
-    """World size 1: the scenario in this process, with a single-process context."""
-    return globals()[f"scenario_{scenario}"](DistContext(), Path("."))
+    """World size 1: the scenario in this process, with a single-process context (one thread, as the ranks)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: extra threads only contend (30x slower on a busy 2-core box)
+    try:
+        return globals()[f"scenario_{scenario}"](DistContext(), Path("."))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """``launched(world)``: every rank's ``scenario_all`` result and the launch folder (one launch per world)."""
+    cache: dict[int, tuple[list, Path]] = {}
+
+    def get(world: int) -> tuple[list, Path]:
+        if world not in cache:
+            out = tmp_path_factory.mktemp(f"world{world}")
+            codes, results, errors, _ = launch(world, "all", out)
+            check_ok(codes, errors)
+            cache[world] = (results, out)
+        return cache[world]
+
+    return get
 
 
 def check_binomial(sizes: list[int], n: int, q: float) -> None:
@@ -219,14 +251,9 @@ def check_noise_once(updates: torch.Tensor, sigma_c: float) -> None:
     assert abs(std / sigma_c - 1) < 0.08, f"update std {std:.4f}, expected σC = {sigma_c}"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2, 3])
-def test_global_batch_is_binomial_and_noise_is_added_once(world, tmp_path):
-    if world == 1:
-        results = [in_process("statistics")]
-    else:
-        codes, results, errors, _ = launch(world, "statistics", tmp_path)
-        check_ok(codes, errors)
+def test_global_batch_is_binomial_and_noise_is_added_once(world, launched):
+    results = [in_process("statistics")] if world == 1 else [r["statistics"] for r in launched(world)[0]]
     q = poisson_sample_rate(STATS_N, STATS_B)
     sizes = results[0]["sizes"]
     assert len(sizes) == STATS_EPOCHS * int(1 / q)
@@ -278,10 +305,8 @@ def sampled_indices(engine: str, world: int) -> list[torch.Tensor]:
     return [torch.cat(parts) for parts in steps]
 
 
-@pytest.mark.slow
-def test_two_ranks_equal_one_process_without_noise(tmp_path):
-    codes, results, errors, _ = launch(2, "equivalence", tmp_path)
-    check_ok(codes, errors)
+def test_two_ranks_equal_one_process_without_noise(launched):
+    results = [r["equivalence"] for r in launched(2)[0]]
     single = in_process("equivalence")
     for name in ENGINES:
         (before, after), (before1, after1) = results[0][f"dp_{name}"], results[1][f"dp_{name}"]
@@ -298,16 +323,15 @@ def test_two_ranks_equal_one_process_without_noise(tmp_path):
         assert abs(epoch.loss - epoch1.loss) < 1e-6 and epoch.accuracy == epoch1.accuracy
 
 
-@pytest.mark.slow
-def test_resume_continues_exactly_in_two_ranks(tmp_path):
-    codes, results, errors, _ = launch(2, "resume", tmp_path)
-    check_ok(codes, errors)
+def test_resume_continues_exactly_in_two_ranks(launched):
+    launches, out = launched(2)
+    results = [r["resume"] for r in launches]
     for name in ENGINES:
         reference, params, resumed, params_resumed = results[0][name]
         assert resumed == reference and torch.equal(params_resumed, params)
         assert torch.equal(results[1][name][3], params)
     # A state of two ranks does not fit a single process (its sampling streams differ).
-    state = torch.load(tmp_path / "state_fast.pt", weights_only=False)
+    state = torch.load(out / "state_fast.pt", weights_only=False)
     assert state["world_size"] == 2 and len(state["rank_generators"]) == 2
     engine = build("fast", DistContext(), n=60, batch_size=10, dp=DPSettings(noise_multiplier=0.7, max_grad_norm=1.0))
     with pytest.raises(ValueError, match="2 rank"):

@@ -129,6 +129,11 @@ def test_registry_defaults_are_the_original_models():
         reference = original().state_dict()
         state = built.state_dict()
         assert list(state) == list(reference) and all(torch.equal(state[k], reference[k]) for k in state)
+    # The classes' own defaults are unchanged too (MNIST 28x28 -> 10, CelebA 64x64 -> 2 at width 32).
+    assert SampleConvNet()(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+    celeba = CelebaCNN()
+    assert celeba(torch.zeros(2, 3, 64, 64)).shape == (2, 2) and celeba.head.in_features == 4 * 32
+    assert ModuleValidator.validate(celeba, strict=True) == []
 
 
 @pytest.mark.parametrize("case", SHAPE_CASES + TINY_CASES, ids=case_id)

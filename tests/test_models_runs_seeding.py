@@ -1,26 +1,12 @@
-"""Models, run folders and seeding: the small shared pieces."""
+"""Run folders and seeding: the small shared pieces (model tests: tests/test_models.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from opacus.validators import ModuleValidator
 
-from dpvision.models import CelebaCNN, SampleConvNet
 from dpvision.runs import RunDir, atomic_write_text
 from dpvision.seeding import derive_seed, make_generator
-
-
-def test_sample_conv_net_shapes_and_size():
-    model = SampleConvNet()
-    assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
-    assert sum(p.numel() for p in model.parameters()) == 26010  # as in Opacus's example
-
-
-@pytest.mark.parametrize("model,shape", [(SampleConvNet(), (2, 1, 28, 28)), (CelebaCNN(), (2, 3, 64, 64))])
-def test_models_pass_opacus_module_validator(model, shape):
-    assert ModuleValidator.validate(model, strict=False) == []
-    assert model(torch.zeros(shape)).shape[0] == 2
 
 
 def test_streams_are_independent_and_reproducible():

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpvision.engines.ghost import GHOST, MATERIALISE, choose_method, conv_patches
+from dpvision.engines.ghost import GHOST, GROUPED, MATERIALISE, choose_method, conv_patches, patch_gram
 from dpvision.engines.per_sample import ManualPerSample
 
 HAS_CUDA = torch.cuda.is_available()
@@ -112,7 +112,7 @@ def batch(shape, n: int = 10, classes: int = 3, seed: int = 0, device: str = "cp
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("method", [GHOST, MATERIALISE, "auto"])
+@pytest.mark.parametrize("method", [GHOST, MATERIALISE, GROUPED, "auto"])
 @pytest.mark.parametrize("arch", list(MODELS))
 def test_clipped_sum_equals_opacus(arch, method, device):
     torch.backends.cudnn.allow_tf32 = False
@@ -125,8 +125,8 @@ def test_clipped_sum_equals_opacus(arch, method, device):
     ref = opacus_clipped_sum(model, x, y, C)
     assert ref.norm() > 0 and rel(ours, ref) < 1e-5
     used = {m for m in backend.chosen.values() if m is not None}  # None: 2-D Linear, GroupNorm (no choice)
-    if method != "auto" and arch != "linear_2d":
-        assert used == {method}
+    if method != "auto" and arch != "linear_2d":  # "grouped" is for convs: a 3-D Linear materialises
+        assert used == ({MATERIALISE} if (method, arch) == (GROUPED, "linear_3d") else {method})
 
 
 def test_unclipped_examples_match_plain_gradients():
@@ -136,7 +136,7 @@ def test_unclipped_examples_match_plain_gradients():
     x, y = batch(shape)
     F.cross_entropy(model(x), y, reduction="sum").backward()
     plain = flat(p.grad for p in model.parameters())
-    for method in (GHOST, MATERIALISE):
+    for method in (GHOST, MATERIALISE, GROUPED):
         ours, _ = manual_clipped_sum(model, x, y, 1e6, method)
         assert rel(ours, plain) < 1e-5
 
@@ -153,10 +153,15 @@ def test_padding_slots_weigh_nothing():
 
 
 def test_norm_methods_chosen_by_shape():
-    # T (d + p) < d p: ghost for few positions and many channels, materialise for large maps.
-    assert choose_method(64, 2304, 256) == GHOST  # WRN-16-4, 8x8 stage
-    assert choose_method(256, 1152, 128) == MATERIALISE  # 16x16 stage
-    assert choose_method(1024, 576, 64) == MATERIALISE  # 32x32 stage
+    """Fewer multiply-adds wins: ghost for few positions and many channels, materialise for large maps."""
+    def pick(c_in, c_out, side, stride=1):
+        conv = nn.Conv2d(c_in, c_out, 3, stride, padding=1)
+        return choose_method(conv, torch.zeros(1, c_in, side, side), torch.zeros(1, c_out, side // stride,
+                                                                                  side // stride))
+    assert pick(256, 256, 8) == GHOST  # WRN-16-4, 8x8 stage
+    assert pick(128, 256, 16, stride=2) == GHOST  # its first conv (T = 64)
+    assert pick(128, 128, 16) == GHOST  # 16x16 stage: the padded-input Gram (324^2 x 128) beats T d p
+    assert pick(64, 64, 32) == MATERIALISE  # 32x32 stage
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),  # T = 16, d = 27, p = 8: materialise
                           nn.Conv2d(8, 64, 3, padding=1), nn.ReLU(),  # T = 16, d = 72, p = 64: ghost
                           nn.Flatten(), nn.Linear(64 * 16, 3))
@@ -173,9 +178,9 @@ def test_chunked_examples_equal_one_chunk(monkeypatch):
     torch.manual_seed(4)
     model, shape = convs()
     x, y = batch(shape)
-    full = {m: manual_clipped_sum(model, x, y, C, m)[0] for m in (GHOST, MATERIALISE)}
+    full = {m: manual_clipped_sum(model, x, y, C, m)[0] for m in (GHOST, MATERIALISE, GROUPED)}
     monkeypatch.setattr(ghost, "PATCH_BUDGET", 1)
-    for m in (GHOST, MATERIALISE):
+    for m in (GHOST, MATERIALISE, GROUPED):
         assert rel(manual_clipped_sum(model, x, y, C, m)[0], full[m]) < 1e-6
 
 
@@ -185,6 +190,17 @@ def test_conv_patches_match_unfold():
     conv = nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(2, 3))
     ref = F.unfold(a, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
     assert torch.equal(conv_patches(conv, a), ref.transpose(1, 2))
+
+
+@pytest.mark.parametrize(("stride", "padding", "dilation"), [(1, 1, 1), (2, 1, 1), (1, 2, 2), ((2, 1), (0, 2), (1, 3))])
+def test_patch_gram_equals_unfolded_gram(stride, padding, dilation):
+    """The padded-input Gram summed over kernel offsets is A A^T (both branches of patch_gram)."""
+    g = torch.Generator().manual_seed(6)
+    for side, c in ((9, 2), (5, 40)):  # small maps with many channels take the input-Gram branch
+        a = torch.randn(3, c, side, side + 1, generator=g, dtype=torch.float64)
+        conv = nn.Conv2d(c, 4, (3, 2), stride=stride, padding=padding, dilation=dilation)
+        rows = conv_patches(conv, a)
+        assert torch.allclose(patch_gram(conv, a), rows @ rows.transpose(1, 2), rtol=1e-12, atol=1e-10)
 
 
 def test_in_place_op_after_layer_output():
@@ -214,7 +230,7 @@ def test_wide_resnet_equals_opacus():
     model = wide_resnet.WideResNet(in_channels=3, num_classes=4, depth=10, widen=1)
     x, y = batch((3, 8, 8), n=6, classes=4)
     ref = opacus_clipped_sum(model, x, y, C)
-    for method in ("auto", GHOST, MATERIALISE):
+    for method in ("auto", GHOST, MATERIALISE, GROUPED):
         ours, _ = manual_clipped_sum(model, x, y, C, method)
         assert rel(ours, ref) < 1e-5
 

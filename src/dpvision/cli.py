@@ -85,7 +85,13 @@ def train_config(args: argparse.Namespace, given: Sequence[str]):
     """The recipe (if any), overridden by the flags; ``--disable-dp`` deactivates DP last."""
     from dpvision.jobs.config import TrainConfig, load_recipe
 
-    base = TrainConfig.from_dict(load_recipe(args.config), source=args.config) if args.config else TrainConfig()
+    base = TrainConfig()
+    if args.config:
+        recipe = load_recipe(args.config)  # its errors name the file already
+        try:
+            base = TrainConfig.from_dict(recipe, source=args.config)
+        except ValueError as err:
+            raise ValueError(f"{args.config}: {err}") from None
     overrides = train_overrides(args)
     if args.disable_dp:
         refused = [f for f in ("--sigma", "--target-epsilon", "--max-epsilon") if f in given]

@@ -57,6 +57,8 @@ from dpvision.jobs.loop import train_private_epoch
 MODES = ("white", "black")
 SCORES = ("steps", "final")
 MODELS = ("linear", "convnet")
+MAX_CANARIES = 20_000  # white-box canaries are [m, P] floats: 20k x 26k params = 2 GB at most
+MAX_PROJECTIONS = 500_000_000  # white-box scores keep [steps, m] floats: 2 GB at most
 MIN_SCORE_SIGMA = 0.5  # the likelihood-ratio score's σ when the run claims none (non-private runs)
 
 
@@ -93,11 +95,15 @@ class AuditConfig:
         need(self.score in SCORES, "--score", f"one of {', '.join(SCORES)}", self.score)
         need(self.model in MODELS, "--model", f"one of {', '.join(MODELS)}", self.model)
         need(self.accountant in ACCOUNTANTS, "--accountant", f"one of {', '.join(ACCOUNTANTS)}", self.accountant)
-        need(self.canaries >= 2, "--canaries", "an integer >= 2", self.canaries)
+        need(2 <= self.canaries <= MAX_CANARIES, "--canaries", f"an integer between 2 and {MAX_CANARIES}",
+             self.canaries)
         need(1 <= self.k and self.k + (self.canaries if self.mode == "black" else 0) <= MNIST_TRAIN_SIZE,
              "--k", "at least 1 and leave room for the black-box canaries in MNIST's 60,000", self.k)
         need(1 <= self.batch_size <= self.k, "--batch-size", f"between 1 and --k ({self.k})", self.batch_size)
         need(self.epochs >= 1, "--epochs", "a positive integer", self.epochs)
+        steps = self.epochs * steps_per_epoch(poisson_sample_rate(self.k, self.batch_size))
+        need(self.mode == "black" or steps * self.canaries <= MAX_PROJECTIONS, "--epochs",
+             f"small enough that steps x canaries <= {MAX_PROJECTIONS:.0e} (the white-box scores' memory)", self.epochs)
         need(math.isfinite(self.lr) and self.lr > 0, "--lr", "> 0", self.lr)
         need(math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0, "--max-grad-norm", "a finite number > 0",
              self.max_grad_norm)

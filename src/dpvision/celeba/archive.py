@@ -33,13 +33,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from dpvision.celeba.safety import CelebaDataError, check_image_id
+from dpvision.celeba.safety import CelebaDataError, check_image_id, file_problem
 
 #: CelebA's 40 binary attributes, in the order of the official files.
 ATTRIBUTE_NAMES: tuple[str, ...] = (
@@ -191,13 +190,9 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def _check_regular(path: Path) -> None:
     """Refuse a FIFO, folder or device by its ``stat`` (opening a FIFO would block forever)."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as err:
-        raise CelebaDataError(f"cannot read {path}: {err.strerror or err}") from None
-    if not stat.S_ISREG(mode):
-        raise CelebaDataError(f"{path} is not a regular file ({'a FIFO' if stat.S_ISFIFO(mode) else 'not a file'}); "
-                              f"expected a table")
+    problem = file_problem(path, "a table")
+    if problem is not None:
+        raise CelebaDataError(f"cannot read {path}: {problem}")
 
 
 def read_lines(path: str | os.PathLike) -> list[str]:

@@ -64,8 +64,7 @@ def add_build_subset_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     p.add_argument("--stratify-by", nargs="+", default=[], metavar="VAR",
                    help="'interocular' and/or attribute names, space- or comma-separated")
     p.add_argument("--iod-bins", type=int, default=4, help="quantile bins of interocular distance (train)")
-    p.add_argument("--output-dir", required=True,
-                   help="new folder for <split>/<class>/<image> and the index (name it after what you ask for)")
+    p.add_argument("--output-dir", required=True, help="new folder for <split>/<class>/<image> and the index")
     p.add_argument("--link-mode", choices=LINK_MODES, default="symlink")
     for split in ("train", "val", "test"):
         p.add_argument(f"--max-per-class-{split}", type=int, default=None, help=f"cap per class in {split}")

@@ -37,7 +37,6 @@ import multiprocessing
 import os
 import random
 import signal
-from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
 

@@ -202,18 +202,21 @@ def preprocess(subset_dir: str | os.PathLike, output_dir: str | os.PathLike, *, 
 def load_split(preprocessed_dir: str | os.PathLike, split: str) -> tuple[ImageTensors, dict]:
     """``(ImageTensors, meta)`` for one split, normalised with train's ``stats.json`` mean/std.
 
-    ``meta`` holds ``image_ids``, ``strata``, ``class_names`` and ``stats``.
+    ``meta`` holds ``image_ids``, ``strata``, ``class_names`` and ``stats``. The files are read
+    (and checked) by :func:`dpvision.data.celeba_folder.load_celeba_folder`, the reader the
+    training job uses: one reader of the format.
     """
-    preprocessed_dir = Path(preprocessed_dir)
+    from dpvision.data.celeba_folder import load_celeba_folder
+    from dpvision.data.files import DataError
+
     if split not in SPLITS:
         raise CelebaDataError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    stats_path, path = preprocessed_dir / STATS_FILE, preprocessed_dir / f"{split}.pt"
-    for needed in (stats_path, path):
-        if not needed.is_file():
-            raise CelebaDataError(f"missing {needed}: run celeba_preprocess.py first")
-    stats = json.loads(stats_path.read_text())
-    payload = torch.load(path, weights_only=True)
-    data = ImageTensors(payload["images"], payload["labels"], tuple(stats["mean"]), tuple(stats["std"]))
-    meta = {k: payload[k] for k in ("image_ids", "strata", "class_names")}
-    meta["stats"] = stats
-    return data, meta
+    try:
+        splits, class_names = load_celeba_folder(preprocessed_dir)
+    except DataError as err:
+        raise CelebaDataError(f"{err} (run celeba_preprocess.py first)") from None
+    part = splits[split]
+    stats = json.loads((Path(preprocessed_dir) / STATS_FILE).read_text())
+    meta = {"image_ids": list(part.image_ids or ()), "strata": list(part.groups or ()),
+            "class_names": list(class_names), "stats": stats}
+    return part.data, meta

@@ -90,11 +90,12 @@ def check_image_id(image_id: str, where: str) -> str:
     return image_id
 
 
-def file_problem(path: str | os.PathLike) -> str | None:
+def file_problem(path: str | os.PathLike, what: str = "an image") -> str | None:
     """``None`` for a regular file (symlinks followed), else ``"missing"`` or why it cannot be read.
 
     Raises :class:`CelebaDataError` for something that is not a regular file
     (a FIFO, a folder, a device): it is found with ``os.stat``, never opened.
+    ``what`` names the expected file in that message.
     """
     try:
         mode = os.stat(path).st_mode
@@ -104,7 +105,7 @@ def file_problem(path: str | os.PathLike) -> str | None:
         return f"unreadable: {err.strerror or err}"
     if not stat.S_ISREG(mode):
         kind = _FILE_TYPES.get(stat.S_IFMT(mode), "not a file")
-        raise CelebaDataError(f"{path} is not a regular file ({kind}); an image must be a file")
+        raise CelebaDataError(f"{path} is not a regular file ({kind}); {what} must be a file")
     return None
 
 
@@ -250,7 +251,10 @@ def staged_output(output_dir: str | os.PathLike, *, kind: str, flag: str, overwr
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, OSError):
-            where = f" ({str(err.filename).replace(str(tmp), str(out))})" if err.filename and tmp else ""
+            name = str(err.filename or "")
+            if name and tmp is not None:
+                name = name.replace(str(tmp), str(out))  # the path as it would have been, not the staging name
+            where = f" ({name})" if name else ""
             raise CelebaDataError(f"cannot write {flag} {shown!r}: {err.strerror or err}{where}") from None
         raise
 

@@ -38,20 +38,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-GHOST, MATERIALISE = "ghost", "materialise"
-METHODS = ("auto", GHOST, MATERIALISE)  # "auto": choose_method per layer; the others force it (tests)
-# Elements of unfolded patches / Gram matrices / per-example gradients held at once (64 MiB of fp32):
+GHOST, MATERIALISE, GROUPED = "ghost", "materialise", "grouped"
+# "auto": the cheapest by the layer's shapes (multiply-adds, see ``method_costs``), or on CUDA the fastest
+# as timed once per layer and shape (the backend's autotune); the others force one (tests, benchmarks).
+METHODS = ("auto", GHOST, MATERIALISE, GROUPED)
+# Elements of unfolded patches / Gram matrices / per-example gradients held at once (128 MiB of fp32):
 # larger batches are processed in chunks of examples, so the transient memory stays bounded.
-PATCH_BUDGET = 1 << 24
-
-
-def choose_method(t: int, d: int, p: int) -> str:
-    """The cheaper exact norm method for T rows of d inputs and p outputs, by multiply-adds per example.
-
-    >>> choose_method(64, 256 * 9, 256), choose_method(1024, 64 * 9, 64)  # WRN-16-4 at 8x8 and 32x32
-    ('ghost', 'materialise')
-    """
-    return GHOST if t * (d + p) < d * p else MATERIALISE
+PATCH_BUDGET = 1 << 25
 
 
 def conv_patches(module: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
@@ -70,6 +63,73 @@ def conv_patches(module: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1, 4, 5).reshape(b, ho * wo, c * kh * kw)
 
 
+def _padded_positions(module: nn.Conv2d, a: torch.Tensor) -> int:
+    (ph, pw) = module.padding
+    return (a.shape[2] + 2 * ph) * (a.shape[3] + 2 * pw)
+
+
+def layer_shape(module: nn.Module, a: torch.Tensor, dz: torch.Tensor) -> tuple[int, int, int]:
+    """(T, d, p) of a Linear or Conv2d on inputs ``a`` with output gradients ``dz``: g_i = G_i^T A_i is [p, d]."""
+    if isinstance(module, nn.Linear):
+        return a[0].numel() // a.shape[-1], a.shape[-1], dz.shape[-1]
+    kh, kw = module.kernel_size
+    return dz[0, 0].numel(), a.shape[1] * kh * kw, dz.shape[1]
+
+
+def method_costs(module: nn.Module, a: torch.Tensor, dz: torch.Tensor) -> dict[str, int]:
+    """Multiply-adds per example of the squared norm by each method (the unfold's copy not counted).
+
+    Ghost's input Gram is A A^T (T^2 d), or for a conv, when cheaper, the Gram of the padded input
+    over channels ((H_p W_p)^2 C_in) summed over the kernel's offsets (:func:`patch_gram`).
+    """
+    t, d, p = layer_shape(module, a, dz)
+    gram = t * t * d
+    if isinstance(module, nn.Conv2d):
+        gram = min(gram, _padded_positions(module, a) ** 2 * a.shape[1])
+    costs = {GHOST: gram + t * t * p, MATERIALISE: t * d * p}
+    if isinstance(module, nn.Conv2d):
+        costs[GROUPED] = t * d * p
+    return costs
+
+
+def choose_method(module: nn.Module, a: torch.Tensor, dz: torch.Tensor) -> str:
+    """Ghost or materialise, whichever needs fewer multiply-adds (ties: materialise).
+
+    >>> a, dz = torch.zeros(1, 256, 8, 8), torch.zeros(1, 256, 8, 8)  # WRN-16-4 at 8x8: T=64, d=2304, p=256
+    >>> choose_method(nn.Conv2d(256, 256, 3, padding=1), a, dz)
+    'ghost'
+    >>> choose_method(nn.Conv2d(64, 64, 3, padding=1), torch.zeros(1, 64, 32, 32), torch.zeros(1, 64, 32, 32))
+    'materialise'
+    """
+    costs = method_costs(module, a, dz)
+    return GHOST if costs[GHOST] < costs[MATERIALISE] else MATERIALISE
+
+
+def patch_gram(module: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
+    """[n, T, T] Gram matrices A_i A_i^T of a conv's unfolded patches, in a's dtype.
+
+    When (H_p W_p)^2 C < T^2 C kh kw, without unfolding: M_i = X_i^T X_i over channels of the padded
+    input [H_p W_p, H_p W_p], and (A_i A_i^T)_{ts} = sum over kernel offsets (u, v) of
+    M_i[pos(t) + (u, v), pos(s) + (u, v)], each a strided window of M_i (stride and dilation as the conv's).
+    """
+    (ph, pw), (sh, sw), (dh, dw), (kh, kw) = module.padding, module.stride, module.dilation, module.kernel_size
+    n, c, h, w = a.shape
+    hp, wp = h + 2 * ph, w + 2 * pw
+    ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    if (hp * wp) ** 2 >= (ho * wo) ** 2 * kh * kw:
+        rows = conv_patches(module, a)  # [n, T, d]
+        return torch.bmm(rows, rows.transpose(1, 2))
+    x = (F.pad(a, (pw, pw, ph, ph)) if ph or pw else a).flatten(2)  # [n, C, Hp Wp]
+    m = torch.bmm(x.transpose(1, 2), x).view(n, hp, wp, hp, wp)  # [n, Hp, Wp, Hp, Wp]
+    out = torch.zeros(n, ho, wo, ho, wo, device=a.device, dtype=a.dtype)
+    for u in range(kh):
+        rows = slice(u * dh, u * dh + sh * (ho - 1) + 1, sh)
+        for v in range(kw):
+            cols = slice(v * dw, v * dw + sw * (wo - 1) + 1, sw)
+            out += m[:, rows, cols, rows, cols]
+    return out.view(n, ho * wo, ho * wo)
+
+
 def _rows(module: nn.Module, a: torch.Tensor, dz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(A [B, T, d], G [B, T, p]) for a Linear (any leading dims) or a Conv2d (patches and positions)."""
     b = len(a)
@@ -79,8 +139,35 @@ def _rows(module: nn.Module, a: torch.Tensor, dz: torch.Tensor) -> tuple[torch.T
 
 
 def _sum_sq(x: torch.Tensor) -> torch.Tensor:
-    """[n, ...] -> [n] float32 sums of squares (reduced in float32 whatever x's dtype)."""
-    return torch.linalg.vector_norm(x.flatten(1), dim=1, dtype=torch.float32).square()
+    """[n, ...] -> [n] sums of squares, reduced in float32 (float64 stays float64)."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(x.flatten(1), dim=1, dtype=dtype).square()
+
+
+def _ghost_chunk(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """sum_{t,s} (A A^T)_{ts} (G G^T)_{ts} per example; Grams accumulated in ``dtype`` (float32 or 64)."""
+    if isinstance(module, nn.Conv2d):
+        gram_a = patch_gram(module, a.to(dtype))  # [n, T, T]
+        grads = dz.flatten(2)  # [n, p, T]
+        gram_g = torch.bmm(grads.transpose(1, 2), grads).to(dtype)  # [n, T, T]
+    else:
+        rows, grads = _rows(module, a, dz)  # [n, T, d], [n, T, p]
+        gram_a = torch.bmm(rows, rows.transpose(1, 2)).to(dtype)
+        gram_g = torch.bmm(grads, grads.transpose(1, 2)).to(dtype)
+    return (gram_a * gram_g).sum((1, 2)).clamp_(min=0)  # rounding can dip below 0
+
+
+def _grouped_chunk(module: nn.Conv2d, a: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+    """Per-example conv weight gradients by cuDNN's weight-gradient kernel with the examples as groups."""
+    n, c, h, w = a.shape
+    p = dz.shape[1]
+    weight = a.new_empty((n * p, c, *module.kernel_size))  # shape and dtype only
+    with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False,
+                                    allow_tf32=torch.backends.cudnn.allow_tf32):
+        _, grads, _ = torch.ops.aten.convolution_backward(
+            dz.reshape(1, n * p, *dz.shape[2:]), a.reshape(1, n * c, h, w), weight, None, list(module.stride),
+            list(module.padding), list(module.dilation), False, [0, 0], n, [False, True, False])
+    return _sum_sq(grads.view(n, -1))
 
 
 def weight_norm_sq(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, method: str,
@@ -88,36 +175,57 @@ def weight_norm_sq(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, method:
     """[B] squared norms of the per-example weight gradients of a Linear or Conv2d, by ``method``."""
     if isinstance(module, nn.Linear) and a.dim() == 2:  # T = 1: ||g_i|| = ||dz_i|| ||a_i||, nothing to choose
         return _sum_sq(dz) * _sum_sq(a)
-    a, dz = a.to(compute_dtype), dz.to(compute_dtype)
+    if method == GROUPED and not isinstance(module, nn.Conv2d):
+        method = MATERIALISE
+    a, dz = a.to(compute_dtype).contiguous(), dz.to(compute_dtype).contiguous()
     b = len(a)
-    out = torch.empty(b, device=a.device, dtype=torch.float32)
-    t, d, p = _shape_tdp(module, a, dz)
-    per_example = t * d + (2 * t * t if method == GHOST else d * p)  # elements held for one example
+    acc_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
+    out = torch.empty(b, device=a.device, dtype=acc_dtype)
+    t, d, p = layer_shape(module, a, dz)
+    if method == GHOST:  # held per example: patches (or the padded-input Gram) and two T x T Grams
+        conv = isinstance(module, nn.Conv2d)
+        per_example = max(t * d, _padded_positions(module, a) ** 2 if conv else 0) + 3 * t * t
+    else:
+        per_example = (0 if method == GROUPED else t * d) + d * p
     step = max(1, PATCH_BUDGET // per_example)
     for s in range(0, b, step):
-        rows, grads = _rows(module, a[s:s + step], dz[s:s + step])  # [n, T, d], [n, T, p]
+        a_s, dz_s = a[s:s + step], dz[s:s + step]
         if method == GHOST:
-            gram_a = torch.bmm(rows, rows.transpose(1, 2)).float()  # [n, T, T]
-            gram_g = torch.bmm(grads, grads.transpose(1, 2)).float()  # [n, T, T]
-            out[s:s + step] = (gram_a * gram_g).sum((1, 2)).clamp_(min=0)  # rounding can dip below 0
+            out[s:s + step] = _ghost_chunk(module, a_s, dz_s, acc_dtype)
+        elif method == GROUPED:
+            out[s:s + step] = _grouped_chunk(module, a_s, dz_s)
         else:
+            rows, grads = _rows(module, a_s, dz_s)  # [n, T, d], [n, T, p]
             out[s:s + step] = _sum_sq(torch.bmm(grads.transpose(1, 2), rows))  # [n, p, d]
     return out
 
 
-def _shape_tdp(module: nn.Module, a: torch.Tensor, dz: torch.Tensor) -> tuple[int, int, int]:
-    """(T, d, p) of a Linear or Conv2d on inputs ``a`` with output gradients ``dz``."""
-    if isinstance(module, nn.Linear):
-        return a[0].numel() // a.shape[-1], a.shape[-1], dz.shape[-1]
-    kh, kw = module.kernel_size
-    return dz[0, 0].numel(), a.shape[1] * kh * kw, dz.shape[1]
-
-
 def layer_method(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, forced: str = "auto") -> str | None:
-    """Norm method for a Linear/Conv2d layer (None for a 2-D Linear, where both coincide)."""
+    """Norm method for a Linear/Conv2d layer by the shape rule (None for a 2-D Linear: nothing to choose)."""
     if isinstance(module, nn.Linear) and a.dim() == 2:
         return None
-    return choose_method(*_shape_tdp(module, a, dz)) if forced == "auto" else forced
+    if forced == GROUPED and not isinstance(module, nn.Conv2d):
+        return MATERIALISE
+    return choose_method(module, a, dz) if forced == "auto" else forced
+
+
+def fastest_method(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, compute_dtype: torch.dtype,
+                   slack: float = 4.0) -> str:
+    """The method that runs fastest here (CUDA events, second of two runs each), among those whose
+    multiply-adds are within ``slack`` times the fewest. All are exact: this only picks a speed."""
+    costs = method_costs(module, a, dz)
+    best, times = min(costs.values()), {}
+    for method, cost in costs.items():
+        if cost > slack * best:
+            continue
+        for _ in range(2):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            weight_norm_sq(module, a, dz, method, compute_dtype)
+            end.record()
+        end.synchronize()
+        times[method] = start.elapsed_time(end)
+    return min(times, key=times.get)
 
 
 def layer_norm_sq(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, method: str | None,
@@ -131,11 +239,19 @@ def layer_norm_sq(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, method: 
 
 
 def group_norm_norm_sq(module: nn.GroupNorm, a: torch.Tensor, dz: torch.Tensor):
-    """([B] squared norms, (gamma, beta) per-example gradients [B, C] each) of an affine GroupNorm."""
-    a_hat = F.group_norm(a.float(), module.num_groups, eps=module.eps)  # normalised input [B, C, ...]
-    dzf = dz.float()
-    spatial = tuple(range(2, a.dim()))
-    gw, gb = (dzf * a_hat).sum(spatial), dzf.sum(spatial)
+    """([B] squared norms, (gamma, beta) per-example gradients [B, C] each) of an affine GroupNorm.
+
+    gamma_i = sum over space of dz * a_hat with a_hat = (a - mu_g) rstd_g, i.e.
+    rstd_g (sum(dz * a) - mu_g sum(dz)) per channel: one statistics pass over ``a``, no a_hat.
+    """
+    b, c = a.shape[:2]
+    af, dzf = a.float().reshape(b, c, -1), dz.float().reshape(b, c, -1)  # [B, C, S]
+    var, mean = torch.var_mean(af.view(b, module.num_groups, -1), dim=2, correction=0)  # [B, G]
+    per_group = c // module.num_groups
+    mean = mean.repeat_interleave(per_group, dim=1)  # [B, C]
+    rstd = (var + module.eps).rsqrt().repeat_interleave(per_group, dim=1)  # [B, C]
+    gb = dzf.sum(2)  # [B, C]
+    gw = ((dzf * af).sum(2) - mean * gb) * rstd
     return _sum_sq(gw) + _sum_sq(gb), (gw, gb)
 
 

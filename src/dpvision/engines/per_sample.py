@@ -33,7 +33,9 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
 from dpvision.engines.base import UnsupportedModelError
-from dpvision.engines.ghost import METHODS, clipped_sum, group_norm_norm_sq, layer_method, layer_norm_sq
+from dpvision.engines.ghost import (
+    METHODS, clipped_sum, fastest_method, group_norm_norm_sq, layer_method, layer_norm_sq,
+)  # fmt: skip
 
 CLIP_EPS = 1e-6  # Opacus's DPOptimizer: factor = min(1, C / (norm + 1e-6))
 
@@ -161,6 +163,10 @@ class ManualPerSample:
         self._group_norm: dict[nn.Module, tuple] = {}  # GroupNorm -> (squared norms [B], state), from its hook
         self._active = False
         self.amp_dtype: torch.dtype | None = None
+        # CUDA with method "auto": time the exact methods once per layer and shape, keep the fastest
+        # (off: the shape rule, as on the CPU, where runs must repeat bit for bit).
+        self.autotune = True
+        self._tuned: dict[tuple, str] = {}
         self.chosen: dict[str, str | None] = {}  # layer name -> norm method of the last chunk (reports)
         self._handles = [m.register_forward_hook(self._hook) for m in self.layers]
         self._handles += [m.register_forward_pre_hook(self._cast_input) for m in self.layers
@@ -205,6 +211,18 @@ class ManualPerSample:
         dzs = torch.autograd.grad(losses.sum(), list(edges.values()))
         return logits, losses, dict(zip(edges, dzs))
 
+    def _method(self, module, a: torch.Tensor, dz: torch.Tensor, dtype: torch.dtype) -> str | None:
+        """The norm method: forced, by the shape rule, or (CUDA, "auto") the fastest as timed at first sight."""
+        method = layer_method(module, a, dz, self.method)
+        if self.method != "auto" or method is None or a.device.type != "cuda" or not self.autotune:
+            return method
+        key = (module, tuple(a.shape), a.dtype, tuple(dz.shape), dz.dtype)
+        if key not in self._tuned:
+            if torch.cuda.is_current_stream_capturing():  # no timing inside a graph capture
+                return method
+            self._tuned[key] = fastest_method(module, a, dz, dtype)
+        return self._tuned[key]
+
     def accumulate(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, max_grad_norm: float,
                    acc_views: list[torch.Tensor], loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
         logits, losses, dzs = self._forward_backward(x, y)
@@ -221,7 +239,7 @@ class ManualPerSample:
                     if isinstance(m, nn.GroupNorm):  # input without gradient: its dz was asked for
                         sq, states[m] = group_norm_norm_sq(m, a, dzs[m])
                     else:
-                        method = self.chosen[self.names[m]] = layer_method(m, a, dzs[m], self.method)
+                        method = self.chosen[self.names[m]] = self._method(m, a, dzs[m], dtype)
                         sq, states[m] = layer_norm_sq(m, a, dzs[m], method, dtype), None
                 else:
                     continue

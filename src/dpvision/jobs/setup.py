@@ -135,7 +135,7 @@ def few_steps_advice(config: TrainConfig, plan: PrivacyPlan) -> str | None:
         >>> cfg = TrainConfig(optim=OptimConfig(batch_size=256, epochs=10))
         >>> plan = plan_privacy(cfg, num_train=482)
         >>> print(few_steps_advice(cfg, plan))
-        only 20 optimizer steps (10 epochs of 2 steps, batch size 256 for 482 examples): too few to learn; try --batch-size 32 --epochs 14 (210 steps)
+        only 20 optimizer steps (10 epochs of 2 steps, batch size 256 for 482 examples): too few to learn; try --batch-size 32 --epochs 13 (208 steps)
     """
     total = config.optim.epochs * plan.steps_per_epoch
     if total >= MIN_SENSIBLE_STEPS:

@@ -25,6 +25,9 @@ from dpvision.jobs.config import TrainConfig
 
 MAX_RUNS = 1000  # a sweep is bounded work: ε values x seeds x varied values (+ baselines)
 PLAN_FILE = "sweep.yaml"
+# Fields every point sets itself (run_config): varying one would be overwritten or break the folder layout.
+SWEEP_FIELDS = ("run.seed", "run.runs_dir", "run.run_name", "run.quiet", "dp.enabled", "dp.target_epsilon",
+                "dp.noise_multiplier")
 RESULT_COLUMNS = ["name", "target_epsilon", "seed", "vary", "value", "test_accuracy", "epsilon", "epsilon_rdp",
                   "epsilon_prv", "epsilon_pld", "delta", "noise_multiplier", "steps", "wall_seconds", "run_dir"]
 
@@ -43,6 +46,8 @@ def parse_list(text: str, flag: str, kind=float) -> list:
 
 
 def _label(value: Any) -> str:
+    if value is None:
+        return "null"  # as YAML and --set write it
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -83,10 +88,10 @@ def sweep(base: TrainConfig, *, epsilons: Sequence[float], seeds: Sequence[int],
 
     if base.dp.enabled is False and not baseline:
         raise ValueError("--config: the recipe has DP switched off; a sweep over ε needs DP")
-    out = check_writable_dir(out, flag="--out")
     points = plan_runs(epsilons=epsilons, seeds=seeds, vary=vary, baseline=baseline)
-    runs_dir = out / "runs"
+    runs_dir = Path(out) / "runs"
     configs = {p["name"]: run_config(base, p, vary, runs_dir) for p in points}  # validates every point first
+    out = check_writable_dir(out, flag="--out")  # only now: bad input leaves no folder behind
     plan = {"recipe": base.to_dict(), "epsilons": list(epsilons), "seeds": list(seeds), "baseline": baseline,
             "vary": {"field": vary[0], "values": vary[1]} if vary else None}
     plan_path = out / PLAN_FILE
@@ -139,7 +144,7 @@ def _result_row(point: dict, vary, summary: dict, folder: Path) -> dict:
     epsilons = summary.get("epsilons", {})
     return {
         "name": point["name"], "target_epsilon": point["target_epsilon"] if point["target_epsilon"] else math.inf,
-        "seed": point["seed"], "vary": vary[0] if vary else "", "value": "" if point["value"] is None else point["value"],
+        "seed": point["seed"], "vary": vary[0] if vary else "", "value": "" if not vary else _label(point["value"]),
         "test_accuracy": number(summary["test_accuracy"]), "epsilon": number(summary["epsilon"]),
         **{f"epsilon_{k}": number(epsilons.get(k, math.inf)) for k in ("rdp", "prv", "pld")},
         "delta": number(summary["delta"]), "noise_multiplier": number(summary["noise_multiplier"]),
@@ -156,10 +161,37 @@ def add_sweep_arguments(parser) -> None:
     parser.add_argument("--no-baseline", action="store_true", help="skip the non-private baseline runs")
 
 
+def command_line(args, given: Sequence[str]) -> str:
+    """The command as typed (flags in their order), rebuilt from the parsed ``args`` (not ``sys.argv``,
+    which is another program's when ``dpvision.cli.main(argv)`` is called from Python).
+
+    Example:
+        >>> import argparse
+        >>> args = argparse.Namespace(epsilons="1,3", seeds=2, out="out dir", set=["optim.lr=0.2"], quiet=True)
+        >>> command_line(args, ["--epsilons", "--seeds", "--out", "--set", "--quiet"])
+        "dpvision sweep --epsilons 1,3 --seeds 2 --out 'out dir' --set optim.lr=0.2 --quiet"
+    """
+    import shlex
+
+    parts = ["dpvision", "sweep"]
+    for flag in given:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is True:
+            parts.append(flag)
+        elif isinstance(value, list):
+            for item in value:
+                parts += [flag, str(item)]
+        else:
+            parts += [flag, str(value)]
+    return shlex.join(parts)
+
+
 def run_sweep(args, given: Sequence[str]) -> list[dict]:
     """``dpvision sweep``: the recipe and train flags of ``args``, over ``--epsilons`` and ``--seeds``."""
+    import dataclasses
+
     from dpvision.cli import train_config
-    from dpvision.jobs.config import parse_value
+    from dpvision.jobs.config import SECTIONS, parse_value
 
     epsilons = parse_list(args.epsilons, "--epsilons")
     if any(not (math.isfinite(e) and e > 0) for e in epsilons):
@@ -169,13 +201,19 @@ def run_sweep(args, given: Sequence[str]) -> list[dict]:
     vary = None
     if args.vary:
         key, sep, text = args.vary.partition("=")
+        key = key.strip()
         if not sep or "." not in key:
             raise ValueError(f"--vary needs SECTION.FIELD=V1,V2,..., got {args.vary!r}")
+        section, _, name = key.partition(".")
+        if section not in SECTIONS or name not in {f.name for f in dataclasses.fields(SECTIONS[section])}:
+            raise ValueError(f"--vary: {key} is not a setting (use section.field, e.g. optim.lr)")
+        if key in SWEEP_FIELDS:
+            raise ValueError(f"--vary: the sweep sets {key} itself (--epsilons, --seeds); vary another field")
         values = [parse_value(v) for v in text.split(",") if v.strip()]
-        if not values or len({str(v) for v in values}) != len(values):
+        if not values or len({_label(v) for v in values}) != len(values):
             raise ValueError(f"--vary needs distinct values, got {args.vary!r}")
-        vary = (key.strip(), values)
+        vary = (key, values)
     base = train_config(args, given)
-    command = "dpvision sweep " + " ".join(sys.argv[2:])
+    command = command_line(args, given)
     return sweep(base, epsilons=epsilons, seeds=list(range(args.seeds)), out=args.out, vary=vary,
                  baseline=not args.no_baseline, command=command)

@@ -23,8 +23,19 @@ import math
 import warnings
 from dataclasses import dataclass, field
 
+from dpvision.privacy.bounds import (
+    MAX_NOISE_MULTIPLIER,
+    MIN_NOISE_MULTIPLIER,
+    PLD_DISCRETIZATION,
+    PRV_DELTA_ERROR_FACTOR,
+    PRV_EPS_ERROR,
+    AccountantWorkError,
+    check_noise_multiplier,  # noqa: F401  (re-exported: front-ends validate σ through accounting)
+    min_noise_multiplier,
+    skip_reason,
+)
+
 ACCOUNTANTS = ("rdp", "prv", "pld")
-MAX_NOISE_MULTIPLIER = 1e4  # beyond this a target ε is considered unreachable
 BATCH_SIZE_RTOL = 1e-12  # float error allowed in N * q before it is floored (q not of the form 1/m)
 AUTO_DELTA_FACTOR = 10  # --delta auto: δ = 1 / (10 N), well below the 1/N where DP stops meaning much
 
@@ -92,64 +103,138 @@ def resolve_delta(delta: float | str, num_examples: int) -> float:
 
 
 def normalize_history(history) -> History:
-    """Segments as a hashable tuple of ``(float σ, float q, int steps)``, empty segments dropped."""
-    return tuple((float(s), float(q), int(n)) for s, q, n in history if int(n) > 0)
+    """Segments as a hashable tuple of ``(float σ, float q, int steps)``, empty segments dropped.
+
+    Raises a one-line ``ValueError`` for a σ that is negative or NaN, a q outside (0, 1]
+    or negative steps: no accountant can say anything sensible about those.
+    """
+    segments = []
+    for sigma, q, steps in history:
+        sigma, q, steps = float(sigma), float(q), int(steps)
+        if not sigma >= 0 or not 0 < q <= 1 or steps < 0:
+            raise ValueError(f"ledger segment (noise_multiplier, sample_rate, steps) = ({sigma!r}, {q!r}, {steps}) "
+                             f"is invalid: need sigma >= 0, 0 < sample_rate <= 1 and steps >= 0")
+        if steps > 0:
+            segments.append((sigma, q, steps))
+    return tuple(segments)
 
 
 def compute_epsilon(history, *, delta: float, accountant: str = "rdp") -> float:
     """ε after the steps in ``history`` (segments of ``(σ, q, steps)``) under ``accountant``.
 
+    This is the primary accountant's ε (printed, budgeted, calibrated to), so PRV and PLD
+    are never skipped here: a history whose grid would exceed their bounded memory raises
+    :class:`~dpvision.privacy.bounds.AccountantWorkError` (a one-line ``ValueError``;
+    front-ends refuse such runs up front with :func:`check_noise_multiplier`). Outside
+    the validated σ range the answer is conservative, never smaller than the truth:
+    ∞ for σ < ``MIN_NOISE_MULTIPLIER``, and σ > ``MAX_NOISE_MULTIPLIER`` counted as
+    ``MAX_NOISE_MULTIPLIER`` (ε falls as σ grows). A negative ε (δ near 1) is reported as 0.
+
     Results are memoised on ``(history, δ, accountant)``: PRV and PLD cost tenths of a
-    second each, and a run asks for the same ε several times (budget check before an
-    epoch, the per-epoch row after it, σ calibration's bisection).
+    second to seconds each, and a run asks for the same ε several times (budget check
+    before an epoch, the per-epoch row after it, σ calibration's bisection).
     """
-    if accountant not in ACCOUNTANTS:
-        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
-    return _cached_epsilon(normalize_history(history), float(delta), accountant)
+    value, note, too_much_work = _evaluate(_checked(history, delta, accountant), float(delta), accountant)
+    if too_much_work:
+        raise AccountantWorkError(f"{note}; use --accountant rdp or a larger --sigma")
+    return value
 
 
-def compute_epsilons(history, *, delta: float) -> dict[str, float]:
+def compute_epsilons(history, *, delta: float, primary: str | None = None) -> dict[str, float]:
     """ε under every accountant: ``{"rdp": ..., "prv": ..., "pld": ...}``.
+
+    ``primary`` is computed as :func:`compute_epsilon` computes it (PRV or PLD as primary
+    raise rather than be skipped). Every other accountant (all of them when ``primary``
+    is None) is computed only where its work is bounded; elsewhere its entry is ``math.inf``,
+    a valid if useless upper bound, and :func:`epsilon_notes` says why. RDP is always computed.
 
     Example:
         >>> eps = compute_epsilons([(1.5, 0.04, 2250)], delta=1e-5)
         >>> eps["prv"] <= eps["rdp"]
         True
+        >>> compute_epsilons([(0.1, 0.5, 3540)], delta=1e-5, primary="rdp")["pld"]
+        inf
     """
-    return {name: compute_epsilon(history, delta=delta, accountant=name) for name in ACCOUNTANTS}
+    if primary is not None and primary not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {primary!r}")
+    history = _checked(history, delta, "rdp")
+    return {name: compute_epsilon(history, delta=delta, accountant=name) if name == primary
+            else _evaluate(history, float(delta), name)[0] for name in ACCOUNTANTS}
+
+
+def epsilon_notes(history, *, delta: float) -> dict[str, str]:
+    """Why an accountant's ε in :func:`compute_epsilons` is not a computed value: ``{name: reason}``.
+
+    Only accountants with something to say appear (σ = 0, σ out of range, a grid too
+    large to evaluate, a numerical failure); an empty dict means all were computed.
+
+    Example:
+        >>> epsilon_notes([(1.3, 1 / 118, 3540)], delta=1e-5)
+        {}
+        >>> epsilon_notes([(0.1, 0.5, 3540)], delta=1e-5)["prv"]
+        'prv not computed: its grid would have 6.47e+09 points (limit 4e+06)'
+    """
+    history = _checked(history, delta, "rdp")
+    notes = {name: _evaluate(history, float(delta), name)[1] for name in ACCOUNTANTS}
+    return {name: note for name, note in notes.items() if note}
+
+
+def _checked(history, delta: float, accountant: str) -> History:
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+    if not 0 < delta < 1:
+        raise ValueError(f"--delta must be in (0, 1), got {delta!r}")
+    return normalize_history(history)
 
 
 @functools.lru_cache(maxsize=4096)
-def _cached_epsilon(history: History, delta: float, accountant: str) -> float:
+def _evaluate(history: History, delta: float, accountant: str) -> tuple[float, str | None, bool]:
+    """(ε, note or None, True when skipped for too much work). Never raises for RDP in range."""
     if not history:
-        return 0.0
-    if any(s <= 0 for s, _, _ in history):
-        return math.inf
+        return 0.0, None, False
+    smallest = min(s for s, _, _ in history)
+    if smallest == 0:
+        return math.inf, "sigma = 0: no noise, no privacy guarantee", False
+    if smallest < MIN_NOISE_MULTIPLIER:
+        return math.inf, (f"sigma = {smallest:g} is below {MIN_NOISE_MULTIPLIER:g}: not computed (epsilon would "
+                          f"be in the tens or more after one step)"), False
+    note = None
+    if max(s for s, _, _ in history) > MAX_NOISE_MULTIPLIER:
+        history = tuple((min(s, MAX_NOISE_MULTIPLIER), q, n) for s, q, n in history)
+        note = f"sigma above {MAX_NOISE_MULTIPLIER:g} counted as {MAX_NOISE_MULTIPLIER:g} (a conservative upper bound)"
+    if accountant != "rdp":
+        reason = skip_reason(history, delta=delta, accountant=accountant)
+        if reason is not None:
+            return math.inf, reason, True
     try:
-        if accountant == "pld":
-            return _pld_epsilon(history, delta)
-        from opacus.accountants import create_accountant
-
-        acc = create_accountant(mechanism=accountant)
-        acc.history = list(history)
-        return float(acc.get_epsilon(delta=delta))
-    except (ValueError, RuntimeError, OverflowError, FloatingPointError) as err:
-        # PRV's and PLD's discretisations fail far outside the usual range (tiny σ,
-        # huge ε). ∞ is a valid, if useless, upper bound: never report less than spent.
+        value = _epsilon(history, delta, accountant)
+    except (ValueError, RuntimeError, ArithmeticError) as err:
+        # PRV's and PLD's numerics may still fail at the edges of their range. ∞ is a valid,
+        # if useless, upper bound: never report less than spent. RDP must not fail in range.
         if accountant == "rdp":
             raise
         warnings.warn(f"{accountant} accountant failed ({err}); reporting epsilon = inf", stacklevel=3)
-        return math.inf
+        return math.inf, f"{accountant} failed: {err}", False
+    return max(value, 0.0), note, False
 
 
-def _pld_epsilon(history: History, delta: float) -> float:
-    from dp_accounting import dp_event, pld
+def _epsilon(history: History, delta: float, accountant: str) -> float:
+    if accountant == "pld":
+        from dp_accounting import dp_event, pld
 
-    acc = pld.PLDAccountant()
-    for sigma, q, steps in history:
-        event = dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma))
-        acc.compose(dp_event.SelfComposedDpEvent(event, steps))
-    return float(acc.get_epsilon(delta))
+        acc = pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
+        for sigma, q, steps in history:
+            event = dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma))
+            acc.compose(dp_event.SelfComposedDpEvent(event, steps))
+        return float(acc.get_epsilon(delta))
+    from opacus.accountants import create_accountant
+
+    acc = create_accountant(mechanism=accountant)
+    acc.history = list(history)
+    warnings.filterwarnings("ignore", message="Optimal order is the")  # RDP at large σ: still a valid bound
+    if accountant == "prv":  # the error settings bounds.grid_points predicts the grid from
+        return float(acc.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR, delta_error=delta * PRV_DELTA_ERROR_FACTOR))
+    return float(acc.get_epsilon(delta=delta))
 
 
 @dataclass
@@ -174,9 +259,13 @@ class PrivacyLedger:
     def epsilon(self, *, delta: float, accountant: str = "rdp") -> float:
         return compute_epsilon(self.history, delta=delta, accountant=accountant)
 
-    def epsilons(self, *, delta: float) -> dict[str, float]:
-        """ε under each of ``ACCOUNTANTS``."""
-        return compute_epsilons(self.history, delta=delta)
+    def epsilons(self, *, delta: float, primary: str | None = None) -> dict[str, float]:
+        """ε under each of ``ACCOUNTANTS`` (secondary ones only where cheap: see :func:`compute_epsilons`)."""
+        return compute_epsilons(self.history, delta=delta, primary=primary)
+
+    def epsilon_notes(self, *, delta: float) -> dict[str, str]:
+        """Why some of :meth:`epsilons` are ∞ (see :func:`epsilon_notes`)."""
+        return epsilon_notes(self.history, delta=delta)
 
     def copy(self) -> "PrivacyLedger":
         return PrivacyLedger(history=list(self.history))
@@ -207,8 +296,14 @@ def calibrate_noise_multiplier(
 
     The returned σ always satisfies ε(σ) <= target; bisection stops once
     ε(σ) >= target * (1 - rtol). ``accountant`` is the one whose ε the run will
-    report (calibrating with RDP and reporting PRV would overshoot the noise). Raises ``ValueError`` when no σ up to
-    ``MAX_NOISE_MULTIPLIER`` reaches the target.
+    report (calibrating with RDP and reporting PRV would overshoot the noise).
+
+    The search stays in [σ_low, ``MAX_NOISE_MULTIPLIER``], σ_low being
+    ``MIN_NOISE_MULTIPLIER`` for RDP and, for PRV and PLD, the smallest σ whose grid
+    for this run is within bounds (:func:`~dpvision.privacy.bounds.min_noise_multiplier`),
+    so no evaluation ever leaves the bounded region. A one-line ``ValueError`` when
+    the target needs σ above ``MAX_NOISE_MULTIPLIER`` (unreachable) or below σ_low
+    (a target that large is no guarantee, or needs the RDP accountant).
 
     Example:
         >>> s = calibrate_noise_multiplier(target_epsilon=2.0, delta=1e-5, sample_rate=0.01, steps=1000)
@@ -218,21 +313,27 @@ def calibrate_noise_multiplier(
     """
     if not target_epsilon > 0 or not math.isfinite(target_epsilon):
         raise ValueError(f"target epsilon must be a positive finite number, got {target_epsilon}")
-
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+    if steps < 1:
+        raise ValueError(f"calibration needs at least one step, got {steps}")
 
     def eps(sigma: float) -> float:
         return compute_epsilon([(sigma, sample_rate, steps)], delta=delta, accountant=accountant)
 
-    low, high = 0.0, 1.0
+    setting = f"delta={delta:g}, sample rate {sample_rate:.6g} and {steps} steps"
+    low = min_noise_multiplier(accountant, sample_rate=sample_rate, steps=steps, delta=delta)
+    if eps(low) <= target_epsilon:
+        why = (f"sigma must be at least {MIN_NOISE_MULTIPLIER:g}" if low == MIN_NOISE_MULTIPLIER else
+               f"the {accountant} accountant needs sigma >= {low:g} here; use --accountant rdp")
+        raise ValueError(f"target epsilon {target_epsilon} needs sigma < {low:g} for {setting} (sigma = {low:g} "
+                         f"already gives epsilon = {eps(low):.4g}), but {why}")
+    high = max(1.0, low)  # invariant from here: eps(low) > target >= eps(high)
     while eps(high) > target_epsilon:
-        low, high = high, 2 * high
-        if high > MAX_NOISE_MULTIPLIER:
-            raise ValueError(
-                f"target epsilon {target_epsilon} is unreachable for delta={delta}, sample rate "
-                f"{sample_rate:.6g} and {steps} steps (even sigma={MAX_NOISE_MULTIPLIER:g} gives more)"
-            )
+        if high >= MAX_NOISE_MULTIPLIER:
+            raise ValueError(f"target epsilon {target_epsilon} is unreachable for {setting} (even "
+                             f"sigma={MAX_NOISE_MULTIPLIER:g} gives more)")
+        low, high = high, min(2 * high, MAX_NOISE_MULTIPLIER)
     for _ in range(200):
         if eps(high) >= target_epsilon * (1 - rtol):
             break

@@ -7,6 +7,12 @@ whole epoch fits, nothing else is computed, and that very ε (memoised in
 :mod:`dpvision.privacy.accounting`) is the one the epoch's metrics row asks for
 afterwards.
 
+Bounded work: with PRV or PLD as the accountant, steps whose ε those accountants
+cannot evaluate within bounded memory (:mod:`dpvision.privacy.bounds`) never fit,
+so the budget stops a run there with a reason rather than fail; every other
+evaluation is one the run's ledger could reach anyway (at most log2(planned) + 2
+of them an epoch).
+
 Example:
     >>> from dpvision.privacy.accounting import PrivacyLedger
     >>> budget = PrivacyBudget(max_epsilon=1.0, delta=1e-5, accountant="rdp")
@@ -24,6 +30,7 @@ import math
 from dataclasses import dataclass
 
 from dpvision.privacy.accounting import ACCOUNTANTS, PrivacyLedger
+from dpvision.privacy.bounds import AccountantWorkError
 
 
 def steps_within_budget(ledger: PrivacyLedger, *, noise_multiplier: float, sample_rate: float, planned: int,
@@ -34,7 +41,8 @@ def steps_within_budget(ledger: PrivacyLedger, *, noise_multiplier: float, sampl
 
     def fits(n: int) -> bool:
         extended = ledger.extended(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=n)
-        return extended.epsilon(delta=delta, accountant=accountant) <= max_epsilon
+        epsilon = _epsilon_or_none(extended, delta=delta, accountant=accountant)
+        return epsilon is not None and epsilon <= max_epsilon
 
     if fits(planned):  # the usual case: one evaluation, reused by the epoch's metrics row
         return planned
@@ -48,6 +56,17 @@ def steps_within_budget(ledger: PrivacyLedger, *, noise_multiplier: float, sampl
         else:
             high = mid
     return low
+
+
+def _epsilon_or_none(ledger: PrivacyLedger, *, delta: float, accountant: str) -> float | None:
+    """ε, or None where PRV/PLD could not evaluate it within bounded memory (such steps never fit).
+
+    The work grows with the steps, so "fits" stays monotone in n and the bisection exact.
+    """
+    try:
+        return ledger.epsilon(delta=delta, accountant=accountant)
+    except AccountantWorkError:
+        return None
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -77,7 +96,9 @@ class PrivacyBudget:
         """A sentence for ``summary.json`` saying why training stopped."""
         spent = ledger.epsilon(delta=self.delta, accountant=self.accountant)
         nxt = ledger.extended(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=1)
-        after = nxt.epsilon(delta=self.delta, accountant=self.accountant)
-        return (f"privacy budget: after {ledger.steps} steps epsilon = {spent:.6g} ({self.accountant}, "
-                f"delta = {self.delta:g}); one more step would make it {after:.6g} > --max-epsilon "
-                f"{self.max_epsilon:g}")
+        after = _epsilon_or_none(nxt, delta=self.delta, accountant=self.accountant)
+        head = f"privacy budget: after {ledger.steps} steps epsilon = {spent:.6g} ({self.accountant}, delta = {self.delta:g})"
+        if after is None:
+            return (f"{head}; the {self.accountant} accountant cannot account one more step within bounded memory "
+                    f"(use --accountant rdp)")
+        return f"{head}; one more step would make it {after:.6g} > --max-epsilon {self.max_epsilon:g}"

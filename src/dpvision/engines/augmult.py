@@ -1,0 +1,92 @@
+"""Augmentation multiplicity (De et al. 2022): K augmentations of each example, one clipped gradient.
+
+For a sampled example x_i the per-example gradient is the average over K random augmentations,
+
+    g_i = (1/K) sum_k grad loss(aug_k(x_i)) = grad [ (1/K) sum_k loss(aug_k(x_i)) ],
+
+and g_i is what gets clipped to C. An example still contributes one clipped vector of norm <= C
+to the sum, so the sensitivity, the noise σC and the accountant are exactly those of plain
+DP-SGD: augmentation multiplicity changes the signal, never the privacy.
+
+The augmentations are the standard ones for small images: a random crop after reflect-padding
+by ``PAD`` pixels, and a random horizontal flip where the dataset allows it (not for digits).
+They are drawn on the device from the engine's own ``augment`` generator (saved in checkpoints).
+
+Example:
+    >>> import torch
+    >>> x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4)
+    >>> out = augment(x, k=3, flip=True, generator=torch.Generator().manual_seed(0))
+    >>> out.shape
+    torch.Size([2, 3, 1, 4, 4])
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dpvision.engines.per_sample import clip_factors
+
+PAD = 4  # pixels of reflect padding before the random crop (the usual CIFAR recipe)
+AUGMENTATIONS = ("crop", "crop_flip")
+
+
+def augment(x: torch.Tensor, *, k: int, flip: bool, generator: torch.Generator, pad: int = PAD) -> torch.Tensor:
+    """[P, C, H, W] -> [P, K, C, H, W]: K random crops (and flips) of each image."""
+    p, c, h, w = x.shape
+    pad = min(pad, h - 1, w - 1)  # reflect padding needs pad < size
+    if pad == 0 and not flip:
+        return x.unsqueeze(1).expand(p, k, c, h, w)
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")  # [P, C, H + 2 pad, W + 2 pad]
+    n = p * k
+    dev = x.device
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=dev)  # crop offsets
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=dev)
+    rows = (oy[:, None] + torch.arange(h, device=dev))[:, :, None]  # [n, H, 1]
+    cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, :]  # [n, 1, W]
+    if flip:  # a flipped crop reads its columns right to left
+        mirrored = torch.rand(n, generator=generator, device=dev) < 0.5
+        cols = torch.where(mirrored[:, None, None], cols.flip(-1), cols)
+    source = padded.repeat_interleave(k, dim=0)  # [n, C, H', W']
+    crops = source[torch.arange(n, device=dev)[:, None, None], :, rows, cols]  # [n, H, W, C]
+    return crops.permute(0, 3, 1, 2).reshape(p, k, c, h, w)
+
+
+class AugmultPerSample:
+    """Per-example gradients averaged over K augmentations, clipped and summed (``torch.func``)."""
+
+    name = "augmult"
+
+    def __init__(self, model: nn.Module, *, k: int, flip: bool, generator: torch.Generator, pad: int = PAD) -> None:
+        from torch.func import functional_call, grad, vmap
+
+        if k < 1:
+            raise ValueError(f"augmult needs K >= 1, got {k}")
+        self.model, self.k, self.flip, self.generator, self.pad = model, k, flip, generator, pad
+        self.names = [n for n, _ in model.named_parameters()]
+        self.params = [p for _, p in model.named_parameters()]
+        buffers = dict(model.named_buffers())
+
+        def loss_group(params: dict, xs: torch.Tensor, y: torch.Tensor):
+            logits = functional_call(model, (params, buffers), (xs,))  # [K, classes]
+            loss = F.cross_entropy(logits, y.expand(len(xs)))  # the mean over the K augmentations
+            return loss, (loss.detach(), logits.detach().mean(0))
+
+        self._per_example = vmap(grad(loss_group, has_aux=True), in_dims=(None, 0, 0))
+
+    def accumulate(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, max_grad_norm: float,
+                   acc_views: list[torch.Tensor], loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
+        """``acc += sum_i w_i min(1, C / (||g_i|| + 1e-6)) g_i`` with g_i averaged over K augmentations."""
+        xs = augment(x, k=self.k, flip=self.flip, generator=self.generator, pad=self.pad)  # [P, K, C, H, W]
+        params = {n: p.detach() for n, p in zip(self.names, self.params)}
+        grads, (losses, logits) = self._per_example(params, xs, y)  # grads[n]: [P, *shape]
+        flat = [grads[n].reshape(len(x), -1) for n in self.names]  # [P, numel]
+        factors = clip_factors([g.norm(2, dim=1) for g in flat], max_grad_norm, w)  # [P]
+        for view, g in zip(acc_views, flat):
+            view.addmv_(g.t(), factors)
+        loss_sum.add_((losses * w).sum())
+        correct.add_(((logits.argmax(1) == y).float() * w).sum())
+
+    def close(self) -> None:
+        pass

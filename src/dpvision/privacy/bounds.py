@@ -1,0 +1,188 @@
+"""Bounds on σ and on the accountants' work: no noise multiplier may hang or exhaust memory.
+
+* σ is 0 (no noise: ε = ∞) or in [``MIN_NOISE_MULTIPLIER``, ``MAX_NOISE_MULTIPLIER``]
+  (:func:`check_noise_multiplier`). Below 0.1 a single step already costs ε > 50
+  at any sample rate (no guarantee left), PRV's and PLD's grids grow without
+  bound (σ = 0.01: 18 GB) and RDP fails outright at σ = 1e-300; above 1e4 RDP
+  fails (σ = 1e8, 1e308) while the noise drowns any batch of realistic size.
+* RDP's cost does not grow with the steps: it is always computed. PRV and PLD
+  discretise the privacy loss on a grid whose size is predicted here, cheaply
+  and before any allocation, from the same RDP tail bound PRV uses for its
+  domain (:func:`grid_points`). Above ``MAX_GRID_POINTS`` (measured: seconds and
+  hundreds of MB at the limit; docs/privacy.md, "Bounds on σ and on the
+  accountants' work") they are not evaluated: as a secondary accountant ε = ∞
+  with a reason, as the primary one the run is refused up front
+  (:func:`check_noise_multiplier` with the planned run).
+
+Histories here are normalised ``((σ, q, steps), ...)`` tuples with σ > 0.
+
+Example:
+    >>> check_noise_multiplier(1.3)
+    1.3
+    >>> check_noise_multiplier(1e-5)
+    Traceback (most recent call last):
+    ...
+    ValueError: --sigma must be 0 (no noise) or in [0.1, 10000], got 1e-05
+    >>> grid_points(((1.3, 1 / 118, 3540),), delta=1e-5, accountant="prv") < MAX_GRID_POINTS["prv"]
+    True
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+
+MIN_NOISE_MULTIPLIER = 0.1  # below: ε > 50 after one step, whatever q (no guarantee left)
+MAX_NOISE_MULTIPLIER = 1e4  # above: RDP's numerics fail; noise std 1e4 C drowns any realistic batch
+PRV_EPS_ERROR = 0.01  # Opacus's default, passed explicitly: the grid prediction depends on it
+PRV_DELTA_ERROR_FACTOR = 1e-3  # Opacus's default delta_error = δ / 1000
+PLD_DISCRETIZATION = 1e-4  # dp_accounting's default value_discretization_interval
+# Grid points the secondary accountants may use (measured in docs/privacy.md; at the limit
+# PRV takes about 1-2 s and 0.4 GB, PLD about 10 s and 1 GB on one CPU core).
+MAX_GRID_POINTS = {"prv": 4_000_000, "pld": 4_000_000}
+PLD_MAX_SINGLE_STEP_POINTS = 200_000  # building one step's PLD is slow per point (~15 µs): ~3 s here
+
+History = tuple[tuple[float, float, int], ...]
+
+
+class AccountantWorkError(ValueError):
+    """The chosen accountant would need more than its bounded time and memory for this history."""
+
+
+def check_noise_multiplier(value: float, flag: str = "--sigma", *, accountant: str = "rdp",
+                           sample_rate: float | None = None, steps: int | None = None, delta: float | None = None,
+                           accountant_flag: str = "--accountant") -> float:
+    """``value`` as a float if it is 0 (no noise; warns) or in [MIN, MAX]; else a one-line ``ValueError``.
+
+    With ``accountant`` PRV or PLD and the planned run (``sample_rate``, ``steps`` in all,
+    ``delta``) also refuses, up front, a run that accountant cannot account within
+    bounded memory (:class:`AccountantWorkError`, naming the smallest σ it could). One
+    step more than ``steps`` is checked: a budget's stop reason asks for it.
+
+    Example:
+        >>> check_noise_multiplier(1.3, accountant="pld", sample_rate=1 / 118, steps=3540, delta=1e-5)
+        1.3
+        >>> try:
+        ...     check_noise_multiplier(0.2, accountant="pld", sample_rate=1 / 118, steps=3540, delta=1e-5)
+        ... except ValueError as err:
+        ...     print(err)
+        --accountant pld needs --sigma >= 0.44 for sample rate 0.00847458, 3540 steps and delta 1e-05 (pld not computed: its grid would have 1.22e+07 points (limit 4e+06)); use --accountant rdp
+    """
+    sigma = float(value)
+    if sigma == 0:
+        warnings.warn(f"{flag} 0 adds no noise: epsilon = inf, no privacy guarantee", stacklevel=2)
+        return 0.0
+    if not MIN_NOISE_MULTIPLIER <= sigma <= MAX_NOISE_MULTIPLIER:  # also NaN and ±inf
+        raise ValueError(f"{flag} must be 0 (no noise) or in [{MIN_NOISE_MULTIPLIER:g}, "
+                         f"{MAX_NOISE_MULTIPLIER:g}], got {value!r}")
+    if accountant == "rdp" or None in (sample_rate, steps, delta) or steps <= 0:
+        return sigma
+    reason = skip_reason(((sigma, float(sample_rate), int(steps) + 1),), delta=delta, accountant=accountant)
+    if reason is not None:
+        need = min_noise_multiplier(accountant, sample_rate=sample_rate, steps=int(steps) + 1, delta=delta)
+        raise AccountantWorkError(
+            f"{accountant_flag} {accountant} needs {flag} >= {need:.3g} for sample rate {sample_rate:.6g}, "
+            f"{steps} steps and delta {delta:g} ({reason}); use {accountant_flag} rdp")
+    return sigma
+
+
+def grid_points(history: History, *, delta: float, accountant: str) -> int:
+    """Grid points ``accountant`` would allocate for ``history`` (0 for RDP, whose cost is fixed).
+
+    PRV: exactly Opacus's domain, 2 (L + 3) / mesh with L from RDP at δ/4000 and mesh
+    ``PRV_EPS_ERROR`` / sqrt(T log(12000/δ) / 2). PLD: the larger of one step's
+    connect-the-dots grid (exact) and the composition's, estimated as 2 (L + 3) /
+    ``PLD_DISCRETIZATION`` (measured within a factor 1.3 of dp_accounting's Chernoff-
+    truncated size). Both grow as σ falls and as the steps grow.
+    """
+    if accountant == "rdp" or not history:
+        return 0
+    return _grid_points(history, float(delta), accountant)
+
+
+@functools.lru_cache(maxsize=1024)
+def _grid_points(history: History, delta: float, accountant: str) -> int:
+    half_width = _prv_domain_half_width(history, delta)  # L + 3
+    if accountant == "prv":
+        steps = sum(n for _, _, n in history)
+        delta_error = delta * PRV_DELTA_ERROR_FACTOR
+        mesh = PRV_EPS_ERROR / math.sqrt(steps * math.log(12 / delta_error) / 2)
+        return math.ceil(2 * half_width / mesh) + 2
+    single = max(_pld_single_step_points(sigma, q) for sigma, q, _ in history)
+    return max(single, math.ceil(2 * half_width / PLD_DISCRETIZATION))
+
+
+def skip_reason(history: History, *, delta: float, accountant: str) -> str | None:
+    """Why ``accountant`` must not be evaluated on ``history`` (too much work), or None when it may."""
+    points = grid_points(history, delta=delta, accountant=accountant)
+    if points > MAX_GRID_POINTS.get(accountant, math.inf):
+        return (f"{accountant} not computed: its grid would have {points:.3g} points "
+                f"(limit {MAX_GRID_POINTS[accountant]:.3g})")
+    if accountant == "pld":
+        single = max(_pld_single_step_points(sigma, q) for sigma, q, _ in history)
+        if single > PLD_MAX_SINGLE_STEP_POINTS:
+            return (f"pld not computed: one step's grid would have {single:.3g} points "
+                    f"(limit {PLD_MAX_SINGLE_STEP_POINTS:.3g}; sigma too small)")
+    return None
+
+
+def min_noise_multiplier(accountant: str, *, sample_rate: float, steps: int, delta: float) -> float:
+    """The smallest σ in [MIN, MAX] (to 0.1%, rounded up) at which ``accountant`` can account ``steps`` steps.
+
+    Work falls as σ grows, so this is a bisection on log σ over the cheap grid prediction.
+    Raises :class:`AccountantWorkError` when even ``MAX_NOISE_MULTIPLIER`` is too much work.
+
+    Example:
+        >>> min_noise_multiplier("rdp", sample_rate=0.01, steps=10**9, delta=1e-5)
+        0.1
+        >>> 0.1 < min_noise_multiplier("pld", sample_rate=0.01, steps=1000, delta=1e-5) < 1.0
+        True
+    """
+
+    def fits(sigma: float) -> bool:
+        return skip_reason(((sigma, float(sample_rate), int(steps)),), delta=delta, accountant=accountant) is None
+
+    low, high = MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER
+    if steps <= 0 or fits(low):
+        return low
+    if not fits(high):
+        raise AccountantWorkError(
+            f"the {accountant} accountant cannot account {steps} steps at sample rate {sample_rate:.6g} within "
+            f"bounded memory even at sigma = {high:g}; use the rdp accountant")
+    while high / low > 1 + 1e-3:  # invariant: not fits(low), fits(high)
+        mid = math.sqrt(low * high)
+        if fits(mid):
+            high = mid
+        else:
+            low = mid
+    return _round_up(high)
+
+
+def _round_up(x: float, digits: int = 3) -> float:
+    """``x`` rounded up to ``digits`` significant digits (more σ is never less safe)."""
+    scale = 10 ** (digits - 1 - math.floor(math.log10(x)))
+    return math.ceil(x * scale) / scale
+
+
+def _prv_domain_half_width(history: History, delta: float) -> float:
+    """L + 3 of Opacus's PRV domain [-L-3, L+3]: an RDP tail bound on the privacy loss (a few RDP calls)."""
+    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, compute_safe_domain_size
+
+    warnings.filterwarnings("ignore", message="Optimal order is the")  # RDP at large σ: still a valid bound
+    prvs = [PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in history]
+    return float(compute_safe_domain_size(prvs, [n for _, _, n in history], eps_error=PRV_EPS_ERROR,
+                                          delta_error=delta * PRV_DELTA_ERROR_FACTOR))
+
+
+@functools.lru_cache(maxsize=1024)
+def _pld_single_step_points(sigma: float, sample_rate: float) -> int:
+    """Points of dp_accounting's connect-the-dots PMF of one Poisson-sampled Gaussian step (both directions)."""
+    from dp_accounting.pld import privacy_loss_mechanism as mechanism
+
+    points = 0
+    for adjacency in (mechanism.AdjacencyType.REMOVE, mechanism.AdjacencyType.ADD):
+        bounds = mechanism.GaussianPrivacyLoss(sigma, sampling_prob=sample_rate,
+                                               adjacency_type=adjacency).connect_dots_bounds()
+        points = max(points, math.ceil((bounds.epsilon_upper - bounds.epsilon_lower) / PLD_DISCRETIZATION) + 1)
+    return points

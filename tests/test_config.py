@@ -1,0 +1,242 @@
+"""The training job's typed config and its YAML recipes: validation, overrides, baseline, every shipped recipe.
+
+No training here: every test reads or builds configs only (a few CLI calls that must fail before any work).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dpvision.cli import main
+from dpvision.jobs.config import RESOLVED, SECTIONS, DPConfig, RecipeLoader, TrainConfig, load_recipe, parse_value
+from tests.conftest import REPO_ROOT
+from tests.job_helpers import exit_code, train_config
+
+RECIPES = sorted((REPO_ROOT / "recipes").glob("*.yaml"))
+RECIPE_DATASETS = {"mnist_seed.yaml": "mnist", "fashion_mnist.yaml": "fashion-mnist",
+                   "cifar10_wrn16_4.yaml": "cifar10", "celeba_seed.yaml": "celeba", "imagefolder.yaml": "imagefolder"}
+
+
+def test_a_recipe_ships_for_every_dataset():
+    assert {p.name for p in RECIPES} >= set(RECIPE_DATASETS)
+    assert set(RECIPE_DATASETS.values()) == {"mnist", "fashion-mnist", "cifar10", "celeba", "imagefolder"}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_recipe_is_valid_and_round_trips(path):
+    config = TrainConfig.from_dict(load_recipe(path), source=str(path))
+    if path.name in RECIPE_DATASETS:
+        assert config.data.dataset == RECIPE_DATASETS[path.name]
+    # what a run folder writes (to_dict through YAML) reads back as the same config
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    assert TrainConfig.from_dict(yaml.load(text, Loader=RecipeLoader)) == config
+
+
+def test_mnist_seed_recipe_is_the_seeds_defaults():
+    """recipes/mnist_seed.yaml holds exactly what ``python mnist.py`` (no flags) runs."""
+    from dpvision.cli_support import OneLineParser
+    from dpvision.jobs.mnist_seed import add_mnist_arguments, config_from_args
+
+    recipe = TrainConfig.from_dict(load_recipe(REPO_ROOT / "recipes" / "mnist_seed.yaml"))
+    seed = config_from_args(add_mnist_arguments(OneLineParser()).parse_args([]), [])
+    assert recipe == seed
+    assert (recipe.dp.noise_multiplier, recipe.dp.max_grad_norm, recipe.dp.delta) == (1.3, 1.0, 1e-5)
+    assert (recipe.optim.lr, recipe.optim.batch_size, recipe.optim.epochs, recipe.data.k) == (0.15, 256, 30, 30000)
+
+
+def test_celeba_seed_recipe_is_the_trainers_dp_defaults():
+    from dpvision.cli_support import OneLineParser
+    from dpvision.jobs.celeba_seed import add_train_arguments, config_from_args
+
+    recipe = TrainConfig.from_dict(load_recipe(REPO_ROOT / "recipes" / "celeba_seed.yaml"))
+    argv = ["--data", recipe.data.root, "--mode", "dp"]
+    trainer = config_from_args(add_train_arguments(OneLineParser()).parse_args(argv), ["--data", "--mode"])
+    # the trainer leaves σ unset, which is the job's default σ: the recipe writes it out
+    assert trainer.dp.noise_multiplier is None and recipe.dp.noise_multiplier == DPConfig.DEFAULT_NOISE_MULTIPLIER
+    assert recipe == dataclasses.replace(trainer, dp=dataclasses.replace(
+        trainer.dp, noise_multiplier=DPConfig.DEFAULT_NOISE_MULTIPLIER))
+
+
+def test_defaults_and_sections():
+    config = TrainConfig()
+    assert set(config.to_dict()) == set(SECTIONS) == {"data", "model", "optim", "dp", "run"}
+    assert TrainConfig.from_dict({}) == config and TrainConfig.from_dict({"optim": None}) == config
+    assert config.dp.enabled and config.dp.noise_multiplier is None and config.dp.target_epsilon is None
+
+
+@pytest.mark.parametrize("values, named", [
+    ({"optim": {"epoch": 3}}, "optim.epoch"),
+    ({"dp": {"sigma": 1.0}}, "dp.sigma"),
+    ({"data": {"datset": "mnist"}}, "data.datset"),
+    ({"training": {"epochs": 3}}, "training"),
+    ({"optim": {"lr": 0.1}, "Optim": {"lr": 0.2}}, "Optim"),
+])
+def test_unknown_keys_are_errors_naming_the_key(values, named):
+    with pytest.raises(ValueError) as err:
+        TrainConfig.from_dict(values)
+    message = str(err.value)
+    assert message.startswith(f"{named} is not a") and "\n" not in message
+
+
+@pytest.mark.parametrize("values, field", [
+    ({"optim": {"epochs": 0}}, "optim.epochs"),
+    ({"optim": {"epochs": 2.0}}, "optim.epochs"),
+    ({"optim": {"epochs": "3"}}, "optim.epochs"),
+    ({"optim": {"epochs": True}}, "optim.epochs"),
+    ({"optim": {"epochs": 100_001}}, "optim.epochs"),
+    ({"optim": {"batch_size": 0}}, "optim.batch_size"),
+    ({"optim": {"batch_size": 2**21}}, "optim.batch_size"),
+    ({"optim": {"lr": -0.1}}, "optim.lr"),
+    ({"optim": {"lr": math.nan}}, "optim.lr"),
+    ({"optim": {"lr": "fast"}}, "optim.lr"),
+    ({"optim": {"momentum": 1.0}}, "optim.momentum"),
+    ({"optim": {"name": "rmsprop"}}, "optim.name"),
+    ({"data": {"dataset": "svhn"}}, "data.dataset"),
+    ({"data": {"k": 0}}, "data.k"),
+    ({"data": {"image_size": 4}}, "data.image_size"),
+    ({"data": {"image_size": 100_000}}, "data.image_size"),
+    ({"data": {"root": ""}}, "data.root"),
+    ({"dp": {"noise_multiplier": -1}}, "dp.noise_multiplier"),
+    ({"dp": {"noise_multiplier": math.inf}}, "dp.noise_multiplier"),
+    ({"dp": {"target_epsilon": 0}}, "dp.target_epsilon"),
+    ({"dp": {"max_epsilon": -1}}, "dp.max_epsilon"),
+    ({"dp": {"max_grad_norm": 0}}, "dp.max_grad_norm"),
+    ({"dp": {"max_grad_norm": math.inf}}, "dp.max_grad_norm"),
+    ({"dp": {"delta": 0}}, "dp.delta"),
+    ({"dp": {"delta": 1}}, "dp.delta"),
+    ({"dp": {"delta": "often"}}, "dp.delta"),
+    ({"dp": {"accountant": "moments"}}, "dp.accountant"),
+    ({"dp": {"enabled": "yes"}}, "dp.enabled"),
+    ({"run": {"engine": "jax"}}, "run.engine"),
+    ({"run": {"device": "tpu"}}, "run.device"),
+    ({"run": {"seed": -1}}, "run.seed"),
+    ({"run": {"run_name": "../escape"}}, "run.run_name"),
+    ({"run": {"run_name": ".."}}, "run.run_name"),
+    ({"run": {"select": "best"}}, "run.select"),
+    ({"run": {"quiet": 1}}, "run.quiet"),
+    ({"optim": 3}, "optim"),
+])
+def test_bad_values_are_one_line_errors_naming_the_field(values, field):
+    with pytest.raises(ValueError) as err:
+        TrainConfig.from_dict(values)
+    message = str(err.value)
+    assert message.startswith(field) and "\n" not in message, message
+
+
+def test_dp_settings_that_exclude_each_other():
+    with pytest.raises(ValueError, match="dp.noise_multiplier and dp.target_epsilon exclude each other"):
+        DPConfig(noise_multiplier=1.0, target_epsilon=3.0)
+    for name, value in (("noise_multiplier", 2.0), ("target_epsilon", 3.0), ("max_epsilon", 1.0)):
+        with pytest.raises(ValueError, match=f"dp.{name} needs DP"):
+            DPConfig(enabled=False, **{name: value})
+    with pytest.raises(ValueError, match="best_val needs a validation split"):
+        TrainConfig.from_dict({"run": {"select": "best_val"}})  # mnist ships no validation split
+    TrainConfig.from_dict({"run": {"select": "best_val"}, "data": {"val_size": 100}})
+
+
+def test_delta_auto_and_numbers():
+    assert DPConfig(delta="auto").delta == "auto" and DPConfig(delta=" AUTO ").delta == "auto"
+    assert DPConfig(delta="1e-6").delta == 1e-6 and DPConfig(delta=2e-5).delta == 2e-5
+
+
+def test_deactivated_is_the_same_config_without_dp():
+    config = TrainConfig.from_dict({"optim": {"lr": 0.3, "epochs": 4}, "data": {"k": 100},
+                                    "dp": {"target_epsilon": 3.0, "max_epsilon": 4.0, "max_grad_norm": 0.5,
+                                           "delta": "auto", "accountant": "prv"}})
+    baseline = config.deactivated()
+    assert baseline.dp == DPConfig(enabled=False, max_grad_norm=0.5, delta="auto", accountant="prv")
+    assert (baseline.data, baseline.model, baseline.optim, baseline.run) == (
+        config.data, config.model, config.optim, config.run)
+    assert config.dp.enabled and config.dp.target_epsilon == 3.0  # the original is untouched
+    assert baseline.deactivated() == baseline
+
+
+def test_with_overrides_validates_and_leaves_the_original():
+    config = TrainConfig()
+    changed = config.with_overrides({"optim.lr": 0.5, "data.k": 100, "dp.delta": "auto"})
+    assert (changed.optim.lr, changed.data.k, changed.dp.delta) == (0.5, 100, "auto")
+    assert config == TrainConfig()
+    with pytest.raises(ValueError, match=r"^optim\.epoch is not a setting"):
+        config.with_overrides({"optim.epoch": 3})
+    with pytest.raises(ValueError, match=r"^lr is not a setting: use section\.field"):
+        config.with_overrides({"lr": 0.1})
+    with pytest.raises(ValueError, match=r"^optim\.lr must be a number >= 0"):
+        config.with_overrides({"optim.lr": -1.0})
+
+
+def test_resolved_section_is_accepted_and_ignored():
+    config = TrainConfig.from_dict({"optim": {"lr": 0.2}, RESOLVED: {"noise_multiplier": 9.0, "anything": [1]}})
+    assert config == TrainConfig.from_dict({"optim": {"lr": 0.2}})
+
+
+def test_yaml_numbers_as_people_write_them(tmp_path):
+    """Plain YAML 1.1 reads ``1e-5`` as a string; recipes read it as the number it is."""
+    path = tmp_path / "r.yaml"
+    path.write_text("dp:\n  delta: 1e-5\n  max_grad_norm: 1e0\noptim:\n  lr: .5\n")
+    config = TrainConfig.from_dict(load_recipe(path))
+    assert (config.dp.delta, config.dp.max_grad_norm, config.optim.lr) == (1e-5, 1.0, 0.5)
+    assert parse_value("1e-5") == 1e-5 and parse_value("3") == 3 and parse_value("true") is True
+    assert parse_value("null") is None and parse_value("auto") == "auto"
+
+
+@pytest.mark.parametrize("text, says", [
+    ("optim: [1, 2\n", "not valid YAML"),
+    ("- a\n- b\n", "a recipe is a mapping"),
+    (b"\xff\xfe\x00", "cannot read recipe"),
+])
+def test_broken_recipe_files_name_the_file(tmp_path, text, says):
+    path = tmp_path / "broken.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ValueError) as err:
+        load_recipe(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and says in message and "\n" not in message
+    with pytest.raises(ValueError, match="cannot read recipe"):
+        load_recipe(tmp_path / "missing.yaml")
+    assert load_recipe(_write(tmp_path / "empty.yaml", "# nothing\n")) == {}
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("recipe, extra, named", [
+    ("optim:\n  epoch: 3\n", [], "optim.epoch"),
+    ("trainig:\n  epochs: 3\n", [], "trainig"),
+    ("optim:\n  epochs: 3\n", ["--set", "dp.sigma=2"], "dp.sigma"),
+    ("optim:\n  epochs: 3\n", ["--set", "epochs=2"], "epochs"),
+    ("optim:\n  epochs: three\n", [], "optim.epochs"),
+    ("optim: {epochs: [3\n", [], "not valid YAML"),
+])
+def test_cli_recipe_errors_exit_2_with_one_line(tmp_path, capsys, recipe, extra, named):
+    path = _write(tmp_path / "recipe.yaml", recipe)
+    runs = tmp_path / "runs"
+    assert exit_code(main, ["train", "--config", path, "--runs-dir", runs, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dpvision train: error: ") and err.count("\n") == 1 and named in err, err
+    if not extra:
+        assert str(path) in err  # the file is named
+    assert not runs.exists()
+
+
+def test_cli_flags_override_the_recipe():
+    base = ["--config", REPO_ROOT / "recipes" / "mnist_seed.yaml"]
+    config = train_config([*base, "--lr", "0.3", "--k", "500", "--set", "optim.momentum=0.5", "--delta", "auto"])
+    assert (config.optim.lr, config.data.k, config.optim.momentum, config.dp.delta) == (0.3, 500, 0.5, "auto")
+    assert config.dp.noise_multiplier == 1.3  # the rest is the recipe's
+    # a target on the command line replaces the recipe's σ, and a σ replaces the recipe's target
+    targeted = train_config([*base, "--target-epsilon", "3"])
+    assert (targeted.dp.noise_multiplier, targeted.dp.target_epsilon) == (None, 3.0)
+    fashion = ["--config", REPO_ROOT / "recipes" / "fashion_mnist.yaml"]
+    assert train_config([*fashion, "--sigma", "2"]).dp.noise_multiplier == 2.0
+    assert train_config([*fashion, "--sigma", "2"]).dp.target_epsilon is None
+    # --disable-dp is the recipe deactivated: its σ is dropped, not an error
+    baseline = train_config([*base, "--disable-dp"])
+    assert baseline == TrainConfig.from_dict(load_recipe(REPO_ROOT / "recipes" / "mnist_seed.yaml")).deactivated()
+    assert dataclasses.replace(baseline.dp, enabled=True, noise_multiplier=1.3) == train_config(base).dp
