@@ -4,9 +4,9 @@ Three phases, each resumable (a run that finished is skipped, an interrupted one
 checkpoint) and each writing JSON under ``--out`` (run folders there too):
 
 * ``tune``: the candidate recipes of ``benchmarks/accuracy_grid.yaml`` at target ε 1 and 3, judged on a
-  validation split carved from MNIST's training set (``data.val_size``). Nothing about the test set is
-  printed or kept: the job evaluates it at the end of every run, and this script blanks those numbers
-  in the run's ``summary.json`` before reading it. Writes ``tune.json`` (every candidate, its
+  validation split carved from MNIST's training set (``data.val_size``). The test set is never
+  evaluated (``run.evaluate_test: false``; with a dpvision that lacks the option, the job's end-of-run
+  test numbers are blanked in the run's ``summary.json`` before anything reads it). Writes ``tune.json`` (every candidate, its
   validation accuracy, the number tried per ε, the best per ε) and ``tuned_eps<ε>.yaml``.
 * ``frontier``: the tuned recipe (each ε takes the recipe tuned at the nearest tuned ε) and the seed's
   own defaults (``recipes/mnist_seed.yaml``, k = 30,000) at ε ∈ {0.5, 1, 2, 3, 8}, 3 seeds, with
@@ -61,7 +61,10 @@ TARGETS = {3.0: 0.985, 1.0: 0.975}  # the issue's mean test accuracy targets (3 
 # Batch sizes shrink by SMOKE_BATCH_DIVISOR (at least SMOKE_MIN_BATCH), so that large and small batches differ.
 SMOKE = {"k": 300, "val_size": 100, "epochs": 1, "seeds": 1, "epsilons": (1.0, 3.0)}  # and 2 candidates
 SMOKE_BATCH_DIVISOR, SMOKE_MIN_BATCH = 40, 8
-WITHHELD = "tune phase: the test set is not used to choose; its numbers were blanked by benchmarks/accuracy.py"
+MAX_LIST, MAX_CONFIGS, MAX_GRID = 100, 10_000, 1_000_000  # bounds on a grid file: bounded work and memory
+NO_TEST = "run.evaluate_test"  # false: the job never evaluates the test set (older dpvision: blanked afterwards)
+WITHHELD = ("tune phase: the test set is not used to choose (run.evaluate_test false; any test number blanked by "
+            "benchmarks/accuracy.py)")
 
 
 # ----------------------------------------------------------------------------------------------- the grid
@@ -100,9 +103,26 @@ def load_grid(path: Path) -> Grid:
             continue
         axes.append((name, choices))
     TrainConfig.from_dict(spec.get("base") or {}, source=f"--grid {path} base")  # fails early, names the field
-    return Grid(epsilons=[float(e) for e in spec.get("epsilons", [1, 3])], seeds=[int(s) for s in spec.get("seeds", [0])],
-                max_configs=int(spec.get("max_configs", 24)), sample_seed=int(spec.get("sample_seed", 0)),
+    grid = Grid(epsilons=spec.get("epsilons", [1, 3]), seeds=spec.get("seeds", [0]),
+                max_configs=spec.get("max_configs", 24), sample_seed=spec.get("sample_seed", 0),
                 base=spec.get("base") or {}, axes=axes, size=math.prod(len(c) for _, c in axes))
+    check(isinstance(grid.epsilons, list) and 1 <= len(grid.epsilons) <= MAX_LIST
+          and all(isinstance(e, (int, float)) and 0 < e < math.inf for e in grid.epsilons),
+          path, "epsilons", f"a list of 1 to {MAX_LIST} positive numbers", grid.epsilons)
+    grid.epsilons = [float(e) for e in grid.epsilons]
+    check(isinstance(grid.seeds, list) and 1 <= len(grid.seeds) <= MAX_LIST
+          and all(isinstance(x, int) and x >= 0 for x in grid.seeds), path, "seeds",
+          f"a list of 1 to {MAX_LIST} integers >= 0", grid.seeds)
+    check(isinstance(grid.max_configs, int) and 1 <= grid.max_configs <= MAX_CONFIGS, path, "max_configs",
+          f"an integer in [1, {MAX_CONFIGS}]", grid.max_configs)
+    check(isinstance(grid.sample_seed, int), path, "sample_seed", "an integer", grid.sample_seed)
+    check(grid.size <= MAX_GRID, path, "axes", f"a product of at most {MAX_GRID} combinations", grid.size)
+    return grid
+
+
+def check(ok: bool, path: Path, key: str, valid: str, value) -> None:
+    if not ok:
+        raise ValueError(f"--grid {path}: {key} must be {valid}, got {value!r}")
 
 
 def candidates(grid: Grid, max_configs: int, *, smoke: bool = False) -> list[dict]:
@@ -127,7 +147,8 @@ def shrink(config: TrainConfig, args) -> TrainConfig:
     optim = config.optim
     return config.with_overrides({
         "data.k": SMOKE["k"], "data.val_size": SMOKE["val_size"] if config.data.val_size else 0,
-        "optim.epochs": SMOKE["epochs"], "optim.batch_size": max(SMOKE_MIN_BATCH, optim.batch_size // SMOKE_BATCH_DIVISOR),
+        "optim.epochs": SMOKE["epochs"],
+        "optim.batch_size": max(SMOKE_MIN_BATCH, optim.batch_size // SMOKE_BATCH_DIVISOR),
         "optim.warmup_epochs": min(optim.warmup_epochs, SMOKE["epochs"] / 2)})
 
 
@@ -140,10 +161,12 @@ def machine(config: TrainConfig, args) -> TrainConfig:
 
 
 def tune_config(grid: Grid, point: dict, epsilon: float, seed: int, args, runs_dir: Path, name: str) -> TrainConfig:
+    """A candidate at one ε and seed: σ calibrated to ε, judged on validation, the test set never evaluated."""
     config = TrainConfig.from_dict(grid.base).with_overrides(point)
     config = config.with_overrides({"dp.enabled": True, "dp.target_epsilon": epsilon, "dp.noise_multiplier": None,
                                     "run.seed": seed, "run.runs_dir": str(runs_dir), "run.run_name": name,
-                                    "run.test_every_epoch": False, "run.select": "last"})
+                                    "run.test_every_epoch": False, "run.select": "last",
+                                    **({NO_TEST: False} if known_field(NO_TEST) else {})})
     return machine(shrink(config, args), args)
 
 
@@ -151,16 +174,17 @@ def final_form(config: TrainConfig) -> TrainConfig:
     """A tuned recipe as the frontier trains it: every training image, no validation split, test once."""
     return config.with_overrides({"data.k": None, "data.val_size": 0, "run.test_every_epoch": False,
                                   "run.select": "last", "run.run_name": None, "run.runs_dir": "runs",
-                                  "run.quiet": False, "run.device": "auto", "data.root": "data"})
+                                  "run.quiet": False, "run.device": "auto", "data.root": "data",
+                                  **({NO_TEST: True} if known_field(NO_TEST) else {})})
 
 
 def config_id(config: TrainConfig) -> str:
     """6 hex digits naming what a config trains (not where its data or run folder is)."""
     values = config.to_dict()
     for key in ("root", "download"):
-        values["data"].pop(key)
+        values["data"].pop(key, None)
     for key in ("runs_dir", "run_name", "quiet", "device", "tensorboard"):
-        values["run"].pop(key)
+        values["run"].pop(key, None)
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:6]
 
 
@@ -170,7 +194,8 @@ def describe(config: TrainConfig) -> str:
 
     m, o, d = config.model, config.optim, config.dp
     parts = [f"{m.name}/{m.activation or DEFAULT_ACTIVATION.get(m.name)}", f"B{o.batch_size}",
-             f"C{d.max_grad_norm:g}", f"lr{o.lr:g}", f"e{o.epochs}", o.name + (f"/m{o.momentum:g}" if o.momentum else ""),
+             f"C{d.max_grad_norm:g}", f"lr{o.lr:g}", f"e{o.epochs}",
+             o.name + (f"/m{o.momentum:g}" if o.momentum else ""),
              o.schedule + (f"+warmup{o.warmup_epochs:g}" if o.warmup_epochs else "")]
     if o.ema_decay is not None:
         parts.append(f"ema{o.ema_decay:g}")
@@ -230,6 +255,9 @@ def phase_tune(args) -> dict:
                 probe = tune_config(grid, point, epsilon, seed, args, runs_dir, "probe")
                 name = f"eps{epsilon:g}_c{index:02d}_{config_id(probe)}_seed{seed}"
                 todo.append((epsilon, index, point, seed, replace(probe, run=replace(probe.run, run_name=name))))
+    if not known_field(NO_TEST):
+        print(f"note: this dpvision has no {NO_TEST}: each tune run evaluates the test set at its end; those "
+              "numbers are blanked in its summary.json before anything reads it", flush=True)
     print(f"tune: {len(points)} candidates of {grid.size} x {len(grid.epsilons)} ε x {len(seeds)} seed(s) = "
           f"{len(todo)} runs, judged on the validation split", flush=True)
     results = []
@@ -267,7 +295,8 @@ def tune_report(grid: Grid, points: list[dict], seeds: list[int], results: list[
     best, tried = {}, {}
     for epsilon in grid.epsilons:
         mine = [r for r in results if r["epsilon_target"] == epsilon]
-        means = {i: statistics.fmean(r["val_accuracy"] for r in mine if r["candidate"] == i) for i in range(len(points))}
+        means = {i: statistics.fmean(r["val_accuracy"] for r in mine if r["candidate"] == i)
+                 for i in range(len(points))}
         tried[f"{epsilon:g}"] = len(means)
         top = max(means, key=lambda i: (means[i], -i))  # ties: the first candidate
         config = final_form(TrainConfig.from_dict(grid.base).with_overrides(points[top]))
@@ -275,10 +304,11 @@ def tune_report(grid: Grid, points: list[dict], seeds: list[int], results: list[
         best[f"{epsilon:g}"] = {"candidate": top, "val_accuracy": means[top], "overrides": points[top],
                                 "recipe": describe(config), "config": config.to_dict()}
     return {"phase": "tune", "smoke": args.smoke, "command": args.command, "device": device_name(args),
-            "grid_file": str(args.grid), "search_space_size": grid.size, "configs_tried": tried,
+            "grid_file": shown(args.grid), "search_space_size": grid.size, "configs_tried": tried,
             "seeds": seeds, "selection": "validation accuracy after the last epoch (mean over seeds), "
             f"{results[0]['num_val'] if results else 0} validation images carved from the training set",
-            "test_set": "not used: the job's end-of-run test numbers are blanked in every tune run's summary.json",
+            "test_set": f"not evaluated ({NO_TEST}: false)" if known_field(NO_TEST) else
+            "not used: the job's end-of-run test numbers are blanked in every tune run's summary.json",
             "best": best, "runs": results}
 
 
@@ -320,9 +350,10 @@ def phase_frontier(args) -> dict:
     epsilons = list(SMOKE["epsilons"] if args.smoke else FRONTIER_EPSILONS)
     seeds = list(range(SMOKE["seeds"] if args.smoke else args.seeds))
     recipes = chosen_recipes(args)
-    first = {}  # one sweep per distinct recipe: the ε it was tuned at first names it
+    first, tuned_at = {}, {}  # one sweep per distinct recipe: the ε it was tuned at first names it
     for tuned in sorted(recipes, key=lambda t: -1 if t is None else t):
         first.setdefault(same_recipe(recipes[tuned]), tuned)
+        tuned_at.setdefault(first[same_recipe(recipes[tuned])], []).append(tuned)
     groups: dict[float | None, list[float]] = {}
     for epsilon in epsilons:
         groups.setdefault(first[same_recipe(recipes[recipe_for(epsilon, recipes)])], []).append(epsilon)
@@ -334,7 +365,7 @@ def phase_frontier(args) -> dict:
         print(f"frontier: {name} ({describe(recipes[tuned])}) at ε {', '.join(f'{e:g}' for e in eps)}", flush=True)
         got = frontier_sweep(recipes[tuned], "tuned", eps, seeds, out, tuned == with_baseline, args)
         rows += got
-        parts.append({"label": "tuned", "folder": str(out), "tuned_at": tuned,
+        parts.append({"label": "tuned", "folder": str(out), "tuned_at": None if tuned is None else tuned_at[tuned],
                       "epsilons": eps, "recipe": describe(recipes[tuned]),
                       "same_recipe": same_recipe(machine(shrink(recipes[tuned], args), args))})
     seed = TrainConfig.from_dict(load_recipe(SEED_RECIPE), source=str(SEED_RECIPE)).with_overrides(
@@ -361,8 +392,10 @@ def phase_frontier(args) -> dict:
 def summarize_points(rows: list[dict]) -> list[dict]:
     """Mean ± sd of test accuracy per (recipe, ε); the largest ε under each accountant; seconds per run."""
     points = []
-    for (label, epsilon), group in itertools.groupby(sorted(rows, key=lambda r: (r["value"], r["target_epsilon"])),
-                                                     key=lambda r: (r["value"], r["target_epsilon"])):
+    def key(row):  # the tuned recipe first, then by ε
+        return row["value"] != "tuned", row["value"], float(row["target_epsilon"])
+
+    for (_, label, epsilon), group in itertools.groupby(sorted(rows, key=key), key=key):
         group = list(group)
         accuracy = [float(r["test_accuracy"]) for r in group]
         seconds = [float(r["wall_seconds"]) for r in group]
@@ -478,14 +511,16 @@ def write_docs(args) -> None:
     if any(r["smoke"] for r in found.values()) and Path(args.docs).resolve() == DOCS.resolve():
         raise ValueError(f"--write-docs: {args.out} holds --smoke results; give --docs OTHER.md to see them")
     text = Path(args.docs).read_text(encoding="utf-8")
-    text = marked(text, "commands", "```\n" + "\n".join(r["command"] for r in found.values()) + "\n```\n"
+    commands = list(dict.fromkeys(r["command"] for r in found.values()))  # --phase all: one command, three files
+    text = marked(text, "commands", "```\n" + "\n".join(commands) + "\n```\n"
                   + "Device: " + "; ".join(sorted({r["device"] for r in found.values()})) + ".")
     if "tune" in found:
         text = marked(text, "tune", tune_table(found["tune"]))
     if "frontier" in found:
         picture = Path(args.docs).with_name(Path(args.docs).stem + "_frontier.png")
         atomic_write_bytes(picture, (args.out / "frontier.png").read_bytes())
-        text = marked(text, "frontier", frontier_table(found["frontier"]) + f"\n![privacy-utility frontier]({picture.name})\n")
+        text = marked(text, "frontier",
+                      frontier_table(found["frontier"]) + f"\n![privacy-utility frontier]({picture.name})\n")
         text = marked(text, "targets", targets_table(found["frontier"]))
     if "ablation" in found:
         text = marked(text, "ablation", ablation_table(found["ablation"]))
@@ -495,9 +530,10 @@ def write_docs(args) -> None:
 
 def tune_table(tune: dict) -> str:
     lines = [f"Search space: {tune['search_space_size']} combinations ({tune['grid_file']}); "
-             f"{tune['selection']}.", "", "| target ε | configurations tried | best validation accuracy | chosen recipe |",
+             f"{tune['selection']}.", "",
+             "| target ε | configurations tried | best validation accuracy | chosen recipe |",
              "|---|---|---|---|"]
-    lines += [f"| {e} | {tune['configs_tried'][e]} | {b['val_accuracy']:.4f} | `{b['recipe']}` |"
+    lines += [f"| {e} | {tune['configs_tried'][e]} | {100 * b['val_accuracy']:.2f}% | `{b['recipe']}` |"
               for e, b in tune["best"].items()]
     return "\n".join(lines) + "\n"
 
@@ -507,12 +543,17 @@ def frontier_table(frontier: dict) -> str:
              "seconds per run (mean, max) |", "|---|---|---|---|---|---|"]
     for p in frontier["points"]:
         eps = "∞ (no DP)" if p["target_epsilon"] in ("inf", math.inf) else f"{float(p['target_epsilon']):g}"
-        privacy = " / ".join(f"{float(p[f'epsilon_{a}']):.3f}" for a in ("rdp", "prv", "pld")) if eps[0] != "∞" else "—"
+        privacy = "—" if eps[0] == "∞" else " / ".join(f"{float(p[f'epsilon_{a}']):.3f}"
+                                                        for a in ("rdp", "prv", "pld"))
         lines.append(f"| {p['recipe']} | {eps} | {100 * p['mean']:.2f}% ± {100 * p['sd']:.2f} | {p['n']} | {privacy} "
                      f"| {p['seconds_mean']:.1f}, {p['seconds_max']:.1f} |")
-    lines += ["", "Recipes: " + "; ".join(f"{s['label']}" + (f" (tuned at ε = {s['tuned_at']:g}, used at ε "
-              f"{', '.join(f'{e:g}' for e in s['epsilons'])})" if s.get("tuned_at") is not None else "")
-              + f": `{s['recipe']}`" for s in frontier["sweeps"])]
+    def source(part: dict) -> str:
+        if not part.get("tuned_at"):
+            return ""
+        tuned = " and ".join(f"{e:g}" for e in part["tuned_at"])
+        return f" (best on validation at ε = {tuned}; used at ε = {', '.join(f'{e:g}' for e in part['epsilons'])})"
+
+    lines += ["", "Recipes: " + "; ".join(f"{p['label']}{source(p)}: `{p['recipe']}`" for p in frontier["sweeps"])]
     return "\n".join(lines) + "\n"
 
 
@@ -522,7 +563,8 @@ def targets_table(frontier: dict) -> str:
     for epsilon, goal in TARGETS.items():
         p = tuned.get(epsilon)
         got = f"{100 * p['mean']:.2f}% (n = {p['n']})" if p else "not measured"
-        lines.append(f"| ≥ {100 * goal:.1f}% at ε = {epsilon:g} | {got} | {'yes' if p and p['mean'] >= goal else 'no'} |")
+        met = "yes" if p and p["mean"] >= goal else "no"
+        lines.append(f"| ≥ {100 * goal:.1f}% at ε = {epsilon:g} | {got} | {met} |")
     private = [p for p in frontier["points"] if p["recipe"] == "tuned" and p["target_epsilon"] not in ("inf", math.inf)]
     slowest = max((p["seconds_max"] for p in private), default=math.nan)
     lines.append(f"| ≤ {MAX_SECONDS_PER_POINT:.0f} s per ε point (one run) | {slowest:.1f} s (slowest run) | "
@@ -531,7 +573,8 @@ def targets_table(frontier: dict) -> str:
 
 
 def ablation_table(ablation: dict) -> str:
-    lines = [f"At ε = {ablation['epsilon']:g}, {len(ablation['seeds'])} seeds; full recipe: `{ablation['recipe']}`.",
+    n = len(ablation["seeds"])
+    lines = [f"At ε = {ablation['epsilon']:g}, {n} seed{'s' if n > 1 else ''}; full recipe: `{ablation['recipe']}`.",
              "", "| variant | change | test accuracy (mean ± sd) | Δ vs full |", "|---|---|---|---|"]
     for r in ablation["variants"]:
         if "mean" in r:
@@ -543,6 +586,14 @@ def ablation_table(ablation: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- main
+def shown(path: Path) -> str:
+    """``path`` relative to the repository when it is inside it (as the docs cite it)."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def device_name(args) -> str:
     import platform
 
@@ -574,13 +625,16 @@ def parse_args(argv=None):
     parser.add_argument("--smoke", action="store_true", help="tiny everything: a CPU check in minutes")
     parser.add_argument("--data-root", default="data", help="holds MNIST/raw/ (default: data)")
     parser.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"), help="run.device (default: auto)")
-    parser.add_argument("--out", type=Path, default=None, help=f"results folder (default: {DEFAULT_OUT.relative_to(REPO)}, "
-                        f"with --smoke {SMOKE_OUT.relative_to(REPO)})")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default: "
+                        f"{DEFAULT_OUT.relative_to(REPO)}, with --smoke {SMOKE_OUT.relative_to(REPO)})")
     parser.add_argument("--grid", type=Path, default=GRID_FILE, help="tune phase: the candidate recipes (YAML)")
-    parser.add_argument("--max-configs", type=int, default=None, help="tune phase: candidates per ε (default: the grid's)")
+    parser.add_argument("--max-configs", type=int, default=None,
+                        help="tune phase: candidates per ε (default: the grid's max_configs)")
     parser.add_argument("--recipe", type=Path, default=None, help="frontier/ablation: this recipe instead of tune.json")
-    parser.add_argument("--seeds", type=int, default=SEEDS, help=f"frontier/ablation: seeds per point (default {SEEDS})")
-    parser.add_argument("--docs", type=Path, default=DOCS, help="--write-docs: the page to fill (default docs/accuracy.md)")
+    parser.add_argument("--seeds", type=int, default=SEEDS,
+                        help=f"frontier/ablation: seeds per point (default {SEEDS}; tune: the grid's seeds)")
+    parser.add_argument("--docs", type=Path, default=DOCS,
+                        help="--write-docs: the page to fill (default docs/accuracy.md)")
     args = parser.parse_args(argv)
     if args.phase is None and not args.write_docs:
         parser.error("give --phase tune|frontier|ablation|all and/or --write-docs")
@@ -599,8 +653,8 @@ def main(argv=None) -> int:
     def work() -> None:
         if not 1 <= args.seeds <= 100:
             raise ValueError(f"--seeds must be between 1 and 100, got {args.seeds}")
-        if args.max_configs is not None and not 1 <= args.max_configs <= 10_000:
-            raise ValueError(f"--max-configs must be between 1 and 10000, got {args.max_configs}")
+        if args.max_configs is not None and not 1 <= args.max_configs <= MAX_CONFIGS:
+            raise ValueError(f"--max-configs must be between 1 and {MAX_CONFIGS}, got {args.max_configs}")
         started = time.perf_counter()
         if args.phase:
             args.out.mkdir(parents=True, exist_ok=True)

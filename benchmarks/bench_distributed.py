@@ -55,7 +55,7 @@ WORKLOADS = {
     "celeba64": ("celeba_cnn", {"width": 16}, 20_000, (3, 64, 64), 2, 256),
     "wrn16_4": ("wrn16_4", {}, 50_000, (3, 32, 32), 10, 4096),
 }
-TINY = {"mnist": (4096, 256), "celeba64": (1024, 128), "wrn16_4": (512, 64)}
+TINY = {"mnist": (4096, 256), "celeba64": (1024, 64), "wrn16_4": (256, 16)}
 
 
 def workload_data(name: str, tiny: bool) -> tuple[ImageTensors, int]:

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import math
 import os
@@ -74,16 +75,19 @@ FAST_KEYS = {"precision": str, "channels_last": bool, "pad_sigmas": float, "cuda
 
 
 class PeakMemory:
-    """Peak memory of one configuration: CUDA max_memory_allocated, or the process's RSS sampled every 5 ms."""
+    """Peak memory of one configuration: CUDA max_memory_allocated (less what was still allocated when it
+    started: earlier configurations' leftovers), or the process's RSS sampled every 5 ms."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
 
     def __enter__(self):
+        gc.collect()  # hook and graph reference cycles of earlier configurations
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
         else:
             self.peak, self._stop = self._rss(), threading.Event()
             self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -102,7 +106,7 @@ class PeakMemory:
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-            self.mb = torch.cuda.max_memory_allocated() / 2**20
+            self.mb = (torch.cuda.max_memory_allocated() - self.base) / 2**20
         else:
             self._stop.set()
             self._thread.join()
@@ -295,8 +299,22 @@ def time_interleaved(makers, args, device: torch.device) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- workloads
+def decompress_for_torchvision(raw: str) -> None:
+    """torchvision's ``datasets.MNIST`` reads the plain IDX files: write them beside the .gz ones (temp + rename)."""
+    import gzip
+    import shutil
+
+    for name in os.listdir(raw):
+        plain = os.path.join(raw, name[:-3])
+        if name.endswith(".gz") and not os.path.exists(plain):
+            with gzip.open(os.path.join(raw, name)) as src, open(plain + ".tmp", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.replace(plain + ".tmp", plain)
+
+
 def mnist_workload(args):
-    data = load_mnist(args.data_root, train=True)  # also decompresses the IDX files torchvision reads
+    data = load_mnist(args.data_root, train=True)
+    decompress_for_torchvision(os.path.join(args.data_root, "MNIST", "raw"))
     from torchvision import datasets, transforms
 
     stock = datasets.MNIST(args.data_root, train=True, download=False, transform=transforms.Compose(
@@ -412,6 +430,7 @@ def main(argv=None) -> int:
     p.add_argument("--wrn-engines", default="plain,opacus-hooks,opacus-ghost,fast",
                    help="as --engines, for the WRN-16-4 workload")
     p.add_argument("--wrn-size", type=int, default=50000)
+    p.add_argument("--wrn-large-batch", type=int, default=0, help="as --large-batch, for WRN-16-4 (0 skips)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--large-batch", type=int, default=4096, help="fast engine only; 0 to skip")
     p.add_argument("--celeba-size", type=int, default=20000)
@@ -451,7 +470,8 @@ def main(argv=None) -> int:
         makers = []
         for engine in engines:
             kind, options = parse_engine(engine, args)
-            batches = [args.batch_size] + ([args.large_batch] if engine == "fast" and args.large_batch else [])
+            large = args.wrn_large_batch if workload == "wrn16_4" else args.large_batch
+            batches = [args.batch_size] + ([large] if engine == "fast" and large else [])
             for batch in batches:
                 for dp in (True, False):
                     if (kind == "plain" and dp) or (kind.startswith("opacus-") and not dp):

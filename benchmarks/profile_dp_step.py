@@ -112,7 +112,9 @@ def section_layers(args, out: dict) -> None:
                 row[f"{method}_{dtype_name}"] = cuda_ms(lambda: ghost.weight_norm_sq(conv, ad, dzd, method, dtype))
             row[f"tuned_{dtype_name}"] = ghost.fastest_method(conv, ad, dzd, dtype)
             f = torch.rand(len(a), device=DEV)
-            row[f"clipped_{dtype_name}"] = cuda_ms(lambda: ghost.clipped_sum(conv, ad, dzd, f, None, dtype))
+            views = {"weight": torch.zeros(conv.weight.numel(), device=DEV)}
+            row[f"clipped_{dtype_name}"] = cuda_ms(
+                lambda: ghost.add_clipped_sum(conv, ad, dzd, f, (None, None), dtype, views))
         rows.append(row)
     out["layers"] = rows
     cols = [*methods, "clipped"]
@@ -184,8 +186,11 @@ def time_variant(workload: str, dp: bool, options: dict, args) -> dict:
         steps = run(args.steps)
         sync()
         times.append((time.perf_counter() - start) / steps * 1e3)
-    graphs = engine.use_graphs if "engine" in locals() else False  # False also when a capture failed
-    return {"ms_per_step": statistics.median(times), "all_ms": times, "peak_mb": peak_mb(), "graphs": graphs}
+    engine = locals().get("engine")
+    graphs = engine.use_graphs if engine is not None else False  # False also when a capture failed
+    chosen = dict(engine.backend.chosen) if engine is not None and engine.backend is not None else {}
+    return {"ms_per_step": statistics.median(times), "all_ms": times, "peak_mb": peak_mb(), "graphs": graphs,
+            "methods": chosen}
 
 
 def section_variants(args, out: dict) -> None:
@@ -200,6 +205,8 @@ def section_variants(args, out: dict) -> None:
         print(f"  {text:60s} " + (f"{row['ms_per_step']:8.2f} ms/step  peak {row['peak_mb']:7.0f} MB"
                                   f"  graphs {row['graphs']}"
                                   if "error" not in row else row["error"]), flush=True)
+        if row.get("methods"):
+            print("      methods: " + " ".join(f"{k}={(v or '-')[:5]}" for k, v in row["methods"].items()))
     out["variants"] = rows
 
 
@@ -275,6 +282,8 @@ def section_flops(args, out: dict) -> None:
     engine = FastEngine(model=model_cls(), train_data=data, batch_size=args.batch_size,
                         optimizer=OptimizerSpec(lr=LR), dp=DP, seed=0, device=DEV, cuda_graphs=False)
     idx = torch.arange(args.batch_size, device=DEV)
+    engine.backend.autotune = False  # the shape rule: ghost and materialise (bmm), whose FLOPs are counted right
+    engine._dp_chunk(idx)  # FlopCounterMode miscounts cuDNN's grouped weight gradient (as one full conv)
     with FlopCounterMode(display=False) as counter:
         engine._dp_chunk(idx)
     dp_flops = counter.get_total_flops()

@@ -10,11 +10,14 @@ import torch
 from opacus.accountants import RDPAccountant
 
 from dpvision.data.tensors import ImageTensors
-from dpvision.mnist import MnistConfig, run
+from dpvision.jobs.mnist_seed import main as mnist_main
+from dpvision.privacy import accounting, bounds
 from dpvision.privacy.accounting import PrivacyLedger, compute_epsilon
+from dpvision.privacy.bounds import skip_reason
 from dpvision.privacy.budget import PrivacyBudget, steps_within_budget
 from dpvision.engines import DPSettings, Engine, EpochResult
 from dpvision.jobs.loop import train_private_epoch
+from tests.job_helpers import exit_code, only_run, summary, working_dir
 
 
 def opacus_rdp(sigma: float, q: float, steps: int, delta: float = 1e-5) -> float:
@@ -56,6 +59,38 @@ def test_budget_edge_cases():
         PrivacyBudget(max_epsilon=1.0, delta=1e-5, accountant="moments")
 
 
+@pytest.mark.parametrize("sigma", [1e-5, 1e-300, 1e8, 1e308])
+def test_budget_never_crashes_on_hostile_sigmas(sigma):
+    """Before: ZeroDivisionError (1e-300), ValueError (1e8), OverflowError (1e308) from RDP inside the bisection."""
+    budget = PrivacyBudget(max_epsilon=3.0, delta=1e-5)
+    n = budget.allowed_steps(PrivacyLedger(), noise_multiplier=sigma, sample_rate=1 / 118, planned=118)
+    # σ < 0.1: ε is reported as ∞ (not computed), so no step fits; σ > 1e4 counts as 1e4: ε ≈ 0.1, all fit.
+    assert n == (0 if sigma < 1 else 118)
+    reason = budget.stop_reason(PrivacyLedger(), noise_multiplier=sigma, sample_rate=1 / 118)
+    assert reason.startswith("privacy budget: after 0 steps epsilon = 0")
+
+
+def test_pld_budget_stops_where_pld_can_no_longer_account(monkeypatch):
+    """With PLD as the accountant, steps whose grid would exceed the limit never fit (limits lowered here so
+    that the edge is cheap: σ = 3, q = 0.1 crosses 200,000 points near 1,000 steps, at ε far below budget)."""
+    monkeypatch.setitem(bounds.MAX_GRID_POINTS, "pld", 200_000)
+    accounting._evaluate.cache_clear()
+    try:
+        budget = PrivacyBudget(max_epsilon=1000.0, delta=1e-5, accountant="pld")
+        ledger = PrivacyLedger()
+        n = budget.allowed_steps(ledger, noise_multiplier=3.0, sample_rate=0.1, planned=2000)
+        assert 0 < n < 2000
+        assert skip_reason(((3.0, 0.1, n),), delta=1e-5, accountant="pld") is None
+        assert skip_reason(((3.0, 0.1, n + 1),), delta=1e-5, accountant="pld") is not None
+        reached = ledger.extended(noise_multiplier=3.0, sample_rate=0.1, steps=n)
+        assert reached.epsilon(delta=1e-5, accountant="pld") < 1000
+        reason = budget.stop_reason(reached, noise_multiplier=3.0, sample_rate=0.1)
+        assert reason.endswith("the pld accountant cannot account one more step within bounded memory "
+                               "(use --accountant rdp)")
+    finally:
+        accounting._evaluate.cache_clear()
+
+
 class CountingEngine(Engine):
     """Takes steps without training: enough to test the loop's budget logic."""
 
@@ -90,16 +125,15 @@ def test_loop_stops_before_first_exceeding_step():
     assert opacus_rdp(1.3, 0.01, 596) <= 1.0 < opacus_rdp(1.3, 0.01, 597)
 
 
-def test_mnist_run_stops_and_says_why(tmp_path, mnist_root):
+def test_mnist_run_stops_and_says_why(tmp_path, tiny_mnist_root):
     # q = 0.1, 10 steps an epoch, σ = 1.3: ε after 10 steps ≈ 1.16, after 20 ≈ 1.53.
     budget = (opacus_rdp(1.3, 0.1, 14) + opacus_rdp(1.3, 0.1, 15)) / 2
-    config = MnistConfig(k=300, batch_size=30, epochs=3, max_epsilon=budget, data_root=str(mnist_root),
-                         out_dir=str(tmp_path / "out"), runs_dir=str(tmp_path / "runs"), quiet=True,
-                         test_batch_size=2000)
-    summary = run(config)
-    assert summary["stopped_early"] is True and summary["steps"] == 14 and summary["epochs_completed"] == 2
-    assert "privacy budget" in summary["stop_reason"]
-    assert summary["epsilon"] == pytest.approx(opacus_rdp(1.3, 0.1, 14), rel=1e-12) and summary["epsilon"] <= budget
-    on_disk = json.loads((tmp_path / "runs" / "mnist" / "mnist_0.15_1.3_1.0_30_3_0.3_300" / "summary.json").read_text())
-    assert on_disk["stopped_early"] is True and on_disk["stop_reason"] == summary["stop_reason"]
-    assert set(on_disk["epsilons"]) == {"rdp", "prv", "pld"} and math.isfinite(on_disk["epsilons"]["pld"])
+    argv = ["--data-root", tiny_mnist_root, "--k", "300", "--batch-size", "30", "--epochs", "3",
+            "--max-epsilon", repr(budget), "--test-batch-size", "2000", "--quiet", "--runs-dir", tmp_path / "runs"]
+    with working_dir(tmp_path):
+        assert exit_code(mnist_main, argv) == 0
+    result = summary(only_run(tmp_path / "runs" / "mnist"))
+    assert result["stopped_early"] is True and result["steps"] == 14 and result["epochs_completed"] == 2
+    assert "privacy budget" in result["stop_reason"] and "one more step would make it" in result["stop_reason"]
+    assert result["epsilon"] == pytest.approx(opacus_rdp(1.3, 0.1, 14), rel=1e-12) and result["epsilon"] <= budget
+    assert set(result["epsilons"]) == {"rdp", "prv", "pld"} and math.isfinite(result["epsilons"]["pld"])

@@ -32,9 +32,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from dpvision.data.tensors import ImageTensors
-from dpvision.engines import DPSettings, OpacusEngine, OptimizerSpec
+from dpvision.engines import DPSettings, OpacusEngine, OptimizerSpec, evaluate
 from dpvision.engines.distributed import (
-    DistContext, RankFailureError, ShardPoissonBatchSampler, free_port, shard_indices,
+    DistContext, RankFailureError, ShardPoissonBatchSampler, evaluate_sharded, free_port, shard_indices,
 )  # fmt: skip
 from dpvision.engines.fast import FastEngine
 from dpvision.privacy.accounting import expected_batch_size, poisson_sample_rate
@@ -161,6 +161,8 @@ def scenario_equivalence(dist: DistContext, out: Path) -> dict:
         engine = build(name, dist, n=EQ_N, batch_size=EQ_B, dp=None, lr=EQ_LR, seed=EQ_SEED)
         epoch = engine.train_epoch()
         result[f"plain_{name}"] = (flat_params(engine.model), epoch)
+    test_set = make_data(31, seed=1)  # 31: shards of 16 and 15
+    result["evaluate"] = (evaluate(engine.model, test_set), evaluate_sharded(engine.model, test_set, dist))
     return result
 
 
@@ -321,6 +323,9 @@ def test_two_ranks_equal_one_process_without_noise(launched):
         assert float((params - params1).abs().max()) < 1e-6, name
         assert epoch.examples == epoch1.examples == EQ_N and epoch.steps == epoch1.steps
         assert abs(epoch.loss - epoch1.loss) < 1e-6 and epoch.accuracy == epoch1.accuracy
+    for r in results:  # evaluation split over the ranks: the numbers of one process
+        (loss, accuracy, predictions), (loss2, accuracy2, predictions2) = r["evaluate"]
+        assert abs(loss - loss2) < 1e-6 and accuracy == accuracy2 and torch.equal(predictions, predictions2)
 
 
 def test_resume_continues_exactly_in_two_ranks(launched):

@@ -26,8 +26,8 @@ from tests.job_helpers import (
     assert_same_run, exit_code, metrics, rdp_epsilon, read_csv, summary, working_dir,
 )  # fmt: skip
 
-TINY = ["--k", "600", "--batch-size", "60", "--epochs", "2", "--test-batch-size", "2000", "--quiet"]
-CSV_NAME = "mnist_0.15_1.3_1.0_60_2_0.3_600.csv"
+TINY = ["--k", "40", "--batch-size", "20", "--epochs", "2", "--test-batch-size", "2000", "--quiet"]
+CSV_NAME = "mnist_0.15_1.3_1.0_20_2_0.3_40.csv"
 
 
 def run_cli(args: list, cwd: Path, data_root: Path) -> int:
@@ -38,7 +38,7 @@ def run_cli(args: list, cwd: Path, data_root: Path) -> int:
 
 @pytest.fixture(scope="module")
 def seed_run(tmp_path_factory, tiny_mnist_root):
-    """One DP run with the seed's flags (q = 0.1, 10 steps an epoch, 2 epochs), and what it printed."""
+    """One DP run with the seed's flags (q = 0.5, 2 steps an epoch, 2 epochs), and what it printed."""
     cwd = tmp_path_factory.mktemp("seed_run")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -55,17 +55,17 @@ def test_cli_end_to_end_csv_and_epsilon(seed_run):
     for row in rows:
         assert 0.0 <= float(row["Train Accuracy"]) <= 1.0 and 0.0 <= float(row["Test Accuracy"]) <= 1.0
         assert float(row["Delta"]) == 1e-5
-    # q = 1/ceil(600/60) = 0.1, 10 steps an epoch: ε must be Opacus's RDP ε for exactly those steps.
+    # q = 1/ceil(40/20) = 0.5, 2 steps an epoch: ε must be Opacus's RDP ε for exactly those steps.
     for epoch, row in enumerate(rows, start=1):
-        assert float(row["Epsilon"]) == pytest.approx(rdp_epsilon(1.3, 0.1, 10 * epoch, 1e-5), rel=1e-12)
+        assert float(row["Epsilon"]) == pytest.approx(rdp_epsilon(1.3, 0.5, 2 * epoch, 1e-5), rel=1e-12)
 
     run = cwd / "runs" / "mnist" / csv_path.stem
     config = yaml.safe_load((run / "config.yaml").read_text())  # nested now: the recipe plus "resolved"
-    assert config["resolved"]["noise_multiplier"] == 1.3 and config["resolved"]["sample_rate"] == 0.1
-    assert config["data"]["k"] == 600 and config["dp"]["noise_multiplier"] == 1.3
+    assert config["resolved"]["noise_multiplier"] == 1.3 and config["resolved"]["sample_rate"] == 0.5
+    assert config["data"]["k"] == 40 and config["dp"]["noise_multiplier"] == 1.3
     assert config["resolved"]["front_end"]["seed_csv_name"] == CSV_NAME
     rows_m = metrics(run)
-    assert [int(m["steps"]) for m in rows_m] == [10, 20]
+    assert [int(m["steps"]) for m in rows_m] == [2, 4]
     assert set(rows_m[0]) >= {"epoch", "steps", "sample_rate", "noise_multiplier", "max_grad_norm", "train_loss",
                               "train_accuracy", "test_accuracy", "epsilon", "delta", "accountant",
                               "epsilon_rdp", "epsilon_prv", "epsilon_pld"}
@@ -79,12 +79,18 @@ def test_cli_end_to_end_csv_and_epsilon(seed_run):
 
 
 def test_prv_epsilon_is_opacus_prv(seed_run):
-    """metrics.csv's ε under the other accountants: PRV equals Opacus's PRVAccountant for the same steps."""
+    """ε under the other accountants: Opacus's PRVAccountant and dp_accounting's PLDAccountant for the same steps."""
     cwd, _ = seed_run
     result = summary(cwd / "runs" / "mnist" / Path(CSV_NAME).stem)
     accountant = PRVAccountant()
-    accountant.history = [(1.3, 0.1, 20)]
+    accountant.history = [(1.3, 0.5, 4)]
     assert result["epsilons"]["prv"] == pytest.approx(accountant.get_epsilon(delta=1e-5), rel=1e-9)
+    from dp_accounting import dp_event, pld
+
+    pld_accountant = pld.PLDAccountant()
+    pld_accountant.compose(dp_event.SelfComposedDpEvent(
+        dp_event.PoissonSampledDpEvent(0.5, dp_event.GaussianDpEvent(1.3)), 4))
+    assert result["epsilons"]["pld"] == pytest.approx(pld_accountant.get_epsilon(1e-5), rel=1e-9)
     assert result["epsilons"]["prv"] <= result["epsilons"]["rdp"] and result["epsilon"] == result["epsilons"]["rdp"]
 
 
@@ -97,7 +103,7 @@ def test_closing_summary_names_outputs_accuracy_every_epsilon_and_time(seed_run)
     lines = printed.strip().splitlines()
     assert len(lines) == 3, printed  # --quiet: only the summary
     assert re.fullmatch(r"Done in \d+\.\ds: test accuracy \d\.\d{4} \| ε = \S+ \(rdp; prv \S+, pld \S+\) at "
-                        r"δ = 1e-05 after 20 steps", lines[0]), lines[0]
+                        r"δ = 1e-05 after 4 steps", lines[0]), lines[0]
     assert f"test accuracy {result['test_accuracy']:.4f} |" in lines[0]
     assert f"ε = {eps['rdp']:.4f} (rdp; prv {eps['prv']:.4f}, pld {eps['pld']:.4f})" in lines[0]
     assert lines[1] == f"Outputs: {run}/ (config.yaml, metrics.csv, summary.json, model.pt, curves.png)"
@@ -123,7 +129,7 @@ def test_same_seed_same_csv_bytes(seed_run, tmp_path, tiny_mnist_root):
 
 
 def test_disable_dp_epsilon_is_inf(tmp_path, tiny_mnist_root):
-    assert run_cli([*TINY, "--disable-dp", "--epochs", "1", "--batch-size", "10"], tmp_path, tiny_mnist_root) == 0
+    assert run_cli([*TINY, "--disable-dp", "--epochs", "1", "--batch-size", "10", "--k", "600"], tmp_path, tiny_mnist_root) == 0
     rows = read_csv(tmp_path / "mnist" / "mnist_0.15_1.3_1.0_10_1_0.3_600.csv")
     assert rows[0]["Epsilon"] == "inf"
     assert float(rows[0]["Test Accuracy"]) > 0.3  # 60 plain SGD steps: far above chance (0.1)
@@ -132,15 +138,15 @@ def test_disable_dp_epsilon_is_inf(tmp_path, tiny_mnist_root):
 
 
 def test_epsilon_target_calibrates_sigma(tmp_path, tiny_mnist_root):
-    args = ["--k", "600", "--batch-size", "60", "--epochs", "1", "--epsilon", "4", "--quiet"]
+    args = ["--k", "40", "--batch-size", "20", "--epochs", "1", "--epsilon", "4", "--quiet"]
     assert run_cli(args, tmp_path, tiny_mnist_root) == 0
     [csv_path] = (tmp_path / "mnist").iterdir()
     final = float(read_csv(csv_path)[-1]["Epsilon"])
     assert 4 * 0.999 <= final <= 4.0
     [run] = (tmp_path / "runs" / "mnist").iterdir()
     sigma = yaml.safe_load((run / "config.yaml").read_text())["resolved"]["noise_multiplier"]
-    assert csv_path.name == f"mnist_0.15_{sigma:.4g}_1.0_60_1_4.0_600.csv" and sigma != 1.3
-    assert final == pytest.approx(rdp_epsilon(sigma, 0.1, 10, 1e-5), rel=1e-12)
+    assert csv_path.name == f"mnist_0.15_{sigma:.4g}_1.0_20_1_4.0_40.csv" and sigma != 1.3
+    assert final == pytest.approx(rdp_epsilon(sigma, 0.5, 2, 1e-5), rel=1e-12)
 
 
 BAD_INPUTS = [
@@ -176,7 +182,7 @@ def test_bad_input_exits_2_one_line_writes_nothing(args, flag, tmp_path, tiny_mn
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda_is_refused(tmp_path, tiny_mnist_root, capsys):
-    assert run_cli(["--device", "cuda"], tmp_path, tiny_mnist_root) == 2
+    assert run_cli(["--device", "cuda", *TINY], tmp_path, tiny_mnist_root) == 2
     assert "--device" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
@@ -222,12 +228,12 @@ def test_missing_data_offline_says_where_to_put_files(tmp_path, capsys, monkeypa
 def test_python_mnist_py_subprocess(tmp_path, tiny_mnist_root):
     """The seed's command itself, as a user types it (not quiet: per-epoch lines, then the summary)."""
     result = subprocess.run([sys.executable, str(REPO_ROOT / "mnist.py"), "--data-root", str(tiny_mnist_root),
-                             "--k", "200", "--batch-size", "100", "--epochs", "1"],
+                             "--k", "40", "--batch-size", "20", "--epochs", "1"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "ε = " in result.stdout and "δ = 1e-05" in result.stdout
     assert re.search(r"^Epoch   1 \| train loss ", result.stdout, re.M)
-    assert result.stdout.strip().splitlines()[-1] == "Seed CSV: mnist/mnist_0.15_1.3_1.0_100_1_0.3_200.csv"
-    assert (tmp_path / "mnist" / "mnist_0.15_1.3_1.0_100_1_0.3_200.csv").exists()
+    assert result.stdout.strip().splitlines()[-1] == "Seed CSV: mnist/mnist_0.15_1.3_1.0_20_1_0.3_40.csv"
+    assert (tmp_path / "mnist" / "mnist_0.15_1.3_1.0_20_1_0.3_40.csv").exists()
     assert "Traceback" not in result.stderr
     assert "warning: only 2 optimizer steps" in result.stderr  # the small-data advice

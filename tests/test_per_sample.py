@@ -112,9 +112,15 @@ def batch(shape, n: int = 10, classes: int = 3, seed: int = 0, device: str = "cp
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("keep", [True, False], ids=["kept", "bookkeeping"])
 @pytest.mark.parametrize("method", [GHOST, MATERIALISE, GROUPED, "auto"])
 @pytest.mark.parametrize("arch", list(MODELS))
-def test_clipped_sum_equals_opacus(arch, method, device):
+def test_clipped_sum_equals_opacus(arch, method, keep, device, monkeypatch):
+    """Pass 2 both ways: from per-example gradients kept by pass 1, and by book-keeping (none kept)."""
+    import dpvision.engines.ghost as ghost
+
+    if not keep:
+        monkeypatch.setattr(ghost, "KEEP_BUDGET", 0)
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(1)
@@ -239,7 +245,9 @@ def test_wide_resnet_equals_opacus():
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")
 @pytest.mark.parametrize("method", [GHOST, MATERIALISE])
 def test_bf16_close_to_fp32_on_cuda(method):
-    """Mixed precision (bf16 autocast and bf16 per-layer products): clipped sum within 2e-2 of fp32."""
+    """Mixed precision (bf16 autocast and bf16 per-layer products): the clipped sum's error is below 1% of
+    n C, the most n clipped gradients can add up to (relative to the sum itself it can be larger: the
+    examples' gradients partly cancel, their rounding errors do not)."""
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(7)
@@ -248,4 +256,4 @@ def test_bf16_close_to_fp32_on_cuda(method):
     x, y = batch(shape, n=64, device="cuda")
     fp32, _ = manual_clipped_sum(model, x, y, C, method)
     bf16, _ = manual_clipped_sum(model, x, y, C, method, amp_dtype=torch.bfloat16)
-    assert rel(bf16, fp32) < 2e-2
+    assert (bf16 - fp32).norm() < 1e-2 * len(x) * C

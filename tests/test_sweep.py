@@ -204,3 +204,5 @@ def test_plan_names_with_a_varied_field():
         "eps1_seed0_model.activation=tanh", "eps1_seed0_model.activation=relu",
         "baseline_seed0_model.activation=tanh", "baseline_seed0_model.activation=relu"]
     assert {p["target_epsilon"] for p in plan[-2:]} == {None}
+    plan = plan_runs(epsilons=[1.0], seeds=[0], vary=("optim.ema_decay", [None, 0.999]), baseline=False)
+    assert [p["name"] for p in plan] == ["eps1_seed0_optim.ema_decay=null", "eps1_seed0_optim.ema_decay=0.999"]

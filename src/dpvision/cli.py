@@ -124,6 +124,75 @@ def run_train(args: argparse.Namespace, given: Sequence[str]) -> dict:
     return run(train_config(args, given))
 
 
+# ----------------------------------------------------------------------------- dpvision sweep
+def add_sweep_arguments(parser) -> None:
+    parser.add_argument("--epsilons", required=True, help="target ε values, comma-separated (e.g. 0.5,1,3)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 for every point (default: 3)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="sweep folder: runs/, results.csv, frontier.png")
+    parser.add_argument("--vary", default=None, metavar="SECTION.FIELD=V1,V2",
+                        help="also vary one config field over these values")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the non-private baseline runs")
+
+
+def command_line(args, given: Sequence[str]) -> str:
+    """The command as typed (flags in their order), rebuilt from the parsed ``args`` (not ``sys.argv``,
+    which is another program's when ``dpvision.cli.main(argv)`` is called from Python).
+
+    Example:
+        >>> import argparse
+        >>> args = argparse.Namespace(epsilons="1,3", seeds=2, out="out dir", set=["optim.lr=0.2"], quiet=True)
+        >>> command_line(args, ["--epsilons", "--seeds", "--out", "--set", "--quiet"])
+        "dpvision sweep --epsilons 1,3 --seeds 2 --out 'out dir' --set optim.lr=0.2 --quiet"
+    """
+    import shlex
+
+    parts = ["dpvision", "sweep"]
+    for flag in given:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is True:
+            parts.append(flag)
+        elif isinstance(value, list):
+            for item in value:
+                parts += [flag, str(item)]
+        else:
+            parts += [flag, str(value)]
+    return shlex.join(parts)
+
+
+def run_sweep(args, given: Sequence[str]) -> list[dict]:
+    """``dpvision sweep``: the recipe and train flags of ``args``, over ``--epsilons`` and ``--seeds``."""
+    import dataclasses
+    import math
+
+    from dpvision.jobs.config import SECTIONS, parse_value
+    from dpvision.jobs.sweep import MAX_RUNS, SWEEP_FIELDS, label, parse_list, sweep
+
+    epsilons = parse_list(args.epsilons, "--epsilons")
+    if any(not (math.isfinite(e) and e > 0) for e in epsilons):
+        raise ValueError(f"--epsilons must be positive numbers, got {args.epsilons!r}")
+    if not 1 <= args.seeds <= MAX_RUNS:
+        raise ValueError(f"--seeds must be between 1 and {MAX_RUNS}, got {args.seeds}")
+    vary = None
+    if args.vary:
+        key, sep, text = args.vary.partition("=")
+        key = key.strip()
+        if not sep or "." not in key:
+            raise ValueError(f"--vary needs SECTION.FIELD=V1,V2,..., got {args.vary!r}")
+        section, _, name = key.partition(".")
+        if section not in SECTIONS or name not in {f.name for f in dataclasses.fields(SECTIONS[section])}:
+            raise ValueError(f"--vary: {key} is not a setting (use section.field, e.g. optim.lr)")
+        if key in SWEEP_FIELDS:
+            raise ValueError(f"--vary: the sweep sets {key} itself (--epsilons, --seeds); vary another field")
+        values = [parse_value(v) for v in text.split(",") if v.strip()]
+        if not values or len({label(v) for v in values}) != len(values):
+            raise ValueError(f"--vary needs distinct values, got {args.vary!r}")
+        vary = (key, values)
+    base = train_config(args, given)
+    command = command_line(args, given)
+    return sweep(base, epsilons=epsilons, seeds=list(range(args.seeds)), out=args.out, vary=vary,
+                 baseline=not args.no_baseline, command=command)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``dpvision <subcommand> ...``."""
     from dpvision.jobs.errors import run_guarded
@@ -141,11 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = OneLineParser(prog="dpvision", description="Differentially private image classifiers (DP-SGD).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     train = add_train_arguments(sub.add_parser("train", help="train any dataset and model, baseline or DP-SGD"))
-    from dpvision.jobs.sweep import add_sweep_arguments, run_sweep
-
-    sweep = add_train_arguments(sub.add_parser("sweep", help="one recipe over ε values and seeds: the "
+    sweeper = add_train_arguments(sub.add_parser("sweep", help="one recipe over ε values and seeds: the "
                                                "privacy-utility frontier (results.csv, frontier.png, report.md)"))
-    add_sweep_arguments(sweep)
+    add_sweep_arguments(sweeper)
     sub.add_parser("mnist", help="train SampleConvNet on MNIST (the same flags as python mnist.py)", add_help=False)
     from dpvision.audit.cli import add_audit_arguments, run_audit
 
@@ -160,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "train":
         return run_guarded(train, lambda: run_train(args, given_flags(train, argv[1:])))
     if args.command == "sweep":
-        return run_guarded(sweep, lambda: run_sweep(args, given_flags(sweep, argv[1:])))
+        return run_guarded(sweeper, lambda: run_sweep(args, given_flags(sweeper, argv[1:])))
     if args.command == "audit":
         return run_audit(args, audit)
     return args.func(args)

@@ -55,6 +55,9 @@ def resolve_device(name: str):
 
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("run.device must be cpu or auto on this machine (no CUDA device is available), "
+                         "got 'cuda'")
     return torch.device(name)
 
 

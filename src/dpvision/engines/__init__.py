@@ -23,7 +23,8 @@ __all__ = [
 ]  # fmt: skip
 
 
-FAST_ONLY_OPTIONS = ("physical_batch_size", "grad_sample_mode", "cuda_graphs", "static_shapes")  # dropped on fallback
+FAST_ONLY_OPTIONS = ("physical_batch_size", "grad_sample_mode", "cuda_graphs", "static_shapes", "augmult",
+                     "augment_flip")  # dropped on fallback
 AUDIT_OPTIONS = ("canary_gradients", "noise_scale_for_testing")  # fast engine only, never dropped
 
 
@@ -34,6 +35,9 @@ def build_engine(name: str, **kwargs) -> Engine:
     it does not support the model (its own speed options are then ignored).
     """
     if name == "opacus":
+        if kwargs.get("augmult"):
+            raise ValueError("optim.augmult needs the fast engine (run.engine: fast)")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("augmult", "augment_flip")}
         return OpacusEngine(**kwargs)
     if name == "fast":
         from dpvision.engines.fast import FastEngine, fallback_notice  # noqa: PLC0415
@@ -41,7 +45,7 @@ def build_engine(name: str, **kwargs) -> Engine:
         try:
             return FastEngine(**kwargs)
         except UnsupportedModelError as err:
-            if any(kwargs.get(k) not in (None, 1.0) for k in AUDIT_OPTIONS):
+            if any(kwargs.get(k) not in (None, 1.0) for k in AUDIT_OPTIONS) or kwargs.get("augmult"):
                 raise
             fallback_notice(err)
             return OpacusEngine(**{k: v for k, v in kwargs.items() if k not in FAST_ONLY_OPTIONS + AUDIT_OPTIONS})

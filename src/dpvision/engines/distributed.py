@@ -19,7 +19,8 @@ holds the same model and optimizer state and takes the same steps:
   and the gradient sums are all-reduced and divided by the global batch length:
   the mean loss of the global batch, as on one device.
 
-:class:`DistContext` is the only place that talks to ``torch.distributed``. Its
+:class:`DistContext` is dpvision's one door to ``torch.distributed`` (Opacus's ``DPDDP``
+and ``DistributedDPOptimizer`` call it themselves, inside :meth:`DistContext.collective`). Its
 collectives carry a bounded timeout and turn a peer's failure into
 :class:`RankFailureError`, whose message names the failed rank when it can be
 known (a rank that raises records itself in the rendezvous store on its way out,
@@ -96,20 +97,25 @@ class DistContext:
         """Join the process group torchrun describes (RANK, WORLD_SIZE, ...), or a world of one without it.
 
         ``device``: ``"cuda"`` (NCCL, this rank's GPU ``cuda:{LOCAL_RANK}``) or ``"cpu"`` (gloo); by
-        default CUDA when available. A device index is ignored under torchrun: the rank's GPU is the
+        default (or ``"auto"``) CUDA when available. A device index is ignored under torchrun: the rank's GPU is the
         local rank. ``timeout_s`` bounds every collective, and the rendezvous.
         """
+        device = None if device == "auto" else device
         kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
         if kind not in BACKENDS:
             raise ValueError(f"device must be cuda or cpu for distributed training, got {device!r}")
-        missing = [name for name in ENV_VARS if name not in os.environ]
-        if len(missing) == len(ENV_VARS):  # not launched by torchrun: one process
+        if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:  # not launched by torchrun
             return cls(device=torch.device(device) if device is not None else torch.device(kind),
                        timeout_s=timeout_s)
+        missing = [name for name in ENV_VARS if name not in os.environ]
         if missing:
             raise ValueError(f"torchrun environment incomplete: {', '.join(missing)} not set "
                              f"(launch with torchrun, or set all of {', '.join(ENV_VARS)})")
-        rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+        try:
+            rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+        except ValueError:
+            given = ", ".join(f"{k}={os.environ[k]!r}" for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+            raise ValueError(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers, got {given}") from None
         dev = torch.device("cpu")
         if kind == "cuda":
             if not torch.cuda.is_available() or local_rank >= torch.cuda.device_count():
@@ -281,11 +287,6 @@ def to_cpu(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_cpu(v) for v in obj)
     return obj
-
-
-def rank_generator_states(dist: DistContext, states: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-    """Every rank's generator ``states`` (name -> ``get_state()``), in rank order, on every rank."""
-    return dist.all_gather_object(to_cpu(states))
 
 
 def check_world(state: dict, dist: DistContext) -> None:

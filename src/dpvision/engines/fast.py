@@ -57,6 +57,7 @@ from dpvision.data.tensors import ImageTensors
 from dpvision.privacy.accounting import expected_batch_size
 from dpvision.seeding import make_generator
 from dpvision.engines.base import DPSettings, Engine, EpochResult, OptimizerSpec, ProgressFn, UnsupportedModelError
+from dpvision.engines.augmult import AugmultPerSample, augment
 from dpvision.engines.distributed import (
     DistContext, all_reduce_grads_, engine_state, load_engine_state, reduce_epoch_totals, shard_indices,
 )  # fmt: skip
@@ -110,6 +111,9 @@ class FastEngine(Engine):
         pad_sigmas: chunk capacity = E[B] + pad_sigmas sd (default ``PAD_SIGMAS``); overflow -> extra chunk.
         canary_gradients, noise_scale_for_testing: test/audit hooks (module docstring; one process only).
         dist: the data-parallel context (default: one process); ``device`` must be ``dist.device``.
+        augmult: K > 0 trains on K random augmentations of every sampled example, their gradients averaged
+            before clipping (:mod:`dpvision.engines.augmult`: same sensitivity, same accounting); eager only.
+        augment_flip: random horizontal flips among the augmentations (not for digits).
     """
 
     name = "fast"
@@ -121,7 +125,8 @@ class FastEngine(Engine):
                  cuda_graphs: bool | None = None, canary_gradients: torch.Tensor | None = None,
                  noise_scale_for_testing: float = 1.0, static_shapes: bool | None = None,
                  precision: str | None = None, channels_last: bool | None = None,
-                 pad_sigmas: float | None = None, dist: DistContext | None = None) -> None:
+                 pad_sigmas: float | None = None, dist: DistContext | None = None, augmult: int = 0,
+                 augment_flip: bool = False) -> None:
         super().__init__(train_data=train_data, batch_size=batch_size, dp=dp, seed=seed, device=device)
         del num_workers  # no loader: the data is on the device
         dev = self.device
@@ -134,13 +139,16 @@ class FastEngine(Engine):
         kind = dev.type if dev.type in DEFAULT_MAX_PHYSICAL else "cpu"
         if physical_batch_size is not None and physical_batch_size < 1:
             raise ValueError(f"physical_batch_size must be >= 1, got {physical_batch_size}")
-        self.max_physical = physical_batch_size or DEFAULT_MAX_PHYSICAL[kind]
+        self.augmult, self.augment_flip = int(augmult), bool(augment_flip)
+        # K views of every example coexist in memory: K times fewer examples per chunk.
+        self.max_physical = max(1, (physical_batch_size or DEFAULT_MAX_PHYSICAL[kind]) // max(1, self.augmult))
         modes = (grad_sample_mode,) if grad_sample_mode else DEFAULT_GRAD_SAMPLE_MODE[kind]
         if any(m not in BACKENDS for m in modes):
             raise ValueError(f"grad_sample_mode must be one of {tuple(BACKENDS)}, got {grad_sample_mode!r}")
         self.grad_sample_mode = modes[0]
         self.use_graphs = (dev.type == "cuda" and (not dp or "hooks" not in modes)
                            if cuda_graphs is None else bool(cuda_graphs) and dev.type == "cuda")
+        self.use_graphs = self.use_graphs and not self.augmult  # the augmentations draw fresh randomness
         # Static shapes (padded chunks) are what graphs need; eager runs skip the padding.
         self.static_shapes = self.use_graphs if static_shapes is None else bool(static_shapes) or self.use_graphs
         if self.use_graphs and dp and self.grad_sample_mode == "hooks":
@@ -179,6 +187,7 @@ class FastEngine(Engine):
         self.sampling_generator = make_generator(seed, self.dist.stream("sampling"), dev)  # per rank
         self.data_order_generator = make_generator(seed, "data_order", dev)  # shared: one global order
         self.noise_generator = make_generator(seed, "noise", dev)  # drawn from by rank 0 only
+        self.augment_generator = make_generator(seed, self.dist.stream("augment"), dev) if self.augmult else None
         self._loss_sum = torch.zeros((), device=dev)
         self._correct = torch.zeros((), device=dev)
         self._graphs: dict[str, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -215,9 +224,13 @@ class FastEngine(Engine):
                 raise ValueError(f"every canary gradient needs norm <= C = {dp.max_grad_norm}")
             self.canary_gradients = canary
         failures = []
+        if self.augmult:  # per-example gradients of the mean loss over K views (torch.func)
+            modes = ("augmult",)
         for mode in modes:
             try:
-                self.backend = BACKENDS[mode](self.model)
+                self.backend = (AugmultPerSample(self.model, k=self.augmult, flip=self.augment_flip,
+                                                 generator=self.augment_generator) if mode == "augmult"
+                                else BACKENDS[mode](self.model))
                 if self.precision == "bf16" and hasattr(self.backend, "amp_dtype"):
                     self.backend.amp_dtype = torch.bfloat16
                 probe = torch.arange(min(2, len(self.images)), device=dev)
@@ -401,13 +414,16 @@ class FastEngine(Engine):
     def _plain_chunk(self, idx: torch.Tensor, scale: float) -> None:
         with self._numerics(), torch.autocast(self.device.type, dtype=torch.bfloat16,
                                               enabled=self.precision == "bf16"):
-            logits = self.model(self._normalize(self.images[idx])).float()  # [b, classes]
-        labels = self.labels[idx]
+            x, labels, k = self._normalize(self.images[idx]), self.labels[idx], max(1, self.augmult)
+            if self.augmult:  # K views of each example, each weighing 1/K
+                x = augment(x, k=k, flip=self.augment_flip, generator=self.augment_generator).flatten(0, 1)
+                labels = labels.repeat_interleave(k)  # [b K]
+            logits = self.model(x).float()  # [b K, classes]
         loss = F.cross_entropy(logits, labels, reduction="sum")
-        (loss * scale).backward()
+        (loss * (scale / k)).backward()
         with torch.no_grad():
-            self._loss_sum.add_(loss.detach())
-            self._correct.add_((logits.argmax(1) == labels).sum())
+            self._loss_sum.add_(loss.detach() / k)
+            self._correct.add_((logits.argmax(1) == labels).sum() / k)
 
     def _plain_epoch(self, steps: int, progress: ProgressFn | None) -> int:
         self.last_batch_sizes = [len(range(s * self.batch_size, min((s + 1) * self.batch_size, self.num_examples)))
@@ -439,8 +455,11 @@ class FastEngine(Engine):
 
     # ----------------------------------------------------------------- state
     def _generators(self) -> dict[str, torch.Generator]:
-        return {"sampling_generator": self.sampling_generator, "data_order_generator": self.data_order_generator,
-                "noise_generator": self.noise_generator}
+        generators = {"sampling_generator": self.sampling_generator,
+                      "data_order_generator": self.data_order_generator, "noise_generator": self.noise_generator}
+        if self.augment_generator is not None:
+            generators["augment_generator"] = self.augment_generator
+        return generators
 
     def state_dict(self) -> dict:
         """Model, optimizer, generators; distributed, every rank's generators (every rank must call it)."""

@@ -6,30 +6,36 @@ to the layer's output, all from one batched backward), example i's weight gradie
     g_i = G_i^T A_i    [p, d]
 
 with A_i [T, d] the example's input rows (a Linear: its T input vectors; a Conv2d: its T = Ho Wo
-unfolded patches, d = C_in kh kw) and G_i [T, p] its output gradients. Its squared norm, two ways,
-both exact (they differ only by rounding):
+unfolded patches, d = C_in kh kw) and G_i [T, p] its output gradients. Its squared norm, three
+ways, all exact (they differ only by rounding):
 
-* ``"materialise"``: form g_i (one batched product, T d p multiply-adds an example) and sum squares;
+* ``"materialise"``: form g_i (unfolded patches and one batched product, T d p multiply-adds an
+  example) and sum squares;
+* ``"grouped"`` (Conv2d): the same g_i by cuDNN's weight-gradient kernel with the examples as
+  groups (no unfolded patches);
 * ``"ghost"`` (Bu et al., NeurIPS 2022, "Scalable and Efficient Training of Large Convolutional
   Neural Networks with Differential Privacy"): ||G_i^T A_i||_F^2 = sum_{t,s} (A_i A_i^T)_{ts}
-  (G_i G_i^T)_{ts}, two T x T Gram matrices, T^2 (d + p) multiply-adds an example.
+  (G_i G_i^T)_{ts}, two T x T Gram matrices, T^2 (d + p) multiply-adds an example; for a conv the
+  patch Gram comes, when cheaper, from the padded input's Gram over channels (:func:`patch_gram`).
 
-:func:`choose_method` takes the cheaper by the layer's shapes: ghost when T (d + p) < d p, i.e. for
-late, small-resolution, wide layers (WRN-16-4's 8x8 stage), materialise for early ones. Neither keeps
-a per-example gradient beyond its own layer, in chunks of examples bounded by ``PATCH_BUDGET``.
+:func:`choose_method` takes ghost or materialise by multiply-adds (ghost for late, small-resolution,
+wide layers such as WRN-16-4's 8x8 stage, materialise for early ones); on CUDA the backend times the
+candidates once per layer and shape instead. No per-example gradient outlives its layer unless it is
+kept for pass 2 (``KEEP_BUDGET``), and each is formed in chunks of examples bounded by ``PATCH_BUDGET``.
 
-The clipped sum needs no per-example gradient either (the book-keeping of Bu et al., ICML 2023,
+The clipped sum needs no per-example gradient (the book-keeping of Bu et al., ICML 2023,
 "Differentially Private Optimization on Large Model at Small Cost"): with clip factors f [B],
 
     sum_i f_i g_i = sum_i f_i G_i^T A_i = (f * G)^T A
 
 which is the layer's ordinary batch weight gradient with each example's output gradient scaled by
 f_i: one ``aten.convolution_backward`` (cuDNN's weight-gradient kernel) for a Conv2d, one matrix
-product for a Linear. GroupNorm's per-example gradients are [B, C] (sum over space of
-``dz * a_hat`` and of ``dz``): formed once, used for both.
+product for a Linear; or, for a layer whose per-example gradients pass 1 kept, one matrix-vector
+product with them. GroupNorm's per-example gradients are [B, C] (sums over space of ``dz * a_hat``
+and of ``dz``, from the statistics of ``a``): formed once, used for both passes.
 
 Every function takes ``compute_dtype`` (float32, or bfloat16 for mixed precision on CUDA): the
-products run in it, norms are always reduced in float32 and results are returned in float32.
+products run in it; norms are always reduced in float32 and sums accumulated in float32.
 """
 
 from __future__ import annotations
@@ -45,6 +51,9 @@ METHODS = ("auto", GHOST, MATERIALISE, GROUPED)
 # Elements of unfolded patches / Gram matrices / per-example gradients held at once (128 MiB of fp32):
 # larger batches are processed in chunks of examples, so the transient memory stays bounded.
 PATCH_BUDGET = 1 << 25
+# Per-example weight gradients that pass 1 materialised may be kept for pass 2 (one matrix-vector
+# product instead of a weight-gradient call over the activations), up to this many elements in all.
+KEEP_BUDGET = 1 << 25
 
 
 def conv_patches(module: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
@@ -158,23 +167,47 @@ def _ghost_chunk(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, dtype: to
 
 
 def _grouped_chunk(module: nn.Conv2d, a: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
-    """Per-example conv weight gradients by cuDNN's weight-gradient kernel with the examples as groups."""
+    """Per-example conv weight gradients [n, p d] by cuDNN's weight-gradient kernel, the examples as groups.
+
+    For bf16 cuDNN's default algorithm for these grouped shapes was 5-10x slower than the one its
+    benchmark mode finds (H100, benchmarks/NOTES.md), so bf16 searches once per shape; fp32 (TF32) gained
+    nothing from the search and its trial workspaces raised the peak memory by ~1 GB, so it does not.
+    """
     n, c, h, w = a.shape
     p = dz.shape[1]
     weight = a.new_empty((n * p, c, *module.kernel_size))  # shape and dtype only
-    with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False,
-                                    allow_tf32=torch.backends.cudnn.allow_tf32):
+    with torch.backends.cudnn.flags(enabled=True, benchmark=a.dtype in (torch.bfloat16, torch.float16),
+                                    deterministic=False, allow_tf32=torch.backends.cudnn.allow_tf32):
         _, grads, _ = torch.ops.aten.convolution_backward(
             dz.reshape(1, n * p, *dz.shape[2:]), a.reshape(1, n * c, h, w), weight, None, list(module.stride),
             list(module.padding), list(module.dilation), False, [0, 0], n, [False, True, False])
-    return _sum_sq(grads.view(n, -1))
+    return grads.view(n, -1)
 
 
-def weight_norm_sq(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, method: str,
-                   compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """[B] squared norms of the per-example weight gradients of a Linear or Conv2d, by ``method``."""
+def _gram_elements(module: nn.Module, a: torch.Tensor, t: int, d: int) -> int:
+    """Elements per example that ghost's input Gram needs: patches [T, d], or for a conv whose padded-input
+    Gram is smaller (:func:`patch_gram`) that Gram [H_p W_p, H_p W_p]."""
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        if _padded_positions(module, a) ** 2 < t * t * kh * kw:
+            return _padded_positions(module, a) ** 2
+    return t * d
+
+
+def _materialise(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, method: str) -> torch.Tensor:
+    """Per-example weight gradients [n, p d] (in the weight's (out, in...) order) by ``method``."""
+    if method == GROUPED:
+        return _grouped_chunk(module, a, dz)
+    rows, g_rows = _rows(module, a, dz)  # [n, T, d], [n, T, p]
+    return torch.bmm(g_rows.transpose(1, 2), rows).view(len(a), -1)
+
+
+def norms_and_grads(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, method: str,
+                    compute_dtype: torch.dtype = torch.float32, keep: bool = False):
+    """([B] squared norms of the per-example weight gradients of a Linear or Conv2d by ``method``, and with
+    ``keep`` those gradients [B, p d] in ``compute_dtype`` when the method materialises them, else None)."""
     if isinstance(module, nn.Linear) and a.dim() == 2:  # T = 1: ||g_i|| = ||dz_i|| ||a_i||, nothing to choose
-        return _sum_sq(dz) * _sum_sq(a)
+        return _sum_sq(dz) * _sum_sq(a), None
     if method == GROUPED and not isinstance(module, nn.Conv2d):
         method = MATERIALISE
     a, dz = a.to(compute_dtype).contiguous(), dz.to(compute_dtype).contiguous()
@@ -182,22 +215,34 @@ def weight_norm_sq(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, method:
     acc_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
     out = torch.empty(b, device=a.device, dtype=acc_dtype)
     t, d, p = layer_shape(module, a, dz)
-    if method == GHOST:  # held per example: patches (or the padded-input Gram) and two T x T Grams
-        conv = isinstance(module, nn.Conv2d)
-        per_example = max(t * d, _padded_positions(module, a) ** 2 if conv else 0) + 3 * t * t
-    else:
+    if method == GHOST:  # held per example: the input Gram's operand and three T x T Grams/products
+        per_example = _gram_elements(module, a, t, d) + 3 * t * t
+    else:  # patches (not for grouped) and the per-example gradient
         per_example = (0 if method == GROUPED else t * d) + d * p
     step = max(1, PATCH_BUDGET // per_example)
+    if step >= b:  # one chunk: no copies into ``out``
+        if method == GHOST:
+            return _ghost_chunk(module, a, dz, acc_dtype), None
+        grads = _materialise(module, a, dz, method)
+        return _sum_sq(grads), grads if keep else None
+    kept = []
     for s in range(0, b, step):
         a_s, dz_s = a[s:s + step], dz[s:s + step]
         if method == GHOST:
             out[s:s + step] = _ghost_chunk(module, a_s, dz_s, acc_dtype)
-        elif method == GROUPED:
-            out[s:s + step] = _grouped_chunk(module, a_s, dz_s)
-        else:
-            rows, grads = _rows(module, a_s, dz_s)  # [n, T, d], [n, T, p]
-            out[s:s + step] = _sum_sq(torch.bmm(grads.transpose(1, 2), rows))  # [n, p, d]
-    return out
+            continue
+        grads = _materialise(module, a_s, dz_s, method)
+        out[s:s + step] = _sum_sq(grads)
+        if keep:
+            kept.append(grads)
+    grads = None if not kept else kept[0] if len(kept) == 1 else torch.cat(kept)
+    return out, grads
+
+
+def weight_norm_sq(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, method: str,
+                   compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[B] squared norms of the per-example weight gradients of a Linear or Conv2d, by ``method``."""
+    return norms_and_grads(module, a, dz, method, compute_dtype)[0]
 
 
 def layer_method(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, forced: str = "auto") -> str | None:
@@ -210,72 +255,98 @@ def layer_method(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, forced: s
 
 
 def fastest_method(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, compute_dtype: torch.dtype,
-                   slack: float = 4.0) -> str:
-    """The method that runs fastest here (CUDA events, second of two runs each), among those whose
-    multiply-adds are within ``slack`` times the fewest. All are exact: this only picks a speed."""
+                   slack: float = 4.0, repeats: int = 3) -> str:
+    """The method that runs fastest here (CUDA events, fastest of ``repeats`` runs after one warm-up),
+    among those whose multiply-adds are within ``slack`` times the fewest. All are exact: this only
+    picks a speed."""
     costs = method_costs(module, a, dz)
     best, times = min(costs.values()), {}
     for method, cost in costs.items():
         if cost > slack * best:
             continue
-        for _ in range(2):
+        weight_norm_sq(module, a, dz, method, compute_dtype)  # warm-up: allocations, cuDNN's search
+        runs = []
+        for _ in range(repeats):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             weight_norm_sq(module, a, dz, method, compute_dtype)
             end.record()
-        end.synchronize()
-        times[method] = start.elapsed_time(end)
+            runs.append((start, end))
+        runs[-1][1].synchronize()
+        times[method] = min(s.elapsed_time(e) for s, e in runs)
     return min(times, key=times.get)
 
 
 def layer_norm_sq(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, method: str | None,
-                  compute_dtype: torch.dtype) -> torch.Tensor:
-    """[B] squared per-example gradient norms over a Linear's or Conv2d's weight and bias."""
-    sq = weight_norm_sq(module, a, dz, method or MATERIALISE, compute_dtype)
-    if module.bias is not None:  # per-example bias gradient: dz summed over positions, [B, p]
-        sq = sq + _sum_sq(dz.float().reshape(len(dz), -1, dz.shape[-1]).sum(1) if isinstance(module, nn.Linear)
-                          else dz.float().flatten(2).sum(2))
-    return sq
+                  compute_dtype: torch.dtype, keep: bool = False) -> tuple[torch.Tensor, tuple]:
+    """([B] squared per-example gradient norms over a Linear's or Conv2d's weight and bias, ``clipped_sum``'s
+    state: (per-example bias gradients [B, p] in float32 or None, per-example weight gradients or None))."""
+    sq, grads = norms_and_grads(module, a, dz, method or MATERIALISE, compute_dtype, keep)
+    if module.bias is None:
+        return sq, (None, grads)
+    gb = (dz.reshape(len(dz), -1, dz.shape[-1]).sum(1, dtype=torch.float32) if isinstance(module, nn.Linear)
+          else dz.sum((2, 3), dtype=torch.float32))  # dz summed over positions
+    return sq + _sum_sq(gb), (gb, grads)
 
 
 def group_norm_norm_sq(module: nn.GroupNorm, a: torch.Tensor, dz: torch.Tensor):
     """([B] squared norms, (gamma, beta) per-example gradients [B, C] each) of an affine GroupNorm.
 
     gamma_i = sum over space of dz * a_hat with a_hat = (a - mu_g) rstd_g, i.e.
-    rstd_g (sum(dz * a) - mu_g sum(dz)) per channel: one statistics pass over ``a``, no a_hat.
+    rstd_g (sum(dz * a) - mu_g sum(dz)) per channel: statistics of ``a``, no a_hat. A bf16 ``a`` is
+    read as it is (float32 arithmetic, no float32 copy): var = E[a^2] - mu^2 in float32.
     """
     b, c = a.shape[:2]
-    af, dzf = a.float().reshape(b, c, -1), dz.float().reshape(b, c, -1)  # [B, C, S]
-    var, mean = torch.var_mean(af.view(b, module.num_groups, -1), dim=2, correction=0)  # [B, G]
-    per_group = c // module.num_groups
-    mean = mean.repeat_interleave(per_group, dim=1)  # [B, C]
-    rstd = (var + module.eps).rsqrt().repeat_interleave(per_group, dim=1)  # [B, C]
-    gb = dzf.sum(2)  # [B, C]
-    gw = ((dzf * af).sum(2) - mean * gb) * rstd
+    groups = module.num_groups
+    a3, dz3 = a.reshape(b, c, -1), dz.float().reshape(b, c, -1)  # [B, C, S]
+    if a.dtype in (torch.float32, torch.float64):
+        var, mean = torch.var_mean(a3.reshape(b, groups, -1), dim=2, correction=0)  # [B, G]
+    else:
+        ag = a3.reshape(b, groups, -1)  # [B, G, C/G S]
+        mean = ag.sum(2, dtype=torch.float32) / ag.shape[2]
+        var = (torch.linalg.vector_norm(ag, dim=2, dtype=torch.float32).square() / ag.shape[2]
+               - mean.square()).clamp_(min=0)
+    gb = dz3.sum(2)  # [B, C]
+    s_az = (dz3 * a3).sum(2, dtype=torch.float32)  # [B, C]
+    rstd = (var.float() + module.eps).rsqrt()  # [B, G]
+    gw = ((s_az.view(b, groups, -1) - mean.float().unsqueeze(2) * gb.view(b, groups, -1))
+          * rstd.unsqueeze(2)).view(b, c)  # per group of channels, [B, C]
     return _sum_sq(gw) + _sum_sq(gb), (gw, gb)
 
 
-def clipped_sum(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, factors: torch.Tensor, state: object,
-                compute_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """{"weight"/"bias": sum_i f_i g_i in float32, shaped like the parameter} by book-keeping (module docstring)."""
+def add_clipped_sum(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, factors: torch.Tensor, state: tuple,
+                    compute_dtype: torch.dtype, views: dict[str, torch.Tensor]) -> None:
+    """views["weight"/"bias"] (float32, flat) += sum_i f_i g_i, by book-keeping (module docstring).
+
+    ``state``: what the layer's pass 1 kept: per-example GroupNorm (gamma, beta) gradients, or
+    (per-example bias gradients or None, per-example weight gradients or None).
+    """
     b = len(factors)
     if isinstance(module, nn.GroupNorm):
-        gw, gb = state
-        return {"weight": factors @ gw, "bias": factors @ gb}
+        gw, gb = state  # [B, C] each
+        views["weight"].addmv_(gw.t(), factors)
+        views["bias"].addmv_(gb.t(), factors)
+        return
+    gb, grads = state
+    if gb is not None:  # sum_i f_i (per-example bias gradient)
+        views["bias"].addmv_(gb.t(), factors)
+    if grads is not None:  # kept from pass 1 [B, p d]: one matrix-vector product
+        if grads.dtype == factors.dtype:
+            views["weight"].addmv_(grads.t(), factors)
+        else:
+            views["weight"].add_(factors.to(grads.dtype) @ grads)
+        return
     if isinstance(module, nn.Linear):  # small in our models: float32 throughout
         a2 = a.float().reshape(-1, a.shape[-1])  # [B T, in]
         g2 = (dz.float().reshape(b, -1, dz.shape[-1]) * factors.view(b, 1, 1)).reshape(-1, dz.shape[-1])
-        out = {"weight": g2.t() @ a2}  # [out, in]
-        if module.bias is not None:
-            out["bias"] = g2.sum(0)
-        return out
-    scaled = dz.to(compute_dtype) * factors.to(compute_dtype).view(b, 1, 1, 1)  # [B, C_out, Ho, Wo]
+        views["weight"].view(dz.shape[-1], a.shape[-1]).addmm_(g2.t(), a2)  # [out, in]
+        return
+    # The weight gradient is linear in a and in dz per example: scale the smaller of the two by f.
+    f = factors.to(compute_dtype).view(b, 1, 1, 1)
+    a, dz = a.to(compute_dtype), dz.to(compute_dtype)
+    scale_a = a.numel() < dz.numel()
     weight = module.weight.detach().to(compute_dtype)  # shape/dtype only: the weight gradient does not read it
-    _, gw, gb = torch.ops.aten.convolution_backward(
-        scaled, a.to(compute_dtype), weight, [weight.shape[0]] if module.bias is not None else None,
-        list(module.stride), list(module.padding), list(module.dilation), False, [0, 0], 1,
-        [False, True, module.bias is not None])
-    out = {"weight": gw.float()}
-    if module.bias is not None:
-        out["bias"] = gb.float()
-    return out
+    _, gw, _ = torch.ops.aten.convolution_backward(
+        dz if scale_a else dz * f, a * f if scale_a else a, weight, None, list(module.stride),
+        list(module.padding), list(module.dilation), False, [0, 0], 1, [False, True, False])
+    views["weight"].add_(gw.view(-1))

@@ -1,15 +1,14 @@
-"""Per-sample gradients and the clipped sum, two ways.
+"""Per-sample gradients and the clipped sum, three ways.
 
-Both backends compute, for a padded chunk of examples ``x`` [P, C, H, W] with
+Every backend computes, for a padded chunk of examples ``x`` [P, C, H, W] with
 labels ``y`` [P] and weights ``w`` [P] (1 for a sampled example, 0 for padding),
 
     acc += sum_i w_i * min(1, C / (||g_i|| + 1e-6)) * g_i
 
 where ``g_i`` is example i's gradient of its cross-entropy loss, flattened over
-``model.parameters()`` in order (Opacus's flat clipping, same norm order: one
-norm per parameter, then the norm of those). They also add the weighted loss
-sum and number correct into two device scalars, so that an epoch needs no host
-synchronisation to report them.
+``model.parameters()`` in order (Opacus's flat clipping: the norm over all
+parameters). They also add the weighted loss sum and number correct into two
+device scalars, so that an epoch needs no host synchronisation to report them.
 
 * ``VmapPerSample``: ``torch.func.vmap`` over ``torch.func.grad`` of a
   functional call. No hooks, no Python state between calls, so the whole chunk
@@ -17,10 +16,11 @@ synchronisation to report them.
   layers or buffers written in forward.
 * ``HooksPerSample``: Opacus's ``GradSampleModule`` (forward/backward hooks,
   per-layer einsum formulas). Eager only.
-
-* ``ManualPerSample``: hooks of our own that keep layer inputs/outputs, one
-  batched backward to the outputs, and per-layer formulas (Linear, Conv2d,
-  GroupNorm); no wasted parameter gradients; graph-capturable.
+* ``ManualPerSample``: Linear, Conv2d and GroupNorm models. One backward to the
+  layer outputs, exact per-example norms per layer by the cheapest method (ghost
+  norms or that layer's per-example gradients, :mod:`dpvision.engines.ghost`),
+  then the clipped sum as one weighted batch gradient per layer (book-keeping):
+  no per-example gradient of the whole model ever exists. Graph-capturable.
 
 ``benchmarks/NOTES.md`` has the measurements behind the per-device default.
 """
@@ -33,11 +33,15 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
 from dpvision.engines.base import UnsupportedModelError
+from dpvision.engines import ghost
 from dpvision.engines.ghost import (
-    METHODS, clipped_sum, fastest_method, group_norm_norm_sq, layer_method, layer_norm_sq,
+    GHOST, METHODS, add_clipped_sum, fastest_method, group_norm_norm_sq, layer_method, layer_norm_sq,
 )  # fmt: skip
 
 CLIP_EPS = 1e-6  # Opacus's DPOptimizer: factor = min(1, C / (norm + 1e-6))
+# Layers with fewer multiply-adds (B T d p) than this keep the shape rule's method on CUDA too: timing
+# them eagerly would measure kernel-launch overhead, not the GPU time that counts inside a CUDA graph.
+AUTOTUNE_MIN_MACS = 1 << 28
 
 
 def clip_factors(per_param_norms: list[torch.Tensor], max_grad_norm: float, weights: torch.Tensor) -> torch.Tensor:
@@ -123,8 +127,10 @@ class ManualPerSample:
     output gradient ``dz`` (autograd skips the weight gradients nobody asked for). GroupNorm's
     per-example gradients [B, C] are taken by a tensor hook during that backward, so its ``dz`` is
     never kept. Pass 1, per layer (:mod:`dpvision.engines.ghost`): squared per-example norms, by ghost
-    norms or by materialising that layer's per-example gradients, whichever its shapes make cheaper
-    (``method`` forces one for every Linear/Conv2d, for tests). Then the clip factors
+    norms or by materialising that layer's per-example gradients (unfolded patches and one batched
+    product, or cuDNN's grouped weight-gradient kernel): on the CPU whichever the layer's shapes make
+    cheaper, on CUDA whichever ran fastest when timed at the first chunk of that shape (``autotune``;
+    ``method`` forces one for every Linear/Conv2d, for tests). All are exact. Then the clip factors
     f_i = w_i min(1, C / (||g_i|| + 1e-6)). Pass 2, per layer: sum_i f_i g_i as the batch weight
     gradient of the output gradients scaled by f (one cuDNN weight-gradient call per conv). Nothing
     per-example outlives its layer; graph-capturable.
@@ -194,6 +200,7 @@ class ManualPerSample:
     def _group_norm_hook(self, module, a, dz):
         with torch.no_grad():
             self._group_norm[module] = group_norm_norm_sq(module, a, dz)
+        self._store[module] = (None, None)  # its input is not needed any more: let autograd free it
 
     def _forward_backward(self, x: torch.Tensor, y: torch.Tensor):
         """(logits [B, classes], losses [B], {layer: dz} for the layers whose output edge was kept)."""
@@ -216,6 +223,9 @@ class ManualPerSample:
         method = layer_method(module, a, dz, self.method)
         if self.method != "auto" or method is None or a.device.type != "cuda" or not self.autotune:
             return method
+        t, d, p = ghost.layer_shape(module, a, dz)
+        if len(a) * t * d * p < AUTOTUNE_MIN_MACS:
+            return method
         key = (module, tuple(a.shape), a.dtype, tuple(dz.shape), dz.dtype)
         if key not in self._tuned:
             if torch.cuda.is_current_stream_capturing():  # no timing inside a graph capture
@@ -227,10 +237,12 @@ class ManualPerSample:
                    acc_views: list[torch.Tensor], loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
         logits, losses, dzs = self._forward_backward(x, y)
         dtype = self.amp_dtype or torch.float32
-        views = dict(zip(self.entries, acc_views))
+        views: dict[nn.Module, dict[str, torch.Tensor]] = {}
+        for (m, attr), view in zip(self.entries, acc_views):
+            views.setdefault(m, {})[attr] = view
         with torch.no_grad():
             norm_sq = torch.zeros(len(x), device=x.device)  # [B]
-            states = {}
+            states, room = {}, ghost.KEEP_BUDGET  # room: elements of per-example gradients still to keep
             for m in self.layers:  # pass 1: per-example squared norms (a layer the forward skipped: gradient 0)
                 if m in self._group_norm:
                     sq, states[m] = self._group_norm.pop(m)
@@ -240,15 +252,16 @@ class ManualPerSample:
                         sq, states[m] = group_norm_norm_sq(m, a, dzs[m])
                     else:
                         method = self.chosen[self.names[m]] = self._method(m, a, dzs[m], dtype)
-                        sq, states[m] = layer_norm_sq(m, a, dzs[m], method, dtype), None
+                        size = len(x) * m.weight.numel()
+                        keep = method not in (None, GHOST) and size <= room
+                        room -= size if keep else 0
+                        sq, states[m] = layer_norm_sq(m, a, dzs[m], method, dtype, keep)
                 else:
                     continue
                 norm_sq += sq
             factors = clip_factors_sq(norm_sq, max_grad_norm, w)  # [B]
-            for m, state in states.items():  # pass 2: clipped sums by book-keeping
-                a = self._store[m][0]
-                for attr, g in clipped_sum(m, a, dzs.pop(m, None), factors, state, dtype).items():
-                    views[(m, attr)].add_(g.reshape(-1))
+            for m, state in states.items():  # pass 2: clipped sums by book-keeping, into the views
+                add_clipped_sum(m, self._store[m][0], dzs.pop(m, None), factors, state, dtype, views[m])
             loss_sum.add_((losses.detach() * w).sum())
             correct.add_(((logits.detach().argmax(1) == y).float() * w).sum())
         self._store.clear()

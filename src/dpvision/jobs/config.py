@@ -197,6 +197,7 @@ class RunConfig:
     run_name: str | None = None  # None: made from the settings; "-2", "-3", ... when taken
     select: str = "last"  # "best_val": the test set judges the weights of the best validation epoch
     test_every_epoch: bool = True  # False: the test set is evaluated once, at the end
+    evaluate_test: bool = True  # False: the test set is never looked at (tuning on a validation split)
     quiet: bool = False
     tensorboard: bool = False  # also write TensorBoard events next to metrics.csv (optional extra)
 
@@ -210,7 +211,7 @@ class RunConfig:
                   and "/" not in self.run_name and "\\" not in self.run_name and "\0" not in self.run_name,
                   "run.run_name", "a plain folder name (no path separators)", self.run_name)
         _need(self.select in SELECTIONS, "run.select", f"one of {', '.join(SELECTIONS)}", self.select)
-        for name in ("test_every_epoch", "quiet", "tensorboard"):
+        for name in ("test_every_epoch", "evaluate_test", "quiet", "tensorboard"):
             _need(isinstance(getattr(self, name), bool), f"run.{name}", "true or false", getattr(self, name))
 
 
@@ -230,6 +231,10 @@ class TrainConfig:
                                                                                                    "imagefolder"):
             raise ValueError("run.select best_val needs a validation split: set data.val_size > 0 "
                              f"({self.data.dataset} ships none)")
+
+        if not self.run.evaluate_test and self.run.test_every_epoch:
+            raise ValueError("run.evaluate_test false needs run.test_every_epoch false (the test set is not to be "
+                             "looked at)")
 
     def deactivated(self) -> "TrainConfig":
         """The baseline: this config with DP switched off."""

@@ -3,7 +3,8 @@
 * bad input (a flag, a recipe, a data file, a checkpoint of another run): ``prog: error: ...``, exit 2;
 * a full disk or an unwritable path found while running: the path and the reason, exit 2
   (everything already written was written atomically, so nothing is half-written);
-* Ctrl-C: ``prog: interrupted`` and exit 130; the last checkpoint stays usable by ``--resume``.
+* Ctrl-C: ``prog: interrupted`` and exit 130; the last checkpoint stays usable by ``--resume``;
+* another rank of a distributed run failed: the line names it, exit 1.
 
 Example:
     >>> import argparse
@@ -22,6 +23,7 @@ from typing import Callable
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+EXIT_RANK_FAILED = 1  # another process of a distributed run failed: not bad input
 
 
 def one_line(err: BaseException) -> str:
@@ -42,6 +44,13 @@ def run_guarded(parser: argparse.ArgumentParser, fn: Callable[[], object], *,
         print(f"{parser.prog}: interrupted (the last completed epoch is checkpointed: --resume continues it)",
               file=stream, flush=True)
         return EXIT_INTERRUPTED
+    except RuntimeError as err:
+        from dpvision.engines.distributed import RankFailureError
+
+        if not isinstance(err, RankFailureError):
+            raise
+        print(f"{parser.prog}: error: {one_line(err)}", file=stream, flush=True)
+        return EXIT_RANK_FAILED
     except (ValueError, OSError) as err:  # DataError, CheckpointError and friends are ValueErrors
         message = one_line(err)
         print(f"{parser.prog}: error: {translate(message) if translate else message}", file=stream, flush=True)

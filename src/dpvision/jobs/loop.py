@@ -104,9 +104,18 @@ class Checkpointer:
         return self.path.exists()
 
     def save(self, *, engine: Engine, ledger: PrivacyLedger, epoch: int, steps: int,
-             extra: Mapping[str, Any] | None = None) -> None:
-        save_checkpoint(self.path, engine_state=engine.state_dict(), ledger_state=ledger.state_dict(),
+             extra: Mapping[str, Any] | None = None, engine_state: Mapping[str, Any] | None = None) -> None:
+        """Write the checkpoint. ``engine_state``: ``engine.state_dict()`` taken already (a distributed
+        engine gathers every rank's generators in it, so every rank must have called it)."""
+        state = engine.state_dict() if engine_state is None else engine_state
+        save_checkpoint(self.path, engine_state=state, ledger_state=ledger.state_dict(),
                         epoch=epoch, steps=steps, config=self.config, fingerprint=self.fingerprint, extra=extra)
+
+    def read(self, map_location) -> dict[str, Any] | None:
+        """The checkpoint (refused if another config wrote it), or ``None`` when there is none yet."""
+        if not self.exists():
+            return None
+        return load_checkpoint(self.path, fingerprint=self.fingerprint, map_location=map_location)
 
     def restore(self, engine: Engine, ledger: PrivacyLedger) -> dict[str, Any] | None:
         """Load the checkpoint into ``engine`` and ``ledger``; ``None`` when there is none yet.
@@ -115,9 +124,9 @@ class Checkpointer:
         replaced by the saved one: steps of an interrupted epoch after the checkpoint
         were never released and are replayed with the same generator states.
         """
-        if not self.exists():
+        state = self.read(engine.device)
+        if state is None:
             return None
-        state = load_checkpoint(self.path, fingerprint=self.fingerprint, map_location=engine.device)
         engine.load_state_dict(state["engine"])
         ledger.load_state_dict(state["ledger"])
         return state

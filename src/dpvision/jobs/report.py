@@ -53,7 +53,9 @@ def final_line(summary: Mapping[str, Any]) -> str:
         privacy = "no DP (ε = ∞)"
     chosen = f" (best validation epoch {summary['best_epoch']})" if summary.get("test_accuracy_last") is not None \
         else ""
-    return (f"Done in {summary['wall_seconds']:.1f}s: test accuracy {summary['test_accuracy']:.4f}{chosen} | "
+    judged = (f"test accuracy {summary['test_accuracy']:.4f}{chosen}" if not math.isnan(summary["test_accuracy"])
+              else f"validation accuracy {summary['val_accuracy']:.4f} (test set not evaluated)")
+    return (f"Done in {summary['wall_seconds']:.1f}s: {judged} | "
             f"{privacy}\nOutputs: {summary['run_dir']}/ (config.yaml, metrics.csv, summary.json, model.pt, "
             "curves.png)")
 
@@ -84,6 +86,7 @@ def summarize(config, plan, data, engine, device, rows, epsilons, *, test_loss, 
         "target_epsilon": config.dp.target_epsilon, "max_epsilon": config.dp.max_epsilon,
         "stopped_early": stop_reason is not None, "stop_reason": stop_reason, "resumed": resumed,
         "train_accuracy": rows[-1]["train_accuracy"] if rows else math.nan,
+        "val_accuracy": rows[-1]["val_accuracy"] if rows else math.nan,
         "num_train": plan.num_train, "num_val": len(data.val) if data.val is not None else 0,
         "num_test": len(data.test), "class_names": list(data.class_names),
         "engine": engine.name, "device": str(device), "seed": config.run.seed,

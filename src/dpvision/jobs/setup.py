@@ -151,8 +151,8 @@ def few_steps_advice(config: TrainConfig, plan: PrivacyPlan) -> str | None:
             f"--epochs {epochs} ({epochs * per_epoch} steps)")
 
 
-def build(config: TrainConfig, data: Data, plan: PrivacyPlan, device):
-    """The model (seeded initialisation) and the engine that trains it."""
+def build(config: TrainConfig, data: Data, plan: PrivacyPlan, device, dist=None):
+    """The model (seeded initialisation) and the engine that trains it (on this rank's share, under ``dist``)."""
     from dpvision.engines import DPSettings, OptimizerSpec, build_engine
     from dpvision.models import build_model
 
@@ -167,5 +167,8 @@ def build(config: TrainConfig, data: Data, plan: PrivacyPlan, device):
     optimizer = OptimizerSpec(name=optim.name, lr=optim.lr, momentum=optim.momentum if optim.name == "sgd" else 0.0,
                               schedule=optim.schedule, warmup_steps=round(optim.warmup_epochs * plan.steps_per_epoch),
                               total_steps=optim.epochs * plan.steps_per_epoch)
+    extra = {"dist": dist} if dist is not None and dist.is_distributed else {}
+    if optim.augmult:  # digits must not be mirrored; clothes, objects and faces may
+        extra.update(augmult=optim.augmult, augment_flip=config.data.dataset != "mnist")
     return build_engine(config.run.engine, model=model, train_data=train, batch_size=optim.batch_size,
-                        optimizer=optimizer, dp=dp, seed=config.run.seed, device=device)
+                        optimizer=optimizer, dp=dp, seed=config.run.seed, device=device, **extra)

@@ -17,7 +17,6 @@ Example:
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -45,7 +44,7 @@ def parse_list(text: str, flag: str, kind=float) -> list:
     return values
 
 
-def _label(value: Any) -> str:
+def label(value: Any) -> str:
     if value is None:
         return "null"  # as YAML and --set write it
     return f"{value:g}" if isinstance(value, float) else str(value)
@@ -55,8 +54,8 @@ def plan_runs(*, epsilons: Sequence[float], seeds: Sequence[int], vary: tuple[st
               baseline: bool) -> list[dict]:
     """The runs of a sweep, each ``{"name", "target_epsilon", "seed", "value"}`` (value: of the varied field)."""
     values = vary[1] if vary else [None]
-    suffix = (lambda v: f"_{vary[0]}={_label(v)}") if vary else (lambda v: "")
-    runs = [{"name": f"eps{_label(eps)}_seed{seed}{suffix(v)}", "target_epsilon": eps, "seed": seed, "value": v}
+    suffix = (lambda v: f"_{vary[0]}={label(v)}") if vary else (lambda v: "")
+    runs = [{"name": f"eps{label(eps)}_seed{seed}{suffix(v)}", "target_epsilon": eps, "seed": seed, "value": v}
             for eps in epsilons for v in values for seed in seeds]
     if baseline:
         runs += [{"name": f"baseline_seed{seed}{suffix(v)}", "target_epsilon": None, "seed": seed, "value": v}
@@ -144,76 +143,9 @@ def _result_row(point: dict, vary, summary: dict, folder: Path) -> dict:
     epsilons = summary.get("epsilons", {})
     return {
         "name": point["name"], "target_epsilon": point["target_epsilon"] if point["target_epsilon"] else math.inf,
-        "seed": point["seed"], "vary": vary[0] if vary else "", "value": "" if not vary else _label(point["value"]),
+        "seed": point["seed"], "vary": vary[0] if vary else "", "value": "" if not vary else label(point["value"]),
         "test_accuracy": number(summary["test_accuracy"]), "epsilon": number(summary["epsilon"]),
         **{f"epsilon_{k}": number(epsilons.get(k, math.inf)) for k in ("rdp", "prv", "pld")},
         "delta": number(summary["delta"]), "noise_multiplier": number(summary["noise_multiplier"]),
         "steps": int(summary["steps"]), "wall_seconds": number(summary["wall_seconds"]), "run_dir": str(folder),
     }
-
-
-def add_sweep_arguments(parser) -> None:
-    parser.add_argument("--epsilons", required=True, help="target ε values, comma-separated (e.g. 0.5,1,3)")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 for every point (default: 3)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="sweep folder: runs/, results.csv, frontier.png")
-    parser.add_argument("--vary", default=None, metavar="SECTION.FIELD=V1,V2",
-                        help="also vary one config field over these values")
-    parser.add_argument("--no-baseline", action="store_true", help="skip the non-private baseline runs")
-
-
-def command_line(args, given: Sequence[str]) -> str:
-    """The command as typed (flags in their order), rebuilt from the parsed ``args`` (not ``sys.argv``,
-    which is another program's when ``dpvision.cli.main(argv)`` is called from Python).
-
-    Example:
-        >>> import argparse
-        >>> args = argparse.Namespace(epsilons="1,3", seeds=2, out="out dir", set=["optim.lr=0.2"], quiet=True)
-        >>> command_line(args, ["--epsilons", "--seeds", "--out", "--set", "--quiet"])
-        "dpvision sweep --epsilons 1,3 --seeds 2 --out 'out dir' --set optim.lr=0.2 --quiet"
-    """
-    import shlex
-
-    parts = ["dpvision", "sweep"]
-    for flag in given:
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is True:
-            parts.append(flag)
-        elif isinstance(value, list):
-            for item in value:
-                parts += [flag, str(item)]
-        else:
-            parts += [flag, str(value)]
-    return shlex.join(parts)
-
-
-def run_sweep(args, given: Sequence[str]) -> list[dict]:
-    """``dpvision sweep``: the recipe and train flags of ``args``, over ``--epsilons`` and ``--seeds``."""
-    import dataclasses
-
-    from dpvision.cli import train_config
-    from dpvision.jobs.config import SECTIONS, parse_value
-
-    epsilons = parse_list(args.epsilons, "--epsilons")
-    if any(not (math.isfinite(e) and e > 0) for e in epsilons):
-        raise ValueError(f"--epsilons must be positive numbers, got {args.epsilons!r}")
-    if not 1 <= args.seeds <= MAX_RUNS:
-        raise ValueError(f"--seeds must be between 1 and {MAX_RUNS}, got {args.seeds}")
-    vary = None
-    if args.vary:
-        key, sep, text = args.vary.partition("=")
-        key = key.strip()
-        if not sep or "." not in key:
-            raise ValueError(f"--vary needs SECTION.FIELD=V1,V2,..., got {args.vary!r}")
-        section, _, name = key.partition(".")
-        if section not in SECTIONS or name not in {f.name for f in dataclasses.fields(SECTIONS[section])}:
-            raise ValueError(f"--vary: {key} is not a setting (use section.field, e.g. optim.lr)")
-        if key in SWEEP_FIELDS:
-            raise ValueError(f"--vary: the sweep sets {key} itself (--epsilons, --seeds); vary another field")
-        values = [parse_value(v) for v in text.split(",") if v.strip()]
-        if not values or len({_label(v) for v in values}) != len(values):
-            raise ValueError(f"--vary needs distinct values, got {args.vary!r}")
-        vary = (key, values)
-    base = train_config(args, given)
-    command = command_line(args, given)
-    return sweep(base, epsilons=epsilons, seeds=list(range(args.seeds)), out=args.out, vary=vary,
-                 baseline=not args.no_baseline, command=command)

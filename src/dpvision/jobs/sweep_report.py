@@ -36,6 +36,7 @@ def frontier_figure(rows: Sequence[dict], *, vary: str | None):
     values = sorted({key[0] for key in stats}, key=str)
     for value in values:
         points = sorted((eps, key) for key in stats if key[0] == value and math.isfinite(eps := key[1]))
+        color = "gray" if not vary else None  # with --vary: the baseline takes its curve's colour
         if points:
             eps = [p[0] for p in points]
             accs = [[float(r["test_accuracy"]) for r in rows if (r["value"], r["target_epsilon"]) == key]
@@ -43,14 +44,21 @@ def frontier_figure(rows: Sequence[dict], *, vary: str | None):
             means = [statistics.fmean(a) for a in accs]
             err = [[m - min(a) for m, a in zip(means, accs)], [max(a) - m for m, a in zip(means, accs)]]
             label = f"{vary} = {value}" if vary else "DP-SGD"
-            ax.errorbar(eps, means, yerr=err, marker="o", capsize=3, label=f"{label} (mean, min-max over seeds)")
+            bars = ax.errorbar(eps, means, yerr=err, marker="o", capsize=3, label=f"{label} (mean, min-max over seeds)")
+            color = color or bars.lines[0].get_color()
         base = stats.get((value, math.inf))
         if base is not None:
-            line = ax.axhline(base[0], linestyle="--", color="gray" if not vary else None,
+            line = ax.axhline(base[0], linestyle="--", color=color,
                               label=f"no DP{f' ({vary} = {value})' if vary else ''}: {base[0]:.4f}")
             if base[1] > 0:
                 ax.axhspan(base[0] - base[1], base[0] + base[1], alpha=0.15, color=line.get_color())
     ax.set_xscale("log")
+    ticks = sorted({key[1] for key in stats if math.isfinite(key[1])})
+    if ticks:  # the ε values themselves, not 2 x 10^0
+        from matplotlib.ticker import NullFormatter
+
+        ax.set_xticks(ticks, labels=[f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("ε (target; δ as in the recipe)")
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3, which="both")

@@ -76,8 +76,11 @@ def evaluate_split(model, data, config: TrainConfig, device) -> tuple[float, flo
     return evaluate(model, data, batch_size=config.optim.eval_batch_size, device=device)
 
 
-def validate(config: TrainConfig):
-    """Every check that can fail before anything is written; returns ``(data, plan, device)``."""
+def validate(config: TrainConfig, dist=None):
+    """Every check that can fail before anything is written; returns ``(data, plan, device)``.
+
+    ``dist``: the data-parallel context; its device is this rank's (``cuda:LOCAL_RANK`` under torchrun).
+    """
     from dpvision.cli_support import resolve_device
     from dpvision.models import check_model_options
 
@@ -86,7 +89,7 @@ def validate(config: TrainConfig):
 
         if importlib.util.find_spec("tensorboard") is None:
             raise ValueError("run.tensorboard needs the tensorboard package: pip install 'dpvision[tensorboard]'")
-    device = resolve_device(config.run.device)
+    device = dist.device if dist is not None else resolve_device(config.run.device)
     data = load_data(config)
     check_model_options(config.model.name, in_channels=int(data.train.images.shape[1]),
                         num_classes=len(data.class_names), image_size=int(data.train.images.shape[-1]),
@@ -110,43 +113,69 @@ def run(config: TrainConfig | None = None, *, resume: str | os.PathLike | None =
     prints its own). ``on_rows(run_dir, rows)`` is called whenever
     ``metrics.csv`` changes (the MNIST seed derives its CSV there).
     """
+    from dpvision.engines.distributed import DistContext
+
+    device_name = (overrides or {}).get("run.device") or (config.run.device if config is not None else "auto")
+    # Under torchrun: one process per GPU (or CPU rank); alone: a world of one, today's code path.
+    with DistContext.from_env(device=device_name) as dist:
+        return _run(config, dist, resume=resume, group=group, run_name=run_name, overrides=overrides,
+                    front_end=front_end, announce=announce, on_rows=on_rows, hook=hook)
+
+
+def _run(config, dist, *, resume, group, run_name, overrides, front_end, announce, on_rows, hook) -> dict:
     from dpvision.privacy import PrivacyLedger
     from dpvision.seeding import seed_everything
 
-    if resume is not None:
-        config, saved = restore(resume, overrides or {})
+    if resume is not None:  # rank 0 reads the run folder (on another node there may be none)
+        config, saved = dist.broadcast_object(restore(resume, overrides or {}) if dist.is_main else None)
         sigma = float(saved["noise_multiplier"])  # exactly as the run used it (no recalibration)
         if config.dp.enabled:
             config_for_plan = replace(config, dp=replace(config.dp, target_epsilon=None, noise_multiplier=sigma))
         else:
             config_for_plan = config
-        data, plan, device = validate(config_for_plan)
+        data, plan, device = validate(config_for_plan, dist)
         if data.fingerprint != saved.get("data_fingerprint"):
             raise ValueError(f"data.root {config.data.root!r} does not hold the training data the run in "
                              f"{str(resume)!r} was trained on (fingerprint {data.fingerprint[:12]}... vs "
                              f"{str(saved.get('data_fingerprint'))[:12]}...); point it at the original data")
     else:
         assert config is not None, "give a config or a run folder to resume"
-        data, plan, device = validate(config)
+        from dpvision.cli_support import check_can_create_dir
+
+        # Before loading any data (creates nothing); rank 0 tries, every rank gets its verdict.
+        problem = None
+        if dist.is_main:
+            try:
+                check_can_create_dir(config.run.runs_dir, "run.runs_dir")
+            except ValueError as err:
+                problem = str(err)
+        problem = dist.broadcast_object(problem)
+        if problem:
+            raise ValueError(problem)
+        data, plan, device = validate(config, dist)
         advice = few_steps_advice(config, plan)
-        if advice and not config.run.quiet:
+        if advice and not config.run.quiet and dist.is_main:
             print(f"warning: {advice}", file=sys.stderr, flush=True)
 
     seed_everything(config.run.seed)  # weight initialisation draws from torch's global generator
-    engine = build(config, data, plan, device)
+    engine = build(config, data, plan, device, dist)
     ledger = PrivacyLedger()
     ema = None
     if config.optim.ema_decay is not None:
         ema = WeightAverage(engine.model, config.optim.ema_decay)
         ema.attach(getattr(engine.optimizer, "original_optimizer", engine.optimizer))  # under Opacus: the inner one
-    run_dir, checkpointer = open_run(config, plan, data, engine, device, resume=resume, group=group,
-                                     run_name=run_name, front_end=front_end, columns=METRIC_COLUMNS)
+    run_dir = checkpointer = None  # only rank 0 writes the run folder
+    if dist.is_main:
+        run_dir, checkpointer = open_run(config, plan, data, engine, device, resume=resume, group=group,
+                                         run_name=run_name, front_end=front_end, columns=METRIC_COLUMNS)
+    run_path = dist.broadcast_object(str(run_dir.path) if run_dir else None)
     try:
-        summary = _train_run(config, data, plan, device, engine, ledger, ema, run_dir, checkpointer,
-                             resume=resume, on_rows=on_rows, hook=hook)
+        summary = _train_run(config, data, plan, device, engine, ledger, ema, run_dir, checkpointer, dist,
+                             run_path, resume=resume, on_rows=on_rows, hook=hook)
     finally:
-        run_dir.unlock()
-    if announce:
+        if run_dir is not None:
+            run_dir.unlock()
+    if announce and dist.is_main:
         print(final_line(summary), flush=True)
     return summary
 
@@ -156,14 +185,26 @@ def judged(ema: WeightAverage | None, model):
     return ema.applied() if ema is not None else contextlib.nullcontext(model)
 
 
-def _train_run(config, data, plan, device, engine, ledger, ema, run_dir, checkpointer, *, resume, on_rows,
-               hook) -> dict:
+def _restore(engine, ledger, checkpointer, dist) -> dict | None:
+    """Rank 0 reads the checkpoint; every rank loads it (the engine scatters each rank's generators)."""
+    state = checkpointer.read(engine.device) if dist.is_main else None
+    if not dist.broadcast_object(state is not None):
+        return None
+    engine.load_state_dict(state["engine"] if dist.is_main else None)
+    shared = dist.broadcast_object({k: state[k] for k in ("epoch", "steps", "ledger", "extra")} if dist.is_main
+                                   else None)
+    ledger.load_state_dict(shared["ledger"])
+    return shared
+
+
+def _train_run(config, data, plan, device, engine, ledger, ema, run_dir, checkpointer, dist, run_path, *, resume,
+               on_rows, hook) -> dict:
     from dpvision.jobs.loop import epsilon_columns
     from dpvision.jobs.report import TensorBoardLog
     from dpvision.privacy import PrivacyBudget
     from dpvision.runs import atomic_torch_save
 
-    state = checkpointer.restore(engine, ledger) if resume is not None else None
+    state = _restore(engine, ledger, checkpointer, dist) if resume is not None else None
     extra = state["extra"] if state else {}
     rows: list[dict] = list(extra.get("metrics", []))
     stop_reason: str | None = extra.get("stop_reason")
@@ -172,7 +213,8 @@ def _train_run(config, data, plan, device, engine, ledger, ema, run_dir, checkpo
     if ema is not None and "ema" in extra:
         ema.load_state_dict(extra["ema"])
     start_epoch = state["epoch"] + 1 if state else 1
-    if resume is not None:  # the folder holds exactly the checkpointed epochs
+    main = dist.is_main
+    if resume is not None and main:  # the folder holds exactly the checkpointed epochs
         run_dir.rewrite_metrics(rows)
         if best_state is not None:
             atomic_torch_save(best_state, run_dir.path / BEST_MODEL)
@@ -181,14 +223,15 @@ def _train_run(config, data, plan, device, engine, ledger, ema, run_dir, checkpo
     budget = None
     if plan.dp and config.dp.max_epsilon is not None:
         budget = PrivacyBudget(max_epsilon=config.dp.max_epsilon, delta=plan.delta, accountant=config.dp.accountant)
-    tensorboard = TensorBoardLog(run_dir.path) if config.run.tensorboard else None
-    quiet = config.run.quiet
+    tensorboard = TensorBoardLog(run_dir.path) if config.run.tensorboard and main else None
+    quiet = config.run.quiet or not main  # one voice: rank 0's
     if not quiet:
         mode = "no DP (baseline)" if not plan.dp else (
             f"DP-SGD: sigma={plan.noise_multiplier:.6g}, C={plan.max_grad_norm:g}, q={plan.sample_rate:.6g}, "
             f"{plan.steps_per_epoch} steps/epoch, delta={plan.delta:.3g}, {config.dp.accountant} accountant")
         verb = f"Resuming at epoch {start_epoch}:" if resume is not None else "Training"
-        print(f"{verb} {config.model.name} on {plan.num_train} {config.data.dataset} images on {device} "
+        ranks = f" x {dist.world_size} processes" if dist.is_distributed else ""
+        print(f"{verb} {config.model.name} on {plan.num_train} {config.data.dataset} images on {device}{ranks} "
               f"[{engine.name} engine] with {mode}; run folder {run_dir.path}", flush=True)
 
     started = time.perf_counter()
@@ -221,10 +264,15 @@ def _train_run(config, data, plan, device, engine, ledger, ema, run_dir, checkpo
             "accountant": config.dp.accountant, **epsilons,
         })
         # Checkpoint first, then write and print: nothing about an epoch is released
-        # before the state that produced it is saved (docs/privacy.md).
-        checkpointer.save(engine=engine, ledger=ledger, epoch=epoch, steps=ledger.steps, extra={
-            "metrics": rows, "stop_reason": stop_reason, "best_epoch": best_epoch, "best_val_accuracy": best_val,
-            "best_state": best_state, **({"ema": ema.state_dict()} if ema is not None else {})})
+        # before the state that produced it is saved (docs/privacy.md). Every rank takes the
+        # engine's state (it gathers every rank's generators); rank 0 writes it.
+        engine_state = engine.state_dict()
+        if not main:
+            continue
+        checkpointer.save(engine=engine, ledger=ledger, epoch=epoch, steps=ledger.steps, engine_state=engine_state,
+                          extra={"metrics": rows, "stop_reason": stop_reason, "best_epoch": best_epoch,
+                                 "best_val_accuracy": best_val, "best_state": best_state,
+                                 **({"ema": ema.state_dict()} if ema is not None else {})})
         if improved:
             atomic_torch_save(best_state, run_dir.path / BEST_MODEL)
         run_dir.append_metrics(rows[-1])
@@ -241,32 +289,41 @@ def _train_run(config, data, plan, device, engine, ledger, ema, run_dir, checkpo
     if tensorboard:
         tensorboard.close()
     with judged(ema, engine.model) as model:
-        return _finish(config, data, plan, device, engine, model, ledger, run_dir, rows, stop_reason, resume,
-                       best_epoch, best_val, best_state, started)
+        summary = _finish(config, data, plan, device, engine, model, ledger, run_dir, run_path, rows, stop_reason,
+                          resume, best_epoch, best_val, best_state, started)
+    dist.barrier()  # the others wait until rank 0 has written everything
+    return summary
 
 
-def _finish(config, data, plan, device, engine, model, ledger, run_dir, rows, stop_reason, resume, best_epoch,
-            best_val, best_state, started) -> dict:
-    """Save the final weights, judge the selected ones on the test set, write summary and plot."""
+def _finish(config, data, plan, device, engine, model, ledger, run_dir, run_path, rows, stop_reason, resume,
+            best_epoch, best_val, best_state, started) -> dict:
+    """Save the final weights, judge the selected ones on the test set, write summary and plot (rank 0)."""
     from dpvision.jobs.loop import epsilon_columns
     from dpvision.jobs.plots import plot_curves
 
-    run_dir.save_model(model)  # model.pt: the last epoch (its moving average with optim.ema_decay)
+    if run_dir is not None:
+        run_dir.save_model(model)  # model.pt: the last epoch (its moving average with optim.ema_decay)
     test_accuracy_last = None
     if config.run.select == "best_val" and best_state is not None:
-        _, test_accuracy_last, _ = evaluate_split(model, data.test, config, device)
+        if config.run.evaluate_test:
+            _, test_accuracy_last, _ = evaluate_split(model, data.test, config, device)
         model.load_state_dict(best_state)  # training is over: judge the selected weights
-    test_loss, test_accuracy, predictions = evaluate_split(model, data.test, config, device)
-    labels = data.test.labels
-    per_class = group_accuracy(predictions, labels, [data.class_names[int(y)] for y in labels])
-    per_group = group_accuracy(predictions, labels, list(data.test_groups)) if data.test_groups else None
+    per_class = per_group = None
+    test_loss, test_accuracy = math.nan, math.nan
+    if config.run.evaluate_test:
+        test_loss, test_accuracy, predictions = evaluate_split(model, data.test, config, device)
+        labels = data.test.labels
+        per_class = group_accuracy(predictions, labels, [data.class_names[int(y)] for y in labels])
+        per_group = group_accuracy(predictions, labels, list(data.test_groups)) if data.test_groups else None
     epsilons = epsilon_columns(ledger, delta=plan.delta, dp=plan.dp)
     summary = summarize(config, plan, data, engine, device, rows, epsilons, test_loss=test_loss,
                         test_accuracy=test_accuracy, per_class=per_class, per_group=per_group,
                         test_accuracy_last=test_accuracy_last, best_epoch=best_epoch, best_val=best_val,
                         stop_reason=stop_reason, resumed=resume is not None,
                         steps=ledger.steps if plan.dp else len(rows) * engine.steps_per_epoch,
-                        wall_seconds=time.perf_counter() - started, run_dir=run_dir.path)
+                        wall_seconds=time.perf_counter() - started, run_dir=run_path)
+    if run_dir is None:  # not rank 0
+        return summary
     title = f"{config.data.dataset} / {config.model.name}: " + (
         f"σ={plan.noise_multiplier:.3g}, C={plan.max_grad_norm:g}, q={plan.sample_rate:.3g}, δ={plan.delta:.2g}"
         if plan.dp else "no DP")

@@ -30,6 +30,7 @@ from dpvision.privacy.bounds import (
     PRV_DELTA_ERROR_FACTOR,
     PRV_EPS_ERROR,
     AccountantWorkError,
+    History,
     check_noise_multiplier,  # noqa: F401  (re-exported: front-ends validate σ through accounting)
     min_noise_multiplier,
     skip_reason,
@@ -38,8 +39,6 @@ from dpvision.privacy.bounds import (
 ACCOUNTANTS = ("rdp", "prv", "pld")
 BATCH_SIZE_RTOL = 1e-12  # float error allowed in N * q before it is floored (q not of the form 1/m)
 AUTO_DELTA_FACTOR = 10  # --delta auto: δ = 1 / (10 N), well below the 1/N where DP stops meaning much
-
-History = tuple[tuple[float, float, int], ...]
 
 
 def poisson_sample_rate(num_examples: int, batch_size: int) -> float:
@@ -50,7 +49,12 @@ def poisson_sample_rate(num_examples: int, batch_size: int) -> float:
 
 
 def steps_per_epoch(sample_rate: float) -> int:
-    """Steps in one epoch, exactly as Opacus's UniformWithReplacementSampler counts them."""
+    """Steps in one epoch, exactly as Opacus's UniformWithReplacementSampler counts them.
+
+    int(1 / q) in floating point: for some m (93, 99, 105, ...) int(1 / (1/m)) = m - 1, so
+    such an epoch is one step short in both engines. ε is unaffected: the ledger records
+    the steps actually taken, each at rate q.
+    """
     return int(1 / sample_rate)
 
 
@@ -202,19 +206,22 @@ def _evaluate(history: History, delta: float, accountant: str) -> tuple[float, s
     if max(s for s, _, _ in history) > MAX_NOISE_MULTIPLIER:
         history = tuple((min(s, MAX_NOISE_MULTIPLIER), q, n) for s, q, n in history)
         note = f"sigma above {MAX_NOISE_MULTIPLIER:g} counted as {MAX_NOISE_MULTIPLIER:g} (a conservative upper bound)"
-    if accountant != "rdp":
-        reason = skip_reason(history, delta=delta, accountant=accountant)
-        if reason is not None:
-            return math.inf, reason, True
     try:
+        if accountant != "rdp":
+            reason = skip_reason(history, delta=delta, accountant=accountant)
+            if reason is not None:
+                return math.inf, reason, True
         value = _epsilon(history, delta, accountant)
     except (ValueError, RuntimeError, ArithmeticError) as err:
-        # PRV's and PLD's numerics may still fail at the edges of their range. ∞ is a valid,
-        # if useless, upper bound: never report less than spent. RDP must not fail in range.
+        # PRV's and PLD's numerics may still fail at the edges of their range (δ near 1, or so
+        # small that δ/1000 underflows). ∞ is a valid, if useless, upper bound: never report
+        # less than spent. RDP must not fail in range.
         if accountant == "rdp":
             raise
         warnings.warn(f"{accountant} accountant failed ({err}); reporting epsilon = inf", stacklevel=3)
-        return math.inf, f"{accountant} failed: {err}", False
+        return math.inf, f"{accountant} failed: {err or type(err).__name__}", False
+    if value == math.inf and note is None:
+        note = f"{accountant} gives epsilon = inf at delta = {delta:g}"
     return max(value, 0.0), note, False
 
 
@@ -231,10 +238,12 @@ def _epsilon(history: History, delta: float, accountant: str) -> float:
 
     acc = create_accountant(mechanism=accountant)
     acc.history = list(history)
-    warnings.filterwarnings("ignore", message="Optimal order is the")  # RDP at large σ: still a valid bound
-    if accountant == "prv":  # the error settings bounds.grid_points predicts the grid from
-        return float(acc.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR, delta_error=delta * PRV_DELTA_ERROR_FACTOR))
-    return float(acc.get_epsilon(delta=delta))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the")  # RDP at large σ: still a valid bound
+        if accountant == "prv":  # the error settings bounds.grid_points predicts the grid from
+            return float(acc.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR,
+                                         delta_error=delta * PRV_DELTA_ERROR_FACTOR))
+        return float(acc.get_epsilon(delta=delta))
 
 
 @dataclass
@@ -322,19 +331,19 @@ def calibrate_noise_multiplier(
         return compute_epsilon([(sigma, sample_rate, steps)], delta=delta, accountant=accountant)
 
     setting = f"delta={delta:g}, sample rate {sample_rate:.6g} and {steps} steps"
-    low = min_noise_multiplier(accountant, sample_rate=sample_rate, steps=steps, delta=delta)
-    if eps(low) <= target_epsilon:
-        why = (f"sigma must be at least {MIN_NOISE_MULTIPLIER:g}" if low == MIN_NOISE_MULTIPLIER else
-               f"the {accountant} accountant needs sigma >= {low:g} here; use --accountant rdp")
-        raise ValueError(f"target epsilon {target_epsilon} needs sigma < {low:g} for {setting} (sigma = {low:g} "
-                         f"already gives epsilon = {eps(low):.4g}), but {why}")
-    high = max(1.0, low)  # invariant from here: eps(low) > target >= eps(high)
+    floor = min_noise_multiplier(accountant, sample_rate=sample_rate, steps=steps, delta=delta)
+    low, high = floor, max(1.0, floor)
     while eps(high) > target_epsilon:
         if high >= MAX_NOISE_MULTIPLIER:
             raise ValueError(f"target epsilon {target_epsilon} is unreachable for {setting} (even "
                              f"sigma={MAX_NOISE_MULTIPLIER:g} gives more)")
         low, high = high, min(2 * high, MAX_NOISE_MULTIPLIER)
-    for _ in range(200):
+    if low == floor and eps(floor) <= target_epsilon:  # ε at the floor: PRV's/PLD's costliest, still bounded
+        why = (f"sigma must be at least {MIN_NOISE_MULTIPLIER:g}" if floor == MIN_NOISE_MULTIPLIER else
+               f"the {accountant} accountant needs sigma >= {floor:g} here; use --accountant rdp")
+        raise ValueError(f"target epsilon {target_epsilon} needs sigma < {floor:g} for {setting} (sigma = "
+                         f"{floor:g} already gives epsilon = {eps(floor):.4g}), but {why}")
+    for _ in range(200):  # invariant: eps(low) > target >= eps(high)
         if eps(high) >= target_epsilon * (1 - rtol):
             break
         mid = (low + high) / 2

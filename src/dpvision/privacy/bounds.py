@@ -1,10 +1,11 @@
 """Bounds on σ and on the accountants' work: no noise multiplier may hang or exhaust memory.
 
 * σ is 0 (no noise: ε = ∞) or in [``MIN_NOISE_MULTIPLIER``, ``MAX_NOISE_MULTIPLIER``]
-  (:func:`check_noise_multiplier`). Below 0.1 a single step already costs ε > 50
-  at any sample rate (no guarantee left), PRV's and PLD's grids grow without
-  bound (σ = 0.01: 18 GB) and RDP fails outright at σ = 1e-300; above 1e4 RDP
-  fails (σ = 1e8, 1e308) while the noise drowns any batch of realistic size.
+  (:func:`check_noise_multiplier`). At σ = 0.1 one step already costs ε ≈ 80
+  (RDP, q = 1/118, δ = 1e-5; still 37 at q = 1e-7): below it no guarantee is
+  left, PRV's and PLD's grids grow without bound (σ = 0.01: 500 s, 18 GB) and
+  RDP fails outright at σ = 1e-300. Above 1e4 RDP fails (σ = 1e8, 1e308) while
+  noise of std 1e4 C drowns the clipped sum of any batch of realistic size.
 * RDP's cost does not grow with the steps: it is always computed. PRV and PLD
   discretise the privacy loss on a grid whose size is predicted here, cheaply
   and before any allocation, from the same RDP tail bound PRV uses for its
@@ -33,15 +34,15 @@ import functools
 import math
 import warnings
 
-MIN_NOISE_MULTIPLIER = 0.1  # below: ε > 50 after one step, whatever q (no guarantee left)
+MIN_NOISE_MULTIPLIER = 0.1  # below: ε in the tens after one step (no guarantee left)
 MAX_NOISE_MULTIPLIER = 1e4  # above: RDP's numerics fail; noise std 1e4 C drowns any realistic batch
 PRV_EPS_ERROR = 0.01  # Opacus's default, passed explicitly: the grid prediction depends on it
 PRV_DELTA_ERROR_FACTOR = 1e-3  # Opacus's default delta_error = δ / 1000
 PLD_DISCRETIZATION = 1e-4  # dp_accounting's default value_discretization_interval
-# Grid points the secondary accountants may use (measured in docs/privacy.md; at the limit
-# PRV takes about 1-2 s and 0.4 GB, PLD about 10 s and 1 GB on one CPU core).
-MAX_GRID_POINTS = {"prv": 4_000_000, "pld": 4_000_000}
-PLD_MAX_SINGLE_STEP_POINTS = 200_000  # building one step's PLD is slow per point (~15 µs): ~3 s here
+# Grid points PRV and PLD may use (measured in docs/privacy.md: near the limits each call takes
+# 1-3 CPU seconds and at most ~0.4 GB; at twice the limits up to 15 s and 1-3 GB).
+MAX_GRID_POINTS = {"prv": 4_000_000, "pld": 10_000_000}
+PLD_MAX_SINGLE_STEP_POINTS = 200_000  # one step's PLD costs ~8 CPU µs a point to build: ~2 s here
 
 History = tuple[tuple[float, float, int], ...]
 
@@ -67,8 +68,10 @@ def check_noise_multiplier(value: float, flag: str = "--sigma", *, accountant: s
         ...     check_noise_multiplier(0.2, accountant="pld", sample_rate=1 / 118, steps=3540, delta=1e-5)
         ... except ValueError as err:
         ...     print(err)
-        --accountant pld needs --sigma >= 0.44 for sample rate 0.00847458, 3540 steps and delta 1e-05 (pld not computed: its grid would have 1.22e+07 points (limit 4e+06)); use --accountant rdp
+        --accountant pld needs --sigma >= 0.44 for sample rate 0.00847458, 3540 steps and delta 1e-05 (pld not computed: its grid would have 1.22e+07 points (limit 1e+07)); use --accountant rdp
     """
+    if accountant != "rdp" and accountant not in MAX_GRID_POINTS:
+        raise ValueError(f"{accountant_flag} must be one of rdp, {', '.join(MAX_GRID_POINTS)}, got {accountant!r}")
     sigma = float(value)
     if sigma == 0:
         warnings.warn(f"{flag} 0 adds no noise: epsilon = inf, no privacy guarantee", stacklevel=2)
@@ -169,10 +172,11 @@ def _prv_domain_half_width(history: History, delta: float) -> float:
     """L + 3 of Opacus's PRV domain [-L-3, L+3]: an RDP tail bound on the privacy loss (a few RDP calls)."""
     from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, compute_safe_domain_size
 
-    warnings.filterwarnings("ignore", message="Optimal order is the")  # RDP at large σ: still a valid bound
     prvs = [PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in history]
-    return float(compute_safe_domain_size(prvs, [n for _, _, n in history], eps_error=PRV_EPS_ERROR,
-                                          delta_error=delta * PRV_DELTA_ERROR_FACTOR))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the")  # RDP at large σ: still a valid bound
+        return float(compute_safe_domain_size(prvs, [n for _, _, n in history], eps_error=PRV_EPS_ERROR,
+                                              delta_error=delta * PRV_DELTA_ERROR_FACTOR))
 
 
 @functools.lru_cache(maxsize=1024)
