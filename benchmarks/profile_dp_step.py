@@ -38,6 +38,7 @@ from bench_dpsgd import DP, LR, PlainRecipe, celeba_workload, wrn_workload  # no
 from dpvision.engines import DPSettings, OptimizerSpec  # noqa: E402
 from dpvision.engines import ghost  # noqa: E402
 from dpvision.engines.fast import FastEngine  # noqa: E402
+from dpvision.engines.per_sample import ManualPerSample  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # --device
 
@@ -123,7 +124,8 @@ def section_layers(args, out: dict) -> None:
           " ".join(f"{c[:6] + '_' + k:>12s}" for k in ("tf32", "bf16") for c in cols))
     for r in rows:
         print(f"{r['layer']:20s} {r['T']:5d} {r['d']:5d} {r['p']:4d} {r['rule'][:6]:>6s} {r['tuned_tf32'][:6]:>6s}"
-              f" {r['tuned_bf16'][:6]:>6s} " + " ".join(f"{r[f'{c}_{k}']:12.3f}" for k in ("tf32", "bf16") for c in cols))
+              f" {r['tuned_bf16'][:6]:>6s} "
+              + " ".join(f"{r[f'{c}_{k}']:12.3f}" for k in ("tf32", "bf16") for c in cols))
     for k in ("tf32", "bf16"):
         rule = sum(r[f"{r['rule']}_{k}"] for r in rows)
         tuned = sum(r[f"{r[f'tuned_{k}']}_{k}"] for r in rows)
@@ -172,7 +174,7 @@ def time_variant(workload: str, dp: bool, options: dict, args) -> dict:
     else:
         engine = FastEngine(model=model_cls(), train_data=data, batch_size=args.batch_size,
                             optimizer=OptimizerSpec(lr=LR), dp=DP if dp else None, seed=0, device=DEV, **options)
-        if engine.backend is not None:
+        if isinstance(engine.backend, ManualPerSample):
             engine.backend.method = method or engine.backend.method
             engine.backend.autotune = autotune
 
@@ -232,8 +234,8 @@ def section_numerics(args, out: dict) -> None:
         noise = DP.noise_multiplier * DP.max_grad_norm * len(start) ** 0.5 / engine.expected_batch
         for precision in ("tf32", "bf16"):
             diff = float((updates[precision] - updates["fp32"]).norm())
-            row = {"workload": workload, "precision": precision, "rel_update_error": diff / float(updates["fp32"].norm()),
-                   "error_vs_noise": diff / noise}
+            row = {"workload": workload, "precision": precision,
+                   "rel_update_error": diff / float(updates["fp32"].norm()), "error_vs_noise": diff / noise}
             rows.append(row)
             print(f"  numerics {workload:9s} {precision}: one step vs fp32: rel. L2 {row['rel_update_error']:.2e}, "
                   f"{row['error_vs_noise']:.2e} of the noise norm (sigma=1)")

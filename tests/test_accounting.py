@@ -248,8 +248,7 @@ def test_grid_prediction_grows_as_sigma_falls_and_steps_grow():
 # --- calibration within the bounds ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("accountant", ["rdp", pytest.param("prv", marks=pytest.mark.slow),
-                                        pytest.param("pld", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("accountant", ACCOUNTANTS)
 @pytest.mark.parametrize("target", [1.0, 3.0])
 def test_calibration_round_trip_within_one_percent(accountant, target):
     sigma = calibrate_noise_multiplier(target_epsilon=target, delta=1e-5, sample_rate=0.01, steps=1000,
@@ -280,9 +279,11 @@ def test_pld_calibration_never_leaves_the_safe_region(small_grid_limits):
     target = compute_epsilon([(low * 1.2, 1 / 118, 3540)], delta=1e-5, accountant="pld")
     sigma = calibrate_noise_multiplier(target_epsilon=target, accountant="pld", rtol=0.01, **setting)
     assert low < sigma <= low * 1.2 * 1.01
+    at_low = compute_epsilon([(low, 1 / 118, 3540)], delta=1e-5, accountant="pld")
+    # a target the floor meets within the tolerance: the floor itself is the answer
+    assert calibrate_noise_multiplier(target_epsilon=at_low * 1.0005, accountant="pld", **setting) >= low
     with pytest.raises(ValueError, match=r"the pld accountant needs sigma >= .*use --accountant rdp"):
-        at_low = compute_epsilon([(low, 1 / 118, 3540)], delta=1e-5, accountant="pld")
-        calibrate_noise_multiplier(target_epsilon=at_low * 1.001, accountant="pld", **setting)
+        calibrate_noise_multiplier(target_epsilon=at_low * 1.5, accountant="pld", **setting)
 
 
 # --- ledger, memoisation, δ ------------------------------------------------------------------------------

@@ -192,6 +192,7 @@ def test_group_accuracy():
     assert groups == {"x": {"accuracy": 1.0, "count": 2}, "y": {"accuracy": 0.0, "count": 2}}
 
 
+@pytest.mark.slow
 def test_target_epsilon_calibrates_sigma(pre_dir, tmp_path):
     run_ok("--data", pre_dir, "--mode", "dp", "--target-epsilon", "4", "--delta", "1e-4", "--runs-dir", tmp_path,
            "--run-name", "t", "--epochs", "1", "--batch-size", "32", "--width", "8", "--quiet")
@@ -204,6 +205,7 @@ def test_target_epsilon_calibrates_sigma(pre_dir, tmp_path):
     assert summary["target_epsilon"] == 4.0
 
 
+@pytest.mark.slow
 def test_max_epsilon_stops_before_the_budget(pre_dir, tmp_path):
     run_ok("--data", pre_dir, "--mode", "dp", "--sigma", "1.0", "--max-epsilon", "2.0", "--delta", "1e-4",
            "--runs-dir", tmp_path, "--run-name", "b", "--epochs", "50", "--batch-size", "32", "--width", "8",
@@ -230,6 +232,7 @@ def test_default_learning_rate_depends_on_mode(pre_dir):
     assert not baseline.dp.enabled and baseline == parse(["--data", pre_dir, "--lr", "0.05"]).deactivated()
 
 
+@pytest.mark.slow
 def test_resume_continues_to_the_same_result(runs, pre_dir, tmp_path):
     import dpvision.jobs.train as train_module
 

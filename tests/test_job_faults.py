@@ -94,7 +94,8 @@ def test_item3_disable_dp_refuses_dp_only_settings(main, prog, flags, named, tmp
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("flags, named", [(["--sigma", "2"], "--sigma"), (["--target-epsilon", "3"], "--target-epsilon"),
+@pytest.mark.parametrize("flags, named", [(["--sigma", "2"], "--sigma"),
+                                          (["--target-epsilon", "3"], "--target-epsilon"),
                                           (["--max-epsilon", "1"], "--max-epsilon")])
 def test_item3_celeba_baseline_refuses_dp_only_settings(flags, named, tmp_path, capsys):
     data = write_celeba_folder(tmp_path / "pre", 16, 8, 8, size=16)

@@ -128,13 +128,18 @@ def test_same_seed_same_csv_bytes(seed_run, tmp_path, tiny_mnist_root):
     assert (tmp_path / "mnist" / CSV_NAME).read_bytes() != first
 
 
-def test_disable_dp_epsilon_is_inf(tmp_path, tiny_mnist_root):
-    assert run_cli([*TINY, "--disable-dp", "--epochs", "1", "--batch-size", "10", "--k", "600"], tmp_path, tiny_mnist_root) == 0
+@pytest.mark.parametrize("data", ["tiny", "real"])
+def test_disable_dp_epsilon_is_inf(data, tmp_path, request):
+    """60 plain SGD steps learn: far above chance (0.1) on real digits, clearly above it on the tiny ones
+    (whose classes differ only in mean brightness, and overlap)."""
+    root = request.getfixturevalue("tiny_mnist_root" if data == "tiny" else "mnist_root")
+    assert run_cli([*TINY, "--disable-dp", "--epochs", "1", "--batch-size", "10", "--k", "600"], tmp_path, root) == 0
     rows = read_csv(tmp_path / "mnist" / "mnist_0.15_1.3_1.0_10_1_0.3_600.csv")
     assert rows[0]["Epsilon"] == "inf"
-    assert float(rows[0]["Test Accuracy"]) > 0.3  # 60 plain SGD steps: far above chance (0.1)
+    assert float(rows[0]["Test Accuracy"]) > (0.3 if data == "real" else 0.2)
     run = tmp_path / "runs" / "mnist" / "mnist_0.15_1.3_1.0_10_1_0.3_600"
     assert summary(run)["epsilons"] == {"rdp": "inf", "prv": "inf", "pld": "inf"}
+    assert summary(run)["steps"] == 60
 
 
 def test_epsilon_target_calibrates_sigma(tmp_path, tiny_mnist_root):

@@ -84,7 +84,7 @@ def assert_same_result(tmp: Path, result: dict, reference_tmp: Path) -> None:
     assert result["test_accuracy"] == reference["test_accuracy"]
 
 
-@pytest.mark.parametrize("engine", ["opacus", "fast"])
+@pytest.mark.parametrize("engine", [pytest.param("opacus", marks=pytest.mark.slow), "fast"])
 def test_interrupt_after_epoch_then_resume_is_identical(tmp_path, tiny_mnist_root, references, engine):
     run_path = interrupted(tmp_path, tiny_mnist_root, interrupt_at("epoch", 1), "--engine", engine)
     assert (run_path / CHECKPOINT_NAME).exists() and not (run_path / "summary.json").exists()

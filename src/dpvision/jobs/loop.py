@@ -76,7 +76,8 @@ def train_private_epoch(engine: Engine, ledger: PrivacyLedger, *, noise_multipli
     return EpochOutcome(result=result, steps=result.steps, stopped=allowed < planned, stop_reason=reason)
 
 
-def epsilon_columns(ledger: PrivacyLedger, *, delta: float, dp: bool = True) -> dict[str, float]:
+def epsilon_columns(ledger: PrivacyLedger, *, delta: float, dp: bool = True,
+                    primary: str | None = None) -> dict[str, float]:
     """``{"epsilon_rdp": ..., "epsilon_prv": ..., "epsilon_pld": ...}`` for the steps in ``ledger``.
 
     All three are bounds on the same mechanism (Poisson-sampled Gaussian steps);
@@ -84,7 +85,9 @@ def epsilon_columns(ledger: PrivacyLedger, *, delta: float, dp: bool = True) -> 
     """
     if not dp:
         return {column: math.inf for column in EPSILON_COLUMNS}
-    return {f"epsilon_{name}": value for name, value in ledger.epsilons(delta=delta).items()}
+    # The primary accountant always answers; a secondary one whose work would be unbounded is inf
+    # (ledger.epsilon_notes says why): never less than was spent.
+    return {f"epsilon_{name}": value for name, value in ledger.epsilons(delta=delta, primary=primary).items()}
 
 
 class Checkpointer:
@@ -124,7 +127,7 @@ class Checkpointer:
         replaced by the saved one: steps of an interrupted epoch after the checkpoint
         were never released and are replayed with the same generator states.
         """
-        state = self.read(engine.device)
+        state = self.read("cpu")  # generator states must stay on the CPU; the model copies itself over
         if state is None:
             return None
         engine.load_state_dict(state["engine"])

@@ -106,7 +106,7 @@ FLAG_NAMES = {"data.k": "--k", "data.root": "--data-root", "optim.lr": "--lr", "
               "optim.batch_size": "--batch-size", "optim.eval_batch_size": "--test-batch-size",
               "dp.noise_multiplier": "--sigma", "dp.target_epsilon": "--epsilon",
               "dp.max_grad_norm": "--max-per-sample-grad-norm", "dp.delta": "--delta",
-              "dp.max_epsilon": "--max-epsilon", "run.engine": "--engine", "run.device": "--device",
+              "dp.max_epsilon": "--max-epsilon", "dp.accountant": "--accountant", "run.engine": "--engine", "run.device": "--device",
               "run.seed": "--seed", "run.runs_dir": "--runs-dir", "run.run_name": "--run-name"}
 
 

@@ -88,6 +88,7 @@ def plan_privacy(config: TrainConfig, *, num_train: int) -> PrivacyPlan:
     from dpvision.privacy.accounting import (
         calibrate_noise_multiplier, poisson_sample_rate, resolve_delta, steps_per_epoch,
     )  # fmt: skip
+    from dpvision.privacy.bounds import check_noise_multiplier
 
     dp, optim = config.dp, config.optim
     if optim.batch_size > num_train:
@@ -107,24 +108,14 @@ def plan_privacy(config: TrainConfig, *, num_train: int) -> PrivacyPlan:
             raise ValueError(f"dp.target_epsilon: {err}") from None
     else:
         sigma = dp.DEFAULT_NOISE_MULTIPLIER if dp.noise_multiplier is None else float(dp.noise_multiplier)
-    _check_sigma(sigma, dp.accountant)
+    # Bounded accountant work: σ in range, and PRV/PLD (as the primary) only where their grids are bounded.
+    check_noise_multiplier(sigma, "dp.noise_multiplier", accountant=dp.accountant, sample_rate=q,
+                           steps=optim.epochs * per_epoch, delta=delta, accountant_flag="dp.accountant")
     if delta >= 1 / num_train:
         warnings.warn(f"delta {delta:g} is at least 1/N = 1/{num_train}: too large to be a meaningful privacy "
                       "guarantee (use delta << 1/N, e.g. 'auto')", stacklevel=2)
     return PrivacyPlan(dp=True, noise_multiplier=sigma, max_grad_norm=float(dp.max_grad_norm), delta=delta,
                        sample_rate=q, steps_per_epoch=per_epoch, num_train=num_train)
-
-
-def _check_sigma(sigma: float, accountant: str) -> None:
-    """The accountants' own bounds on σ (bounded time and memory), where the privacy package has them."""
-    from dpvision.privacy import accounting
-
-    check = getattr(accounting, "check_noise_multiplier", None)
-    if check is not None:
-        try:
-            check(sigma, flag="dp.noise_multiplier", accountant=accountant)
-        except TypeError:  # an older signature without ``accountant``
-            check(sigma, flag="dp.noise_multiplier")
 
 
 def few_steps_advice(config: TrainConfig, plan: PrivacyPlan) -> str | None:

@@ -89,7 +89,9 @@ def validate(config: TrainConfig, dist=None):
 
         if importlib.util.find_spec("tensorboard") is None:
             raise ValueError("run.tensorboard needs the tensorboard package: pip install 'dpvision[tensorboard]'")
-    device = dist.device if dist is not None else resolve_device(config.run.device)
+    device = resolve_device(config.run.device)  # refuses cuda where there is none (one line, not a traceback)
+    if dist is not None:
+        device = dist.device
     data = load_data(config)
     check_model_options(config.model.name, in_channels=int(data.train.images.shape[1]),
                         num_classes=len(data.class_names), image_size=int(data.train.images.shape[-1]),
@@ -187,7 +189,7 @@ def judged(ema: WeightAverage | None, model):
 
 def _restore(engine, ledger, checkpointer, dist) -> dict | None:
     """Rank 0 reads the checkpoint; every rank loads it (the engine scatters each rank's generators)."""
-    state = checkpointer.read(engine.device) if dist.is_main else None
+    state = checkpointer.read("cpu") if dist.is_main else None  # generator states must stay on the CPU
     if not dist.broadcast_object(state is not None):
         return None
     engine.load_state_dict(state["engine"] if dist.is_main else None)
@@ -244,7 +246,7 @@ def _train_run(config, data, plan, device, engine, ledger, ema, run_dir, checkpo
         if outcome.result is None:  # not one step fits in the budget: no epoch to report
             break
         result = outcome.result
-        epsilons = epsilon_columns(ledger, delta=plan.delta, dp=plan.dp)
+        epsilons = epsilon_columns(ledger, delta=plan.delta, dp=plan.dp, primary=config.dp.accountant)
         with judged(ema, engine.model) as model:
             val_loss, val_accuracy, _ = evaluate_split(model, data.val, config, device)
             test_loss, test_accuracy = math.nan, math.nan
@@ -315,13 +317,15 @@ def _finish(config, data, plan, device, engine, model, ledger, run_dir, run_path
         labels = data.test.labels
         per_class = group_accuracy(predictions, labels, [data.class_names[int(y)] for y in labels])
         per_group = group_accuracy(predictions, labels, list(data.test_groups)) if data.test_groups else None
-    epsilons = epsilon_columns(ledger, delta=plan.delta, dp=plan.dp)
+    epsilons = epsilon_columns(ledger, delta=plan.delta, dp=plan.dp, primary=config.dp.accountant)
     summary = summarize(config, plan, data, engine, device, rows, epsilons, test_loss=test_loss,
                         test_accuracy=test_accuracy, per_class=per_class, per_group=per_group,
                         test_accuracy_last=test_accuracy_last, best_epoch=best_epoch, best_val=best_val,
                         stop_reason=stop_reason, resumed=resume is not None,
                         steps=ledger.steps if plan.dp else len(rows) * engine.steps_per_epoch,
                         wall_seconds=time.perf_counter() - started, run_dir=run_path)
+    if plan.dp:
+        summary["epsilon_notes"] = ledger.epsilon_notes(delta=plan.delta)  # why an accountant says inf, if one does
     if run_dir is None:  # not rank 0
         return summary
     title = f"{config.data.dataset} / {config.model.name}: " + (

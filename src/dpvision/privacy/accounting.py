@@ -332,22 +332,25 @@ def calibrate_noise_multiplier(
 
     setting = f"delta={delta:g}, sample rate {sample_rate:.6g} and {steps} steps"
     floor = min_noise_multiplier(accountant, sample_rate=sample_rate, steps=steps, delta=delta)
-    low, high = floor, max(1.0, floor)
+    # The bracket starts at (0, 1] and doubles, as it always has (so a given target gives the same σ
+    # bit for bit as before the bounds existed); midpoints below the floor are not evaluated but
+    # count as too little noise, which can only make the returned σ larger (more private).
+    low, high = 0.0, max(1.0, floor)
     while eps(high) > target_epsilon:
         if high >= MAX_NOISE_MULTIPLIER:
             raise ValueError(f"target epsilon {target_epsilon} is unreachable for {setting} (even "
                              f"sigma={MAX_NOISE_MULTIPLIER:g} gives more)")
         low, high = high, min(2 * high, MAX_NOISE_MULTIPLIER)
-    if low == floor and eps(floor) <= target_epsilon:  # ε at the floor: PRV's/PLD's costliest, still bounded
+    if low < floor and eps(floor) < target_epsilon * (1 - rtol):  # the target needs σ below the floor
         why = (f"sigma must be at least {MIN_NOISE_MULTIPLIER:g}" if floor == MIN_NOISE_MULTIPLIER else
                f"the {accountant} accountant needs sigma >= {floor:g} here; use --accountant rdp")
         raise ValueError(f"target epsilon {target_epsilon} needs sigma < {floor:g} for {setting} (sigma = "
                          f"{floor:g} already gives epsilon = {eps(floor):.4g}), but {why}")
-    for _ in range(200):  # invariant: eps(low) > target >= eps(high)
+    for _ in range(200):  # invariant: eps(low) > target >= eps(high) (or low below the floor)
         if eps(high) >= target_epsilon * (1 - rtol):
             break
         mid = (low + high) / 2
-        if eps(mid) <= target_epsilon:
+        if mid >= floor and eps(mid) <= target_epsilon:
             high = mid
         else:
             low = mid
