@@ -248,6 +248,7 @@ def test_grid_prediction_grows_as_sigma_falls_and_steps_grow():
 # --- calibration within the bounds ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accountant", ACCOUNTANTS)
 @pytest.mark.parametrize("target", [1.0, 3.0])
 def test_calibration_round_trip_within_one_percent(accountant, target):

@@ -253,6 +253,7 @@ def check_noise_once(updates: torch.Tensor, sigma_c: float) -> None:
     assert abs(std / sigma_c - 1) < 0.08, f"update std {std:.4f}, expected σC = {sigma_c}"
 
 
+@pytest.mark.slow  # in CI (the default run includes slow tests), not in the edit loop
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_global_batch_is_binomial_and_noise_is_added_once(world, launched):
     results = [in_process("statistics")] if world == 1 else [r["statistics"] for r in launched(world)[0]]

@@ -230,6 +230,7 @@ def test_missing_data_offline_says_where_to_put_files(tmp_path, capsys, monkeypa
     assert not (tmp_path / "o").exists() and not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_python_mnist_py_subprocess(tmp_path, tiny_mnist_root):
     """The seed's command itself, as a user types it (not quiet: per-epoch lines, then the summary)."""
     result = subprocess.run([sys.executable, str(REPO_ROOT / "mnist.py"), "--data-root", str(tiny_mnist_root),

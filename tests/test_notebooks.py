@@ -75,6 +75,7 @@ def shown_figures(cell) -> int:
     return sum("image/png" in o.get("data", {}) for o in cell.outputs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs_top_to_bottom_in_small_mode(name, tmp_path, monkeypatch):
     monkeypatch.setenv("DPVISION_NOTEBOOK_SMALL", "1")

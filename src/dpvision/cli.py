@@ -61,18 +61,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
-def flag_names(message: str) -> str:
-    """A message naming config fields (``dp.noise_multiplier``) with ``dpvision train``'s flags (``--sigma``).
-
-    Example:
-        >>> flag_names("dp.accountant pld needs dp.noise_multiplier >= 0.5")
-        '--accountant pld needs --sigma >= 0.5'
-    """
-    for flag, (field, _, _) in sorted(TRAIN_FLAGS.items(), key=lambda kv: -len(kv[1][0])):
-        message = message.replace(field, flag)
-    return message
-
-
 def train_overrides(args: argparse.Namespace) -> dict:
     """``{"section.field": value}`` from the named flags and ``--set`` (later wins)."""
     from dpvision.jobs.config import parse_value
@@ -237,9 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   add_help=False)
     args = parser.parse_args(argv)
     if args.command == "train":
-        return run_guarded(train, lambda: run_train(args, given_flags(train, argv[1:])), translate=flag_names)
+        return run_guarded(train, lambda: run_train(args, given_flags(train, argv[1:])))
     if args.command == "sweep":
-        return run_guarded(sweeper, lambda: run_sweep(args, given_flags(sweeper, argv[1:])), translate=flag_names)
+        return run_guarded(sweeper, lambda: run_sweep(args, given_flags(sweeper, argv[1:])))
     if args.command == "audit":
         return run_audit(args, audit)
     return args.func(args)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -207,18 +206,10 @@ def _read_cache(path: Path, key: str, splits: dict[str, list[ImageFile]], image_
 
 
 def _write_cache(path: Path, payload: dict, prefix: str) -> None:
-    """``torch.save`` to a temporary file, then rename; removes older caches of the same root and size."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write the cache atomically (temporary file, then rename); remove older caches of the same root and size."""
+    from dpvision.runs import atomic_torch_save
+
+    atomic_torch_save(payload, path)
     for old in path.parent.glob(f"{prefix}*.pt"):
         if old != path:
             old.unlink(missing_ok=True)

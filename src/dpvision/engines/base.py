@@ -106,11 +106,24 @@ class Engine(ABC):
         """Run one epoch (at most ``max_steps`` steps of it) and return what it did."""
 
     @abstractmethod
-    def state_dict(self) -> dict:
-        """Model, optimizer and every generator state: enough to continue bit for bit."""
+    def _generators(self) -> dict[str, torch.Generator]:
+        """Every generator the engine draws from, by name (saved and restored with the state)."""
 
-    @abstractmethod
-    def load_state_dict(self, state: dict) -> None: ...
+    def state_dict(self) -> dict:
+        """Model, optimizer and every generator: enough to continue bit for bit. Distributed, every
+        rank's generators are gathered, so every rank must call it."""
+        from dpvision.engines.distributed import engine_state
+
+        common = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        return engine_state(self.dist, common, self._generators())
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """Distributed, every rank must call it; rank 0's ``state`` is used (others pass ``None``)."""
+        from dpvision.engines.distributed import load_engine_state
+
+        state = load_engine_state(self.dist, state, self._generators())
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
 
 
 

@@ -59,7 +59,7 @@ from dpvision.seeding import make_generator
 from dpvision.engines.base import DPSettings, Engine, EpochResult, OptimizerSpec, ProgressFn, UnsupportedModelError
 from dpvision.engines.augmult import AugmultPerSample, augment
 from dpvision.engines.distributed import (
-    DistContext, all_reduce_grads_, engine_state, load_engine_state, reduce_epoch_totals, shard_indices,
+    DistContext, all_reduce_grads_, reduce_epoch_totals, shard_indices,
 )  # fmt: skip
 from dpvision.engines.per_sample import BACKENDS
 
@@ -461,16 +461,6 @@ class FastEngine(Engine):
             generators["augment_generator"] = self.augment_generator
         return generators
 
-    def state_dict(self) -> dict:
-        """Model, optimizer, generators; distributed, every rank's generators (every rank must call it)."""
-        common = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
-        return engine_state(self.dist, common, self._generators())
-
-    def load_state_dict(self, state: dict | None) -> None:
-        """Distributed, every rank must call it; rank 0's ``state`` is used (see ``load_engine_state``)."""
-        state = load_engine_state(self.dist, state, self._generators())
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
 
 
 class _MatmulTF32:

@@ -26,8 +26,7 @@ from torch.utils.data import DataLoader
 from dpvision.data.tensors import ImageTensors, NormalizedTensorDataset
 from dpvision.engines.base import DPSettings, Engine, EpochResult, OptimizerSpec, ProgressFn
 from dpvision.engines.distributed import (
-    DistContext, ShardPoissonBatchSampler, ShardShuffleBatchSampler, all_reduce_grads_, engine_state,
-    load_engine_state, reduce_epoch_totals,
+    DistContext, ShardPoissonBatchSampler, ShardShuffleBatchSampler, all_reduce_grads_, reduce_epoch_totals,
 )  # fmt: skip
 from dpvision.privacy.accounting import expected_batch_size
 from dpvision.seeding import make_generator
@@ -105,16 +104,6 @@ class OpacusEngine(Engine):
                 progress(1)
         return EpochResult(loss=total_loss / max(seen, 1), accuracy=correct / max(seen, 1), steps=steps, examples=seen)
 
-    def state_dict(self) -> dict:
-        """Model, optimizer, generators; distributed, every rank's generators (every rank must call it)."""
-        common = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
-        return engine_state(self.dist, common, self._generators())
-
-    def load_state_dict(self, state: dict | None) -> None:
-        """Distributed, every rank must call it; rank 0's ``state`` is used (see ``load_engine_state``)."""
-        state = load_engine_state(self.dist, state, self._generators())
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
 
     def _generators(self) -> dict[str, torch.Generator]:
         return {"order_generator": self.order_generator, "noise_generator": self.noise_generator}

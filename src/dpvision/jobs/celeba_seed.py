@@ -98,15 +98,13 @@ def config_from_args(args: argparse.Namespace, given: Sequence[str]):
 
 
 def _run(args: argparse.Namespace, given: list[str]) -> dict:
-    from dpvision.jobs.loop import check_resume_flags
+    from dpvision.jobs.loop import check_resume_flags, resume_overrides
     from dpvision.jobs.train import run
 
     if args.resume is not None:
         check_resume_flags(given, RESUME_FLAGS)
-        overrides = {key: getattr(args, attr) for flag, key, attr in (
-            ("--data", "data.root", "data"), ("--device", "run.device", "device"),
-            ("--quiet", "run.quiet", "quiet")) if flag in given}
-        summary = run(resume=args.resume, overrides=overrides)
+        summary = run(resume=args.resume, overrides=resume_overrides(args, given, {
+            "--data": ("data.root", "data"), "--device": ("run.device", "device"), "--quiet": ("run.quiet", "quiet")}))
     else:
         summary = run(config_from_args(args, given), group=f"celeba_{args.mode}")
     return _with_strata(summary)

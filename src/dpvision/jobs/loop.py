@@ -135,6 +135,19 @@ class Checkpointer:
         return state
 
 
+def resume_overrides(args, given: Iterable[str], fields: Mapping[str, tuple[str, str]]) -> dict[str, Any]:
+    """``{config field: value}`` for the resume-free flags that were typed (``fields``: flag -> (field, attr)).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> resume_overrides(SimpleNamespace(device="cpu", quiet=False), ["--resume", "--device"],
+        ...                  {"--device": ("run.device", "device"), "--quiet": ("run.quiet", "quiet")})
+        {'run.device': 'cpu'}
+    """
+    given = list(given)
+    return {field: getattr(args, attr) for flag, (field, attr) in fields.items() if flag in given}
+
+
 def check_resume_flags(given: Iterable[str], allowed: Iterable[str]) -> None:
     """Raise a one-line ``ValueError`` if a flag other than ``allowed`` was given with ``--resume``.
 

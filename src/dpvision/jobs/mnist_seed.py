@@ -170,14 +170,14 @@ def main(argv: Sequence[str] | None = None, prog: str = "mnist.py") -> int:
 
 
 def _run(args: argparse.Namespace, given: list[str]) -> dict:
-    from dpvision.jobs.loop import check_resume_flags
+    from dpvision.jobs.loop import check_resume_flags, resume_overrides
     from dpvision.jobs.train import run
 
     if args.resume is not None:
         check_resume_flags(given, RESUME_FLAGS)
-        overrides = {key: getattr(args, attr) for flag, key, attr in (
-            ("--data-root", "data.root", "data_root"), ("--device", "run.device", "device"),
-            ("--quiet", "run.quiet", "quiet")) if flag in given}
+        overrides = resume_overrides(args, given, {"--data-root": ("data.root", "data_root"),
+                                                   "--device": ("run.device", "device"),
+                                                   "--quiet": ("run.quiet", "quiet")})
         out_dir = args.out_dir if "--out-dir" in given else None
         if out_dir is not None:
             check_can_create_dir(out_dir, "--out-dir")
