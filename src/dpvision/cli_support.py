@@ -44,6 +44,33 @@ def given_flags(parser: argparse.ArgumentParser, argv) -> list[str]:
     return [names[dest] for dest in vars(namespace) if dest in names]  # set while parsing: argv order
 
 
+def parse_delta(text: str) -> float | str:
+    """``--delta``: a number, or ``auto`` for 1 / (10 N).
+
+    Example:
+        >>> parse_delta("1e-5"), parse_delta("AUTO")
+        (1e-05, 'auto')
+    """
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--delta must be a number in (0, 1) or 'auto', got {text!r}") from None
+
+
+def rename_fields(message: str, names: dict[str, str]) -> str:
+    """``message`` with config fields replaced by a front-end's flag names (longest field first).
+
+    Example:
+        >>> rename_fields("dp.noise_multiplier must be >= 0", {"dp.noise_multiplier": "--sigma"})
+        '--sigma must be >= 0'
+    """
+    for field_name, flag in sorted(names.items(), key=lambda kv: -len(kv[0])):
+        message = message.replace(field_name, flag)
+    return message
+
+
 def one_line_warnings() -> None:
     """Print warnings as ``warning: <message>`` (no file name, line number or source line)."""
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"

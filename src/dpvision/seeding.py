@@ -20,9 +20,6 @@ import random
 import numpy as np
 import torch
 
-STREAMS = ("init", "subset", "data_order", "sampling", "noise", "audit")
-
-
 def derive_seed(seed: int, stream: str) -> int:
     """A 63-bit seed for ``stream``, a pure function of (seed, stream)."""
     digest = hashlib.sha256(f"dpvision:{seed}:{stream}".encode()).digest()

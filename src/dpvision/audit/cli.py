@@ -8,8 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dpvision.cli_support import check_can_create_dir
-from dpvision.jobs.mnist_seed import parse_delta
+from dpvision.cli_support import check_can_create_dir, parse_delta
 
 
 def _delta(text: str):

@@ -10,7 +10,6 @@ when the files are already there; every corrupt file is a one-line
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from dpvision.data.tensors import ImageTensors
 __all__ = [
     "MNIST_MEAN", "MNIST_STD", "MNIST_TRAIN_SIZE", "MNIST_TEST_SIZE", "RAW_FILES", "DataNotFoundError", "IdxSpec",
     "MNIST", "FASHION_MNIST", "raw_dir", "ensure_mnist", "ensure_idx", "load_mnist", "load_idx_split",
-    "random_subset", "link_shared_copy",
+    "random_subset",
 ]
 
 MNIST_MEAN = (0.1307,)
@@ -143,14 +142,3 @@ def random_subset(data: ImageTensors, k: int, generator: torch.Generator) -> Ima
         raise ValueError(f"--k must be between 1 and {len(data)}, got {k}")
     indices = torch.randperm(len(data), generator=generator)[:k]
     return data.subset(indices)
-
-
-def link_shared_copy(source: str | Path, data_root: str | Path) -> Path:
-    """Copy the gzipped IDX files of a local MNIST folder into ``<data_root>/MNIST/raw`` (tests, CI)."""
-    folder = raw_dir(data_root)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in RAW_FILES:
-        src = Path(source) / f"{name}.gz"
-        if not (folder / f"{name}.gz").exists() and not (folder / name).exists():
-            shutil.copyfile(src, folder / f"{name}.gz")
-    return folder

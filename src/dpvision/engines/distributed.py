@@ -362,7 +362,7 @@ def evaluate_sharded(model: nn.Module, data: ImageTensors, dist: DistContext, *,
 
     Every rank must call it; every rank gets the global numbers. In a world of one it is ``evaluate``.
     """
-    from dpvision.engines.base import evaluate  # noqa: PLC0415
+    from dpvision.engines.evaluation import evaluate  # noqa: PLC0415
 
     if not dist.is_distributed:
         return evaluate(model, data, batch_size=batch_size, device=dist.device)

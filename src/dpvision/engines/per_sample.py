@@ -33,7 +33,7 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
 from dpvision.engines.base import UnsupportedModelError
-from dpvision.engines import ghost
+import dpvision.engines.ghost as ghost
 from dpvision.engines.ghost import (
     GHOST, METHODS, add_clipped_sum, fastest_method, group_norm_norm_sq, layer_method, layer_norm_sq,
 )  # fmt: skip

@@ -17,7 +17,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from dpvision.cli_support import OneLineParser, given_flags, one_line_warnings
+from dpvision.cli_support import OneLineParser, given_flags, one_line_warnings, parse_delta, rename_fields
 
 MODES = ("baseline", "dp")
 DEFAULT_LR = {"baseline": 0.05, "dp": 0.1}  # measured on the 20,000-image demo archive (README)
@@ -66,15 +66,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 
 def translate(message: str) -> str:
-    for field_name, flag in sorted(FLAG_NAMES.items(), key=lambda kv: -len(kv[0])):
-        message = message.replace(field_name, flag)
-    return message
+    return rename_fields(message, FLAG_NAMES)
 
 
 def config_from_args(args: argparse.Namespace, given: Sequence[str]):
     """The job's config for these flags (``ValueError`` naming the flag)."""
     from dpvision.jobs.config import TrainConfig
-    from dpvision.jobs.mnist_seed import parse_delta
 
     if args.data is None:
         raise ValueError("--data is required: a folder made by celeba_preprocess.py (or give --resume RUN_DIR)")

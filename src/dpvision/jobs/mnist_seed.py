@@ -16,7 +16,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from dpvision.cli_support import OneLineParser, check_can_create_dir, given_flags, one_line_warnings
+from dpvision.cli_support import (
+    OneLineParser, check_can_create_dir, given_flags, one_line_warnings, parse_delta, rename_fields,
+)  # fmt: skip
 
 SEED_CSV_COLUMNS = ["Epoch", "Train Accuracy", "Test Accuracy", "Epsilon", "Delta"]
 DEFAULT_SIGMA, DEFAULT_EPSILON_LABEL = 1.3, 0.3
@@ -80,7 +82,7 @@ def config_from_args(args: argparse.Namespace, given: Sequence[str]):
     if not args.disable_dp:
         dp.update(target_epsilon=args.epsilon) if args.epsilon is not None else dp.update(
             noise_multiplier=DEFAULT_SIGMA if args.sigma is None else args.sigma)
-    return _seed_errors(TrainConfig.from_dict, {
+    return TrainConfig.from_dict({
         "data": {"dataset": "mnist", "root": args.data_root, "k": args.k},
         "model": {"name": "sample_convnet"},
         "optim": {"name": "sgd", "lr": args.lr, "epochs": args.epochs, "batch_size": args.batch_size,
@@ -89,16 +91,6 @@ def config_from_args(args: argparse.Namespace, given: Sequence[str]):
         "run": {"engine": args.engine, "device": args.device, "seed": args.seed, "runs_dir": args.runs_dir,
                 "run_name": args.run_name, "quiet": args.quiet},
     })
-
-
-def parse_delta(text: str) -> float | str:
-    """``--delta``: a number, or ``auto`` for 1 / (10 N)."""
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"--delta must be a number in (0, 1) or 'auto', got {text!r}") from None
 
 
 # Config fields as the seed's flags name them, for error messages.
@@ -110,18 +102,8 @@ FLAG_NAMES = {"data.k": "--k", "data.root": "--data-root", "optim.lr": "--lr", "
               "run.seed": "--seed", "run.runs_dir": "--runs-dir", "run.run_name": "--run-name"}
 
 
-def _seed_errors(fn, *args, **kwargs):
-    """Call ``fn``; a ``ValueError`` naming a config field is re-raised naming the seed's flag."""
-    try:
-        return fn(*args, **kwargs)
-    except ValueError as err:
-        raise ValueError(seed_message(str(err))) from None
-
-
 def seed_message(message: str) -> str:
-    for field_name, flag in sorted(FLAG_NAMES.items(), key=lambda kv: -len(kv[0])):
-        message = message.replace(field_name, flag)
-    return message
+    return rename_fields(message, FLAG_NAMES)
 
 
 class SeedCsv:

@@ -21,14 +21,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from dpvision.jobs.config import TrainConfig
+from dpvision.jobs.sweep_report import RESULT_COLUMNS  # noqa: F401 (the columns of results.csv)
 
 MAX_RUNS = 1000  # a sweep is bounded work: ε values x seeds x varied values (+ baselines)
 PLAN_FILE = "sweep.yaml"
 # Fields every point sets itself (run_config): varying one would be overwritten or break the folder layout.
 SWEEP_FIELDS = ("run.seed", "run.runs_dir", "run.run_name", "run.quiet", "dp.enabled", "dp.target_epsilon",
                 "dp.noise_multiplier")
-RESULT_COLUMNS = ["name", "target_epsilon", "seed", "vary", "value", "test_accuracy", "epsilon", "epsilon_rdp",
-                  "epsilon_prv", "epsilon_pld", "delta", "noise_multiplier", "steps", "wall_seconds", "run_dir"]
 
 
 def parse_list(text: str, flag: str, kind=float) -> list:

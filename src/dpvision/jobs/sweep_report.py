@@ -14,6 +14,8 @@ import statistics
 from pathlib import Path
 from typing import Sequence
 
+RESULT_COLUMNS = ["name", "target_epsilon", "seed", "vary", "value", "test_accuracy", "epsilon", "epsilon_rdp",
+                  "epsilon_prv", "epsilon_pld", "delta", "noise_multiplier", "steps", "wall_seconds", "run_dir"]
 PAPERS = ("Papernot & Steinke, \"Hyperparameter Tuning with Renyi Differential Privacy\", ICLR 2022")
 
 
@@ -72,7 +74,6 @@ def write_outputs(out: Path, rows: Sequence[dict], *, points: Sequence[dict], va
     """(Re)write the three outputs from the rows so far, each atomically."""
     import io
 
-    from dpvision.jobs.sweep import RESULT_COLUMNS
     from dpvision.runs import atomic_write_bytes, atomic_write_text, csv_text
 
     atomic_write_text(out / "results.csv", csv_text(RESULT_COLUMNS, rows))
