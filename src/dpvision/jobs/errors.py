@@ -41,7 +41,7 @@ def run_guarded(parser: argparse.ArgumentParser, fn: Callable[[], object], *,
     try:
         fn()
     except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted (the last completed epoch is checkpointed: --resume continues it)",
+        print(f"{parser.prog}: interrupted (--resume RUN_DIR continues from the last completed epoch, if one was)",
               file=stream, flush=True)
         return EXIT_INTERRUPTED
     except RuntimeError as err:
