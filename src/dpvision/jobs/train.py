@@ -103,7 +103,8 @@ def validate(config: TrainConfig, dist=None):
 
 def run(config: TrainConfig | None = None, *, resume: str | os.PathLike | None = None, group: str | None = None,
         run_name: str | None = None, overrides: dict | None = None,
-        front_end: Callable[[dict], dict] | None = None, announce: bool = True, on_rows: Callable[[object, list[dict]], None] | None = None, hook: Hook | None = None) -> dict:
+        front_end: Callable[[dict], dict] | None = None, announce: bool = True,
+        on_rows: Callable[[object, list[dict]], None] | None = None, hook: Hook | None = None) -> dict:
     """Train, write the run folder after every epoch, evaluate on test; return the summary.
 
     ``resume`` continues the run folder it names with its saved config (``overrides``
