@@ -161,25 +161,27 @@ def make_data(workload: str, args):
     return _DATA[key]
 
 
+def variant_runner(model_cls, data, dp: bool, options: dict, args, **engine_options):
+    """``(run(steps) -> steps taken, engine or None)`` for one variant: plain PyTorch or the fast engine."""
+    torch.manual_seed(0)
+    if options.pop("plain", False):
+        return PlainRecipe(model_cls(), data, args.batch_size, DEV).run, None
+    engine = FastEngine(model=model_cls(), train_data=data, batch_size=args.batch_size,
+                        optimizer=OptimizerSpec(lr=LR), dp=DP if dp else None, seed=0, device=DEV,
+                        **engine_options, **options)
+    return (lambda steps: engine.train_epoch(max_steps=steps).steps), engine
+
+
 def time_variant(workload: str, dp: bool, options: dict, args) -> dict:
     data, _, model_cls = make_data(workload, args)
     reset_memory()
     options = dict(options)
     method = options.pop("method", None)
     autotune = options.pop("autotune", True)
-    torch.manual_seed(0)
-    if options.pop("plain", False):
-        recipe = PlainRecipe(model_cls(), data, args.batch_size, DEV)
-        run = recipe.run
-    else:
-        engine = FastEngine(model=model_cls(), train_data=data, batch_size=args.batch_size,
-                            optimizer=OptimizerSpec(lr=LR), dp=DP if dp else None, seed=0, device=DEV, **options)
-        if isinstance(engine.backend, ManualPerSample):
-            engine.backend.method = method or engine.backend.method
-            engine.backend.autotune = autotune
-
-        def run(steps):
-            return engine.train_epoch(max_steps=steps).steps
+    run, engine = variant_runner(model_cls, data, dp, options, args)
+    if engine is not None and isinstance(engine.backend, ManualPerSample):
+        engine.backend.method = method or engine.backend.method
+        engine.backend.autotune = autotune
     run(3)
     times = []
     for _ in range(args.repeats):
@@ -248,17 +250,7 @@ def section_profile(args, out: dict) -> None:
     for text in args.profile.split(";"):
         workload, dp, options = parse_variant(text)
         data, _, model_cls = make_data(workload, args)
-        torch.manual_seed(0)
-        if options.pop("plain", False):
-            recipe = PlainRecipe(model_cls(), data, args.batch_size, DEV)
-            run = recipe.run
-        else:
-            engine = FastEngine(model=model_cls(), train_data=data, batch_size=args.batch_size,
-                                optimizer=OptimizerSpec(lr=LR), dp=DP if dp else None, seed=0, device=DEV,
-                                cuda_graphs=False, static_shapes=True, **options)
-
-            def run(steps):
-                return engine.train_epoch(max_steps=steps).steps
+        run, _ = variant_runner(model_cls, data, dp, options, args, cuda_graphs=False, static_shapes=True)
         run(3)
         sync()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

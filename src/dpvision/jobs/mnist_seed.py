@@ -110,7 +110,7 @@ class SeedCsv:
     """Writes the seed's CSV from the job's metric rows (``on_rows``), shared copy and run-folder copy."""
 
     def __init__(self, args: argparse.Namespace, out_dir: str | None) -> None:
-        self.args, self.out_dir, self.announced, self.path = args, out_dir, False, None
+        self.args, self.out_dir, self.announced, self.path, self.front = args, out_dir, False, None, None
 
     def name(self, resolved: dict, target: float | None) -> str:
         a = self.args
@@ -122,9 +122,9 @@ class SeedCsv:
     def __call__(self, run_dir, rows: list[dict]) -> None:
         from dpvision.runs import atomic_write_text, csv_text
 
-        saved = run_dir.read_config()
-        front = saved["resolved"].get("front_end", {})
-        name, out_dir = front["seed_csv_name"], Path(self.out_dir or front["out_dir"])
+        if self.front is None:  # what the run recorded at its start (the name, the first --out-dir): read once
+            self.front = run_dir.read_config()["resolved"].get("front_end", {})
+        name, out_dir = self.front["seed_csv_name"], Path(self.out_dir or self.front["out_dir"])
         text = csv_text(SEED_CSV_COLUMNS, [{"Epoch": r["epoch"], "Train Accuracy": r["train_accuracy"],
                                             "Test Accuracy": r["test_accuracy"], "Epsilon": r["epsilon"],
                                             "Delta": r["delta"]} for r in rows])
