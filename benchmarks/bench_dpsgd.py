@@ -19,9 +19,10 @@ Engines (``--engines``, per workload with ``--wrn-engines``):
   batch size, data on the device, shuffled batches, mean cross-entropy, ``backward``,
   ``torch.optim.SGD``; fp32 parameters and activations (cuDNN's default TF32 convolutions).
 * ``fast``: ``FastEngine`` with its defaults (or the ``--precision``... flags);
-  ``fast-fp32``: the engine before run 9's speed options; ``fast:key=value,...``: the
-  defaults overridden (keys ``precision``, ``channels_last``, ``pad_sigmas``,
-  ``cuda_graphs``, ``grad_sample_mode``, ``method``: the manual backend's norm method).
+  ``fast-fp32``: the engine before run 9's speed options; ``fast:key=value+key=value``: the
+  defaults overridden (keys ``precision``, ``channels_last``, ``pad_sigmas``, ``bucket``
+  (0: every chunk padded to the capacity), ``cudnn_benchmark``, ``cuda_graphs``,
+  ``grad_sample_mode``, ``method``: the manual backend's norm method).
 
 Each configuration: one warm-up run of a few steps (not timed; graph capture and
 cuDNN autotuning happen there), then ``--epochs`` timed runs; on the CPU (or with
@@ -71,7 +72,7 @@ DP = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0)
 BASELINE_OPTIONS = {"precision": "fp32", "channels_last": False, "pad_sigmas": 3.0}
 LR = 0.1
 FAST_KEYS = {"precision": str, "channels_last": bool, "pad_sigmas": float, "cuda_graphs": bool,
-             "grad_sample_mode": str, "method": str}
+             "grad_sample_mode": str, "method": str, "bucket": int, "cudnn_benchmark": bool}
 
 
 class PeakMemory:
@@ -390,7 +391,7 @@ def parse_engine(engine: str, args) -> tuple[str, dict]:
     name, _, rest = engine.partition(":")
     if name != "fast":
         raise SystemExit(f"bench_dpsgd.py: error: unknown engine {engine!r}")
-    for item in filter(None, rest.split(",")):
+    for item in filter(None, rest.split("+")):  # "," separates the engines
         key, _, value = item.partition("=")
         if key not in FAST_KEYS:
             raise SystemExit(f"bench_dpsgd.py: error: {engine!r}: option must be one of {tuple(FAST_KEYS)}")
@@ -426,7 +427,7 @@ def main(argv=None) -> int:
     p.add_argument("--workloads", default="mnist,celeba64,wrn16_4")
     p.add_argument("--engines", default="opacus,fast",
                    help="for MNIST and CelebA-64: opacus,opacus-hooks,opacus-ghost,plain,fast,fast-fp32,"
-                        "fast:key=value,... (module docstring)")
+                        "fast:key=value+key=value (module docstring)")
     p.add_argument("--wrn-engines", default="plain,opacus-hooks,opacus-ghost,fast",
                    help="as --engines, for the WRN-16-4 workload")
     p.add_argument("--wrn-size", type=int, default=50000)

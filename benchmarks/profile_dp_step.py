@@ -145,7 +145,7 @@ def parse_variant(text: str) -> tuple[str, bool, dict]:
     options = {}
     for item in filter(None, (rest[0] if rest else "").split(",")):
         key, _, value = item.partition("=")
-        options[key] = {"precision": str, "method": str, "pad_sigmas": float}.get(key, lambda v: v in ("1", "true"))(
+        options[key] = {"precision": str, "method": str, "pad_sigmas": float, "bucket": int}.get(key, lambda v: v in ("1", "true"))(
             value)  # the rest are booleans: cuda_graphs, channels_last, plain, autotune
     return workload, dp == "dp", options
 

@@ -119,6 +119,8 @@ def test_unknown_keys_are_errors_naming_the_key(values, named):
     ({"run": {"run_name": ".."}}, "run.run_name"),
     ({"run": {"select": "best"}}, "run.select"),
     ({"run": {"quiet": 1}}, "run.quiet"),
+    ({"run": {"precision": "fp16"}}, "run.precision"),
+    ({"run": {"precision": "bf16", "engine": "opacus"}}, "run.precision"),
     ({"optim": 3}, "optim"),
 ])
 def test_bad_values_are_one_line_errors_naming_the_field(values, field):

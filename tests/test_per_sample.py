@@ -257,3 +257,4 @@ def test_bf16_close_to_fp32_on_cuda(method):
     fp32, _ = manual_clipped_sum(model, x, y, C, method)
     bf16, _ = manual_clipped_sum(model, x, y, C, method, amp_dtype=torch.bfloat16)
     assert (bf16 - fp32).norm() < 1e-2 * len(x) * C
+

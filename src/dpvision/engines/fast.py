@@ -10,10 +10,11 @@ organised for speed:
 * the Poisson masks (and the noise) of a block of steps are drawn at once on the
   device from the run's own generators; the one host synchronisation of a block
   reads the batch sizes, so every step's work is known before it is issued;
-* every chunk has a static shape: the sampled indices are padded to a fixed
-  capacity with weight-0 slots, and a step whose batch overflows the capacity
-  runs as several chunks (nothing sampled is ever dropped), which also makes
-  large logical batches fit in memory (gradients accumulate over chunks);
+* every chunk has a static shape (:mod:`dpvision.engines.chunks`): the sampled
+  indices are padded with weight-0 slots to the next of a few bucket sizes (one
+  CUDA graph each, one shared memory pool), and a step whose batch overflows the
+  capacity runs as several chunks (nothing sampled is ever dropped), which also
+  makes large logical batches fit in memory (gradients accumulate over chunks);
 * per-sample gradients come from ``torch.func.vmap(grad)`` (or Opacus's hooks,
   see :mod:`dpvision.engines.per_sample`), clipped and summed in one pass into
   one flat buffer; on CUDA the whole chunk (gather, forward, per-sample backward,
@@ -45,7 +46,6 @@ Test/audit hooks (both off by default, and free when off):
 
 from __future__ import annotations
 
-import math
 import sys
 import warnings
 
@@ -58,6 +58,7 @@ from dpvision.privacy.accounting import expected_batch_size
 from dpvision.seeding import make_generator
 from dpvision.engines.base import DPSettings, Engine, EpochResult, OptimizerSpec, ProgressFn, UnsupportedModelError
 from dpvision.engines.augmult import AugmultPerSample, augment
+from dpvision.engines.chunks import PAD_SIGMAS, bucket_width, chunk_capacity, likely_sizes, plan_chunks
 from dpvision.engines.distributed import (
     DistContext, all_reduce_grads_, reduce_epoch_totals, shard_indices,
 )  # fmt: skip
@@ -69,9 +70,6 @@ DEFAULT_GRAD_SAMPLE_MODE = {"cpu": ("manual", "vmap"), "cuda": ("manual", "vmap"
 # Largest physical chunk by device type (examples whose per-sample gradients coexist).
 DEFAULT_MAX_PHYSICAL = {"cpu": 512, "cuda": 4096}
 BLOCK_ELEMENTS = 1 << 25  # random numbers drawn per block of steps (masks or noise), ~128 MiB float32
-# Chunk capacity = expected batch + PAD_SIGMAS standard deviations; a step that overflows runs an extra
-# chunk (nothing dropped). 2 sd: ~288 slots for E[B] ~ 256 (3 sd: 304), overflow on ~2% of steps.
-PAD_SIGMAS = 2.0
 # Numerics of the per-chunk work by device type (benchmarks/NOTES.md, docs/performance.md):
 # "fp32" (matmuls/einsums in full fp32), "tf32" (TF32 tensor cores for matmuls/einsums, scoped
 # to the engine's chunks), "bf16" (autocast of forward/backward and the per-sample weight-gradient
@@ -83,20 +81,6 @@ DEFAULT_PRECISION = {"cpu": "fp32", "cuda": "tf32"}
 DEFAULT_CHANNELS_LAST = {"cpu": False, "cuda": False}
 
 
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
-def chunk_capacity(expected: int, sample_rate: float, num_examples: int, max_physical: int,
-                   pad_sigmas: float = PAD_SIGMAS) -> int:
-    """Padded chunk size for a Poisson batch of mean ``expected``: mean + k sd, split to fit ``max_physical``."""
-    sd = math.sqrt(max(expected * (1 - sample_rate), 0.0))
-    cap = min(expected + math.ceil(pad_sigmas * sd) + 1, num_examples)
-    chunks = math.ceil(cap / max_physical)
-    size = math.ceil(cap / chunks)
-    return _round_up(size, 8) if size >= 64 else size
-
-
 class FastEngine(Engine):
     """DP-SGD (or plain SGD) with device-resident data, static shapes and CUDA graphs.
 
@@ -104,11 +88,15 @@ class FastEngine(Engine):
         physical_batch_size: most examples per chunk (default 512 on CPU, 4096 on CUDA).
         grad_sample_mode: ``"vmap"`` or ``"hooks"`` (default by device, see ``DEFAULT_GRAD_SAMPLE_MODE``).
         cuda_graphs: capture each chunk as a CUDA graph (default: on CUDA with ``vmap``).
-        static_shapes: pad every chunk to the fixed capacity (default: when graphs are on).
+        static_shapes: pad every chunk to a bucket size (default: when graphs are on).
         precision: ``"fp32"``, ``"tf32"`` or ``"bf16"`` (CUDA only; default ``DEFAULT_PRECISION``; the CPU
             always runs fp32). ``"bf16"`` needs the manual backend (else it runs as ``"tf32"``).
         channels_last: model and inputs in channels-last memory format (CUDA only; default by device).
+        cudnn_benchmark: let cuDNN time its algorithms for every conv shape of the engine's chunks (CUDA
+            only; scoped to the chunks, default off: the search's trial workspaces raise the peak memory).
         pad_sigmas: chunk capacity = E[B] + pad_sigmas sd (default ``PAD_SIGMAS``); overflow -> extra chunk.
+        bucket: padded chunk sizes are multiples of this (default ``chunks.bucket_width``: about sd / 2);
+            0 pads every chunk to the capacity (one graph; the engine before buckets).
         canary_gradients, noise_scale_for_testing: test/audit hooks (module docstring; one process only).
         dist: the data-parallel context (default: one process); ``device`` must be ``dist.device``.
         augmult: K > 0 trains on K random augmentations of every sampled example, their gradients averaged
@@ -125,8 +113,8 @@ class FastEngine(Engine):
                  cuda_graphs: bool | None = None, canary_gradients: torch.Tensor | None = None,
                  noise_scale_for_testing: float = 1.0, static_shapes: bool | None = None,
                  precision: str | None = None, channels_last: bool | None = None,
-                 pad_sigmas: float | None = None, dist: DistContext | None = None, augmult: int = 0,
-                 augment_flip: bool = False) -> None:
+                 pad_sigmas: float | None = None, bucket: int | None = None, cudnn_benchmark: bool = False,
+                 dist: DistContext | None = None, augmult: int = 0, augment_flip: bool = False) -> None:
         super().__init__(train_data=train_data, batch_size=batch_size, dp=dp, seed=seed, device=device)
         del num_workers  # no loader: the data is on the device
         dev = self.device
@@ -161,6 +149,7 @@ class FastEngine(Engine):
         self.channels_last = (DEFAULT_CHANNELS_LAST[kind] if channels_last is None else bool(channels_last)) \
             and dev.type == "cuda"
         self.pad_sigmas = PAD_SIGMAS if pad_sigmas is None else float(pad_sigmas)
+        self.cudnn_benchmark = bool(cudnn_benchmark) and dev.type == "cuda"
 
         self.model = model.to(dev)
         self.dist.broadcast_module_(self.model)  # every rank starts from rank 0's weights
@@ -191,6 +180,8 @@ class FastEngine(Engine):
         self._loss_sum = torch.zeros((), device=dev)
         self._correct = torch.zeros((), device=dev)
         self._graphs: dict[str, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None  # the DP chunk graphs' shared memory pool (they never run concurrently)
+        self._warmup_stream = None
         self.noise_scale_for_testing = float(noise_scale_for_testing)
         self.canary_gradients = None
         self.canary_included: torch.Tensor | None = None
@@ -209,8 +200,12 @@ class FastEngine(Engine):
                 raise UnsupportedModelError(f"{type(module).__name__} mixes examples; DP needs per-example layers")
         self.expected_batch = expected_batch_size(self.num_examples, self.sample_rate)  # the global divisor
         local = len(self.images)  # N in one process
-        self.chunk = chunk_capacity(expected_batch_size(local, self.sample_rate), self.sample_rate, local,
-                                    self.max_physical, self.pad_sigmas)
+        local_expected = expected_batch_size(local, self.sample_rate)
+        self.chunk = chunk_capacity(local_expected, self.sample_rate, local, self.max_physical, self.pad_sigmas)
+        if bucket is not None and bucket < 0:
+            raise ValueError(f"bucket must be >= 0 (0: no buckets), got {bucket}")
+        self.bucket = bucket_width(local_expected, self.sample_rate) if bucket is None else int(bucket)
+        self._likely_sizes = likely_sizes(local_expected, self.sample_rate, self.chunk, self.bucket)
         # One flat gradient: the optimizer reads views of it, the clipped sum is accumulated into _acc.
         self._acc = torch.zeros(self.num_params, device=dev)
         self._flat_grad = torch.zeros(self.num_params, device=dev)
@@ -263,29 +258,37 @@ class FastEngine(Engine):
 
     def _numerics(self):
         """Context of one chunk's work: TF32 matmuls for "tf32"/"bf16" (restored afterwards, not global)."""
-        return _MatmulTF32(self.precision in ("tf32", "bf16"))
+        return _Numerics(self.precision in ("tf32", "bf16"), self.cudnn_benchmark)
 
-    def _run(self, key: str, fn, idx: torch.Tensor) -> None:
+    def _run(self, key: str, fn, idx: torch.Tensor, pool: bool = False) -> None:
         """``fn(static_idx)``, replayed from a CUDA graph captured on first use when graphs are on."""
+        if self.use_graphs and key not in self._graphs:
+            self._try_capture(key, fn, idx, pool)
         if not self.use_graphs:
             fn(idx)
             return
-        if key not in self._graphs:
-            try:
-                self._graphs[key] = self._capture(fn, idx)
-            except Exception as err:  # noqa: BLE001
-                warnings.warn(f"CUDA graph capture failed ({err}); running eagerly", stacklevel=2)
-                self.use_graphs = False
-                fn(idx)
-                return
         graph, static_idx = self._graphs[key]
         static_idx.copy_(idx)
         graph.replay()
 
-    def _capture(self, fn, idx: torch.Tensor):
+    def _try_capture(self, key: str, fn, idx: torch.Tensor, pool: bool) -> None:
+        try:
+            self._graphs[key] = self._capture(fn, idx, pool)
+        except Exception as err:  # noqa: BLE001
+            warnings.warn(f"CUDA graph capture failed ({err}); running eagerly", stacklevel=3)
+            self.use_graphs = False
+
+    def _capture(self, fn, idx: torch.Tensor, pool: bool):
+        """Capture ``fn`` with its own static index buffer; ``pool``: in the shared pool of the DP chunks.
+
+        Sharing is safe in any replay order: every tensor a DP chunk's graph reads from or writes to
+        outside itself (data, index buffer, accumulators, parameters) lives outside the pool, so a
+        graph only ever overwrites another's temporaries."""
         static_idx = idx.clone()
         saved = [t.clone() for t in self._state_tensors()]
-        stream = torch.cuda.Stream()
+        if self._warmup_stream is None:  # one side stream for every warm-up: its cached blocks are reused
+            self._warmup_stream = torch.cuda.Stream()
+        stream = self._warmup_stream
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm-up: cuDNN/cuBLAS handles and workspaces
@@ -293,8 +296,10 @@ class FastEngine(Engine):
         torch.cuda.current_stream().wait_stream(stream)
         for p in self.params:  # a captured backward must assign, not add to, the gradients
             p.grad = None
+        if pool and self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=self._pool if pool else None):
             fn(static_idx)
         for t, s in zip(self._state_tensors(), saved):  # undo the warm-up's accumulation
             t.copy_(s)
@@ -342,7 +347,11 @@ class FastEngine(Engine):
         block = max(1, BLOCK_ELEMENTS // max(n, self.num_params))
         seen, done, last = 0, 0, [0]
         canary_masks, self.last_batch_sizes = [], []
-        arange = torch.arange(self.chunk, device=dev)
+        arange = torch.arange(self.chunk, device=dev)  # [capacity]
+        if self.use_graphs:  # the likely sizes' graphs, largest first: the shared pool is sized once
+            for size in self._likely_sizes:
+                if f"dp{size}" not in self._graphs and self.use_graphs:
+                    self._try_capture(f"dp{size}", self._dp_chunk, torch.full((size,), -1, device=dev), pool=True)
         while done < steps:
             s_block = min(block, steps - done)
             masks = torch.rand(s_block, n, generator=self.sampling_generator, device=dev) < q  # [S, N]
@@ -357,32 +366,21 @@ class FastEngine(Engine):
                 noise.mul_(std)  # [S, P]
             counts = masks.sum(1).tolist()  # the block's one host synchronisation
             flat_idx = masks.nonzero()[:, 1]  # [sum counts], by step then index
-            # Chunks: step s has max(1, ceil(count / chunk)) of them; idx rows padded with -1.
-            starts, lens, owner, offset = [], [], [], 0
-            for s, c in enumerate(counts):
-                for k in range(max(1, math.ceil(c / self.chunk))):
-                    starts.append(offset + k * self.chunk)
-                    lens.append(max(0, min(self.chunk, c - k * self.chunk)))
-                    owner.append(s)
-                offset += c
+            chunks = plan_chunks(counts, self.chunk, self.bucket if self.static_shapes else 0)
             chunk_idx = None
-            if self.static_shapes:
-                starts_t = torch.tensor(starts, device=dev).unsqueeze(1)
-                lens_t = torch.tensor(lens, device=dev).unsqueeze(1)
-                valid = arange.unsqueeze(0) < lens_t  # [chunks, P]
-                if len(flat_idx):
-                    chunk_idx = flat_idx[(starts_t + arange).clamp(max=len(flat_idx) - 1)]
-                    chunk_idx = torch.where(valid, chunk_idx, -1)
-                else:
-                    chunk_idx = torch.full(valid.shape, -1, device=dev, dtype=torch.long)
+            if self.static_shapes and chunks:  # [chunks, capacity] sampled indices, -1 after each chunk's length
+                starts = torch.tensor([c.start for c in chunks], device=dev).unsqueeze(1)
+                lens = torch.tensor([c.length for c in chunks], device=dev).unsqueeze(1)
+                chunk_idx = torch.where(arange < lens, flat_idx[(starts + arange).clamp(max=len(flat_idx) - 1)], -1)
             k = 0
             for s in range(s_block):
                 self._acc.zero_()
-                while k < len(owner) and owner[k] == s:
-                    if self.static_shapes:  # padded with -1 to the chunk capacity
-                        self._run("dp", self._dp_chunk, chunk_idx[k])
-                    elif lens[k]:  # eager: no padding needed, the exact examples
-                        self._dp_chunk(flat_idx[starts[k]:starts[k] + lens[k]])
+                while k < len(chunks) and chunks[k].step == s:  # none for an empty step: its sum is 0
+                    c = chunks[k]
+                    if self.static_shapes:  # padded with -1 to its bucket: one graph per size
+                        self._run(f"dp{c.size}", self._dp_chunk, chunk_idx[k, :c.size], pool=True)
+                    else:  # eager: no padding needed, the exact examples
+                        self._dp_chunk(flat_idx[c.start:c.start + c.length])
                     k += 1
                 if canary is not None:
                     self._acc.addmv_(self.canary_gradients.t(), canary[s].float())
@@ -463,20 +461,23 @@ class FastEngine(Engine):
 
 
 
-class _MatmulTF32:
-    """Sets ``torch.backends.cuda.matmul.allow_tf32`` for a block and restores it (no global change)."""
+class _Numerics:
+    """Sets ``torch.backends.cuda.matmul.allow_tf32`` (and cuDNN's benchmark mode) for a block and restores
+    them afterwards: the engine's choices never leak into the rest of the program."""
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
+    def __init__(self, tf32: bool, cudnn_benchmark: bool) -> None:
+        self.tf32, self.cudnn_benchmark = tf32, cudnn_benchmark
 
     def __enter__(self):
-        self.saved = torch.backends.cuda.matmul.allow_tf32
-        if self.enabled:
+        self.saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark
+        if self.tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
+        if self.cudnn_benchmark:
+            torch.backends.cudnn.benchmark = True
         return self
 
     def __exit__(self, *exc) -> None:
-        torch.backends.cuda.matmul.allow_tf32 = self.saved
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark = self.saved
 
 
 def fallback_notice(err: Exception) -> None:

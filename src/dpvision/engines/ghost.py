@@ -32,7 +32,7 @@ which is the layer's ordinary batch weight gradient with each example's output g
 f_i: one ``aten.convolution_backward`` (cuDNN's weight-gradient kernel) for a Conv2d, one matrix
 product for a Linear; or, for a layer whose per-example gradients pass 1 kept, one matrix-vector
 product with them. GroupNorm's per-example gradients are [B, C] (sums over space of ``dz * a_hat``
-and of ``dz``, from the statistics of ``a``): formed once, used for both passes.
+and of ``dz``, :mod:`dpvision.engines.group_norm`): formed once, used for both passes.
 
 Every function takes ``compute_dtype`` (float32, or bfloat16 for mixed precision on CUDA): the
 products run in it; norms are always reduced in float32 and sums accumulated in float32.
@@ -147,7 +147,7 @@ def _rows(module: nn.Module, a: torch.Tensor, dz: torch.Tensor) -> tuple[torch.T
     return conv_patches(module, a), dz.flatten(2).transpose(1, 2)
 
 
-def _sum_sq(x: torch.Tensor) -> torch.Tensor:
+def sum_sq(x: torch.Tensor) -> torch.Tensor:
     """[n, ...] -> [n] sums of squares, reduced in float32 (float64 stays float64)."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return torch.linalg.vector_norm(x.flatten(1), dim=1, dtype=dtype).square()
@@ -207,7 +207,7 @@ def norms_and_grads(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, method
     """([B] squared norms of the per-example weight gradients of a Linear or Conv2d by ``method``, and with
     ``keep`` those gradients [B, p d] in ``compute_dtype`` when the method materialises them, else None)."""
     if isinstance(module, nn.Linear) and a.dim() == 2:  # T = 1: ||g_i|| = ||dz_i|| ||a_i||, nothing to choose
-        return _sum_sq(dz) * _sum_sq(a), None
+        return sum_sq(dz) * sum_sq(a), None
     if method == GROUPED and not isinstance(module, nn.Conv2d):
         method = MATERIALISE
     a, dz = a.to(compute_dtype).contiguous(), dz.to(compute_dtype).contiguous()
@@ -224,7 +224,7 @@ def norms_and_grads(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, method
         if method == GHOST:
             return _ghost_chunk(module, a, dz, acc_dtype), None
         grads = _materialise(module, a, dz, method)
-        return _sum_sq(grads), grads if keep else None
+        return sum_sq(grads), grads if keep else None
     kept = []
     for s in range(0, b, step):
         a_s, dz_s = a[s:s + step], dz[s:s + step]
@@ -232,7 +232,7 @@ def norms_and_grads(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, method
             out[s:s + step] = _ghost_chunk(module, a_s, dz_s, acc_dtype)
             continue
         grads = _materialise(module, a_s, dz_s, method)
-        out[s:s + step] = _sum_sq(grads)
+        out[s:s + step] = sum_sq(grads)
         if keep:
             kept.append(grads)
     grads = None if not kept else kept[0] if len(kept) == 1 else torch.cat(kept)
@@ -286,32 +286,7 @@ def layer_norm_sq(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, method: 
         return sq, (None, grads)
     gb = (dz.reshape(len(dz), -1, dz.shape[-1]).sum(1, dtype=torch.float32) if isinstance(module, nn.Linear)
           else dz.sum((2, 3), dtype=torch.float32))  # dz summed over positions
-    return sq + _sum_sq(gb), (gb, grads)
-
-
-def group_norm_norm_sq(module: nn.GroupNorm, a: torch.Tensor, dz: torch.Tensor):
-    """([B] squared norms, (gamma, beta) per-example gradients [B, C] each) of an affine GroupNorm.
-
-    gamma_i = sum over space of dz * a_hat with a_hat = (a - mu_g) rstd_g, i.e.
-    rstd_g (sum(dz * a) - mu_g sum(dz)) per channel: statistics of ``a``, no a_hat. A bf16 ``a`` is
-    read as it is (float32 arithmetic, no float32 copy): var = E[a^2] - mu^2 in float32.
-    """
-    b, c = a.shape[:2]
-    groups = module.num_groups
-    a3, dz3 = a.reshape(b, c, -1), dz.float().reshape(b, c, -1)  # [B, C, S]
-    if a.dtype in (torch.float32, torch.float64):
-        var, mean = torch.var_mean(a3.reshape(b, groups, -1), dim=2, correction=0)  # [B, G]
-    else:
-        ag = a3.reshape(b, groups, -1)  # [B, G, C/G S]
-        mean = ag.sum(2, dtype=torch.float32) / ag.shape[2]
-        var = (torch.linalg.vector_norm(ag, dim=2, dtype=torch.float32).square() / ag.shape[2]
-               - mean.square()).clamp_(min=0)
-    gb = dz3.sum(2)  # [B, C]
-    s_az = (dz3 * a3).sum(2, dtype=torch.float32)  # [B, C]
-    rstd = (var.float() + module.eps).rsqrt()  # [B, G]
-    gw = ((s_az.view(b, groups, -1) - mean.float().unsqueeze(2) * gb.view(b, groups, -1))
-          * rstd.unsqueeze(2)).view(b, c)  # per group of channels, [B, C]
-    return _sum_sq(gw) + _sum_sq(gb), (gw, gb)
+    return sq + sum_sq(gb), (gb, grads)
 
 
 def add_clipped_sum(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, factors: torch.Tensor, state: tuple,

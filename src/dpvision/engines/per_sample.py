@@ -34,9 +34,8 @@ from torch.autograd.graph import get_gradient_edge
 
 from dpvision.engines.base import UnsupportedModelError
 import dpvision.engines.ghost as ghost
-from dpvision.engines.ghost import (
-    GHOST, METHODS, add_clipped_sum, fastest_method, group_norm_norm_sq, layer_method, layer_norm_sq,
-)  # fmt: skip
+from dpvision.engines.ghost import GHOST, METHODS, add_clipped_sum, fastest_method, layer_method, layer_norm_sq
+from dpvision.engines.group_norm import group_norm_norm_sq
 
 CLIP_EPS = 1e-6  # Opacus's DPOptimizer: factor = min(1, C / (norm + 1e-6))
 # Layers with fewer multiply-adds (B T d p) than this keep the shape rule's method on CUDA too: timing
@@ -129,9 +128,9 @@ class ManualPerSample:
     never kept. Pass 1, per layer (:mod:`dpvision.engines.ghost`): squared per-example norms, by ghost
     norms or by materialising that layer's per-example gradients (unfolded patches and one batched
     product, or cuDNN's grouped weight-gradient kernel): on the CPU whichever the layer's shapes make
-    cheaper, on CUDA whichever ran fastest when timed at the first chunk of that shape (``autotune``;
-    ``method`` forces one for every Linear/Conv2d, for tests). All are exact. Then the clip factors
-    f_i = w_i min(1, C / (||g_i|| + 1e-6)). Pass 2, per layer: sum_i f_i g_i as the batch weight
+    cheaper, on CUDA whichever ran fastest when timed at the first chunk of that per-example shape
+    (``autotune``; ``method`` forces one for every Linear/Conv2d, for tests). All are exact. Then the
+    clip factors f_i = w_i min(1, C / (||g_i|| + 1e-6)). Pass 2, per layer: sum_i f_i g_i as the batch weight
     gradient of the output gradients scaled by f (one cuDNN weight-gradient call per conv). Nothing
     per-example outlives its layer; graph-capturable.
 
@@ -226,7 +225,9 @@ class ManualPerSample:
         t, d, p = ghost.layer_shape(module, a, dz)
         if len(a) * t * d * p < AUTOTUNE_MIN_MACS:
             return method
-        key = (module, tuple(a.shape), a.dtype, tuple(dz.shape), dz.dtype)
+        # Per layer and per-example shape: the fast engine's bucket sizes differ only in the batch
+        # dimension, and are timed once (at the largest, captured first) instead of once per bucket.
+        key = (module, tuple(a.shape[1:]), a.dtype, tuple(dz.shape[1:]), dz.dtype)
         if key not in self._tuned:
             if torch.cuda.is_current_stream_capturing():  # no timing inside a graph capture
                 return method

@@ -36,6 +36,7 @@ ENGINES = ("fast", "opacus")
 OPTIMIZERS = ("sgd", "adam")
 ACCOUNTANTS = ("rdp", "prv", "pld")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "tf32", "bf16")  # the fast engine on CUDA; the CPU always runs exact fp32
 SELECTIONS = ("last", "best_val")  # which weights the test set judges
 SCHEDULES = ("constant", "cosine")
 MAX_AUGMULT = 64  # augmentations per example: each multiplies the per-example work
@@ -192,6 +193,7 @@ class DPConfig:
 class RunConfig:
     engine: str = "fast"  # falls back to "opacus" (with a notice) for models it does not support
     device: str = "auto"
+    precision: str = "auto"  # CUDA numerics of the fast engine ("auto": its default, TF32); docs/performance.md
     seed: int = 0
     runs_dir: str = "runs"
     run_name: str | None = None  # None: made from the settings; "-2", "-3", ... when taken
@@ -204,6 +206,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         _need(self.engine in ENGINES, "run.engine", f"one of {', '.join(ENGINES)}", self.engine)
         _need(self.device in DEVICES, "run.device", f"one of {', '.join(DEVICES)}", self.device)
+        _need(self.precision in PRECISIONS, "run.precision", f"one of {', '.join(PRECISIONS)}", self.precision)
+        _need(self.precision == "auto" or self.engine == "fast", "run.precision",
+              "auto with run.engine opacus (only the fast engine has precision options)", self.precision)
         _need(_is_int(self.seed) and 0 <= self.seed < 2**63, "run.seed", "an integer in [0, 2**63)", self.seed)
         _need(isinstance(self.runs_dir, str) and self.runs_dir != "", "run.runs_dir", "a folder", self.runs_dir)
         if self.run_name is not None:

@@ -159,6 +159,8 @@ def build(config: TrainConfig, data: Data, plan: PrivacyPlan, device, dist=None)
                               schedule=optim.schedule, warmup_steps=round(optim.warmup_epochs * plan.steps_per_epoch),
                               total_steps=optim.epochs * plan.steps_per_epoch)
     extra = {"dist": dist} if dist is not None and dist.is_distributed else {}
+    if config.run.precision != "auto":
+        extra["precision"] = config.run.precision
     if optim.augmult:  # digits must not be mirrored; clothes, objects and faces may
         extra.update(augmult=optim.augmult, augment_flip=config.data.dataset != "mnist")
     return build_engine(config.run.engine, model=model, train_data=train, batch_size=optim.batch_size,

@@ -1,0 +1,128 @@
+"""Per-example gradients of an affine GroupNorm: [B, C] sums over space, one pass on CUDA.
+
+For input ``a`` [B, C, H, W] in G groups and output gradient ``dz``, example i's gradients are
+
+    gamma_i[c] = sum_s dz[i, c, s] * a_hat[i, c, s] = rstd[i, g] (sum_s dz a - mu[i, g] sum_s dz)
+    beta_i[c]  = sum_s dz[i, c, s]
+
+with mu, rstd the statistics of example i's group g. So four sums per (example, channel) row are
+enough: sum dz a, sum dz, and the row's mean and squared deviations (combined over a group's rows
+with Chan's formula: no E[a^2] - mu^2 cancellation). PyTorch computes them in about six passes over
+the activations (var_mean, a product, three reductions); on CUDA one Triton kernel reads ``a`` and
+``dz`` once (:func:`row_sums`), when Triton is installed. Both paths accumulate in float32 (float64
+stays float64 on the PyTorch path) and differ only by rounding; the tests hold them to each other.
+
+Example:
+    >>> gn = nn.GroupNorm(2, 4)
+    >>> a, dz = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5)
+    >>> sq, (gw, gb) = group_norm_norm_sq(gn, a, dz)
+    >>> sq.shape, gw.shape, bool(torch.allclose(gb, dz.sum((2, 3))))
+    (torch.Size([3]), torch.Size([3, 4]), True)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from dpvision.engines.ghost import sum_sq
+
+TRITON_BLOCK = 1024  # elements of a row per loop iteration of the kernel
+
+
+@functools.cache
+def _triton_kernel():
+    """The compiled-on-first-use kernel, or None without Triton."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def row_sums_kernel(a_ptr, dz_ptr, out_ptr, S, BLOCK: tl.constexpr):
+        # One program per (example, channel) row of S elements: sum dz a, sum dz, mean of a, and the
+        # sum of squared deviations of a, block by block (Chan's combination of block statistics).
+        row = tl.program_id(0).to(tl.int64)
+        base = row * S
+        s_az = tl.zeros((), tl.float32)
+        s_z = tl.zeros((), tl.float32)
+        n = tl.zeros((), tl.float32)
+        mean = tl.zeros((), tl.float32)
+        m2 = tl.zeros((), tl.float32)
+        for start in range(0, S, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < S
+            x = tl.load(a_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(dz_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+            s_az += tl.sum(x * g, axis=0)
+            s_z += tl.sum(g, axis=0)
+            cnt = tl.minimum(S - start, BLOCK).to(tl.float32)
+            b_mean = tl.sum(x, axis=0) / cnt
+            d = tl.where(mask, x - b_mean, 0.0)
+            b_m2 = tl.sum(d * d, axis=0)
+            total = n + cnt
+            delta = b_mean - mean
+            mean += delta * (cnt / total)
+            m2 += b_m2 + delta * delta * (n * cnt / total)
+            n = total
+        tl.store(out_ptr + row * 4 + 0, s_az)
+        tl.store(out_ptr + row * 4 + 1, s_z)
+        tl.store(out_ptr + row * 4 + 2, mean)
+        tl.store(out_ptr + row * 4 + 3, m2)
+
+    return row_sums_kernel
+
+
+def triton_available(a: torch.Tensor, dz: torch.Tensor) -> bool:
+    """Whether :func:`row_sums` can run its one-pass kernel on these tensors."""
+    return (a.is_cuda and dz.is_cuda and a.is_contiguous() and dz.is_contiguous() and a.shape == dz.shape
+            and a.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and dz.dtype in (torch.float32, torch.bfloat16, torch.float16) and _triton_kernel() is not None)
+
+
+def row_sums(a: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+    """[B C, 4] float32 per (example, channel) row: sum dz a, sum dz, mean of a, sum of (a - mean)^2."""
+    rows, s = a.shape[0] * a.shape[1], a[0, 0].numel()
+    out = torch.empty(rows, 4, device=a.device, dtype=torch.float32)
+    _triton_kernel()[(rows,)](a, dz, out, s, BLOCK=TRITON_BLOCK)
+    return out
+
+
+def _statistics(module: nn.GroupNorm, a: torch.Tensor, dz: torch.Tensor):
+    """(sum dz a [B, C], sum dz [B, C], group mean [B, G], group rstd [B, G]), float32 (or float64)."""
+    b, c = a.shape[:2]
+    groups = module.num_groups
+    if triton_available(a, dz):
+        sums = row_sums(a, dz).view(b, groups, c // groups, 4)  # [B, G, C/G, 4]
+        s_az, s_z = sums[..., 0].reshape(b, c), sums[..., 1].reshape(b, c)
+        row_mean, row_m2 = sums[..., 2], sums[..., 3]  # [B, G, C/G], rows of equal length S
+        mean = row_mean.mean(2)  # [B, G]
+        m2 = row_m2.sum(2) + (row_mean - mean.unsqueeze(2)).square().sum(2) * a[0, 0].numel()
+        var = m2 / (a[0].numel() // groups)
+        return s_az, s_z, mean, (var + module.eps).rsqrt()
+    dtype = torch.float64 if dz.dtype == torch.float64 else torch.float32
+    a3, dz3 = a.reshape(b, c, -1), dz.to(dtype).reshape(b, c, -1)  # [B, C, S]
+    if a.dtype in (torch.float32, torch.float64):
+        var, mean = torch.var_mean(a3.reshape(b, groups, -1), dim=2, correction=0)  # [B, G]
+    else:  # a bf16 ``a`` is read as it is (no float32 copy): var = E[a^2] - mu^2 in float32
+        ag = a3.reshape(b, groups, -1)  # [B, G, C/G S]
+        mean = ag.sum(2, dtype=torch.float32) / ag.shape[2]
+        var = (torch.linalg.vector_norm(ag, dim=2, dtype=torch.float32).square() / ag.shape[2]
+               - mean.square()).clamp_(min=0)
+    s_z = dz3.sum(2)  # [B, C]
+    s_az = (dz3 * a3).sum(2, dtype=dtype)  # [B, C]
+    return s_az, s_z, mean, (var.to(dtype) + module.eps).rsqrt()
+
+
+def group_norm_norm_sq(module: nn.GroupNorm, a: torch.Tensor, dz: torch.Tensor):
+    """([B] squared norms, (gamma, beta) per-example gradients [B, C] each, float32) of an affine GroupNorm."""
+    b, c = a.shape[:2]
+    groups = module.num_groups
+    s_az, s_z, mean, rstd = _statistics(module, a, dz)
+    gw = ((s_az.view(b, groups, -1) - mean.unsqueeze(2) * s_z.view(b, groups, -1))
+          * rstd.unsqueeze(2)).view(b, c).float()  # per group of channels, [B, C]
+    gb = s_z.float()
+    return sum_sq(gw) + sum_sq(gb), (gw, gb)
