@@ -395,9 +395,14 @@ def parse_engine(engine: str, args) -> tuple[str, dict]:
         key, _, value = item.partition("=")
         if key not in FAST_KEYS:
             raise SystemExit(f"bench_dpsgd.py: error: {engine!r}: option must be one of {tuple(FAST_KEYS)}")
-        kind = FAST_KEYS[key]
-        options[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        options[key] = parse_option(key, value)
     return "fast", options
+
+
+def parse_option(key: str, value: str):
+    """A fast-engine option's value from text, typed by ``FAST_KEYS`` (unknown keys: booleans)."""
+    kind = FAST_KEYS.get(key, bool)
+    return value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
 
 
 def versions(device: torch.device) -> dict:

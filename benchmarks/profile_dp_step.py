@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_dpsgd import DP, LR, PlainRecipe, celeba_workload, wrn_workload  # noqa: E402
+from bench_dpsgd import DP, LR, PlainRecipe, celeba_workload, parse_option, wrn_workload  # noqa: E402
 
 from dpvision.engines import DPSettings, OptimizerSpec  # noqa: E402
 from dpvision.engines import ghost  # noqa: E402
@@ -145,8 +145,7 @@ def parse_variant(text: str) -> tuple[str, bool, dict]:
     options = {}
     for item in filter(None, (rest[0] if rest else "").split(",")):
         key, _, value = item.partition("=")
-        options[key] = {"precision": str, "method": str, "pad_sigmas": float, "bucket": int}.get(key, lambda v: v in ("1", "true"))(
-            value)  # the rest are booleans: cuda_graphs, channels_last, plain, autotune
+        options[key] = parse_option(key, value)  # the keys FAST_KEYS does not know are booleans: plain, autotune
     return workload, dp == "dp", options
 
 
