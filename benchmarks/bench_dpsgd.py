@@ -71,7 +71,7 @@ from dpvision.engines.fast import FastEngine
 DP = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0)
 BASELINE_OPTIONS = {"precision": "fp32", "channels_last": False, "pad_sigmas": 3.0}
 LR = 0.1
-FAST_KEYS = {"precision": str, "channels_last": bool, "pad_sigmas": float, "cuda_graphs": bool,
+FAST_KEYS = {"fuse": bool, "precision": str, "channels_last": bool, "pad_sigmas": float, "cuda_graphs": bool,
              "grad_sample_mode": str, "method": str, "bucket": int, "cudnn_benchmark": bool}
 
 

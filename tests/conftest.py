@@ -18,8 +18,14 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.data_fixtures import write_idx_mnist
+
+if not torch.cuda.is_available():
+    # Without CUDA, Triton kernels can only run in Triton's CPU interpreter (tests/test_fused.py), which must
+    # be chosen before Triton's first import. The engines never run Triton on the CPU by themselves.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MNIST_SOURCE_ENV = "DPVISION_MNIST_SOURCE"

@@ -25,7 +25,7 @@ __all__ = [
 
 FAST_ONLY_OPTIONS = ("physical_batch_size", "grad_sample_mode", "cuda_graphs", "static_shapes", "augmult",
                      "augment_flip", "precision", "channels_last", "pad_sigmas", "bucket",
-                     "cudnn_benchmark")  # dropped on fallback
+                     "cudnn_benchmark", "fuse")  # dropped on fallback
 AUDIT_OPTIONS = ("canary_gradients", "noise_scale_for_testing")  # fast engine only, never dropped
 
 

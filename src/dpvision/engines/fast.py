@@ -59,6 +59,7 @@ from dpvision.seeding import make_generator
 from dpvision.engines.base import DPSettings, Engine, EpochResult, OptimizerSpec, ProgressFn, UnsupportedModelError
 from dpvision.engines.augmult import AugmultPerSample, augment
 from dpvision.engines.chunks import PAD_SIGMAS, bucket_width, chunk_capacity, likely_sizes, plan_chunks
+from dpvision.engines.fused import fuse_blocks
 from dpvision.engines.distributed import (
     DistContext, all_reduce_grads_, reduce_epoch_totals, shard_indices,
 )  # fmt: skip
@@ -102,6 +103,8 @@ class FastEngine(Engine):
         augmult: K > 0 trains on K random augmentations of every sampled example, their gradients averaged
             before clipping (:mod:`dpvision.engines.augmult`: same sensitivity, same accounting); eager only.
         augment_flip: random horizontal flips among the augmentations (not for digits).
+        fuse: run each GroupNorm -> ReLU -> MaxPool2d(2) of an ``nn.Sequential`` as one Triton kernel per
+            direction (:mod:`dpvision.engines.fused`; default: on CUDA; without DP or with the manual backend).
     """
 
     name = "fast"
@@ -114,7 +117,8 @@ class FastEngine(Engine):
                  noise_scale_for_testing: float = 1.0, static_shapes: bool | None = None,
                  precision: str | None = None, channels_last: bool | None = None,
                  pad_sigmas: float | None = None, bucket: int | None = None, cudnn_benchmark: bool = False,
-                 dist: DistContext | None = None, augmult: int = 0, augment_flip: bool = False) -> None:
+                 dist: DistContext | None = None, augmult: int = 0, augment_flip: bool = False,
+                 fuse: bool | None = None) -> None:
         super().__init__(train_data=train_data, batch_size=batch_size, dp=dp, seed=seed, device=device)
         del num_workers  # no loader: the data is on the device
         dev = self.device
@@ -150,6 +154,10 @@ class FastEngine(Engine):
             and dev.type == "cuda"
         self.pad_sigmas = PAD_SIGMAS if pad_sigmas is None else float(pad_sigmas)
         self.cudnn_benchmark = bool(cudnn_benchmark) and dev.type == "cuda"
+        # Fused blocks change only the rounding (float32 sums in another order): CUDA by default, the CPU
+        # only when asked (tests, under TRITON_INTERPRET=1), so CPU runs stay bit for bit as before.
+        self.fuse = dev.type == "cuda" if fuse is None else bool(fuse)
+        self.fused_blocks = 0  # GroupNorm -> ReLU -> pool runs fused (set below)
 
         self.model = model.to(dev)
         self.dist.broadcast_module_(self.model)  # every rank starts from rank 0's weights
@@ -193,6 +201,8 @@ class FastEngine(Engine):
             if canary_gradients is not None:
                 raise ValueError("canary_gradients need DP (dp=DPSettings(...))")
             self.chunk = min(batch_size, self.max_physical)
+            if self.fuse and not self.augmult:
+                self.fused_blocks = fuse_blocks(self.model)
             return
 
         for module in self.model.modules():
@@ -242,6 +252,9 @@ class FastEngine(Engine):
                 failures.append(f"{mode}: {err}")
         if self.backend is None:
             raise UnsupportedModelError("per-sample gradients failed (" + "; ".join(failures) + ")")
+        if self.fuse and self.grad_sample_mode == "manual":  # vmap/hooks/augmult need the modules themselves
+            # The fused backward hands the backend each example's GroupNorm gradients [B, C].
+            self.fused_blocks = fuse_blocks(self.model, per_example=self.backend.group_norm_gradients)
 
     # ----------------------------------------------------------------- helpers
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:

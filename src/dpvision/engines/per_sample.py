@@ -34,7 +34,7 @@ from torch.autograd.graph import get_gradient_edge
 
 from dpvision.engines.base import UnsupportedModelError
 import dpvision.engines.ghost as ghost
-from dpvision.engines.ghost import GHOST, METHODS, add_clipped_sum, fastest_method, layer_method, layer_norm_sq
+from dpvision.engines.ghost import GHOST, METHODS, add_clipped_sum, fastest_method, layer_method, layer_norm_sq, sum_sq
 from dpvision.engines.group_norm import group_norm_norm_sq
 
 CLIP_EPS = 1e-6  # Opacus's DPOptimizer: factor = min(1, C / (norm + 1e-6))
@@ -201,6 +201,10 @@ class ManualPerSample:
             self._group_norm[module] = group_norm_norm_sq(module, a, dz)
         self._store[module] = (None, None)  # its input is not needed any more: let autograd free it
 
+    def group_norm_gradients(self, module: nn.GroupNorm, gw: torch.Tensor, gb: torch.Tensor) -> None:
+        """Example i's GroupNorm gradients [B, C] each, from a fused block's backward (:mod:`.fused`)."""
+        self._group_norm[module] = (sum_sq(gw) + sum_sq(gb), (gw, gb))
+
     def _forward_backward(self, x: torch.Tensor, y: torch.Tensor):
         """(logits [B, classes], losses [B], {layer: dz} for the layers whose output edge was kept)."""
         self._store.clear()
@@ -262,7 +266,7 @@ class ManualPerSample:
                 norm_sq += sq
             factors = clip_factors_sq(norm_sq, max_grad_norm, w)  # [B]
             for m, state in states.items():  # pass 2: clipped sums by book-keeping, into the views
-                add_clipped_sum(m, self._store[m][0], dzs.pop(m, None), factors, state, dtype, views[m])
+                add_clipped_sum(m, self._store.get(m, (None,))[0], dzs.pop(m, None), factors, state, dtype, views[m])
             loss_sum.add_((losses.detach() * w).sum())
             correct.add_(((logits.detach().argmax(1) == y).float() * w).sum())
         self._store.clear()

@@ -1,0 +1,169 @@
+"""GroupNorm -> ReLU -> MaxPool2d(2) as one kernel forward and one backward (CUDA, Triton).
+
+CelebaCNN's blocks are conv -> GroupNorm -> ReLU -> 2x2 max-pool. Eager PyTorch runs the last three
+as six kernels, each a pass over the conv output (GroupNorm's statistics and normalisation, ReLU,
+the pool with int64 indices, then their backwards); they were 2 of the 3.5 ms of a CelebA-64 step on
+an H200 (``benchmarks/NOTES.md``, run 14), the same in DP and non-DP training. Here one program per
+(example, group) does the lot:
+
+* forward: the group's mean and variance (Chan's combination of block statistics, as in
+  :mod:`dpvision.engines.group_norm`), then y = (x - mu) rstd gamma + beta on every 2x2 window and
+  its ReLU'd maximum. Only the pooled output [B, C, H/2, W/2] and the statistics [B G, 2] are written;
+  y, its ReLU and the pool's indices are never stored (the backward recomputes them from x);
+* backward: pass A recomputes each window's first maximum (PyTorch's rule: the earliest of equal
+  values; ReLU zeroes the gradient of a window whose maximum is <= 0, so ties at 0 do not matter)
+  and sums per channel dgamma_i = sum dy x_hat and dbeta_i = sum dy, which are example i's GroupNorm
+  gradients; pass B writes dx = rstd (gamma dy - mean(gamma dy) - x_hat mean(gamma dy x_hat)).
+
+The per-example (gamma, beta) gradients [B, C] come out of the backward for free: under DP the
+manual per-sample backend takes them through ``per_example`` (:func:`fuse_blocks`) instead of its
+own GroupNorm pass. Statistics and sums are float32; x, the output and dx keep x's dtype (bfloat16
+under ``precision="bf16"``: the next conv reads it in bfloat16 anyway).
+
+Where the kernels cannot run (CPU, no Triton, odd sizes) the block runs its modules as before, so
+the CPU engine stays bit for bit what it was. ``TRITON_INTERPRET=1`` runs the kernels on the CPU
+(the tests do, against PyTorch's autograd).
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TILE = 1024  # pooled outputs per loop iteration of a program (channels x positions)
+STATS_BLOCK = 2048  # elements per loop iteration of the forward's statistics pass
+NUM_WARPS = 8
+
+PerExample = Callable[[nn.GroupNorm, torch.Tensor, torch.Tensor], None]  # (module, dgamma [B, C], dbeta [B, C])
+
+
+@functools.cache
+def _kernels():
+    """(forward, backward) Triton kernels, compiled on first use; None without Triton."""
+    try:
+        from dpvision.engines.fused_kernels import backward_kernel, forward_kernel
+    except ImportError:
+        return None
+    return forward_kernel, backward_kernel
+
+
+def _blocks(cg: int, hwo: int) -> tuple[int, int]:
+    """(CG_P2, BLOCK_HW): the group's channels rounded up to a power of 2, pooled positions per iteration."""
+    cg_p2 = 1 << (cg - 1).bit_length()
+    hw_p2 = 1 << (hwo - 1).bit_length()
+    return cg_p2, max(1, min(hw_p2, TILE // cg_p2))
+
+
+class _GroupNormReluPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, module, per_example):
+        b, c, h, w = x.shape
+        groups = module.num_groups
+        out = torch.empty(b, c, h // 2, w // 2, device=x.device, dtype=x.dtype)
+        stats = torch.empty(b * groups, 2, device=x.device, dtype=torch.float32)  # (mean, rstd) per group
+        cg_p2, block_hw = _blocks(c // groups, out[0, 0].numel())
+        _kernels()[0][(b * groups,)](x, weight, bias, out, stats, c, h * w, w, w // 2, out[0, 0].numel(), c // groups,
+                                     module.eps, CG_P2=cg_p2, BLOCK_HW=block_hw, BLOCK_S=STATS_BLOCK,
+                                     num_warps=NUM_WARPS)
+        ctx.save_for_backward(x, weight, bias, stats)
+        ctx.module, ctx.per_example = module, per_example
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, bias, stats = ctx.saved_tensors
+        b, c, h, w = x.shape
+        groups = ctx.module.num_groups
+        dout = dout.contiguous()
+        dx = torch.empty_like(x)
+        gw = torch.empty(b, c, device=x.device, dtype=torch.float32)  # per-example dgamma [B, C]
+        gb = torch.empty(b, c, device=x.device, dtype=torch.float32)  # per-example dbeta [B, C]
+        cg_p2, block_hw = _blocks(c // groups, dout[0, 0].numel())
+        _kernels()[1][(b * groups,)](x, weight, bias, stats, dout, dx, gw, gb, c, h * w, w, w // 2,
+                                     dout[0, 0].numel(), c // groups, CG_P2=cg_p2, BLOCK_HW=block_hw,
+                                     num_warps=NUM_WARPS)
+        if ctx.per_example is not None:
+            ctx.per_example(ctx.module, gw, gb)
+        grad_w = gw.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_b = gb.sum(0).to(bias.dtype) if ctx.needs_input_grad[2] else None
+        return dx, grad_w, grad_b, None, None
+
+
+def fusable(x: torch.Tensor, module: nn.GroupNorm) -> bool:
+    """Whether the kernels can run GroupNorm -> ReLU -> 2x2 max-pool on ``x`` [B, C, H, W]."""
+    return (x.dim() == 4 and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0 and x.is_contiguous() and len(x) > 0
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and (x.is_cuda or x.device.type == "cpu" and _interpreting())
+            and module.affine and module.weight.device == x.device and _kernels() is not None)
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def group_norm_relu_pool(x: torch.Tensor, module: nn.GroupNorm, per_example: PerExample | None = None) -> torch.Tensor:
+    """``max_pool2d(relu(module(x)), 2)``, in one kernel each way where :func:`fusable`, else by the modules.
+
+    ``per_example(module, dgamma, dbeta)`` is called from the backward with example i's GroupNorm
+    gradients [B, C] (float32); the eager path never calls it.
+    """
+    if fusable(x, module):
+        return _GroupNormReluPool.apply(x, module.weight, module.bias, module, per_example)
+    return F.max_pool2d(F.relu(module(x)), 2)
+
+
+def _is_pool2(m: nn.Module) -> bool:
+    return (type(m) is nn.MaxPool2d and m.kernel_size in (2, (2, 2)) and m.stride in (2, (2, 2), None)
+            and m.padding in (0, (0, 0)) and m.dilation in (1, (1, 1)) and not m.ceil_mode and not m.return_indices)
+
+
+def fusable_runs(seq: nn.Sequential) -> list[int]:
+    """Indices j where ``seq[j:j+3]`` is GroupNorm (affine), ReLU, MaxPool2d(2)."""
+    mods = list(seq)
+    return [j for j in range(len(mods) - 2)
+            if type(mods[j]) is nn.GroupNorm and mods[j].affine and type(mods[j + 1]) is nn.ReLU
+            and _is_pool2(mods[j + 2])]
+
+
+def _fused_forward(self: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    mods, j = list(self), 0
+    starts = self._dpvision_fused  # indices of GroupNorm -> ReLU -> pool runs
+    while j < len(mods):
+        if j in starts and fusable(x, mods[j]):
+            x = _GroupNormReluPool.apply(x, mods[j].weight, mods[j].bias, mods[j], self._dpvision_per_example)
+            j += 3
+        else:
+            x = mods[j](x)
+            j += 1
+    return x
+
+
+def fuse_blocks(model: nn.Module, per_example: PerExample | None = None) -> int:
+    """Run every GroupNorm -> ReLU -> MaxPool2d(2) inside an ``nn.Sequential`` of ``model`` fused.
+
+    The modules and parameters stay as they are (same ``state_dict``); each such Sequential gets an
+    instance ``forward`` that calls :func:`group_norm_relu_pool` where :func:`fusable` and the modules
+    elsewhere. Returns the number of runs fused; :func:`unfuse_blocks` undoes it.
+    """
+    count = 0
+    for seq in model.modules():
+        if type(seq) is nn.Sequential and (starts := fusable_runs(seq)):
+            seq._dpvision_fused = frozenset(starts)
+            seq._dpvision_per_example = per_example
+            seq.forward = types.MethodType(_fused_forward, seq)
+            count += len(starts)
+    return count
+
+
+def unfuse_blocks(model: nn.Module) -> None:
+    for seq in model.modules():
+        if "_dpvision_fused" in seq.__dict__:
+            for name in ("forward", "_dpvision_fused", "_dpvision_per_example"):
+                seq.__dict__.pop(name, None)
