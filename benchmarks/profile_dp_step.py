@@ -255,7 +255,7 @@ def section_profile(args, out: dict) -> None:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             run(10)
             sync()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+        table = prof.key_averages().table(sort_by=args.sort, row_limit=args.rows, max_name_column_width=70)
         events = prof.key_averages()
         total = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) \
             / 1e3 / 10
@@ -301,6 +301,9 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--variants", default="wrn16_4:nodp:plain=1;wrn16_4:dp;wrn16_4:dp:precision=bf16")
     p.add_argument("--profile", default="wrn16_4:dp;wrn16_4:nodp:plain=1")
+    p.add_argument("--rows", type=int, default=25, help="rows of each profile table")
+    p.add_argument("--sort", default="cuda_time_total",
+                   help="profile table order (self_cuda_time_total: kernels by their own time)")
     args = p.parse_args()
     DEV = torch.device(args.device)
     os.makedirs(args.out, exist_ok=True)

@@ -51,15 +51,19 @@ def check_against_autograd(x: torch.Tensor, gn: nn.GroupNorm, dout: torch.Tensor
     xf = x.clone().requires_grad_()
     gnf = copy.deepcopy(gn).to(x.device)
     assert fused.fusable(xf, gnf)
-    out = fused.group_norm_relu_pool(xf, gnf, per_example=lambda m, gw, gb: got.update(m=m, gw=gw, gb=gb))
+    conv = nn.Conv2d(1, x.shape[1], 1)  # stands for the layer whose output x is: its bias gradients = dx summed
+    out = fused.group_norm_relu_pool(xf, gnf, conv=conv,
+                                     per_example=lambda m, gw, gb, cv, cb: got.update(m=m, gw=gw, gb=gb, conv=cv, cb=cb))
     out.backward(dout.to(out.dtype))
     gnd = copy.deepcopy(gn).double().to(x.device)
     xd = x.detach().double().requires_grad_()
     ref = reference(xd, gnd)
     ref.backward(dout.double())
-    assert got["m"] is gnf and out.shape == ref.shape and out.dtype == x.dtype
+    assert got["m"] is gnf and got["conv"] is conv and out.shape == ref.shape and out.dtype == x.dtype
     assert rel(out.double(), ref) < tol
     assert rel(xf.grad.double(), xd.grad) < tol
+    # every example's sums of dx over space (relative to sums of |dx|: with one channel a group, they are ~0)
+    assert float((got["cb"].double() - xd.grad.sum((2, 3))).norm() / xd.grad.abs().sum((2, 3)).norm()) < tol
     assert rel(gnf.weight.grad.double(), gnd.weight.grad) < tol
     assert rel(gnf.bias.grad.double(), gnd.bias.grad) < tol
     per_w, per_b = [], []

@@ -39,7 +39,9 @@ TILE = 1024  # pooled outputs per loop iteration of a program (channels x positi
 STATS_BLOCK = 2048  # elements per loop iteration of the forward's statistics pass
 NUM_WARPS = 8
 
-PerExample = Callable[[nn.GroupNorm, torch.Tensor, torch.Tensor], None]  # (module, dgamma [B, C], dbeta [B, C])
+# (GroupNorm, its dgamma [B, C], dbeta [B, C], the Conv2d whose output it normalises or None, that conv's
+# per-example bias gradients [B, C] = dx summed over space)
+PerExample = Callable[[nn.GroupNorm, torch.Tensor, torch.Tensor, "nn.Conv2d | None", torch.Tensor], None]
 
 
 @functools.cache
@@ -61,7 +63,7 @@ def _blocks(cg: int, hwo: int) -> tuple[int, int]:
 
 class _GroupNormReluPool(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, module, per_example):
+    def forward(ctx, x, weight, bias, module, per_example, conv):
         b, c, h, w = x.shape
         groups = module.num_groups
         out = torch.empty(b, c, h // 2, w // 2, device=x.device, dtype=x.dtype)
@@ -71,7 +73,7 @@ class _GroupNormReluPool(torch.autograd.Function):
                                      module.eps, CG_P2=cg_p2, BLOCK_HW=block_hw, BLOCK_S=STATS_BLOCK,
                                      num_warps=NUM_WARPS)
         ctx.save_for_backward(x, weight, bias, stats)
-        ctx.module, ctx.per_example = module, per_example
+        ctx.module, ctx.per_example, ctx.conv = module, per_example, conv
         return out
 
     @staticmethod
@@ -83,15 +85,16 @@ class _GroupNormReluPool(torch.autograd.Function):
         dx = torch.empty_like(x)
         gw = torch.empty(b, c, device=x.device, dtype=torch.float32)  # per-example dgamma [B, C]
         gb = torch.empty(b, c, device=x.device, dtype=torch.float32)  # per-example dbeta [B, C]
+        cb = torch.empty(b, c, device=x.device, dtype=torch.float32)  # dx summed over space [B, C]
         cg_p2, block_hw = _blocks(c // groups, dout[0, 0].numel())
-        _kernels()[1][(b * groups,)](x, weight, bias, stats, dout, dx, gw, gb, c, h * w, w, w // 2,
+        _kernels()[1][(b * groups,)](x, weight, bias, stats, dout, dx, gw, gb, cb, c, h * w, w, w // 2,
                                      dout[0, 0].numel(), c // groups, CG_P2=cg_p2, BLOCK_HW=block_hw,
                                      num_warps=NUM_WARPS)
         if ctx.per_example is not None:
-            ctx.per_example(ctx.module, gw, gb)
+            ctx.per_example(ctx.module, gw, gb, ctx.conv, cb)
         grad_w = gw.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
         grad_b = gb.sum(0).to(bias.dtype) if ctx.needs_input_grad[2] else None
-        return dx, grad_w, grad_b, None, None
+        return dx, grad_w, grad_b, None, None, None
 
 
 def fusable(x: torch.Tensor, module: nn.GroupNorm) -> bool:
@@ -108,14 +111,16 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def group_norm_relu_pool(x: torch.Tensor, module: nn.GroupNorm, per_example: PerExample | None = None) -> torch.Tensor:
+def group_norm_relu_pool(x: torch.Tensor, module: nn.GroupNorm, per_example: PerExample | None = None,
+                         conv: nn.Conv2d | None = None) -> torch.Tensor:
     """``max_pool2d(relu(module(x)), 2)``, in one kernel each way where :func:`fusable`, else by the modules.
 
-    ``per_example(module, dgamma, dbeta)`` is called from the backward with example i's GroupNorm
-    gradients [B, C] (float32); the eager path never calls it.
+    ``per_example(module, dgamma, dbeta, conv, dx_sums)`` is called from the backward with example i's
+    GroupNorm gradients [B, C] and the sums over space of dx [B, C] (float32): the per-example bias
+    gradients of ``conv``, when x is that conv's output. The modules' path never calls it.
     """
     if fusable(x, module):
-        return _GroupNormReluPool.apply(x, module.weight, module.bias, module, per_example)
+        return _GroupNormReluPool.apply(x, module.weight, module.bias, module, per_example, conv)
     return F.max_pool2d(F.relu(module(x)), 2)
 
 
@@ -137,7 +142,8 @@ def _fused_forward(self: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     starts = self._dpvision_fused  # indices of GroupNorm -> ReLU -> pool runs
     while j < len(mods):
         if j in starts and fusable(x, mods[j]):
-            x = _GroupNormReluPool.apply(x, mods[j].weight, mods[j].bias, mods[j], self._dpvision_per_example)
+            conv = mods[j - 1] if j > 0 and type(mods[j - 1]) is nn.Conv2d else None  # x is its output
+            x = _GroupNormReluPool.apply(x, mods[j].weight, mods[j].bias, mods[j], self._dpvision_per_example, conv)
             j += 3
         else:
             x = mods[j](x)

@@ -62,7 +62,7 @@ def forward_kernel(x_ptr, w_ptr, b_ptr, out_ptr, stats_ptr, C, HW, W, Wo, HWo, C
         tl.store(out_base + c[:, None] * HWo + p[None, :], tl.maximum(top, 0.0), mask=mask)
 
 @triton.jit
-def backward_kernel(x_ptr, w_ptr, b_ptr, stats_ptr, dout_ptr, dx_ptr, gw_ptr, gb_ptr, C, HW, W, Wo, HWo, CG,
+def backward_kernel(x_ptr, w_ptr, b_ptr, stats_ptr, dout_ptr, dx_ptr, gw_ptr, gb_ptr, cb_ptr, C, HW, W, Wo, HWo, CG,
                     CG_P2: tl.constexpr, BLOCK_HW: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     G = C // CG
@@ -80,9 +80,10 @@ def backward_kernel(x_ptr, w_ptr, b_ptr, stats_ptr, dout_ptr, dx_ptr, gw_ptr, gb
     shift = (beta - mean * gamma * rstd)[:, None]
 
     # Pass A: per channel, sum dy x_hat and sum dy (dy: the pooled gradient at each window's first
-    # maximum when that maximum is > 0, else 0).
+    # maximum when that maximum is > 0, else 0), and sum (x - mu) for the sums of dx below.
     s_gw = tl.zeros((CG_P2,), tl.float32)
     s_gb = tl.zeros((CG_P2,), tl.float32)
+    s_xc = tl.zeros((CG_P2,), tl.float32)
     for start in range(0, HWo, BLOCK_HW):
         p = start + tl.arange(0, BLOCK_HW)
         p_mask = p < HWo
@@ -99,11 +100,15 @@ def backward_kernel(x_ptr, w_ptr, b_ptr, stats_ptr, dout_ptr, dx_ptr, gw_ptr, gb
         dy = tl.where(top > 0.0, go, 0.0)
         s_gw += tl.sum(dy * (x_top - mean) * rstd, axis=1)
         s_gb += tl.sum(dy, axis=1)
+        s_xc += tl.sum(tl.where(mask, (x0 - mean) + (x1 - mean) + (x2 - mean) + (x3 - mean), 0.0), axis=1)
     tl.store(gw_ptr + i * C + g * CG + c, s_gw, mask=c_mask)
     tl.store(gb_ptr + i * C + g * CG + c, s_gb, mask=c_mask)
     S = CG * HW
     m1 = tl.sum(gamma * s_gb, axis=0) / S  # mean over the group of gamma dy
     m2 = tl.sum(gamma * s_gw, axis=0) / S  # mean over the group of gamma dy x_hat
+    # sum over a channel's HW places of dx (pass B's formula summed): the per-example bias gradient of a
+    # conv whose output x is, without another pass over dx.
+    tl.store(cb_ptr + i * C + g * CG + c, rstd * (gamma * s_gb - HW * m1 - m2 * rstd * s_xc), mask=c_mask)
 
     # Pass B: dx at all four places of every window.
     gamma2 = gamma[:, None]

@@ -278,14 +278,20 @@ def fastest_method(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, compute
 
 
 def layer_norm_sq(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, method: str | None,
-                  compute_dtype: torch.dtype, keep: bool = False) -> tuple[torch.Tensor, tuple]:
+                  compute_dtype: torch.dtype, keep: bool = False,
+                  bias_grads: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple]:
     """([B] squared per-example gradient norms over a Linear's or Conv2d's weight and bias, ``clipped_sum``'s
-    state: (per-example bias gradients [B, p] in float32 or None, per-example weight gradients or None))."""
+    state: (per-example bias gradients [B, p] in float32 or None, per-example weight gradients or None)).
+    ``bias_grads``: the per-example bias gradients [B, p] when already known (a fused block's backward)."""
     sq, grads = norms_and_grads(module, a, dz, method or MATERIALISE, compute_dtype, keep)
     if module.bias is None:
         return sq, (None, grads)
-    gb = (dz.reshape(len(dz), -1, dz.shape[-1]).sum(1, dtype=torch.float32) if isinstance(module, nn.Linear)
-          else dz.sum((2, 3), dtype=torch.float32))  # dz summed over positions
+    if bias_grads is not None:
+        gb = bias_grads
+    elif isinstance(module, nn.Linear):
+        gb = dz.reshape(len(dz), -1, dz.shape[-1]).sum(1, dtype=torch.float32)  # dz summed over positions
+    else:
+        gb = dz.sum((2, 3), dtype=torch.float32)
     return sq + sum_sq(gb), (gb, grads)
 
 

@@ -166,6 +166,7 @@ class ManualPerSample:
         # is caught by autograd itself (every supported layer saves its input for backward).
         self._store: dict[nn.Module, tuple] = {}
         self._group_norm: dict[nn.Module, tuple] = {}  # GroupNorm -> (squared norms [B], state), from its hook
+        self._conv_bias: dict[nn.Module, torch.Tensor] = {}  # Conv2d -> per-example bias gradients, fused blocks
         self._active = False
         self.amp_dtype: torch.dtype | None = None
         # CUDA with method "auto": time the exact methods once per layer and shape, keep the fastest
@@ -201,14 +202,19 @@ class ManualPerSample:
             self._group_norm[module] = group_norm_norm_sq(module, a, dz)
         self._store[module] = (None, None)  # its input is not needed any more: let autograd free it
 
-    def group_norm_gradients(self, module: nn.GroupNorm, gw: torch.Tensor, gb: torch.Tensor) -> None:
-        """Example i's GroupNorm gradients [B, C] each, from a fused block's backward (:mod:`.fused`)."""
+    def group_norm_gradients(self, module: nn.GroupNorm, gw: torch.Tensor, gb: torch.Tensor,
+                             conv: nn.Conv2d | None = None, conv_bias: torch.Tensor | None = None) -> None:
+        """From a fused block's backward (:mod:`.fused`): example i's GroupNorm gradients [B, C] each, and
+        the per-example bias gradients [B, C] of the conv whose output the GroupNorm normalised."""
         self._group_norm[module] = (sum_sq(gw) + sum_sq(gb), (gw, gb))
+        if conv is not None and conv.bias is not None:
+            self._conv_bias[conv] = conv_bias
 
     def _forward_backward(self, x: torch.Tensor, y: torch.Tensor):
         """(logits [B, classes], losses [B], {layer: dz} for the layers whose output edge was kept)."""
         self._store.clear()
         self._group_norm.clear()
+        self._conv_bias.clear()
         self._active = True
         try:
             with torch.enable_grad(), torch.autocast(x.device.type, dtype=self.amp_dtype or torch.bfloat16,
@@ -260,7 +266,8 @@ class ManualPerSample:
                         size = len(x) * m.weight.numel()
                         keep = method not in (None, GHOST) and size <= room
                         room -= size if keep else 0
-                        sq, states[m] = layer_norm_sq(m, a, dzs[m], method, dtype, keep)
+                        sq, states[m] = layer_norm_sq(m, a, dzs[m], method, dtype, keep,
+                                                      bias_grads=self._conv_bias.pop(m, None))
                 else:
                     continue
                 norm_sq += sq
