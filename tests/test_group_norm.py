@@ -3,6 +3,8 @@ kernel against the PyTorch path in float64."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -41,6 +43,21 @@ def test_per_example_gradients_equal_autograd(shift, scale):
 def test_no_kernel_on_the_cpu():
     a = torch.randn(2, 4, 3, 3)
     assert not triton_available(a, a)
+
+
+@pytest.mark.parametrize("size", [3, 40])  # S = 9 and 1600: one block and several (Chan's combination)
+def test_kernel_under_triton_interpreter_equals_float64(size):
+    """The CUDA kernel's code, run by Triton's CPU interpreter (tests/conftest.py sets it where there is no CUDA)."""
+    pytest.importorskip("triton", reason="Triton is not installed: the PyTorch path runs instead")
+    if HAS_CUDA or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the interpreter is for machines without CUDA (test_cuda_kernel_equals_the_pytorch_path runs there)")
+    torch.manual_seed(2)
+    a, dz = torch.randn(3, 4, size, size) * 0.5 + 3, torch.randn(3, 4, size, size)
+    sums = row_sums(a, dz).double()  # [B C, 4]
+    a64, dz64 = a.double().reshape(12, -1), dz.double().reshape(12, -1)
+    ref = torch.stack([(a64 * dz64).sum(1), dz64.sum(1), a64.mean(1),
+                       (a64 - a64.mean(1, keepdim=True)).square().sum(1)], 1)
+    assert torch.allclose(sums, ref, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.gpu

@@ -48,7 +48,7 @@ PerExample = Callable[[nn.GroupNorm, torch.Tensor, torch.Tensor, "nn.Conv2d | No
 def _kernels():
     """(forward, backward) Triton kernels, compiled on first use; None without Triton."""
     try:
-        from dpvision.engines.fused_kernels import backward_kernel, forward_kernel
+        from dpvision.engines.triton_kernels import backward_kernel, forward_kernel
     except ImportError:
         return None
     return forward_kernel, backward_kernel

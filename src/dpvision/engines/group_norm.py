@@ -34,45 +34,11 @@ TRITON_BLOCK = 1024  # elements of a row per loop iteration of the kernel
 
 @functools.cache
 def _triton_kernel():
-    """The compiled-on-first-use kernel, or None without Triton."""
+    """The kernel (:mod:`dpvision.engines.triton_kernels`, compiled on first use), or None without Triton."""
     try:
-        import triton
-        import triton.language as tl
+        from dpvision.engines.triton_kernels import row_sums_kernel
     except ImportError:
         return None
-
-    @triton.jit
-    def row_sums_kernel(a_ptr, dz_ptr, out_ptr, S, BLOCK: tl.constexpr):
-        # One program per (example, channel) row of S elements: sum dz a, sum dz, mean of a, and the
-        # sum of squared deviations of a, block by block (Chan's combination of block statistics).
-        row = tl.program_id(0).to(tl.int64)
-        base = row * S
-        s_az = tl.zeros((), tl.float32)
-        s_z = tl.zeros((), tl.float32)
-        n = tl.zeros((), tl.float32)
-        mean = tl.zeros((), tl.float32)
-        m2 = tl.zeros((), tl.float32)
-        for start in range(0, S, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            mask = offs < S
-            x = tl.load(a_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-            g = tl.load(dz_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-            s_az += tl.sum(x * g, axis=0)
-            s_z += tl.sum(g, axis=0)
-            cnt = tl.minimum(S - start, BLOCK).to(tl.float32)
-            b_mean = tl.sum(x, axis=0) / cnt
-            d = tl.where(mask, x - b_mean, 0.0)
-            b_m2 = tl.sum(d * d, axis=0)
-            total = n + cnt
-            delta = b_mean - mean
-            mean += delta * (cnt / total)
-            m2 += b_m2 + delta * delta * (n * cnt / total)
-            n = total
-        tl.store(out_ptr + row * 4 + 0, s_az)
-        tl.store(out_ptr + row * 4 + 1, s_z)
-        tl.store(out_ptr + row * 4 + 2, mean)
-        tl.store(out_ptr + row * 4 + 3, m2)
-
     return row_sums_kernel
 
 

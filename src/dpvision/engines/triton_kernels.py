@@ -1,0 +1,163 @@
+"""The fast engine's Triton kernels (imported only where Triton is installed; the callers fall back to PyTorch).
+
+* ``row_sums_kernel`` (:mod:`dpvision.engines.group_norm`): per (example, channel) row, Σ dz·a, Σ dz, mean
+  and squared deviations of a, for the per-example GroupNorm gradients.
+* ``forward_kernel`` / ``backward_kernel`` (:mod:`dpvision.engines.fused`): GroupNorm -> ReLU ->
+  MaxPool2d(2), one program per (example, group) of a [B, C, H, W] conv output whose group is CG channels
+  of H W contiguous elements; its tiles are [CG_P2, BLOCK_HW], the group's channels by pooled positions.
+
+Statistics are combined block by block with Chan's formula (no E[a^2] - mu^2 cancellation); every sum is
+float32 whatever the inputs' dtype.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def chan_update(n, mean, m2, x, mask, cnt):
+    """(count, mean, sum of squared deviations) after adding the ``cnt`` elements of ``x`` where ``mask``."""
+    b_mean = tl.sum(x, axis=0) / cnt
+    d = tl.where(mask, x - b_mean, 0.0)
+    total = n + cnt
+    delta = b_mean - mean
+    return total, mean + delta * (cnt / total), m2 + tl.sum(d * d, axis=0) + delta * delta * (n * cnt / total)
+
+
+@triton.jit
+def row_sums_kernel(a_ptr, dz_ptr, out_ptr, S, BLOCK: tl.constexpr):
+    # One program per (example, channel) row of S elements: sum dz a, sum dz, mean of a, and the
+    # sum of squared deviations of a, block by block.
+    row = tl.program_id(0).to(tl.int64)
+    base = row * S
+    s_az = tl.zeros((), tl.float32)
+    s_z = tl.zeros((), tl.float32)
+    n = tl.zeros((), tl.float32)
+    mean = tl.zeros((), tl.float32)
+    m2 = tl.zeros((), tl.float32)
+    for start in range(0, S, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < S
+        x = tl.load(a_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(dz_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        s_az += tl.sum(x * g, axis=0)
+        s_z += tl.sum(g, axis=0)
+        n, mean, m2 = chan_update(n, mean, m2, x, mask, tl.minimum(S - start, BLOCK).to(tl.float32))
+    tl.store(out_ptr + row * 4 + 0, s_az)
+    tl.store(out_ptr + row * 4 + 1, s_z)
+    tl.store(out_ptr + row * 4 + 2, mean)
+    tl.store(out_ptr + row * 4 + 3, m2)
+
+
+@triton.jit
+def window(x_ptr, c, c_mask, start, HW, W, Wo, HWo, scale, shift, BLOCK_HW: tl.constexpr):
+    """One tile of 2x2 windows: (x offsets of their top-left elements [CG_P2, BLOCK_HW], pooled positions
+    [BLOCK_HW], the tile's mask, x at the four places of each window, and the four GroupNorm outputs y)."""
+    p = start + tl.arange(0, BLOCK_HW)
+    offs = c[:, None] * HW + ((p // Wo) * 2 * W + (p % Wo) * 2)[None, :]
+    mask = c_mask[:, None] & (p < HWo)[None, :]
+    x0 = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x1 = tl.load(x_ptr + offs + 1, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + offs + W, mask=mask, other=0.0).to(tl.float32)
+    x3 = tl.load(x_ptr + offs + W + 1, mask=mask, other=0.0).to(tl.float32)
+    return (offs, p, mask, x0, x1, x2, x3,
+            x0 * scale + shift, x1 * scale + shift, x2 * scale + shift, x3 * scale + shift)
+
+
+@triton.jit
+def window_gradient(dout_ptr, c, p, mask, HWo, y0, y1, y2, y3):
+    """Which of the four places is each window's first maximum (PyTorch's rule for equal values), and
+    dy there: the pooled gradient if that maximum is > 0 (ReLU), else 0."""
+    go = tl.load(dout_ptr + c[:, None] * HWo + p[None, :], mask=mask, other=0.0).to(tl.float32)
+    s0 = (y0 >= y1) & (y0 >= y2) & (y0 >= y3)
+    s1 = ~s0 & (y1 >= y2) & (y1 >= y3)
+    s2 = ~s0 & ~s1 & (y2 >= y3)
+    s3 = ~s0 & ~s1 & ~s2
+    top = tl.where(s0, y0, tl.where(s1, y1, tl.where(s2, y2, y3)))
+    return s0, s1, s2, s3, tl.where(top > 0.0, go, 0.0)
+
+
+@triton.jit
+def affine(w_ptr, b_ptr, g, CG, mean, rstd, CG_P2: tl.constexpr):
+    """(channels [CG_P2], their mask, gamma, scale, shift) of group g: y = x scale + shift."""
+    c = tl.arange(0, CG_P2)
+    c_mask = c < CG
+    gamma = tl.load(w_ptr + g * CG + c, mask=c_mask, other=0.0).to(tl.float32)
+    beta = tl.load(b_ptr + g * CG + c, mask=c_mask, other=0.0).to(tl.float32)
+    return c, c_mask, gamma, (gamma * rstd)[:, None], (beta - mean * gamma * rstd)[:, None]
+
+
+@triton.jit
+def forward_kernel(x_ptr, w_ptr, b_ptr, out_ptr, stats_ptr, C, HW, W, Wo, HWo, CG, eps,
+                   CG_P2: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_S: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # example i, group g: row = i G + g
+    G = C // CG
+    i, g = row // G, row % G
+    x_base = x_ptr + (i * C + g * CG) * HW  # the group: CG channels of HW contiguous elements
+    S = CG * HW
+    n = tl.zeros((), tl.float32)
+    mean = tl.zeros((), tl.float32)
+    m2 = tl.zeros((), tl.float32)
+    for start in range(0, S, BLOCK_S):
+        offs = start + tl.arange(0, BLOCK_S)
+        mask = offs < S
+        x = tl.load(x_base + offs, mask=mask, other=0.0).to(tl.float32)
+        n, mean, m2 = chan_update(n, mean, m2, x, mask, tl.minimum(S - start, BLOCK_S).to(tl.float32))
+    rstd = 1.0 / tl.sqrt(m2 / S + eps)
+    tl.store(stats_ptr + row * 2, mean)
+    tl.store(stats_ptr + row * 2 + 1, rstd)
+
+    c, c_mask, gamma, scale, shift = affine(w_ptr, b_ptr, g, CG, mean, rstd, CG_P2)
+    out_base = out_ptr + (i * C + g * CG) * HWo
+    for start in range(0, HWo, BLOCK_HW):
+        _, p, mask, _, _, _, _, y0, y1, y2, y3 = window(x_base, c, c_mask, start, HW, W, Wo, HWo, scale, shift,
+                                                        BLOCK_HW)
+        top = tl.maximum(tl.maximum(y0, y1), tl.maximum(y2, y3))
+        tl.store(out_base + c[:, None] * HWo + p[None, :], tl.maximum(top, 0.0), mask=mask)
+
+
+@triton.jit
+def backward_kernel(x_ptr, w_ptr, b_ptr, stats_ptr, dout_ptr, dx_ptr, gw_ptr, gb_ptr, cb_ptr, C, HW, W, Wo, HWo, CG,
+                    CG_P2: tl.constexpr, BLOCK_HW: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    G = C // CG
+    i, g = row // G, row % G
+    x_base = x_ptr + (i * C + g * CG) * HW
+    dx_base = dx_ptr + (i * C + g * CG) * HW
+    dout_base = dout_ptr + (i * C + g * CG) * HWo
+    mean = tl.load(stats_ptr + row * 2)
+    rstd = tl.load(stats_ptr + row * 2 + 1)
+    c, c_mask, gamma, scale, shift = affine(w_ptr, b_ptr, g, CG, mean, rstd, CG_P2)
+
+    # Pass A: per channel, sum dy x_hat and sum dy (example i's dgamma and dbeta), and sum (x - mu).
+    s_gw = tl.zeros((CG_P2,), tl.float32)
+    s_gb = tl.zeros((CG_P2,), tl.float32)
+    s_xc = tl.zeros((CG_P2,), tl.float32)
+    for start in range(0, HWo, BLOCK_HW):
+        _, p, mask, x0, x1, x2, x3, y0, y1, y2, y3 = window(x_base, c, c_mask, start, HW, W, Wo, HWo, scale, shift,
+                                                            BLOCK_HW)
+        s0, s1, s2, _, dy = window_gradient(dout_base, c, p, mask, HWo, y0, y1, y2, y3)
+        x_top = tl.where(s0, x0, tl.where(s1, x1, tl.where(s2, x2, x3)))
+        s_gw += tl.sum(dy * (x_top - mean) * rstd, axis=1)
+        s_gb += tl.sum(dy, axis=1)
+        s_xc += tl.sum(tl.where(mask, (x0 - mean) + (x1 - mean) + (x2 - mean) + (x3 - mean), 0.0), axis=1)
+    tl.store(gw_ptr + i * C + g * CG + c, s_gw, mask=c_mask)
+    tl.store(gb_ptr + i * C + g * CG + c, s_gb, mask=c_mask)
+    S = CG * HW
+    m1 = tl.sum(gamma * s_gb, axis=0) / S  # mean over the group of gamma dy
+    m2 = tl.sum(gamma * s_gw, axis=0) / S  # mean over the group of gamma dy x_hat
+    # sum over a channel's HW places of dx (pass B's formula summed): the per-example bias gradient of a
+    # conv whose output x is, without another pass over dx.
+    tl.store(cb_ptr + i * C + g * CG + c, rstd * (gamma * s_gb - HW * m1 - m2 * rstd * s_xc), mask=c_mask)
+
+    # Pass B: dx = rstd (gamma dy - m1 - x_hat m2) at all four places of every window.
+    gamma2 = gamma[:, None]
+    for start in range(0, HWo, BLOCK_HW):
+        offs, p, mask, x0, x1, x2, x3, y0, y1, y2, y3 = window(x_base, c, c_mask, start, HW, W, Wo, HWo, scale,
+                                                               shift, BLOCK_HW)
+        s0, s1, s2, s3, dy = window_gradient(dout_base, c, p, mask, HWo, y0, y1, y2, y3)
+        gdy = dy * gamma2
+        tl.store(dx_base + offs, rstd * (tl.where(s0, gdy, 0.0) - m1 - (x0 - mean) * rstd * m2), mask=mask)
+        tl.store(dx_base + offs + 1, rstd * (tl.where(s1, gdy, 0.0) - m1 - (x1 - mean) * rstd * m2), mask=mask)
+        tl.store(dx_base + offs + W, rstd * (tl.where(s2, gdy, 0.0) - m1 - (x2 - mean) * rstd * m2), mask=mask)
+        tl.store(dx_base + offs + W + 1, rstd * (tl.where(s3, gdy, 0.0) - m1 - (x3 - mean) * rstd * m2), mask=mask)
