@@ -84,6 +84,23 @@ def test_default_mnist_run_equals_the_libraries_exactly():
     assert epsilon_notes(MNIST_DEFAULT, delta=1e-5) == {}
 
 
+def test_full_batch_prv_is_opacus_number_without_numpy_warnings():
+    """q = 1 (every example every step): Opacus's PRV takes log(1 - q) = -inf; dpvision returns its number and
+    lets no "divide by zero" warning through."""
+    import warnings
+
+    history = [(1.0, 1.0, 10)]
+    reference = PRVAccountant()
+    reference.history = list(history)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = reference.get_epsilon(delta=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = compute_epsilon(history, delta=1e-5, accountant="prv")
+    assert got == expected and 0 < got < compute_epsilon(history, delta=1e-5, accountant="rdp")
+
+
 def test_segments_compose():
     split = compute_epsilon([(1.5, 0.04, 1000), (1.5, 0.04, 1250)], delta=1e-5, accountant="pld")
     assert split == pytest.approx(compute_epsilon(REFERENCE, delta=1e-5, accountant="pld"), rel=1e-3)

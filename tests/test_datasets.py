@@ -201,6 +201,27 @@ def test_missing_idx_offline_says_where_files_go(tmp_path, monkeypatch, name, fo
     raises_data_error(lambda: load_dataset(name, tmp_path, download=False), "download disabled")
 
 
+def test_a_failed_download_leaves_no_empty_folders(tmp_path, monkeypatch):
+    """torchvision makes <root>/MNIST/raw before it downloads: offline, the folders it made go again,
+    a folder that existed before stays, and one that now holds a file is never removed."""
+    def offline(root):
+        (Path(root) / "MNIST" / "raw").mkdir(parents=True, exist_ok=True)
+        raise OSError("network unreachable")
+    monkeypatch.setattr(mnist_data, "_download", offline)
+    root = tmp_path / "new" / "data"
+    (tmp_path / "new").mkdir()
+    raises_data_error(lambda: load_dataset("mnist", root), "download failed")
+    assert not root.exists() and (tmp_path / "new").is_dir()
+
+    def partial(root):
+        (Path(root) / "MNIST" / "raw").mkdir(parents=True, exist_ok=True)
+        (Path(root) / "MNIST" / "raw" / "train-images-idx3-ubyte.gz").write_bytes(b"")
+        raise OSError("connection reset")
+    monkeypatch.setattr(mnist_data, "_download", partial)
+    raises_data_error(lambda: load_dataset("mnist", root), "download failed: connection reset")
+    assert (root / "MNIST" / "raw" / "train-images-idx3-ubyte.gz").exists()
+
+
 def test_a_partial_download_is_completed_with_either_form(tmp_path):
     raw = write_idx_mnist(tmp_path, 10, 10, gz=True)
     (raw / "t10k-labels-idx1-ubyte.gz").rename(raw / "x")

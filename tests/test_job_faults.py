@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from dpvision.cli import main as dpvision_main
 from dpvision.jobs.celeba_seed import main as celeba_main
@@ -304,6 +305,8 @@ def test_item12_a_resume_may_give_a_new_out_dir(tmp_path, tiny_mnist_root, refer
         assert mnist_main(["--resume", str(run), "--out-dir", str(tmp_path / "new")]) == 0
     expected = (reference / "mnist" / CSV_NAME).read_bytes()
     assert (tmp_path / "new" / CSV_NAME).read_bytes() == expected == (run / CSV_NAME).read_bytes()
+    front = yaml.safe_load((run / "config.yaml").read_text())["resolved"]["front_end"]
+    assert front["out_dir"] == str(tmp_path / "new")  # recorded: config.yaml says where the seed CSV went
 
 
 # -- a run folder's config.yaml that is broken on --resume ------------------------------------------------------------

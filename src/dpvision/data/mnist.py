@@ -92,6 +92,8 @@ def ensure_idx(data_root: str | Path, spec: IdxSpec, *, download: bool = True) -
     """Make sure the four IDX files are under ``<data_root>/<spec.folder>/raw``; return that folder."""
     if not _missing_raw_files(data_root, spec):
         return raw_dir(data_root, spec)
+    folder = raw_dir(data_root, spec)
+    created = [d for d in (folder, folder.parent, Path(data_root)) if not d.exists()]  # deepest first
     if download:
         try:
             _downloader(spec)(data_root)
@@ -103,7 +105,11 @@ def ensure_idx(data_root: str | Path, spec: IdxSpec, *, download: bool = True) -
         reason = "download disabled"
     missing = _missing_raw_files(data_root, spec)
     if missing:
-        folder = raw_dir(data_root, spec)
+        for d in created:  # a failed download leaves no empty folders behind (never one that held anything)
+            try:
+                d.rmdir()
+            except OSError:
+                break
         raise DataNotFoundError(
             f"{spec.folder} not found under {folder} ({reason or 'missing after download'}); put the four IDX "
             f"files {', '.join(f + '.gz' for f in RAW_FILES)} (gzipped or not) in {folder}/, "

@@ -122,8 +122,14 @@ class SeedCsv:
     def __call__(self, run_dir, rows: list[dict]) -> None:
         from dpvision.runs import atomic_write_text, csv_text
 
-        if self.front is None:  # what the run recorded at its start (the name, the first --out-dir): read once
-            self.front = run_dir.read_config()["resolved"].get("front_end", {})
+        if self.front is None:  # what the run recorded (the name, the --out-dir): read once
+            config = run_dir.read_config()
+            self.front = config["resolved"].get("front_end", {})
+            if self.out_dir is not None and self.front.get("out_dir") != str(self.out_dir):
+                # a resume's new --out-dir: recorded (atomically), so config.yaml says where the CSV is
+                # and a later --resume without --out-dir writes there too
+                self.front = {**self.front, "out_dir": str(self.out_dir)}
+                run_dir.write_config({**config, "resolved": {**config["resolved"], "front_end": self.front}})
         name, out_dir = self.front["seed_csv_name"], Path(self.out_dir or self.front["out_dir"])
         text = csv_text(SEED_CSV_COLUMNS, [{"Epoch": r["epoch"], "Train Accuracy": r["train_accuracy"],
                                             "Test Accuracy": r["test_accuracy"], "Epsilon": r["epsilon"],
