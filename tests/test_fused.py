@@ -127,6 +127,21 @@ def test_no_fusion_without_triton_interpreter_on_cpu(monkeypatch):
     assert not engine.fuse and engine.fused_blocks == 0
 
 
+@pytest.mark.parametrize("dp", [True, False])
+def test_engine_keeps_the_modules_where_the_kernels_fail(interpret, monkeypatch, dp):
+    """A GPU the kernels cannot build for must not break training: the engine's probe falls back, with a warning."""
+    def broken(*args):
+        raise RuntimeError("no kernel for this GPU")
+    monkeypatch.setattr(fused._GroupNormReluPool, "forward", staticmethod(broken))
+    settings = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0) if dp else None
+    with pytest.warns(UserWarning, match="fused GroupNorm kernels failed here .*no kernel for this GPU"):
+        engine = FastEngine(model=CelebaCNN(width=8, groups=4), train_data=celeba_like(), batch_size=12,
+                            optimizer=OptimizerSpec(lr=0.5), dp=settings, seed=0, fuse=True)
+    assert engine.fused_blocks == 0 and "forward" not in engine.model.features[0].__dict__
+    assert all(p.grad is None for p in engine.model.parameters())  # the probe left nothing behind
+    assert engine.train_epoch(max_steps=1).steps == 1
+
+
 @pytest.mark.slow  # the interpreter: about 15 s each on a 2-core CPU
 @pytest.mark.parametrize("dp", [True, False])
 def test_engine_with_fused_blocks_equals_opacus_and_unfused(interpret, dp):

@@ -59,7 +59,7 @@ from dpvision.seeding import make_generator
 from dpvision.engines.base import DPSettings, Engine, EpochResult, OptimizerSpec, ProgressFn, UnsupportedModelError
 from dpvision.engines.augmult import AugmultPerSample, augment
 from dpvision.engines.chunks import PAD_SIGMAS, bucket_width, chunk_capacity, likely_sizes, plan_chunks
-from dpvision.engines.fused import fuse_blocks
+from dpvision.engines.fused import fuse_blocks, unfuse_blocks
 from dpvision.engines.distributed import (
     DistContext, all_reduce_grads_, reduce_epoch_totals, shard_indices,
 )  # fmt: skip
@@ -202,7 +202,7 @@ class FastEngine(Engine):
                 raise ValueError("canary_gradients need DP (dp=DPSettings(...))")
             self.chunk = min(batch_size, self.max_physical)
             if self.fuse and not self.augmult:
-                self.fused_blocks = fuse_blocks(self.model)
+                self._fuse(None)
             return
 
         for module in self.model.modules():
@@ -254,7 +254,30 @@ class FastEngine(Engine):
             raise UnsupportedModelError("per-sample gradients failed (" + "; ".join(failures) + ")")
         if self.fuse and self.grad_sample_mode == "manual":  # vmap/hooks/augmult need the modules themselves
             # The fused backward hands the backend each example's GroupNorm gradients [B, C].
-            self.fused_blocks = fuse_blocks(self.model, per_example=self.backend.group_norm_gradients)
+            self._fuse(self.backend.group_norm_gradients)
+
+    def _fuse(self, per_example) -> None:
+        """Fuse the model's GroupNorm -> ReLU -> pool runs, checked by one chunk of two examples: where the
+        kernels do not compile or run here (a GPU Triton cannot build for, say), the modules stay, with a warning."""
+        self.fused_blocks = fuse_blocks(self.model, per_example=per_example)
+        if not self.fused_blocks:
+            return
+        probe = torch.arange(min(2, len(self.images)), device=self.device)
+        try:
+            if self.dp is None:
+                self._plain_chunk(probe, 1.0)
+            else:
+                self._dp_chunk(probe)
+        except Exception as err:  # noqa: BLE001 (any failure: the modules are the safe path)
+            unfuse_blocks(self.model)
+            self.fused_blocks = 0
+            warnings.warn(f"fused GroupNorm kernels failed here ({type(err).__name__}: {err}); running the modules",
+                          stacklevel=3)
+        finally:  # the probe leaves nothing behind
+            for p in self.params:
+                p.grad = None
+            for t in self._state_tensors():
+                t.zero_()
 
     # ----------------------------------------------------------------- helpers
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
