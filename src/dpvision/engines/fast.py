@@ -59,10 +59,10 @@ from dpvision.seeding import make_generator
 from dpvision.engines.base import DPSettings, Engine, EpochResult, OptimizerSpec, ProgressFn, UnsupportedModelError
 from dpvision.engines.augmult import AugmultPerSample, augment
 from dpvision.engines.chunks import PAD_SIGMAS, bucket_width, chunk_capacity, likely_sizes, plan_chunks
-from dpvision.engines.fused import fuse_blocks, unfuse_blocks
 from dpvision.engines.distributed import (
     DistContext, all_reduce_grads_, reduce_epoch_totals, shard_indices,
 )  # fmt: skip
+from dpvision.engines.fused import fuse_blocks, unfuse_blocks
 from dpvision.engines.per_sample import BACKENDS
 
 # Per-sample gradient backend by device type, chosen from measurements (benchmarks/NOTES.md).

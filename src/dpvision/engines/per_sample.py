@@ -132,7 +132,9 @@ class ManualPerSample:
     (``autotune``; ``method`` forces one for every Linear/Conv2d, for tests). All are exact. Then the
     clip factors f_i = w_i min(1, C / (||g_i|| + 1e-6)). Pass 2, per layer: sum_i f_i g_i as the batch weight
     gradient of the output gradients scaled by f (one cuDNN weight-gradient call per conv). Nothing
-    per-example outlives its layer; graph-capturable.
+    per-example outlives its layer; graph-capturable. Where the engine fused GroupNorm -> ReLU -> pool
+    (:mod:`dpvision.engines.fused`), that backward hands over the GroupNorm's per-example gradients and the
+    per-example bias gradients of the conv before it (:meth:`group_norm_gradients`) instead.
 
     ``amp_dtype`` (set by the engine for ``precision="bf16"``): autocast of forward/backward, each
     conv input cast once to that dtype by a pre-hook (the copy autograd and pass 2 share), and the
@@ -273,7 +275,8 @@ class ManualPerSample:
                 norm_sq += sq
             factors = clip_factors_sq(norm_sq, max_grad_norm, w)  # [B]
             for m, state in states.items():  # pass 2: clipped sums by book-keeping, into the views
-                add_clipped_sum(m, self._store.get(m, (None,))[0], dzs.pop(m, None), factors, state, dtype, views[m])
+                a = self._store.get(m, (None,))[0]  # None for a fused GroupNorm (its state holds all it needs)
+                add_clipped_sum(m, a, dzs.pop(m, None), factors, state, dtype, views[m])
             loss_sum.add_((losses.detach() * w).sum())
             correct.add_(((logits.detach().argmax(1) == y).float() * w).sum())
         self._store.clear()
