@@ -6,8 +6,8 @@ the pool with int64 indices, then their backwards); they were 2 of the 3.5 ms of
 an H200 (``benchmarks/NOTES.md``, run 14), the same in DP and non-DP training. Here one program per
 (example, group) does the lot:
 
-* forward: the group's mean and variance (Chan's combination of block statistics, as in
-  :mod:`dpvision.engines.group_norm`), then y = (x - mu) rstd gamma + beta on every 2x2 window and
+* forward: the group's mean and variance (Chan's combination of block statistics,
+  ``triton_kernels.chan_update``, shared with :mod:`dpvision.engines.group_norm`'s row sums), then y = (x - mu) rstd gamma + beta on every 2x2 window and
   its ReLU'd maximum. Only the pooled output [B, C, H/2, W/2] and the statistics [B G, 2] are written;
   y, its ReLU and the pool's indices are never stored (the backward recomputes them from x);
 * backward: pass A recomputes each window's first maximum (PyTorch's rule: the earliest of equal
@@ -28,6 +28,7 @@ the CPU engine stays bit for bit what it was. ``TRITON_INTERPRET=1`` runs the ke
 from __future__ import annotations
 
 import functools
+import os
 import types
 from typing import Callable
 
@@ -106,9 +107,11 @@ def fusable(x: torch.Tensor, module: nn.GroupNorm) -> bool:
 
 
 def _interpreting() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _apply(x: torch.Tensor, module: nn.GroupNorm, per_example: PerExample | None, conv: nn.Conv2d | None):
+    return _GroupNormReluPool.apply(x, module.weight, module.bias, module, per_example, conv)
 
 
 def group_norm_relu_pool(x: torch.Tensor, module: nn.GroupNorm, per_example: PerExample | None = None,
@@ -120,7 +123,7 @@ def group_norm_relu_pool(x: torch.Tensor, module: nn.GroupNorm, per_example: Per
     gradients of ``conv``, when x is that conv's output. The modules' path never calls it.
     """
     if fusable(x, module):
-        return _GroupNormReluPool.apply(x, module.weight, module.bias, module, per_example, conv)
+        return _apply(x, module, per_example, conv)
     return F.max_pool2d(F.relu(module(x)), 2)
 
 
@@ -143,7 +146,7 @@ def _fused_forward(self: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     while j < len(mods):
         if j in starts and fusable(x, mods[j]):
             conv = mods[j - 1] if j > 0 and type(mods[j - 1]) is nn.Conv2d else None  # x is its output
-            x = _GroupNormReluPool.apply(x, mods[j].weight, mods[j].bias, mods[j], self._dpvision_per_example, conv)
+            x = _apply(x, mods[j], self._dpvision_per_example, conv)
             j += 3
         else:
             x = mods[j](x)
@@ -155,8 +158,8 @@ def fuse_blocks(model: nn.Module, per_example: PerExample | None = None) -> int:
     """Run every GroupNorm -> ReLU -> MaxPool2d(2) inside an ``nn.Sequential`` of ``model`` fused.
 
     The modules and parameters stay as they are (same ``state_dict``); each such Sequential gets an
-    instance ``forward`` that calls :func:`group_norm_relu_pool` where :func:`fusable` and the modules
-    elsewhere. Returns the number of runs fused; :func:`unfuse_blocks` undoes it.
+    instance ``forward`` that runs the kernels where :func:`fusable` and the modules themselves (their
+    hooks included) elsewhere. Returns the number of runs fused; :func:`unfuse_blocks` undoes it.
     """
     count = 0
     for seq in model.modules():
