@@ -118,7 +118,7 @@ def test_constant_channel_dataset_trains_without_nan(tmp_path):
 # ---------------------------------------------------------------- item 8: names that are not UTF-8
 
 def test_non_utf8_image_file_names_load(tmp_path):
-    root = write_imagefolder(tmp_path / "data", ("a", "b"), 2, 8)
+    root = write_imagefolder(os.fsdecode(os.path.join(os.fsencode(tmp_path), b"d\xfe")), ("a", "b"), 2, 8)
     odd = os.path.join(os.fsencode(root / "train" / "b"), b"caf\xe9\xff.jpg")
     Image.new("RGB", (8, 12), (10, 200, 30)).save(os.fsdecode(odd))
     first = load_dataset("imagefolder", root, image_size=8)

@@ -116,3 +116,14 @@ def test_full_disk_in_the_first_epoch_of_dpvision_train(tmp_path, monkeypatch, c
     kept = tmp_path / "mnist" / "second"
     assert {"config.yaml", "metrics.csv", "checkpoint.pt"} <= {p.name for p in kept.iterdir()}
     assert [row["epoch"] for row in metrics(kept)] == ["1"] and not list(kept.glob(".*.tmp"))
+
+
+def test_text_holding_a_name_that_is_not_utf8_is_one_oserror_naming_the_file(tmp_path):
+    """Issue 20 item 8: such a name (handed over as a lone surrogate) gave a bare 'utf-8' codec error."""
+    target = tmp_path / "subset_index.csv"
+    with pytest.raises(OSError) as info:
+        atomic_write_text(target, "image_id,source\n1.jpg,/data/caf\udcff/1.jpg\n")
+    assert info.value.errno == errno.EILSEQ and info.value.filename == str(target)
+    assert one_line(info.value).startswith(f"{target}: cannot write it as UTF-8 text") and "caf\\udcff" in one_line(
+        info.value)
+    assert list(tmp_path.iterdir()) == []

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import json
 import math
@@ -70,7 +71,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    """``text`` as UTF-8; text holding a file name that is not UTF-8 is an ``OSError`` (EILSEQ) naming ``path``."""
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError as err:  # a lone surrogate: how Python hands over a name that is not UTF-8
+        near = text[max(0, err.start - 60):err.end + 20]  # repr: the byte 0xff shows as \udcff
+        raise OSError(errno.EILSEQ, f"cannot write it as UTF-8 text: it would hold a file or folder name that is "
+                                    f"not valid UTF-8 (near {near!r}); rename that", str(path)) from None
+    atomic_write_bytes(path, data)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

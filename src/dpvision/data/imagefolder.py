@@ -203,7 +203,7 @@ def _cache_places(root: Path, image_size: int) -> list[tuple[Path, str]]:
         user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dpvision"
     except RuntimeError:  # no home directory: only the root's own cache
         return places
-    root_tag = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    root_tag = hashlib.sha256(os.fsencode(root.resolve())).hexdigest()[:16]  # the OS bytes: any name works
     return [*places, (user, f"imagefolder-{root_tag}-s{image_size}-")]
 
 

@@ -81,7 +81,7 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     A description of the data, never used to normalise it (that would be a release outside ε).
 
     Counting each of the 256 values per channel keeps memory small and the sums exact
-    (the same numbers as ``celeba.preprocessing.channel_stats``).
+    (``celeba.preprocessing.channel_stats`` computes them with numpy: equal up to rounding in the last bits).
 
     Example:
         >>> channel_stats(torch.tensor([[[[0, 255]], [[51, 51]]]], dtype=torch.uint8))
