@@ -279,6 +279,16 @@ N_TRAIN = stats["counts"]["train"]
 print("images per split:", stats["counts"])
 '''),
         md("""
+### Why the DP run does not use `stats.json`
+
+`stats.json` holds the per-channel mean and standard deviation of the **training** images. They are numbers
+computed from the private training set: normalising with them would build them into every model the run produces,
+a release that no accountant counts (on a small training set, adding or removing one face visibly moves them). So
+every dpvision run normalises CelebA with fixed constants, (x − 0.5) / 0.5 per channel, which maps pixels to
+[−1, 1] without looking at any image. The baseline does the same, so the comparison below differs in DP-SGD
+alone. `stats.json` is still written, to describe the data to people: treat it as private as the images.
+"""),
+        md("""
 ## Baseline and DP-SGD, same settings
 
 The configuration is one typed config with five sections (the same as a YAML recipe); the baseline is the same

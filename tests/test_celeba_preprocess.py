@@ -86,11 +86,12 @@ def test_load_split(pre_dir):
     data, meta = load_split(pre_dir, "train")
     stats = json.loads((pre_dir / "stats.json").read_text())
     assert isinstance(data, ImageTensors) and len(data) == 120
-    assert data.mean == tuple(stats["mean"]) and data.std == tuple(stats["std"])
+    assert meta["stats"] == stats and len(stats["mean"]) == 3  # written for people to read ...
+    assert data.mean == (0.5,) * 3 and data.std == (0.5,) * 3  # ... never used to normalise (issue 20 item 1)
     assert meta["class_names"] == ["no_eyeglasses", "eyeglasses"] and len(meta["image_ids"]) == 120
     assert int(data.labels.sum()) == 60  # balanced
     normed = data.normalize(data.images)
-    assert normed.mean(dim=(0, 2, 3)).abs().max() < 1e-4  # train statistics centre the train split
+    assert torch.equal(normed, data.images.float() / 255 * 2 - 1)  # [-1, 1], whatever the images are
     with pytest.raises(CelebaDataError, match="split must be one of train, val, test"):
         load_split(pre_dir, "validation")
     with pytest.raises(CelebaDataError, match="missing .*stats.json"):
@@ -202,3 +203,17 @@ def test_bad_index_and_summary_files(subset_dir, tmp_path):
     with pytest.raises(CelebaDataError, match=r"subset_summary.json: class_names must be a list of two names"):
         preprocess(broken, tmp_path / "o", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
+
+
+@pytest.mark.parametrize("size", [513, 100_000])
+def test_size_is_bounded_like_train_image_size(subset_dir, tmp_path, capsys, size):
+    """Issue 20 item 11: ``--size 100000`` ended in a MemoryError traceback; now one line, exit 2, nothing written."""
+    from dpvision.data import MAX_IMAGE_SIZE
+
+    assert MAX_IMAGE_SIZE == 512
+    argv = ["--subset-dir", str(subset_dir), "--output-dir", str(tmp_path / "o"), "--size", str(size),
+            "--no-progress"]
+    assert preprocess_main(argv) == 2
+    assert capsys.readouterr().err == (f"error: --size must be an integer from 1 to 512 (the bound of dpvision train "
+                                       f"--image-size), got {size}\n")
+    assert list(tmp_path.iterdir()) == []

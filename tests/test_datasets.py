@@ -323,13 +323,13 @@ def test_cifar10_missing_files_and_fifo(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- image folders
 
-def test_imagefolder_shapes_labels_classes_and_train_stats(tmp_path):
+def test_imagefolder_shapes_labels_classes_and_fixed_normalisation(tmp_path):
     write_imagefolder(tmp_path, ("dog", "cat", "bird"), 3, 12, seed=2)
     splits = load_dataset("imagefolder", tmp_path, image_size=10)
     assert splits.class_names == ("bird", "cat", "dog")  # sorted, label = position
     for part in (splits.train, splits.val, splits.test):
         assert part.images.shape == (9, 3, 10, 10) and part.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-        assert (part.mean, part.std) == channel_stats(splits.train.images)
+        assert (part.mean, part.std) == ((0.5,) * 3, (0.5,) * 3) != channel_stats(splits.train.images)
     img = Image.open(tmp_path / "train" / "cat" / "0001.jpg").convert("RGB")  # 12 x 16: crop rows 2..13
     want = img.crop((0, 2, 12, 14)).resize((10, 10), Image.Resampling.LANCZOS)
     assert np.array_equal(splits.train.images[4].permute(1, 2, 0).numpy(), np.asarray(want))
@@ -521,7 +521,7 @@ def test_celeba_folder_from_the_real_preprocessing(celeba_dirs):
         payload = torch.load(pre / f"{split}.pt", weights_only=True)
         part = getattr(splits, split)
         assert torch.equal(part.images, payload["images"]) and torch.equal(part.labels, payload["labels"])
-        assert part.mean == tuple(stats["mean"]) and part.images.shape[1:] == (3, 16, 16)
+        assert part.mean == part.std == (0.5,) * 3 != tuple(stats["mean"]) and part.images.shape[1:] == (3, 16, 16)
     assert splits.test_groups == tuple(torch.load(pre / "test.pt", weights_only=True)["strata"])
     assert len(set(splits.test_groups)) > 1 and splits.val_groups is not None
     assert splits.class_names == ("no_eyeglasses", "eyeglasses")
@@ -568,8 +568,8 @@ def _celeba_case(root: Path, case: str) -> Path:
         test.write_bytes(b"")
     elif case == "stats.json not json":
         stats.write_text('{"mean": [0.5, 0.5,')
-    elif case == "stats.json std zero":
-        stats.write_text(json.dumps({"mean": [0.5] * 3, "std": [0.5, 0.0, 0.5]}))
+    elif case == "stats.json not an object":
+        stats.write_text(json.dumps([0.5, 0.5, 0.5]))
     elif case == "missing val.pt":
         (root / "val.pt").unlink()
         return root / "val.pt"
@@ -595,13 +595,14 @@ def _celeba_case(root: Path, case: str) -> Path:
         buffer = io.BytesIO()
         torch.save({"images": _Exploit(root / "pwned")}, buffer)
         train.write_bytes(buffer.getvalue())
-    return {"truncated train.pt": train, "stats.json not json": stats, "stats.json std zero": stats,
+    return {"truncated train.pt": train, "stats.json not json": stats, "stats.json not an object": stats,
             "stats class names": stats, "pickled code": train}.get(case, test)
 
 
-CELEBA_CASES = ["truncated train.pt", "garbage test.pt", "empty test.pt", "stats.json not json", "stats.json std zero",
-                "missing val.pt", "float images", "3-D images", "label count", "label range", "class names differ",
-                "strata length", "image size differs", "stats class names", "pickled code"]
+CELEBA_CASES = ["truncated train.pt", "garbage test.pt", "empty test.pt", "stats.json not json",
+                "stats.json not an object", "missing val.pt", "float images", "3-D images", "label count",
+                "label range", "class names differ", "strata length", "image size differs", "stats class names",
+                "pickled code"]
 
 
 @pytest.mark.parametrize("case", CELEBA_CASES)

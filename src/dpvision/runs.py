@@ -8,17 +8,23 @@ Layout of ``<runs-dir>/<job>/<run-name>/``::
     model.pt        final (or best) model weights
 
 Every write goes to a temporary file in the same directory and is then renamed
-over the target, so a crash never leaves a half-written file behind.
+over the target, so a crash never leaves a half-written file behind; a write that
+fails (a full disk) raises an ``OSError`` naming the file it was writing. A new
+run folder that a failed write ends before its first completed epoch is removed
+(:meth:`RunDir.removed_on_write_failure`); an existing one is never touched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import io
 import json
 import math
 import os
 import platform
+import shutil
 import tempfile
 from dataclasses import asdict, is_dataclass
 from datetime import datetime, timezone
@@ -39,24 +45,40 @@ _UMASK = _current_umask()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    """Write ``data`` to ``path`` through a temporary file and a rename.
+
+    An ``OSError`` (``ENOSPC`` from ``write``, which names no file) is raised again
+    with ``path`` as its filename; the temporary file is removed and ``path`` keeps
+    its old content, if it had one.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would make results unreadable to others
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename != str(path):  # the file being written, not the temporary one
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from err
         raise
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    """``text`` as UTF-8; text holding a file name that is not UTF-8 is an ``OSError`` (EILSEQ) naming ``path``."""
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError as err:  # a lone surrogate: how Python hands over a name that is not UTF-8
+        near = text[max(0, err.start - 60):err.end + 20]  # repr: the byte 0xff shows as \udcff
+        raise OSError(errno.EILSEQ, f"cannot write it as UTF-8 text: it would hold a file or folder name that is "
+                                    f"not valid UTF-8 (near {near!r}); rename that", str(path)) from None
+    atomic_write_bytes(path, data)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -147,6 +169,8 @@ class RunDir:
     def __init__(self, path: str | os.PathLike, metric_fields: list[str] | None = None) -> None:
         self.path = Path(path)
         self.metric_fields = metric_fields
+        self.created = False  # made by this process (``create``): removable while it holds no completed epoch
+        self.completed_epoch = False  # a metrics row was written: the folder holds a checkpointed epoch
 
     @classmethod
     def create(cls, runs_dir: str | os.PathLike, job: str, run_name: str | None = None,
@@ -160,7 +184,29 @@ class RunDir:
             suffix += 1
             path = base / f"{name}-{suffix}"
         path.mkdir(parents=True)
-        return cls(path, metric_fields)
+        run = cls(path, metric_fields)
+        run.created = True
+        return run
+
+    @contextlib.contextmanager
+    def removed_on_write_failure(self):
+        """On an ``OSError`` (a full disk), remove this folder if it is new and holds no completed epoch.
+
+        Such a folder has nothing ``--resume`` could use and may hold some of a run's files
+        (config.yaml, checkpoint.pt, metrics.csv, .lock); the error, naming the file that
+        failed, goes on with a note that the folder was removed. A folder this process did
+        not create (``--resume``), or one with a completed epoch, is left as it is. Other
+        exceptions (Ctrl-C, a crash) keep the folder: ``--resume`` continues it.
+        """
+        try:
+            yield self
+        except OSError as err:
+            if not self.created or self.completed_epoch:
+                raise
+            self.unlock()
+            shutil.rmtree(self.path, ignore_errors=True)
+            note = f"{err.strerror or err} (removed the new run folder {self.path}: no epoch was completed)"
+            raise OSError(err.errno, note, err.filename) from err
 
     LOCK = ".lock"
 
@@ -193,8 +239,10 @@ class RunDir:
             self._lock_handle = None
 
     def write_config(self, config: Any) -> None:
+        """Write config.yaml; if that fails in a new folder, the folder is removed (nothing in it is usable)."""
         data = asdict(config) if is_dataclass(config) else dict(config)
-        atomic_write_text(self.path / self.CONFIG, yaml.safe_dump(_plain(data), sort_keys=False))
+        with self.removed_on_write_failure():
+            atomic_write_text(self.path / self.CONFIG, yaml.safe_dump(_plain(data), sort_keys=False))
 
     def read_config(self) -> dict[str, Any]:
         with open(self.path / self.CONFIG) as handle:
@@ -211,6 +259,7 @@ class RunDir:
         previous = path.read_text() if path.exists() else csv_text(fields, [])
         line = csv_text(fields, [{k: _fmt(row.get(k, "")) for k in fields}]).split("\n", 1)[1]
         atomic_write_text(path, previous + line)
+        self.completed_epoch = True  # the job writes a row only after the epoch's checkpoint
 
     def rewrite_metrics(self, rows: Iterable[Mapping[str, Any]]) -> None:
         """Replace metrics.csv with exactly ``rows`` (a resumed run drops epochs it will replay)."""

@@ -11,6 +11,13 @@ nothing but the input pixels). Output folder::
                                  "class_names": list[str]}
     stats.json                  per-channel mean/std of train (0..1 scale), sizes, counts
 
+``stats.json``'s mean/std describe the training split for people (the CelebA seed
+asks for them); training never reads them: a statistic of the private training set
+used to normalise would be a release outside ε, so every split is normalised with
+the fixed (0.5, 0.5) instead (docs/privacy.md, "Normalisation"). ``--size`` is
+bounded by :data:`dpvision.data.MAX_IMAGE_SIZE`, the bound of ``dpvision train
+--image-size``.
+
 Files load with ``torch.load(..., weights_only=True)``; :func:`load_split` wraps that.
 The folder is staged and renamed into place, and carries the marker that lets a
 later ``--overwrite`` replace it; the subset, its parents and its sub-folders
@@ -42,6 +49,7 @@ from dpvision.celeba.safety import (
     check_image_id, check_image_size, file_problem, interruptible_map, prepare_output, staged_output,
 )  # fmt: skip
 from dpvision.celeba.subset import INDEX_FILE, SUMMARY_FILE
+from dpvision.data.imagefolder import MAX_IMAGE_SIZE
 from dpvision.data.tensors import ImageTensors
 from dpvision.runs import atomic_torch_save, atomic_write_json
 
@@ -162,8 +170,11 @@ def preprocess(subset_dir: str | os.PathLike, output_dir: str | os.PathLike, *, 
     preprocessed folder. Same input -> same bytes.
     """
     subset_dir = Path(subset_dir)
-    if size < 1 or crop < 1:
-        raise CelebaDataError(f"--size and --crop must be positive, got {size} and {crop}")
+    if not 1 <= size <= MAX_IMAGE_SIZE:  # before any work: 100000 px would be 30 GB per image
+        raise CelebaDataError(f"--size must be an integer from 1 to {MAX_IMAGE_SIZE} (the bound of dpvision train "
+                              f"--image-size), got {size}")
+    if crop < 1:
+        raise CelebaDataError(f"--crop must be positive, got {crop}")
     output = dict(kind=OUTPUT_KIND, flag="--output-dir", overwrite=overwrite, inputs=[("--subset-dir", subset_dir)])
     prepare_output(output_dir, **output)  # refuse a bad --output-dir before any work
     rows, names, index_sha = _read_index(subset_dir)
@@ -200,7 +211,7 @@ def preprocess(subset_dir: str | os.PathLike, output_dir: str | os.PathLike, *, 
 
 
 def load_split(preprocessed_dir: str | os.PathLike, split: str) -> tuple[ImageTensors, dict]:
-    """``(ImageTensors, meta)`` for one split, normalised with train's ``stats.json`` mean/std.
+    """``(ImageTensors, meta)`` for one split, normalised with the fixed (0.5, 0.5), never ``stats.json``'s.
 
     ``meta`` holds ``image_ids``, ``strata``, ``class_names`` and ``stats``. The files are read
     (and checked) by :func:`dpvision.data.celeba_folder.load_celeba_folder`, the reader the

@@ -9,15 +9,17 @@ Format (see :mod:`dpvision.celeba.preprocessing`)::
 Every count comes from the tensors actually loaded, never from ``stats.json``
 (its ``counts`` are only compared, with a warning when they disagree): the
 number of training examples sets the sampling rate, hence the privacy
-accounting. Normalisation uses ``stats.json``'s train mean/std. Files load with
-``weights_only=True`` and are size-bounded first; anything truncated, garbled
-or inconsistent is a one-line ``DataError`` naming the file.
+accounting. Normalisation is the fixed :func:`~dpvision.data.tensors.neutral_stats`
+(0.5, 0.5 per channel) for DP and non-DP runs alike: ``stats.json``'s train
+mean/std are a description of the private training split, never read here, so
+no statistic of it reaches a model outside ε (docs/privacy.md, "Normalisation").
+Files load with ``weights_only=True`` and are size-bounded first; anything
+truncated, garbled or inconsistent is a one-line ``DataError`` naming the file.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -27,9 +29,10 @@ import torch
 
 from dpvision.data.files import DataError, DataNotFoundError, check_total_bytes, open_regular, read_regular, \
     regular_file_stat
-from dpvision.data.tensors import ImageTensors
+from dpvision.data.tensors import ImageTensors, neutral_stats
 
 SPLITS = ("train", "val", "test")
+CHANNELS = 3  # RGB: what celeba_preprocess.py writes
 STATS_FILE = "stats.json"
 MAX_STATS_BYTES = 1 << 20
 FOLDER_HINT = "a folder written by celeba_preprocess.py (train.pt, val.pt, test.pt, stats.json)"
@@ -43,19 +46,13 @@ class CelebaSplit:
 
 
 def _read_stats(path: Path) -> dict:
+    """stats.json as a dict: only its ``class_names`` and ``counts`` are compared; mean/std are never read."""
     try:
         stats = json.loads(read_regular(path, MAX_STATS_BYTES).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DataError(f"{path}: not valid JSON ({err}); re-run celeba_preprocess.py") from None
     if not isinstance(stats, dict):
         raise DataError(f"{path}: expected a JSON object, found {type(stats).__name__}")
-    for key in ("mean", "std"):
-        values = stats.get(key)
-        if not isinstance(values, list) or not values or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
-            raise DataError(f"{path}: {key!r} must be a list of finite numbers, one per channel, got {values!r}"[:300])
-    if len(stats["mean"]) != len(stats["std"]) or any(v <= 0 for v in stats["std"]):
-        raise DataError(f"{path}: 'std' must have as many values as 'mean', all positive, got {stats['std']}")
     return stats
 
 
@@ -116,7 +113,7 @@ def load_celeba_folder(folder: str | os.PathLike) -> tuple[dict[str, CelebaSplit
     sizes = sum(regular_file_stat(path).st_size for path in paths.values())
     check_total_bytes(sizes, f"the CelebA files in {folder}", "these are not preprocessed CelebA splits")
     stats = _read_stats(paths[STATS_FILE])
-    mean, std = tuple(float(v) for v in stats["mean"]), tuple(float(v) for v in stats["std"])
+    mean, std = neutral_stats(CHANNELS)  # never stats.json's: those describe the private training split
 
     splits, class_names = {}, None
     for split in SPLITS:
@@ -130,7 +127,7 @@ def load_celeba_folder(folder: str | os.PathLike) -> tuple[dict[str, CelebaSplit
         if shape != want:
             raise DataError(f"{path}: images are {list(shape)} but train.pt's are {list(want)}; re-run "
                             "celeba_preprocess.py")
-    if "class_names" in stats and list(stats["class_names"]) != list(class_names):
+    if "class_names" in stats and stats["class_names"] != list(class_names):
         raise DataError(f"{paths[STATS_FILE]}: class_names {stats['class_names']} differ from the .pt files' "
                         f"{list(class_names)}")
     for split in ("train", "test"):

@@ -30,6 +30,7 @@ import torch
 from dpvision.data.files import DataError, DataNotFoundError, check_total_bytes, read_regular, regular_file_stat
 from dpvision.data.tensors import ImageTensors
 
+# Published constants, never computed from the data a run is given (docs/privacy.md, "Normalisation").
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR10_FOLDER = "cifar-10-batches-py"

@@ -86,11 +86,11 @@ def regular_file_stat(path: str | os.PathLike) -> os.stat_result:
         info = os.stat(path)
     except FileNotFoundError:
         broken = " (a broken symlink)" if os.path.islink(path) else ""
-        raise DataNotFoundError(f"{path}: no such file{broken}") from None
+        raise DataNotFoundError(f"{shown(path)}: no such file{broken}") from None
     except OSError as err:
-        raise DataError(f"cannot read {path}: {err.strerror or err}") from None
+        raise DataError(f"cannot read {shown(path)}: {err.strerror or err}") from None
     if not stat.S_ISREG(info.st_mode):
-        raise DataError(f"{path} is {_kind(info.st_mode)}, not a regular file; it was not opened")
+        raise DataError(f"{shown(path)} is {_kind(info.st_mode)}, not a regular file; it was not opened")
     return info
 
 
@@ -101,16 +101,16 @@ def open_regular(path: str | os.PathLike, max_bytes: int | None = None) -> Binar
     """
     info = regular_file_stat(path)
     if max_bytes is not None and info.st_size > max_bytes:
-        raise DataError(f"{path} is {_human(info.st_size)}, larger than the {_human(max_bytes)} "
+        raise DataError(f"{shown(path)} is {_human(info.st_size)}, larger than the {_human(max_bytes)} "
                         "such a file can be; it is not a dataset file of this kind")
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as err:
-        raise DataError(f"cannot open {path}: {err.strerror or err}") from None
+        raise DataError(f"cannot open {shown(path)}: {err.strerror or err}") from None
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):  # replaced between stat and open
-            raise DataError(f"{path} is {_kind(mode)}, not a regular file")
+            raise DataError(f"{shown(path)} is {_kind(mode)}, not a regular file")
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
@@ -122,7 +122,7 @@ def read_regular(path: str | os.PathLike, max_bytes: int) -> bytes:
     with open_regular(path, max_bytes) as handle:
         data = handle.read(max_bytes + 1)
     if len(data) > max_bytes:  # grew after the stat
-        raise DataError(f"{path} is larger than the {_human(max_bytes)} such a file can be")
+        raise DataError(f"{shown(path)} is larger than the {_human(max_bytes)} such a file can be")
     return data
 
 
@@ -133,3 +133,16 @@ def find_file(folder: Path, name: str, suffixes: tuple[str, ...] = ("",)) -> Pat
         if os.path.lexists(path):
             return path
     return None
+
+
+def shown(path: str | os.PathLike) -> str:
+    r"""``path`` as printable text: bytes of a name that is not UTF-8 appear as ``\xNN``.
+
+    Python hands such names over as lone surrogates (``'\udcff'``), which cannot be
+    printed, written to a UTF-8 file or encoded; errors name paths through this.
+
+    Example:
+        >>> shown("data/train/b\udcff/x.jpg")
+        'data/train/b\\xff/x.jpg'
+    """
+    return os.fsdecode(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

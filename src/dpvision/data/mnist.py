@@ -25,6 +25,8 @@ __all__ = [
     "random_subset",
 ]
 
+# Published constants (computed once, by others, from the public train sets), never from the data a run is
+# given: statistics of a private training set would escape ε (docs/privacy.md, "Normalisation").
 MNIST_MEAN = (0.1307,)
 MNIST_STD = (0.3081,)
 FASHION_MNIST_MEAN = (0.2860,)

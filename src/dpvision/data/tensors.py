@@ -2,22 +2,45 @@
 
 Keeping the raw bytes (a quarter of float32's memory) lets a whole dataset sit
 on the device; normalising on the fly costs one fused multiply-add.
+
+Normalisation never looks at the data being trained on: a mean/std computed from
+the private training set would be a release outside ε (docs/privacy.md,
+"Normalisation"). Datasets without published constants (an image folder, CelebA)
+use :func:`neutral_stats`, ``(x - 0.5) / 0.5``, which maps 0..255 to [-1, 1]
+whatever the images are, for DP and non-DP runs alike.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data import Dataset
+
+#: The data-independent per-channel statistics of every dataset without published constants.
+NEUTRAL_MEAN = 0.5
+NEUTRAL_STD = 0.5
+
+
+def neutral_stats(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` of :data:`NEUTRAL_MEAN` / :data:`NEUTRAL_STD` for ``channels`` channels.
+
+    Example:
+        >>> neutral_stats(3)
+        ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    """
+    return (NEUTRAL_MEAN,) * channels, (NEUTRAL_STD,) * channels
 
 
 @dataclass(frozen=True)
 class ImageTensors:
     """A labelled image set: ``images`` uint8 [N, C, H, W], ``labels`` int64 [N].
 
-    ``mean`` and ``std`` are per-channel statistics on the 0..1 scale, used to
-    normalise: ``(images / 255 - mean) / std``.
+    ``mean`` and ``std`` are per-channel constants on the 0..1 scale, used to
+    normalise: ``(images / 255 - mean) / std``; every std must be positive and finite.
+    They are fixed numbers (published ones, or :func:`neutral_stats`), never computed
+    from the images at run time.
     """
 
     images: torch.Tensor
@@ -33,6 +56,11 @@ class ImageTensors:
         channels = self.images.shape[1]
         if len(self.mean) != channels or len(self.std) != channels:
             raise ValueError(f"mean and std need {channels} values, got {self.mean} and {self.std}")
+        for c, (mean, std) in enumerate(zip(self.mean, self.std)):  # std divides every pixel: 0 gives NaN losses
+            if not math.isfinite(mean):
+                raise ValueError(f"the normalisation mean of channel {c} must be a finite number, got {mean}")
+            if not (math.isfinite(std) and std > 0):
+                raise ValueError(f"the normalisation std of channel {c} must be a positive finite number, got {std}")
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -50,8 +78,10 @@ class ImageTensors:
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and (population) std on the 0..1 scale of uint8 [N, C, H, W], exactly.
 
+    A description of the data, never used to normalise it (that would be a release outside ε).
+
     Counting each of the 256 values per channel keeps memory small and the sums exact
-    (the same numbers as ``celeba.preprocessing.channel_stats``).
+    (``celeba.preprocessing.channel_stats`` computes them with numpy: equal up to rounding in the last bits).
 
     Example:
         >>> channel_stats(torch.tensor([[[[0, 255]], [[51, 51]]]], dtype=torch.uint8))

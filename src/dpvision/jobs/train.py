@@ -172,9 +172,10 @@ def _run(config, dist, *, resume, group, run_name, overrides, front_end, announc
         run_dir, checkpointer = open_run(config, plan, data, engine, device, resume=resume, group=group,
                                          run_name=run_name, front_end=front_end, columns=METRIC_COLUMNS)
     run_path = dist.broadcast_object(str(run_dir.path) if run_dir else None)
-    try:
-        summary = _train_run(config, data, plan, device, engine, ledger, ema, run_dir, checkpointer, dist,
-                             run_path, resume=resume, on_rows=on_rows, hook=hook)
+    try:  # a full disk before the first completed epoch removes a new run folder (runs.RunDir)
+        with run_dir.removed_on_write_failure() if run_dir is not None else contextlib.nullcontext():
+            summary = _train_run(config, data, plan, device, engine, ledger, ema, run_dir, checkpointer, dist,
+                                 run_path, resume=resume, on_rows=on_rows, hook=hook)
     finally:
         if run_dir is not None:
             run_dir.unlock()
