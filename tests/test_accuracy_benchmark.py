@@ -143,3 +143,18 @@ def test_mnist_defaults_are_unchanged():
     assert args.out == REPO / "benchmarks" / "results" / "accuracy"
     assert args.seed_recipe == REPO / "recipes" / "mnist_seed.yaml" and args.baseline
     assert args.ablation_epsilon == 3.0
+
+
+def test_budget_drops_the_candidates_that_do_not_fit_and_reserves_the_frontier(capsys):
+    grid = load_grid(PROFILES["fashion-mnist"].grid)
+    points = candidates(grid, grid.max_configs)
+    _, args = accuracy.parse_args(["--dataset", "fashion-mnist", "--phase", "tune", "--budget-seconds", "200"])
+    args.epsilons = [1.0, 3.0]
+    kept, costs = accuracy.budgeted(grid, points, 1, args)
+    assert kept == [0, 1, 2, 3, 5]  # c04 (~35 s) and c06 (augmult 4, ~66 s) do not fit after the others
+    assert sum(costs[i] for i in kept) * 2 <= 200 < sum(costs[i] for i in [*kept, 4]) * 2
+    assert "c06" in capsys.readouterr().out
+    _, args = accuracy.parse_args(["--dataset", "fashion-mnist", "--phase", "all", "--budget-seconds", "200"])
+    args.epsilons = [1.0, 3.0]
+    reserved, _ = accuracy.budgeted(grid, points, 1, args)  # 2 ε x 3 seeds of final runs must fit too
+    assert len(reserved) < len(kept) and reserved == kept[:len(reserved)]
