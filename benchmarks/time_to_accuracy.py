@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import csv
 import io
+import itertools
 import json
 import math
 import shlex
@@ -120,7 +121,9 @@ def train_point(config: TrainConfig, folder: Path, deadline: float | None) -> tu
 
 
 def curve(config: TrainConfig, folder: Path, saved: list | None = None) -> dict:
-    """The run's per-epoch points: wall seconds, example-views (steps x E[B] x max(1, K)), test accuracy, ε.
+    """The run's per-epoch points: wall seconds so far (the sum of its epochs' seconds: training and the
+    evaluations, over every sitting, without the start-up of each), example-views (steps x E[B] x max(1, K)),
+    test accuracy and ε spent.
 
     ``saved``: the rows of a checkpoint that metrics.csv does not hold yet (a paused sitting).
     """
@@ -134,9 +137,10 @@ def curve(config: TrainConfig, folder: Path, saved: list | None = None) -> dict:
     resolved = yaml.safe_load(meta.read_text()).get("resolved", {}) if meta.is_file() else {}
     n = resolved.get("num_train") or 0
     views_per_step = [float(r["sample_rate"]) * n * max(1, config.optim.augmult) for r in rows]
-    points = [{"epoch": int(r["epoch"]), "seconds": float(r["seconds"]), "steps": int(r["steps"]),
+    seconds = itertools.accumulate(float(r["seconds"]) for r in rows)  # metrics.csv: each epoch's own seconds
+    points = [{"epoch": int(r["epoch"]), "seconds": s, "steps": int(r["steps"]),
                "example_views": int(round(int(r["steps"]) * v)), "test_accuracy": float(r["test_accuracy"]),
-               "epsilon": float(r["epsilon"])} for r, v in zip(rows, views_per_step)]
+               "epsilon": float(r["epsilon"])} for r, v, s in zip(rows, views_per_step, seconds)]
     return {"epochs_done": len(points), "points": points}
 
 

@@ -42,8 +42,9 @@ def test_sittings_resume_to_the_result_of_one_run(tmp_path, capsys):
     assert len(sittings) > 2 and "run the same command again" in capsys.readouterr().out
     assert curves(sittings[-1]) == curves(once)  # the same accuracies, steps, views and ε, epoch by epoch
     for r in once["results"]:
-        views = [p["example_views"] for p in r["points"]]
+        views, seconds = [p["example_views"] for p in r["points"]], [p["seconds"] for p in r["points"]]
         assert views == sorted(views) and views[0] > 0
+        assert seconds == sorted(seconds) and seconds[-1] > seconds[0] > 0  # cumulative wall seconds
         assert r["points"][-1]["epsilon"] == pytest.approx(r["target_epsilon"], rel=1e-2)
     page = tmp_path / "page.md"
     page.write_text("<!-- accuracy:cifar10:time -->\n<!-- /accuracy:cifar10:time -->\n")
