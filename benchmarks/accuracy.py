@@ -1,24 +1,32 @@
-"""The MNIST privacy-utility benchmark of issue 9: honest tuning, the ε frontier, and one ablation table.
+"""The privacy-utility benchmark (issues 9 and 24): honest tuning, the ε frontier, and one ablation table.
 
-Three phases, each resumable (a run that finished is skipped, an interrupted one continues from its
-checkpoint) and each writing JSON under ``--out`` (run folders there too):
+One dataset per invocation (``--dataset mnist|fashion-mnist|cifar10``, default mnist; see
+``accuracy_plan.PROFILES``). Three phases, each resumable (a run that finished is skipped, an interrupted
+one continues from its checkpoint; re-run the same command after a cut) and each writing JSON under
+``--out`` (run folders there too; default ``benchmarks/results/accuracy`` for MNIST,
+``benchmarks/results/accuracy_<dataset>`` otherwise):
 
-* ``tune``: the candidate recipes of ``benchmarks/accuracy_grid.yaml`` at target ε 1 and 3, judged on a
-  validation split carved from MNIST's training set (``data.val_size``). The test set is never
-  evaluated (``run.evaluate_test: false``; with a dpvision that lacks the option, the job's end-of-run
-  test numbers are blanked in the run's ``summary.json`` before anything reads it). Writes ``tune.json`` (every candidate, its
-  validation accuracy, the number tried per ε, the best per ε) and ``tuned_eps<ε>.yaml``.
-* ``frontier``: the tuned recipe (each ε takes the recipe tuned at the nearest tuned ε) and the seed's
-  own defaults (``recipes/mnist_seed.yaml``, k = 30,000) at ε ∈ {0.5, 1, 2, 3, 8}, 3 seeds, with
-  ``dpvision.jobs.sweep.sweep`` (σ calibrated to each ε; the test set evaluated once, at the end).
-  The tuned recipe trains on all 60,000 training images. Writes ``frontier.json`` and ``frontier.png``.
-* ``ablation``: at ε = 3, the tuned recipe with each technique removed in turn, 3 seeds. Writes
+* ``tune``: the candidate recipes of the dataset's grid (``benchmarks/accuracy_grid.yaml`` for MNIST,
+  ``benchmarks/accuracy_grid_<dataset>.yaml`` otherwise) at the grid's target ε, judged on a validation
+  split carved from the training set (``data.val_size``). The test set is never evaluated
+  (``run.evaluate_test: false``; with a dpvision that lacks the option, the job's end-of-run test numbers
+  are blanked in the run's ``summary.json`` before anything reads it). ``--budget-seconds`` drops the
+  candidates whose estimated H100 seconds do not fit (``accuracy_plan.estimate_seconds``). Writes
+  ``tune.json`` (every candidate, its validation accuracy, the number tried per ε, the best per ε) and
+  ``tuned_eps<ε>.yaml``.
+* ``frontier``: the tuned recipe (each ε takes the recipe tuned at the nearest tuned ε) at the dataset's
+  frontier ε (``--epsilons``), 3 seeds (``--seeds``), with ``dpvision.jobs.sweep.sweep`` (σ calibrated to
+  each ε; the test set evaluated once per run, at the end, on all training images); for MNIST also the
+  seed's own defaults (``recipes/mnist_seed.yaml``, k = 30,000) and the no-DP point. Writes
+  ``frontier.json`` and ``frontier.png``.
+* ``ablation``: at ε = 3 (CIFAR-10: 8), the tuned recipe with each technique removed in turn. Writes
   ``ablation.json``.
 
-``--write-docs`` fills the tables of ``docs/accuracy.md`` from the JSON files. ``--smoke`` shrinks
-everything (k, epochs, batch, seeds, grid) to check the script end to end on a CPU in minutes.
+``--write-docs`` fills the dataset's tables of ``docs/accuracy.md`` from the JSON files. ``--smoke``
+shrinks everything (k, epochs, batch, seeds, grid) to check the script end to end on a CPU in minutes.
 
     python benchmarks/accuracy.py --phase all --data-root data --device cuda
+    python benchmarks/accuracy.py --dataset fashion-mnist --phase all --budget-seconds 330 --device cuda
     python benchmarks/accuracy.py --write-docs
     python benchmarks/accuracy.py --phase all --smoke --data-root /tmp/tiny_mnist --device cpu
 """
@@ -32,111 +40,29 @@ import io
 import itertools
 import json
 import math
-import random
 import shlex
 import statistics
 import sys
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
+from accuracy_docs import DOCS, MAX_SECONDS_PER_POINT, PHASES, write_docs
+from accuracy_plan import (MAX_CONFIGS, MAX_LIST, PROFILES, REPO, Grid, candidates, estimate_seconds, known_field,
+                           load_grid, within_budget)
 
-from dpvision.jobs.config import SECTIONS, RecipeLoader, TrainConfig, load_recipe
-from dpvision.jobs.sweep import sweep
+from dpvision.jobs.config import TrainConfig, load_recipe
+from dpvision.jobs.sweep import parse_list, sweep
 
-REPO = Path(__file__).resolve().parents[1]
-GRID_FILE = REPO / "benchmarks" / "accuracy_grid.yaml"
-SEED_RECIPE = REPO / "recipes" / "mnist_seed.yaml"
-DOCS = REPO / "docs" / "accuracy.md"
-DEFAULT_OUT = REPO / "benchmarks" / "results" / "accuracy"
-SMOKE_OUT = REPO / "benchmarks" / "results" / "accuracy_smoke"
-PHASES = ("tune", "frontier", "ablation")
-FRONTIER_EPSILONS = (0.5, 1.0, 2.0, 3.0, 8.0)
-ABLATION_EPSILON = 3.0
 SEEDS = 3
-MAX_SECONDS_PER_POINT = 120.0  # the issue's target: an ε point trains in at most 2 minutes on one H100
-TARGETS = {3.0: 0.985, 1.0: 0.975}  # the issue's mean test accuracy targets (3 seeds, δ = 1e-5)
-# --smoke: every run shrinks to this (the tiny synthetic MNIST has 600 training images).
+# --smoke: every run shrinks to this (the tiny synthetic datasets of the tests have 600 training images).
 # Batch sizes shrink by SMOKE_BATCH_DIVISOR (at least SMOKE_MIN_BATCH), so that large and small batches differ.
 SMOKE = {"k": 300, "val_size": 100, "epochs": 1, "seeds": 1, "epsilons": (1.0, 3.0)}  # and 2 candidates
 SMOKE_BATCH_DIVISOR, SMOKE_MIN_BATCH = 40, 8
-MAX_LIST, MAX_CONFIGS, MAX_GRID = 100, 10_000, 1_000_000  # bounds on a grid file: bounded work and memory
 NO_TEST = "run.evaluate_test"  # false: the job never evaluates the test set (older dpvision: blanked afterwards)
 WITHHELD = ("tune phase: the test set is not used to choose (run.evaluate_test false; any test number blanked by "
             "benchmarks/accuracy.py)")
-
-
-# ----------------------------------------------------------------------------------------------- the grid
-@dataclass(kw_only=True)
-class Grid:
-    epsilons: list[float]
-    seeds: list[int]
-    max_configs: int
-    sample_seed: int
-    base: dict  # a partial recipe
-    axes: list[tuple[str, list[dict]]]  # (axis name, [{"section.field": value, ...} per choice])
-    size: int  # of the full product
-
-
-def known_field(key: str) -> bool:
-    section, _, name = key.partition(".")
-    return section in SECTIONS and name in {f.name for f in fields(SECTIONS[section])}
-
-
-def load_grid(path: Path) -> Grid:
-    """The grid file; axes naming a field this dpvision lacks are dropped with a printed note."""
-    try:
-        spec = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=RecipeLoader)  # noqa: S506 (safe)
-    except (OSError, yaml.YAMLError) as err:
-        raise ValueError(f"--grid {path}: cannot read ({str(err).splitlines()[0]})") from None
-    if not isinstance(spec, dict) or not isinstance(spec.get("axes"), dict) or not spec["axes"]:
-        raise ValueError(f"--grid {path}: needs a mapping with epsilons, seeds, max_configs, base and axes")
-    axes = []
-    for name, values in spec["axes"].items():
-        if not isinstance(values, list) or not values:
-            raise ValueError(f"--grid {path}: axis {name} must be a non-empty list")
-        choices = [dict(v) if isinstance(v, dict) else {name: v} for v in values]
-        unknown = sorted({key for choice in choices for key in choice if not known_field(key)})
-        if unknown:
-            print(f"note: grid axis {name} skipped: {', '.join(unknown)} is not a setting of this dpvision")
-            continue
-        axes.append((name, choices))
-    TrainConfig.from_dict(spec.get("base") or {}, source=f"--grid {path} base")  # fails early, names the field
-    grid = Grid(epsilons=spec.get("epsilons", [1, 3]), seeds=spec.get("seeds", [0]),
-                max_configs=spec.get("max_configs", 24), sample_seed=spec.get("sample_seed", 0),
-                base=spec.get("base") or {}, axes=axes, size=math.prod(len(c) for _, c in axes))
-    check(isinstance(grid.epsilons, list) and 1 <= len(grid.epsilons) <= MAX_LIST
-          and all(isinstance(e, (int, float)) and 0 < e < math.inf for e in grid.epsilons),
-          path, "epsilons", f"a list of 1 to {MAX_LIST} positive numbers", grid.epsilons)
-    grid.epsilons = [float(e) for e in grid.epsilons]
-    check(isinstance(grid.seeds, list) and 1 <= len(grid.seeds) <= MAX_LIST
-          and all(isinstance(x, int) and x >= 0 for x in grid.seeds), path, "seeds",
-          f"a list of 1 to {MAX_LIST} integers >= 0", grid.seeds)
-    check(isinstance(grid.max_configs, int) and 1 <= grid.max_configs <= MAX_CONFIGS, path, "max_configs",
-          f"an integer in [1, {MAX_CONFIGS}]", grid.max_configs)
-    check(isinstance(grid.sample_seed, int), path, "sample_seed", "an integer", grid.sample_seed)
-    check(grid.size <= MAX_GRID, path, "axes", f"a product of at most {MAX_GRID} combinations", grid.size)
-    return grid
-
-
-def check(ok: bool, path: Path, key: str, valid: str, value) -> None:
-    if not ok:
-        raise ValueError(f"--grid {path}: {key} must be {valid}, got {value!r}")
-
-
-def candidates(grid: Grid, max_configs: int, *, smoke: bool = False) -> list[dict]:
-    """``max_configs`` points of the axes' product (seeded sample, in product order), each ``{field: value}``.
-
-    ``smoke``: the first and the last point instead (every axis's first value, then every axis's last).
-    """
-    product = list(itertools.product(*(choices for _, choices in grid.axes)))
-    if smoke:
-        product = [product[0], product[-1]] if len(product) > 1 else product
-    elif len(product) > max_configs:
-        keep = sorted(random.Random(grid.sample_seed).sample(range(len(product)), max_configs))
-        product = [product[i] for i in keep]
-    return [{k: v for choice in point for k, v in choice.items()} for point in product]
 
 
 # ------------------------------------------------------------------------------------- configs of the runs
@@ -245,12 +171,17 @@ def phase_tune(args) -> dict:
     from dpvision.runs import atomic_write_text
 
     grid = load_grid(args.grid)
+    dataset = TrainConfig.from_dict(grid.base).data.dataset
+    if dataset != args.dataset:
+        raise ValueError(f"--grid {args.grid}: base data.dataset is {dataset}, not --dataset {args.dataset}")
     points = candidates(grid, args.max_configs or grid.max_configs, smoke=args.smoke)
     seeds = grid.seeds[:SMOKE["seeds"]] if args.smoke else grid.seeds
+    kept, costs = budgeted(grid, points, len(seeds), args)
     runs_dir = args.out / "tune" / "runs"
     todo = []
     for epsilon in grid.epsilons:
-        for index, point in enumerate(points):
+        for index in kept:
+            point = points[index]
             for seed in seeds:
                 probe = tune_config(grid, point, epsilon, seed, args, runs_dir, "probe")
                 name = f"eps{epsilon:g}_c{index:02d}_{config_id(probe)}_seed{seed}"
@@ -258,7 +189,7 @@ def phase_tune(args) -> dict:
     if not known_field(NO_TEST):
         print(f"note: this dpvision has no {NO_TEST}: each tune run evaluates the test set at its end; those "
               "numbers are blanked in its summary.json before anything reads it", flush=True)
-    print(f"tune: {len(points)} candidates of {grid.size} x {len(grid.epsilons)} ε x {len(seeds)} seed(s) = "
+    print(f"tune: {len(kept)} candidates of {grid.size} x {len(grid.epsilons)} ε x {len(seeds)} seed(s) = "
           f"{len(todo)} runs, judged on the validation split", flush=True)
     results = []
     for i, (epsilon, index, point, seed, config) in enumerate(todo, start=1):
@@ -275,11 +206,12 @@ def phase_tune(args) -> dict:
         print(f"[{i}/{len(todo)}] ε={epsilon:g} c{index:02d} {result['recipe']}: val acc "
               f"{result['val_accuracy']:.4f}, ε {summary['epsilon']:.4g}, {summary['wall_seconds']:.1f}s"
               f"{' (done earlier)' if done else ''}", flush=True)
-    report = tune_report(grid, points, seeds, results, args)
+    report = tune_report(grid, points, kept, seeds, results, args)
+    report["estimated_seconds"] = costs
     write_json(args.out / "tune.json", report)
     for epsilon, best in report["best"].items():
         config = TrainConfig.from_dict(best["config"])
-        header = (f"# Tuned by benchmarks/accuracy.py on MNIST's validation split at target ε = {epsilon}: "
+        header = (f"# Tuned by benchmarks/accuracy.py on {args.dataset}'s validation split at target ε = {epsilon}: "
                   f"best of {report['configs_tried'][epsilon]} configurations (validation accuracy "
                   f"{best['val_accuracy']:.4f}).\n#   dpvision train --config THIS_FILE --data-root data\n")
         atomic_write_text(args.out / f"tuned_eps{epsilon}.yaml",
@@ -290,13 +222,35 @@ def phase_tune(args) -> dict:
     return report
 
 
-def tune_report(grid: Grid, points: list[dict], seeds: list[int], results: list[dict], args) -> dict:
+def budgeted(grid: Grid, points: list[dict], seeds: int, args) -> tuple[list[int], list[float]]:
+    """The indices of the candidates that fit ``--budget-seconds`` (estimated H100 seconds) and each one's
+    estimate for one tune run; with ``--phase all`` the frontier's runs of the costliest kept one must fit too."""
+    configs = [TrainConfig.from_dict(grid.base).with_overrides(p) for p in points]
+    size = PROFILES[args.dataset].train_size
+    tune_costs = [estimate_seconds(c, size) for c in configs]
+    final_costs = [estimate_seconds(final_form(c), size) for c in configs]
+    reserve = len(args.epsilons) * args.seeds * (2 if args.baseline else 1) if args.phase == "all" else 0
+    keep = within_budget(tune_costs, final_costs, len(grid.epsilons) * seeds, reserve,
+                         None if args.smoke else args.budget_seconds)
+    for i, (point, cost, fits) in enumerate(zip(configs, tune_costs, keep)):
+        print(f"candidate c{i:02d}: {describe(point)}: ~{cost:.0f} s a run on an H100"
+              f"{'' if fits else ' -- dropped: does not fit --budget-seconds'}", flush=True)
+    kept = [i for i, fits in enumerate(keep) if fits]
+    if not kept:
+        raise ValueError(f"--budget-seconds {args.budget_seconds:g}: no candidate of {args.grid} fits")
+    spent = sum(tune_costs[i] for i in kept) * len(grid.epsilons) * seeds
+    print(f"tune: estimated {spent:.0f} s on an H100 for {len(kept)} of {len(points)} candidates"
+          + (f" (+ {reserve} final runs reserved)" if reserve else ""), flush=True)
+    return kept, tune_costs
+
+
+def tune_report(grid: Grid, points: list[dict], kept: list[int], seeds: list[int], results: list[dict],
+                args) -> dict:
     """tune.json: every run, the number of configurations tried per ε, the best per ε (mean over seeds)."""
     best, tried = {}, {}
     for epsilon in grid.epsilons:
         mine = [r for r in results if r["epsilon_target"] == epsilon]
-        means = {i: statistics.fmean(r["val_accuracy"] for r in mine if r["candidate"] == i)
-                 for i in range(len(points))}
+        means = {i: statistics.fmean(r["val_accuracy"] for r in mine if r["candidate"] == i) for i in kept}
         tried[f"{epsilon:g}"] = len(means)
         top = max(means, key=lambda i: (means[i], -i))  # ties: the first candidate
         config = final_form(TrainConfig.from_dict(grid.base).with_overrides(points[top]))
@@ -309,7 +263,8 @@ def tune_report(grid: Grid, points: list[dict], seeds: list[int], results: list[
             f"{results[0]['num_val'] if results else 0} validation images carved from the training set",
             "test_set": f"not evaluated ({NO_TEST}: false)" if known_field(NO_TEST) else
             "not used: the job's end-of-run test numbers are blanked in every tune run's summary.json",
-            "best": best, "runs": results}
+            "budget_seconds": None if args.smoke else args.budget_seconds,
+            "dropped_by_budget": [i for i in range(len(points)) if i not in kept], "best": best, "runs": results}
 
 
 # ----------------------------------------------------------------------------------------- frontier phase
@@ -343,11 +298,23 @@ def frontier_sweep(config: TrainConfig, label: str, epsilons, seeds, out: Path, 
     return [{**row, "value": label} for row in rows]
 
 
+def seed_defaults_sweep(args, epsilons: list[float], seeds: list[int], parts: list[dict]) -> list[dict]:
+    """The seed's own defaults (MNIST: ``recipes/mnist_seed.yaml``) on the frontier, for comparison."""
+    path = args.seed_recipe
+    seed = TrainConfig.from_dict(load_recipe(path), source=str(path)).with_overrides({"run.test_every_epoch": False})
+    print(f"frontier: the seed's defaults ({describe(seed)}, k = {seed.data.k})", flush=True)
+    out = args.out / "frontier" / "seed_defaults"
+    rows = frontier_sweep(seed, "seed defaults", epsilons, seeds, out, False, args)
+    parts.append({"label": "seed defaults", "folder": str(out), "epsilons": epsilons, "recipe": describe(seed),
+                  "same_recipe": same_recipe(machine(shrink(seed, args), args))})
+    return rows
+
+
 def phase_frontier(args) -> dict:
     from dpvision.jobs.sweep_report import frontier_figure
     from dpvision.runs import atomic_write_bytes
 
-    epsilons = list(SMOKE["epsilons"] if args.smoke else FRONTIER_EPSILONS)
+    epsilons = list(SMOKE["epsilons"] if args.smoke else args.epsilons)
     seeds = list(range(SMOKE["seeds"] if args.smoke else args.seeds))
     recipes = chosen_recipes(args)
     first, tuned_at = {}, {}  # one sweep per distinct recipe: the ε it was tuned at first names it
@@ -357,24 +324,20 @@ def phase_frontier(args) -> dict:
     groups: dict[float | None, list[float]] = {}
     for epsilon in epsilons:
         groups.setdefault(first[same_recipe(recipes[recipe_for(epsilon, recipes)])], []).append(epsilon)
-    with_baseline = first[same_recipe(recipes[recipe_for(ABLATION_EPSILON, recipes)])]
+    with_baseline = first[same_recipe(recipes[recipe_for(args.ablation_epsilon, recipes)])]
     rows, parts = [], []
     for tuned, eps in groups.items():
         name = "recipe" if tuned is None else f"tuned_eps{tuned:g}"
         out = args.out / "frontier" / name
         print(f"frontier: {name} ({describe(recipes[tuned])}) at ε {', '.join(f'{e:g}' for e in eps)}", flush=True)
-        got = frontier_sweep(recipes[tuned], "tuned", eps, seeds, out, tuned == with_baseline, args)
+        got = frontier_sweep(recipes[tuned], "tuned", eps, seeds, out, args.baseline and tuned == with_baseline,
+                             args)
         rows += got
         parts.append({"label": "tuned", "folder": str(out), "tuned_at": None if tuned is None else tuned_at[tuned],
                       "epsilons": eps, "recipe": describe(recipes[tuned]),
                       "same_recipe": same_recipe(machine(shrink(recipes[tuned], args), args))})
-    seed = TrainConfig.from_dict(load_recipe(SEED_RECIPE), source=str(SEED_RECIPE)).with_overrides(
-        {"run.test_every_epoch": False})
-    print(f"frontier: the seed's defaults ({describe(seed)}, k = {seed.data.k})", flush=True)
-    out = args.out / "frontier" / "seed_defaults"
-    rows += frontier_sweep(seed, "seed defaults", epsilons, seeds, out, False, args)
-    parts.append({"label": "seed defaults", "folder": str(out), "epsilons": epsilons, "recipe": describe(seed),
-                  "same_recipe": same_recipe(machine(shrink(seed, args), args))})
+    if args.seed_recipe:
+        rows += seed_defaults_sweep(args, epsilons, seeds, parts)
     buffer = io.BytesIO()
     frontier_figure(rows, vary="recipe").savefig(buffer, format="png", dpi=110)
     atomic_write_bytes(args.out / "frontier.png", buffer.getvalue())
@@ -449,7 +412,7 @@ def reused_full_rows(config: TrainConfig, args, seeds: list[int]) -> list[dict] 
     for part in frontier["sweeps"]:
         if part["label"] == "tuned" and part["same_recipe"] == wanted:
             rows = [r for r in frontier["rows"] if r["run_dir"].startswith(part["folder"] + "/")
-                    and r["target_epsilon"] == ABLATION_EPSILON and r["seed"] in seeds]
+                    and r["target_epsilon"] == args.ablation_epsilon and r["seed"] in seeds]
             if len(rows) == len(seeds):
                 return rows
     return None
@@ -457,9 +420,9 @@ def reused_full_rows(config: TrainConfig, args, seeds: list[int]) -> list[dict] 
 
 def phase_ablation(args) -> dict:
     recipes = chosen_recipes(args)
-    full = recipes[recipe_for(ABLATION_EPSILON, recipes)]
+    full = recipes[recipe_for(args.ablation_epsilon, recipes)]
     seeds = list(range(SMOKE["seeds"] if args.smoke else args.seeds))
-    print(f"ablation at ε = {ABLATION_EPSILON:g}: {describe(full)}", flush=True)
+    print(f"ablation at ε = {args.ablation_epsilon:g}: {describe(full)}", flush=True)
     results = []
     variants = [("full recipe", "", {})] + ablations(full)
     for variant, change, overrides in variants:
@@ -472,7 +435,7 @@ def phase_ablation(args) -> dict:
         if rows is None:
             folder = args.out / "ablation" / variant.replace(" -> ", "_to_").replace(" ", "_")
             print(f"ablation: {variant} ({change or 'as tuned'})", flush=True)
-            rows = frontier_sweep(full.with_overrides(overrides), variant, [ABLATION_EPSILON], seeds, folder,
+            rows = frontier_sweep(full.with_overrides(overrides), variant, [args.ablation_epsilon], seeds, folder,
                                   False, args)
         accuracy = [float(r["test_accuracy"]) for r in rows]
         results.append({"variant": variant, "change": change, "runs_from": source, "n": len(rows),
@@ -483,106 +446,12 @@ def phase_ablation(args) -> dict:
         if "mean" in result:
             result["delta_vs_full"] = result["mean"] - full_mean
     report = {"phase": "ablation", "smoke": args.smoke, "command": args.command, "device": device_name(args),
-              "epsilon": ABLATION_EPSILON, "seeds": seeds, "recipe": describe(full), "variants": results}
+              "epsilon": args.ablation_epsilon, "seeds": seeds, "recipe": describe(full), "variants": results}
     write_json(args.out / "ablation.json", report)
     print_table(["variant", "change", "test acc (mean ± sd)", "Δ vs full"],
                 [[r["variant"], r["change"], f"{r['mean']:.4f} ± {r['sd']:.4f}" if "mean" in r else "skipped",
                   f"{r['delta_vs_full']:+.4f}" if "mean" in r else ""] for r in results])
     return report
-
-
-# --------------------------------------------------------------------------------------------- docs tables
-def marked(text: str, name: str, body: str) -> str:
-    """``text`` with the part between ``<!-- accuracy:NAME -->`` and ``<!-- /accuracy:NAME -->`` replaced."""
-    start, end = f"<!-- accuracy:{name} -->", f"<!-- /accuracy:{name} -->"
-    if start not in text or end not in text:
-        raise ValueError(f"--docs: no {start} ... {end} markers to fill")
-    head, rest = text.split(start, 1)
-    return head + start + "\n" + body.rstrip("\n") + "\n" + end + rest.split(end, 1)[1]
-
-
-def write_docs(args) -> None:
-    """Fill the docs' marked tables from ``tune.json``, ``frontier.json`` and ``ablation.json`` under ``--out``."""
-    from dpvision.runs import atomic_write_bytes, atomic_write_text
-
-    found = {p: json.loads((args.out / f"{p}.json").read_text()) for p in PHASES if (args.out / f"{p}.json").is_file()}
-    if not found:
-        raise ValueError(f"--write-docs: no tune.json, frontier.json or ablation.json in {args.out}")
-    if any(r["smoke"] for r in found.values()) and Path(args.docs).resolve() == DOCS.resolve():
-        raise ValueError(f"--write-docs: {args.out} holds --smoke results; give --docs OTHER.md to see them")
-    text = Path(args.docs).read_text(encoding="utf-8")
-    commands = list(dict.fromkeys(r["command"] for r in found.values()))  # --phase all: one command, three files
-    text = marked(text, "commands", "```\n" + "\n".join(commands) + "\n```\n"
-                  + "Device: " + "; ".join(sorted({r["device"] for r in found.values()})) + ".")
-    if "tune" in found:
-        text = marked(text, "tune", tune_table(found["tune"]))
-    if "frontier" in found:
-        picture = Path(args.docs).with_name(Path(args.docs).stem + "_frontier.png")
-        atomic_write_bytes(picture, (args.out / "frontier.png").read_bytes())
-        text = marked(text, "frontier",
-                      frontier_table(found["frontier"]) + f"\n![privacy-utility frontier]({picture.name})\n")
-        text = marked(text, "targets", targets_table(found["frontier"]))
-    if "ablation" in found:
-        text = marked(text, "ablation", ablation_table(found["ablation"]))
-    atomic_write_text(args.docs, text)
-    print(f"wrote {args.docs}")
-
-
-def tune_table(tune: dict) -> str:
-    lines = [f"Search space: {tune['search_space_size']} combinations ({tune['grid_file']}); "
-             f"{tune['selection']}.", "",
-             "| target ε | configurations tried | best validation accuracy | chosen recipe |",
-             "|---|---|---|---|"]
-    lines += [f"| {e} | {tune['configs_tried'][e]} | {100 * b['val_accuracy']:.2f}% | `{b['recipe']}` |"
-              for e, b in tune["best"].items()]
-    return "\n".join(lines) + "\n"
-
-
-def frontier_table(frontier: dict) -> str:
-    lines = ["| recipe | target ε | test accuracy (mean ± sd) | seeds | ε RDP / PRV / PLD (max over seeds) | "
-             "seconds per run (mean, max) |", "|---|---|---|---|---|---|"]
-    for p in frontier["points"]:
-        eps = "∞ (no DP)" if p["target_epsilon"] in ("inf", math.inf) else f"{float(p['target_epsilon']):g}"
-        privacy = "—" if eps[0] == "∞" else " / ".join(f"{float(p[f'epsilon_{a}']):.3f}"
-                                                        for a in ("rdp", "prv", "pld"))
-        lines.append(f"| {p['recipe']} | {eps} | {100 * p['mean']:.2f}% ± {100 * p['sd']:.2f} | {p['n']} | {privacy} "
-                     f"| {p['seconds_mean']:.1f}, {p['seconds_max']:.1f} |")
-    def source(part: dict) -> str:
-        if not part.get("tuned_at"):
-            return ""
-        tuned = " and ".join(f"{e:g}" for e in part["tuned_at"])
-        return f" (best on validation at ε = {tuned}; used at ε = {', '.join(f'{e:g}' for e in part['epsilons'])})"
-
-    lines += ["", "Recipes: " + "; ".join(f"{p['label']}{source(p)}: `{p['recipe']}`" for p in frontier["sweeps"])]
-    return "\n".join(lines) + "\n"
-
-
-def targets_table(frontier: dict) -> str:
-    tuned = {float(p["target_epsilon"]): p for p in frontier["points"] if p["recipe"] == "tuned"}
-    lines = ["| target | measured | met |", "|---|---|---|"]
-    for epsilon, goal in TARGETS.items():
-        p = tuned.get(epsilon)
-        got = f"{100 * p['mean']:.2f}% (n = {p['n']})" if p else "not measured"
-        met = "yes" if p and p["mean"] >= goal else "no"
-        lines.append(f"| ≥ {100 * goal:.1f}% at ε = {epsilon:g} | {got} | {met} |")
-    private = [p for p in frontier["points"] if p["recipe"] == "tuned" and p["target_epsilon"] not in ("inf", math.inf)]
-    slowest = max((p["seconds_max"] for p in private), default=math.nan)
-    lines.append(f"| ≤ {MAX_SECONDS_PER_POINT:.0f} s per ε point (one run) | {slowest:.1f} s (slowest run) | "
-                 f"{'yes' if slowest <= MAX_SECONDS_PER_POINT else 'no'} |")
-    return "\n".join(lines) + "\n"
-
-
-def ablation_table(ablation: dict) -> str:
-    n = len(ablation["seeds"])
-    lines = [f"At ε = {ablation['epsilon']:g}, {n} seed{'s' if n > 1 else ''}; full recipe: `{ablation['recipe']}`.",
-             "", "| variant | change | test accuracy (mean ± sd) | Δ vs full |", "|---|---|---|---|"]
-    for r in ablation["variants"]:
-        if "mean" in r:
-            lines.append(f"| {r['variant']} | {r['change'] or '—'} | {100 * r['mean']:.2f}% ± {100 * r['sd']:.2f} | "
-                         f"{100 * r['delta_vs_full']:+.2f} |")
-        else:
-            lines.append(f"| {r['variant']} | — | not run: {r['skipped']} | |")
-    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -620,25 +489,36 @@ def print_table(header: list[str], rows: list[list]) -> None:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="accuracy.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--phase", choices=(*PHASES, "all"), default=None, help="which phase to run")
-    parser.add_argument("--write-docs", action="store_true", help="fill the tables of --docs from the JSON files")
-    parser.add_argument("--smoke", action="store_true", help="tiny everything: a CPU check in minutes")
-    parser.add_argument("--data-root", default="data", help="holds MNIST/raw/ (default: data)")
-    parser.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"), help="run.device (default: auto)")
-    parser.add_argument("--out", type=Path, default=None, help="results folder (default: "
-                        f"{DEFAULT_OUT.relative_to(REPO)}, with --smoke {SMOKE_OUT.relative_to(REPO)})")
-    parser.add_argument("--grid", type=Path, default=GRID_FILE, help="tune phase: the candidate recipes (YAML)")
-    parser.add_argument("--max-configs", type=int, default=None,
-                        help="tune phase: candidates per ε (default: the grid's max_configs)")
-    parser.add_argument("--recipe", type=Path, default=None, help="frontier/ablation: this recipe instead of tune.json")
-    parser.add_argument("--seeds", type=int, default=SEEDS,
-                        help=f"frontier/ablation: seeds per point (default {SEEDS}; tune: the grid's seeds)")
-    parser.add_argument("--docs", type=Path, default=DOCS,
-                        help="--write-docs: the page to fill (default docs/accuracy.md)")
+    add = parser.add_argument
+    add("--phase", choices=(*PHASES, "all"), default=None, help="which phase to run")
+    add("--dataset", choices=tuple(PROFILES), default="mnist", help="which dataset's benchmark (default mnist)")
+    add("--write-docs", action="store_true", help="fill the dataset's tables of --docs from the JSON files")
+    add("--smoke", action="store_true", help="tiny everything: a CPU check in minutes")
+    add("--data-root", default="data", help="holds MNIST/raw/, FashionMNIST/raw/ or cifar-10-batches-py/")
+    add("--device", default=None, choices=("auto", "cpu", "cuda"), help="run.device (default: auto)")
+    add("--out", type=Path, default=None, help="results folder (default: benchmarks/results/accuracy for MNIST, "
+        "accuracy_<dataset> otherwise; with --smoke accuracy_smoke[_<dataset>])")
+    add("--grid", type=Path, default=None, help="tune phase: the candidate recipes (default: the dataset's grid)")
+    add("--max-configs", type=int, default=None, help="tune phase: candidates per ε (default: the grid's max_configs)")
+    add("--budget-seconds", type=float, default=None, help="tune phase: keep only the candidates whose estimated "
+        "H100 seconds fit (with --phase all, the frontier's runs of the costliest kept one too)")
+    add("--recipe", type=Path, default=None, help="frontier/ablation: this recipe instead of tune.json")
+    add("--epsilons", default=None, help="frontier: target ε list, e.g. 1,3,8 (default: the dataset's)")
+    add("--seeds", type=int, default=SEEDS, help=f"frontier/ablation: seeds per point (default {SEEDS}; "
+        "tune: the grid's seeds)")
+    add("--no-seed-defaults", action="store_true", help="frontier: skip the seed's defaults (MNIST)")
+    add("--no-baseline", action="store_true", help="frontier: skip the no-DP point (MNIST)")
+    add("--docs", type=Path, default=DOCS, help="--write-docs: the page to fill (default docs/accuracy.md)")
     args = parser.parse_args(argv)
     if args.phase is None and not args.write_docs:
         parser.error("give --phase tune|frontier|ablation|all and/or --write-docs")
-    args.out = args.out or (SMOKE_OUT if args.smoke else DEFAULT_OUT)
+    profile = PROFILES[args.dataset]
+    suffix = "" if args.dataset == "mnist" else f"_{args.dataset}"
+    args.out = args.out or REPO / "benchmarks" / "results" / ("accuracy_smoke" + suffix if args.smoke else profile.out)
+    args.grid = args.grid or profile.grid
+    args.seed_recipe = None if args.no_seed_defaults else profile.seed_recipe
+    args.baseline = profile.baseline and not args.no_baseline
+    args.ablation_epsilon = max(profile.targets)
     args.command = "python benchmarks/accuracy.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     return parser, args
 
@@ -655,6 +535,12 @@ def main(argv=None) -> int:
             raise ValueError(f"--seeds must be between 1 and 100, got {args.seeds}")
         if args.max_configs is not None and not 1 <= args.max_configs <= MAX_CONFIGS:
             raise ValueError(f"--max-configs must be between 1 and {MAX_CONFIGS}, got {args.max_configs}")
+        if args.budget_seconds is not None and not 0 < args.budget_seconds < math.inf:
+            raise ValueError(f"--budget-seconds must be a positive number, got {args.budget_seconds:g}")
+        args.epsilons = (parse_list(args.epsilons, "--epsilons") if args.epsilons
+                         else list(PROFILES[args.dataset].frontier_epsilons))
+        if not all(0 < e < math.inf for e in args.epsilons) or len(args.epsilons) > MAX_LIST:
+            raise ValueError(f"--epsilons must be at most {MAX_LIST} positive numbers, got {args.epsilons}")
         started = time.perf_counter()
         if args.phase:
             args.out.mkdir(parents=True, exist_ok=True)
@@ -663,7 +549,7 @@ def main(argv=None) -> int:
         if args.phase:
             print(f"done in {time.perf_counter() - started:.0f}s; results in {args.out}", flush=True)
         if args.write_docs:
-            write_docs(args)
+            write_docs(args, PROFILES[args.dataset])
 
     return run_guarded(parser, work)
 
