@@ -15,8 +15,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from torch import nn
 
 from dpvision.data.tensors import ImageTensors
-from dpvision.engines import OpacusEngine, OptimizerSpec
-from dpvision.engines.fast import FastEngine
+from dpvision.engines import OptimizerSpec
 from dpvision.jobs.loop import EPSILON_COLUMNS, epsilon_columns
 from dpvision.privacy import accounting, bounds
 from dpvision.privacy.accounting import (
@@ -150,10 +149,10 @@ def test_batch_size_one_gives_finite_weights_and_the_engines_agree(k):
     settings = dict(train_data=data, batch_size=1, optimizer=OptimizerSpec(lr=0.5), seed=seed)
     off = DP(noise_multiplier=0.0, max_grad_norm=0.1)
     for noise in (DP(noise_multiplier=1.0, max_grad_norm=0.1), off):
-        for engine_class in (FastEngine, OpacusEngine):
-            engine = engine_class(model=copy.deepcopy(model), dp=noise, **settings)
+        for make in (fast_engine, opacus_engine):
+            engine = make(model=copy.deepcopy(model), dp=noise, **settings)
             engine.train_epoch()
-            assert torch.isfinite(flat(engine.model)).all(), (engine_class.__name__, noise)
+            assert torch.isfinite(flat(engine.model)).all(), (engine.name, noise)
     # Noise off: the stock engine's real optimizer (make_private's, divisor fixed) replayed on the fast
     # engine's Poisson batches gives the fast engine's update.
     fast = fast_engine(model=copy.deepcopy(model), dp=off, **settings)
