@@ -21,20 +21,23 @@ from dpvision.data.mnist import load_mnist, random_subset
 from dpvision.models import SampleConvNet
 from dpvision.privacy.accounting import PrivacyLedger
 from dpvision.seeding import make_generator, seed_everything
-from dpvision.engines import DPSettings, OptimizerSpec, build_engine, evaluate
+from dpvision.engines import OptimizerSpec, build_engine, evaluate
+from dpvision.privacy.plan import make_plan
 
 
 def one_run(engine_name: str, seed: int, args, train_all, test_data, device) -> dict:
     seed_everything(seed)
     train_data = random_subset(train_all, args.k, make_generator(seed, "subset"))
-    dp = None if args.disable_dp else DPSettings(noise_multiplier=args.sigma, max_grad_norm=1.0)
-    engine = build_engine(engine_name, model=SampleConvNet(), train_data=train_data, batch_size=256,
-                          optimizer=OptimizerSpec(lr=0.15), dp=dp, seed=seed, device=device)
+    dp = not args.disable_dp
+    plan = make_plan(num_train=len(train_data), batch_size=256, epochs=args.epochs, dp=dp,
+                     noise_multiplier=args.sigma, max_grad_norm=1.0)
+    engine = build_engine(engine_name, model=SampleConvNet(), train_data=train_data, plan=plan,
+                          optimizer=OptimizerSpec(lr=0.15), seed=seed, device=device)
     ledger = PrivacyLedger()
     start = time.perf_counter()
     for _ in range(args.epochs):
         result = engine.train_epoch()
-        ledger.record(noise_multiplier=args.sigma, sample_rate=engine.sample_rate, steps=result.steps)
+        ledger.record(noise_multiplier=args.sigma, sample_rate=plan.sample_rate, steps=result.steps)
     seconds = time.perf_counter() - start
     row = {"seed": seed, "engine": engine.name, "seconds": seconds,
            "epsilon": ledger.epsilon(delta=1e-5) if dp else float("inf"),

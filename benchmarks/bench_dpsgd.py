@@ -64,11 +64,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from dpvision.data.mnist import load_mnist
 from dpvision.data.tensors import ImageTensors, NormalizedTensorDataset
 from dpvision.models import CelebaCNN, SampleConvNet, build_model
-from dpvision.privacy.accounting import poisson_sample_rate, steps_per_epoch
-from dpvision.engines import DPSettings, OptimizerSpec
+from dpvision.privacy.accounting import poisson_sample_rate
+from dpvision.privacy.plan import make_plan
+from dpvision.engines import FastOptions, OptimizerSpec
 from dpvision.engines.fast import FastEngine
 
-DP = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0)
+NOISE_MULTIPLIER, MAX_GRAD_NORM = 1.0, 1.0
 BASELINE_OPTIONS = {"precision": "fp32", "channels_last": False, "pad_sigmas": 3.0}
 LR = 0.1
 FAST_KEYS = {"fuse": bool, "precision": str, "channels_last": bool, "pad_sigmas": float, "cuda_graphs": bool,
@@ -135,7 +136,7 @@ class StockRecipe:
 
             model, optimizer, loader = PrivacyEngine().make_private(
                 module=model, optimizer=optimizer, data_loader=loader,
-                noise_multiplier=DP.noise_multiplier, max_grad_norm=DP.max_grad_norm, poisson_sampling=True)
+                noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=MAX_GRAD_NORM, poisson_sampling=True)
         self.model, self.optimizer, self.loader = model, optimizer, loader
         self.steps_per_epoch = len(loader)
 
@@ -154,6 +155,15 @@ class StockRecipe:
         return steps
 
 
+def fast_engine(model, data: ImageTensors, batch_size: int, *, dp: bool, device, options: dict | None = None,
+                noise_multiplier: float = NOISE_MULTIPLIER, lr: float = LR) -> FastEngine:
+    """The fast engine on ``data`` with batch size B (DP at σ, C = 1), ``options`` as FastOptions fields."""
+    plan = make_plan(num_train=len(data), batch_size=batch_size, epochs=1, dp=dp,
+                     noise_multiplier=noise_multiplier, max_grad_norm=MAX_GRAD_NORM)
+    return FastEngine(model=model, train_data=data, plan=plan, optimizer=OptimizerSpec(lr=lr), seed=0, device=device,
+                      options=FastOptions(**(options or {})))
+
+
 class FastRecipe:
     def __init__(self, model, data: ImageTensors, batch_size: int, dp: bool, device: torch.device,
                  mode: str | None, graphs: bool | None, options: dict | None = None) -> None:
@@ -162,9 +172,7 @@ class FastRecipe:
         method = options.pop("method", None)
         options.setdefault("grad_sample_mode", mode)
         options.setdefault("cuda_graphs", graphs)
-        self.engine = FastEngine(model=model, train_data=data, batch_size=batch_size,
-                                 optimizer=OptimizerSpec(lr=LR), dp=DP if dp else None, seed=0, device=device,
-                                 **options)
+        self.engine = fast_engine(model, data, batch_size, dp=dp, device=device, options=options)
         if method is not None and self.engine.backend is not None:
             self.engine.backend.method = method  # before the first chunk (and graph capture)
         self.steps_per_epoch = self.engine.steps_per_epoch
@@ -231,7 +239,7 @@ class OpacusStepRecipe:
         stand_in = DataLoader(TensorDataset(torch.zeros(len(data), 1)), batch_size=batch_size)
         out = PrivacyEngine().make_private(
             module=model.to(device), optimizer=torch.optim.SGD(model.parameters(), lr=LR), data_loader=stand_in,
-            noise_multiplier=DP.noise_multiplier, max_grad_norm=DP.max_grad_norm, poisson_sampling=True,
+            noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=MAX_GRAD_NORM, poisson_sampling=True,
             grad_sample_mode=mode, criterion=nn.CrossEntropyLoss())
         if mode == "ghost":
             self.model, self.optimizer, self.criterion, loader = out
@@ -489,8 +497,7 @@ def main(argv=None) -> int:
         flops = {b: step_flops(model_cls, data, b) for b in {m[1] for m in makers}}
         for (engine, batch, dp, _, _), timing in zip(makers, timed):
             row = {"workload": workload, "engine": engine, "dp": dp, "batch_size": batch, **timing}
-            row["steps_per_epoch"] = (steps_per_epoch(poisson_sample_rate(len(data), batch)) if dp
-                                      else math.ceil(len(data) / batch))
+            row["steps_per_epoch"] = make_plan(num_train=len(data), batch_size=batch, epochs=1, dp=dp).steps_per_epoch
             row["ms_per_step"] = 1e3 * row["seconds_per_epoch"] / row["steps_per_epoch"]
             row["model_gflop_per_step"] = flops[batch] / 1e9
             row["tflops"] = flops[batch] / row["ms_per_step"] / 1e9

@@ -33,11 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_dpsgd import DP, LR, PlainRecipe, celeba_workload, parse_option, wrn_workload  # noqa: E402
+from bench_dpsgd import (  # noqa: E402
+    MAX_GRAD_NORM, NOISE_MULTIPLIER, PlainRecipe, celeba_workload, fast_engine, parse_option, wrn_workload,
+)
 
-from dpvision.engines import DPSettings, OptimizerSpec  # noqa: E402
 from dpvision.engines import ghost  # noqa: E402
-from dpvision.engines.fast import FastEngine  # noqa: E402
 from dpvision.engines.per_sample import ManualPerSample  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # --device
@@ -165,9 +165,7 @@ def variant_runner(model_cls, data, dp: bool, options: dict, args, **engine_opti
     torch.manual_seed(0)
     if options.pop("plain", False):
         return PlainRecipe(model_cls(), data, args.batch_size, DEV).run, None
-    engine = FastEngine(model=model_cls(), train_data=data, batch_size=args.batch_size,
-                        optimizer=OptimizerSpec(lr=LR), dp=DP if dp else None, seed=0, device=DEV,
-                        **engine_options, **options)
+    engine = fast_engine(model_cls(), data, args.batch_size, dp=dp, device=DEV, options={**engine_options, **options})
     return (lambda steps: engine.train_epoch(max_steps=steps).steps), engine
 
 
@@ -225,14 +223,13 @@ def section_numerics(args, out: dict) -> None:
         updates = {}
         for precision in ("fp32", "tf32", "bf16"):
             torch.backends.cudnn.allow_tf32 = precision != "fp32"
-            engine = FastEngine(model=copy.deepcopy(model), train_data=data, batch_size=args.batch_size,
-                                optimizer=OptimizerSpec(lr=1.0), dp=DPSettings(noise_multiplier=0.0, max_grad_norm=1.0),
-                                seed=0, device=DEV, precision=precision)
+            engine = fast_engine(copy.deepcopy(model), data, args.batch_size, dp=True, device=DEV,
+                                 options={"precision": precision}, noise_multiplier=0.0, lr=1.0)
             engine.train_epoch(max_steps=1)
             updates[precision] = torch.cat([p.detach().flatten() for p in engine.model.parameters()]).double().cpu() \
                 - start
         torch.backends.cudnn.allow_tf32 = True
-        noise = DP.noise_multiplier * DP.max_grad_norm * len(start) ** 0.5 / engine.expected_batch
+        noise = NOISE_MULTIPLIER * MAX_GRAD_NORM * len(start) ** 0.5 / engine.plan.expected_batch_size
         for precision in ("tf32", "bf16"):
             diff = float((updates[precision] - updates["fp32"]).norm())
             row = {"workload": workload, "precision": precision,
@@ -272,13 +269,12 @@ def section_flops(args, out: dict) -> None:
     from bench_dpsgd import step_flops
 
     data, _, model_cls = make_data("wrn16_4", argparse.Namespace(wrn_size=args.batch_size, celeba_size=0))
-    engine = FastEngine(model=model_cls(), train_data=data, batch_size=args.batch_size,
-                        optimizer=OptimizerSpec(lr=LR), dp=DP, seed=0, device=DEV, cuda_graphs=False)
+    engine = fast_engine(model_cls(), data, args.batch_size, dp=True, device=DEV, options={"cuda_graphs": False})
     idx = torch.arange(args.batch_size, device=DEV)
     engine.backend.autotune = False  # the shape rule: ghost and materialise (bmm), whose FLOPs are counted right
-    engine._dp_chunk(idx)  # FlopCounterMode miscounts cuDNN's grouped weight gradient (as one full conv)
+    engine.step.chunk(idx)  # FlopCounterMode miscounts cuDNN's grouped weight gradient (as one full conv)
     with FlopCounterMode(display=False) as counter:
-        engine._dp_chunk(idx)
+        engine.step.chunk(idx)
     dp_flops = counter.get_total_flops()
     plain = step_flops(model_cls, data, args.batch_size)
     by_op = {str(k): v / 1e9 for k, v in counter.get_flop_counts()["Global"].items()}

@@ -15,8 +15,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from torch import nn
 
 from dpvision.data.tensors import ImageTensors
-from dpvision.engines import DPSettings, OpacusEngine, OptimizerSpec
-from dpvision.engines.fast import FastEngine
+from dpvision.engines import OptimizerSpec
 from dpvision.jobs.loop import EPSILON_COLUMNS, epsilon_columns
 from dpvision.privacy import accounting, bounds
 from dpvision.privacy.accounting import (
@@ -39,6 +38,7 @@ from dpvision.privacy.bounds import (
     min_noise_multiplier,
 )
 from dpvision.seeding import make_generator
+from tests.engine_helpers import DP, fast_engine, opacus_engine
 
 REFERENCE = [(1.5, 0.04, 2250)]  # σ, q, steps of Opacus's accountant tests (δ = 1e-5)
 MNIST_DEFAULT = [(1.3, 1 / 118, 3540)]  # mnist.py's default run: k = 30000, B = 256, 30 epochs
@@ -147,20 +147,20 @@ def test_batch_size_one_gives_finite_weights_and_the_engines_agree(k):
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
     data, seed = tiny_data(k), 3
     settings = dict(train_data=data, batch_size=1, optimizer=OptimizerSpec(lr=0.5), seed=seed)
-    off = DPSettings(noise_multiplier=0.0, max_grad_norm=0.1)
-    for noise in (DPSettings(noise_multiplier=1.0, max_grad_norm=0.1), off):
-        for engine_class in (FastEngine, OpacusEngine):
-            engine = engine_class(model=copy.deepcopy(model), dp=noise, **settings)
+    off = DP(noise_multiplier=0.0, max_grad_norm=0.1)
+    for noise in (DP(noise_multiplier=1.0, max_grad_norm=0.1), off):
+        for make in (fast_engine, opacus_engine):
+            engine = make(model=copy.deepcopy(model), dp=noise, **settings)
             engine.train_epoch()
-            assert torch.isfinite(flat(engine.model)).all(), (engine_class.__name__, noise)
+            assert torch.isfinite(flat(engine.model)).all(), (engine.name, noise)
     # Noise off: the stock engine's real optimizer (make_private's, divisor fixed) replayed on the fast
     # engine's Poisson batches gives the fast engine's update.
-    fast = FastEngine(model=copy.deepcopy(model), dp=off, **settings)
+    fast = fast_engine(model=copy.deepcopy(model), dp=off, **settings)
     result = fast.train_epoch()
     masks = torch.rand(result.steps, k, generator=make_generator(seed, "sampling")) < fast.sample_rate
     assert fast.last_batch_sizes == masks.sum(1).tolist()
-    stock = OpacusEngine(model=copy.deepcopy(model), dp=off, **settings)
-    assert stock.optimizer.expected_batch_size == fast.expected_batch == 1
+    stock = opacus_engine(model=copy.deepcopy(model), dp=off, **settings)
+    assert stock.optimizer.expected_batch_size == fast.plan.expected_batch_size == 1
     for mask in masks:
         idx = mask.nonzero()[:, 0]
         if len(idx):  # an empty batch adds nothing without noise (plain SGD)

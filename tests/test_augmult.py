@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from dpvision.engines.augmult import AugmultPerSample, augment
+from dpvision.engines.clipping import CLIPPING_RULES
 from dpvision.engines.per_sample import VmapPerSample
 from dpvision.models import SampleConvNet
 
@@ -17,7 +20,8 @@ def _accumulate(backend, model, x, y, max_grad_norm=1.0, weights=None):
         views.append(acc[offset:offset + p.numel()])
         offset += p.numel()
     w = torch.ones(len(x)) if weights is None else weights
-    backend.accumulate(x, y, w, max_grad_norm, views, torch.zeros(()), torch.zeros(()))
+    clip = functools.partial(CLIPPING_RULES["flat"].factors, max_grad_norm=max_grad_norm)
+    backend.accumulate(x, y, w, clip, views, torch.zeros(()), torch.zeros(()))
     return acc
 
 

@@ -15,8 +15,9 @@ from dpvision.privacy import accounting, bounds
 from dpvision.privacy.accounting import PrivacyLedger, compute_epsilon
 from dpvision.privacy.bounds import skip_reason
 from dpvision.privacy.budget import PrivacyBudget, steps_within_budget
-from dpvision.engines import DPSettings, Engine, EpochResult
+from dpvision.engines import Engine, EpochResult
 from dpvision.jobs.loop import train_private_epoch
+from tests.engine_helpers import DP, plan_for
 from tests.job_helpers import exit_code, only_run, summary, working_dir
 
 
@@ -99,8 +100,8 @@ class CountingEngine(Engine):
 
     def __init__(self, n: int, batch_size: int, sigma: float) -> None:
         data = ImageTensors(torch.zeros(n, 1, 2, 2, dtype=torch.uint8), torch.zeros(n, dtype=torch.long), (0.5,), (0.25,))
-        super().__init__(train_data=data, batch_size=batch_size, dp=DPSettings(noise_multiplier=sigma, max_grad_norm=1.0),
-                         seed=0, device="cpu")
+        super().__init__(train_data=data, plan=plan_for(n, batch_size, DP(noise_multiplier=sigma, max_grad_norm=1.0)),
+                         seed=0, device="cpu", dist=None)
         self.calls: list[int | None] = []
 
     def train_epoch(self, *, max_steps=None, progress=None) -> EpochResult:

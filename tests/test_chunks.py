@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
-from dpvision.engines import DPSettings, OptimizerSpec
+from dpvision.engines import OptimizerSpec
 from dpvision.engines.chunks import bucket_width, chunk_capacity, likely_sizes, padded_size, plan_chunks
-from dpvision.engines.fast import FastEngine
 from dpvision.models import SampleConvNet
 from dpvision.seeding import make_generator
+from tests.engine_helpers import DP, fast_engine
 from tests.test_fast_engine import HAS_CUDA, flat, mnist_like, opacus_reference, rel
 
 
@@ -54,13 +54,13 @@ def test_buckets_equal_the_capacity_padding_and_opacus():
     torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(2)
     data, model = mnist_like(600), SampleConvNet()
-    spec, dp, steps, seed = OptimizerSpec(lr=0.5), DPSettings(noise_multiplier=0.0, max_grad_norm=0.05), 4, 3
+    spec, dp, steps, seed = OptimizerSpec(lr=0.5), DP(noise_multiplier=0.0, max_grad_norm=0.05), 4, 3
     updates, sizes = [], []
     for bucket in (None, 0):
-        engine = FastEngine(model=copy.deepcopy(model), train_data=data, batch_size=64, optimizer=spec, dp=dp,
-                            seed=seed, static_shapes=True, bucket=bucket)
-        seen, run = [], engine._dp_chunk
-        engine._dp_chunk = lambda idx, seen=seen, run=run: (seen.append(len(idx)), run(idx))[1]
+        engine = fast_engine(model=copy.deepcopy(model), train_data=data, batch_size=64, optimizer=spec, dp=dp,
+                             seed=seed, static_shapes=True, bucket=bucket)
+        seen, run = [], engine.step.chunk
+        engine.step.chunk = lambda idx, seen=seen, run=run: (seen.append(len(idx)), run(idx))[1]
         engine.train_epoch(max_steps=steps)
         updates.append(flat(engine.model.parameters()) - flat(model.parameters()))
         sizes.append(seen)
@@ -76,8 +76,8 @@ def test_buckets_equal_the_capacity_padding_and_opacus():
 
 def test_negative_bucket_refused():
     with pytest.raises(ValueError, match="bucket must be >= 0"):
-        FastEngine(model=SampleConvNet(), train_data=mnist_like(64), batch_size=16, optimizer=OptimizerSpec(lr=0.1),
-                   dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0), seed=0, bucket=-1)
+        fast_engine(model=SampleConvNet(), train_data=mnist_like(64), batch_size=16, optimizer=OptimizerSpec(lr=0.1),
+                    dp=DP(noise_multiplier=1.0, max_grad_norm=1.0), seed=0, bucket=-1)
 
 
 @pytest.mark.gpu
@@ -90,14 +90,14 @@ def test_bucket_graphs_share_a_pool_and_match_eager():
     data, model = mnist_like(6000), SampleConvNet()
     out = []
     for graphs in (False, True):
-        engine = FastEngine(model=copy.deepcopy(model), train_data=data, batch_size=256,
-                            optimizer=OptimizerSpec(lr=0.5, momentum=0.9),
-                            dp=DPSettings(noise_multiplier=0.0, max_grad_norm=0.1), seed=4, device="cuda",
-                            cuda_graphs=graphs, static_shapes=True, precision="fp32")
+        engine = fast_engine(model=copy.deepcopy(model), train_data=data, batch_size=256,
+                             optimizer=OptimizerSpec(lr=0.5, momentum=0.9),
+                             dp=DP(noise_multiplier=0.0, max_grad_norm=0.1), seed=4, device="cuda",
+                             cuda_graphs=graphs, static_shapes=True, precision="fp32")
         engine.train_epoch()
-        assert engine.use_graphs == graphs
+        assert engine.graphs.enabled == graphs
         out.append(flat(engine.model.parameters()) - flat(model.parameters()))
-    assert len(engine._graphs) >= 10 and engine._pool is not None
+    assert len(engine.graphs.graphs) >= 10 and engine.graphs.pool is not None
     assert rel(out[1], out[0]) < 1e-5
 
 

@@ -32,13 +32,14 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from dpvision.data.tensors import ImageTensors
-from dpvision.engines import DPSettings, OpacusEngine, OptimizerSpec, evaluate
+from dpvision.engines import OpacusEngine, OptimizerSpec
 from dpvision.engines.distributed import (
-    DistContext, RankFailureError, ShardPoissonBatchSampler, evaluate_sharded, free_port, shard_indices,
+    DistContext, RankFailureError, ShardPoissonBatchSampler, free_port, shard_indices,
 )  # fmt: skip
 from dpvision.engines.fast import FastEngine
 from dpvision.privacy.accounting import expected_batch_size, poisson_sample_rate
 from dpvision.seeding import make_generator
+from tests.engine_helpers import DP, plan_for
 
 ENGINES = {"fast": FastEngine, "opacus": OpacusEngine}
 JOIN_TIMEOUT_S = 240  # a multi-rank test that takes longer than this has hung
@@ -61,10 +62,10 @@ def flat_params(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1).cpu() for p in model.parameters()])
 
 
-def build(engine: str, dist: DistContext, *, n: int, batch_size: int, dp: DPSettings | None, lr: float = 1.0,
+def build(engine: str, dist: DistContext | None, *, n: int, batch_size: int, dp: DP | None, lr: float = 1.0,
           seed: int = 0):
-    return ENGINES[engine](model=tiny_model(), train_data=make_data(n), batch_size=batch_size,
-                           optimizer=OptimizerSpec(lr=lr), dp=dp, seed=seed, device="cpu", dist=dist)
+    return ENGINES[engine](model=tiny_model(), train_data=make_data(n), plan=plan_for(n, batch_size, dp),
+                           optimizer=OptimizerSpec(lr=lr), seed=seed, device="cpu", dist=dist)
 
 
 def _rank_main(rank: int, world: int, port: int, out: str, scenario: str, kwargs: dict) -> None:
@@ -117,12 +118,12 @@ def check_ok(codes, errors) -> None:
 # --------------------------------------------------------------------- scenarios (run in each rank)
 STATS_N, STATS_B, STATS_EPOCHS = 600, 30, 15  # q = 1/20: 300 steps, E[batch] = 30
 NOISE_N, NOISE_B, NOISE_STEPS = 200, 10, 100  # E = 10; 100 steps x 47 parameters
-NOISE_DP = DPSettings(noise_multiplier=1e4, max_grad_norm=1e-4)  # σC = 1; clipped sums <= 1e-3, negligible
+NOISE_DP = DP(noise_multiplier=1e4, max_grad_norm=1e-4)  # σC = 1; clipped sums <= 1e-3, negligible
 
 
 def scenario_statistics(dist: DistContext, out: Path) -> dict:
     """Global batch sizes (fast engine, and the Opacus engine's sampler) and per-step noisy updates."""
-    engine = build("fast", dist, n=STATS_N, batch_size=STATS_B, dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0),
+    engine = build("fast", dist, n=STATS_N, batch_size=STATS_B, dp=DP(noise_multiplier=1.0, max_grad_norm=1.0),
                    lr=0.01, seed=11)
     sizes, local = [], []
     for _ in range(STATS_EPOCHS):
@@ -147,7 +148,7 @@ def scenario_statistics(dist: DistContext, out: Path) -> dict:
 
 
 EQ_N, EQ_B, EQ_STEPS, EQ_SEED, EQ_LR = 40, 8, 2, 5, 0.5
-EQ_DP = DPSettings(noise_multiplier=0.0, max_grad_norm=0.5)  # clips most examples, no noise
+EQ_DP = DP(noise_multiplier=0.0, max_grad_norm=0.5)  # clips most examples, no noise
 
 
 def scenario_equivalence(dist: DistContext, out: Path) -> dict:
@@ -161,15 +162,13 @@ def scenario_equivalence(dist: DistContext, out: Path) -> dict:
         engine = build(name, dist, n=EQ_N, batch_size=EQ_B, dp=None, lr=EQ_LR, seed=EQ_SEED)
         epoch = engine.train_epoch()
         result[f"plain_{name}"] = (flat_params(engine.model), epoch)
-    test_set = make_data(31, seed=1)  # 31: shards of 16 and 15
-    result["evaluate"] = (evaluate(engine.model, test_set), evaluate_sharded(engine.model, test_set, dist))
     return result
 
 
 def scenario_resume(dist: DistContext, out: Path) -> dict:
     """Epoch 2 of a run equals epoch 2 of a fresh engine loaded from the epoch-1 state (saved by rank 0)."""
     result = {}
-    dp = DPSettings(noise_multiplier=0.7, max_grad_norm=1.0)
+    dp = DP(noise_multiplier=0.7, max_grad_norm=1.0)
     for name in ENGINES:
         first = build(name, dist, n=60, batch_size=10, dp=dp, lr=0.5, seed=7)
         first.train_epoch()
@@ -197,7 +196,7 @@ def scenario_all(dist: DistContext, out: Path) -> dict:
 
 def scenario_failure(dist: DistContext, out: Path, *, how: str) -> dict:
     """Rank 1 fails at step 3 of DP training (``raise``, ``exit`` without a word, or ``hang``)."""
-    engine = build("fast", dist, n=200, batch_size=10, dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0), seed=3)
+    engine = build("fast", dist, n=200, batch_size=10, dp=DP(noise_multiplier=1.0, max_grad_norm=1.0), seed=3)
     done = [0]
 
     def progress(k: int) -> None:
@@ -324,9 +323,6 @@ def test_two_ranks_equal_one_process_without_noise(launched):
         assert float((params - params1).abs().max()) < 1e-6, name
         assert epoch.examples == epoch1.examples == EQ_N and epoch.steps == epoch1.steps
         assert abs(epoch.loss - epoch1.loss) < 1e-6 and epoch.accuracy == epoch1.accuracy
-    for r in results:  # evaluation split over the ranks: the numbers of one process
-        (loss, accuracy, predictions), (loss2, accuracy2, predictions2) = r["evaluate"]
-        assert abs(loss - loss2) < 1e-6 and accuracy == accuracy2 and torch.equal(predictions, predictions2)
 
 
 def test_resume_continues_exactly_in_two_ranks(launched):
@@ -339,7 +335,7 @@ def test_resume_continues_exactly_in_two_ranks(launched):
     # A state of two ranks does not fit a single process (its sampling streams differ).
     state = torch.load(out / "state_fast.pt", weights_only=False)
     assert state["world_size"] == 2 and len(state["rank_generators"]) == 2
-    engine = build("fast", DistContext(), n=60, batch_size=10, dp=DPSettings(noise_multiplier=0.7, max_grad_norm=1.0))
+    engine = build("fast", DistContext(), n=60, batch_size=10, dp=DP(noise_multiplier=0.7, max_grad_norm=1.0))
     with pytest.raises(ValueError, match="2 rank"):
         engine.load_state_dict(state)
 
@@ -371,11 +367,10 @@ def test_single_process_context_and_sharding():
 
 def test_world_of_one_is_the_single_process_engine():
     """dist=DistContext() (a world of one) changes nothing: same bytes as dist=None."""
-    dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0)
+    dp = DP(noise_multiplier=1.0, max_grad_norm=1.0)
     for name in ENGINES:
         a = build(name, DistContext(), n=60, batch_size=10, dp=dp, seed=4)
-        b = ENGINES[name](model=tiny_model(), train_data=make_data(60), batch_size=10,
-                          optimizer=OptimizerSpec(lr=1.0), dp=dp, seed=4, device="cpu")
+        b = build(name, None, n=60, batch_size=10, dp=dp, seed=4)
         assert a.train_epoch() == b.train_epoch()
         assert torch.equal(flat_params(a.model), flat_params(b.model))
         assert list(a.state_dict()) == list(b.state_dict())

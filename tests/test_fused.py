@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpvision.engines import DPSettings, OptimizerSpec
+from dpvision.engines import OptimizerSpec
 from dpvision.engines import fused
-from dpvision.engines.fast import FastEngine
 from dpvision.models import CelebaCNN
 from dpvision.seeding import make_generator
+from tests.engine_helpers import DP, fast_engine
 from tests.test_fast_engine import celeba_like, flat, make_data, opacus_reference, rel
 
 pytest.importorskip("triton")
@@ -122,9 +122,9 @@ def test_no_fusion_without_triton_interpreter_on_cpu(monkeypatch):
     x, gn = torch.randn(2, 4, 4, 4), nn.GroupNorm(2, 4)
     assert not fused.fusable(x, gn)
     assert torch.equal(fused.group_norm_relu_pool(x, gn), reference(x, gn))
-    engine = FastEngine(model=CelebaCNN(width=8, groups=4), train_data=celeba_like(), batch_size=12,
-                        optimizer=OptimizerSpec(lr=0.5), dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0), seed=0)
-    assert not engine.fuse and engine.fused_blocks == 0
+    engine = fast_engine(model=CelebaCNN(width=8, groups=4), train_data=celeba_like(), batch_size=12,
+                         optimizer=OptimizerSpec(lr=0.5), dp=DP(noise_multiplier=1.0, max_grad_norm=1.0), seed=0)
+    assert not engine.settings.fuse and engine.fused_blocks == 0
 
 
 @pytest.mark.parametrize("dp", [True, False])
@@ -133,10 +133,10 @@ def test_engine_keeps_the_modules_where_the_kernels_fail(interpret, monkeypatch,
     def broken(*args):
         raise RuntimeError("no kernel for this GPU")
     monkeypatch.setattr(fused._GroupNormReluPool, "forward", staticmethod(broken))
-    settings = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0) if dp else None
+    settings = DP(noise_multiplier=1.0, max_grad_norm=1.0) if dp else None
     with pytest.warns(UserWarning, match="fused GroupNorm kernels failed here .*no kernel for this GPU"):
-        engine = FastEngine(model=CelebaCNN(width=8, groups=4), train_data=celeba_like(), batch_size=12,
-                            optimizer=OptimizerSpec(lr=0.5), dp=settings, seed=0, fuse=True)
+        engine = fast_engine(model=CelebaCNN(width=8, groups=4), train_data=celeba_like(), batch_size=12,
+                             optimizer=OptimizerSpec(lr=0.5), dp=settings, seed=0, fuse=True)
     assert engine.fused_blocks == 0 and "forward" not in engine.model.features[0].__dict__
     assert all(p.grad is None for p in engine.model.parameters())  # the probe left nothing behind
     assert engine.train_epoch(max_steps=1).steps == 1
@@ -150,12 +150,12 @@ def test_engine_with_fused_blocks_equals_opacus_and_unfused(interpret, dp):
     torch.manual_seed(1)
     model, data = CelebaCNN(width=8, groups=4), celeba_like()
     spec = OptimizerSpec(lr=0.5, momentum=0.9)
-    settings = DPSettings(noise_multiplier=0.0, max_grad_norm=0.05) if dp else None  # small C: clipping active
+    settings = DP(noise_multiplier=0.0, max_grad_norm=0.05) if dp else None  # small C: clipping active
     steps, seed = 2, 7
     updates = []
     for fuse in (True, False):
-        engine = FastEngine(model=copy.deepcopy(model), train_data=data, batch_size=12, optimizer=spec, dp=settings,
-                            seed=seed, physical_batch_size=8, static_shapes=True, fuse=fuse)
+        engine = fast_engine(model=copy.deepcopy(model), train_data=data, batch_size=12, optimizer=spec, dp=settings,
+                             seed=seed, physical_batch_size=8, static_shapes=True, fuse=fuse)
         assert engine.fused_blocks == (4 if fuse else 0)
         engine.train_epoch(max_steps=steps)
         updates.append(flat(engine.model.parameters()) - flat(model.parameters()))
@@ -189,13 +189,13 @@ def test_cuda_graphs_fused_match_unfused(precision):
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(9)
     data, model = make_data(600, (3, 32, 32), 2), CelebaCNN(width=16, groups=4)
-    for dp in (DPSettings(noise_multiplier=0.0, max_grad_norm=0.1), None):
+    for dp in (DP(noise_multiplier=0.0, max_grad_norm=0.1), None):
         out = []
         for fuse, graphs in ((False, False), (True, True)):
-            engine = FastEngine(model=copy.deepcopy(model), train_data=data, batch_size=64,
-                                optimizer=OptimizerSpec(lr=0.5), dp=dp, seed=1, device="cuda", cuda_graphs=graphs,
-                                static_shapes=True, precision=precision, fuse=fuse)
+            engine = fast_engine(model=copy.deepcopy(model), train_data=data, batch_size=64,
+                                 optimizer=OptimizerSpec(lr=0.5), dp=dp, seed=1, device="cuda", cuda_graphs=graphs,
+                                 static_shapes=True, precision=precision, fuse=fuse)
             engine.train_epoch(max_steps=1)
-            assert engine.use_graphs == graphs and engine.fused_blocks == (4 if fuse else 0)
+            assert engine.graphs.enabled == graphs and engine.fused_blocks == (4 if fuse else 0)
             out.append(flat(engine.model.parameters()) - flat(model.parameters()))
         assert out[0].norm() > 0 and rel(out[1], out[0]) < (1e-5 if precision == "fp32" else 2e-2)

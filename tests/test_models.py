@@ -26,7 +26,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from dpvision.data.tensors import ImageTensors
-from dpvision.engines import DPSettings, OptimizerSpec, UnsupportedModelError, build_engine
+from dpvision.engines import OptimizerSpec, UnsupportedModelError, build_engine
 from dpvision.engines.fast import FastEngine
 from dpvision.engines.per_sample import ManualPerSample
 from dpvision.models import (
@@ -34,6 +34,7 @@ from dpvision.models import (
     build_model, check_model_options, make_activation, standardize_weight,
 )  # fmt: skip
 from dpvision.models.scattering import scattering_channels
+from tests.engine_helpers import DP, plan_for
 
 # (name, in_channels, num_classes, image_size, options)
 SHAPE_CASES = [
@@ -244,11 +245,11 @@ def uint8_data(case, n: int) -> ImageTensors:
 def test_fast_and_opacus_engines_make_the_same_update(case, backend):
     """batch_size = N: Poisson rate 1, so both engines take every example in their one step (no RNG match needed)."""
     model, data = make(case), uint8_data(case, 4)
-    dp = DPSettings(noise_multiplier=0.0, max_grad_norm=1.0)
+    dp = DP(noise_multiplier=0.0, max_grad_norm=1.0)
     updates = {}
     for name in ("fast", "opacus"):
-        engine = build_engine(name, model=copy.deepcopy(model), train_data=data, batch_size=len(data),
-                              optimizer=OptimizerSpec(lr=0.5), dp=dp, seed=7)
+        engine = build_engine(name, model=copy.deepcopy(model), train_data=data, plan=plan_for(data, len(data), dp),
+                              optimizer=OptimizerSpec(lr=0.5), seed=7)
         result = engine.train_epoch()
         assert result.steps == 1 and result.examples == len(data)
         if name == "fast":

@@ -10,12 +10,14 @@ where marked).
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpvision.engines.clipping import CLIPPING_RULES
 from dpvision.engines.ghost import GHOST, GROUPED, MATERIALISE, choose_method, conv_patches, patch_gram
 from dpvision.engines.per_sample import ManualPerSample
 
@@ -60,7 +62,8 @@ def manual_clipped_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, c: fl
         views.append(acc[offset:offset + p.numel()])
         offset += p.numel()
     w = torch.ones(len(x), device=x.device) if weights is None else weights
-    backend.accumulate(x, y, w, c, views, torch.zeros((), device=x.device), torch.zeros((), device=x.device))
+    clip = functools.partial(CLIPPING_RULES["flat"].factors, max_grad_norm=c)
+    backend.accumulate(x, y, w, clip, views, torch.zeros((), device=x.device), torch.zeros((), device=x.device))
     backend.close()
     return acc.double().cpu(), backend
 

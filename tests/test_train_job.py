@@ -233,11 +233,11 @@ def test_every_run_folder_file_is_written_for_a_budget_stop(roots, tmp_path):
 def test_run_precision_reaches_the_fast_engine(precision, given, roots, tmp_path, monkeypatch):
     """``run.precision`` is handed to the fast engine (which keeps exact fp32 on the CPU); ``auto`` leaves its
     default."""
-    import dpvision.engines as engines
+    import dpvision.jobs.setup as setup
 
-    seen, real = [], engines.build_engine
-    monkeypatch.setattr(engines, "build_engine", lambda name, **kw: (seen.append(kw), real(name, **kw))[1])
+    seen, real = [], setup.build_engine
+    monkeypatch.setattr(setup, "build_engine", lambda name, **kw: (seen.append(kw), real(name, **kw))[1])
     code = exit_code(main, ["train", *argv_for("mnist", roots, tmp_path, "p", "--epochs", "1", "--set",
                                                f"run.precision={precision}")])
-    assert code == 0 and seen[0].get("precision") == given
+    assert code == 0 and seen[0]["options"].precision == given
     assert "precision: " + precision in (tmp_path / "mnist" / "p" / "config.yaml").read_text()

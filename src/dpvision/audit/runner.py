@@ -4,8 +4,8 @@ Two threat models:
 
 * ``white`` (white-box, gradient space; the tighter one): each canary is a
   random direction c_i of norm C in parameter space, handed to the fast engine
-  as a ``canary_gradients`` row, i.e. an extra example whose clipped gradient is
-  c_i, Poisson-sampled with the run's rate q at every step. The auditor sees
+  by an instrument (:mod:`dpvision.engines.instrument`) as a canary row, i.e. an
+  extra example whose gradient is c_i (clipping leaves it unchanged), Poisson-sampled with the run's rate q at every step. The auditor sees
   every model iterate. With plain SGD, θ_t - θ_{t+1} = (lr / B) · (noisy clipped
   sum), so x_{t,i} = <c_i, θ_t - θ_{t+1}> · B / (lr C²) is ~N(1, σ²) at steps
   where canary i was sampled and ~N(0, σ²) otherwise (plus the projection of the
@@ -51,7 +51,8 @@ from dpvision.privacy.accounting import (
     steps_per_epoch,
 )
 from dpvision.seeding import make_generator, seed_everything
-from dpvision.engines import DPSettings, OptimizerSpec, build_engine
+from dpvision.engines import Engine, OptimizerSpec, build_engine
+from dpvision.privacy.plan import make_plan
 from dpvision.jobs.loop import train_private_epoch
 
 MODES = ("white", "black")
@@ -142,24 +143,50 @@ def _subsampled_gaussian_llr(x: torch.Tensor, q: float, sigma: float) -> torch.T
     return torch.logaddexp(torch.full_like(z, math.log1p(-q)), z + math.log(q)).sum(0)
 
 
+class _CanaryInstrument:
+    """The white-box canaries as the fast engine's instrument: their rows, and which steps included them."""
+
+    def __init__(self, rows: torch.Tensor) -> None:
+        self.rows = rows  # [m, P]
+        self.included: list[torch.Tensor] = []  # bool [S, m] per block of steps
+
+    def canary_gradients(self) -> torch.Tensor:
+        return self.rows
+
+    def on_inclusions(self, included: torch.Tensor) -> None:
+        self.included.append(included.cpu())
+
+    def on_update(self, step: int, update: torch.Tensor) -> None:
+        pass  # the scores are read from the iterates themselves
+
+
+def _engine(config: AuditConfig, model: nn.Module, data: ImageTensors, sigma: float, device: torch.device,
+            instrument: _CanaryInstrument | None = None) -> Engine:
+    """The audited fast engine; ``noise_scale_for_testing`` < 1 swaps in a deliberately too small noise."""
+    plan = make_plan(num_train=len(data), batch_size=config.batch_size, epochs=config.epochs, noise_multiplier=sigma,
+                     max_grad_norm=config.max_grad_norm, delta=config.delta, accountant=config.accountant)
+    engine = build_engine("fast", model=model, train_data=data, plan=plan, optimizer=OptimizerSpec(lr=config.lr),
+                          seed=config.seed, device=device, instrument=instrument)
+    if config.noise_scale_for_testing != 1.0:
+        honest = engine.noise_std
+        engine.noise_std = lambda: honest() * config.noise_scale_for_testing
+    return engine
+
+
 def _white_box(config: AuditConfig, data: ImageTensors, sigma: float, included: torch.Tensor,
                generator: torch.Generator, device: torch.device) -> tuple[np.ndarray, PrivacyLedger, dict]:
     model = build_model(config.model)
     num_params = sum(p.numel() for p in model.parameters())
     directions = torch.randn(config.canaries, num_params, generator=generator)  # [m, P]
-    # Norm just under C: the engine checks norm <= C and a canary is an example clipped to C.
+    # Norm just under C: the engine clips a canary like an example, and leaves this one as it is.
     canaries = directions / directions.norm(dim=1, keepdim=True) * (config.max_grad_norm * (1 - 1e-6))
-    engine = build_engine("fast", model=model, train_data=data, batch_size=config.batch_size,
-                          optimizer=OptimizerSpec(name="sgd", lr=config.lr),
-                          dp=DPSettings(noise_multiplier=sigma, max_grad_norm=config.max_grad_norm),
-                          seed=config.seed, device=device, canary_gradients=canaries[included],
-                          noise_scale_for_testing=config.noise_scale_for_testing)
+    engine = _engine(config, model, data, sigma, device, _CanaryInstrument(canaries[included]))
     params = [p for p in engine.model.parameters()]
     c_dev = canaries.to(device)
     theta0 = _flat(params)
-    total = config.epochs * engine.steps_per_epoch
+    total = engine.plan.total_steps
     # One step per call, so that every iterate is seen (the white-box threat model).
-    unit = engine.expected_batch / (config.lr * config.max_grad_norm**2)
+    unit = engine.plan.expected_batch_size / (config.lr * config.max_grad_norm**2)
     projections, ledger, previous = [], PrivacyLedger(), theta0
     for _ in range(total):
         train_private_epoch(engine, ledger, noise_multiplier=sigma, max_steps=1)
@@ -170,8 +197,8 @@ def _white_box(config: AuditConfig, data: ImageTensors, sigma: float, included: 
     if config.score == "final":
         scores = (c_dev @ (theta0 - previous)).cpu().double()
     else:
-        scores = _subsampled_gaussian_llr(x, engine.sample_rate, max(sigma, MIN_SCORE_SIGMA))
-    return scores.numpy(), ledger, {"sample_rate": engine.sample_rate, "parameters": num_params}
+        scores = _subsampled_gaussian_llr(x, engine.plan.sample_rate, max(sigma, MIN_SCORE_SIGMA))
+    return scores.numpy(), ledger, {"sample_rate": engine.plan.sample_rate, "parameters": num_params}
 
 
 def _black_box(config: AuditConfig, pool: ImageTensors, data: ImageTensors, included: torch.Tensor,
@@ -193,16 +220,13 @@ def _black_box(config: AuditConfig, pool: ImageTensors, data: ImageTensors, incl
         return out
 
     before = losses()
-    engine = build_engine("fast", model=model, train_data=train, batch_size=config.batch_size,
-                          optimizer=OptimizerSpec(name="sgd", lr=config.lr),
-                          dp=DPSettings(noise_multiplier=sigma, max_grad_norm=config.max_grad_norm),
-                          seed=config.seed, device=device, noise_scale_for_testing=config.noise_scale_for_testing)
+    engine = _engine(config, model, train, sigma, device)
     ledger = PrivacyLedger()
     for _ in range(config.epochs):
         train_private_epoch(engine, ledger, noise_multiplier=sigma)
     model = engine.model
     scores = (before - losses()).double()  # how much training lowered each canary's loss
-    return scores.numpy(), ledger, {"sample_rate": engine.sample_rate, "training_examples": len(train)}
+    return scores.numpy(), ledger, {"sample_rate": engine.plan.sample_rate, "training_examples": len(train)}
 
 
 def run_audit(config: AuditConfig) -> dict:

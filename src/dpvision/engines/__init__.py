@@ -1,55 +1,69 @@
 """Training engines: the stock Opacus engine and dpvision's fast engine, behind one interface.
 
 ``build_engine(name, ...)`` is the one way to make an engine; :mod:`dpvision.engines.base`
-defines what an engine is.
+defines what an engine is and keeps the registry (``ENGINE_REGISTRY``) the name is looked up in.
 
 Example:
-    >>> engine = build_engine("opacus", model=SampleConvNet(), train_data=data,   # doctest: +SKIP
-    ...                       batch_size=256, optimizer=OptimizerSpec(lr=0.15),
-    ...                       dp=DPSettings(noise_multiplier=1.3, max_grad_norm=1.0), seed=0)
-    >>> result = engine.train_epoch()                                             # doctest: +SKIP
+    >>> plan = make_plan(num_train=len(data), batch_size=256, epochs=1,               # doctest: +SKIP
+    ...                  noise_multiplier=1.3, max_grad_norm=1.0)
+    >>> engine = build_engine("opacus", model=SampleConvNet(), train_data=data, plan=plan,   # doctest: +SKIP
+    ...                       optimizer=OptimizerSpec(lr=0.15), seed=0, device="cpu")
+    >>> result = engine.train_epoch()                                                    # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import sys
+
+import torch
+from torch import nn
+
+from dpvision.data.tensors import ImageTensors
 from dpvision.engines.base import (
-    ENGINES, OPTIMIZERS, DPSettings, Engine, EpochResult, OptimizerSpec, ProgressFn, UnsupportedModelError, evaluate,
+    ENGINE_REGISTRY, OPTIMIZERS, Engine, EpochResult, OptimizerSpec, ProgressFn, UnsupportedModelError, evaluate,
 )  # fmt: skip
+from dpvision.engines.clipping import CLIPPING_RULES
+from dpvision.engines.distributed import DistContext
+from dpvision.engines.fast import FastEngine
+from dpvision.engines.instrument import Instrument
 from dpvision.engines.opacus_engine import OpacusEngine
+from dpvision.engines.options import FastOptions
+from dpvision.privacy.plan import Plan
+
+ENGINES = tuple(ENGINE_REGISTRY)  # ("fast", "opacus")
 
 __all__ = [
-    "ENGINES", "OPTIMIZERS", "DPSettings", "Engine", "EpochResult", "OpacusEngine", "OptimizerSpec", "ProgressFn",
-    "UnsupportedModelError", "build_engine", "evaluate",
+    "CLIPPING_RULES", "ENGINES", "ENGINE_REGISTRY", "OPTIMIZERS", "Engine", "EpochResult", "FastEngine",
+    "FastOptions", "Instrument", "OpacusEngine", "OptimizerSpec", "ProgressFn", "UnsupportedModelError",
+    "build_engine", "evaluate",
 ]  # fmt: skip
 
 
-FAST_ONLY_OPTIONS = ("physical_batch_size", "grad_sample_mode", "cuda_graphs", "static_shapes", "augmult",
-                     "augment_flip", "precision", "channels_last", "pad_sigmas", "bucket",
-                     "cudnn_benchmark", "fuse")  # dropped on fallback
-AUDIT_OPTIONS = ("canary_gradients", "noise_scale_for_testing")  # fast engine only, never dropped
+def build_engine(name: str, *, model: nn.Module, train_data: ImageTensors, plan: Plan, optimizer: OptimizerSpec,
+                 seed: int, device: torch.device | str = "cpu", dist: DistContext | None = None,
+                 options: FastOptions | None = None, instrument: Instrument | None = None) -> Engine:
+    """The engine called ``name`` (a key of ``ENGINE_REGISTRY``), trained as ``plan`` says.
 
-
-def build_engine(name: str, **kwargs) -> Engine:
-    """The engine called ``name`` (``"fast"`` or ``"opacus"``); keyword arguments as for ``OpacusEngine``.
-
-    ``"fast"`` falls back to the stock Opacus engine, with a notice on stderr, when
-    it does not support the model (its own speed options are then ignored).
+    An engine that does not support the model (``UnsupportedModelError``) hands over to its
+    ``fallback`` engine (the fast engine's is ``"opacus"``) with a notice on stderr, given only the
+    common arguments: its speed options are dropped; a run whose mathematics only it has (an
+    instrument, augmentation multiplicity, a clipping rule other than ``flat``) stops instead.
     """
-    if name == "opacus":
-        if kwargs.get("augmult"):
-            raise ValueError("optim.augmult needs the fast engine (run.engine: fast)")
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("augmult", "augment_flip")}
-        return OpacusEngine(**kwargs)
-    if name == "fast":
-        from dpvision.engines.fast import FastEngine, fallback_notice  # noqa: PLC0415
-
-        try:
-            return FastEngine(**kwargs)
-        except UnsupportedModelError as err:
-            if any(kwargs.get(k) not in (None, 1.0) for k in AUDIT_OPTIONS) or kwargs.get("augmult"):
-                raise
-            fallback_notice(err)
-            return OpacusEngine(**{k: v for k, v in kwargs.items() if k not in FAST_ONLY_OPTIONS + AUDIT_OPTIONS})
-    raise ValueError(f"engine (--engine) must be one of {ENGINES}, got {name!r}")
+    if name not in ENGINE_REGISTRY:
+        raise ValueError(f"engine must be one of {', '.join(ENGINE_REGISTRY)}, got {name!r}")
+    engine_class = ENGINE_REGISTRY[name]
+    common = dict(model=model, train_data=train_data, plan=plan, optimizer=optimizer, seed=seed, device=device,
+                  dist=dist)
+    try:
+        return engine_class(**common, options=options, instrument=instrument)
+    except UnsupportedModelError as err:
+        own_math = instrument is not None or (options is not None and options.augmult) or plan.clipping != "flat"
+        if engine_class.fallback is None or own_math:
+            raise
+        fallback_notice(name, engine_class.fallback, err)
+        return ENGINE_REGISTRY[engine_class.fallback](**common)
 
 
+def fallback_notice(name: str, fallback: str, err: Exception) -> None:
+    print(f"notice: the {name} engine does not support this model ({err}); using the {fallback} engine",
+          file=sys.stderr)

@@ -25,8 +25,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, grad, vmap
 
-from dpvision.engines.per_sample import clip_factors
+from dpvision.engines.clipping import ClipFn
+from dpvision.engines.per_sample import total_norms
 
 PAD = 4  # pixels of reflect padding before the random crop (the usual CIFAR recipe)
 AUGMENTATIONS = ("crop", "crop_flip")
@@ -59,8 +61,6 @@ class AugmultPerSample:
     name = "augmult"
 
     def __init__(self, model: nn.Module, *, k: int, flip: bool, generator: torch.Generator, pad: int = PAD) -> None:
-        from torch.func import functional_call, grad, vmap
-
         if k < 1:
             raise ValueError(f"augmult needs K >= 1, got {k}")
         self.model, self.k, self.flip, self.generator, self.pad = model, k, flip, generator, pad
@@ -75,14 +75,14 @@ class AugmultPerSample:
 
         self._per_example = vmap(grad(loss_group, has_aux=True), in_dims=(None, 0, 0))
 
-    def accumulate(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, max_grad_norm: float,
+    def accumulate(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, clip: ClipFn,
                    acc_views: list[torch.Tensor], loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
-        """``acc += sum_i w_i min(1, C / (||g_i|| + 1e-6)) g_i`` with g_i averaged over K augmentations."""
+        """``acc += sum_i w_i clip(||g_i||) g_i`` with g_i averaged over K augmentations."""
         xs = augment(x, k=self.k, flip=self.flip, generator=self.generator, pad=self.pad)  # [P, K, C, H, W]
         params = {n: p.detach() for n, p in zip(self.names, self.params)}
         grads, (losses, logits) = self._per_example(params, xs, y)  # grads[n]: [P, *shape]
         flat = [grads[n].reshape(len(x), -1) for n in self.names]  # [P, numel]
-        factors = clip_factors([g.norm(2, dim=1) for g in flat], max_grad_norm, w)  # [P]
+        factors = clip(total_norms([g.norm(2, dim=1) for g in flat])) * w  # [P]
         for view, g in zip(acc_views, flat):
             view.addmv_(g.t(), factors)
         loss_sum.add_((losses * w).sum())

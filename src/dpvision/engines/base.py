@@ -1,17 +1,22 @@
-"""The engine interface: what one epoch of training is, and the settings every engine takes.
+"""The engine interface: what one epoch of training is, what every engine is built from, the registry.
 
 An engine owns one epoch of training: sampling batches, per-example clipping,
 noise and the optimizer step. The job (:mod:`dpvision.jobs`) owns everything
 around it: evaluation, metrics, privacy ledger, run folders.
 
-DP is one wrapping setting: with ``dp=None`` an engine trains with plain SGD on
-shuffled batches; with :class:`DPSettings` it runs DP-SGD (Poisson sampling,
-per-sample clipping to C, Gaussian noise of std σC on the sum).
+Every number of the run (q, steps per epoch, E[B], σ, C, the clipping rule, the
+schedule's length) comes from one :class:`~dpvision.privacy.plan.Plan`, made once by
+the caller; an engine reads it and never re-derives any of them. With ``plan.dp``
+false an engine trains with plain SGD on ceil(N / B) shuffled batches; otherwise it
+runs DP-SGD (Poisson sampling at q, per-example clipping to C, Gaussian noise of std
+σC on the sum, division by E[B]).
+
+Engines register themselves by name (``@register_engine("fast")``); ``build_engine``
+looks them up in ``ENGINE_REGISTRY``.
 """
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable
@@ -20,55 +25,53 @@ import torch
 from torch import nn
 
 from dpvision.data.tensors import ImageTensors
+from dpvision.engines.distributed import DistContext, engine_state, load_engine_state
 from dpvision.engines.evaluation import evaluate  # noqa: F401 (part of the engine interface)
-from dpvision.privacy.accounting import poisson_sample_rate, steps_per_epoch
+from dpvision.engines.schedule import attach_schedule
+from dpvision.privacy.plan import Plan
 
-ENGINES = ("fast", "opacus")
 OPTIMIZERS = ("sgd", "adam")
+ENGINE_REGISTRY: dict[str, type["Engine"]] = {}
 
 ProgressFn = Callable[[int], None]  # called with the number of steps just done
 
 
-@dataclass(kw_only=True, frozen=True)
-class DPSettings:
-    """Per-example clipping norm C and noise multiplier σ (noise std is σC)."""
+def register_engine(name: str) -> Callable[[type], type]:
+    """Class decorator: the engine class becomes ``ENGINE_REGISTRY[name]`` (and its ``name``)."""
 
-    noise_multiplier: float
-    max_grad_norm: float
+    def register(cls: type) -> type:
+        cls.name = name
+        ENGINE_REGISTRY[name] = cls
+        return cls
 
-    def __post_init__(self) -> None:
-        if not self.noise_multiplier >= 0:
-            raise ValueError(f"noise_multiplier (--sigma) must be >= 0, got {self.noise_multiplier}")
-        if not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm (--max-per-sample-grad-norm) must be > 0, got {self.max_grad_norm}")
+    return register
 
 
 @dataclass(kw_only=True, frozen=True)
 class OptimizerSpec:
-    """The torch optimizer an engine builds, and its learning-rate schedule (per step)."""
+    """The torch optimizer an engine builds, and its learning-rate schedule (per step).
+
+    The schedule's length (total and warm-up steps) comes from the plan given to :meth:`build`.
+    """
 
     name: str = "sgd"
     lr: float
     momentum: float = 0.0  # SGD only
-    schedule: str = "constant"  # or "cosine" (to 0 over total_steps)
-    warmup_steps: int = 0  # linear warm-up from lr / warmup_steps
-    total_steps: int = 0  # the run's optimizer steps (what "cosine" decays over)
+    schedule: str = "constant"  # or "cosine" (to 0 over plan.total_steps)
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.name!r}")
         if not self.lr >= 0:
-            raise ValueError(f"lr (--lr) must be >= 0, got {self.lr}")
+            raise ValueError(f"lr must be >= 0, got {self.lr}")
 
-    def build(self, params) -> torch.optim.Optimizer:
-        from dpvision.engines.schedule import attach_schedule
-
+    def build(self, params, plan: Plan) -> torch.optim.Optimizer:
         if self.name == "adam":
             optimizer = torch.optim.Adam(params, lr=self.lr)
         else:
             optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
-        attach_schedule(optimizer, base_lr=self.lr, schedule=self.schedule, warmup_steps=self.warmup_steps,
-                        total_steps=self.total_steps)
+        attach_schedule(optimizer, base_lr=self.lr, schedule=self.schedule, warmup_steps=plan.warmup_steps,
+                        total_steps=plan.total_steps)
         return optimizer
 
 
@@ -81,25 +84,35 @@ class EpochResult:
 
 
 class Engine(ABC):
-    """One way of running epochs. Subclasses set ``model``, ``optimizer``, ``sample_rate``."""
+    """One way of running epochs. Subclasses set ``model`` (the plain module) and ``optimizer``."""
 
     name: str
+    fallback: str | None = None  # the engine build_engine uses when this one raises UnsupportedModelError
     model: nn.Module  # the plain module: use it for evaluation and saving
+    optimizer: torch.optim.Optimizer
 
-    def __init__(self, *, train_data: ImageTensors, batch_size: int, dp: DPSettings | None,
-                 seed: int, device: torch.device) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size (--batch-size) must be >= 1, got {batch_size}")
+    def __init__(self, *, train_data: ImageTensors, plan: Plan, seed: int, device: torch.device | str,
+                 dist: DistContext | None) -> None:
+        if len(train_data) != plan.num_train:
+            raise ValueError(f"train_data has {len(train_data)} examples, the plan was made for {plan.num_train}")
         self.train_data = train_data
-        self.batch_size = batch_size
-        self.dp = dp
+        self.plan = plan
         self.seed = seed
         self.device = torch.device(device)
-        self.num_examples = len(train_data)
-        # Under DP: Opacus's Poisson rate and epoch length. Without DP: shuffled
-        # batches of size B, so the same number of steps an epoch.
-        self.sample_rate = poisson_sample_rate(self.num_examples, batch_size)
-        self.steps_per_epoch = steps_per_epoch(self.sample_rate) if dp else math.ceil(self.num_examples / batch_size)
+        self.dist = dist if dist is not None else DistContext(device=self.device)
+        if self.dist.is_distributed and self.device != self.dist.device:
+            raise ValueError(f"device {self.device} is not this rank's device {self.dist.device} "
+                             "(pass device=dist.device)")
+        self.last_batch_sizes: list[int] = []  # sampled (global) batch size of each step of the last epoch
+
+    # The plan's numbers, for callers that hold only the engine.
+    @property
+    def sample_rate(self) -> float:
+        return self.plan.sample_rate
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.plan.steps_per_epoch
 
     @abstractmethod
     def train_epoch(self, *, max_steps: int | None = None, progress: ProgressFn | None = None) -> EpochResult:
@@ -112,19 +125,14 @@ class Engine(ABC):
     def state_dict(self) -> dict:
         """Model, optimizer and every generator: enough to continue bit for bit. Distributed, every
         rank's generators are gathered, so every rank must call it."""
-        from dpvision.engines.distributed import engine_state
-
         common = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
         return engine_state(self.dist, common, self._generators())
 
     def load_state_dict(self, state: dict | None) -> None:
         """Distributed, every rank must call it; rank 0's ``state`` is used (others pass ``None``)."""
-        from dpvision.engines.distributed import load_engine_state
-
         state = load_engine_state(self.dist, state, self._generators())
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-
 
 
 class UnsupportedModelError(ValueError):

@@ -49,11 +49,9 @@ from typing import Any, Iterator
 
 import torch
 import torch.distributed as td
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Sampler
 
-from dpvision.data.tensors import ImageTensors
 
 DEFAULT_TIMEOUT_S = 300.0  # a collective waits at most this long for a silent peer
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets
@@ -353,38 +351,6 @@ def reduce_epoch_totals(dist: DistContext, loss_sum: float, correct: float, exam
     dist.all_reduce_sum_(totals)
     loss_sum, correct, examples = totals.tolist()
     return loss_sum, correct, int(round(examples))
-
-
-@torch.no_grad()
-def evaluate_sharded(model: nn.Module, data: ImageTensors, dist: DistContext, *,
-                     batch_size: int = 1024) -> tuple[float, float, torch.Tensor]:
-    """:func:`dpvision.engines.evaluate` with the examples split over ranks: (loss, accuracy, predictions [N]).
-
-    Every rank must call it; every rank gets the global numbers. In a world of one it is ``evaluate``.
-    """
-    from dpvision.engines.evaluation import evaluate  # noqa: PLC0415
-
-    if not dist.is_distributed:
-        return evaluate(model, data, batch_size=batch_size, device=dist.device)
-    shard = shard_indices(len(data), rank=dist.rank, world_size=dist.world_size)
-    was_training = model.training
-    model.eval()
-    loss_sum, predictions = 0.0, []
-    for start in range(0, len(shard), batch_size):
-        idx = shard[start:start + batch_size]
-        logits = model(data.normalize(data.images[idx].to(dist.device)))  # [b, classes]
-        loss_sum += float(F.cross_entropy(logits, data.labels[idx].to(dist.device), reduction="sum"))
-        predictions.append(logits.argmax(1).cpu())
-    model.train(was_training)
-    local = torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
-    gathered = dist.all_gather_object(local)
-    out = torch.empty(len(data), dtype=torch.long)
-    for r, preds in enumerate(gathered):
-        out[r::dist.world_size] = preds
-    total = torch.tensor([loss_sum], dtype=torch.float64, device=dist.device)
-    dist.all_reduce_sum_(total)
-    accuracy = float((out == data.labels).float().mean()) if len(data) else float("nan")
-    return float(total) / max(len(data), 1), accuracy, out
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -3,12 +3,14 @@
 Every backend computes, for a padded chunk of examples ``x`` [P, C, H, W] with
 labels ``y`` [P] and weights ``w`` [P] (1 for a sampled example, 0 for padding),
 
-    acc += sum_i w_i * min(1, C / (||g_i|| + 1e-6)) * g_i
+    acc += sum_i w_i * clip(||g_i||) * g_i
 
 where ``g_i`` is example i's gradient of its cross-entropy loss, flattened over
-``model.parameters()`` in order (Opacus's flat clipping: the norm over all
-parameters). They also add the weighted loss sum and number correct into two
-device scalars, so that an epoch needs no host synchronisation to report them.
+``model.parameters()`` in order (the norm is over all parameters), and ``clip``
+maps the norms [P] to the run's clipping factors (:mod:`dpvision.engines.clipping`;
+``flat`` is Opacus's min(1, C / (norm + 1e-6))). They also add the weighted loss
+sum and number correct into two device scalars, so that an epoch needs no host
+synchronisation to report them.
 
 * ``VmapPerSample``: ``torch.func.vmap`` over ``torch.func.grad`` of a
   functional call. No hooks, no Python state between calls, so the whole chunk
@@ -29,37 +31,31 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from opacus.grad_sample import GradSampleModule
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
+from torch.func import functional_call, grad, vmap
 
-from dpvision.engines.base import UnsupportedModelError
 import dpvision.engines.ghost as ghost
+from dpvision.engines.base import UnsupportedModelError
+from dpvision.engines.clipping import ClipFn
 from dpvision.engines.ghost import GHOST, METHODS, add_clipped_sum, fastest_method, layer_method, layer_norm_sq, sum_sq
 from dpvision.engines.group_norm import group_norm_norm_sq
 
-CLIP_EPS = 1e-6  # Opacus's DPOptimizer: factor = min(1, C / (norm + 1e-6))
 # Layers with fewer multiply-adds (B T d p) than this keep the shape rule's method on CUDA too: timing
 # them eagerly would measure kernel-launch overhead, not the GPU time that counts inside a CUDA graph.
 AUTOTUNE_MIN_MACS = 1 << 28
 
 
-def clip_factors(per_param_norms: list[torch.Tensor], max_grad_norm: float, weights: torch.Tensor) -> torch.Tensor:
-    """[P] per-sample factors w_i * min(1, C / (||g_i|| + 1e-6)) from per-parameter norms [P] each."""
-    norms = torch.stack(per_param_norms, dim=1).norm(2, dim=1)  # [P]
-    return (max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0) * weights
-
-
-def clip_factors_sq(norm_sq: torch.Tensor, max_grad_norm: float, weights: torch.Tensor) -> torch.Tensor:
-    """[B] factors w_i * min(1, C / (||g_i|| + 1e-6)) from squared per-sample norms [B] (summed over layers)."""
-    return (max_grad_norm / (norm_sq.sqrt() + CLIP_EPS)).clamp(max=1.0) * weights
+def total_norms(per_param_norms: list[torch.Tensor]) -> torch.Tensor:
+    """[B] per-example gradient norms over all parameters from per-parameter norms [B] each."""
+    return torch.stack(per_param_norms, dim=1).norm(2, dim=1)
 
 
 class VmapPerSample:
     name = "vmap"
 
     def __init__(self, model: nn.Module) -> None:
-        from torch.func import functional_call, grad, vmap
-
         self.model = model
         self.names = [n for n, _ in model.named_parameters()]
         self.params = [p for _, p in model.named_parameters()]
@@ -72,12 +68,12 @@ class VmapPerSample:
 
         self._per_sample = vmap(grad(loss_one, has_aux=True), in_dims=(None, 0, 0))
 
-    def accumulate(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, max_grad_norm: float,
+    def accumulate(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, clip: ClipFn,
                    acc_views: list[torch.Tensor], loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
         params = {n: p.detach() for n, p in zip(self.names, self.params)}
         grads, (losses, logits) = self._per_sample(params, x, y)  # grads[n]: [P, *shape]
         flat = [grads[n].reshape(len(x), -1) for n in self.names]  # [P, numel]
-        factors = clip_factors([g.norm(2, dim=1) for g in flat], max_grad_norm, w)  # [P]
+        factors = clip(total_norms([g.norm(2, dim=1) for g in flat])) * w  # [P]
         for view, g in zip(acc_views, flat):
             view.addmv_(g.t(), factors)  # view [numel] += g^T factors
         loss_sum.add_((losses * w).sum())
@@ -91,19 +87,17 @@ class HooksPerSample:
     name = "hooks"
 
     def __init__(self, model: nn.Module) -> None:
-        from opacus.grad_sample import GradSampleModule
-
         self.model = model
         self.wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
         self.params = [p for p in model.parameters()]
 
-    def accumulate(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, max_grad_norm: float,
+    def accumulate(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, clip: ClipFn,
                    acc_views: list[torch.Tensor], loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
         logits = self.wrapped(x)  # [P, classes]
         losses = F.cross_entropy(logits, y, reduction="none")  # [P]
         losses.sum().backward()
         flat = [p.grad_sample.reshape(len(x), -1) for p in self.params]
-        factors = clip_factors([g.norm(2, dim=1) for g in flat], max_grad_norm, w)
+        factors = clip(total_norms([g.norm(2, dim=1) for g in flat])) * w
         with torch.no_grad():
             for view, g in zip(acc_views, flat):
                 view.addmv_(g.t(), factors)
@@ -130,7 +124,7 @@ class ManualPerSample:
     product, or cuDNN's grouped weight-gradient kernel): on the CPU whichever the layer's shapes make
     cheaper, on CUDA whichever ran fastest when timed at the first chunk of that per-example shape
     (``autotune``; ``method`` forces one for every Linear/Conv2d, for tests). All are exact. Then the
-    clip factors f_i = w_i min(1, C / (||g_i|| + 1e-6)). Pass 2, per layer: sum_i f_i g_i as the batch weight
+    clip factors f_i = w_i clip(||g_i||). Pass 2, per layer: sum_i f_i g_i as the batch weight
     gradient of the output gradients scaled by f (one cuDNN weight-gradient call per conv). Nothing
     per-example outlives its layer; graph-capturable. Where the engine fused GroupNorm -> ReLU -> pool
     (:mod:`dpvision.engines.fused`), that backward hands over the GroupNorm's per-example gradients and the
@@ -246,7 +240,7 @@ class ManualPerSample:
             self._tuned[key] = fastest_method(module, a, dz, dtype)
         return self._tuned[key]
 
-    def accumulate(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, max_grad_norm: float,
+    def accumulate(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, clip: ClipFn,
                    acc_views: list[torch.Tensor], loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
         logits, losses, dzs = self._forward_backward(x, y)
         dtype = self.amp_dtype or torch.float32
@@ -273,7 +267,7 @@ class ManualPerSample:
                 else:
                     continue
                 norm_sq += sq
-            factors = clip_factors_sq(norm_sq, max_grad_norm, w)  # [B]
+            factors = clip(norm_sq.sqrt()) * w  # [B]
             for m, state in states.items():  # pass 2: clipped sums by book-keeping, into the views
                 a = self._store.get(m, (None,))[0]  # None for a fused GroupNorm (its state holds all it needs)
                 add_clipped_sum(m, a, dzs.pop(m, None), factors, state, dtype, views[m])

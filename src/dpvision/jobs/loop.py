@@ -54,10 +54,10 @@ def train_private_epoch(engine: Engine, ledger: PrivacyLedger, *, noise_multipli
     """One epoch of ``engine`` (or its first ``max_steps`` steps), at most as many steps as ``budget``
     allows; the steps taken go into ``ledger``.
 
-    Without DP (``engine.dp is None``) the ledger and budget are left alone.
+    Without DP (``engine.plan.dp`` false) the ledger and budget are left alone.
     """
     planned = engine.steps_per_epoch if max_steps is None else min(max_steps, engine.steps_per_epoch)
-    dp = engine.dp is not None
+    dp = engine.plan.dp
     allowed = planned
     if dp and budget is not None:
         allowed = budget.allowed_steps(ledger, noise_multiplier=noise_multiplier,

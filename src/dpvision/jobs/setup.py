@@ -5,9 +5,10 @@ unreachable ε stops the job with one line and an untouched disk.
 
 * :func:`load_data` loads the dataset, takes the ``--k`` subset and carves the
   validation split, each from its own seeded generator.
-* :func:`plan_privacy` resolves δ (``auto``), σ (given, default or calibrated to
-  ``target_epsilon``) and the Poisson sample rate q from the N actually trained on.
-* :func:`build` makes the model and the engine (DP is the single ``dp=`` argument).
+* :func:`plan_privacy` makes the run's one :class:`~dpvision.privacy.plan.Plan` from the N
+  actually trained on: δ (``auto``), σ (given, default or calibrated to ``target_epsilon``),
+  q, steps per epoch, E[B] and the schedule's length.
+* :func:`build` makes the model and the engine, which trains as the plan says.
 
 Example:
     >>> plan = plan_privacy(TrainConfig(), num_train=30_000)
@@ -21,7 +22,11 @@ import math
 import warnings
 from dataclasses import dataclass
 
+from dpvision.engines import FastOptions, OptimizerSpec, build_engine
 from dpvision.jobs.config import TrainConfig
+from dpvision.models import build_model
+from dpvision.privacy.bounds import check_noise_multiplier
+from dpvision.privacy.plan import Plan, make_plan
 
 MIN_SENSIBLE_STEPS = 200  # fewer optimizer steps than this rarely train a network from scratch
 
@@ -37,19 +42,6 @@ class Data:
     val_groups: tuple[str, ...] | None
     test_groups: tuple[str, ...] | None
     fingerprint: str  # of the training set actually trained on
-
-
-@dataclass(frozen=True)
-class PrivacyPlan:
-    """What the accountant needs, derived from the data actually trained on."""
-
-    dp: bool
-    noise_multiplier: float  # σ (0.0 without DP)
-    max_grad_norm: float  # C (inf without DP)
-    delta: float
-    sample_rate: float  # q = 1 / ceil(N / B)
-    steps_per_epoch: int
-    num_train: int
 
 
 def load_data(config: TrainConfig):
@@ -83,42 +75,36 @@ def load_data(config: TrainConfig):
                 val_groups=val_groups, test_groups=splits.test_groups, fingerprint=data_fingerprint(train))
 
 
-def plan_privacy(config: TrainConfig, *, num_train: int) -> PrivacyPlan:
-    """σ, δ and q for ``num_train`` examples; ``ValueError`` naming the setting when impossible."""
-    from dpvision.privacy.accounting import (
-        calibrate_noise_multiplier, poisson_sample_rate, resolve_delta, steps_per_epoch,
-    )  # fmt: skip
-    from dpvision.privacy.bounds import check_noise_multiplier
-
+def plan_privacy(config: TrainConfig, *, num_train: int) -> Plan:
+    """The run's :class:`~dpvision.privacy.plan.Plan` for ``num_train`` examples: δ, σ (given, default or
+    calibrated), q, the epoch length and the schedule's; ``ValueError`` naming the setting when impossible."""
     dp, optim = config.dp, config.optim
     if optim.batch_size > num_train:
         raise ValueError(f"optim.batch_size must be at most the {num_train} training examples, "
                          f"got {optim.batch_size}")
-    q = poisson_sample_rate(num_train, optim.batch_size)
-    per_epoch = steps_per_epoch(q)
-    delta = resolve_delta(dp.delta, num_train)
-    if not dp.enabled:
-        return PrivacyPlan(dp=False, noise_multiplier=0.0, max_grad_norm=math.inf, delta=delta, sample_rate=q,
-                           steps_per_epoch=per_epoch, num_train=num_train)
-    if dp.target_epsilon is not None:
-        try:
-            sigma = calibrate_noise_multiplier(target_epsilon=dp.target_epsilon, delta=delta, sample_rate=q,
-                                               steps=optim.epochs * per_epoch, accountant=dp.accountant)
-        except ValueError as err:
-            raise ValueError(f"dp.target_epsilon: {err}") from None
-    else:
-        sigma = dp.DEFAULT_NOISE_MULTIPLIER if dp.noise_multiplier is None else float(dp.noise_multiplier)
+    try:
+        plan = make_plan(num_train=num_train, batch_size=optim.batch_size, epochs=optim.epochs, dp=dp.enabled,
+                         noise_multiplier=dp.noise_multiplier, target_epsilon=dp.target_epsilon,
+                         max_grad_norm=dp.max_grad_norm, delta=dp.delta, accountant=dp.accountant,
+                         # dp.clipping comes with the config's clipping field (valid names: CLIPPING_RULES)
+                         clipping=getattr(dp, "clipping", "flat"), warmup_epochs=optim.warmup_epochs)
+    except ValueError as err:
+        if str(err).startswith("target_epsilon:"):
+            raise ValueError(f"dp.{err}") from None
+        raise
+    if not plan.dp:
+        return plan
     # Bounded accountant work: σ in range, and PRV/PLD (as the primary) only where their grids are bounded.
-    check_noise_multiplier(sigma, "dp.noise_multiplier", accountant=dp.accountant, sample_rate=q,
-                           steps=optim.epochs * per_epoch, delta=delta, accountant_flag="dp.accountant")
-    if delta >= 1 / num_train:
-        warnings.warn(f"delta {delta:g} is at least 1/N = 1/{num_train}: too large to be a meaningful privacy "
+    check_noise_multiplier(plan.noise_multiplier, "dp.noise_multiplier", accountant=plan.accountant,
+                           sample_rate=plan.sample_rate, steps=plan.total_steps, delta=plan.delta,
+                           accountant_flag="dp.accountant")
+    if plan.delta >= 1 / num_train:
+        warnings.warn(f"delta {plan.delta:g} is at least 1/N = 1/{num_train}: too large to be a meaningful privacy "
                       "guarantee (use delta << 1/N, e.g. 'auto')", stacklevel=2)
-    return PrivacyPlan(dp=True, noise_multiplier=sigma, max_grad_norm=float(dp.max_grad_norm), delta=delta,
-                       sample_rate=q, steps_per_epoch=per_epoch, num_train=num_train)
+    return plan
 
 
-def few_steps_advice(config: TrainConfig, plan: PrivacyPlan) -> str | None:
+def few_steps_advice(config: TrainConfig, plan: Plan) -> str | None:
     """A sentence when the run takes too few optimizer steps to learn, with settings that would not.
 
     Example:
@@ -142,26 +128,24 @@ def few_steps_advice(config: TrainConfig, plan: PrivacyPlan) -> str | None:
             f"--epochs {epochs} ({epochs * per_epoch} steps)")
 
 
-def build(config: TrainConfig, data: Data, plan: PrivacyPlan, device, dist=None):
+def build(config: TrainConfig, data: Data, plan: Plan, device, dist=None):
     """The model (seeded initialisation) and the engine that trains it (on this rank's share, under ``dist``)."""
-    from dpvision.engines import DPSettings, OptimizerSpec, build_engine
-    from dpvision.models import build_model
-
     train = data.train
     model = build_model(config.model.name, in_channels=int(train.images.shape[1]),
                         num_classes=len(data.class_names), image_size=int(train.images.shape[-1]),
                         activation=config.model.activation, width=config.model.width,
                         weight_standardization=config.model.weight_standardization)
-    dp = (DPSettings(noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm) if plan.dp
-          else None)
     optim = config.optim
     optimizer = OptimizerSpec(name=optim.name, lr=optim.lr, momentum=optim.momentum if optim.name == "sgd" else 0.0,
-                              schedule=optim.schedule, warmup_steps=round(optim.warmup_epochs * plan.steps_per_epoch),
-                              total_steps=optim.epochs * plan.steps_per_epoch)
-    extra = {"dist": dist} if dist is not None and dist.is_distributed else {}
-    if config.run.precision != "auto":
-        extra["precision"] = config.run.precision
-    if optim.augmult:  # digits must not be mirrored; clothes, objects and faces may
-        extra.update(augmult=optim.augmult, augment_flip=config.data.dataset != "mnist")
-    return build_engine(config.run.engine, model=model, train_data=train, batch_size=optim.batch_size,
-                        optimizer=optimizer, dp=dp, seed=config.run.seed, device=device, **extra)
+                              schedule=optim.schedule)
+    if optim.augmult and config.run.engine != "fast":
+        raise ValueError("optim.augmult needs the fast engine (run.engine: fast)")
+    options = None  # the opacus engine takes none (config: run.precision is auto there)
+    if config.run.engine == "fast":
+        options = FastOptions(precision=None if config.run.precision == "auto" else config.run.precision,
+                              augmult=optim.augmult,
+                              # digits must not be mirrored; clothes, objects and faces may
+                              augment_flip=bool(optim.augmult) and config.data.dataset != "mnist")
+    dist = dist if dist is not None and dist.is_distributed else None  # one process: the engine's own context
+    return build_engine(config.run.engine, model=model, train_data=train, plan=plan, optimizer=optimizer,
+                        seed=config.run.seed, device=device, dist=dist, options=options)
