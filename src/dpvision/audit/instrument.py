@@ -85,8 +85,8 @@ class CanaryInstrument:
 
 
 def _flat_clip(rows: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
-    """The flat rule min(1, C / (norm + 1e-6)) on [m, P] rows (what the engine does to a real example)."""
-    return rows * (max_grad_norm / (rows.norm(dim=1, keepdim=True) + CLIP_EPS)).clamp(max=1.0)
+    """The flat rule min(1, C / (norm + 1e-6)) on [m, P] rows (what the engine does to a real example), in place."""
+    return rows.mul_((max_grad_norm / (rows.norm(dim=1, keepdim=True) + CLIP_EPS)).clamp(max=1.0))  # in place
 
 
 def build_instrumented_engine(*, model: nn.Module, train_data, batch_size: int, lr: float,

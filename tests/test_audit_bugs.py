@@ -1,0 +1,158 @@
+"""Bug injection: the white-box audit run against deliberately broken DP-SGD must FAIL; the correct run PASSes.
+
+The broken variants exist only here (``run_audit``'s ``tamper`` argument; no command-line flag reaches
+it). Each tamper breaks one piece of the engine after it is built:
+
+* INTERFACES.md §3 engines (``engine.sampler``, ``engine.clipping``, ``engine.noise_std()``): the pieces
+  are swapped, so the canaries go through the same broken sampler / clipping / noise as the real
+  examples. **For the integrator**: these run once the fast engine takes ``instrument=`` (see
+  ``dpvision.audit.instrument``); until then ``_section3`` is never reached.
+* Today's engine (no swappable pieces): the same bugs emulated through its attributes (the noise scale
+  it reads every epoch, its DP settings, the canary rows it adds, its sample rate). Shuffled fixed-size
+  batches cannot be emulated there and are skipped.
+
+CI-sized: linear model, 500 MNIST images, expected batch 50 (q = 0.1), 4 epochs (40 steps), 1,000
+canaries, claimed ε = 4 (RDP), δ = 1e-5, CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from dpvision.audit import AuditConfig, run_audit
+from dpvision.audit.instrument import RAW_NORM
+
+pytestmark = pytest.mark.slow
+
+CI = dict(mode="white", model="linear", canaries=1000, k=500, batch_size=50, epochs=4, lr=0.1, delta=1e-5,
+          epsilon=4.0, seed=0)
+# Flagged (FAIL) at CI size. The subtle bugs raise the bound above the correct run's but stay below what a
+# one-run audit of 1,000 canaries can certify at claimed ε = 4 (docs/privacy.md, "What a one-run audit can
+# reach"): their FAIL is expected only with many more canaries (xfail here, not strict).
+STRONG = ("noise_off", "clipping_off")
+SUBTLE = ("noise_half", "clipping_2c", "accountant_half_q", "shuffled_batches")
+BIG = 1e6  # "no clipping": a norm no gradient reaches
+
+
+class _ShuffledSampler:
+    """Fixed-size batches from a fresh permutation every epoch (what the accountant is NOT told)."""
+
+    def __init__(self, sample_rate: float, seed: int = 0) -> None:
+        self.sample_rate = sample_rate
+        self.generator = torch.Generator().manual_seed(seed)
+        self.queue: dict[int, list[int]] = {}
+
+    def draw(self, steps: int, n: int) -> torch.Tensor:
+        batch = max(1, round(self.sample_rate * n))
+        out = torch.zeros(steps, n, dtype=torch.bool)
+        for s in range(steps):
+            pending = self.queue.setdefault(n, [])
+            if len(pending) < batch:
+                pending[:] = torch.randperm(n, generator=self.generator).tolist()
+            out[s, pending[:batch]] = True
+            del pending[:batch]
+        return out
+
+
+class _PoissonSampler:
+    def __init__(self, sample_rate: float, seed: int = 0) -> None:
+        self.sample_rate = sample_rate
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def draw(self, steps: int, n: int) -> torch.Tensor:
+        return torch.rand(steps, n, generator=self.generator) < self.sample_rate
+
+
+class _ClipAt:
+    """The engine's own rule, applied at ``scale`` x C (None: no clipping at all)."""
+
+    def __init__(self, rule, scale: float | None) -> None:
+        self.rule, self.scale = rule, scale
+
+    def factors(self, norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+        if self.scale is None:
+            return torch.ones_like(norms)
+        return self.rule.factors(norms, self.scale * max_grad_norm)
+
+
+def _section3(engine, bug: str) -> None:
+    noise_std, q = engine.noise_std, engine.plan.sample_rate
+    if bug == "noise_off":
+        engine.noise_std = lambda: 0.0
+    elif bug == "noise_half":
+        engine.noise_std = lambda: 0.5 * noise_std()
+    elif bug in ("clipping_off", "clipping_2c"):
+        engine.clipping = _ClipAt(engine.clipping, None if bug == "clipping_off" else 2.0)
+    elif bug == "shuffled_batches":
+        engine.sampler = _ShuffledSampler(q)
+    else:  # the accountant is told q while the sampler draws at 2q
+        engine.sampler = _PoissonSampler(2 * q)
+
+
+def _legacy(engine, bug: str) -> None:
+    dp = engine.dp
+    if bug == "noise_off":
+        engine.noise_scale_for_testing = 0.0
+    elif bug == "noise_half":
+        engine.noise_scale_for_testing = 0.5
+    elif bug in ("clipping_off", "clipping_2c"):
+        # Real examples clipped at C' with the noise still σC; the canaries' raw rows (RAW_NORM x C) pass
+        # through that clipping: all of it (off) or 2C.
+        bound = BIG if bug == "clipping_off" else 2.0 * dp.max_grad_norm
+        engine.dp = dataclasses.replace(dp, max_grad_norm=bound,
+                                        noise_multiplier=dp.noise_multiplier * dp.max_grad_norm / bound)
+        engine.canary_gradients = engine.canary_gradients * min(RAW_NORM, bound / dp.max_grad_norm)
+    elif bug == "shuffled_batches":
+        pytest.skip("shuffled batches need the swappable engine.sampler of INTERFACES.md §3")
+    else:
+        engine.sample_rate = 2 * engine.sample_rate  # the ledger keeps the configured q
+
+
+def _tamper(bug: str):
+    def tamper(engine) -> None:
+        (_section3 if hasattr(engine, "sampler") else _legacy)(engine, bug)
+    return tamper
+
+
+@pytest.fixture(scope="module")
+def correct_run(mnist_root):
+    return run_audit(AuditConfig(**CI, data_root=str(mnist_root)))
+
+
+def test_correct_run_passes(correct_run):
+    assert correct_run["verdict"] == "PASS"
+    assert correct_run["epsilon_lower_bound"] <= correct_run["epsilon"]
+    assert correct_run["epsilon_lower_bound"] > 0.5  # the attack is not empty
+
+
+@pytest.fixture(scope="module")
+def broken_runs(mnist_root):
+    return {}
+
+
+def _broken(bug: str, mnist_root, cache: dict) -> dict:
+    if bug not in cache:
+        cache[bug] = run_audit(AuditConfig(**CI, data_root=str(mnist_root)), tamper=_tamper(bug))
+    return cache[bug]
+
+
+@pytest.mark.parametrize("bug", STRONG + SUBTLE)
+def test_injected_bug_raises_the_bound(bug, mnist_root, correct_run, broken_runs):
+    result = _broken(bug, mnist_root, broken_runs)
+    assert result["epsilon"] == pytest.approx(correct_run["epsilon"])  # the claim is unchanged
+    assert result["fdp"]["epsilon_lower_bound"] > correct_run["fdp"]["epsilon_lower_bound"] + 0.3, bug
+
+
+@pytest.mark.parametrize("bug", STRONG)
+def test_strong_bug_fails(bug, mnist_root, broken_runs):
+    result = _broken(bug, mnist_root, broken_runs)
+    assert result["verdict"] == "FAIL" and result["epsilon_lower_bound"] > result["epsilon"], bug
+
+
+@pytest.mark.xfail(reason="beyond a one-run audit of 1,000 canaries at claimed epsilon = 4", strict=False)
+@pytest.mark.parametrize("bug", SUBTLE)
+def test_subtle_bug_fails(bug, mnist_root, broken_runs):
+    assert _broken(bug, mnist_root, broken_runs)["verdict"] == "FAIL", bug
