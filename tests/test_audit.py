@@ -83,6 +83,7 @@ def _simulated_dpsgd_scores(rng, *, m: int, sigma: float, q: float, steps: int):
     return np.logaddexp(math.log1p(-q), z + math.log(q)).sum(0), truth
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sigma", [0.8, 1.5])
 def test_bounds_never_exceed_the_true_epsilon_of_simulated_dpsgd(sigma):
     """A mechanism with known ε (DP-SGD in its worst case, exact scores): over 20 seeds, at 95% confidence,
@@ -137,6 +138,21 @@ def test_white_box_dp_run_passes_below_its_epsilon(white_runs):
     assert set(dp["epsilons"]) == {"rdp", "prv", "pld"} and dp["threat_model"] == "white-box, all iterates"
     # Every included canary was sampled about q T = 4 times, never an excluded one.
     assert dp["canary_inclusions"] == pytest.approx(4 * dp["canaries_included"], rel=0.15)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_correct_runs_pass_over_seeds(seed, mnist_root):
+    """With seed 0 (tests/test_audit_bugs.py), five seeds of the correct CI-size run at claimed ε = 4 pass."""
+    result = run_audit(AuditConfig(**TINY, epsilon=4.0, seed=seed, data_root=str(mnist_root)))
+    assert result["verdict"] == "PASS" and result["epsilon_lower_bound"] <= result["epsilon_claimed_curve_pld"]
+    assert result["epsilon_lower_bound"] > 0.5
+
+
+def test_last_iterate_is_weaker_than_all_iterates(white_runs, mnist_root):
+    last = run_audit(AuditConfig(**TINY, epsilon=2.0, score="final", data_root=str(mnist_root)))
+    assert last["verdict"] == "PASS" and last["threat_model"] == "white-box, last iterate"
+    assert last["epsilon_lower_bound"] <= white_runs["dp"]["epsilon_lower_bound"]
 
 
 def test_black_box_dp_run_is_at_or_below_its_epsilon(mnist_root):

@@ -156,3 +156,22 @@ def test_strong_bug_fails(bug, mnist_root, broken_runs):
 @pytest.mark.parametrize("bug", SUBTLE)
 def test_subtle_bug_fails(bug, mnist_root, broken_runs):
     assert _broken(bug, mnist_root, broken_runs)["verdict"] == "FAIL", bug
+
+
+def test_cli_prints_fail_and_exits_1_on_a_broken_run(tmp_path, mnist_root, monkeypatch, capsys):
+    """The command line's FAIL path: the harness swaps in a tampered run (no flag can)."""
+    import functools
+    import json
+
+    import dpvision.audit
+    from dpvision.cli import main
+
+    monkeypatch.setattr(dpvision.audit, "run_audit", functools.partial(run_audit, tamper=_tamper("noise_off")))
+    code = main(["audit", "--model", "linear", "--k", "500", "--batch-size", "50", "--epochs", "4", "--lr", "0.1",
+                 "--canaries", "1000", "--epsilon", "4", "--quiet", "--data-root", str(mnist_root),
+                 "--runs-dir", str(tmp_path), "--name", "broken"])
+    out = capsys.readouterr().out
+    assert code == 1 and out.startswith("FAIL: audit (white-box, all iterates, m=1000 canaries")
+    assert "leaks more than its accountant claims" in out and f"Outputs: {tmp_path / 'audit' / 'broken'}/" in out
+    data = json.loads((tmp_path / "audit" / "broken" / "audit.json").read_text())
+    assert data["verdict"] == "FAIL" and data["epsilon_lower_bound"] > data["epsilon"]

@@ -6,7 +6,7 @@ Written against the instrument protocol of INTERFACES.md §3 (``canary_gradients
 engine through its legacy ``canary_gradients=`` argument: the canary rows are clipped
 here with the flat rule (the legacy engine adds them as given), and each step's update
 is read back as (θ_t - θ_{t+1}) / lr (plain SGD, constant rate: exactly the update the
-optimizer was handed). The lines marked ``INSTRUMENT:`` are what switches over.
+optimizer was handed). The two comments marked ``INTERFACES §3:`` say what switches over.
 
 Canaries are Dirac gradients in **audit coordinates**: :class:`AuditCoordinates` appends
 m parameters to the model that the loss never depends on (their gradient is exactly 0

@@ -110,7 +110,7 @@ class AuditConfig:
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device must be cpu or auto on this machine (no CUDA device is available), got 'cuda'")
         need(0 < self.confidence < 1, "--confidence", "in (0, 1)", self.confidence)
-        rows = self.canaries * (self.canaries + (7_850 if self.model == "linear" else 26_010))
+        rows = self.canaries * (self.canaries + sum(p.numel() for p in build_model(self.model).parameters()))
         need(self.mode == "black" or rows <= MAX_CANARY_FLOATS, "--canaries",
              f"small enough that the canary rows (m x (P + m)) stay under {MAX_CANARY_FLOATS:.1e} floats", self.canaries)
         self.delta = resolve_delta(self.delta, self.k)
