@@ -27,7 +27,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -49,9 +49,6 @@ class AuditAnalysis:
     confidence: float
     verdict: str  # "PASS" or "FAIL"
     guess_table: list[dict]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _counts(scores: np.ndarray, included: np.ndarray, grid: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
