@@ -257,23 +257,23 @@ def no_audit_training(monkeypatch):
     monkeypatch.setattr(dpvision.audit, "run_audit", trained)
 
 
-@pytest.mark.parametrize("out, says", [("{tmp}", "an existing folder"), ("{tmp}/afile/audit.json", "--out"),
-                                       ("/proc/dpvision-test/audit.json", "--out")])
+@pytest.mark.parametrize("out, says", [("{tmp}/afile", "not a writable directory"),
+                                       ("/proc/dpvision-test", "not a writable directory")])
 def test_item11_audit_refuses_its_out_before_training(out, says, tmp_path, tiny_mnist_root, no_audit_training,
                                                       capsys):
     (tmp_path / "afile").write_text("x")
     out = out.format(tmp=tmp_path)
     assert exit_code(dpvision_main, ["audit", "--sigma", "1", "--data-root", tmp_path / "no_data",
-                                     "--out", out]) == 2
+                                     "--runs-dir", out]) == 2
     err = one_error_line(capsys, "dpvision audit")
-    assert says in err and "--out" in err
+    assert says in err and "--runs-dir" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
 @pytest.mark.parametrize("flags, named", [(["--device", "tpu"], "--device"), (["--max-grad-norm", "inf"],
                                                                              "--max-grad-norm")])
 def test_item11_audit_bad_flags_exit_2_with_one_line(flags, named, tmp_path, no_audit_training, capsys):
-    assert exit_code(dpvision_main, ["audit", "--sigma", "1", "--out", tmp_path / "a.json", *flags]) == 2
+    assert exit_code(dpvision_main, ["audit", "--sigma", "1", "--runs-dir", tmp_path / "runs", *flags]) == 2
     assert named in one_error_line(capsys, "dpvision audit")
     assert list(tmp_path.iterdir()) == []
 

@@ -1,14 +1,17 @@
-"""``dpvision audit``: one training run with canaries, an ε lower bound, a verdict.
+"""``dpvision audit``: one training run with canaries, two ε lower bounds, PASS or FAIL.
 
-Every output is checked before the audit trains (an existing or unwritable ``--out`` fails at once).
+Outputs go to a new run folder ``<runs-dir>/audit/<name>/`` (never overwritten: ``-2``, ``-3``, ...
+are appended), holding ``audit.json`` (written atomically). Every input is checked before training.
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import sys
 
-from dpvision.cli_support import check_can_create_dir, parse_delta
+from tqdm import tqdm
+
+from dpvision.cli_support import parse_delta
 
 
 def _delta(text: str):
@@ -18,21 +21,13 @@ def _delta(text: str):
         raise argparse.ArgumentTypeError(str(err).split(" ", 1)[1]) from None
 
 
-def check_out_file(path: str, flag: str = "--out") -> None:
-    """Refuse an --out that is a folder or cannot be created, before any work."""
-    target = Path(path)
-    if target.is_dir():
-        raise ValueError(f"{flag} must be a file path, got {path!r} (an existing folder)")
-    check_can_create_dir(target.absolute().parent, flag)
-
-
 def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
     """``dpvision audit``: one training run with canaries, an ε lower bound, a verdict."""
     add = parser.add_argument
     add("--mode", default="white", choices=("white", "black"),
         help="white: gradient canaries, every iterate seen (tighter); black: mislabelled images, final model "
              "(default: white)")
-    add("--canaries", type=int, default=1000, help="number of canaries m, each included with probability 1/2 (default: 1000)")
+    add("--canaries", type=int, default=2000, help="number of canaries m, each included with probability 1/2 (default: 2000)")
     add("--k", type=int, default=10_000, help="real MNIST training examples (default: 10000)")
     add("--batch-size", type=int, default=250, help="expected batch size (default: 250)")
     add("--epochs", type=int, default=5, help="training epochs (default: 5)")
@@ -46,37 +41,77 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
     add("--accountant", default="rdp", choices=("rdp", "prv", "pld"), help="accountant of the claimed epsilon (default: rdp)")
     add("--disable-dp", action="store_true", help="no noise (clipping kept): the non-private reference")
     add("--score", default="steps", choices=("steps", "final"),
-        help="white-box score: likelihood ratio over all iterates, or <c, theta_0 - theta_T> (default: steps)")
+        help="white-box threat model: steps = every iterate seen (likelihood ratio), final = last iterate only "
+             "(default: steps)")
     add("--confidence", type=float, default=0.95, help="confidence of the lower bound (default: 0.95)")
-    add("--noise-scale-for-testing", type=float, default=1.0,
-        help="multiply the noise std (testing only: < 1 is a broken run the audit should catch)")
     add("--seed", type=int, default=0, help="random seed (default: 0)")
     add("--data-root", default="data", help="folder holding MNIST/raw/ (default: data)")
     add("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
-    add("--out", default="audit.json", help="where to write the audit JSON (default: audit.json)")
+    add("--runs-dir", default="runs", help="runs folder; the audit goes to RUNS_DIR/audit/NAME/ (default: runs)")
+    add("--name", default=None, help="run folder name (default: MODE-SCORE-epsE-seedS; never overwritten: -2, -3, ...)")
+    add("--quiet", action="store_true", help="no progress bar")
+
+
+def default_name(config) -> str:
+    privacy = "nodp" if config.disable_dp else (f"eps{config.epsilon:g}" if config.epsilon else f"sigma{config.sigma:g}")
+    return f"{config.mode}-{config.score}-{privacy}-seed{config.seed}"
+
+
+def summary_lines(result: dict, folder) -> list[str]:
+    """The verdict, both bounds, the claim under every accountant, what it shows and where it went."""
+    steinke, fdp = result["steinke"], result["fdp"]
+    claims = ", ".join(f"{name} {value:.3f}" for name, value in result["epsilons"].items())
+    floor = ">= " if fdp["at_floor"] else ""
+    verdict = result["verdict"]
+    lines = [
+        f"{verdict}: audit ({result['threat_model']}, m={result['canaries']} canaries, "
+        f"{result['canaries_included']} in): epsilon >= {result['epsilon_lower_bound']:.3f} at "
+        f"{result['confidence']:.0%} confidence ({result['analysis']}); claimed epsilon = {result['epsilon']:.3f} "
+        f"({result['accountant']}, delta = {result['delta']:g})",
+        f"  Steinke et al. 2023: epsilon >= {steinke['epsilon_lower_bound']:.3f} ({steinke['correct']}/"
+        f"{steinke['guesses']} correct guesses); f-DP (Mahloujifar et al. 2025, DP-SGD curves at q = "
+        f"{result['sample_rate']:.4g}, T = {result['steps']}): epsilon >= {floor}{fdp['epsilon_lower_bound']:.3f} "
+        f"({fdp['correct']}/{fdp['guesses']} correct)",
+        f"  claimed epsilon under every accountant: {claims} (the claimed curve's pld epsilon: "
+        f"{result['epsilon_claimed_curve_pld']:.3f})",
+    ]
+    if verdict == "PASS":
+        lines.append("  PASS shows no leak larger than claimed was found by this attack; it does not prove the run private "
+                     "(a one-run audit sees only part of the worst case; docs/privacy.md).")
+    else:
+        lines.append("  FAIL: with the stated confidence the run leaks more than its accountant claims (a bug in noise, "
+                     "clipping, sampling or accounting).")
+    lines.append(f"Outputs: {folder}/ (audit.json)")
+    return lines
 
 
 def run_audit(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """Print the one-line verdict; exit 0 when consistent, 1 when the audit caught a violation."""
+    """Print the verdict; exit 0 on PASS, 1 on FAIL (a lower bound above the claimed epsilon)."""
     from dpvision.audit import AuditConfig
     from dpvision.audit import run_audit as audit
     from dpvision.data.mnist import DataNotFoundError, ensure_mnist
-    from dpvision.runs import atomic_write_json
+    from dpvision.privacy.plan import Plan
+    from dpvision.runs import RunDir, atomic_write_json, check_writable_dir
 
     try:
         config = AuditConfig(
             mode=args.mode, canaries=args.canaries, k=args.k, batch_size=args.batch_size, epochs=args.epochs,
             lr=args.lr, model=args.model, sigma=args.sigma, epsilon=args.epsilon, max_grad_norm=args.max_grad_norm,
             delta=args.delta, accountant=args.accountant, disable_dp=args.disable_dp, score=args.score,
-            confidence=args.confidence, noise_scale_for_testing=args.noise_scale_for_testing, seed=args.seed,
-            data_root=args.data_root, device=args.device)
-        check_out_file(args.out)
+            confidence=args.confidence, seed=args.seed, data_root=args.data_root, device=args.device)
+        if args.name is not None and (not args.name or "/" in args.name or args.name in (".", "..")):
+            raise ValueError(f"--name must be a plain folder name, got {args.name!r}")
+        check_writable_dir(args.runs_dir, flag="--runs-dir")
         ensure_mnist(args.data_root)
     except ValueError as err:
         parser.error(str(err))
     except DataNotFoundError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
-    result = audit(config)
-    atomic_write_json(args.out, result)
-    print(result["verdict"], flush=True)
-    return 0 if result["consistent"] else 1
+    total = Plan(num_train=config.k, batch_size=config.batch_size, epochs=config.epochs,
+                 max_grad_norm=config.max_grad_norm).total_steps  # the bar's length
+    with tqdm(total=total, desc="audit", unit="step", disable=args.quiet, file=sys.stderr, leave=False) as bar:
+        result = audit(config, progress=bar.update)
+    run = RunDir.create(args.runs_dir, "audit", args.name or default_name(config))
+    atomic_write_json(run.path / "audit.json", result)
+    print("\n".join(summary_lines(result, run.path)), flush=True)
+    return 0 if result["verdict"] == "PASS" else 1

@@ -1,30 +1,28 @@
-"""Audit runs: train once with m canaries, score them, bound ε from below.
+"""Audit runs: train once with m canaries, score them, bound ε from below, PASS or FAIL.
 
 Two threat models:
 
-* ``white`` (white-box, gradient space; the tighter one): each canary is a
-  random direction c_i of norm C in parameter space, handed to the fast engine
-  by an instrument (:mod:`dpvision.engines.instrument`) as a canary row, i.e. an
-  extra example whose gradient is c_i (clipping leaves it unchanged), Poisson-sampled with the run's rate q at every step. The auditor sees
-  every model iterate. With plain SGD, θ_t - θ_{t+1} = (lr / B) · (noisy clipped
-  sum), so x_{t,i} = <c_i, θ_t - θ_{t+1}> · B / (lr C²) is ~N(1, σ²) at steps
-  where canary i was sampled and ~N(0, σ²) otherwise (plus the projection of the
-  real gradients). ``score="steps"`` is the likelihood ratio of the subsampled
-  Gaussian, Σ_t log(1 - q + q exp((x_{t,i} - 1/2) / σ²)); ``score="final"`` is
-  <c_i, θ_0 - θ_T> (last iterate only).
-* ``black`` (black-box, input space): each canary is a real MNIST image that is
-  not in the training subset, with a label flipped to a random wrong class; the
-  included ones join the training set. Score: loss before training minus loss
-  after (the model learnt it).
+* ``white`` (white-box, the tighter one): Dirac gradient canaries in audit coordinates that
+  the data never touches (:mod:`dpvision.audit.instrument`), each Poisson-sampled like a real
+  example and clipped like one. The auditor sees every step's update (DP-SGD releases every
+  iterate): x_{t,i} is about 1 + N(0, σ²) at steps where canary i was sampled and N(0, σ²)
+  otherwise. ``score="steps"`` (all iterates) is the likelihood ratio of the subsampled
+  Gaussian, Σ_t log(1 - q + q exp((x_{t,i} - 1/2) / σ²)), the Neyman-Pearson test of one
+  canary; ``score="final"`` (last iterate only) is Σ_t x_{t,i}, the canary's coordinate of
+  θ_0 - θ_T.
+* ``black`` (black-box, input space): each canary is a real MNIST image that is not in the
+  training subset, with a label flipped to a random wrong class; the included ones join the
+  training set. Score: loss before training minus loss after. Only the final model is used.
 
-The ε being checked is the accountant's ε for the steps actually taken (at the
-run's σ, q, δ; canaries are sampled at the same q as real examples).
+Both bounds of :mod:`dpvision.audit.analysis` are computed; the claim audited is the ledger's
+(σ, q, T) (what the accountant was told). ``tamper`` (a callable on the engine) exists for the
+bug-injection tests alone (tests/test_audit_bugs.py); no command-line flag reaches it.
 
 Example:
     >>> result = run_audit(AuditConfig(mode="white", canaries=1000, k=500, batch_size=50,  # doctest: +SKIP
     ...                                epochs=2, epsilon=2.0, data_root="data"))
-    >>> result["epsilon_lower_bound"] <= result["epsilon"]                                    # doctest: +SKIP
-    True
+    >>> result["verdict"]                                                                     # doctest: +SKIP
+    'PASS'
 """
 
 from __future__ import annotations
@@ -38,27 +36,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpvision.audit.stats import audit_scores
+from dpvision.audit.analysis import analyse
+from dpvision.audit.instrument import AuditCoordinates, CanaryInstrument, build_instrumented_engine, train_observed
 from dpvision.data.mnist import MNIST_TRAIN_SIZE, load_mnist
 from dpvision.data.tensors import ImageTensors
 from dpvision.models import SampleConvNet
-from dpvision.privacy.accounting import (
-    ACCOUNTANTS,
-    PrivacyLedger,
-    calibrate_noise_multiplier,
-    poisson_sample_rate,
-    resolve_delta,
-    steps_per_epoch,
-)
+from dpvision.privacy.accounting import ACCOUNTANTS, PrivacyLedger, resolve_delta
+from dpvision.privacy.plan import Plan, make_plan
 from dpvision.seeding import make_generator, seed_everything
-from dpvision.engines import Engine, OptimizerSpec, build_engine
-from dpvision.privacy.plan import make_plan
-from dpvision.jobs.loop import train_private_epoch
+from dpvision.engines import OptimizerSpec, build_engine
 
 MODES = ("white", "black")
 SCORES = ("steps", "final")
 MODELS = ("linear", "convnet")
-MAX_CANARIES = 20_000  # white-box canaries are [m, P] floats: 20k x 26k params = 2 GB at most
+MAX_CANARIES = 20_000
+MAX_CANARY_FLOATS = 250_000_000  # white-box canary rows are [m, P + m] floats: 1 GB at most
 MAX_PROJECTIONS = 500_000_000  # white-box scores keep [steps, m] floats: 2 GB at most
 MIN_SCORE_SIGMA = 0.5  # the likelihood-ratio score's σ when the run claims none (non-private runs)
 
@@ -68,7 +60,7 @@ class AuditConfig:
     """One audit: the training run (MNIST subset, model, DP settings) and the canaries."""
 
     mode: str = "white"
-    canaries: int = 1000
+    canaries: int = 2000
     k: int = 10_000  # real training examples (canaries are extra)
     batch_size: int = 250
     epochs: int = 5
@@ -80,7 +72,6 @@ class AuditConfig:
     delta: float | str = 1e-5
     accountant: str = "rdp"
     disable_dp: bool = False  # σ = 0 (clipping kept): the non-private reference
-    noise_scale_for_testing: float = 1.0  # < 1: a deliberately broken run the audit must catch
     score: str = "steps"
     confidence: float = 0.95
     seed: int = 0
@@ -102,7 +93,8 @@ class AuditConfig:
              "--k", "at least 1 and leave room for the black-box canaries in MNIST's 60,000", self.k)
         need(1 <= self.batch_size <= self.k, "--batch-size", f"between 1 and --k ({self.k})", self.batch_size)
         need(self.epochs >= 1, "--epochs", "a positive integer", self.epochs)
-        steps = self.epochs * steps_per_epoch(poisson_sample_rate(self.k, self.batch_size))
+        steps = Plan(num_train=self.k, batch_size=self.batch_size, epochs=self.epochs,
+                     max_grad_norm=self.max_grad_norm).total_steps
         need(self.mode == "black" or steps * self.canaries <= MAX_PROJECTIONS, "--epochs",
              f"small enough that steps x canaries <= {MAX_PROJECTIONS:.0e} (the white-box scores' memory)", self.epochs)
         need(math.isfinite(self.lr) and self.lr > 0, "--lr", "> 0", self.lr)
@@ -112,7 +104,9 @@ class AuditConfig:
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device must be cpu or auto on this machine (no CUDA device is available), got 'cuda'")
         need(0 < self.confidence < 1, "--confidence", "in (0, 1)", self.confidence)
-        need(self.noise_scale_for_testing >= 0, "noise_scale_for_testing", ">= 0", self.noise_scale_for_testing)
+        rows = self.canaries * (self.canaries + sum(p.numel() for p in build_model(self.model).parameters()))
+        need(self.mode == "black" or rows <= MAX_CANARY_FLOATS, "--canaries",
+             f"small enough that the canary rows (m x (P + m)) stay under {MAX_CANARY_FLOATS:.1e} floats", self.canaries)
         self.delta = resolve_delta(self.delta, self.k)
         need(0 < self.delta < 1, "--delta", "in (0, 1)", self.delta)
         if self.disable_dp:
@@ -133,79 +127,41 @@ def build_model(name: str) -> nn.Module:
     return SampleConvNet()
 
 
-def _flat(params: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in params])  # [P]
-
-
 def _subsampled_gaussian_llr(x: torch.Tensor, q: float, sigma: float) -> torch.Tensor:
     """Σ_t log(1 - q + q exp((x - 1/2) / σ²)) over steps; x [T, m] -> [m]."""
     z = (x.double() - 0.5) / sigma**2
+    if q >= 1:
+        return z.sum(0)
     return torch.logaddexp(torch.full_like(z, math.log1p(-q)), z + math.log(q)).sum(0)
 
 
-class _CanaryInstrument:
-    """The white-box canaries as the fast engine's instrument: their rows, and which steps included them."""
-
-    def __init__(self, rows: torch.Tensor) -> None:
-        self.rows = rows  # [m, P]
-        self.included: list[torch.Tensor] = []  # bool [S, m] per block of steps
-
-    def canary_gradients(self) -> torch.Tensor:
-        return self.rows
-
-    def on_inclusions(self, included: torch.Tensor) -> None:
-        self.included.append(included.cpu())
-
-    def on_update(self, step: int, update: torch.Tensor) -> None:
-        pass  # the scores are read from the iterates themselves
-
-
-def _engine(config: AuditConfig, model: nn.Module, data: ImageTensors, sigma: float, device: torch.device,
-            instrument: _CanaryInstrument | None = None) -> Engine:
-    """The audited fast engine; ``noise_scale_for_testing`` < 1 swaps in a deliberately too small noise."""
-    plan = make_plan(num_train=len(data), batch_size=config.batch_size, epochs=config.epochs, noise_multiplier=sigma,
-                     max_grad_norm=config.max_grad_norm, delta=config.delta, accountant=config.accountant)
-    engine = build_engine("fast", model=model, train_data=data, plan=plan, optimizer=OptimizerSpec(lr=config.lr),
-                          seed=config.seed, device=device, instrument=instrument)
-    if config.noise_scale_for_testing != 1.0:
-        honest = engine.noise_std
-        engine.noise_std = lambda: honest() * config.noise_scale_for_testing
-    return engine
-
-
-def _white_box(config: AuditConfig, data: ImageTensors, sigma: float, included: torch.Tensor,
-               generator: torch.Generator, device: torch.device) -> tuple[np.ndarray, PrivacyLedger, dict]:
-    model = build_model(config.model)
-    num_params = sum(p.numel() for p in model.parameters())
-    directions = torch.randn(config.canaries, num_params, generator=generator)  # [m, P]
-    # Norm just under C: the engine clips a canary like an example, and leaves this one as it is.
-    canaries = directions / directions.norm(dim=1, keepdim=True) * (config.max_grad_norm * (1 - 1e-6))
-    engine = _engine(config, model, data, sigma, device, _CanaryInstrument(canaries[included]))
-    params = [p for p in engine.model.parameters()]
-    c_dev = canaries.to(device)
-    theta0 = _flat(params)
-    total = engine.plan.total_steps
-    # One step per call, so that every iterate is seen (the white-box threat model).
-    unit = engine.plan.expected_batch_size / (config.lr * config.max_grad_norm**2)
-    projections, ledger, previous = [], PrivacyLedger(), theta0
-    for _ in range(total):
-        train_private_epoch(engine, ledger, noise_multiplier=sigma, max_steps=1)
-        current = _flat(params)
-        projections.append((c_dev @ (previous - current)).cpu() * unit)  # [m]
-        previous = current
-    x = torch.stack(projections)  # [T, m]
+def _white_box(config: AuditConfig, data: ImageTensors, plan: Plan, included: torch.Tensor,
+               device: torch.device, progress, tamper) -> tuple[np.ndarray, int, dict]:
+    base = build_model(config.model)
+    base_params = sum(p.numel() for p in base.parameters())
+    model = AuditCoordinates(base, config.canaries)
+    instrument = CanaryInstrument(coords=torch.arange(base_params, base_params + config.canaries),
+                                  included=included, num_params=base_params + config.canaries,
+                                  max_grad_norm=config.max_grad_norm, expected_batch=plan.expected_batch_size)
+    engine = build_instrumented_engine(model=model, train_data=data, plan=plan, lr=config.lr, seed=config.seed,
+                                       device=device, instrument=instrument)
+    if tamper is not None:
+        tamper(engine)
+    steps = train_observed(engine, epochs=config.epochs, progress=progress)
+    x = instrument.stacked()  # [T, m]
     if config.score == "final":
-        scores = (c_dev @ (theta0 - previous)).cpu().double()
+        scores = x.sum(0)  # the canary's coordinate of θ_0 - θ_T, in units of one clipped canary
     else:
-        scores = _subsampled_gaussian_llr(x, engine.plan.sample_rate, max(sigma, MIN_SCORE_SIGMA))
-    return scores.numpy(), ledger, {"sample_rate": engine.plan.sample_rate, "parameters": num_params}
+        scores = _subsampled_gaussian_llr(x, plan.sample_rate, max(plan.noise_multiplier, MIN_SCORE_SIGMA))
+    return scores.numpy(), steps, {"parameters": base_params, "audit_coordinates": config.canaries,
+                                   "canary_inclusions": instrument.inclusions}
 
 
 def _black_box(config: AuditConfig, pool: ImageTensors, data: ImageTensors, included: torch.Tensor,
-               sigma: float, generator: torch.Generator, device: torch.device) -> tuple[np.ndarray, PrivacyLedger, dict]:
-    candidates = pool
-    wrong = (candidates.labels + torch.randint(1, 10, (len(candidates),), generator=generator)) % 10
-    canaries = ImageTensors(candidates.images, wrong, pool.mean, pool.std)  # mislabelled: easy to memorise
+               plan: Plan, generator: torch.Generator, device: torch.device, progress,
+               tamper) -> tuple[np.ndarray, int, dict]:
+    wrong = (pool.labels + torch.randint(1, 10, (len(pool),), generator=generator)) % 10
+    canaries = ImageTensors(pool.images, wrong, pool.mean, pool.std)  # mislabelled: easy to memorise
     chosen = canaries.subset(torch.nonzero(included).reshape(-1))
     train = ImageTensors(torch.cat([data.images, chosen.images]), torch.cat([data.labels, chosen.labels]),
                          data.mean, data.std)
@@ -220,17 +176,32 @@ def _black_box(config: AuditConfig, pool: ImageTensors, data: ImageTensors, incl
         return out
 
     before = losses()
-    engine = _engine(config, model, train, sigma, device)
-    ledger = PrivacyLedger()
+    engine = build_engine("fast", model=model, train_data=train, plan=plan,
+                          optimizer=OptimizerSpec(name="sgd", lr=config.lr), seed=config.seed, device=device)
+    if tamper is not None:
+        tamper(engine)
+    steps = 0
     for _ in range(config.epochs):
-        train_private_epoch(engine, ledger, noise_multiplier=sigma)
+        steps += engine.train_epoch(progress=progress).steps
     model = engine.model
     scores = (before - losses()).double()  # how much training lowered each canary's loss
-    return scores.numpy(), ledger, {"sample_rate": engine.plan.sample_rate, "training_examples": len(train)}
+    return scores.numpy(), steps, {"training_examples": len(train)}
 
 
-def run_audit(config: AuditConfig) -> dict:
-    """Train once with canaries, score them and return the audit as a JSON-ready dict."""
+def _plan(config: AuditConfig, num_train: int) -> Plan:
+    """The audited run's plan: σ given, calibrated to ``epsilon``, or 0 (``disable_dp``: clipping, no noise)."""
+    return make_plan(num_train=num_train, batch_size=config.batch_size, epochs=config.epochs,
+                     noise_multiplier=0.0 if config.disable_dp else config.sigma,
+                     target_epsilon=None if config.disable_dp else config.epsilon,
+                     max_grad_norm=config.max_grad_norm, delta=config.delta, accountant=config.accountant)
+
+
+def run_audit(config: AuditConfig, *, progress=None, tamper=None) -> dict:
+    """Train once with canaries, score them and return the audit as a JSON-ready dict.
+
+    ``progress(steps_done)`` is called as training goes; ``tamper(engine)`` breaks the engine on
+    purpose (bug-injection tests only).
+    """
     started = time.perf_counter()
     device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
                           "cpu" if config.device == "auto" else config.device)
@@ -241,35 +212,31 @@ def run_audit(config: AuditConfig) -> dict:
     pool = full.subset(order[config.k:config.k + config.canaries])  # black-box canaries: never in `data`
     generator = make_generator(config.seed, "audit")
     included = torch.rand(config.canaries, generator=generator) < 0.5  # S_i: each in with probability 1/2
-    # q and the epoch length as the audited run will have them (black-box canaries join the data).
+    # q and the epoch length as the audited run has them (black-box canaries join the data).
     n_train = config.k + (int(included.sum()) if config.mode == "black" else 0)
-    q = poisson_sample_rate(n_train, config.batch_size)
-    if config.disable_dp:
-        sigma = 0.0
-    elif config.sigma is not None:
-        sigma = float(config.sigma)
-    else:
-        sigma = calibrate_noise_multiplier(target_epsilon=config.epsilon, delta=config.delta, sample_rate=q,
-                                           steps=config.epochs * steps_per_epoch(q), accountant=config.accountant)
+    plan = _plan(config, n_train)
+    sigma, q = plan.noise_multiplier, plan.sample_rate
     if config.mode == "white":
-        scores, ledger, extra = _white_box(config, data, sigma, included, generator, device)
+        scores, steps, extra = _white_box(config, data, plan, included, device, progress, tamper)
     else:
-        scores, ledger, extra = _black_box(config, pool, data, included, sigma, generator, device)
-    bound = audit_scores(scores, included.numpy(), delta=config.delta, confidence=config.confidence)
-    epsilons = ({name: math.inf for name in ACCOUNTANTS} if sigma == 0
-                else ledger.epsilons(delta=config.delta))
+        scores, steps, extra = _black_box(config, pool, data, included, plan, generator, device, progress, tamper)
+    ledger = PrivacyLedger()  # what the accountant is told: the configured (σ, q) for the steps taken
+    if sigma > 0:
+        ledger.record(noise_multiplier=sigma, sample_rate=q, steps=steps)
+    epsilons = ({name: math.inf for name in ACCOUNTANTS} if sigma == 0 else ledger.epsilons(delta=config.delta))
     claimed = epsilons[config.accountant]
-    consistent = bound.epsilon_lower_bound <= claimed
-    verdict = (f"audit ({config.mode}-box, m={config.canaries}): epsilon >= {bound.epsilon_lower_bound:.3f} at "
-               f"{config.confidence:.0%} confidence ({bound.correct}/{bound.guesses} correct guesses); the "
-               f"{config.accountant} accountant claims epsilon = {claimed:.3f} (delta = {config.delta:g}): "
-               + ("consistent" if consistent else "VIOLATION: the run leaks more than its accountant claims"))
+    result = analyse(scores, included.numpy(), delta=config.delta, sample_rate=q, noise_multiplier=sigma,
+                     steps=steps, claimed_epsilon=claimed, confidence=config.confidence)
     return {
-        "verdict": verdict, "consistent": consistent, "epsilon_lower_bound": bound.epsilon_lower_bound,
-        "epsilon": claimed, "accountant": config.accountant, "epsilons": epsilons, "delta": config.delta,
-        "confidence": config.confidence, "canaries": config.canaries, "canaries_included": int(included.sum()),
-        "k_plus": bound.k_plus, "k_minus": bound.k_minus, "guesses": bound.guesses, "correct": bound.correct,
-        "pairs_tried": bound.pairs_tried, "guess_table": bound.table, "noise_multiplier": sigma,
-        "steps": ledger.steps if sigma > 0 else config.epochs * steps_per_epoch(q), **extra,
-        "config": asdict(config), "wall_seconds": round(time.perf_counter() - started, 3),
+        "verdict": result.verdict, "epsilon_lower_bound": result.epsilon_lower_bound, "analysis": result.analysis,
+        "steinke": result.steinke, "fdp": result.fdp, "epsilon": claimed, "accountant": config.accountant,
+        "epsilons": epsilons, "epsilon_claimed_curve_pld": result.claimed_epsilon_pld, "delta": config.delta,
+        "confidence": config.confidence, "threat_model": THREAT_MODELS[(config.mode, config.score)],
+        "canaries": config.canaries, "canaries_included": int(included.sum()), "guess_table": result.guess_table,
+        "noise_multiplier": sigma, "sample_rate": q, "steps": steps, **extra, "config": asdict(config),
+        "wall_seconds": round(time.perf_counter() - started, 3),
     }
+
+
+THREAT_MODELS = {("white", "steps"): "white-box, all iterates", ("white", "final"): "white-box, last iterate",
+                 ("black", "steps"): "black-box, final model", ("black", "final"): "black-box, final model"}

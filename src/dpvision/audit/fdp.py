@@ -1,0 +1,142 @@
+"""The f-DP analysis of a one-run audit (Mahloujifar, Melis and Chaudhuri, ICML 2025).
+
+Steinke et al.'s analysis (:mod:`dpvision.audit.stats`) tests the hypothesis "the
+run is (ε, δ)-DP" for one (ε, δ) pair. A DP-SGD run satisfies much more: a whole
+trade-off curve f (the accountant's privacy profile δ(ε) at every ε). Mahloujifar
+et al. test "the run is f-DP" directly, which rejects far more of the
+hypotheses a correct run does not satisfy, so the bound is tighter.
+
+**The test.** m canaries, each in with probability 1/2; the auditor makes k
+guesses (abstaining on the rest), c of them correct. If the run is f-DP, then
+"c or more correct" has probability below β unless the recursion of their
+Algorithm ("audit with cap") stays feasible: starting from the masses
+r = β c / m (correct guesses) and h = β (k - c) / m (wrong ones), each step
+i = c - 1, ..., 0 raises h to at least g(r), the least probability that the
+other world can give an event of probability r (g is f's inverse blow-up),
+and moves the matching share i / (k - i) of that increase onto r. If the masses
+outgrow the fraction of guesses (r + h > k / m), no f-DP run can produce the
+observation with probability β: the hypothesis is rejected at level β.
+
+**The curves.** ``TradeOff`` holds a privacy profile on a grid of ε (from a PLD
+of the whole run): g(x) = max_j max(0, (x - δ(ε_j)) e^(-ε_j)). A coarser grid
+keeps fewer supporting lines, so g is smaller and the test rejects less: still
+valid. The family tested is DP-SGD with the run's claimed sample rate q and
+step count T and a noise multiplier σ' (:func:`dpsgd_tradeoff`); the bound is
+the accountant's ε (PLD) of the smallest σ' the test rejects. It is a lower bound
+on ε *for runs whose trade-off curve is DP-SGD's at some σ'* (the claim being
+audited); Steinke et al.'s bound holds without that assumption.
+
+Example:
+    >>> curve = dpsgd_tradeoff(noise_multiplier=1.0, sample_rate=1.0, steps=1)  # the Gaussian mechanism
+    >>> fdp_rejects(curve, m=1000, guesses=100, correct=100, beta=0.05)  # 100/100: too many for μ = 1
+    True
+    >>> fdp_rejects(curve, m=1000, guesses=100, correct=70, beta=0.05)
+    False
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from dp_accounting.pld import privacy_loss_distribution as pld_lib
+
+EPSILON_GRID = np.linspace(0.0, 40.0, 801)  # the supporting lines kept (step 0.05)
+PLD_DISCRETIZATION = 1e-3  # pessimistic PLD: coarser than the accountant's 1e-4, still an upper bound on δ(ε)
+SIGMA_FLOOR = 0.4  # smallest σ' tried: below it the PLD grid explodes (privacy.bounds); bounds there say ">="
+SIGMA_CEILING = 100.0  # largest σ' tried: a run more private than this is indistinguishable from no training
+
+
+@dataclass(frozen=True)
+class TradeOff:
+    """A privacy profile δ(ε_j) on a grid [J]; both directions of adjacency (the worse of the two)."""
+
+    epsilons: np.ndarray  # [J]
+    deltas: np.ndarray  # [J]
+
+    def inverse_blow_up(self, x: float) -> float:
+        """The least probability the neighbouring run can give an event of probability ``x``."""
+        return float(max(0.0, np.max((x - self.deltas) * np.exp(-self.epsilons))))
+
+
+@lru_cache(maxsize=256)
+def _pld(noise_multiplier: float, sample_rate: float, steps: int):
+    one = pld_lib.from_gaussian_mechanism(noise_multiplier, sampling_prob=sample_rate,
+                                         value_discretization_interval=PLD_DISCRETIZATION)
+    return one.self_compose(steps)
+
+
+@lru_cache(maxsize=256)
+def dpsgd_tradeoff(*, noise_multiplier: float, sample_rate: float, steps: int) -> TradeOff:
+    """The trade-off curve of ``steps`` Poisson-sampled Gaussian steps (σ, q), as a PLD privacy profile."""
+    deltas = np.asarray(_pld(noise_multiplier, sample_rate, steps).get_delta_for_epsilon(EPSILON_GRID))
+    return TradeOff(EPSILON_GRID, np.clip(deltas, 0.0, 1.0))
+
+
+def dpsgd_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    """ε at ``delta`` of the same PLD (the currency of the f-DP bound)."""
+    return float(_pld(noise_multiplier, sample_rate, steps).get_epsilon_for_delta(delta))
+
+
+def fdp_rejects(curve: TradeOff, *, m: int, guesses: int, correct: int, beta: float) -> bool:
+    """True when ``correct`` of ``guesses`` right (m canaries) has probability < ``beta`` for every f-DP run."""
+    if not 0 <= correct <= guesses <= m:
+        raise ValueError(f"need 0 <= correct <= guesses <= m, got {correct}, {guesses}, {m}")
+    if correct == 0:
+        return False
+    right, wrong = beta * correct / m, beta * (guesses - correct) / m
+    for i in range(correct - 1, -1, -1):
+        raised = max(wrong, curve.inverse_blow_up(right))
+        if raised == wrong:  # nothing moves any more: the remaining steps change neither mass
+            break
+        right = min(right + i / (guesses - i) * (raised - wrong), 1.0)
+        wrong = raised
+    return right + wrong > guesses / m
+
+
+def rejecting_pair(counts: list[tuple[int, int, int]], *, m: int, sample_rate: float, steps: int,
+                   noise_multiplier: float, beta: float) -> tuple[int, int, int] | None:
+    """The first guess pair (k+, k-, correct) whose count rejects DP-SGD at σ' = ``noise_multiplier``."""
+    curve = dpsgd_tradeoff(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
+    for k_plus, k_minus, correct in counts:
+        if fdp_rejects(curve, m=m, guesses=k_plus + k_minus, correct=correct, beta=beta):
+            return k_plus, k_minus, correct
+    return None
+
+
+@dataclass
+class FdpBound:
+    """The smallest σ' whose DP-SGD curve the best guess pair rejects, and its ε (0: none rejected)."""
+
+    epsilon_lower_bound: float
+    noise_multiplier: float | None  # σ' at the bound (None: nothing rejected)
+    at_floor: bool  # even σ' = SIGMA_FLOOR was rejected: the true bound is larger still
+    k_plus: int
+    k_minus: int
+    correct: int
+
+
+def fdp_lower_bound(counts: list[tuple[int, int, int]], *, m: int, sample_rate: float, steps: int,
+                    delta: float, beta: float, rel_tol: float = 0.005) -> FdpBound:
+    """Bound from guess ``counts`` [(k+, k-, correct)], each pair tested at ``beta`` (already corrected)."""
+
+    def rejected_by(sigma: float) -> tuple[int, int, int] | None:
+        return rejecting_pair(counts, m=m, sample_rate=sample_rate, steps=steps, noise_multiplier=sigma, beta=beta)
+
+    if rejected_by(SIGMA_CEILING) is None:
+        return FdpBound(0.0, None, False, 0, 0, 0)
+    low, high = SIGMA_FLOOR, SIGMA_CEILING  # invariant: high is rejected
+    best = rejected_by(low)
+    if best is not None:
+        high = low
+    else:
+        while high / low > 1 + rel_tol:  # rejection is monotone: larger σ' = a more private claim
+            mid = math.sqrt(low * high)
+            found = rejected_by(mid)
+            low, high = (low, mid) if found else (mid, high)
+            best = found or best
+        best = best or rejected_by(high)
+    eps = dpsgd_epsilon(noise_multiplier=high, sample_rate=sample_rate, steps=steps, delta=delta)
+    return FdpBound(eps, high, high == SIGMA_FLOOR, *best)
