@@ -3,6 +3,8 @@ the exact expected batch size; bounds on σ and on the accountants' work (issue 
 
 from __future__ import annotations
 
+import dataclasses
+
 import copy
 import math
 import warnings
@@ -19,6 +21,7 @@ from dpvision.engines import DPSettings, OpacusEngine, OptimizerSpec
 from dpvision.engines.fast import FastEngine
 from dpvision.jobs.loop import EPSILON_COLUMNS, epsilon_columns
 from dpvision.privacy import accounting, bounds
+from dpvision.privacy.accountants import ACCOUNTANT_REGISTRY
 from dpvision.privacy.accounting import (
     ACCOUNTANTS,
     PrivacyLedger,
@@ -229,8 +232,8 @@ def test_secondary_accountants_are_skipped_outside_the_safe_region():
 @pytest.fixture
 def small_grid_limits(monkeypatch):
     """Grid limits far below the real ones, so the region's edge is cheap to evaluate (ε memo cleared)."""
-    monkeypatch.setitem(bounds.MAX_GRID_POINTS, "prv", 200_000)
-    monkeypatch.setitem(bounds.MAX_GRID_POINTS, "pld", 200_000)
+    monkeypatch.setitem(ACCOUNTANT_REGISTRY, "prv", dataclasses.replace(ACCOUNTANT_REGISTRY["prv"], max_grid_points=200_000))
+    monkeypatch.setitem(ACCOUNTANT_REGISTRY, "pld", dataclasses.replace(ACCOUNTANT_REGISTRY["pld"], max_grid_points=200_000))
     monkeypatch.setattr(bounds, "PLD_MAX_SINGLE_STEP_POINTS", 20_000)
     accounting._evaluate.cache_clear()
     yield
@@ -342,6 +345,6 @@ def test_delta_auto():
     assert resolve_delta("auto", 30_000) == pytest.approx(1 / 300_000, rel=1e-15)
     assert resolve_delta(1e-5, 10) == 1e-5
     assert resolve_delta("1e-4", 10) == 1e-4
-    with pytest.raises(ValueError, match="--delta"):
+    with pytest.raises(ValueError, match="dp.delta must be a number in"):
         resolve_delta("sometimes", 10)
 
