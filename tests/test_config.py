@@ -296,3 +296,47 @@ def test_clipping_and_large_delta_fields():
         TrainConfig.from_dict({"dp": {"clipping": "adaptive"}})
     with pytest.raises(ValueError, match="dp.allow_large_delta must be true or false"):
         TrainConfig.from_dict({"dp": {"allow_large_delta": "yes"}})
+
+
+def test_misspelt_flag_names_the_command_and_the_nearest_flag(capsys):
+    """Issue 21: ``--epcohs 1`` said ``dpvision: error: unrecognized arguments`` (wrong program, no hint)."""
+    assert exit_code(main, ["train", "--epcohs", "1"]) == 2
+    assert capsys.readouterr().err == "dpvision train: error: unrecognized argument --epcohs (did you mean --epochs?)\n"
+    assert exit_code(main, ["celeba", "train", "--sigmaa", "1"]) == 2
+    assert capsys.readouterr().err == ("dpvision celeba train: error: unrecognized argument --sigmaa "
+                                       "(did you mean --sigma?)\n")
+    assert exit_code(main, ["sweep", "--epsilons", "1", "--out", "x", "--zzz"]) == 2
+    assert capsys.readouterr().err == "dpvision sweep: error: unrecognized argument --zzz\n"
+
+
+def test_train_help_shows_defaults_and_allowed_values(capsys):
+    """Issue 21: --help showed no defaults, and --engine, --device, --accountant, --optimizer took free text."""
+    assert exit_code(main, ["train", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("--engine {fast,opacus}", "--device {auto,cpu,cuda}", "--optimizer {sgd,adam}",
+                  "--dataset {mnist,fashion-mnist,cifar10,celeba,imagefolder}", "--clipping {flat,automatic}",
+                  "(optim.lr; default: 0.15)", "(optim.epochs; default: 30)", "(dp.max_grad_norm; default: 1.0)",
+                  "(run.engine; default: fast)", "--model {sample_convnet,celeba_cnn,wrn16_4,"):
+        assert shown in text, shown
+    assert "--accountant {rdp,prv,pld" in text
+    assert exit_code(main, ["train", "--engine", "jax"]) == 2
+    assert "dpvision train: error: argument --engine: invalid choice: 'jax'" in capsys.readouterr().err
+
+
+def test_every_subcommand_is_parsed_by_argparse(capsys):
+    """cli.main used to peek at argv for ``mnist`` and ``celeba train`` (whose --help it never showed)."""
+    for argv, flag in ((["mnist", "--help"], "--max-per-sample-grad-norm"), (["celeba", "train", "--help"], "--mode")):
+        assert exit_code(main, argv) == 0
+        assert flag in capsys.readouterr().out
+
+
+def test_flag_map_renders_core_errors_in_each_front_ends_words():
+    from dpvision.jobs.celeba_seed import SPELLINGS
+    from dpvision.jobs.flags import FLAGS, FlagMap
+    from dpvision.jobs.mnist_seed import SEED_SPELLINGS
+
+    message = "dp.max_grad_norm must be a positive number; dp.target_epsilon and dp.max_epsilon too"
+    assert FlagMap(SEED_SPELLINGS).translate(message) == ("--max-per-sample-grad-norm must be a positive number; "
+                                                          "--epsilon and --max-epsilon too")
+    assert FlagMap(SPELLINGS).translate("data.root is empty") == "--data is empty"
+    assert set(FLAGS) <= {f"{s}.{f.name}" for s, kind in SECTIONS.items() for f in dataclasses.fields(kind)}

@@ -18,7 +18,6 @@ Example:
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 from dpvision.jobs.config import TrainConfig
@@ -89,6 +88,7 @@ def plan_privacy(config: TrainConfig, *, num_train: int) -> PrivacyPlan:
         calibrate_noise_multiplier, poisson_sample_rate, resolve_delta, steps_per_epoch,
     )  # fmt: skip
     from dpvision.privacy.bounds import check_noise_multiplier
+    from dpvision.privacy.plan import check_delta
 
     dp, optim = config.dp, config.optim
     if optim.batch_size > num_train:
@@ -111,9 +111,7 @@ def plan_privacy(config: TrainConfig, *, num_train: int) -> PrivacyPlan:
     # Bounded accountant work: σ in range, and PRV/PLD (as the primary) only where their grids are bounded.
     check_noise_multiplier(sigma, "dp.noise_multiplier", accountant=dp.accountant, sample_rate=q,
                            steps=optim.epochs * per_epoch, delta=delta, accountant_flag="dp.accountant")
-    if delta >= 1 / num_train:
-        warnings.warn(f"delta {delta:g} is at least 1/N = 1/{num_train}: too large to be a meaningful privacy "
-                      "guarantee (use delta << 1/N, e.g. 'auto')", stacklevel=2)
+    check_delta(delta, num_train, allow_large_delta=dp.allow_large_delta)  # TODO(integrator): make_plan does this
     return PrivacyPlan(dp=True, noise_multiplier=sigma, max_grad_norm=float(dp.max_grad_norm), delta=delta,
                        sample_rate=q, steps_per_epoch=per_epoch, num_train=num_train)
 

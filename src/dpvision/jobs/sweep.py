@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from dpvision.jobs.config import TrainConfig
+from dpvision.privacy.accountants import ACCOUNTANTS
 from dpvision.jobs.sweep_report import RESULT_COLUMNS  # noqa: F401 (the columns of results.csv)
 
 MAX_RUNS = 1000  # a sweep is bounded work: ε values x seeds x varied values (+ baselines)
@@ -144,7 +145,7 @@ def _result_row(point: dict, vary, summary: dict, folder: Path) -> dict:
         "name": point["name"], "target_epsilon": point["target_epsilon"] if point["target_epsilon"] else math.inf,
         "seed": point["seed"], "vary": vary[0] if vary else "", "value": "" if not vary else label(point["value"]),
         "test_accuracy": number(summary["test_accuracy"]), "epsilon": number(summary["epsilon"]),
-        **{f"epsilon_{k}": number(epsilons.get(k, math.inf)) for k in ("rdp", "prv", "pld")},
+        **{f"epsilon_{k}": number(epsilons.get(k, math.inf)) for k in ACCOUNTANTS},
         "delta": number(summary["delta"]), "noise_multiplier": number(summary["noise_multiplier"]),
         "steps": int(summary["steps"]), "wall_seconds": number(summary["wall_seconds"]), "run_dir": str(folder),
     }
