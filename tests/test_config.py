@@ -340,3 +340,19 @@ def test_flag_map_renders_core_errors_in_each_front_ends_words():
                                                           "--epsilon and --max-epsilon too")
     assert FlagMap(SPELLINGS).translate("data.root is empty") == "--data is empty"
     assert set(FLAGS) <= {f"{s}.{f.name}" for s, kind in SECTIONS.items() for f in dataclasses.fields(kind)}
+
+
+def test_registries_are_the_configs_vocabulary():
+    """Each kind is registered once and the config's valid values come from there (issue 19)."""
+    from dpvision.data.registry import DATASET_REGISTRY
+    from dpvision.models.registry import MODEL_REGISTRY
+    from dpvision.privacy.accountants import ACCOUNTANT_REGISTRY
+
+    assert {n: d.allows_flip for n, d in DATASET_REGISTRY.items()} == {
+        "mnist": False, "fashion-mnist": True, "cifar10": True, "celeba": True, "imagefolder": True}
+    for section, key, registry in (("data", "dataset", DATASET_REGISTRY), ("model", "name", MODEL_REGISTRY),
+                                   ("dp", "accountant", ACCOUNTANT_REGISTRY)):
+        for name in registry:
+            assert getattr(getattr(TrainConfig.from_dict({section: {key: name}}), section), key) == name
+        with pytest.raises(ValueError, match=f"{section}.{key} must be one of {', '.join(registry)}"):
+            TrainConfig.from_dict({section: {key: "nope"}})
