@@ -102,4 +102,20 @@ def _pld_epsilon(history: History, delta: float) -> float:
     return float(acc.get_epsilon(delta))
 
 
+@register_accountant("gdp", rigorous=False, caveat=(
+    "Gaussian DP (Dong, Roth, Su; Bu et al. 2020) approximates the composition by the central limit theorem: "
+    "not an upper bound, it can underestimate ε (arXiv:2106.02848), most with few steps or a large sample rate"))
+def _gdp_epsilon(history: History, delta: float) -> float:
+    """Opacus's GaussianAccountant (Poisson): an approximation, never the default nor a metrics.csv column."""
+    from opacus.accountants import GaussianAccountant  # lazy: seconds to import, only needed when ε is computed
+
+    if len({(sigma, q) for sigma, q, _ in history}) > 1:
+        raise ValueError("gdp needs one noise multiplier and sample rate for the whole run")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="GDP accounting is experimental")  # the caveat above says it
+        acc = GaussianAccountant()
+    acc.history = [(history[0][0], history[0][1], sum(steps for _, _, steps in history))]
+    return float(acc.get_epsilon(delta=delta, poisson=True))
+
+
 ACCOUNTANTS = tuple(name for name, spec in ACCOUNTANT_REGISTRY.items() if spec.rigorous)
