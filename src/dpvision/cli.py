@@ -8,11 +8,22 @@ and one line that names the flag and what would be valid, before anything is wri
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
+import shlex
 import sys
 from typing import Sequence
 
+from dpvision.audit.cli import add_audit_arguments, run_audit
+from dpvision.celeba.cli import add_subcommands as add_celeba_subcommands
 from dpvision.cli_support import OneLineParser, given_flags, one_line_warnings
+from dpvision.jobs import celeba_seed, mnist_seed
+from dpvision.jobs.config import SECTIONS, TrainConfig, load_recipe, parse_value
+from dpvision.jobs.errors import run_guarded
 from dpvision.jobs.flags import FlagMap
+from dpvision.jobs.loop import check_resume_flags
+from dpvision.jobs.sweep import MAX_RUNS, SWEEP_FIELDS, label, parse_list, sweep
+from dpvision.jobs.train import run
 
 # dpvision train names every field of FLAGS by its usual flag (any other field: --set section.field=value).
 TRAIN_FLAGS = FlagMap()
@@ -38,8 +49,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 def train_overrides(args: argparse.Namespace) -> dict:
     """``{"section.field": value}`` from the named flags and ``--set`` (later wins)."""
-    from dpvision.jobs.config import parse_value
-
     overrides = args.flag_map.values(args)
     for item in args.set:
         key, sep, text = item.partition("=")
@@ -51,8 +60,6 @@ def train_overrides(args: argparse.Namespace) -> dict:
 
 def train_config(args: argparse.Namespace, given: Sequence[str]):
     """The recipe (if any), overridden by the flags; ``--disable-dp`` deactivates DP last."""
-    from dpvision.jobs.config import TrainConfig, load_recipe
-
     base = TrainConfig()
     if args.config:
         recipe = load_recipe(args.config)  # its errors name the file already
@@ -81,9 +88,6 @@ def train_config(args: argparse.Namespace, given: Sequence[str]):
 
 
 def run_train(args: argparse.Namespace, given: Sequence[str]) -> dict:
-    from dpvision.jobs.loop import check_resume_flags
-    from dpvision.jobs.train import run
-
     if args.resume is not None:
         check_resume_flags(given, ["--resume", *(TRAIN_FLAGS.flag(field) for field in RESUME_FREE_FIELDS)])
         return run(resume=args.resume, overrides=args.flag_map.values(args, RESUME_FREE_FIELDS))
@@ -110,8 +114,6 @@ def command_line(args, given: Sequence[str]) -> str:
         >>> command_line(args, ["--epsilons", "--seeds", "--out", "--set", "--quiet"])
         "dpvision sweep --epsilons 1,3 --seeds 2 --out 'out dir' --set optim.lr=0.2 --quiet"
     """
-    import shlex
-
     parts = ["dpvision", "sweep"]
     for flag in given:
         value = getattr(args, flag[2:].replace("-", "_"))
@@ -127,12 +129,6 @@ def command_line(args, given: Sequence[str]) -> str:
 
 def run_sweep(args, given: Sequence[str]) -> list[dict]:
     """``dpvision sweep``: the recipe and train flags of ``args``, over ``--epsilons`` and ``--seeds``."""
-    import dataclasses
-    import math
-
-    from dpvision.jobs.config import SECTIONS, parse_value
-    from dpvision.jobs.sweep import MAX_RUNS, SWEEP_FIELDS, label, parse_list, sweep
-
     epsilons = parse_list(args.epsilons, "--epsilons")
     if any(not (math.isfinite(e) and e > 0) for e in epsilons):
         raise ValueError(f"--epsilons must be positive numbers, got {args.epsilons!r}")
@@ -161,11 +157,6 @@ def run_sweep(args, given: Sequence[str]) -> list[dict]:
 
 def build_parser(argv: Sequence[str]) -> OneLineParser:
     """``dpvision`` and its subcommands; each parsed namespace's ``func()`` runs the command (exit status)."""
-    from dpvision.audit.cli import add_audit_arguments, run_audit
-    from dpvision.celeba.cli import add_subcommands as add_celeba_subcommands
-    from dpvision.jobs import celeba_seed, mnist_seed
-    from dpvision.jobs.errors import run_guarded
-
     def job(parser, depth, fn):  # depth: the command words before the subcommand's own flags
         parser.set_defaults(func=lambda args: run_guarded(parser, lambda: fn(args, given_flags(parser, argv[depth:]))))
 

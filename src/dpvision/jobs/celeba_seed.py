@@ -15,11 +15,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from dpvision.cli_support import OneLineParser, given_flags, one_line_warnings
+from dpvision.jobs.config import TrainConfig
 from dpvision.jobs.errors import run_guarded
 from dpvision.jobs.flags import FlagMap
+from dpvision.jobs.loop import check_resume_flags
+from dpvision.jobs.train import run
+from dpvision.runs import RunDir
 
 MODES = ("baseline", "dp")
 DEFAULT_LR = {"baseline": 0.05, "dp": 0.1}  # measured on the 20,000-image demo archive (README)
@@ -67,8 +72,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 def config_from_args(args: argparse.Namespace, given: Sequence[str]):
     """The job's config for these flags (``ValueError`` naming the flag)."""
-    from dpvision.jobs.config import TrainConfig
-
     flags = args.flag_map
     if args.data is None:
         raise ValueError("--data is required: a folder made by celeba_preprocess.py (or give --resume RUN_DIR)")
@@ -86,9 +89,6 @@ def config_from_args(args: argparse.Namespace, given: Sequence[str]):
 
 
 def _run(args: argparse.Namespace, given: list[str]) -> dict:
-    from dpvision.jobs.loop import check_resume_flags
-    from dpvision.jobs.train import run
-
     flags = args.flag_map
     if args.resume is not None:
         check_resume_flags(given, ["--resume", *(flags.flag(field) for field in RESUME_FIELDS)])
@@ -106,10 +106,6 @@ def _with_strata(summary: dict) -> dict:
     TODO(trainer): this rewrites ``summary.json`` after the job wrote it; once the job names the
     groups itself (a ``group_name="stratum"`` argument of ``run`` or a summary hook), drop it.
     """
-    from pathlib import Path
-
-    from dpvision.runs import RunDir
-
     summary = {**summary, "mode": "dp" if summary["dp"] else "baseline",
                "test_accuracy_per_stratum": summary["test_accuracy_per_group"],
                "test_count_per_stratum": summary["test_count_per_group"]}

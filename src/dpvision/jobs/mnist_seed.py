@@ -17,8 +17,12 @@ from pathlib import Path
 from typing import Sequence
 
 from dpvision.cli_support import OneLineParser, check_can_create_dir, given_flags, one_line_warnings
+from dpvision.jobs.config import TrainConfig
 from dpvision.jobs.errors import run_guarded
 from dpvision.jobs.flags import FlagMap
+from dpvision.jobs.loop import check_resume_flags
+from dpvision.jobs.train import run
+from dpvision.runs import atomic_write_text, csv_text
 
 SEED_CSV_COLUMNS = ["Epoch", "Train Accuracy", "Test Accuracy", "Epsilon", "Delta"]
 DEFAULT_SIGMA, DEFAULT_EPSILON_LABEL = 1.3, 0.3
@@ -69,8 +73,6 @@ def add_mnist_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 def config_from_args(args: argparse.Namespace, given: Sequence[str]):
     """The job's :class:`~dpvision.jobs.config.TrainConfig` for these flags (``ValueError`` naming a flag)."""
-    from dpvision.jobs.config import TrainConfig
-
     if args.target_epsilon is not None:
         if args.epsilon is not None and args.epsilon != args.target_epsilon:
             raise ValueError(f"--epsilon {args.epsilon} and --target-epsilon {args.target_epsilon} disagree: they "
@@ -107,8 +109,6 @@ class SeedCsv:
         return f"mnist_{a.lr}_{sigma}_{a.max_per_sample_grad_norm}_{a.batch_size}_{a.epochs}_{epsilon}_{a.k}.csv"
 
     def __call__(self, run_dir, rows: list[dict]) -> None:
-        from dpvision.runs import atomic_write_text, csv_text
-
         if self.front is None:  # what the run recorded (the name, the --out-dir): read once
             config = run_dir.read_config()
             self.front = config["resolved"].get("front_end", {})
@@ -147,9 +147,6 @@ def run_parsed(parser: argparse.ArgumentParser, args: argparse.Namespace, given:
 
 
 def _run(args: argparse.Namespace, given: list[str]) -> dict:
-    from dpvision.jobs.loop import check_resume_flags
-    from dpvision.jobs.train import run
-
     if args.resume is not None:
         check_resume_flags(given, ["--resume", "--out-dir", *(args.flag_map.flag(f) for f in RESUME_FIELDS)])
         overrides = {field: value for field, value in args.flag_map.values(args, RESUME_FIELDS).items()

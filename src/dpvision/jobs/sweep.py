@@ -16,13 +16,19 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
+import yaml
+
 from dpvision.jobs.config import TrainConfig
+from dpvision.jobs.sweep_report import write_outputs
+from dpvision.jobs import train as train_job  # train_job.run: looked up at call time (tests replace it)
 from dpvision.privacy.accountants import ACCOUNTANTS
-from dpvision.jobs.sweep_report import RESULT_COLUMNS  # noqa: F401 (the columns of results.csv)
+from dpvision.runs import atomic_write_text, check_writable_dir
 
 MAX_RUNS = 1000  # a sweep is bounded work: ε values x seeds x varied values (+ baselines)
 PLAN_FILE = "sweep.yaml"
@@ -80,11 +86,6 @@ def run_config(base: TrainConfig, point: dict, vary: tuple[str, list] | None, ru
 def sweep(base: TrainConfig, *, epsilons: Sequence[float], seeds: Sequence[int], out: str | Path,
           vary: tuple[str, list] | None = None, baseline: bool = True, command: str = "") -> list[dict]:
     """Run (or finish) every point of the sweep and write the results; returns the result rows."""
-    import yaml
-
-    from dpvision.jobs.sweep_report import write_outputs
-    from dpvision.runs import atomic_write_text, check_writable_dir
-
     if base.dp.enabled is False and not baseline:
         raise ValueError("--config: the recipe has DP switched off; a sweep over ε needs DP")
     points = plan_runs(epsilons=epsilons, seeds=seeds, vary=vary, baseline=baseline)
@@ -115,8 +116,6 @@ def sweep(base: TrainConfig, *, epsilons: Sequence[float], seeds: Sequence[int],
 
 
 def _finished(folder: Path) -> dict | None:
-    import json
-
     path = folder / "summary.json"
     if not path.is_file():
         return None
@@ -127,15 +126,11 @@ def _finished(folder: Path) -> dict | None:
 
 
 def _run_point(config: TrainConfig, folder: Path) -> dict:
-    from dpvision.jobs.train import run
-
     if (folder / "checkpoint.pt").exists():  # interrupted earlier: continue it
-        return run(resume=folder, overrides={"run.quiet": True}, announce=False)
+        return train_job.run(resume=folder, overrides={"run.quiet": True}, announce=False)
     if folder.exists():  # created but never checkpointed: nothing to keep
-        import shutil
-
         shutil.rmtree(folder)
-    return run(config, group="", run_name=config.run.run_name, announce=False)
+    return train_job.run(config, group="", run_name=config.run.run_name, announce=False)
 
 
 def _result_row(point: dict, vary, summary: dict, folder: Path) -> dict:
