@@ -345,7 +345,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
 
 
 def yaml_problem(err: yaml.YAMLError) -> str:
-    """One line for a YAML error: what is wrong and where (line and column, counted from 1).
+    r"""One line for a YAML error: what is wrong and where (line and column, counted from 1).
 
     Example:
         >>> try:
