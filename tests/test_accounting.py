@@ -232,8 +232,9 @@ def test_secondary_accountants_are_skipped_outside_the_safe_region():
 @pytest.fixture
 def small_grid_limits(monkeypatch):
     """Grid limits far below the real ones, so the region's edge is cheap to evaluate (ε memo cleared)."""
-    monkeypatch.setitem(ACCOUNTANT_REGISTRY, "prv", dataclasses.replace(ACCOUNTANT_REGISTRY["prv"], max_grid_points=200_000))
-    monkeypatch.setitem(ACCOUNTANT_REGISTRY, "pld", dataclasses.replace(ACCOUNTANT_REGISTRY["pld"], max_grid_points=200_000))
+    for name in ("prv", "pld"):
+        monkeypatch.setitem(ACCOUNTANT_REGISTRY, name,
+                            dataclasses.replace(ACCOUNTANT_REGISTRY[name], max_grid_points=200_000))
     monkeypatch.setattr(bounds, "PLD_MAX_SINGLE_STEP_POINTS", 20_000)
     accounting._evaluate.cache_clear()
     yield

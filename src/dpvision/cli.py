@@ -1,8 +1,9 @@
 """Command-line entry points: ``dpvision <subcommand>`` (also ``python -m dpvision``) and ``python mnist.py``.
 
-Subcommands: ``train`` (the one training job), ``sweep`` (a recipe over ε values and seeds), ``mnist`` (the MNIST seed's flags), ``audit``,
-``celeba`` (make-demo-archive, build-subset, preprocess, train). Bad input exits with status 2
-and one line that names the flag and what would be valid, before anything is written.
+Subcommands: ``train`` (the one training job), ``sweep`` (a recipe over ε values and seeds), ``mnist``
+(the MNIST seed's flags), ``audit``, ``celeba`` (make-demo-archive, build-subset, preprocess, train), each
+parsed once by argparse; the flags map onto the config through :mod:`dpvision.jobs.flags`. Bad input exits
+with status 2 and one line that names the flag and what would be valid, before anything is written.
 """
 
 from __future__ import annotations

@@ -144,10 +144,10 @@ def check_delta(delta: float, num_train: int, *, allow_large_delta: bool = False
 
     Example:
         >>> check_delta(1e-6, 30_000)
-        >>> check_delta(0.5, 30_000)
+        >>> check_delta(0.5, 30_000)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: dp.delta 0.5 is at least 1/N = 3.33e-05 (N = 30000 training examples): the accepted convention is delta well below 1/N (a delta of 1/N allows publishing an example outright); use a smaller dp.delta, 'auto' for 1/(10 N), or set dp.allow_large_delta to insist
+        ValueError: dp.delta 0.5 is at least 1/N = 3.33e-05 (N = 30000 training examples): the accepted ...
     """
     limit = 1.0 / num_train
     if delta >= limit and not allow_large_delta:
