@@ -19,12 +19,12 @@ from dpvision.audit.cli import add_audit_arguments, run_audit
 from dpvision.celeba.cli import add_subcommands as add_celeba_subcommands
 from dpvision.cli_support import OneLineParser, given_flags, one_line_warnings
 from dpvision.jobs import celeba_seed, mnist_seed
+from dpvision.jobs import train as train_job  # train_job.run: looked up at call time (tests wrap it)
 from dpvision.jobs.config import SECTIONS, TrainConfig, load_recipe, parse_value
 from dpvision.jobs.errors import run_guarded
 from dpvision.jobs.flags import FlagMap
 from dpvision.jobs.loop import check_resume_flags
 from dpvision.jobs.sweep import MAX_RUNS, SWEEP_FIELDS, label, parse_list, sweep
-from dpvision.jobs.train import run
 
 # dpvision train names every field of FLAGS by its usual flag (any other field: --set section.field=value).
 TRAIN_FLAGS = FlagMap()
@@ -91,8 +91,8 @@ def train_config(args: argparse.Namespace, given: Sequence[str]):
 def run_train(args: argparse.Namespace, given: Sequence[str]) -> dict:
     if args.resume is not None:
         check_resume_flags(given, ["--resume", *(TRAIN_FLAGS.flag(field) for field in RESUME_FREE_FIELDS)])
-        return run(resume=args.resume, overrides=args.flag_map.values(args, RESUME_FREE_FIELDS))
-    return run(train_config(args, given))
+        return train_job.run(resume=args.resume, overrides=args.flag_map.values(args, RESUME_FREE_FIELDS))
+    return train_job.run(train_config(args, given))
 
 
 # ----------------------------------------------------------------------------- dpvision sweep

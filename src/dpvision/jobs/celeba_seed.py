@@ -20,10 +20,10 @@ from typing import Sequence
 
 from dpvision.cli_support import OneLineParser, given_flags, one_line_warnings
 from dpvision.jobs.config import TrainConfig
+from dpvision.jobs import train as train_job  # train_job.run: looked up at call time (tests wrap it)
 from dpvision.jobs.errors import run_guarded
 from dpvision.jobs.flags import FlagMap
 from dpvision.jobs.loop import check_resume_flags
-from dpvision.jobs.train import run
 from dpvision.runs import RunDir
 
 MODES = ("baseline", "dp")
@@ -94,9 +94,9 @@ def _run(args: argparse.Namespace, given: list[str]) -> dict:
         check_resume_flags(given, ["--resume", *(flags.flag(field) for field in RESUME_FIELDS)])
         overrides = {field: value for field, value in flags.values(args, RESUME_FIELDS).items()
                      if flags.flag(field) in given}
-        summary = run(resume=args.resume, overrides=overrides)
+        summary = train_job.run(resume=args.resume, overrides=overrides)
     else:
-        summary = run(config_from_args(args, given), group=f"celeba_{args.mode}")
+        summary = train_job.run(config_from_args(args, given), group=f"celeba_{args.mode}")
     return _with_strata(summary)
 
 

@@ -18,10 +18,10 @@ from typing import Sequence
 
 from dpvision.cli_support import OneLineParser, check_can_create_dir, given_flags, one_line_warnings
 from dpvision.jobs.config import TrainConfig
+from dpvision.jobs import train as train_job  # train_job.run: looked up at call time (tests wrap it)
 from dpvision.jobs.errors import run_guarded
 from dpvision.jobs.flags import FlagMap
 from dpvision.jobs.loop import check_resume_flags
-from dpvision.jobs.train import run
 from dpvision.runs import atomic_write_text, csv_text
 
 SEED_CSV_COLUMNS = ["Epoch", "Train Accuracy", "Test Accuracy", "Epsilon", "Delta"]
@@ -155,7 +155,7 @@ def _run(args: argparse.Namespace, given: list[str]) -> dict:
         if out_dir is not None:
             check_can_create_dir(out_dir, "--out-dir")
         csv = SeedCsv(args, out_dir)
-        summary = run(resume=args.resume, overrides=overrides, on_rows=csv)
+        summary = train_job.run(resume=args.resume, overrides=overrides, on_rows=csv)
         print(f"Seed CSV: {csv.path}", flush=True)
         return summary
     config = config_from_args(args, given)
@@ -166,6 +166,6 @@ def _run(args: argparse.Namespace, given: list[str]) -> dict:
         name = csv.name(resolved, config.dp.target_epsilon)
         return {"out_dir": args.out_dir, "seed_csv_name": name, "run_name": Path(name).stem}
 
-    summary = run(config, group="mnist", run_name=args.run_name, on_rows=csv, front_end=front_end)
+    summary = train_job.run(config, group="mnist", run_name=args.run_name, on_rows=csv, front_end=front_end)
     print(f"Seed CSV: {csv.path}", flush=True)
     return summary
