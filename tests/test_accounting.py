@@ -3,6 +3,8 @@ the exact expected batch size; bounds on σ and on the accountants' work (issue 
 
 from __future__ import annotations
 
+import dataclasses
+
 import copy
 import math
 import warnings
@@ -18,6 +20,7 @@ from dpvision.data.tensors import ImageTensors
 from dpvision.engines import OptimizerSpec
 from dpvision.jobs.loop import EPSILON_COLUMNS, epsilon_columns
 from dpvision.privacy import accounting, bounds
+from dpvision.privacy.accountants import ACCOUNTANT_REGISTRY
 from dpvision.privacy.accounting import (
     ACCOUNTANTS,
     PrivacyLedger,
@@ -229,8 +232,9 @@ def test_secondary_accountants_are_skipped_outside_the_safe_region():
 @pytest.fixture
 def small_grid_limits(monkeypatch):
     """Grid limits far below the real ones, so the region's edge is cheap to evaluate (ε memo cleared)."""
-    monkeypatch.setitem(bounds.MAX_GRID_POINTS, "prv", 200_000)
-    monkeypatch.setitem(bounds.MAX_GRID_POINTS, "pld", 200_000)
+    for name in ("prv", "pld"):
+        monkeypatch.setitem(ACCOUNTANT_REGISTRY, name,
+                            dataclasses.replace(ACCOUNTANT_REGISTRY[name], max_grid_points=200_000))
     monkeypatch.setattr(bounds, "PLD_MAX_SINGLE_STEP_POINTS", 20_000)
     accounting._evaluate.cache_clear()
     yield
@@ -342,6 +346,38 @@ def test_delta_auto():
     assert resolve_delta("auto", 30_000) == pytest.approx(1 / 300_000, rel=1e-15)
     assert resolve_delta(1e-5, 10) == 1e-5
     assert resolve_delta("1e-4", 10) == 1e-4
-    with pytest.raises(ValueError, match="--delta"):
+    with pytest.raises(ValueError, match="dp.delta must be a number in"):
         resolve_delta("sometimes", 10)
 
+
+
+@pytest.mark.parametrize("sigma, q, steps", [(1.0, 0.01, 1000), (1.3, 1 / 118, 3540), (2.0, 0.1, 50)])
+def test_gdp_accountant_is_opacus_gaussian_accountant(sigma, q, steps):
+    """The registered ``gdp`` is Opacus's GaussianAccountant (Poisson) exactly, split segments included."""
+    from opacus.accountants import GaussianAccountant
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        direct = GaussianAccountant()
+    for _ in range(steps):
+        direct.step(noise_multiplier=sigma, sample_rate=q)
+    expected = direct.get_epsilon(delta=1e-5, poisson=True)
+    assert compute_epsilon([(sigma, q, steps)], delta=1e-5, accountant="gdp") == expected
+    assert compute_epsilon([(sigma, q, steps // 2), (sigma, q, steps - steps // 2)], delta=1e-5,
+                           accountant="gdp") == pytest.approx(expected, rel=1e-12)
+
+
+def test_gdp_is_never_a_default_nor_a_metrics_column():
+    from dpvision.jobs.config import DPConfig
+    from dpvision.privacy.accountants import ACCOUNTANT_REGISTRY
+
+    assert ACCOUNTANTS == ("rdp", "prv", "pld") and "gdp" in ACCOUNTANT_REGISTRY
+    assert not ACCOUNTANT_REGISTRY["gdp"].rigorous and "not an upper bound" in ACCOUNTANT_REGISTRY["gdp"].caveat
+    assert DPConfig().accountant == "rdp" and DPConfig(accountant="gdp").accountant == "gdp"
+    eps = compute_epsilons([(1.3, 1 / 118, 3540)], delta=1e-5, primary="gdp")
+    assert set(eps) == {"rdp", "prv", "pld", "gdp"}  # the rigorous ones stay; the chosen one is added
+    assert set(compute_epsilons([(1.3, 1 / 118, 3540)], delta=1e-5)) == set(ACCOUNTANTS)
+    # σ calibrated to a gdp target reaches it under gdp
+    sigma = calibrate_noise_multiplier(target_epsilon=2.0, delta=1e-5, sample_rate=0.01, steps=1000,
+                                       accountant="gdp")
+    assert 2.0 * (1 - 1e-3) <= compute_epsilon([(sigma, 0.01, 1000)], delta=1e-5, accountant="gdp") <= 2.0

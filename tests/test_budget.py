@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 
@@ -12,6 +14,7 @@ from opacus.accountants import RDPAccountant
 from dpvision.data.tensors import ImageTensors
 from dpvision.jobs.mnist_seed import main as mnist_main
 from dpvision.privacy import accounting, bounds
+from dpvision.privacy.accountants import ACCOUNTANT_REGISTRY
 from dpvision.privacy.accounting import PrivacyLedger, compute_epsilon
 from dpvision.privacy.bounds import skip_reason
 from dpvision.privacy.budget import PrivacyBudget, steps_within_budget
@@ -75,7 +78,7 @@ def test_budget_never_crashes_on_hostile_sigmas(sigma):
 def test_pld_budget_stops_where_pld_can_no_longer_account(monkeypatch):
     """With PLD as the accountant, steps whose grid would exceed the limit never fit (limits lowered here so
     that the edge is cheap: σ = 3, q = 0.1 crosses 200,000 points near 1,000 steps, at ε far below budget)."""
-    monkeypatch.setitem(bounds.MAX_GRID_POINTS, "pld", 200_000)
+    monkeypatch.setitem(ACCOUNTANT_REGISTRY, "pld", dataclasses.replace(ACCOUNTANT_REGISTRY["pld"], max_grid_points=200_000))
     accounting._evaluate.cache_clear()
     try:
         budget = PrivacyBudget(max_epsilon=1000.0, delta=1e-5, accountant="pld")

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from pathlib import Path
 
 import pytest
 import yaml
 
 from dpvision.cli import main
-from dpvision.jobs.config import RESOLVED, SECTIONS, DPConfig, RecipeLoader, TrainConfig, load_recipe, parse_value
+from dpvision.jobs.config import (
+    MAX_RECIPE_BYTES, RESOLVED, SECTIONS, DPConfig, RecipeLoader, TrainConfig, load_recipe, parse_value,
+)  # fmt: skip
 from tests.conftest import REPO_ROOT
 from tests.job_helpers import exit_code, train_config
 
@@ -242,3 +245,114 @@ def test_cli_flags_override_the_recipe():
     baseline = train_config([*base, "--disable-dp"])
     assert baseline == TrainConfig.from_dict(load_recipe(REPO_ROOT / "recipes" / "mnist_seed.yaml")).deactivated()
     assert dataclasses.replace(baseline.dp, enabled=True, noise_multiplier=1.3) == train_config(base).dp
+
+
+@pytest.mark.parametrize("text, line, key", [
+    ("optim: {lr: 0.1}\noptim: {lr: 5}\n", 2, "optim"),  # the second section would silently win
+    ("data: {k: 100, k: 200}\n", 1, "k"),
+    ("optim:\n  lr: 0.1\n  epochs: 3\n  lr: 5\n", 4, "lr"),
+])
+def test_duplicate_recipe_keys_are_refused_with_the_line(tmp_path, text, line, key):
+    path = _write(tmp_path / "dup.yaml", text)
+    with pytest.raises(ValueError) as err:
+        load_recipe(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: line {line}, column ") and f"duplicate key {key!r}" in message
+    assert "\n" not in message
+
+
+def test_yaml_errors_give_line_and_column(tmp_path):
+    path = _write(tmp_path / "bad.yaml", "optim:\n  lr: 0.1\n  epochs: : 3\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: line 3, column 11: not valid YAML: mapping values"):
+        load_recipe(path)
+
+
+def test_recipe_must_be_a_small_regular_file(tmp_path):
+    """/dev/zero used to be read until the OOM killer came; a FIFO used to wait for a writer forever."""
+    with pytest.raises(ValueError, match="^/dev/zero: a recipe must be a regular file"):
+        load_recipe("/dev/zero")
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="a recipe must be a regular file"):
+        load_recipe(fifo)
+    big = tmp_path / "big.yaml"
+    with open(big, "wb") as file:
+        file.write(b"# " + b"x" * MAX_RECIPE_BYTES + b"\n")
+    with pytest.raises(ValueError, match="a recipe must be at most 1024 KiB"):
+        load_recipe(big)
+
+
+def test_cli_refuses_dev_zero_in_one_line(capsys, tmp_path):
+    assert exit_code(main, ["train", "--config", "/dev/zero", "--runs-dir", tmp_path / "runs"]) == 2
+    err = capsys.readouterr().err
+    assert err == "dpvision train: error: /dev/zero: a recipe must be a regular file (this is not one)\n"
+
+
+def test_clipping_and_large_delta_fields():
+    config = TrainConfig.from_dict({"dp": {"clipping": "automatic", "allow_large_delta": True, "delta": "0.5"}})
+    assert (config.dp.clipping, config.dp.allow_large_delta, config.dp.delta) == ("automatic", True, 0.5)
+    assert TrainConfig().dp.clipping == "flat" and TrainConfig().dp.allow_large_delta is False
+    with pytest.raises(ValueError, match="dp.clipping must be one of flat, automatic"):
+        TrainConfig.from_dict({"dp": {"clipping": "adaptive"}})
+    with pytest.raises(ValueError, match="dp.allow_large_delta must be true or false"):
+        TrainConfig.from_dict({"dp": {"allow_large_delta": "yes"}})
+
+
+def test_misspelt_flag_names_the_command_and_the_nearest_flag(capsys):
+    """Issue 21: ``--epcohs 1`` said ``dpvision: error: unrecognized arguments`` (wrong program, no hint)."""
+    assert exit_code(main, ["train", "--epcohs", "1"]) == 2
+    assert capsys.readouterr().err == "dpvision train: error: unrecognized argument --epcohs (did you mean --epochs?)\n"
+    assert exit_code(main, ["celeba", "train", "--sigmaa", "1"]) == 2
+    assert capsys.readouterr().err == ("dpvision celeba train: error: unrecognized argument --sigmaa "
+                                       "(did you mean --sigma?)\n")
+    assert exit_code(main, ["sweep", "--epsilons", "1", "--out", "x", "--zzz"]) == 2
+    assert capsys.readouterr().err == "dpvision sweep: error: unrecognized argument --zzz\n"
+
+
+def test_train_help_shows_defaults_and_allowed_values(capsys):
+    """Issue 21: --help showed no defaults, and --engine, --device, --accountant, --optimizer took free text."""
+    assert exit_code(main, ["train", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("--engine {fast,opacus}", "--device {auto,cpu,cuda}", "--optimizer {sgd,adam}",
+                  "--dataset {mnist,fashion-mnist,cifar10,celeba,imagefolder}", "--clipping {flat,automatic}",
+                  "(optim.lr; default: 0.15)", "(optim.epochs; default: 30)", "(dp.max_grad_norm; default: 1.0)",
+                  "(run.engine; default: fast)", "--model {sample_convnet,celeba_cnn,wrn16_4,"):
+        assert shown in text, shown
+    assert "--accountant {rdp,prv,pld" in text
+    assert exit_code(main, ["train", "--engine", "jax"]) == 2
+    assert "dpvision train: error: argument --engine: invalid choice: 'jax'" in capsys.readouterr().err
+
+
+def test_every_subcommand_is_parsed_by_argparse(capsys):
+    """cli.main used to peek at argv for ``mnist`` and ``celeba train`` (whose --help it never showed)."""
+    for argv, flag in ((["mnist", "--help"], "--max-per-sample-grad-norm"), (["celeba", "train", "--help"], "--mode")):
+        assert exit_code(main, argv) == 0
+        assert flag in capsys.readouterr().out
+
+
+def test_flag_map_renders_core_errors_in_each_front_ends_words():
+    from dpvision.jobs.celeba_seed import SPELLINGS
+    from dpvision.jobs.flags import FLAGS, FlagMap
+    from dpvision.jobs.mnist_seed import SEED_SPELLINGS
+
+    message = "dp.max_grad_norm must be a positive number; dp.target_epsilon and dp.max_epsilon too"
+    assert FlagMap(SEED_SPELLINGS).translate(message) == ("--max-per-sample-grad-norm must be a positive number; "
+                                                          "--epsilon and --max-epsilon too")
+    assert FlagMap(SPELLINGS).translate("data.root is empty") == "--data is empty"
+    assert set(FLAGS) <= {f"{s}.{f.name}" for s, kind in SECTIONS.items() for f in dataclasses.fields(kind)}
+
+
+def test_registries_are_the_configs_vocabulary():
+    """Each kind is registered once and the config's valid values come from there (issue 19)."""
+    from dpvision.data.registry import DATASET_REGISTRY
+    from dpvision.models.registry import MODEL_REGISTRY
+    from dpvision.privacy.accountants import ACCOUNTANT_REGISTRY
+
+    assert {n: d.allows_flip for n, d in DATASET_REGISTRY.items()} == {
+        "mnist": False, "fashion-mnist": True, "cifar10": True, "celeba": True, "imagefolder": True}
+    for section, key, registry in (("data", "dataset", DATASET_REGISTRY), ("model", "name", MODEL_REGISTRY),
+                                   ("dp", "accountant", ACCOUNTANT_REGISTRY)):
+        for name in registry:
+            assert getattr(getattr(TrainConfig.from_dict({section: {key: name}}), section), key) == name
+        with pytest.raises(ValueError, match=f"{section}.{key} must be one of {', '.join(registry)}"):
+            TrainConfig.from_dict({section: {key: "nope"}})

@@ -174,6 +174,10 @@ BAD_INPUTS = [
     (["--device", "tpu"], "--device"),
     (["--batch-size", "many"], "--batch-size"),
     (["--run-name", "../x"], "--run-name"),
+    (["--delta", "0.5", *TINY], "--delta 0.5 is at least 1/N = 0.025 (N = 40 training examples)"),  # issue 21
+    (["--delta", "0.025", *TINY], "--allow-large-delta"),  # exactly 1/N
+    (["--epcohs", "1"], "unrecognized argument --epcohs (did you mean --epochs?)"),
+    (["--clipping", "flat"], "unrecognized argument --clipping"),  # the seed has no such flag
 ]
 
 
@@ -208,10 +212,11 @@ def test_out_dir_under_a_file_is_refused(tmp_path, tiny_mnist_root, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
-def test_large_delta_warns_but_runs(tmp_path, tiny_mnist_root):
-    with pytest.warns(UserWarning, match=r"delta 0\.02 is at least 1/N = 1/100: too large"):
-        assert run_cli(["--k", "100", "--batch-size", "50", "--epochs", "1", "--delta", "0.02", "--quiet"],
-                       tmp_path, tiny_mnist_root) == 0
+def test_large_delta_runs_only_with_allow_large_delta(tmp_path, tiny_mnist_root):
+    args = ["--k", "100", "--batch-size", "50", "--epochs", "1", "--delta", "0.02", "--quiet"]
+    assert run_cli(args, tmp_path, tiny_mnist_root) == 2
+    with pytest.warns(UserWarning, match=r"dp.delta 0\.02 is above 1/\(10 N\) = 0\.001"):
+        assert run_cli([*args, "--allow-large-delta"], tmp_path, tiny_mnist_root) == 0
     assert (tmp_path / "mnist" / "mnist_0.15_1.3_1.0_50_1_0.3_100.csv").exists()
 
 
@@ -243,3 +248,18 @@ def test_python_mnist_py_subprocess(tmp_path, tiny_mnist_root):
     assert (tmp_path / "mnist" / "mnist_0.15_1.3_1.0_20_1_0.3_40.csv").exists()
     assert "Traceback" not in result.stderr
     assert "warning: only 2 optimizer steps" in result.stderr  # the small-data advice
+
+
+def test_large_delta_runs_only_when_insisted_and_warns_once_in_the_seeds_words(tmp_path, tiny_mnist_root):
+    """Issue 21: δ >= 1/N used to run silently ("ε = 0.0000 (δ = 0.5)"); between 1/(10 N) and 1/N it warns."""
+    base = [sys.executable, str(REPO_ROOT / "mnist.py"), "--data-root", str(tiny_mnist_root), *TINY, "--epochs", "1"]
+    result = subprocess.run([*base, "--delta", "0.01"], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT / "src")})
+    assert result.returncode == 0, result.stderr
+    warned = [line for line in result.stderr.splitlines() if "delta" in line]
+    assert warned == ["warning: --delta 0.01 is above 1/(10 N) = 0.0025 (N = 40): delta should be well below 1/N "
+                      "('auto' gives 1/(10 N))"]
+    with working_dir(tmp_path):
+        assert exit_code(mnist_main, ["--data-root", tiny_mnist_root, *TINY, "--epochs", "1", "--delta", "0.5",
+                                      "--allow-large-delta", "--run-name", "insisted"]) == 0
+    assert summary(tmp_path / "runs" / "mnist" / "insisted")["delta"] == 0.5

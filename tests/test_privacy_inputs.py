@@ -8,11 +8,13 @@ happened.
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 from opacus.accountants import RDPAccountant
 
 from dpvision.jobs.celeba_seed import main as celeba_main
+from dpvision.privacy.plan import make_plan
 from tests.data_fixtures import write_celeba_folder
 
 N_TRAIN = 60
@@ -43,3 +45,29 @@ def test_edited_counts_do_not_change_the_accounting(claimed, tmp_path, capsys):
     accountant.history = [(edited_summary["noise_multiplier"], 0.25, edited_summary["steps"])]
     assert edited_summary["epsilon"] == pytest.approx(accountant.get_epsilon(delta=1 / (10 * N_TRAIN)), rel=1e-12)
     assert edited_summary["epsilon"] <= 2.0
+
+
+def test_delta_at_least_one_over_n_is_refused_unless_insisted():
+    """Issue 21: --delta 0.5 with N = 30,000 used to report "ε = 0.0000 (δ = 0.5)" and exit 0."""
+    plan = dict(num_train=30_000, batch_size=256, epochs=1, noise_multiplier=1.0)
+    with pytest.raises(ValueError) as err:
+        make_plan(**plan, delta=0.5)
+    assert str(err.value).startswith("dp.delta 0.5 is at least 1/N = 3.33e-05 (N = 30000 training examples)")
+    assert "well below 1/N" in str(err.value) and "dp.allow_large_delta" in str(err.value)
+    with pytest.raises(ValueError, match="is at least 1/N"):
+        make_plan(**plan, delta=1 / 30_000)  # exactly 1/N is refused too
+    with pytest.warns(UserWarning, match="above 1/\\(10 N\\)"):
+        assert make_plan(**plan, delta=0.5, allow_large_delta=True).delta == 0.5
+    assert make_plan(**plan, delta=0.5, dp=False).delta == 0.5  # no DP, no privacy claim to protect
+
+
+def test_delta_above_one_over_ten_n_warns_once_in_one_line():
+    plan = dict(num_train=30_000, batch_size=256, epochs=1, noise_multiplier=1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_plan(**plan, delta=1e-5)  # the MNIST seed's default: above 1/(10 N) = 3.3e-6, below 1/N
+        make_plan(**plan, delta="auto")  # exactly 1/(10 N): no warning
+        make_plan(**plan, delta=1e-6)
+    assert [str(w.message) for w in caught] == [
+        "dp.delta 1e-05 is above 1/(10 N) = 3.33e-06 (N = 30000): delta should be well below 1/N "
+        "('auto' gives 1/(10 N))"]

@@ -1,78 +1,56 @@
 """Command-line entry points: ``dpvision <subcommand>`` (also ``python -m dpvision``) and ``python mnist.py``.
 
-Subcommands: ``train`` (the one training job), ``sweep`` (a recipe over ε values and seeds), ``mnist`` (the MNIST seed's flags), ``audit``,
-``celeba`` (make-demo-archive, build-subset, preprocess, train). Bad input exits with status 2
-and one line that names the flag and what would be valid, before anything is written.
+Subcommands: ``train`` (the one training job), ``sweep`` (a recipe over ε values and seeds), ``mnist``
+(the MNIST seed's flags), ``audit``, ``celeba`` (make-demo-archive, build-subset, preprocess, train), each
+parsed once by argparse; the flags map onto the config through :mod:`dpvision.jobs.flags`. Bad input exits
+with status 2 and one line that names the flag and what would be valid, before anything is written.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
+import shlex
 import sys
 from typing import Sequence
 
+from dpvision.audit.cli import add_audit_arguments, run_audit
+from dpvision.celeba.cli import add_subcommands as add_celeba_subcommands
 from dpvision.cli_support import OneLineParser, given_flags, one_line_warnings
+from dpvision.jobs import celeba_seed, mnist_seed
+from dpvision.jobs import train as train_job  # train_job.run: looked up at call time (tests wrap it)
+from dpvision.jobs.config import SECTIONS, TrainConfig, load_recipe, parse_value
+from dpvision.jobs.errors import run_guarded
+from dpvision.jobs.flags import FlagMap
+from dpvision.jobs.loop import check_resume_flags
+from dpvision.jobs.sweep import MAX_RUNS, SWEEP_FIELDS, label, parse_list, sweep
 
-# dpvision train's named flags: flag -> config field (any other field: --set section.field=value).
-TRAIN_FLAGS = {
-    "--dataset": ("data.dataset", str, "dataset: mnist, fashion-mnist, cifar10, celeba or imagefolder"),
-    "--data-root": ("data.root", str, "dataset folder (torchvision root; celeba/imagefolder: the folder)"),
-    "--image-size": ("data.image_size", int, "imagefolder: resize images to PX x PX"),
-    "--k": ("data.k", int, "train on a seeded random subset of N training examples"),
-    "--val-size": ("data.val_size", int, "carve a seeded validation split of N examples from train"),
-    "--model": ("model.name", str, "model: sample_convnet, celeba_cnn, wrn16_4, scatternet_cnn, ..."),
-    "--activation": ("model.activation", str, "relu, tanh or tempered_sigmoid"),
-    "--width": ("model.width", int, "model width (model-specific meaning)"),
-    "--optimizer": ("optim.name", str, "sgd or adam"),
-    "--epochs": ("optim.epochs", int, "training epochs"),
-    "--batch-size": ("optim.batch_size", int, "batch size; under DP the expected (Poisson) batch size"),
-    "--lr": ("optim.lr", float, "learning rate"),
-    "--momentum": ("optim.momentum", float, "SGD momentum"),
-    "--sigma": ("dp.noise_multiplier", float, "noise multiplier σ (excludes --target-epsilon)"),
-    "--target-epsilon": ("dp.target_epsilon", float, "calibrate σ so the whole run ends at this ε"),
-    "--max-grad-norm": ("dp.max_grad_norm", float, "per-example clipping norm C"),
-    "--delta": ("dp.delta", str, "δ, a number or 'auto' for 1/(10 N)"),
-    "--accountant": ("dp.accountant", str, "rdp, prv or pld: the ε reported, calibrated to and budgeted"),
-    "--max-epsilon": ("dp.max_epsilon", float, "privacy budget: stop before the step that would exceed it"),
-    "--engine": ("run.engine", str, "fast or opacus"),
-    "--device": ("run.device", str, "cpu, cuda or auto"),
-    "--seed": ("run.seed", int, "seed of subset, initialisation, sampling and noise"),
-    "--runs-dir": ("run.runs_dir", str, "run folders go to RUNS_DIR/<dataset>/<run-name>/"),
-    "--run-name": ("run.run_name", str, "run folder name (default: from the settings; -2, -3... if taken)"),
-    "--select": ("run.select", str, "last or best_val: which weights the test set judges"),
-}
-RESUME_FREE_FLAGS = {"--data-root": "data.root", "--device": "run.device", "--quiet": "run.quiet",
-                     "--tensorboard": "run.tensorboard"}
+# dpvision train names every field of FLAGS by its usual flag (any other field: --set section.field=value).
+TRAIN_FLAGS = FlagMap()
+RESUME_FREE_FIELDS = ("data.root", "run.device", "run.quiet", "run.tensorboard")
+DP_ONLY_FIELDS = ("dp.noise_multiplier", "dp.target_epsilon", "dp.max_epsilon")
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``dpvision train``'s flags: a recipe, every field of the flag map, ``--set``, ``--resume``."""
     add = parser.add_argument
     add("--config", default=None, metavar="FILE", help="YAML recipe (e.g. recipes/mnist_seed.yaml); flags override it")
-    for flag, (field, kind, text) in TRAIN_FLAGS.items():
-        add(flag, type=kind, default=None, help=f"{text} ({field})")
+    flags = FlagMap()
+    flags.add_all(parser)
+    parser.set_defaults(flag_map=flags)
     add("--disable-dp", action="store_true", default=None, help="the baseline: the same config without DP")
-    add("--quiet", action="store_true", default=None, help="no progress bars or per-epoch lines (run.quiet)")
-    add("--tensorboard", action="store_true", default=None,
-        help="also write TensorBoard events (needs pip install 'dpvision[tensorboard]')")
     add("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
         help="override any config field, e.g. --set optim.momentum=0.9 (repeatable)")
-    add("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved config "
-        f"(only {', '.join(RESUME_FREE_FLAGS)} may be given again)")
+    resume_free = ", ".join(TRAIN_FLAGS.flag(field) for field in RESUME_FREE_FIELDS)
+    add("--resume", default=None, metavar="RUN_DIR",
+        help=f"continue the run in RUN_DIR with its saved config (only {resume_free} may be given again)")
     return parser
 
 
 def train_overrides(args: argparse.Namespace) -> dict:
     """``{"section.field": value}`` from the named flags and ``--set`` (later wins)."""
-    from dpvision.jobs.config import parse_value
-
-    overrides = {}
-    for flag, (field, _, _) in TRAIN_FLAGS.items():
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is not None:
-            overrides[field] = parse_value(value) if field == "dp.delta" else value
-    for flag in ("quiet", "tensorboard"):
-        if getattr(args, flag):
-            overrides[f"run.{flag}"] = True
+    overrides = args.flag_map.values(args)
     for item in args.set:
         key, sep, text = item.partition("=")
         if not sep:
@@ -83,8 +61,6 @@ def train_overrides(args: argparse.Namespace) -> dict:
 
 def train_config(args: argparse.Namespace, given: Sequence[str]):
     """The recipe (if any), overridden by the flags; ``--disable-dp`` deactivates DP last."""
-    from dpvision.jobs.config import TrainConfig, load_recipe
-
     base = TrainConfig()
     if args.config:
         recipe = load_recipe(args.config)  # its errors name the file already
@@ -94,10 +70,10 @@ def train_config(args: argparse.Namespace, given: Sequence[str]):
             raise ValueError(f"{args.config}: {err}") from None
     overrides = train_overrides(args)
     if args.disable_dp:
-        refused = [f for f in ("--sigma", "--target-epsilon", "--max-epsilon") if f in given]
+        refused = [TRAIN_FLAGS.flag(f) for f in DP_ONLY_FIELDS if TRAIN_FLAGS.flag(f) in given]
         if refused:
             raise ValueError(f"{refused[0]} needs DP: --disable-dp adds no noise and spends no privacy")
-        dp_keys = [k for k in overrides if k in ("dp.noise_multiplier", "dp.target_epsilon", "dp.max_epsilon")]
+        dp_keys = [k for k in overrides if k in DP_ONLY_FIELDS]
         if dp_keys:
             raise ValueError(f"--set {dp_keys[0]} needs DP: --disable-dp adds no noise and spends no privacy")
         base = base.deactivated()
@@ -113,15 +89,10 @@ def train_config(args: argparse.Namespace, given: Sequence[str]):
 
 
 def run_train(args: argparse.Namespace, given: Sequence[str]) -> dict:
-    from dpvision.jobs.loop import check_resume_flags
-    from dpvision.jobs.train import run
-
     if args.resume is not None:
-        check_resume_flags(given, ["--resume", *RESUME_FREE_FLAGS])
-        overrides = {field: (True if flag in ("--quiet", "--tensorboard") else getattr(args, flag[2:].replace("-", "_")))
-                     for flag, field in RESUME_FREE_FLAGS.items() if flag in given}
-        return run(resume=args.resume, overrides=overrides)
-    return run(train_config(args, given))
+        check_resume_flags(given, ["--resume", *(TRAIN_FLAGS.flag(field) for field in RESUME_FREE_FIELDS)])
+        return train_job.run(resume=args.resume, overrides=args.flag_map.values(args, RESUME_FREE_FIELDS))
+    return train_job.run(train_config(args, given))
 
 
 # ----------------------------------------------------------------------------- dpvision sweep
@@ -144,8 +115,6 @@ def command_line(args, given: Sequence[str]) -> str:
         >>> command_line(args, ["--epsilons", "--seeds", "--out", "--set", "--quiet"])
         "dpvision sweep --epsilons 1,3 --seeds 2 --out 'out dir' --set optim.lr=0.2 --quiet"
     """
-    import shlex
-
     parts = ["dpvision", "sweep"]
     for flag in given:
         value = getattr(args, flag[2:].replace("-", "_"))
@@ -161,12 +130,6 @@ def command_line(args, given: Sequence[str]) -> str:
 
 def run_sweep(args, given: Sequence[str]) -> list[dict]:
     """``dpvision sweep``: the recipe and train flags of ``args``, over ``--epsilons`` and ``--seeds``."""
-    import dataclasses
-    import math
-
-    from dpvision.jobs.config import SECTIONS, parse_value
-    from dpvision.jobs.sweep import MAX_RUNS, SWEEP_FIELDS, label, parse_list, sweep
-
     epsilons = parse_list(args.epsilons, "--epsilons")
     if any(not (math.isfinite(e) and e > 0) for e in epsilons):
         raise ValueError(f"--epsilons must be positive numbers, got {args.epsilons!r}")
@@ -193,43 +156,37 @@ def run_sweep(args, given: Sequence[str]) -> list[dict]:
                  baseline=not args.no_baseline, command=command)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``dpvision <subcommand> ...``."""
-    from dpvision.jobs.errors import run_guarded
+def build_parser(argv: Sequence[str]) -> OneLineParser:
+    """``dpvision`` and its subcommands; each parsed namespace's ``func()`` runs the command (exit status)."""
+    def job(parser, depth, fn):  # depth: the command words before the subcommand's own flags
+        parser.set_defaults(func=lambda args: run_guarded(parser, lambda: fn(args, given_flags(parser, argv[depth:]))))
 
-    one_line_warnings()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["mnist"]:
-        from dpvision.jobs.mnist_seed import main as mnist_main
-
-        return mnist_main(argv[1:], prog="dpvision mnist")
-    if argv[:2] == ["celeba", "train"]:
-        from dpvision.jobs.celeba_seed import main as celeba_train_main
-
-        return celeba_train_main(argv[2:], prog="dpvision celeba train")
     parser = OneLineParser(prog="dpvision", description="Differentially private image classifiers (DP-SGD).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     train = add_train_arguments(sub.add_parser("train", help="train any dataset and model, baseline or DP-SGD"))
+    job(train, 1, run_train)
     sweeper = add_train_arguments(sub.add_parser("sweep", help="one recipe over ε values and seeds: the "
-                                               "privacy-utility frontier (results.csv, frontier.png, report.md)"))
+                                                 "privacy-utility frontier (results.csv, frontier.png, report.md)"))
     add_sweep_arguments(sweeper)
-    sub.add_parser("mnist", help="train SampleConvNet on MNIST (the same flags as python mnist.py)", add_help=False)
-    from dpvision.audit.cli import add_audit_arguments, run_audit
-
+    job(sweeper, 1, run_sweep)
+    mnist = sub.add_parser("mnist", help="train SampleConvNet on MNIST (the same flags as python mnist.py)")
+    mnist_seed.add_mnist_arguments(mnist)
+    mnist.set_defaults(func=lambda args: mnist_seed.run_parsed(mnist, args, given_flags(mnist, argv[1:])))
     audit = sub.add_parser("audit", help="one-run empirical privacy audit (Steinke, Nasr, Jagielski 2023)")
     add_audit_arguments(audit)
-    from dpvision.celeba.cli import add_subcommands as add_celeba_subcommands
-
+    audit.set_defaults(func=lambda args: run_audit(args, audit))
     celeba = add_celeba_subcommands(sub)  # dpvision celeba make-demo-archive | build-subset | preprocess
-    celeba.subcommands.add_parser("train", help="train the CelebA CNN: baseline or DP-SGD (see --help)",
-                                  add_help=False)
-    args = parser.parse_args(argv)
-    if args.command == "train":
-        return run_guarded(train, lambda: run_train(args, given_flags(train, argv[1:])))
-    if args.command == "sweep":
-        return run_guarded(sweeper, lambda: run_sweep(args, given_flags(sweeper, argv[1:])))
-    if args.command == "audit":
-        return run_audit(args, audit)
+    trainer = celeba.subcommands.add_parser("train", help="train the CelebA CNN: baseline or DP-SGD")
+    celeba_seed.add_train_arguments(trainer)
+    trainer.set_defaults(func=lambda args: celeba_seed.run_parsed(trainer, args, given_flags(trainer, argv[2:])))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``dpvision <subcommand> ...``: parsed once, by argparse, then run."""
+    one_line_warnings()
+    argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
+    args = build_parser(argv).parse_args(argv)
     return args.func(args)
 
 

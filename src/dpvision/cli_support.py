@@ -7,16 +7,50 @@ warnings as ``warning: ...``, so that scripts and tests can rely on the format.
 from __future__ import annotations
 
 import argparse
+import copy
+import difflib
 import os
+import shlex
+import tempfile
 import warnings
 from pathlib import Path
+from typing import Callable
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are a single line on stderr and exit status 2."""
+    """An ArgumentParser whose errors are a single line on stderr and exit status 2.
+
+    An unknown flag is refused by the (sub)command it was given to, under that command's
+    name, with the nearest valid flag:
+
+        >>> parser = OneLineParser(prog="dpvision train")
+        >>> _ = parser.add_argument("--epochs", type=int)
+        >>> unrecognized(parser, ["--epcohs", "1"])
+        'unrecognized argument --epcohs (did you mean --epochs?)'
+    """
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        # argparse hands a subcommand's leftovers up to the top parser, which names itself
+        # ("dpvision: error"); refusing them here names the command that was given them.
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(unrecognized(self, extras))
+        return namespace, extras
+
+
+def unrecognized(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """The error for arguments ``parser`` does not know, suggesting the closest flag for a misspelt one."""
+    flags = [extra for extra in extras if extra.startswith("-")]
+    if not flags:
+        return f"unrecognized arguments: {shlex.join(extras)}"
+    typed = flags[0].split("=", 1)[0]
+    known = [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
+    close = difflib.get_close_matches(typed, known, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"unrecognized argument {typed}{hint}"
 
 
 def given_flags(parser: argparse.ArgumentParser, argv) -> list[str]:
@@ -30,8 +64,6 @@ def given_flags(parser: argparse.ArgumentParser, argv) -> list[str]:
         >>> given_flags(p, ["--qui", "--lr", "0.2"])
         ['--quiet', '--lr']
     """
-    import copy
-
     probe = copy.deepcopy(parser)
     names = {}
     for action in probe._actions:
@@ -44,36 +76,12 @@ def given_flags(parser: argparse.ArgumentParser, argv) -> list[str]:
     return [names[dest] for dest in vars(namespace) if dest in names]  # set while parsing: argv order
 
 
-def parse_delta(text: str) -> float | str:
-    """``--delta``: a number, or ``auto`` for 1 / (10 N).
+def one_line_warnings(translate: Callable[[str], str] = str) -> None:
+    """Print warnings as ``warning: <message>`` (no file name, line number or source line).
 
-    Example:
-        >>> parse_delta("1e-5"), parse_delta("AUTO")
-        (1e-05, 'auto')
+    ``translate`` renders the config fields a warning names in a front-end's flags.
     """
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"--delta must be a number in (0, 1) or 'auto', got {text!r}") from None
-
-
-def rename_fields(message: str, names: dict[str, str]) -> str:
-    """``message`` with config fields replaced by a front-end's flag names (longest field first).
-
-    Example:
-        >>> rename_fields("dp.noise_multiplier must be >= 0", {"dp.noise_multiplier": "--sigma"})
-        '--sigma must be >= 0'
-    """
-    for field_name, flag in sorted(names.items(), key=lambda kv: -len(kv[0])):
-        message = message.replace(field_name, flag)
-    return message
-
-
-def one_line_warnings() -> None:
-    """Print warnings as ``warning: <message>`` (no file name, line number or source line)."""
-    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {translate(str(message))}\n"
 
 
 def resolve_device(name: str):
@@ -94,8 +102,6 @@ def check_can_create_dir(path: str | os.PathLike, flag: str) -> None:
     Tried for real (folders created, a probe file written, then all removed): permission bits
     say nothing for root, and places like ``/proc`` refuse files whatever the bits say.
     """
-    import tempfile
-
     path = Path(path).absolute()
     missing = []
     probe = path

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from dpvision.data.celeba_folder import load_celeba_folder
 from dpvision.data.cifar import load_cifar10
@@ -29,20 +30,33 @@ from dpvision.data.imagefolder import DEFAULT_IMAGE_SIZE, MAX_IMAGE_SIZE, check_
 from dpvision.data.mnist import FASHION_MNIST, MNIST, RAW_FILES, load_idx_split
 from dpvision.data.tensors import ImageTensors
 
-__all__ = ["DATASETS", "DEFAULT_IMAGE_SIZE", "MAX_IMAGE_SIZE", "DataError", "DatasetSplits", "load_dataset",
-           "data_fingerprint", "dataset_root_hint"]
+__all__ = ["DATASETS", "DATASET_REGISTRY", "DEFAULT_IMAGE_SIZE", "MAX_IMAGE_SIZE", "DataError", "Dataset",
+           "DatasetSplits", "data_fingerprint", "dataset_root_hint", "load_dataset", "register_dataset"]
 
-DATASETS = ("mnist", "fashion-mnist", "cifar10", "celeba", "imagefolder")
-_IDX = {"mnist": MNIST, "fashion-mnist": FASHION_MNIST}
-_HINTS = {
-    "mnist": f"<data-root>/MNIST/raw/ holding {', '.join(RAW_FILES)} (each gzipped .gz or not)",
-    "fashion-mnist": f"<data-root>/FashionMNIST/raw/ holding {', '.join(RAW_FILES)} (each gzipped .gz or not)",
-    "cifar10": "<data-root>/cifar-10-batches-py/ holding data_batch_1..5, test_batch, batches.meta "
-               "(CIFAR-10 python version)",
-    "celeba": "<data-root> itself: a folder written by celeba_preprocess.py (train.pt, val.pt, test.pt, stats.json)",
-    "imagefolder": "<data-root>/train/<class>/*.jpg, <data-root>/test/<class>/*.jpg and optionally "
-                   "<data-root>/val/<class>/*.jpg (one subfolder per class, the same classes in every split)",
-}
+
+@dataclass(frozen=True)
+class Dataset:
+    """One registered dataset: how to load it and what the rest of the code asks about it."""
+
+    name: str
+    load: Callable[[Path, "int | None", bool], "DatasetSplits"]  # (root, image_size, download) -> splits
+    root_hint: str  # where --data-root must point, in words (error messages, docs)
+    allows_flip: bool  # a mirrored image keeps its label (augmentation may flip it): not for digits
+
+
+DATASET_REGISTRY: dict[str, Dataset] = {}
+
+
+def register_dataset(name: str, *, root_hint: str, allows_flip: bool) -> Callable:
+    """Decorator: register ``load(root, image_size, download) -> DatasetSplits`` as dataset ``name``."""
+
+    def register(load: Callable) -> Callable:
+        if name in DATASET_REGISTRY:
+            raise ValueError(f"dataset {name!r} is registered twice")
+        DATASET_REGISTRY[name] = Dataset(name, load, root_hint, allows_flip)
+        return load
+
+    return register
 
 
 @dataclass(frozen=True)
@@ -82,13 +96,13 @@ class DatasetSplits:
 
 def dataset_root_hint(name: str) -> str:
     """Where ``--data-root`` must point for ``name``, in words (error messages, docs)."""
-    _check_name(name)
-    return _HINTS[name]
+    return _dataset(name).root_hint
 
 
-def _check_name(name: str) -> None:
-    if name not in DATASETS:
-        raise DataError(f"--dataset must be one of {', '.join(DATASETS)}, got {name!r}")
+def _dataset(name: str) -> Dataset:
+    if name not in DATASET_REGISTRY:
+        raise DataError(f"--dataset must be one of {', '.join(DATASET_REGISTRY)}, got {name!r}")
+    return DATASET_REGISTRY[name]
 
 
 def _fixed_size(name: str, image_size: int | None, native: int, fix: str) -> None:
@@ -104,30 +118,56 @@ def load_dataset(name: str, root: str | Path, *, image_size: int | None = None, 
     ``image_size`` (1..MAX_IMAGE_SIZE) resizes imagefolder images (default
     ``DEFAULT_IMAGE_SIZE``); for the other datasets it may only restate their size.
     """
-    _check_name(name)
+    dataset = _dataset(name)
     if image_size is not None:
         check_image_size(image_size)
-    root = Path(root)
-    if name in _IDX:
+    return dataset.load(Path(root), image_size, download)
+
+
+def _register_idx(name: str, spec, folder: str, *, allows_flip: bool) -> None:
+    hint = f"<data-root>/{folder}/raw/ holding {', '.join(RAW_FILES)} (each gzipped .gz or not)"
+
+    @register_dataset(name, root_hint=hint, allows_flip=allows_flip)
+    def load(root: Path, image_size: int | None, download: bool) -> DatasetSplits:
         _fixed_size(name, image_size, 28, "omit --image-size")
-        spec = _IDX[name]
         train = load_idx_split(root, spec, train=True, download=download)
         test = load_idx_split(root, spec, train=False, download=download)
         return DatasetSplits(name, train, None, test, spec.class_names, None, None)
-    if name == "cifar10":
-        _fixed_size(name, image_size, 32, "omit --image-size")
-        train, test, class_names = load_cifar10(root, download=download)
-        return DatasetSplits(name, train, None, test, class_names, None, None)
-    if name == "celeba":
-        splits, class_names = load_celeba_folder(root)
-        side = splits["train"].data.images.shape[-1]
-        _fixed_size(f"the celeba folder {root}", image_size, side,
-                    f"omit --image-size or re-run celeba_preprocess.py --size {image_size}")
-        val = splits["val"] if len(splits["val"].data) else None  # preprocessing may leave val empty
-        return DatasetSplits(name, splits["train"].data, val.data if val else None, splits["test"].data,
-                             class_names, splits["test"].groups, val.groups if val else None)
+
+
+_register_idx("mnist", MNIST, "MNIST", allows_flip=False)  # a mirrored digit is another symbol (or none)
+_register_idx("fashion-mnist", FASHION_MNIST, "FashionMNIST", allows_flip=True)
+
+
+@register_dataset("cifar10", root_hint="<data-root>/cifar-10-batches-py/ holding data_batch_1..5, test_batch, "
+                  "batches.meta (CIFAR-10 python version)", allows_flip=True)
+def _load_cifar10(root: Path, image_size: int | None, download: bool) -> DatasetSplits:
+    _fixed_size("cifar10", image_size, 32, "omit --image-size")
+    train, test, class_names = load_cifar10(root, download=download)
+    return DatasetSplits("cifar10", train, None, test, class_names, None, None)
+
+
+@register_dataset("celeba", root_hint="<data-root> itself: a folder written by celeba_preprocess.py (train.pt, "
+                  "val.pt, test.pt, stats.json)", allows_flip=True)
+def _load_celeba(root: Path, image_size: int | None, download: bool) -> DatasetSplits:
+    splits, class_names = load_celeba_folder(root)
+    side = splits["train"].data.images.shape[-1]
+    _fixed_size(f"the celeba folder {root}", image_size, side,
+                f"omit --image-size or re-run celeba_preprocess.py --size {image_size}")
+    val = splits["val"] if len(splits["val"].data) else None  # preprocessing may leave val empty
+    return DatasetSplits("celeba", splits["train"].data, val.data if val else None, splits["test"].data,
+                         class_names, splits["test"].groups, val.groups if val else None)
+
+
+@register_dataset("imagefolder", root_hint="<data-root>/train/<class>/*.jpg, <data-root>/test/<class>/*.jpg and "
+                  "optionally <data-root>/val/<class>/*.jpg (one subfolder per class, the same classes in every "
+                  "split)", allows_flip=True)
+def _load_imagefolder(root: Path, image_size: int | None, download: bool) -> DatasetSplits:
     parts, class_names = load_imagefolder(root, image_size)
-    return DatasetSplits(name, parts["train"], parts.get("val"), parts["test"], class_names, None, None)
+    return DatasetSplits("imagefolder", parts["train"], parts.get("val"), parts["test"], class_names, None, None)
+
+
+DATASETS = tuple(DATASET_REGISTRY)
 
 
 def data_fingerprint(data: ImageTensors) -> str:

@@ -24,29 +24,53 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
+import stat
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
-DATASETS = ("mnist", "fashion-mnist", "cifar10", "celeba", "imagefolder")
-ENGINES = ("fast", "opacus")
-OPTIMIZERS = ("sgd", "adam")
-ACCOUNTANTS = ("rdp", "prv", "pld")
+from dpvision.data.registry import DATASETS, MAX_IMAGE_SIZE
+from dpvision.engines import ENGINES, OPTIMIZERS
+from dpvision.engines.clipping import CLIPPING_RULES
+from dpvision.engines.options import PRECISIONS as ENGINE_PRECISIONS
+from dpvision.engines.schedule import SCHEDULES
+from dpvision.models.registry import MODELS
+from dpvision.privacy.accounting import check_accountant, parse_delta
+
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "tf32", "bf16")  # the fast engine on CUDA; the CPU always runs exact fp32
+PRECISIONS = ("auto", *ENGINE_PRECISIONS)  # "auto": the fast engine's default on CUDA; the CPU always runs fp32
 SELECTIONS = ("last", "best_val")  # which weights the test set judges
-SCHEDULES = ("constant", "cosine")
+MIN_IMAGE_SIZE = 8
 MAX_AUGMULT = 64  # augmentations per example: each multiplies the per-example work
 MAX_EPOCHS = 100_000  # bounds the work a typo can ask for
 MAX_BATCH_SIZE = 1 << 20
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes: anything over 1 MiB is not one
 RESOLVED = "resolved"  # the key under which a run folder's config.yaml records what was derived (σ, q, N, ...)
 
 
 class RecipeLoader(yaml.SafeLoader):
-    """YAML as people write numbers: ``1e-5`` is a float (plain YAML 1.1 reads it as a string)."""
+    """YAML as people write numbers (``1e-5`` is a float; plain YAML 1.1 reads it as a string), and a key
+    given twice in one mapping is an error naming its line (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        lines = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = lines.get(key)
+            except TypeError:  # an unhashable key: SafeConstructor's own error names it
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given on line {first})", key_node.start_mark)
+            lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
 
 
 RecipeLoader.add_implicit_resolver(
@@ -82,8 +106,8 @@ class DataConfig:
         _need(self.dataset in DATASETS, "data.dataset", f"one of {', '.join(DATASETS)}", self.dataset)
         _need(isinstance(self.root, str) and self.root != "", "data.root", "a folder", self.root)
         if self.image_size is not None:
-            _need(_is_int(self.image_size) and 8 <= self.image_size <= 512, "data.image_size",
-                  "an integer between 8 and 512", self.image_size)
+            _need(_is_int(self.image_size) and MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE,
+                  "data.image_size", f"an integer between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE}", self.image_size)
         if self.k is not None:
             _need(_is_int(self.k) and self.k >= 1, "data.k", "a positive integer", self.k)
         _need(_is_int(self.val_size) and self.val_size >= 0, "data.val_size", "an integer >= 0", self.val_size)
@@ -98,7 +122,7 @@ class ModelConfig:
     weight_standardization: bool = False
 
     def __post_init__(self) -> None:
-        _need(isinstance(self.name, str), "model.name", "a model name", self.name)
+        _need(self.name in MODELS, "model.name", f"one of {', '.join(MODELS)}", self.name)
         if self.width is not None:
             _need(_is_int(self.width) and 1 <= self.width <= 4096, "model.width", "an integer in [1, 4096]",
                   self.width)
@@ -145,9 +169,11 @@ class DPConfig:
     noise_multiplier: float | None = None  # σ; None: calibrated from target_epsilon, or DEFAULT_NOISE_MULTIPLIER
     target_epsilon: float | None = None  # calibrate σ so that the whole run ends at this ε
     max_grad_norm: float = 1.0  # per-example clipping norm C
-    delta: float | str = 1e-5  # or "auto": 1 / (10 N), resolved once N is known
-    accountant: str = "rdp"  # the ε reported, calibrated to and budgeted; metrics.csv has all three
+    delta: float | str = 1e-5  # or "auto": 1 / (10 N), resolved once N is known; must be < 1/N
+    allow_large_delta: bool = False  # insist on a δ >= 1/N (refused otherwise: no meaningful guarantee)
+    accountant: str = "rdp"  # the ε reported, calibrated to and budgeted; metrics.csv has rdp, prv and pld
     max_epsilon: float | None = None  # budget: stop before the first step that would exceed it
+    clipping: str = "flat"  # the per-example clipping rule (the engines' registry): flat or automatic
 
     DEFAULT_NOISE_MULTIPLIER = 1.0
 
@@ -162,18 +188,11 @@ class DPConfig:
                 _need(_is_number(value) and value > 0, f"dp.{name}", "a positive number", value)
         _need(_is_number(self.max_grad_norm) and self.max_grad_norm > 0, "dp.max_grad_norm", "a positive number",
               self.max_grad_norm)
-        if isinstance(self.delta, str) and self.delta.strip().lower() != "auto":
-            try:
-                self.delta = float(self.delta)
-            except ValueError:
-                pass
-        if isinstance(self.delta, str):
-            _need(self.delta.strip().lower() == "auto", "dp.delta", "a number in (0, 1) or 'auto'", self.delta)
-            self.delta = "auto"
-        else:
-            _need(_is_number(self.delta) and 0 < self.delta < 1, "dp.delta", "a number in (0, 1) or 'auto'",
-                  self.delta)
-        _need(self.accountant in ACCOUNTANTS, "dp.accountant", f"one of {', '.join(ACCOUNTANTS)}", self.accountant)
+        self.delta = parse_delta(self.delta, "dp.delta")
+        _need(isinstance(self.allow_large_delta, bool), "dp.allow_large_delta", "true or false",
+              self.allow_large_delta)
+        check_accountant(self.accountant, "dp.accountant")
+        _need(self.clipping in CLIPPING_RULES, "dp.clipping", f"one of {', '.join(CLIPPING_RULES)}", self.clipping)
         if self.noise_multiplier is not None and self.target_epsilon is not None:
             raise ValueError("dp.noise_multiplier and dp.target_epsilon exclude each other: the target calibrates "
                              "the noise multiplier; give one of them")
@@ -285,22 +304,52 @@ class TrainConfig:
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
-    """The nested dict of a YAML recipe; ``ValueError`` naming the file on any problem."""
+    """The nested dict of a YAML recipe; ``ValueError`` naming the file (and line) on any problem.
+
+    A recipe is a regular file of at most ``MAX_RECIPE_BYTES``: ``/dev/zero``, a FIFO or a
+    huge file is refused before anything is read into memory.
+    """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: cannot read recipe ({getattr(err, 'strerror', None) or err})") from None
+        # O_NONBLOCK: opening a FIFO would otherwise wait for a writer forever
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
+            info = os.fstat(file.fileno())  # the file opened, not whatever the name points to later
+            if not stat.S_ISREG(info.st_mode):
+                raise ValueError(f"{path}: a recipe must be a regular file (this is not one)")
+            data = file.read(MAX_RECIPE_BYTES + 1)
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read recipe ({err.strerror or err})") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise ValueError(f"{path}: a recipe must be at most {MAX_RECIPE_BYTES // 1024} KiB, this one is larger")
     try:
-        values = yaml.load(text, Loader=RecipeLoader)  # noqa: S506 (a SafeLoader subclass)
+        values = yaml.load(data.decode("utf-8"), Loader=RecipeLoader)  # noqa: S506 (a SafeLoader subclass)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: cannot read recipe (not UTF-8 text: {err.reason} at byte {err.start})") from None
     except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        raise ValueError(f"{path}: {yaml_problem(err)}") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
         raise ValueError(f"{path}: a recipe is a mapping of sections ({', '.join(SECTIONS)}), got "
                          f"{type(values).__name__}")
     return values
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    r"""One line for a YAML error: what is wrong and where (line and column, counted from 1).
+
+    Example:
+        >>> try:
+        ...     yaml.load("optim:\n  lr: 0.1\n  lr: 5\n", Loader=RecipeLoader)
+        ... except yaml.YAMLError as err:
+        ...     print(yaml_problem(err))
+        line 3, column 3: duplicate key 'lr' (first given on line 2)
+    """
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    kind = "" if problem.startswith("duplicate key") else "not valid YAML: "
+    return f"{where}{kind}{problem}"
 
 
 def parse_value(text: str) -> Any:

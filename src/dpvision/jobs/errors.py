@@ -21,6 +21,8 @@ import argparse
 import sys
 from typing import Callable
 
+from dpvision.engines.distributed import RankFailureError
+
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 EXIT_RANK_FAILED = 1  # another process of a distributed run failed: not bad input
@@ -45,8 +47,6 @@ def run_guarded(parser: argparse.ArgumentParser, fn: Callable[[], object], *,
               file=stream, flush=True)
         return EXIT_INTERRUPTED
     except RuntimeError as err:
-        from dpvision.engines.distributed import RankFailureError
-
         if not isinstance(err, RankFailureError):
             raise
         print(f"{parser.prog}: error: {one_line(err)}", file=stream, flush=True)

@@ -16,54 +16,63 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from dpvision.cli_support import (
-    OneLineParser, check_can_create_dir, given_flags, one_line_warnings, parse_delta, rename_fields,
-)  # fmt: skip
+from dpvision.cli_support import OneLineParser, check_can_create_dir, given_flags, one_line_warnings
+from dpvision.jobs.config import TrainConfig
+from dpvision.jobs import train as train_job  # train_job.run: looked up at call time (tests wrap it)
+from dpvision.jobs.errors import run_guarded
+from dpvision.jobs.flags import FlagMap
+from dpvision.jobs.loop import check_resume_flags
+from dpvision.runs import atomic_write_text, csv_text
 
 SEED_CSV_COLUMNS = ["Epoch", "Train Accuracy", "Test Accuracy", "Epsilon", "Delta"]
 DEFAULT_SIGMA, DEFAULT_EPSILON_LABEL = 1.3, 0.3
-RESUME_FLAGS = ("--resume", "--data-root", "--device", "--quiet", "--out-dir")
+RESUME_FIELDS = ("data.root", "run.device", "run.quiet")  # with --resume and --out-dir, the only flags a resume takes
+# The seed's spelling of the config fields (every other field it has is spelt as in dpvision train).
+SEED_SPELLINGS = {"dp.target_epsilon": "--epsilon", "dp.max_grad_norm": "--max-per-sample-grad-norm",
+                  "optim.eval_batch_size": "--test-batch-size"}
 DP_ONLY_FLAGS = ("--sigma", "--epsilon", "--target-epsilon", "--max-epsilon")
 
 
 def add_mnist_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The seed's flag table (same names and defaults) plus dpvision's own flags."""
-    add = parser.add_argument
-    add("--batch-size", type=int, default=256, help="batch size; under DP the expected batch size (default: 256)")
-    add("--test-batch-size", type=int, default=1024, help="batch size for testing (default: 1024)")
-    add("--epochs", type=int, default=30, help="number of training epochs (default: 30)")
-    add("--lr", type=float, default=0.15, help="learning rate (default: 0.15)")
-    add("--sigma", type=float, default=None, help=f"noise multiplier for DP (default: {DEFAULT_SIGMA})")
-    add("--max-per-sample-grad-norm", type=float, default=1.0, help="per-sample clipping norm C (default: 1.0)")
-    add("--delta", default="1e-5", help="delta parameter for DP, or 'auto' for 1/(10 k) (default: 1e-5)")
-    add("--epsilon", type=float, default=None,
-        help="target epsilon: when given, sigma is calibrated so the whole run ends at this epsilon "
-             f"(default: {DEFAULT_EPSILON_LABEL}, then only a file-name label and --sigma rules)")
+    flags = FlagMap(SEED_SPELLINGS)
+    add, field = parser.add_argument, lambda *a, **k: flags.add(parser, *a, **k)
+    parser.set_defaults(flag_map=flags)
+    field("optim.batch_size", default=256, help="batch size; under DP the expected batch size (default: 256)")
+    field("optim.eval_batch_size", default=1024, help="batch size for testing (default: 1024)")
+    field("optim.epochs", default=30, help="number of training epochs (default: 30)")
+    field("optim.lr", default=0.15, help="learning rate (default: 0.15)")
+    field("dp.noise_multiplier", default=None, help=f"noise multiplier for DP (default: {DEFAULT_SIGMA})")
+    field("dp.max_grad_norm", default=1.0, help="per-sample clipping norm C (default: 1.0)")
+    field("dp.delta", default="1e-5", help="delta parameter for DP, or 'auto' for 1/(10 k); must be below 1/k "
+          "(default: 1e-5)")
+    field("dp.allow_large_delta", default=False, help="accept a delta >= 1/k (refused otherwise)")
+    field("dp.target_epsilon", default=None,
+          help="target epsilon: when given, sigma is calibrated so the whole run ends at this epsilon "
+               f"(default: {DEFAULT_EPSILON_LABEL}, then only a file-name label and --sigma rules)")
     add("--target-epsilon", type=float, default=None, help="same as --epsilon (the target epsilon)")
-    add("--accountant", default="rdp", choices=("rdp", "prv", "pld"),
-        help="accountant of the reported, calibrated and budgeted epsilon; metrics.csv has all three (default: rdp)")
-    add("--max-epsilon", type=float, default=None,
-        help="privacy budget: stop before the first step that would take epsilon above it (default: none)")
+    field("dp.accountant", default="rdp", help="accountant of the reported, calibrated and budgeted epsilon; "
+          "metrics.csv has rdp, prv and pld (default: rdp)")
+    field("dp.max_epsilon", default=None,
+          help="privacy budget: stop before the first step that would take epsilon above it (default: none)")
     add("--resume", default=None, metavar="RUN_DIR", help="continue the interrupted run in RUN_DIR with its saved "
         "settings (only --data-root, --device, --quiet and --out-dir may be given again)")
-    add("--k", type=int, default=30_000, help="number of training samples, a seeded random subset (default: 30000)")
+    field("data.k", default=30_000, help="number of training samples, a seeded random subset (default: 30000)")
     add("--disable-dp", action="store_true", help="disable DP and run standard SGD")
-    add("--device", default="auto", help="training device: cpu, cuda or auto (default: auto, cuda when available)")
-    add("--engine", default="fast", help="fast (dpvision's engine; falls back to opacus with a notice where "
-        "unsupported) or opacus (the stock recipe) (default: fast)")
-    add("--data-root", default="data", help="folder holding MNIST/raw/ (default: data)")
+    field("run.device", default="auto", help="training device (default: auto, cuda when available)")
+    field("run.engine", default="fast", help="fast (dpvision's engine; falls back to opacus with a notice where "
+          "unsupported) or opacus (the stock recipe) (default: fast)")
+    field("data.root", default="data", help="folder holding MNIST/raw/ (default: data)")
     add("--out-dir", default="mnist", help="folder for the per-epoch CSV (default: mnist)")
-    add("--runs-dir", default="runs", help="folder for run folders runs/mnist/<run-name>/ (default: runs)")
-    add("--run-name", default=None, help="run folder name (default: the CSV's name; -2, -3... if taken)")
-    add("--seed", type=int, default=0, help="seed for subset, initialisation, sampling and noise (default: 0)")
-    add("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    field("run.runs_dir", default="runs", help="folder for run folders runs/mnist/<run-name>/ (default: runs)")
+    field("run.run_name", default=None, help="run folder name (default: the CSV's name; -2, -3... if taken)")
+    field("run.seed", default=0, help="seed for subset, initialisation, sampling and noise (default: 0)")
+    field("run.quiet", default=False, help="no progress bar or per-epoch lines")
     return parser
 
 
 def config_from_args(args: argparse.Namespace, given: Sequence[str]):
     """The job's :class:`~dpvision.jobs.config.TrainConfig` for these flags (``ValueError`` naming a flag)."""
-    from dpvision.jobs.config import TrainConfig
-
     if args.target_epsilon is not None:
         if args.epsilon is not None and args.epsilon != args.target_epsilon:
             raise ValueError(f"--epsilon {args.epsilon} and --target-epsilon {args.target_epsilon} disagree: they "
@@ -76,34 +85,14 @@ def config_from_args(args: argparse.Namespace, given: Sequence[str]):
     if args.disable_dp and refused:
         raise ValueError(f"{refused[0]} needs DP: --disable-dp adds no noise and spends no privacy "
                          "(drop one of the two)")
-    dp = {"enabled": not args.disable_dp, "max_grad_norm": args.max_per_sample_grad_norm,
-          "delta": parse_delta(args.delta),
-          "accountant": args.accountant, "max_epsilon": args.max_epsilon}
-    if not args.disable_dp:
-        dp.update(target_epsilon=args.epsilon) if args.epsilon is not None else dp.update(
-            noise_multiplier=DEFAULT_SIGMA if args.sigma is None else args.sigma)
-    return TrainConfig.from_dict({
-        "data": {"dataset": "mnist", "root": args.data_root, "k": args.k},
-        "model": {"name": "sample_convnet"},
-        "optim": {"name": "sgd", "lr": args.lr, "epochs": args.epochs, "batch_size": args.batch_size,
-                  "eval_batch_size": args.test_batch_size},
-        "dp": dp,
-        "run": {"engine": args.engine, "device": args.device, "seed": args.seed, "runs_dir": args.runs_dir,
-                "run_name": args.run_name, "quiet": args.quiet},
-    })
-
-
-# Config fields as the seed's flags name them, for error messages.
-FLAG_NAMES = {"data.k": "--k", "data.root": "--data-root", "optim.lr": "--lr", "optim.epochs": "--epochs",
-              "optim.batch_size": "--batch-size", "optim.eval_batch_size": "--test-batch-size",
-              "dp.noise_multiplier": "--sigma", "dp.target_epsilon": "--epsilon",
-              "dp.max_grad_norm": "--max-per-sample-grad-norm", "dp.delta": "--delta",
-              "dp.max_epsilon": "--max-epsilon", "dp.accountant": "--accountant", "run.engine": "--engine", "run.device": "--device",
-              "run.seed": "--seed", "run.runs_dir": "--runs-dir", "run.run_name": "--run-name"}
-
-
-def seed_message(message: str) -> str:
-    return rename_fields(message, FLAG_NAMES)
+    values = args.flag_map.values(args)
+    if args.disable_dp:
+        values = {k: v for k, v in values.items() if k not in ("dp.noise_multiplier", "dp.target_epsilon")}
+    elif args.epsilon is None:
+        values["dp.noise_multiplier"] = DEFAULT_SIGMA if args.sigma is None else args.sigma
+    values.update({"data.dataset": "mnist", "model.name": "sample_convnet", "optim.name": "sgd",
+                   "dp.enabled": not args.disable_dp})
+    return TrainConfig().with_overrides(values)
 
 
 class SeedCsv:
@@ -120,8 +109,6 @@ class SeedCsv:
         return f"mnist_{a.lr}_{sigma}_{a.max_per_sample_grad_norm}_{a.batch_size}_{a.epochs}_{epsilon}_{a.k}.csv"
 
     def __call__(self, run_dir, rows: list[dict]) -> None:
-        from dpvision.runs import atomic_write_text, csv_text
-
         if self.front is None:  # what the run recorded (the name, the --out-dir): read once
             config = run_dir.read_config()
             self.front = config["resolved"].get("front_end", {})
@@ -146,31 +133,29 @@ class SeedCsv:
 
 def main(argv: Sequence[str] | None = None, prog: str = "mnist.py") -> int:
     """``python mnist.py [flags]``: exit 0, or 2 with one ``error:`` line naming the flag."""
-    from dpvision.jobs.errors import run_guarded
-
-    one_line_warnings()
     parser = add_mnist_arguments(OneLineParser(prog=prog, description="Train SampleConvNet on MNIST, with or "
                                                                       "without DP-SGD."))
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     args = parser.parse_args(argv)
-    given = given_flags(parser, argv)
-    return run_guarded(parser, lambda: _run(args, given), translate=seed_message)
+    return run_parsed(parser, args, given_flags(parser, argv))
+
+
+def run_parsed(parser: argparse.ArgumentParser, args: argparse.Namespace, given: list[str]) -> int:
+    """Run the parsed flags (``python mnist.py`` and ``dpvision mnist``); errors in the seed's flag names."""
+    one_line_warnings(args.flag_map.translate)
+    return run_guarded(parser, lambda: _run(args, given), translate=args.flag_map.translate)
 
 
 def _run(args: argparse.Namespace, given: list[str]) -> dict:
-    from dpvision.jobs.loop import check_resume_flags, resume_overrides
-    from dpvision.jobs.train import run
-
     if args.resume is not None:
-        check_resume_flags(given, RESUME_FLAGS)
-        overrides = resume_overrides(args, given, {"--data-root": ("data.root", "data_root"),
-                                                   "--device": ("run.device", "device"),
-                                                   "--quiet": ("run.quiet", "quiet")})
+        check_resume_flags(given, ["--resume", "--out-dir", *(args.flag_map.flag(f) for f in RESUME_FIELDS)])
+        overrides = {field: value for field, value in args.flag_map.values(args, RESUME_FIELDS).items()
+                     if args.flag_map.flag(field) in given}
         out_dir = args.out_dir if "--out-dir" in given else None
         if out_dir is not None:
             check_can_create_dir(out_dir, "--out-dir")
         csv = SeedCsv(args, out_dir)
-        summary = run(resume=args.resume, overrides=overrides, on_rows=csv)
+        summary = train_job.run(resume=args.resume, overrides=overrides, on_rows=csv)
         print(f"Seed CSV: {csv.path}", flush=True)
         return summary
     config = config_from_args(args, given)
@@ -181,6 +166,6 @@ def _run(args: argparse.Namespace, given: list[str]) -> dict:
         name = csv.name(resolved, config.dp.target_epsilon)
         return {"out_dir": args.out_dir, "seed_csv_name": name, "run_name": Path(name).stem}
 
-    summary = run(config, group="mnist", run_name=args.run_name, on_rows=csv, front_end=front_end)
+    summary = train_job.run(config, group="mnist", run_name=args.run_name, on_rows=csv, front_end=front_end)
     print(f"Seed CSV: {csv.path}", flush=True)
     return summary

@@ -19,9 +19,9 @@ Example:
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
+from dpvision.data.registry import DATASET_REGISTRY
 from dpvision.engines import FastOptions, OptimizerSpec, build_engine
 from dpvision.jobs.config import TrainConfig
 from dpvision.models import build_model
@@ -86,8 +86,8 @@ def plan_privacy(config: TrainConfig, *, num_train: int) -> Plan:
         plan = make_plan(num_train=num_train, batch_size=optim.batch_size, epochs=optim.epochs, dp=dp.enabled,
                          noise_multiplier=dp.noise_multiplier, target_epsilon=dp.target_epsilon,
                          max_grad_norm=dp.max_grad_norm, delta=dp.delta, accountant=dp.accountant,
-                         # dp.clipping comes with the config's clipping field (valid names: CLIPPING_RULES)
-                         clipping=getattr(dp, "clipping", "flat"), warmup_epochs=optim.warmup_epochs)
+                         clipping=dp.clipping, warmup_epochs=optim.warmup_epochs,
+                         allow_large_delta=dp.allow_large_delta)
     except ValueError as err:
         if str(err).startswith("target_epsilon:"):
             raise ValueError(f"dp.{err}") from None
@@ -98,9 +98,6 @@ def plan_privacy(config: TrainConfig, *, num_train: int) -> Plan:
     check_noise_multiplier(plan.noise_multiplier, "dp.noise_multiplier", accountant=plan.accountant,
                            sample_rate=plan.sample_rate, steps=plan.total_steps, delta=plan.delta,
                            accountant_flag="dp.accountant")
-    if plan.delta >= 1 / num_train:
-        warnings.warn(f"delta {plan.delta:g} is at least 1/N = 1/{num_train}: too large to be a meaningful privacy "
-                      "guarantee (use delta << 1/N, e.g. 'auto')", stacklevel=2)
     return plan
 
 
@@ -144,8 +141,7 @@ def build(config: TrainConfig, data: Data, plan: Plan, device, dist=None):
     if config.run.engine == "fast":
         options = FastOptions(precision=None if config.run.precision == "auto" else config.run.precision,
                               augmult=optim.augmult,
-                              # digits must not be mirrored; clothes, objects and faces may
-                              augment_flip=bool(optim.augmult) and config.data.dataset != "mnist")
+                              augment_flip=bool(optim.augmult) and DATASET_REGISTRY[config.data.dataset].allows_flip)
     dist = dist if dist is not None and dist.is_distributed else None  # one process: the engine's own context
     return build_engine(config.run.engine, model=model, train_data=train, plan=plan, optimizer=optimizer,
                         seed=config.run.seed, device=device, dist=dist, options=options)

@@ -16,12 +16,19 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
+import yaml
+
 from dpvision.jobs.config import TrainConfig
-from dpvision.jobs.sweep_report import RESULT_COLUMNS  # noqa: F401 (the columns of results.csv)
+from dpvision.jobs.sweep_report import write_outputs
+from dpvision.jobs import train as train_job  # train_job.run: looked up at call time (tests replace it)
+from dpvision.privacy.accountants import ACCOUNTANTS
+from dpvision.runs import atomic_write_text, check_writable_dir
 
 MAX_RUNS = 1000  # a sweep is bounded work: ε values x seeds x varied values (+ baselines)
 PLAN_FILE = "sweep.yaml"
@@ -79,11 +86,6 @@ def run_config(base: TrainConfig, point: dict, vary: tuple[str, list] | None, ru
 def sweep(base: TrainConfig, *, epsilons: Sequence[float], seeds: Sequence[int], out: str | Path,
           vary: tuple[str, list] | None = None, baseline: bool = True, command: str = "") -> list[dict]:
     """Run (or finish) every point of the sweep and write the results; returns the result rows."""
-    import yaml
-
-    from dpvision.jobs.sweep_report import write_outputs
-    from dpvision.runs import atomic_write_text, check_writable_dir
-
     if base.dp.enabled is False and not baseline:
         raise ValueError("--config: the recipe has DP switched off; a sweep over ε needs DP")
     points = plan_runs(epsilons=epsilons, seeds=seeds, vary=vary, baseline=baseline)
@@ -114,8 +116,6 @@ def sweep(base: TrainConfig, *, epsilons: Sequence[float], seeds: Sequence[int],
 
 
 def _finished(folder: Path) -> dict | None:
-    import json
-
     path = folder / "summary.json"
     if not path.is_file():
         return None
@@ -126,15 +126,11 @@ def _finished(folder: Path) -> dict | None:
 
 
 def _run_point(config: TrainConfig, folder: Path) -> dict:
-    from dpvision.jobs.train import run
-
     if (folder / "checkpoint.pt").exists():  # interrupted earlier: continue it
-        return run(resume=folder, overrides={"run.quiet": True}, announce=False)
+        return train_job.run(resume=folder, overrides={"run.quiet": True}, announce=False)
     if folder.exists():  # created but never checkpointed: nothing to keep
-        import shutil
-
         shutil.rmtree(folder)
-    return run(config, group="", run_name=config.run.run_name, announce=False)
+    return train_job.run(config, group="", run_name=config.run.run_name, announce=False)
 
 
 def _result_row(point: dict, vary, summary: dict, folder: Path) -> dict:
@@ -144,7 +140,7 @@ def _result_row(point: dict, vary, summary: dict, folder: Path) -> dict:
         "name": point["name"], "target_epsilon": point["target_epsilon"] if point["target_epsilon"] else math.inf,
         "seed": point["seed"], "vary": vary[0] if vary else "", "value": "" if not vary else label(point["value"]),
         "test_accuracy": number(summary["test_accuracy"]), "epsilon": number(summary["epsilon"]),
-        **{f"epsilon_{k}": number(epsilons.get(k, math.inf)) for k in ("rdp", "prv", "pld")},
+        **{f"epsilon_{k}": number(epsilons.get(k, math.inf)) for k in ACCOUNTANTS},
         "delta": number(summary["delta"]), "noise_multiplier": number(summary["noise_multiplier"]),
         "steps": int(summary["steps"]), "wall_seconds": number(summary["wall_seconds"]), "run_dir": str(folder),
     }

@@ -1,13 +1,16 @@
-"""Privacy accounting: the ledger of what was spent, ε from it, σ calibration and budgets, bounds on σ."""
+"""Privacy accounting: the accountant registry, the ledger of what was spent, ε from it, σ calibration and
+budgets, bounds on σ, and the run's plan (δ resolved and checked once)."""
 
+from dpvision.privacy.accountants import ACCOUNTANT_REGISTRY, ACCOUNTANTS, Accountant, register_accountant
 from dpvision.privacy.accounting import (
-    ACCOUNTANTS,
     PrivacyLedger,
     calibrate_noise_multiplier,
+    check_accountant,
     compute_epsilon,
     compute_epsilons,
     epsilon_notes,
     expected_batch_size,
+    parse_delta,
     poisson_sample_rate,
     resolve_delta,
     steps_per_epoch,
@@ -22,18 +25,23 @@ from dpvision.privacy.budget import PrivacyBudget, steps_within_budget
 
 __all__ = [
     "ACCOUNTANTS",
+    "ACCOUNTANT_REGISTRY",
+    "Accountant",
     "MAX_NOISE_MULTIPLIER",
     "MIN_NOISE_MULTIPLIER",
     "AccountantWorkError",
     "PrivacyBudget",
     "PrivacyLedger",
     "calibrate_noise_multiplier",
+    "check_accountant",
     "check_noise_multiplier",
     "compute_epsilon",
     "compute_epsilons",
     "epsilon_notes",
     "expected_batch_size",
+    "parse_delta",
     "poisson_sample_rate",
+    "register_accountant",
     "resolve_delta",
     "steps_per_epoch",
     "steps_within_budget",

@@ -23,20 +23,16 @@ import math
 import warnings
 from dataclasses import dataclass, field
 
+from dpvision.privacy.accountants import ACCOUNTANT_REGISTRY, ACCOUNTANTS, History
 from dpvision.privacy.bounds import (
     MAX_NOISE_MULTIPLIER,
     MIN_NOISE_MULTIPLIER,
-    PLD_DISCRETIZATION,
-    PRV_DELTA_ERROR_FACTOR,
-    PRV_EPS_ERROR,
     AccountantWorkError,
-    History,
-    check_noise_multiplier,  # noqa: F401  (re-exported: front-ends validate σ through accounting)
+    max_grid_points,
     min_noise_multiplier,
     skip_reason,
 )
 
-ACCOUNTANTS = ("rdp", "prv", "pld")
 BATCH_SIZE_RTOL = 1e-12  # float error allowed in N * q before it is floored (q not of the form 1/m)
 AUTO_DELTA_FACTOR = 10  # --delta auto: δ = 1 / (10 N), well below the 1/N where DP stops meaning much
 
@@ -87,8 +83,33 @@ def expected_batch_size(num_examples: int, sample_rate: float) -> int:
     return expected
 
 
+def parse_delta(value: float | str, where: str = "dp.delta") -> float | str:
+    """δ as given (a number, a numeric string, or ``"auto"``) -> a float in (0, 1) or ``"auto"``.
+
+    The one place δ is parsed: the config, every front-end and :func:`resolve_delta` call it.
+
+    Example:
+        >>> parse_delta("1e-5"), parse_delta(" AUTO "), parse_delta(1e-5)
+        (1e-05, 'auto', 1e-05)
+        >>> parse_delta("sometimes")
+        Traceback (most recent call last):
+        ...
+        ValueError: dp.delta must be a number in (0, 1) or 'auto', got 'sometimes'
+    """
+    if isinstance(value, str):
+        if value.strip().lower() == "auto":
+            return "auto"
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:  # also NaN
+        raise ValueError(f"{where} must be a number in (0, 1) or 'auto', got {value!r}")
+    return float(value)
+
+
 def resolve_delta(delta: float | str, num_examples: int) -> float:
-    """``"auto"`` becomes 1 / (10 N); a number (or numeric string) is returned as a float.
+    """δ for ``num_examples`` training examples: ``"auto"`` becomes 1 / (10 N), a number stays itself.
 
     Example:
         >>> resolve_delta("auto", 30_000)
@@ -96,14 +117,8 @@ def resolve_delta(delta: float | str, num_examples: int) -> float:
         >>> resolve_delta("1e-5", 30_000)
         1e-05
     """
-    if isinstance(delta, str):
-        if delta.strip().lower() == "auto":
-            return 1.0 / (AUTO_DELTA_FACTOR * num_examples)
-        try:
-            delta = float(delta)
-        except ValueError:
-            raise ValueError(f"--delta must be a number in (0, 1) or 'auto', got {delta!r}") from None
-    return float(delta)
+    delta = parse_delta(delta)
+    return 1.0 / (AUTO_DELTA_FACTOR * num_examples) if delta == "auto" else delta
 
 
 def normalize_history(history) -> History:
@@ -145,7 +160,10 @@ def compute_epsilon(history, *, delta: float, accountant: str = "rdp") -> float:
 
 
 def compute_epsilons(history, *, delta: float, primary: str | None = None) -> dict[str, float]:
-    """ε under every accountant: ``{"rdp": ..., "prv": ..., "pld": ...}``.
+    """ε under every rigorous accountant (:data:`ACCOUNTANTS`): ``{"rdp": ..., "prv": ..., "pld": ...}``.
+
+    A ``primary`` outside :data:`ACCOUNTANTS` (a registered approximation, e.g. ``gdp``) is
+    added to the dict: the run reports it, and its rows still carry every rigorous ε.
 
     ``primary`` is computed as :func:`compute_epsilon` computes it (PRV or PLD as primary
     raise rather than be skipped). Every other accountant (all of them when ``primary``
@@ -159,11 +177,12 @@ def compute_epsilons(history, *, delta: float, primary: str | None = None) -> di
         >>> compute_epsilons([(0.1, 0.5, 3540)], delta=1e-5, primary="rdp")["pld"]
         inf
     """
-    if primary is not None and primary not in ACCOUNTANTS:
-        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {primary!r}")
+    if primary is not None:
+        check_accountant(primary)
     history = _checked(history, delta, "rdp")
+    names = ACCOUNTANTS if primary in ACCOUNTANTS or primary is None else (*ACCOUNTANTS, primary)
     return {name: compute_epsilon(history, delta=delta, accountant=name) if name == primary
-            else _evaluate(history, float(delta), name)[0] for name in ACCOUNTANTS}
+            else _evaluate(history, float(delta), name)[0] for name in names}
 
 
 def epsilon_notes(history, *, delta: float) -> dict[str, str]:
@@ -184,8 +203,7 @@ def epsilon_notes(history, *, delta: float) -> dict[str, str]:
 
 
 def _checked(history, delta: float, accountant: str) -> History:
-    if accountant not in ACCOUNTANTS:
-        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+    check_accountant(accountant)
     if not 0 < delta < 1:
         raise ValueError(f"--delta must be in (0, 1), got {delta!r}")
     return normalize_history(history)
@@ -207,7 +225,7 @@ def _evaluate(history: History, delta: float, accountant: str) -> tuple[float, s
         history = tuple((min(s, MAX_NOISE_MULTIPLIER), q, n) for s, q, n in history)
         note = f"sigma above {MAX_NOISE_MULTIPLIER:g} counted as {MAX_NOISE_MULTIPLIER:g} (a conservative upper bound)"
     try:
-        if accountant != "rdp":
+        if max_grid_points(accountant) is not None:
             reason = skip_reason(history, delta=delta, accountant=accountant)
             if reason is not None:
                 return math.inf, reason, True
@@ -226,29 +244,14 @@ def _evaluate(history: History, delta: float, accountant: str) -> tuple[float, s
 
 
 def _epsilon(history: History, delta: float, accountant: str) -> float:
-    if accountant == "pld":
-        from dp_accounting import dp_event, pld
+    return ACCOUNTANT_REGISTRY[accountant].epsilon(history, delta)
 
-        acc = pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
-        for sigma, q, steps in history:
-            event = dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma))
-            acc.compose(dp_event.SelfComposedDpEvent(event, steps))
-        return float(acc.get_epsilon(delta))
-    from opacus.accountants import create_accountant
 
-    acc = create_accountant(mechanism=accountant)
-    acc.history = list(history)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Optimal order is the")  # RDP at large σ: still a valid bound
-        if accountant == "prv":  # the error settings bounds.grid_points predicts the grid from
-            import numpy as np
-
-            # q = 1: Opacus's PRV takes log(1 - q) = -inf, which its comparisons handle; only numpy's
-            # "divide by zero" warning is silenced, for this call alone.
-            with np.errstate(divide="ignore"):
-                return float(acc.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR,
-                                             delta_error=delta * PRV_DELTA_ERROR_FACTOR))
-        return float(acc.get_epsilon(delta=delta))
+def check_accountant(name: str, where: str = "dp.accountant") -> str:
+    """``name`` if it is a registered accountant, else a one-line ``ValueError`` naming ``where``."""
+    if name not in ACCOUNTANT_REGISTRY:
+        raise ValueError(f"{where} must be one of {', '.join(ACCOUNTANT_REGISTRY)}, got {name!r}")
+    return name
 
 
 @dataclass
@@ -327,8 +330,7 @@ def calibrate_noise_multiplier(
     """
     if not target_epsilon > 0 or not math.isfinite(target_epsilon):
         raise ValueError(f"target epsilon must be a positive finite number, got {target_epsilon}")
-    if accountant not in ACCOUNTANTS:
-        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+    check_accountant(accountant)
     if steps < 1:
         raise ValueError(f"calibration needs at least one step, got {steps}")
 

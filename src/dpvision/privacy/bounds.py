@@ -9,7 +9,7 @@
 * RDP's cost does not grow with the steps: it is always computed. PRV and PLD
   discretise the privacy loss on a grid whose size is predicted here, cheaply
   and before any allocation, from the same RDP tail bound PRV uses for its
-  domain (:func:`grid_points`). Above ``MAX_GRID_POINTS`` (measured: seconds and
+  domain (:func:`grid_points`). Above their registered ``max_grid_points`` (measured: seconds and
   hundreds of MB at the limit; docs/privacy.md, "Bounds on σ and on the
   accountants' work") they are not evaluated: as a secondary accountant ε = ∞
   with a reason, as the primary one the run is refused up front
@@ -24,7 +24,7 @@ Example:
     Traceback (most recent call last):
     ...
     ValueError: --sigma must be 0 (no noise) or in [0.1, 10000], got 1e-05
-    >>> grid_points(((1.3, 1 / 118, 3540),), delta=1e-5, accountant="prv") < MAX_GRID_POINTS["prv"]
+    >>> grid_points(((1.3, 1 / 118, 3540),), delta=1e-5, accountant="prv") < max_grid_points("prv")
     True
 """
 
@@ -34,17 +34,20 @@ import functools
 import math
 import warnings
 
+from dpvision.privacy.accountants import (
+    ACCOUNTANT_REGISTRY,
+    PLD_DISCRETIZATION,
+    PRV_DELTA_ERROR_FACTOR,
+    PRV_EPS_ERROR,
+    History,
+)
+
 MIN_NOISE_MULTIPLIER = 0.1  # below: ε in the tens after one step (no guarantee left)
 MAX_NOISE_MULTIPLIER = 1e4  # above: RDP's numerics fail; noise std 1e4 C drowns any realistic batch
-PRV_EPS_ERROR = 0.01  # Opacus's default, passed explicitly: the grid prediction depends on it
-PRV_DELTA_ERROR_FACTOR = 1e-3  # Opacus's default delta_error = δ / 1000
-PLD_DISCRETIZATION = 1e-4  # dp_accounting's default value_discretization_interval
-# Grid points PRV and PLD may use (measured in docs/privacy.md: near the limits each call takes
-# 1-3 CPU seconds and at most ~0.4 GB; at twice the limits up to 15 s and 1-3 GB).
-MAX_GRID_POINTS = {"prv": 4_000_000, "pld": 10_000_000}
+# The grid points PRV and PLD may use are their registry entries' ``max_grid_points`` (measured in
+# docs/privacy.md: near the limits each call takes 1-3 CPU seconds and at most ~0.4 GB; at twice
+# the limits up to 15 s and 1-3 GB).
 PLD_MAX_SINGLE_STEP_POINTS = 200_000  # one step's PLD costs ~8 CPU µs a point to build: ~2 s here
-
-History = tuple[tuple[float, float, int], ...]
 
 
 class AccountantWorkError(ValueError):
@@ -70,8 +73,8 @@ def check_noise_multiplier(value: float, flag: str = "--sigma", *, accountant: s
         ...     print(err)
         --accountant pld needs --sigma >= 0.44 for sample rate 0.00847458, 3540 steps and delta 1e-05 (pld not computed: its grid would have 1.22e+07 points (limit 1e+07)); use --accountant rdp
     """
-    if accountant != "rdp" and accountant not in MAX_GRID_POINTS:
-        raise ValueError(f"{accountant_flag} must be one of rdp, {', '.join(MAX_GRID_POINTS)}, got {accountant!r}")
+    if accountant not in ACCOUNTANT_REGISTRY:
+        raise ValueError(f"{accountant_flag} must be one of {', '.join(ACCOUNTANT_REGISTRY)}, got {accountant!r}")
     sigma = float(value)
     if sigma == 0:
         warnings.warn(f"{flag} 0 adds no noise: epsilon = inf, no privacy guarantee", stacklevel=2)
@@ -79,7 +82,7 @@ def check_noise_multiplier(value: float, flag: str = "--sigma", *, accountant: s
     if not MIN_NOISE_MULTIPLIER <= sigma <= MAX_NOISE_MULTIPLIER:  # also NaN and ±inf
         raise ValueError(f"{flag} must be 0 (no noise) or in [{MIN_NOISE_MULTIPLIER:g}, "
                          f"{MAX_NOISE_MULTIPLIER:g}], got {value!r}")
-    if accountant == "rdp" or None in (sample_rate, steps, delta) or steps <= 0:
+    if max_grid_points(accountant) is None or None in (sample_rate, steps, delta) or steps <= 0:
         return sigma
     reason = skip_reason(((sigma, float(sample_rate), int(steps) + 1),), delta=delta, accountant=accountant)
     if reason is not None:
@@ -88,6 +91,11 @@ def check_noise_multiplier(value: float, flag: str = "--sigma", *, accountant: s
             f"{accountant_flag} {accountant} needs {flag} >= {need:.3g} for sample rate {sample_rate:.6g}, "
             f"{steps} steps and delta {delta:g} ({reason}); use {accountant_flag} rdp")
     return sigma
+
+
+def max_grid_points(accountant: str) -> int | None:
+    """The registered bound on ``accountant``'s grid (None: its work does not grow with the steps)."""
+    return ACCOUNTANT_REGISTRY[accountant].max_grid_points
 
 
 def grid_points(history: History, *, delta: float, accountant: str) -> int:
@@ -99,7 +107,7 @@ def grid_points(history: History, *, delta: float, accountant: str) -> int:
     ``PLD_DISCRETIZATION`` (measured within a factor 1.3 of dp_accounting's Chernoff-
     truncated size). Both grow as σ falls and as the steps grow.
     """
-    if accountant == "rdp" or not history:
+    if max_grid_points(accountant) is None or not history:
         return 0
     return _grid_points(history, float(delta), accountant)
 
@@ -118,10 +126,12 @@ def _grid_points(history: History, delta: float, accountant: str) -> int:
 
 def skip_reason(history: History, *, delta: float, accountant: str) -> str | None:
     """Why ``accountant`` must not be evaluated on ``history`` (too much work), or None when it may."""
+    limit = max_grid_points(accountant)
+    if limit is None:
+        return None
     points = grid_points(history, delta=delta, accountant=accountant)
-    if points > MAX_GRID_POINTS.get(accountant, math.inf):
-        return (f"{accountant} not computed: its grid would have {points:.3g} points "
-                f"(limit {MAX_GRID_POINTS[accountant]:.3g})")
+    if points > limit:
+        return f"{accountant} not computed: its grid would have {points:.3g} points (limit {limit:.3g})"
     if accountant == "pld":
         single = max(_pld_single_step_points(sigma, q) for sigma, q, _ in history)
         if single > PLD_MAX_SINGLE_STEP_POINTS:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from dpvision.privacy.accounting import ACCOUNTANTS, PrivacyLedger
+from dpvision.privacy.accounting import PrivacyLedger, check_accountant
 from dpvision.privacy.bounds import AccountantWorkError
 
 
@@ -82,8 +82,7 @@ class PrivacyBudget:
             raise ValueError(f"--max-epsilon must be a positive number, got {self.max_epsilon!r}")
         if not 0 < self.delta < 1:
             raise ValueError(f"--delta must be in (0, 1), got {self.delta!r}")
-        if self.accountant not in ACCOUNTANTS:
-            raise ValueError(f"--accountant must be one of {', '.join(ACCOUNTANTS)}, got {self.accountant!r}")
+        check_accountant(self.accountant, "--accountant")
 
     def allowed_steps(self, ledger: PrivacyLedger, *, noise_multiplier: float, sample_rate: float,
                       planned: int) -> int:

@@ -26,11 +26,13 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 from dpvision.privacy.accounting import (
-    ACCOUNTANTS,
+    AUTO_DELTA_FACTOR,
     calibrate_noise_multiplier,
+    check_accountant,
     expected_batch_size,
     poisson_sample_rate,
     resolve_delta,
@@ -80,8 +82,7 @@ class Plan:
                 raise ValueError(f"max_grad_norm must be a positive number, got {self.max_grad_norm}")
         if not 0 < self.delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {self.delta}")
-        if self.accountant not in ACCOUNTANTS:
-            raise ValueError(f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {self.accountant!r}")
+        check_accountant(self.accountant, "accountant")
         q = poisson_sample_rate(self.num_train, self.batch_size)
         per_epoch = steps_per_epoch(q) if self.dp else math.ceil(self.num_train / self.batch_size)
         derived = {
@@ -105,16 +106,18 @@ class Plan:
 def make_plan(*, num_train: int, batch_size: int, epochs: int, dp: bool = True,
               noise_multiplier: float | None = None, target_epsilon: float | None = None,
               max_grad_norm: float = 1.0, delta: float | str = 1e-5, accountant: str = "rdp",
-              clipping: str = "flat", warmup_epochs: float = 0.0) -> Plan:
+              clipping: str = "flat", warmup_epochs: float = 0.0, allow_large_delta: bool = False) -> Plan:
     """The plan of a run: δ resolved (``"auto"`` = 1 / (10 N)), σ given, default or calibrated.
 
     With ``target_epsilon`` σ is calibrated so that ``epochs`` epochs end at ε <= target under
-    ``accountant`` (``ValueError`` naming ``target_epsilon`` when unreachable).
+    ``accountant`` (``ValueError`` naming ``target_epsilon`` when unreachable). Under DP the δ
+    policy (:func:`check_delta`) refuses δ >= 1/N unless ``allow_large_delta``.
     """
     resolved_delta = resolve_delta(delta, num_train)
     if not dp:
         return Plan(num_train=num_train, batch_size=batch_size, epochs=epochs, dp=False, delta=resolved_delta,
                     accountant=accountant, clipping=clipping, warmup_epochs=warmup_epochs)
+    check_delta(resolved_delta, num_train, allow_large_delta=allow_large_delta)
     base = Plan(num_train=num_train, batch_size=batch_size, epochs=epochs, dp=True,
                 noise_multiplier=DEFAULT_NOISE_MULTIPLIER if noise_multiplier is None else float(noise_multiplier),
                 max_grad_norm=float(max_grad_norm), delta=resolved_delta, accountant=accountant, clipping=clipping,
@@ -130,3 +133,29 @@ def make_plan(*, num_train: int, batch_size: int, epochs: int, dp: bool = True,
     return Plan(num_train=num_train, batch_size=batch_size, epochs=epochs, dp=True, noise_multiplier=sigma,
                 max_grad_norm=float(max_grad_norm), delta=resolved_delta, accountant=accountant, clipping=clipping,
                 warmup_epochs=warmup_epochs)
+
+
+def check_delta(delta: float, num_train: int, *, allow_large_delta: bool = False) -> None:
+    """The δ policy of a DP run on ``num_train`` examples: refuse δ >= 1/N, warn above 1/(10 N).
+
+    The accepted convention is δ well below 1/N: a mechanism that publishes one random
+    example in full is (0, 1/N)-DP, so δ >= 1/N allows that. ``allow_large_delta`` (the
+    user insisting, ``dp.allow_large_delta: true``) turns the refusal into the warning.
+
+    Example:
+        >>> check_delta(1e-6, 30_000)
+        >>> check_delta(0.5, 30_000)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: dp.delta 0.5 is at least 1/N = 3.33e-05 (N = 30000 training examples): the accepted ...
+    """
+    limit = 1.0 / num_train
+    if delta >= limit and not allow_large_delta:
+        raise ValueError(f"dp.delta {delta:g} is at least 1/N = {limit:.3g} (N = {num_train} training examples): "
+                         "the accepted convention is delta well below 1/N (a delta of 1/N allows publishing an "
+                         "example outright); use a smaller dp.delta, 'auto' for 1/(10 N), or set "
+                         "dp.allow_large_delta to insist")
+    auto = 1.0 / (AUTO_DELTA_FACTOR * num_train)  # exactly resolve_delta's "auto", which must not warn
+    if delta > auto:
+        warnings.warn(f"dp.delta {delta:g} is above 1/(10 N) = {auto:.3g} (N = {num_train}): "
+                      "delta should be well below 1/N ('auto' gives 1/(10 N))", stacklevel=3)
