@@ -32,7 +32,9 @@ def frontier_figure(rows: Sequence[dict], *, vary: str | None):
     """Test accuracy against ε (log scale): mean with min-max bars over seeds; baseline as a band."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.5))
+    from dpvision.jobs.plots import legend_outside
+
+    fig = Figure(figsize=(7, 5), layout="constrained")
     ax = fig.subplots()
     stats = aggregate(rows)
     values = sorted({key[0] for key in stats}, key=str)
@@ -64,9 +66,8 @@ def frontier_figure(rows: Sequence[dict], *, vary: str | None):
     ax.set_xlabel("ε (target; δ as in the recipe)")
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="lower right")
+    legend_outside(ax, where="below", ncol=1, fontsize=8)  # under the axes: it never hides a point
     ax.set_title("privacy-utility frontier")
-    fig.tight_layout()
     return fig
 
 
