@@ -122,13 +122,14 @@ def few_steps_advice(config: TrainConfig, plan: PrivacyPlan) -> str | None:
     """A sentence when the run takes too few optimizer steps to learn, with settings that give enough.
 
     Without DP the batch size is halved (down to 32) until the epochs give enough steps, then the epochs are
-    raised to reach ``MIN_SENSIBLE_STEPS``: on the 630-image CelebA demo subset, batch 256 for 10 epochs (30
-    steps) stays at chance and the advised batch 32 for 10 epochs (200 steps) reaches 0.84 test accuracy.
+    raised to reach ``MIN_SENSIBLE_STEPS``: on the 630-image CelebA demo subset the default run (DP, batch 256,
+    10 epochs: 30 steps) ends at chance (0.54) and, without DP, the advised batch 32 for 10 epochs (200 steps)
+    reaches 0.84 test accuracy (CPU, the celeba recipe's lr 0.05 for the baseline).
     Under DP the batch is kept and only the epochs rise: each step adds noise of std σC/B per coordinate to
     the mean gradient, so a smaller batch buys steps with noisier ones (the old advice, batch 32, stays at
     chance there). More steps cost privacy: the advice states the ε they spend (σ fixed), or that σ is
     recalibrated to the target (``dp.target_epsilon``), which makes every step noisier. On so few examples
-    DP-SGD may not learn at a useful ε at all (batch 256 at lr 0.02 stayed at chance there too): it says so.
+    DP-SGD may not learn at a useful ε at all (batch 256 at lr 0.02: 0.53 after 102 steps there): it says so.
 
     Example:
         >>> from dpvision.jobs.config import OptimConfig
