@@ -81,7 +81,8 @@ def plan(*, system: str, gpu: bool, reachable: bool, why: str = "", extras: str 
     if not reachable:
         return [project], [
             f"no NVIDIA GPU found, but PyTorch's CPU index {index} cannot be reached ({why}): installing PyTorch "
-            "from PyPI instead, the CUDA build (its nvidia-* and triton packages take about 4 GB, unused without a GPU)",
+            "from PyPI instead, the CUDA build (its nvidia-* and triton packages take about 4 GB, unused without "
+            "a GPU)",
             f"to switch later: pip install --force-reinstall {' '.join(pins)} --index-url {index}"]
     return [[*pip, *pins, "--index-url", index], project], [
         f"no NVIDIA GPU found: installing the CPU build of PyTorch ({', '.join(pins)}) from {index}, "

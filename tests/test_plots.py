@@ -36,8 +36,8 @@ def metrics_rows(*, dp: bool, epochs: int = 4) -> list[dict]:
     for e in range(1, epochs + 1):
         eps = f"{0.6 * math.sqrt(e):.4f}" if dp else "inf"
         rows.append({"epoch": str(e), "train_accuracy": f"{0.5 + 0.1 * e:.3f}", "val_accuracy": f"{0.52 + 0.1 * e:.3f}",
-                     "test_accuracy": "nan", "epsilon": eps, "epsilon_rdp": eps, "epsilon_prv": eps,
-                     "epsilon_pld": eps})
+                     "test_accuracy": "nan", "noise_multiplier": "1.1" if dp else "0.0", "epsilon": eps,
+                     "epsilon_rdp": eps, "epsilon_prv": eps, "epsilon_pld": eps})
     return rows
 
 
@@ -74,6 +74,8 @@ def test_a_run_without_dp_is_not_labelled_as_dp():
 def test_a_dp_run_says_its_training_steps_are_noisy_and_clipped():
     rows = metrics_rows(dp=True)
     assert rows_are_dp(rows)
+    assert rows_are_dp([dict(r, epsilon="inf") for r in rows])  # σ > 0 says DP even where an accountant gave inf
+    assert rows_are_dp([{k: v for k, v in r.items() if k != "noise_multiplier"} for r in rows])  # no σ column
     assert legend_texts(curves_figure(rows).axes[0])[0] == "train (DP-SGD: noisy, clipped steps)"
     assert legend_texts(curves_figure(rows, dp=False).axes[0])[0] == "train (no DP)"  # the caller may say
 
@@ -177,7 +179,8 @@ def test_notebook_2_group_bars_have_their_legends_beside_them():
     per_group = {"iod_bin=0": 1.0, "iod_bin=1": 0.98, "iod_bin=2": 1.0, "iod_bin=3": 0.97}
     per_class = {"eyeglasses": 1.0, "no_eyeglasses": 0.99}
     summary = {"test_accuracy_per_group": per_group, "test_accuracy_per_class": per_class,
-               "test_count_per_group": dict.fromkeys(per_group, 10), "test_count_per_class": dict.fromkeys(per_class, 20)}
+               "test_count_per_group": dict.fromkeys(per_group, 10),
+               "test_count_per_class": dict.fromkeys(per_class, 20)}
     fig = run_cell("02_training_baseline_vs_dp.ipynb", "plot_group_accuracy({", {
         "baseline": summary, "dp": summary, "print": lambda *a, **k: None})
     assert len(fig.axes) == 2

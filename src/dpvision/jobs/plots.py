@@ -45,7 +45,11 @@ def train_label(*, dp: bool) -> str:
 
 
 def rows_are_dp(rows: Sequence[Mapping[str, Any]]) -> bool:
-    """Whether a run's rows come from DP training: some epoch has a finite ε (a non-private run logs ``inf``)."""
+    """Whether a run's rows come from DP training: σ > 0 in ``metrics.csv`` (0 without DP); rows without a
+    ``noise_multiplier`` column: some epoch has a finite ε (a non-private run logs ``inf``)."""
+    sigmas = [s for s in _floats(rows, "noise_multiplier") if not math.isnan(s)]
+    if sigmas:
+        return any(s > 0 for s in sigmas)
     return any(math.isfinite(e) for e in _floats(rows, "epsilon"))
 
 
