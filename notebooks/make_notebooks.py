@@ -70,6 +70,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from dpvision.celeba import build_subset, load_split, make_demo_archive, preprocess, read_archive
+from dpvision.jobs.plots import class_colors, legend_outside
 '''),
         md("""
 ## 1. A demo archive
@@ -147,23 +148,26 @@ for s in split_names:
 ### Interocular distance per class: before and after
 
 Left: the raw archive. Right: the training split of the subset. After stratification the two histograms have the
-same shape (up to the width of the bins), so the model cannot use face size as a shortcut.
+same shape (up to the width of the bins), so the model cannot use face size as a shortcut. Each class keeps its
+colour in both panels.
 """),
         code('''
-fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 3.5), sharex=True)
-bins = np.linspace(iod.min(), iod.max(), 21)
-ax0.hist([iod[~glasses], iod[glasses]], bins=bins, density=True, label=["no eyeglasses", "eyeglasses"])
-ax0.set_title("raw archive (density)")
 train_rows = [r for r in index if r["split"] == "train"]
-by_class = {c: [float(r["interocular_distance"]) for r in train_rows if r["class_name"] == c] for c in classes}
-ax1.hist([by_class[c] for c in classes], bins=bins, label=classes)
+raw = {"eyeglasses": iod[glasses], "no_eyeglasses": iod[~glasses]}  # the archive, under the subset's class names
+assert set(raw) == set(classes), classes
+subset = {c: [float(r["interocular_distance"]) for r in train_rows if r["class_name"] == c] for c in classes}
+colors = [class_colors(classes)[c] for c in classes]  # one colour per class, the same in both panels
+fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 4), sharex=True, layout="constrained")
+bins = np.linspace(iod.min(), iod.max(), 21)
+ax0.hist([raw[c] for c in classes], bins=bins, density=True, label=classes, color=colors)
+ax0.set_title("raw archive (density)")
+ax1.hist([subset[c] for c in classes], bins=bins, label=classes, color=colors)
 for edge in plan["iod_bin_edges"]:
     ax1.axvline(edge, color="k", lw=0.8, ls="--")
 ax1.set_title("subset, train split (counts; dashed: bin edges)")
 for ax in (ax0, ax1):
     ax.set_xlabel("interocular distance (px)")
-    ax.legend(fontsize=8)
-fig.tight_layout()
+    legend_outside(ax, where="below", ncol=2, fontsize=8)
 plt.show()
 '''),
         md("""
@@ -256,7 +260,7 @@ import matplotlib.pyplot as plt
 
 from dpvision.celeba import build_subset, make_demo_archive, preprocess
 from dpvision.jobs import TrainConfig, run
-from dpvision.jobs.plots import curves_figure, plot_group_accuracy
+from dpvision.jobs.plots import curves_figure, legend_outside, plot_group_accuracy
 from dpvision.privacy.accounting import compute_epsilon, poisson_sample_rate, steps_per_epoch
 '''),
         md("""
@@ -317,7 +321,8 @@ for name, s in (("baseline", baseline), ("DP-SGD", dp)):
         md("""
 ### Curves
 
-Left of each figure: accuracy per epoch (train accuracy under DP is measured on the noisy, clipped steps).
+Left of each figure: accuracy per epoch (the training curve is measured on the training steps themselves: under
+DP, on the noisy, clipped steps; the legend says which).
 Right: ε spent so far. It grows with every step, roughly like the square root of the number of steps; RDP, PRV and
 PLD are three accountants bounding the *same* mechanism, PRV and PLD more tightly.
 """),
@@ -339,12 +344,11 @@ With tiny test sets (small mode) a bin holds only a handful of images: read the 
 """),
         code('''
 # summary.json: test accuracy per group (here the interocular strata of the subset) and per class, with counts
-fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
+fig, axes = plt.subplots(1, 2, figsize=(12, 3.8), layout="constrained")  # legends beside the bars, not on them
 plot_group_accuracy({"baseline": baseline["test_accuracy_per_group"], "DP-SGD": dp["test_accuracy_per_group"]},
                     ax=axes[0], title="test accuracy per interocular bin", counts=dp["test_count_per_group"])
 plot_group_accuracy({"baseline": baseline["test_accuracy_per_class"], "DP-SGD": dp["test_accuracy_per_class"]},
                     ax=axes[1], title="test accuracy per class", counts=dp["test_count_per_class"])
-fig.tight_layout()
 plt.show()
 for st in sorted(dp["test_accuracy_per_group"]):
     gap = baseline["test_accuracy_per_group"][st] - dp["test_accuracy_per_group"][st]
@@ -375,10 +379,11 @@ for sigma in sigmas:
     row = [compute_epsilon([(sigma, q, epochs * steps_per_epoch(q))], delta=delta) for q in rates]
     table[sigma] = row
     print(f"{sigma:5.1f}  " + "".join(f"{e:10.2f}" for e in row))
-fig, ax = plt.subplots(figsize=(6, 3.5))
+fig, ax = plt.subplots(figsize=(7.5, 3.5), layout="constrained")
 for j, q in enumerate(rates):
     ax.plot(sigmas, [table[s][j] for s in sigmas], "o-", label=f"q = {q:g} ({epochs * steps_per_epoch(q)} steps)")
-ax.set_xlabel("noise multiplier σ"); ax.set_ylabel("ε"); ax.set_yscale("log"); ax.grid(alpha=0.3); ax.legend()
+ax.set_xlabel("noise multiplier σ"); ax.set_ylabel("ε"); ax.set_yscale("log"); ax.grid(alpha=0.3)
+legend_outside(ax, fontsize=8)
 ax.set_title(f"ε after {epochs} epochs")
 plt.show()
 '''),

@@ -14,6 +14,8 @@ import statistics
 from pathlib import Path
 from typing import Sequence
 
+import yaml
+
 RESULT_COLUMNS = ["name", "target_epsilon", "seed", "vary", "value", "test_accuracy", "epsilon", "epsilon_rdp",
                   "epsilon_prv", "epsilon_pld", "delta", "noise_multiplier", "steps", "wall_seconds", "run_dir"]
 PAPERS = ("Papernot & Steinke, \"Hyperparameter Tuning with Renyi Differential Privacy\", ICLR 2022")
@@ -32,7 +34,9 @@ def frontier_figure(rows: Sequence[dict], *, vary: str | None):
     """Test accuracy against ε (log scale): mean with min-max bars over seeds; baseline as a band."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.5))
+    from dpvision.jobs.plots import legend_outside
+
+    fig = Figure(figsize=(7, 5), layout="constrained")
     ax = fig.subplots()
     stats = aggregate(rows)
     values = sorted({key[0] for key in stats}, key=str)
@@ -64,9 +68,8 @@ def frontier_figure(rows: Sequence[dict], *, vary: str | None):
     ax.set_xlabel("ε (target; δ as in the recipe)")
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="lower right")
+    legend_outside(ax, where="below", ncol=1, fontsize=8)  # under the axes: it never hides a point
     ax.set_title("privacy-utility frontier")
-    fig.tight_layout()
     return fig
 
 
@@ -93,7 +96,33 @@ def report_text(rows: Sequence[dict], *, points: Sequence[dict], vary, command: 
         lines.append(f"| {label} | {'∞ (no DP)' if math.isinf(eps) else f'{eps:g}'} | {mean:.4f} ± {sd:.4f} | {n} |")
     lines += ["", "Each run's ε (RDP, PRV, PLD) is in `results.csv`; it is at most its target (σ is calibrated "
               "with the recipe's accountant).",
-              "", "The test set was evaluated once per run (`run.test_every_epoch` as in the recipe), to report, "
-              "not to choose: choose hyperparameters on a validation split (`data.val_size`). Tuning on private "
+              "", test_set_sentence(rows) + " The test set is there to report, not to choose: choose "
+              "hyperparameters on a validation split (`data.val_size`). Tuning on private "
               f"data has a privacy cost of its own ({PAPERS}).", ""]
     return "\n".join(lines)
+
+
+SELECTED = {"last": "the last epoch's weights", "best_val": "the weights of the best validation epoch"}
+
+
+def test_set_sentence(rows: Sequence[dict]) -> str:
+    """What the runs did with the test set, read from each run's ``config.yaml`` (the settings that ran)."""
+    seen = set()
+    for row in rows:
+        try:
+            run = yaml.safe_load((Path(row["run_dir"]) / "config.yaml").read_text(encoding="utf-8"))["run"]
+            seen.add((bool(run.get("evaluate_test", True)), bool(run.get("test_every_epoch", True)),
+                      str(run.get("select", "last"))))
+        except (OSError, KeyError, TypeError, yaml.YAMLError):
+            seen.add(None)
+    if len(seen) != 1 or None in seen:
+        return ("How each run used the test set is in its `config.yaml` (`run.evaluate_test`, "
+                "`run.test_every_epoch`, `run.select`).")
+    evaluate, every_epoch, select = seen.pop()
+    if not evaluate:
+        return "No run looked at the test set (`run.evaluate_test: false`): the accuracies are validation accuracies."
+    kept = SELECTED.get(select, f"the weights `run.select: {select}` kept")
+    if every_epoch:
+        return ("Every run evaluated the test set after every epoch (`run.test_every_epoch: true`: the test columns "
+                f"of its `metrics.csv`); the accuracy above is that of {kept}.")
+    return (f"Each run evaluated the test set once, at the end, on {kept} (`run.test_every_epoch: false`).")
