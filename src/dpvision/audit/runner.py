@@ -53,6 +53,7 @@ from dpvision.privacy.accounting import (
 from dpvision.seeding import make_generator, seed_everything
 from dpvision.engines import DPSettings, OptimizerSpec, build_engine
 from dpvision.jobs.loop import train_private_epoch
+from dpvision.privacy.plan import make_plan
 
 MODES = ("white", "black")
 SCORES = ("steps", "final")
@@ -161,8 +162,10 @@ def _white_box(config: AuditConfig, data: ImageTensors, sigma: float, included: 
     # One step per call, so that every iterate is seen (the white-box threat model).
     unit = engine.expected_batch / (config.lr * config.max_grad_norm**2)
     projections, ledger, previous = [], PrivacyLedger(), theta0
+    plan = make_plan(num_train=len(data), batch_size=config.batch_size, epochs=config.epochs, noise_multiplier=sigma,
+                     max_grad_norm=config.max_grad_norm)
     for _ in range(total):
-        train_private_epoch(engine, ledger, noise_multiplier=sigma, max_steps=1)
+        train_private_epoch(engine, ledger, plan, max_steps=1)
         current = _flat(params)
         projections.append((c_dev @ (previous - current)).cpu() * unit)  # [m]
         previous = current
@@ -198,8 +201,10 @@ def _black_box(config: AuditConfig, pool: ImageTensors, data: ImageTensors, incl
                           dp=DPSettings(noise_multiplier=sigma, max_grad_norm=config.max_grad_norm),
                           seed=config.seed, device=device, noise_scale_for_testing=config.noise_scale_for_testing)
     ledger = PrivacyLedger()
+    plan = make_plan(num_train=len(train), batch_size=config.batch_size, epochs=config.epochs, noise_multiplier=sigma,
+                     max_grad_norm=config.max_grad_norm)
     for _ in range(config.epochs):
-        train_private_epoch(engine, ledger, noise_multiplier=sigma)
+        train_private_epoch(engine, ledger, plan)
     model = engine.model
     scores = (before - losses()).double()  # how much training lowered each canary's loss
     return scores.numpy(), ledger, {"sample_rate": engine.sample_rate, "training_examples": len(train)}
