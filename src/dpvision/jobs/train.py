@@ -99,15 +99,20 @@ def judged(ema: WeightAverage | None, model):
 class Trainer:
     """One run's state: the engine, the ledger, the EMA, the best weights, the rows, the run folder.
 
+    Made from a config (or the run folder ``resume`` names, with ``overrides`` of its free
+    keys): every check first (:func:`prepare`, nothing written), then the model and engine.
     ``epoch`` and ``steps`` count what is done (epochs completed, optimizer steps taken); a
     resume restores them, with everything else, from the checkpoint (:meth:`state_dict`).
     Only rank 0 holds the writers (``run_dir``, ``checkpointer``, ``tensorboard``).
     """
 
-    def __init__(self, config: TrainConfig, data, plan, device, dist: DistContext, hooks: Hooks) -> None:
-        self.config, self.data, self.plan, self.device, self.dist, self.hooks = config, data, plan, device, dist, hooks
+    def __init__(self, config: TrainConfig | None, dist: DistContext, hooks: Hooks, *, resume=None,
+                 overrides: dict | None = None) -> None:
+        config, self.data, self.plan, self.device = prepare(config, dist, resume=resume, overrides=overrides or {})
+        self.config, self.dist, self.hooks, self.resume = config, dist, hooks, resume
+        plan = self.plan
         seed_everything(config.run.seed)  # weight initialisation draws from torch's global generator
-        self.engine = build(config, data, plan, device, dist)
+        self.engine = build(config, self.data, plan, self.device, dist)
         self.ledger = PrivacyLedger()
         self.ema = None
         if config.optim.ema_decay is not None:
@@ -122,7 +127,6 @@ class Trainer:
         self.rows: list[dict] = []
         self.epoch = self.steps = 0
         self.stop_reason: str | None = None
-        self.resumed = False
         self.run_dir = self.checkpointer = self.tensorboard = self.path = None
         self.quiet = config.run.quiet or not dist.is_main  # one voice: rank 0's
         self.started = time.perf_counter()  # reset when training starts
@@ -148,19 +152,22 @@ class Trainer:
         if self.ema is not None and "ema" in extra:
             self.ema.load_state_dict(extra["ema"])
 
-    def open(self, *, resume, group: str | None, run_name: str | None) -> None:
+    @property
+    def resumed(self) -> bool:
+        return self.resume is not None
+
+    def open(self, *, group: str | None, run_name: str | None) -> None:
         """Rank 0 creates (or reopens and locks) the run folder; on resume every rank restores the checkpoint."""
         if self.dist.is_main:
-            if resume is None:
+            if self.resume is None:
                 resolved = resolved_section(self.plan, self.data, engine=self.engine.name, device=self.device)
                 self.run_dir, self.checkpointer = create_run(self.config, self.plan, resolved, group=group,
                                                              run_name=run_name, front_end=self.hooks.front_end)
             else:
-                self.run_dir, self.checkpointer = reopen_run(resume)
+                self.run_dir, self.checkpointer = reopen_run(self.resume)
             self.best.path = self.run_dir.path / BestModel.FILE
         self.path = self.dist.broadcast_object(str(self.run_dir.path) if self.run_dir else None)
-        if resume is not None:
-            self.resumed = True
+        if self.resumed:
             self._restore()
 
     def _restore(self) -> None:
@@ -362,11 +369,10 @@ def run(config: TrainConfig | None = None, *, resume: str | os.PathLike | None =
     device_name = (overrides or {}).get("run.device") or (config.run.device if config is not None else "auto")
     # Under torchrun: one process per GPU (or CPU rank); alone: a world of one, today's code path.
     with DistContext.from_env(device=device_name) as dist:
-        config, data, plan, device = prepare(config, dist, resume=resume, overrides=overrides or {})
-        trainer = Trainer(config, data, plan, device, dist, hooks)
+        trainer = Trainer(config, dist, hooks, resume=resume, overrides=overrides)
         try:
-            trainer.open(resume=resume, group=group, run_name=run_name)
-            complete = resume is not None and trainer.finished
+            trainer.open(group=group, run_name=run_name)
+            complete = trainer.resumed and trainer.finished
             if not complete:
                 trainer.fit()
             summary = trainer.completed() if complete else trainer.finish()
