@@ -144,7 +144,8 @@ def test_closing_summary_lines(runs):
     assert re.fullmatch(rf"Done in \d+\.\ds: test accuracy {summary['test_accuracy']:.4f} \(best validation "
                         rf"epoch {summary['best_epoch']}\) \| ε = {eps['rdp']:.4f} \(rdp; prv {eps['prv']:.4f}, "
                         rf"pld {eps['pld']:.4f}\) at δ = 0\.0001 after {summary['steps']} steps", lines[0]), lines[0]
-    assert lines[1] == f"Outputs: {runs['dp']}/ (config.yaml, metrics.csv, summary.json, model.pt, curves.png)"
+    assert lines[1] == (f"Outputs: {runs['dp']}/ (config.yaml, metrics.csv, summary.json, model.pt, "
+                        f"{BEST_MODEL}, curves.png, checkpoint.pt)")
 
 
 @pytest.mark.parametrize("mode", ["baseline", "dp"])

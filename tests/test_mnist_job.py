@@ -106,7 +106,8 @@ def test_closing_summary_names_outputs_accuracy_every_epsilon_and_time(seed_run)
                         r"δ = 1e-05 after 4 steps", lines[0]), lines[0]
     assert f"test accuracy {result['test_accuracy']:.4f} |" in lines[0]
     assert f"ε = {eps['rdp']:.4f} (rdp; prv {eps['prv']:.4f}, pld {eps['pld']:.4f})" in lines[0]
-    assert lines[1] == f"Outputs: {run}/ (config.yaml, metrics.csv, summary.json, model.pt, curves.png)"
+    assert lines[1] == (f"Outputs: {run}/ (config.yaml, metrics.csv, summary.json, model.pt, curves.png, "
+                        "checkpoint.pt)")
     assert lines[2] == f"Seed CSV: {Path('mnist') / CSV_NAME}"
 
 

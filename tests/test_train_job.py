@@ -146,7 +146,9 @@ def test_summary_json_fields_and_closing_lines(roots, tmp_path, capsys):
                         r"at δ = 1e-05 after 4 steps", lines[0]), lines[0]
     assert lines[0].split(": test accuracy ")[1].startswith(f"{result['test_accuracy']:.4f} |")
     assert (f"ε = {eps['prv']:.4f} (prv; rdp {eps['rdp']:.4f}, pld {eps['pld']:.4f})") in lines[0]
-    assert lines[1] == f"Outputs: {path}/ (config.yaml, metrics.csv, summary.json, model.pt, curves.png)"
+    # Issue 21 item 6: the checkpoint is named too (it is what --resume reads)
+    assert lines[1] == (f"Outputs: {path}/ (config.yaml, metrics.csv, summary.json, model.pt, curves.png, "
+                        "checkpoint.pt)")
 
 
 def test_baseline_closing_line_says_no_dp(roots, tmp_path, capsys):
@@ -217,6 +219,7 @@ def test_tensorboard(roots, tmp_path, capsys):
         assert exit_code(main, argv) == 0
         events = list((tmp_path / "mnist" / "tb" / "tensorboard").glob("events.out.tfevents.*"))
         assert events and events[0].stat().st_size > 0
+        assert capsys.readouterr().out.strip().splitlines()[-1].endswith("checkpoint.pt, tensorboard/)")
 
 
 def test_every_run_folder_file_is_written_for_a_budget_stop(roots, tmp_path):

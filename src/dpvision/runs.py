@@ -211,21 +211,32 @@ class RunDir:
     LOCK = ".lock"
 
     def lock(self) -> None:
-        """Hold an exclusive lock on this folder until the process ends (or :meth:`unlock`).
+        """Hold an exclusive lock on this folder until :meth:`unlock` (or the process ends).
 
         Two processes appending to one run (two ``--resume`` of the same folder) would
-        write every epoch twice; the second one is refused instead.
+        write every epoch twice; the second one is refused instead. ``.lock`` exists only
+        while a process holds it (:meth:`unlock` removes it; a killed process leaves the
+        file but not the lock).
         """
-        import fcntl
+        import fcntl  # lazy: POSIX only, and only a training run takes the lock
 
-        handle = open(self.path / self.LOCK, "a+")  # noqa: SIM115 (held open: the lock lives with it)
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
+        path = self.path / self.LOCK
+        while True:
+            handle = open(path, "a+")  # noqa: SIM115 (held open: the lock lives with it)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                handle.close()
+                raise ValueError(f"run folder {self.path} is in use by {holder}; wait for it to finish") from None
+            # The holder may have removed the file between our open and our lock: then retry on the new one.
+            try:
+                if os.path.samestat(os.fstat(handle.fileno()), os.stat(path)):
+                    break
+            except FileNotFoundError:
+                pass
             handle.close()
-            raise ValueError(f"run folder {self.path} is in use by {holder}; wait for it to finish") from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"process {os.getpid()}\n")
@@ -233,8 +244,10 @@ class RunDir:
         self._lock_handle = handle
 
     def unlock(self) -> None:
+        """Release the lock and remove ``.lock`` (removed first, while still held, so no one locks a stale file)."""
         handle = getattr(self, "_lock_handle", None)
         if handle is not None:
+            (self.path / self.LOCK).unlink(missing_ok=True)
             handle.close()  # closing the file releases the lock
             self._lock_handle = None
 

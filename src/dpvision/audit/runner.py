@@ -93,13 +93,13 @@ class AuditConfig:
              "--k", "at least 1 and leave room for the black-box canaries in MNIST's 60,000", self.k)
         need(1 <= self.batch_size <= self.k, "--batch-size", f"between 1 and --k ({self.k})", self.batch_size)
         need(self.epochs >= 1, "--epochs", "a positive integer", self.epochs)
+        need(math.isfinite(self.lr) and self.lr > 0, "--lr", "> 0", self.lr)
+        need(math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0, "--max-grad-norm", "a finite number > 0",
+             self.max_grad_norm)
         steps = Plan(num_train=self.k, batch_size=self.batch_size, epochs=self.epochs,
                      max_grad_norm=self.max_grad_norm).total_steps
         need(self.mode == "black" or steps * self.canaries <= MAX_PROJECTIONS, "--epochs",
              f"small enough that steps x canaries <= {MAX_PROJECTIONS:.0e} (the white-box scores' memory)", self.epochs)
-        need(math.isfinite(self.lr) and self.lr > 0, "--lr", "> 0", self.lr)
-        need(math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0, "--max-grad-norm", "a finite number > 0",
-             self.max_grad_norm)
         need(self.device in ("cpu", "cuda", "auto"), "--device", "one of cpu, cuda, auto", self.device)
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device must be cpu or auto on this machine (no CUDA device is available), got 'cuda'")

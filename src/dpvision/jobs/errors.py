@@ -3,7 +3,8 @@
 * bad input (a flag, a recipe, a data file, a checkpoint of another run): ``prog: error: ...``, exit 2;
 * a full disk or an unwritable path found while running: the path and the reason, exit 2
   (everything already written was written atomically, so nothing is half-written);
-* Ctrl-C: ``prog: interrupted`` and exit 130; the last checkpoint stays usable by ``--resume``;
+* Ctrl-C: ``prog: interrupted`` naming the run folder to ``--resume``, exit 130; the last checkpoint stays
+  usable;
 * another rank of a distributed run failed: the line names it, exit 1.
 
 Example:
@@ -18,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from typing import Callable
 
@@ -42,9 +44,11 @@ def run_guarded(parser: argparse.ArgumentParser, fn: Callable[[], object], *,
     stream = stream or sys.stderr
     try:
         fn()
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted (--resume RUN_DIR continues from the last completed epoch, if one was)",
-              file=stream, flush=True)
+    except KeyboardInterrupt as interrupt:
+        folder = getattr(interrupt, "run_dir", None)  # set by dpvision.jobs.train.run once its folder exists
+        where = (f"--resume {shlex.quote(str(folder))} continues from the last completed epoch, if one was"
+                 if folder else "before the run folder was made: nothing to resume")
+        print(f"{parser.prog}: interrupted ({where})", file=stream, flush=True)
         return EXIT_INTERRUPTED
     except RuntimeError as err:
         if not isinstance(err, RankFailureError):

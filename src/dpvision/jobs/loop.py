@@ -1,12 +1,14 @@
 """The per-epoch pieces of the training job (and of the audit, which trains through the same function).
 
-* :func:`train_private_epoch` runs one epoch, cut short before the first step
-  that would exceed a :class:`~dpvision.privacy.budget.PrivacyBudget`, and
+* :func:`train_private_epoch` runs one epoch of the plan, cut short before the first
+  step that would exceed a :class:`~dpvision.privacy.budget.PrivacyBudget`, and
   records the steps actually taken in the :class:`PrivacyLedger`.
 * :func:`epsilon_columns` gives ε under every accountant for the metrics row
   (``epsilon_rdp``, ``epsilon_prv``, ``epsilon_pld``).
-* :class:`Checkpointer` writes and restores the per-epoch checkpoint of a run
-  folder and refuses a checkpoint of another configuration.
+* :class:`BestModel` keeps the weights of the best validation epoch and owns ``model_best.pt``.
+* :class:`Checkpointer` writes and reads the per-epoch checkpoint of a run folder and
+  refuses a checkpoint of another configuration; :func:`check_ledger` refuses one whose
+  privacy ledger is not what the plan and the completed epochs imply.
 * :func:`check_resume_flags` enforces "with ``--resume`` only flags that cannot
   change the result may be given again".
 
@@ -16,10 +18,10 @@ nothing released ever comes from steps that a resume would discard and replay
 (docs/privacy.md, "Checkpoints and resume").
 
 Example (the skeleton of a job's loop):
-    >>> for epoch in range(start_epoch, epochs + 1):                      # doctest: +SKIP
-    ...     outcome = train_private_epoch(engine, ledger, noise_multiplier=sigma, budget=budget)
-    ...     row = {"epoch": epoch, **epsilon_columns(ledger, delta=delta, dp=True)}
-    ...     checkpointer.save(engine=engine, ledger=ledger, epoch=epoch, extra={"rows": rows})
+    >>> for epoch in range(start_epoch, plan.epochs + 1):                  # doctest: +SKIP
+    ...     outcome = train_private_epoch(engine, ledger, plan, budget=budget)
+    ...     row = {"epoch": epoch, **epsilon_columns(ledger, delta=plan.delta, dp=plan.dp)}
+    ...     checkpointer.save(engine_state=engine.state_dict(), ledger=ledger, epoch=epoch, steps=ledger.steps)
     ...     if outcome.stopped: break
 """
 
@@ -30,10 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from dpvision.checkpoint import CHECKPOINT_NAME, config_fingerprint, load_checkpoint, save_checkpoint
+import torch
+
+from dpvision.checkpoint import CHECKPOINT_NAME, CheckpointError, config_fingerprint, load_checkpoint, save_checkpoint
+from dpvision.engines import Engine, EpochResult
 from dpvision.privacy.accounting import ACCOUNTANTS, PrivacyLedger
 from dpvision.privacy.budget import PrivacyBudget
-from dpvision.engines import Engine, EpochResult
+from dpvision.runs import atomic_torch_save
 
 EPSILON_COLUMNS = [f"epsilon_{name}" for name in ACCOUNTANTS]
 
@@ -48,31 +53,29 @@ class EpochOutcome:
     stop_reason: str | None = None
 
 
-def train_private_epoch(engine: Engine, ledger: PrivacyLedger, *, noise_multiplier: float,
-                        budget: PrivacyBudget | None = None, max_steps: int | None = None,
-                        progress: Callable[[int], None] | None = None) -> EpochOutcome:
+def train_private_epoch(engine: Engine, ledger: PrivacyLedger, plan, *, budget: PrivacyBudget | None = None,
+                        max_steps: int | None = None, progress: Callable[[int], None] | None = None) -> EpochOutcome:
     """One epoch of ``engine`` (or its first ``max_steps`` steps), at most as many steps as ``budget``
-    allows; the steps taken go into ``ledger``.
+    allows; the steps taken go into ``ledger`` at the plan's σ and q.
 
-    Without DP (``engine.plan.dp`` false) the ledger and budget are left alone.
+    ``plan``: the run's :class:`~dpvision.privacy.plan.Plan` (``dp``, ``noise_multiplier``,
+    ``sample_rate``, ``steps_per_epoch``). Without DP the ledger and budget are left alone.
     """
-    planned = engine.steps_per_epoch if max_steps is None else min(max_steps, engine.steps_per_epoch)
-    dp = engine.plan.dp
+    per_epoch = plan.steps_per_epoch
+    planned = per_epoch if max_steps is None else min(max_steps, per_epoch)
+    sampled = {"noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate}
     allowed = planned
-    if dp and budget is not None:
-        allowed = budget.allowed_steps(ledger, noise_multiplier=noise_multiplier,
-                                       sample_rate=engine.sample_rate, planned=planned)
+    if plan.dp and budget is not None:
+        allowed = budget.allowed_steps(ledger, planned=planned, **sampled)
     reason = None
     if allowed < planned:
-        reason = budget.stop_reason(ledger.extended(noise_multiplier=noise_multiplier,
-                                                    sample_rate=engine.sample_rate, steps=allowed),
-                                    noise_multiplier=noise_multiplier, sample_rate=engine.sample_rate)
+        reason = budget.stop_reason(ledger.extended(steps=allowed, **sampled), **sampled)
     if allowed == 0:
         return EpochOutcome(result=None, steps=0, stopped=True, stop_reason=reason)
-    result = engine.train_epoch(max_steps=allowed if allowed < engine.steps_per_epoch else None, progress=progress)
-    if dp:
+    result = engine.train_epoch(max_steps=allowed if allowed < per_epoch else None, progress=progress)
+    if plan.dp:
         # The steps the engine reports, not the plan: this is what the ε is about.
-        ledger.record(noise_multiplier=noise_multiplier, sample_rate=engine.sample_rate, steps=result.steps)
+        ledger.record(steps=result.steps, **sampled)
     return EpochOutcome(result=result, steps=result.steps, stopped=allowed < planned, stop_reason=reason)
 
 
@@ -90,6 +93,46 @@ def epsilon_columns(ledger: PrivacyLedger, *, delta: float, dp: bool = True,
     return {f"epsilon_{name}": value for name, value in ledger.epsilons(delta=delta, primary=primary).items()}
 
 
+class BestModel:
+    """The weights of the best validation epoch (``run.select: best_val``), like timm's ``CheckpointSaver``.
+
+    It decides what is best, writes ``model_best.pt`` (``path``; ``None`` on the ranks that
+    write nothing) and travels in the checkpoint (:meth:`state_dict`), so a resumed run
+    continues the same comparison.
+    """
+
+    FILE = "model_best.pt"
+
+    def __init__(self, enabled: bool, path: str | Path | None = None) -> None:
+        self.enabled, self.path = enabled, None if path is None else Path(path)
+        self.epoch, self.metric, self.weights = 0, -math.inf, None
+
+    def update(self, epoch: int, metric: float, model: torch.nn.Module) -> bool:
+        """Keep ``model``'s weights when ``metric`` beats the best so far (NaN never does); True if it did."""
+        if not (self.enabled and metric > self.metric):
+            return False
+        self.epoch, self.metric = epoch, metric
+        self.weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        return True
+
+    def save(self) -> None:
+        """Write ``model_best.pt`` (after the epoch's checkpoint: see the module's note on write order)."""
+        if self.path is not None and self.weights is not None:
+            atomic_torch_save(self.weights, self.path)
+
+    def summary(self) -> dict[str, Any]:
+        """``best_epoch`` and ``best_val_accuracy`` for ``summary.json`` (NaN before any epoch improved)."""
+        return {"best_epoch": self.epoch, "best_val_accuracy": self.metric if self.epoch else math.nan}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_epoch": self.epoch, "best_val_accuracy": self.metric, "best_state": self.weights}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.epoch = int(state.get("best_epoch", 0))
+        self.metric = float(state.get("best_val_accuracy", -math.inf))
+        self.weights = state.get("best_state")
+
+
 class Checkpointer:
     """The checkpoint file of one run folder, tied to the run's config by a fingerprint.
 
@@ -98,41 +141,73 @@ class Checkpointer:
     them anew.
     """
 
+    FILE = CHECKPOINT_NAME
+
     def __init__(self, run_path: str | Path, config: Mapping[str, Any], *, ignore: Iterable[str] = ()) -> None:
-        self.path = Path(run_path) / CHECKPOINT_NAME
+        self.path = Path(run_path) / self.FILE
         self.config = dict(config)
         self.fingerprint = config_fingerprint(self.config, ignore=ignore)
 
-    def exists(self) -> bool:
-        return self.path.exists()
-
-    def save(self, *, engine: Engine, ledger: PrivacyLedger, epoch: int, steps: int,
-             extra: Mapping[str, Any] | None = None, engine_state: Mapping[str, Any] | None = None) -> None:
-        """Write the checkpoint. ``engine_state``: ``engine.state_dict()`` taken already (a distributed
-        engine gathers every rank's generators in it, so every rank must have called it)."""
-        state = engine.state_dict() if engine_state is None else engine_state
-        save_checkpoint(self.path, engine_state=state, ledger_state=ledger.state_dict(),
+    def save(self, *, engine_state: Mapping[str, Any], ledger: PrivacyLedger, epoch: int, steps: int,
+             extra: Mapping[str, Any] | None = None) -> None:
+        """Write the checkpoint. ``engine_state``: ``engine.state_dict()`` (a distributed engine gathers
+        every rank's generators in it, so every rank must have called it)."""
+        save_checkpoint(self.path, engine_state=engine_state, ledger_state=ledger.state_dict(),
                         epoch=epoch, steps=steps, config=self.config, fingerprint=self.fingerprint, extra=extra)
 
     def read(self, map_location) -> dict[str, Any] | None:
         """The checkpoint (refused if another config wrote it), or ``None`` when there is none yet."""
-        if not self.exists():
+        if not self.path.exists():
             return None
         return load_checkpoint(self.path, fingerprint=self.fingerprint, map_location=map_location)
 
-    def restore(self, engine: Engine, ledger: PrivacyLedger) -> dict[str, Any] | None:
-        """Load the checkpoint into ``engine`` and ``ledger``; ``None`` when there is none yet.
 
-        Returns the checkpoint (``epoch``, ``steps``, ``extra``...). The ledger is
-        replaced by the saved one: steps of an interrupted epoch after the checkpoint
-        were never released and are replayed with the same generator states.
-        """
-        state = self.read("cpu")  # generator states must stay on the CPU; the model copies itself over
-        if state is None:
-            return None
-        engine.load_state_dict(state["engine"])
-        ledger.load_state_dict(state["ledger"])
-        return state
+def implied_ledger(plan, budget: PrivacyBudget | None, epochs: int, *, stopped: bool) -> tuple[PrivacyLedger, list]:
+    """The ledger ``epochs`` completed epochs of ``plan`` leave, and the steps after each epoch.
+
+    Every epoch takes ``plan.steps_per_epoch`` steps at the plan's σ and q, except that the last
+    one of a run the budget ``stopped`` takes exactly the steps the budget allowed. Without DP: empty.
+    """
+    ledger, after = PrivacyLedger(), []
+    sampled = {"noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate}
+    for epoch in range(1, epochs + 1):
+        steps = plan.steps_per_epoch
+        if stopped and epoch == epochs and budget is not None:
+            steps = budget.allowed_steps(ledger, planned=steps, **sampled)
+        if plan.dp:
+            ledger.record(steps=steps, **sampled)
+        after.append(ledger.steps)
+    return ledger, after
+
+
+def check_ledger(state: Mapping[str, Any], plan, budget: PrivacyBudget | None, *, logged: list[int],
+                 path: str | Path) -> None:
+    """Refuse (one line naming ``path``) a checkpoint whose ledger the plan and its epochs do not imply.
+
+    ε is computed from the ledger, so a hand-edited or damaged one would print a wrong ε. Checked
+    under DP: the ledger, the checkpoint's step count and its metrics rows' ``steps`` against
+    :func:`implied_ledger`, and ``logged`` (metrics.csv's ``steps`` column, which may lag the
+    checkpoint by the one row a crash between the two writes can lose) against those rows.
+    """
+    rows = list(state.get("extra", {}).get("metrics", []))
+    epochs = int(state.get("epoch", -1))
+    if [int(r["epoch"]) for r in rows] != list(range(1, epochs + 1)):
+        raise CheckpointError(f"{path}: its metrics rows do not cover epochs 1 to {epochs}; refusing to resume")
+    steps = [int(r["steps"]) for r in rows]
+    if logged != steps[:len(logged)] or len(logged) < len(steps) - 1:
+        raise CheckpointError(f"{path}: its steps per epoch {steps} disagree with metrics.csv's steps column "
+                              f"{logged}; refusing to resume")
+    if not plan.dp and not state["ledger"]["history"]:
+        return
+    stopped = state.get("extra", {}).get("stop_reason") is not None
+    expected, after = implied_ledger(plan, budget, epochs, stopped=stopped)
+    saved = [[float(s), float(q), int(n)] for s, q, n in state["ledger"]["history"]]
+    counted = int(state.get("steps", -1))
+    if saved != expected.state_dict()["history"] or steps != after or counted != expected.steps:
+        raise CheckpointError(
+            f"{path}: its privacy ledger {saved} ({counted} steps, metrics rows {steps}) is not what "
+            f"the plan and its {epochs} completed epochs imply ({expected.state_dict()['history']}, steps {after}); "
+            "refusing to resume from an edited or damaged checkpoint")
 
 
 def resume_overrides(args, given: Iterable[str], fields: Mapping[str, tuple[str, str]]) -> dict[str, Any]:

@@ -1,9 +1,16 @@
-"""What a run tells people: the per-epoch line, the closing summary, ``summary.json``, TensorBoard.
+"""What a run tells people: the metrics row, the per-epoch line, the closing lines, ``summary.json``, TensorBoard.
+
+A ``metrics.csv`` row is the union of the epoch's metric dicts (:func:`split_metrics` per split,
+:func:`plan_columns`, :func:`privacy_columns`), put in :data:`METRIC_COLUMNS` order by
+:func:`metrics_row`; ``summary.json`` is the union of :func:`setting_summary`,
+:func:`privacy_summary`, :func:`progress_summary` and the test results.
 
 Example:
     >>> import torch
     >>> group_accuracy(torch.tensor([1, 0, 1]), torch.tensor([1, 1, 1]), ["a", "a", "b"])
     {'a': {'accuracy': 0.5, 'count': 2}, 'b': {'accuracy': 1.0, 'count': 1}}
+    >>> split_metrics("val", 0.5, 0.75)
+    {'val_loss': 0.5, 'val_accuracy': 0.75}
 """
 
 from __future__ import annotations
@@ -13,10 +20,46 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from dpvision.jobs.loop import EPSILON_COLUMNS
 from dpvision.privacy.accounting import ACCOUNTANTS
+from dpvision.runs import library_versions
 
+SPLITS = ("train", "val", "test")
+PLAN_COLUMNS = ("sample_rate", "noise_multiplier", "max_grad_norm")
+# The one definition of metrics.csv's columns and their order (the seed CSVs are derived from these rows).
+METRIC_COLUMNS = ["epoch", "steps", *PLAN_COLUMNS, *(f"{s}_{m}" for s in SPLITS for m in ("loss", "accuracy")),
+                  "epsilon", "delta", "seconds", "accountant", *EPSILON_COLUMNS]
 SELECTION_NOTE = ("the test set judges the weights of the best validation epoch; DP-SGD protects the training "
                   "set only, so the validation images and this choice are not private")
+
+
+def split_metrics(split: str, loss: float, accuracy: float) -> dict[str, float]:
+    """``{"<split>_loss": loss, "<split>_accuracy": accuracy}`` (NaN for a split not measured)."""
+    return {f"{split}_loss": loss, f"{split}_accuracy": accuracy}
+
+
+def plan_columns(plan) -> dict[str, float]:
+    """q, σ and C of the run's plan, as every row records them."""
+    return {name: getattr(plan, name) for name in PLAN_COLUMNS}
+
+
+def privacy_columns(epsilons: Mapping[str, float], *, accountant: str, delta: float) -> dict[str, Any]:
+    """ε under the primary accountant, δ, the accountant's name and ε under every accountant."""
+    return {"epsilon": epsilons[f"epsilon_{accountant}"], "delta": delta, "accountant": accountant, **epsilons}
+
+
+def metrics_row(*parts: Mapping[str, Any]) -> dict[str, Any]:
+    """One ``metrics.csv`` row from the epoch's metric dicts, in :data:`METRIC_COLUMNS` order.
+
+    ``ValueError`` when the dicts miss a column or bring one the file does not have.
+    """
+    merged: dict[str, Any] = {}
+    for part in parts:
+        merged.update(part)
+    if set(merged) != set(METRIC_COLUMNS):
+        raise ValueError(f"metrics row: missing {sorted(set(METRIC_COLUMNS) - set(merged))}, "
+                         f"unknown {sorted(set(merged) - set(METRIC_COLUMNS))}")
+    return {column: merged[column] for column in METRIC_COLUMNS}
 
 
 def group_accuracy(predictions, labels, groups: Sequence[str]) -> dict[str, dict[str, float]]:
@@ -28,6 +71,29 @@ def group_accuracy(predictions, labels, groups: Sequence[str]) -> dict[str, dict
         hits[0] += int(ok)
         hits[1] += 1
     return {g: {"accuracy": hits / n, "count": n} for g, (hits, n) in sorted(totals.items())}
+
+
+def start_line(config, plan, *, engine: str, device: str, path: str, resumed_at: int | None) -> str:
+    """``Training <model> on <N> <dataset> images on <device> [<engine> engine] with <DP or not>; run folder ...``."""
+    mode = "no DP (baseline)" if not plan.dp else (
+        f"DP-SGD: sigma={plan.noise_multiplier:.6g}, C={plan.max_grad_norm:g}, q={plan.sample_rate:.6g}, "
+        f"{plan.steps_per_epoch} steps/epoch, delta={plan.delta:.3g}, {config.dp.accountant} accountant")
+    verb = "Training" if resumed_at is None else f"Resuming at epoch {resumed_at}:"
+    return (f"{verb} {config.model.name} on {plan.num_train} {config.data.dataset} images on {device} "
+            f"[{engine} engine] with {mode}; run folder {path}")
+
+
+def complete_line(path: str, epochs: int, stop_reason: str | None) -> str:
+    """What a resume of a finished run says instead of training."""
+    stopped = f"; stopped early: {stop_reason}" if stop_reason else ""
+    return f"Run {path} is already complete ({epochs} epochs{stopped}): nothing to train"
+
+
+def curves_title(config, plan) -> str:
+    """``curves.png``'s title: dataset, model and the plan's σ, C, q, δ (or "no DP")."""
+    return f"{config.data.dataset} / {config.model.name}: " + (
+        f"σ={plan.noise_multiplier:.3g}, C={plan.max_grad_norm:g}, q={plan.sample_rate:.3g}, δ={plan.delta:.2g}"
+        if plan.dp else "no DP")
 
 
 def epoch_line(row: Mapping[str, Any], *, improved: bool, dp: bool) -> str:
@@ -42,8 +108,9 @@ def epoch_line(row: Mapping[str, Any], *, improved: bool, dp: bool) -> str:
     return " | ".join(parts)
 
 
-def final_line(summary: Mapping[str, Any]) -> str:
-    """The closing lines of every job: accuracy, ε under every accountant, where the outputs are, wall time."""
+def final_line(summary: Mapping[str, Any], outputs: Sequence[str]) -> str:
+    """The closing lines of every job: accuracy, ε under every accountant, wall time, and the run folder
+    with the ``outputs`` it holds."""
     if summary["dp"]:
         others = ", ".join(f"{name} {summary['epsilons'][name]:.4f}" for name in ACCOUNTANTS
                            if name != summary["accountant"])
@@ -55,59 +122,62 @@ def final_line(summary: Mapping[str, Any]) -> str:
         else ""
     judged = (f"test accuracy {summary['test_accuracy']:.4f}{chosen}" if not math.isnan(summary["test_accuracy"])
               else f"validation accuracy {summary['val_accuracy']:.4f} (test set not evaluated)")
-    return (f"Done in {summary['wall_seconds']:.1f}s: {judged} | "
-            f"{privacy}\nOutputs: {summary['run_dir']}/ (config.yaml, metrics.csv, summary.json, model.pt, "
-            "curves.png)")
+    return (f"Done in {summary['wall_seconds']:.1f}s: {judged} | {privacy}\n"
+            f"Outputs: {summary['run_dir']}/ ({', '.join(outputs)})")
 
 
-def summarize(config, plan, data, engine, device, rows, epsilons, *, test_loss, test_accuracy, per_class,
-              per_group, test_accuracy_last, best_epoch, best_val, stop_reason, resumed, steps, wall_seconds,
-              run_dir) -> dict[str, Any]:
-    """The run's ``summary.json``."""
-    from dpvision.runs import library_versions
+def summary_of_test(loss: float, accuracy: float, per_class: Mapping | None, per_group: Mapping | None) -> dict:
+    """The test set's loss and accuracy, overall and per class and group (``{name: accuracy}``, ``{name: count}``)."""
+    def split(groups, key):
+        return None if groups is None else {g: v[key] for g, v in groups.items()}
 
-    def split(groups):
-        if groups is None:
-            return None, None
-        return ({g: v["accuracy"] for g, v in groups.items()}, {g: v["count"] for g, v in groups.items()})
+    return {"test_loss": loss, "test_accuracy": accuracy,
+            "test_accuracy_per_class": split(per_class, "accuracy"), "test_count_per_class": split(per_class, "count"),
+            "test_accuracy_per_group": split(per_group, "accuracy"), "test_count_per_group": split(per_group, "count")}
 
-    class_acc, class_count = split(per_class)
-    group_acc, group_count = split(per_group)
-    summary = {
-        "dataset": config.data.dataset, "model": config.model.name, "dp": plan.dp,
-        "test_accuracy": test_accuracy, "test_loss": test_loss,
-        "test_accuracy_per_class": class_acc, "test_count_per_class": class_count,
-        "test_accuracy_per_group": group_acc, "test_count_per_group": group_count,
-        "epsilon": epsilons[f"epsilon_{config.dp.accountant}"], "accountant": config.dp.accountant,
-        "epsilons": {name: epsilons[f"epsilon_{name}"] for name in ACCOUNTANTS},
-        "delta": plan.delta, "noise_multiplier": plan.noise_multiplier, "max_grad_norm": plan.max_grad_norm,
-        "sample_rate": plan.sample_rate, "steps": steps, "steps_per_epoch": plan.steps_per_epoch,
-        "epochs": config.optim.epochs, "epochs_completed": len(rows),
-        "target_epsilon": config.dp.target_epsilon, "max_epsilon": config.dp.max_epsilon,
-        "stopped_early": stop_reason is not None, "stop_reason": stop_reason, "resumed": resumed,
-        "train_accuracy": rows[-1]["train_accuracy"] if rows else math.nan,
-        "val_accuracy": rows[-1]["val_accuracy"] if rows else math.nan,
-        "num_train": plan.num_train, "num_val": len(data.val) if data.val is not None else 0,
-        "num_test": len(data.test), "class_names": list(data.class_names),
-        "engine": engine.name, "device": str(device), "seed": config.run.seed,
-        "seconds_per_epoch": sum(float(r["seconds"]) for r in rows) / len(rows) if rows else math.nan,
-        "wall_seconds": round(wall_seconds, 3), "versions": library_versions(), "run_dir": str(run_dir),
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    if config.run.select == "best_val":
-        summary.update({"test_accuracy_last": test_accuracy_last, "best_epoch": best_epoch,
-                        "best_val_accuracy": best_val if best_epoch else math.nan, "selection_note": SELECTION_NOTE})
-    return summary
+
+def setting_summary(config, plan, data, *, engine: str, device) -> dict[str, Any]:
+    """What ran: dataset, model, data sizes, engine, device, seed, library versions."""
+    return {"dataset": config.data.dataset, "model": config.model.name, "dp": plan.dp, "num_train": plan.num_train,
+            "num_val": len(data.val) if data.val is not None else 0, "num_test": len(data.test),
+            "class_names": list(data.class_names), "engine": engine, "device": str(device),
+            "seed": config.run.seed, "versions": library_versions()}
+
+
+def privacy_summary(config, plan, epsilons: Mapping[str, float], *, steps: int) -> dict[str, Any]:
+    """ε under every accountant after ``steps`` steps, and the plan's σ, C, q, δ (with the targets asked for)."""
+    accountant = config.dp.accountant
+    return {"epsilon": epsilons[f"epsilon_{accountant}"], "accountant": accountant,
+            "epsilons": {name: epsilons[f"epsilon_{name}"] for name in ACCOUNTANTS}, "delta": plan.delta,
+            "noise_multiplier": plan.noise_multiplier, "max_grad_norm": plan.max_grad_norm,
+            "sample_rate": plan.sample_rate, "steps": steps, "steps_per_epoch": plan.steps_per_epoch,
+            "target_epsilon": config.dp.target_epsilon, "max_epsilon": config.dp.max_epsilon}
+
+
+def progress_summary(config, rows: Sequence[Mapping[str, Any]], *, stop_reason: str | None, resumed: bool,
+                     wall_seconds: float) -> dict[str, Any]:
+    """How far the run got: epochs, the last row's accuracies, time, why it stopped early (if it did)."""
+    last = rows[-1] if rows else {}
+    return {"epochs": config.optim.epochs, "epochs_completed": len(rows), "stopped_early": stop_reason is not None,
+            "stop_reason": stop_reason, "resumed": resumed,
+            "train_accuracy": last.get("train_accuracy", math.nan), "val_accuracy": last.get("val_accuracy", math.nan),
+            "seconds_per_epoch": sum(float(r["seconds"]) for r in rows) / len(rows) if rows else math.nan,
+            "wall_seconds": round(wall_seconds, 3),
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def selection_summary(best: Mapping[str, Any], test_accuracy_last: float | None) -> dict[str, Any]:
+    """For ``run.select: best_val``: the chosen epoch, its validation accuracy, the last epoch's test accuracy."""
+    return {**best, "test_accuracy_last": test_accuracy_last, "selection_note": SELECTION_NOTE}
 
 
 class TensorBoardLog:
     """Per-epoch metrics as TensorBoard events in the run folder (``run.tensorboard``; optional extra)."""
 
-    SCALARS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy",
-               *(f"epsilon_{name}" for name in ACCOUNTANTS))
+    SCALARS = (*(f"{s}_{m}" for s in SPLITS for m in ("loss", "accuracy")), *EPSILON_COLUMNS)
 
     def __init__(self, run_path: str | Path) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # lazy: the optional tensorboard extra, slow to import
 
         self.writer = SummaryWriter(log_dir=str(Path(run_path) / "tensorboard"))
 

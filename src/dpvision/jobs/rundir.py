@@ -13,16 +13,29 @@ Example:
 
 from __future__ import annotations
 
+import csv
+import json
+import math
 import os
 from typing import Any, Mapping
 
+import yaml
+
+import dpvision
 from dpvision.jobs.config import RESOLVED, SECTIONS, TrainConfig
-from dpvision.jobs.loop import Checkpointer
+from dpvision.jobs.loop import BestModel, Checkpointer
+from dpvision.jobs.report import METRIC_COLUMNS
 from dpvision.runs import RunDir
 
 # Settings that cannot change the numbers: a resumed run may set them anew.
 RESUME_FREE_KEYS = ("data.root", "data.download", "run.device", "run.quiet", "run.runs_dir", "run.run_name",
                     "run.tensorboard")
+CURVES = "curves.png"
+TENSORBOARD = "tensorboard"
+# What a finished run folder may hold, in the order the closing "Outputs:" line names them.
+OUTPUTS = (RunDir.CONFIG, RunDir.METRICS, RunDir.SUMMARY, RunDir.MODEL, BestModel.FILE, CURVES, Checkpointer.FILE,
+           f"{TENSORBOARD}/")
+_NON_FINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}  # how summary.json writes them
 
 
 def flat(sections: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -40,6 +53,17 @@ def default_run_name(config: TrainConfig, plan) -> str:
     return name
 
 
+def resolved_section(plan, data, *, engine: str, device) -> dict[str, Any]:
+    """``config.yaml``'s ``resolved`` section: what was derived from the recipe and the data."""
+    return {
+        "noise_multiplier": plan.noise_multiplier, "max_grad_norm": plan.max_grad_norm, "delta": plan.delta,
+        "sample_rate": plan.sample_rate, "steps_per_epoch": plan.steps_per_epoch, "num_train": plan.num_train,
+        "num_val": len(data.val) if data.val is not None else 0, "num_test": len(data.test),
+        "class_names": list(data.class_names), "data_fingerprint": data.fingerprint, "device": str(device),
+        "engine": engine, "dpvision": dpvision.__version__,
+    }
+
+
 def _checkpointer(run_dir: RunDir) -> Checkpointer:
     saved = run_dir.read_config()
     source = flat(saved)
@@ -47,36 +71,70 @@ def _checkpointer(run_dir: RunDir) -> Checkpointer:
     return Checkpointer(run_dir.path, source, ignore=RESUME_FREE_KEYS)
 
 
-def open_run(config: TrainConfig, plan, data, engine, device, *, resume, group: str | None, run_name: str | None,
-             columns: list[str], front_end=None) -> tuple[RunDir, Checkpointer]:
-    """A new run folder with its config written, or the resumed one; locked either way."""
-    if resume is not None:
-        run_dir = RunDir(resume, columns)
-        run_dir.lock()
-        return run_dir, _checkpointer(run_dir)
-    import dpvision
+def reopen_run(path: str | os.PathLike) -> tuple[RunDir, Checkpointer]:
+    """The run folder ``--resume`` names, locked (refused while another process trains in it)."""
+    run_dir = RunDir(path, METRIC_COLUMNS)
+    run_dir.lock()
+    return run_dir, _checkpointer(run_dir)
 
-    resolved = {
-        "noise_multiplier": plan.noise_multiplier, "max_grad_norm": plan.max_grad_norm, "delta": plan.delta,
-        "sample_rate": plan.sample_rate, "steps_per_epoch": plan.steps_per_epoch, "num_train": plan.num_train,
-        "num_val": len(data.val) if data.val is not None else 0, "num_test": len(data.test),
-        "class_names": list(data.class_names), "data_fingerprint": data.fingerprint, "device": str(device),
-        "engine": engine.name, "dpvision": dpvision.__version__,
-    }
+
+def create_run(config: TrainConfig, plan, resolved: dict[str, Any], *, group: str | None, run_name: str | None,
+               front_end=None) -> tuple[RunDir, Checkpointer]:
+    """A new run folder, locked, with ``config.yaml`` (the recipe plus ``resolved``) written.
+
+    ``front_end(resolved) -> dict`` records a front-end's own outputs (``resolved.front_end``;
+    a ``run_name`` there is the default folder name).
+    """
+    resolved = dict(resolved)
     if front_end is not None:
         resolved["front_end"] = front_end(dict(resolved))
     name = (run_name or config.run.run_name or resolved.get("front_end", {}).get("run_name")
             or default_run_name(config, plan))
-    run_dir = RunDir.create(config.run.runs_dir, config.data.dataset if group is None else group, name, columns)
+    run_dir = RunDir.create(config.run.runs_dir, config.data.dataset if group is None else group, name,
+                            METRIC_COLUMNS)
     run_dir.lock()
     run_dir.write_config({**config.to_dict(), RESOLVED: resolved})
     return run_dir, _checkpointer(run_dir)
 
 
+def run_outputs(run_dir: RunDir) -> list[str]:
+    """The names in :data:`OUTPUTS` that the folder holds (folders with a trailing ``/``)."""
+    return [name for name in OUTPUTS if (run_dir.path / name.rstrip("/")).exists()]
+
+
+def logged_steps(run_dir: RunDir) -> list[int]:
+    """``metrics.csv``'s ``steps`` column (empty when there is no file yet); ``ValueError`` naming the file."""
+    path = run_dir.path / RunDir.METRICS
+    if not path.is_file():
+        return []
+    try:
+        with open(path, newline="") as handle:
+            return [int(row["steps"]) for row in csv.DictReader(handle)]
+    except (KeyError, TypeError, ValueError, UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"{path}: not the metrics.csv of a dpvision run (no whole-number steps column: "
+                         f"{type(err).__name__})") from None
+
+
+def read_summary(run_dir: RunDir) -> dict[str, Any] | None:
+    """``summary.json`` as the run returned it (non-finite numbers as floats), or ``None`` if it is unreadable."""
+    try:
+        saved = json.loads((run_dir.path / RunDir.SUMMARY).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict):
+        return None
+
+    def number(value):
+        return _NON_FINITE.get(value, value) if isinstance(value, str) else value
+
+    summary = {key: number(value) for key, value in saved.items()}
+    if isinstance(summary.get("epsilons"), dict):
+        summary["epsilons"] = {key: number(value) for key, value in summary["epsilons"].items()}
+    return summary
+
+
 def restore(run_path: str | os.PathLike, overrides: Mapping[str, Any]) -> tuple[TrainConfig, dict]:
     """The config of the run in ``run_path`` with ``overrides`` of free keys, and its ``resolved`` section."""
-    import yaml
-
     run_dir = RunDir(run_path)
     path = run_dir.path / RunDir.CONFIG
     if not path.is_file():

@@ -1,9 +1,11 @@
 """The one training job: any dataset, any model, either engine, baseline or DP-SGD.
 
 Reads like Opacus's ``examples/mnist.py``: :func:`train` runs one epoch,
-:func:`evaluate_split` measures a split, :func:`run` ties them together. DP is
-the single ``dp=`` argument of the engine (:func:`dpvision.jobs.setup.build`);
-the baseline is the same config with ``config.deactivated()``.
+:func:`evaluate_split` measures a split, :func:`run` is ``main()``. Everything a run
+carries from epoch to epoch (epochs and steps done, the metrics rows, the best weights,
+the EMA, the privacy ledger, the run folder's writers) lives in one :class:`Trainer`.
+DP is the plan's (:func:`dpvision.jobs.setup.plan_privacy`); the baseline is the same
+config with ``config.deactivated()``.
 
 Run folder ``<runs_dir>/<group>/<run_name>/`` (group: the dataset, or the seed job's name)::
 
@@ -13,6 +15,7 @@ Run folder ``<runs_dir>/<group>/<run_name>/`` (group: the dataset, or the seed j
     model.pt       weights after the last epoch (``model_best.pt`` too with ``run.select: best_val``)
     curves.png     accuracy and ε per epoch
     checkpoint.pt  everything ``--resume`` needs (model, optimizer, every generator, the privacy ledger)
+    .lock          only while a process trains in the folder
 
 Example:
     >>> from dpvision.jobs import TrainConfig, run
@@ -23,37 +26,51 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import os
 import sys
 import time
-from dataclasses import replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Callable
 
+from tqdm import tqdm
+
+from dpvision.cli_support import check_can_create_dir, resolve_device
+from dpvision.engines import evaluate
+from dpvision.engines.distributed import DistContext
+from dpvision.jobs import report
 from dpvision.jobs.config import TrainConfig
 from dpvision.jobs.ema import WeightAverage
-from dpvision.jobs.loop import EPSILON_COLUMNS, EpochOutcome, train_private_epoch
-from dpvision.jobs.report import epoch_line, final_line, group_accuracy, summarize
-from dpvision.jobs.rundir import RESUME_FREE_KEYS, open_run, restore
+from dpvision.jobs.loop import BestModel, EpochOutcome, check_ledger, epsilon_columns, train_private_epoch
+from dpvision.jobs.plots import plot_curves
+from dpvision.jobs.rundir import (
+    CURVES, create_run, logged_steps, read_summary, reopen_run, resolved_section, restore,
+    run_outputs,
+)  # fmt: skip
 from dpvision.jobs.setup import build, few_steps_advice, load_data, plan_privacy
+from dpvision.models import check_model_options
+from dpvision.privacy import PrivacyBudget, PrivacyLedger
+from dpvision.seeding import seed_everything
 
-METRIC_COLUMNS = [
-    "epoch", "steps", "sample_rate", "noise_multiplier", "max_grad_norm", "train_loss", "train_accuracy",
-    "val_loss", "val_accuracy", "test_loss", "test_accuracy", "epsilon", "delta", "seconds", "accountant",
-    *EPSILON_COLUMNS,
-]
-BEST_MODEL = "model_best.pt"
-CURVES = "curves.png"
+BEST_MODEL = BestModel.FILE
 Hook = Callable[[str, int], None]  # ("step", steps so far this epoch) / ("epoch", epoch): tests interrupt here
 
 
-def train(engine, ledger, epoch: int, plan, budget, *, quiet: bool, hook: Hook | None = None) -> EpochOutcome:
-    """One epoch behind a progress bar over steps, cut short by the privacy budget if it must be."""
-    from tqdm import tqdm
+@dataclass(frozen=True)
+class Hooks:
+    """What a front-end (or a test) plugs into a run; each is optional."""
 
-    with tqdm(total=engine.steps_per_epoch, desc=f"Epoch {epoch}", unit="step", leave=False, disable=quiet,
-              file=sys.stderr) as bar:
+    front_end: Callable[[dict], dict] | None = None  # resolved -> the front-end's own record in config.yaml
+    on_rows: Callable[[object, list[dict]], None] | None = None  # (run_dir, rows) whenever metrics.csv changes
+    hook: Hook | None = None
+
+
+def train(trainer: Trainer, epoch: int) -> EpochOutcome:
+    """One epoch behind a progress bar over steps, cut short by the privacy budget if it must be."""
+    hook = trainer.hooks.hook
+    with tqdm(total=trainer.plan.steps_per_epoch, desc=f"Epoch {epoch}", unit="step", leave=False,
+              disable=trainer.quiet, file=sys.stderr) as bar:
         done = 0  # counted here: a disabled tqdm does not count
 
         def progress(steps: int) -> None:
@@ -63,17 +80,227 @@ def train(engine, ledger, epoch: int, plan, budget, *, quiet: bool, hook: Hook |
             if hook:
                 hook("step", done)
 
-        return train_private_epoch(engine, ledger, noise_multiplier=plan.noise_multiplier, budget=budget,
+        return train_private_epoch(trainer.engine, trainer.ledger, trainer.plan, budget=trainer.budget,
                                    progress=progress)
 
 
-def evaluate_split(model, data, config: TrainConfig, device) -> tuple[float, float, object]:
+def evaluate_split(model, data, batch_size: int, device) -> tuple[float, float, object]:
     """Mean loss, accuracy and predictions [N] of ``model`` on one split (NaNs when there is none)."""
-    from dpvision.engines import evaluate
-
     if data is None:
         return math.nan, math.nan, None
-    return evaluate(model, data, batch_size=config.optim.eval_batch_size, device=device)
+    return evaluate(model, data, batch_size=batch_size, device=device)
+
+
+def judged(ema: WeightAverage | None, model):
+    """The weights evaluation sees: the moving average when there is one, else the model's own."""
+    return ema.applied() if ema is not None else contextlib.nullcontext(model)
+
+
+class Trainer:
+    """One run's state: the engine, the ledger, the EMA, the best weights, the rows, the run folder.
+
+    Made from a config (or the run folder ``resume`` names, with ``overrides`` of its free
+    keys): every check first (:func:`prepare`, nothing written), then the model and engine.
+    ``epoch`` and ``steps`` count what is done (epochs completed, optimizer steps taken); a
+    resume restores them, with everything else, from the checkpoint (:meth:`state_dict`).
+    Only rank 0 holds the writers (``run_dir``, ``checkpointer``, ``tensorboard``).
+    """
+
+    def __init__(self, config: TrainConfig | None, dist: DistContext, hooks: Hooks, *, resume=None,
+                 overrides: dict | None = None) -> None:
+        config, self.data, self.plan, self.device = prepare(config, dist, resume=resume, overrides=overrides or {})
+        self.config, self.dist, self.hooks, self.resume = config, dist, hooks, resume
+        plan = self.plan
+        seed_everything(config.run.seed)  # weight initialisation draws from torch's global generator
+        self.engine = build(config, self.data, plan, self.device, dist)
+        self.ledger = PrivacyLedger()
+        self.ema = None
+        if config.optim.ema_decay is not None:
+            self.ema = WeightAverage(self.engine.model, config.optim.ema_decay)
+            optimizer = self.engine.optimizer
+            self.ema.attach(getattr(optimizer, "original_optimizer", optimizer))  # under Opacus: the inner one
+        self.budget = None
+        if plan.dp and config.dp.max_epsilon is not None:
+            self.budget = PrivacyBudget(max_epsilon=config.dp.max_epsilon, delta=plan.delta,
+                                        accountant=config.dp.accountant)
+        self.best = BestModel(config.run.select == "best_val")
+        self.rows: list[dict] = []
+        self.epoch = self.steps = 0
+        self.stop_reason: str | None = None
+        self.run_dir = self.checkpointer = self.tensorboard = self.path = None
+        self.quiet = config.run.quiet or not dist.is_main  # one voice: rank 0's
+        self.started = time.perf_counter()  # reset when training starts
+
+    @property
+    def finished(self) -> bool:
+        """Every epoch done, or the privacy budget ended the run."""
+        return self.stop_reason is not None or self.epoch >= self.config.optim.epochs
+
+    def state_dict(self) -> dict:
+        """The checkpoint's ``extra``: rows, why training stopped, the best weights, the EMA."""
+        return {"metrics": self.rows, "stop_reason": self.stop_reason, **self.best.state_dict(),
+                **({"ema": self.ema.state_dict()} if self.ema is not None else {})}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a checkpoint's ``epoch``, ``ledger`` and ``extra`` (the engine loads its own part)."""
+        extra = state["extra"]
+        self.epoch, self.rows = int(state["epoch"]), list(extra.get("metrics", []))
+        self.steps = int(self.rows[-1]["steps"]) if self.rows else 0
+        self.ledger.load_state_dict(state["ledger"])
+        self.stop_reason = extra.get("stop_reason")
+        self.best.load_state_dict(extra)
+        if self.ema is not None and "ema" in extra:
+            self.ema.load_state_dict(extra["ema"])
+
+    @property
+    def resumed(self) -> bool:
+        return self.resume is not None
+
+    def open(self, *, group: str | None, run_name: str | None) -> None:
+        """Rank 0 creates (or reopens and locks) the run folder; on resume every rank restores the checkpoint."""
+        if self.dist.is_main:
+            if self.resume is None:
+                resolved = resolved_section(self.plan, self.data, engine=self.engine.name, device=self.device)
+                self.run_dir, self.checkpointer = create_run(self.config, self.plan, resolved, group=group,
+                                                             run_name=run_name, front_end=self.hooks.front_end)
+            else:
+                self.run_dir, self.checkpointer = reopen_run(self.resume)
+            self.best.path = self.run_dir.path / BestModel.FILE
+        self.path = self.dist.broadcast_object(str(self.run_dir.path) if self.run_dir else None)
+        if self.resumed:
+            self._restore()
+
+    def _restore(self) -> None:
+        """Rank 0 reads and checks the checkpoint; every rank loads it (the engine scatters each rank's
+        generators). The folder then holds exactly the checkpointed epochs."""
+        state = self.checkpointer.read("cpu") if self.dist.is_main else None  # generator states stay on the CPU
+        if state is not None:
+            check_ledger(state, self.plan, self.budget, logged=logged_steps(self.run_dir),
+                         path=self.checkpointer.path)
+        if self.dist.broadcast_object(state is not None):
+            self.engine.load_state_dict(state["engine"] if self.dist.is_main else None)
+            self.load_state_dict(self.dist.broadcast_object(
+                {k: state[k] for k in ("epoch", "steps", "ledger", "extra")} if self.dist.is_main else None))
+        if self.run_dir is not None:
+            self.run_dir.rewrite_metrics(self.rows)
+            self.best.save()
+            if self.hooks.on_rows and self.rows:
+                self.hooks.on_rows(self.run_dir, self.rows)
+
+    def fit(self) -> None:
+        """Train the epochs still to run; after each, checkpoint, then write and print (rank 0)."""
+        if not self.quiet:
+            where = f"{self.device}" + (f" x {self.dist.world_size} processes" if self.dist.is_distributed else "")
+            print(report.start_line(self.config, self.plan, engine=self.engine.name, device=where, path=self.path,
+                                    resumed_at=self.epoch + 1 if self.resumed else None), flush=True)
+        self.started = time.perf_counter()  # summary.json's wall time: this process's training and testing
+        if self.run_dir is not None and self.config.run.tensorboard:
+            self.tensorboard = report.TensorBoardLog(self.run_dir.path)
+        while not self.finished:
+            started = time.perf_counter()
+            outcome = train(self, self.epoch + 1)
+            self.stop_reason = outcome.stop_reason
+            if outcome.result is None:  # not one step fits in the budget: no epoch to report
+                break
+            self.epoch, self.steps = self.epoch + 1, self.steps + outcome.steps
+            self._end_epoch(outcome.result, started)
+        if self.stop_reason is not None and not self.quiet:
+            print(f"Stopped early: {self.stop_reason}", flush=True)
+        if self.tensorboard:
+            self.tensorboard.close()
+
+    def _end_epoch(self, result, started: float) -> None:
+        """Judge the epoch's weights and make its row, then :meth:`_record` it."""
+        batch, device = self.config.optim.eval_batch_size, self.device
+        with judged(self.ema, self.engine.model) as model:
+            val = evaluate_split(model, self.data.val, batch, device)[:2]
+            tested = (evaluate_split(model, self.data.test, batch, device)[:2] if self.config.run.test_every_epoch
+                      else (math.nan, math.nan))
+            improved = self.best.update(self.epoch, val[1], model)
+        epsilons = epsilon_columns(self.ledger, delta=self.plan.delta, dp=self.plan.dp,
+                                   primary=self.config.dp.accountant)
+        self.rows.append(report.metrics_row(
+            {"epoch": self.epoch, "steps": self.steps}, report.plan_columns(self.plan),
+            report.split_metrics("train", result.loss, result.accuracy), report.split_metrics("val", *val),
+            report.split_metrics("test", *tested),
+            report.privacy_columns(epsilons, accountant=self.config.dp.accountant, delta=self.plan.delta),
+            {"seconds": round(time.perf_counter() - started, 3)}))
+        self._record(improved)
+
+    def _record(self, improved: bool) -> None:
+        """Checkpoint first, then write and print: nothing about an epoch is released before the state
+        that produced it is saved (docs/privacy.md). Every rank takes the engine's state (it gathers every
+        rank's generators); rank 0 writes it."""
+        engine_state = self.engine.state_dict()
+        if self.run_dir is None:
+            return
+        self.checkpointer.save(engine_state=engine_state, ledger=self.ledger, epoch=self.epoch, steps=self.steps,
+                               extra=self.state_dict())
+        if improved:
+            self.best.save()
+        row = self.rows[-1]
+        self.run_dir.append_metrics(row)
+        if self.hooks.on_rows:
+            self.hooks.on_rows(self.run_dir, self.rows)
+        if self.tensorboard:
+            self.tensorboard.log(row)
+        if not self.quiet:
+            print(report.epoch_line(row, improved=improved, dp=self.plan.dp), flush=True)
+        if self.hooks.hook:
+            self.hooks.hook("epoch", self.epoch)
+
+    def finish(self) -> dict:
+        """Save the final weights, judge the selected ones on the test set, write summary and plot (rank 0)."""
+        config, data = self.config, self.data
+        with judged(self.ema, self.engine.model) as model:
+            if self.run_dir is not None:
+                self.run_dir.save_model(model)  # model.pt: the last epoch (its moving average with optim.ema_decay)
+            last = None
+            if self.best.weights is not None:
+                if config.run.evaluate_test:
+                    last = evaluate_split(model, data.test, config.optim.eval_batch_size, self.device)[1]
+                model.load_state_dict(self.best.weights)  # training is over: judge the selected weights
+            tested = self._test(model)
+        summary = self._summary(tested, test_accuracy_last=last)
+        if self.run_dir is not None:
+            plot_curves(self.rows, self.run_dir.path / CURVES, title=report.curves_title(config, self.plan))
+            self.run_dir.write_summary(summary)
+        self.dist.barrier()  # the others wait until rank 0 has written everything
+        return summary
+
+    def _test(self, model) -> dict:
+        """The test set's part of the summary (NaNs with ``run.evaluate_test: false``)."""
+        if not self.config.run.evaluate_test:
+            return report.summary_of_test(math.nan, math.nan, None, None)
+        data = self.data
+        loss, accuracy, predictions = evaluate_split(model, data.test, self.config.optim.eval_batch_size, self.device)
+        labels = data.test.labels
+        per_class = report.group_accuracy(predictions, labels, [data.class_names[int(y)] for y in labels])
+        per_group = report.group_accuracy(predictions, labels, list(data.test_groups)) if data.test_groups else None
+        return report.summary_of_test(loss, accuracy, per_class, per_group)
+
+    def _summary(self, tested: dict, *, test_accuracy_last: float | None) -> dict:
+        config, plan = self.config, self.plan
+        epsilons = epsilon_columns(self.ledger, delta=plan.delta, dp=plan.dp, primary=config.dp.accountant)
+        summary = {**report.setting_summary(config, plan, self.data, engine=self.engine.name, device=self.device),
+                   **report.privacy_summary(config, plan, epsilons, steps=self.steps),
+                   **report.progress_summary(config, self.rows, stop_reason=self.stop_reason, resumed=self.resumed,
+                                             wall_seconds=time.perf_counter() - self.started),
+                   **tested, "run_dir": self.path}
+        if config.run.select == "best_val":
+            summary.update(report.selection_summary(self.best.summary(), test_accuracy_last))
+        if plan.dp:
+            summary["epsilon_notes"] = self.ledger.epsilon_notes(delta=plan.delta)  # why an accountant says inf
+        return summary
+
+    def completed(self) -> dict:
+        """A finished run resumed: nothing to train; its summary (written again only if it was lost)."""
+        saved = self.dist.broadcast_object(read_summary(self.run_dir) if self.run_dir is not None else None)
+        return self.finish() if saved is None else {**saved, "run_dir": self.path}
+
+    def close(self) -> None:
+        if self.run_dir is not None:
+            self.run_dir.unlock()
 
 
 def validate(config: TrainConfig, dist=None):
@@ -81,14 +308,8 @@ def validate(config: TrainConfig, dist=None):
 
     ``dist``: the data-parallel context; its device is this rank's (``cuda:LOCAL_RANK`` under torchrun).
     """
-    from dpvision.cli_support import resolve_device
-    from dpvision.models import check_model_options
-
-    if config.run.tensorboard:
-        import importlib.util
-
-        if importlib.util.find_spec("tensorboard") is None:
-            raise ValueError("run.tensorboard needs the tensorboard package: pip install 'dpvision[tensorboard]'")
+    if config.run.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ValueError("run.tensorboard needs the tensorboard package: pip install 'dpvision[tensorboard]'")
     device = resolve_device(config.run.device)  # refuses cuda where there is none (one line, not a traceback)
     if dist is not None:
         device = dist.device
@@ -101,50 +322,10 @@ def validate(config: TrainConfig, dist=None):
     return data, plan, device
 
 
-def run(config: TrainConfig | None = None, *, resume: str | os.PathLike | None = None, group: str | None = None,
-        run_name: str | None = None, overrides: dict | None = None,
-        front_end: Callable[[dict], dict] | None = None, announce: bool = True,
-        on_rows: Callable[[object, list[dict]], None] | None = None, hook: Hook | None = None) -> dict:
-    """Train, write the run folder after every epoch, evaluate on test; return the summary.
-
-    ``resume`` continues the run folder it names with its saved config (``overrides``
-    may change only the keys in ``RESUME_FREE_KEYS``; the training data must be the
-    same). ``group``/``run_name`` place a new run folder (default: the dataset and a
-    name made from the settings). ``front_end(resolved) -> dict`` lets a seed front-end
-    record its own outputs in ``config.yaml`` (``resolved.front_end``; a ``run_name`` there
-    is the default folder name). ``announce=False`` leaves out the closing summary lines (a sweep
-    prints its own). ``on_rows(run_dir, rows)`` is called whenever
-    ``metrics.csv`` changes (the MNIST seed derives its CSV there).
-    """
-    from dpvision.engines.distributed import DistContext
-
-    device_name = (overrides or {}).get("run.device") or (config.run.device if config is not None else "auto")
-    # Under torchrun: one process per GPU (or CPU rank); alone: a world of one, today's code path.
-    with DistContext.from_env(device=device_name) as dist:
-        return _run(config, dist, resume=resume, group=group, run_name=run_name, overrides=overrides,
-                    front_end=front_end, announce=announce, on_rows=on_rows, hook=hook)
-
-
-def _run(config, dist, *, resume, group, run_name, overrides, front_end, announce, on_rows, hook) -> dict:
-    from dpvision.privacy import PrivacyLedger
-    from dpvision.seeding import seed_everything
-
-    if resume is not None:  # rank 0 reads the run folder (on another node there may be none)
-        config, saved = dist.broadcast_object(restore(resume, overrides or {}) if dist.is_main else None)
-        sigma = float(saved["noise_multiplier"])  # exactly as the run used it (no recalibration)
-        if config.dp.enabled:
-            config_for_plan = replace(config, dp=replace(config.dp, target_epsilon=None, noise_multiplier=sigma))
-        else:
-            config_for_plan = config
-        data, plan, device = validate(config_for_plan, dist)
-        if data.fingerprint != saved.get("data_fingerprint"):
-            raise ValueError(f"data.root {config.data.root!r} does not hold the training data the run in "
-                             f"{str(resume)!r} was trained on (fingerprint {data.fingerprint[:12]}... vs "
-                             f"{str(saved.get('data_fingerprint'))[:12]}...); point it at the original data")
-    else:
+def prepare(config: TrainConfig | None, dist, *, resume, overrides: dict) -> tuple:
+    """``(config, data, plan, device)`` of a new run or of the run folder ``resume`` names; writes nothing."""
+    if resume is None:
         assert config is not None, "give a config or a run folder to resume"
-        from dpvision.cli_support import check_can_create_dir
-
         # Before loading any data (creates nothing); rank 0 tries, every rank gets its verdict.
         problem = None
         if dist.is_main:
@@ -152,191 +333,63 @@ def _run(config, dist, *, resume, group, run_name, overrides, front_end, announc
                 check_can_create_dir(config.run.runs_dir, "run.runs_dir")
             except ValueError as err:
                 problem = str(err)
-        problem = dist.broadcast_object(problem)
-        if problem:
+        if dist.broadcast_object(problem):
             raise ValueError(problem)
         data, plan, device = validate(config, dist)
         advice = few_steps_advice(config, plan)
         if advice and not config.run.quiet and dist.is_main:
             print(f"warning: {advice}", file=sys.stderr, flush=True)
+        return config, data, plan, device
+    config, saved = dist.broadcast_object(restore(resume, overrides) if dist.is_main else None)
+    sigma = float(saved["noise_multiplier"])  # exactly as the run used it (no recalibration)
+    planned = (replace(config, dp=replace(config.dp, target_epsilon=None, noise_multiplier=sigma))
+               if config.dp.enabled else config)
+    data, plan, device = validate(planned, dist)
+    if data.fingerprint != saved.get("data_fingerprint"):
+        raise ValueError(f"data.root {config.data.root!r} does not hold the training data the run in "
+                         f"{str(resume)!r} was trained on (fingerprint {data.fingerprint[:12]}... vs "
+                         f"{str(saved.get('data_fingerprint'))[:12]}...); point it at the original data")
+    return config, data, plan, device
 
-    seed_everything(config.run.seed)  # weight initialisation draws from torch's global generator
-    engine = build(config, data, plan, device, dist)
-    ledger = PrivacyLedger()
-    ema = None
-    if config.optim.ema_decay is not None:
-        ema = WeightAverage(engine.model, config.optim.ema_decay)
-        ema.attach(getattr(engine.optimizer, "original_optimizer", engine.optimizer))  # under Opacus: the inner one
-    run_dir = checkpointer = None  # only rank 0 writes the run folder
-    if dist.is_main:
-        run_dir, checkpointer = open_run(config, plan, data, engine, device, resume=resume, group=group,
-                                         run_name=run_name, front_end=front_end, columns=METRIC_COLUMNS)
-    run_path = dist.broadcast_object(str(run_dir.path) if run_dir else None)
-    try:  # a full disk before the first completed epoch removes a new run folder (runs.RunDir)
-        with run_dir.removed_on_write_failure() if run_dir is not None else contextlib.nullcontext():
-            summary = _train_run(config, data, plan, device, engine, ledger, ema, run_dir, checkpointer, dist,
-                                 run_path, resume=resume, on_rows=on_rows, hook=hook)
-    finally:
-        if run_dir is not None:
-            run_dir.unlock()
+
+def run(config: TrainConfig | None = None, *, resume: str | os.PathLike | None = None, group: str | None = None,
+        run_name: str | None = None, overrides: dict | None = None, announce: bool = True, **hooks) -> dict:
+    """Train, write the run folder after every epoch, evaluate on test; return the summary.
+
+    ``resume`` continues the run folder it names with its saved config (``overrides``
+    may change only the keys in ``rundir.RESUME_FREE_KEYS``; the training data must be the
+    same); a finished run is not trained again: its closing lines are printed once more.
+    ``group``/``run_name`` place a new run folder (default: the dataset and a name made
+    from the settings). ``announce=False`` leaves out the closing lines (a sweep prints its
+    own). ``hooks``: the fields of :class:`Hooks` (``front_end``, ``on_rows``, ``hook``).
+    A ``KeyboardInterrupt`` leaving this function carries ``run_dir``: the folder to resume
+    (``None`` before it was created).
+    """
+    hooks = Hooks(**hooks)  # an unknown name is a TypeError, not silently ignored
+    device_name = (overrides or {}).get("run.device") or (config.run.device if config is not None else "auto")
+    # Under torchrun: one process per GPU (or CPU rank); alone: a world of one, today's code path.
+    with DistContext.from_env(device=device_name) as dist:
+        trainer = Trainer(config, dist, hooks, resume=resume, overrides=overrides)
+        try:
+            trainer.open(group=group, run_name=run_name)
+            complete = trainer.resumed and trainer.finished
+            # A full disk before the first completed epoch removes a new run folder (runs.RunDir).
+            with (trainer.run_dir.removed_on_write_failure() if trainer.run_dir is not None
+                  else contextlib.nullcontext()):
+                if not complete:
+                    trainer.fit()
+                summary = trainer.completed() if complete else trainer.finish()
+            outputs = run_outputs(trainer.run_dir) if trainer.run_dir is not None else []
+        except KeyboardInterrupt as interrupt:
+            interrupt.run_dir = trainer.path  # the front-end's Ctrl-C line names the folder to --resume
+            raise
+        finally:
+            trainer.close()
     if announce and dist.is_main:
-        print(final_line(summary), flush=True)
+        if complete:
+            print(report.complete_line(trainer.path, trainer.epoch, trainer.stop_reason), flush=True)
+        print(report.final_line(summary, outputs), flush=True)
     return summary
 
 
-def judged(ema: WeightAverage | None, model):
-    """The weights evaluation sees: the moving average when there is one, else the model's own."""
-    return ema.applied() if ema is not None else contextlib.nullcontext(model)
-
-
-def _restore(engine, ledger, checkpointer, dist) -> dict | None:
-    """Rank 0 reads the checkpoint; every rank loads it (the engine scatters each rank's generators)."""
-    state = checkpointer.read("cpu") if dist.is_main else None  # generator states must stay on the CPU
-    if not dist.broadcast_object(state is not None):
-        return None
-    engine.load_state_dict(state["engine"] if dist.is_main else None)
-    shared = dist.broadcast_object({k: state[k] for k in ("epoch", "steps", "ledger", "extra")} if dist.is_main
-                                   else None)
-    ledger.load_state_dict(shared["ledger"])
-    return shared
-
-
-def _train_run(config, data, plan, device, engine, ledger, ema, run_dir, checkpointer, dist, run_path, *, resume,
-               on_rows, hook) -> dict:
-    from dpvision.jobs.loop import epsilon_columns
-    from dpvision.jobs.report import TensorBoardLog
-    from dpvision.privacy import PrivacyBudget
-    from dpvision.runs import atomic_torch_save
-
-    state = _restore(engine, ledger, checkpointer, dist) if resume is not None else None
-    extra = state["extra"] if state else {}
-    rows: list[dict] = list(extra.get("metrics", []))
-    stop_reason: str | None = extra.get("stop_reason")
-    best_epoch, best_val = int(extra.get("best_epoch", 0)), float(extra.get("best_val_accuracy", -math.inf))
-    best_state: dict | None = extra.get("best_state")
-    if ema is not None and "ema" in extra:
-        ema.load_state_dict(extra["ema"])
-    start_epoch = state["epoch"] + 1 if state else 1
-    main = dist.is_main
-    if resume is not None and main:  # the folder holds exactly the checkpointed epochs
-        run_dir.rewrite_metrics(rows)
-        if best_state is not None:
-            atomic_torch_save(best_state, run_dir.path / BEST_MODEL)
-        if on_rows and rows:
-            on_rows(run_dir, rows)
-    budget = None
-    if plan.dp and config.dp.max_epsilon is not None:
-        budget = PrivacyBudget(max_epsilon=config.dp.max_epsilon, delta=plan.delta, accountant=config.dp.accountant)
-    tensorboard = TensorBoardLog(run_dir.path) if config.run.tensorboard and main else None
-    quiet = config.run.quiet or not main  # one voice: rank 0's
-    if not quiet:
-        mode = "no DP (baseline)" if not plan.dp else (
-            f"DP-SGD: sigma={plan.noise_multiplier:.6g}, C={plan.max_grad_norm:g}, q={plan.sample_rate:.6g}, "
-            f"{plan.steps_per_epoch} steps/epoch, delta={plan.delta:.3g}, {config.dp.accountant} accountant")
-        verb = f"Resuming at epoch {start_epoch}:" if resume is not None else "Training"
-        ranks = f" x {dist.world_size} processes" if dist.is_distributed else ""
-        print(f"{verb} {config.model.name} on {plan.num_train} {config.data.dataset} images on {device}{ranks} "
-              f"[{engine.name} engine] with {mode}; run folder {run_dir.path}", flush=True)
-
-    started = time.perf_counter()
-    for epoch in range(start_epoch, config.optim.epochs + 1):
-        if stop_reason is not None:
-            break
-        epoch_start = time.perf_counter()
-        outcome = train(engine, ledger, epoch, plan, budget, quiet=quiet, hook=hook)
-        stop_reason = outcome.stop_reason
-        if outcome.result is None:  # not one step fits in the budget: no epoch to report
-            break
-        result = outcome.result
-        epsilons = epsilon_columns(ledger, delta=plan.delta, dp=plan.dp, primary=config.dp.accountant)
-        with judged(ema, engine.model) as model:
-            val_loss, val_accuracy, _ = evaluate_split(model, data.val, config, device)
-            test_loss, test_accuracy = math.nan, math.nan
-            if config.run.test_every_epoch:
-                test_loss, test_accuracy, _ = evaluate_split(model, data.test, config, device)
-            improved = config.run.select == "best_val" and val_accuracy > best_val
-            if improved:
-                best_epoch, best_val = epoch, val_accuracy
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        rows.append({
-            "epoch": epoch, "steps": ledger.steps if plan.dp else epoch * engine.steps_per_epoch,
-            "sample_rate": plan.sample_rate, "noise_multiplier": plan.noise_multiplier,
-            "max_grad_norm": plan.max_grad_norm, "train_loss": result.loss, "train_accuracy": result.accuracy,
-            "val_loss": val_loss, "val_accuracy": val_accuracy, "test_loss": test_loss,
-            "test_accuracy": test_accuracy, "epsilon": epsilons[f"epsilon_{config.dp.accountant}"],
-            "delta": plan.delta, "seconds": round(time.perf_counter() - epoch_start, 3),
-            "accountant": config.dp.accountant, **epsilons,
-        })
-        # Checkpoint first, then write and print: nothing about an epoch is released
-        # before the state that produced it is saved (docs/privacy.md). Every rank takes the
-        # engine's state (it gathers every rank's generators); rank 0 writes it.
-        engine_state = engine.state_dict()
-        if not main:
-            continue
-        checkpointer.save(engine=engine, ledger=ledger, epoch=epoch, steps=ledger.steps, engine_state=engine_state,
-                          extra={"metrics": rows, "stop_reason": stop_reason, "best_epoch": best_epoch,
-                                 "best_val_accuracy": best_val, "best_state": best_state,
-                                 **({"ema": ema.state_dict()} if ema is not None else {})})
-        if improved:
-            atomic_torch_save(best_state, run_dir.path / BEST_MODEL)
-        run_dir.append_metrics(rows[-1])
-        if on_rows:
-            on_rows(run_dir, rows)
-        if tensorboard:
-            tensorboard.log(rows[-1])
-        if not quiet:
-            print(epoch_line(rows[-1], improved=improved, dp=plan.dp), flush=True)
-        if hook:
-            hook("epoch", epoch)
-    if stop_reason is not None and not quiet:
-        print(f"Stopped early: {stop_reason}", flush=True)
-    if tensorboard:
-        tensorboard.close()
-    with judged(ema, engine.model) as model:
-        summary = _finish(config, data, plan, device, engine, model, ledger, run_dir, run_path, rows, stop_reason,
-                          resume, best_epoch, best_val, best_state, started)
-    dist.barrier()  # the others wait until rank 0 has written everything
-    return summary
-
-
-def _finish(config, data, plan, device, engine, model, ledger, run_dir, run_path, rows, stop_reason, resume,
-            best_epoch, best_val, best_state, started) -> dict:
-    """Save the final weights, judge the selected ones on the test set, write summary and plot (rank 0)."""
-    from dpvision.jobs.loop import epsilon_columns
-    from dpvision.jobs.plots import plot_curves
-
-    if run_dir is not None:
-        run_dir.save_model(model)  # model.pt: the last epoch (its moving average with optim.ema_decay)
-    test_accuracy_last = None
-    if config.run.select == "best_val" and best_state is not None:
-        if config.run.evaluate_test:
-            _, test_accuracy_last, _ = evaluate_split(model, data.test, config, device)
-        model.load_state_dict(best_state)  # training is over: judge the selected weights
-    per_class = per_group = None
-    test_loss, test_accuracy = math.nan, math.nan
-    if config.run.evaluate_test:
-        test_loss, test_accuracy, predictions = evaluate_split(model, data.test, config, device)
-        labels = data.test.labels
-        per_class = group_accuracy(predictions, labels, [data.class_names[int(y)] for y in labels])
-        per_group = group_accuracy(predictions, labels, list(data.test_groups)) if data.test_groups else None
-    epsilons = epsilon_columns(ledger, delta=plan.delta, dp=plan.dp, primary=config.dp.accountant)
-    summary = summarize(config, plan, data, engine, device, rows, epsilons, test_loss=test_loss,
-                        test_accuracy=test_accuracy, per_class=per_class, per_group=per_group,
-                        test_accuracy_last=test_accuracy_last, best_epoch=best_epoch, best_val=best_val,
-                        stop_reason=stop_reason, resumed=resume is not None,
-                        steps=ledger.steps if plan.dp else len(rows) * engine.steps_per_epoch,
-                        wall_seconds=time.perf_counter() - started, run_dir=run_path)
-    if plan.dp:
-        summary["epsilon_notes"] = ledger.epsilon_notes(delta=plan.delta)  # why an accountant says inf, if one does
-    if run_dir is None:  # not rank 0
-        return summary
-    title = f"{config.data.dataset} / {config.model.name}: " + (
-        f"σ={plan.noise_multiplier:.3g}, C={plan.max_grad_norm:g}, q={plan.sample_rate:.3g}, δ={plan.delta:.2g}"
-        if plan.dp else "no DP")
-    plot_curves(rows, Path(run_dir.path) / CURVES, title=title)
-    run_dir.write_summary(summary)
-    return summary
-
-
-__all__ = ["BEST_MODEL", "CURVES", "METRIC_COLUMNS", "RESUME_FREE_KEYS", "evaluate_split", "run", "train",
-           "validate"]
+__all__ = ["BEST_MODEL", "Hooks", "Trainer", "evaluate_split", "run", "train", "validate"]
