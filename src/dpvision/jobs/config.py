@@ -31,7 +31,7 @@ from typing import Any, Mapping
 
 import yaml
 
-DATASETS = ("mnist", "fashion-mnist", "cifar10", "celeba", "imagefolder")
+DATASETS = ("mnist", "fashion-mnist", "cifar10", "celeba", "imagefolder", "python")  # python: dpvision.fit's data
 ENGINES = ("fast", "opacus")
 OPTIMIZERS = ("sgd", "adam")
 ACCOUNTANTS = ("rdp", "prv", "pld")

@@ -58,6 +58,8 @@ def load_data(config: TrainConfig):
     from dpvision.data.mnist import random_subset
     from dpvision.seeding import make_generator
 
+    if config.data.dataset == "python":
+        raise ValueError("data.dataset python is data handed over from Python: pass it to dpvision.fit(...)")
     splits = load_dataset(config.data.dataset, config.data.root, image_size=config.data.image_size,
                           download=config.data.download)
     train, val, val_groups = splits.train, splits.val, splits.val_groups
@@ -142,16 +144,21 @@ def few_steps_advice(config: TrainConfig, plan: PrivacyPlan) -> str | None:
             f"--epochs {epochs} ({epochs * per_epoch} steps)")
 
 
-def build(config: TrainConfig, data: Data, plan: PrivacyPlan, device, dist=None):
-    """The model (seeded initialisation) and the engine that trains it (on this rank's share, under ``dist``)."""
+def build(config: TrainConfig, data: Data, plan: PrivacyPlan, device, dist=None, model=None):
+    """The model (seeded initialisation; ``model``: the caller's own, :mod:`dpvision.api`) and the engine that
+    trains it (on this rank's share, under ``dist``)."""
     from dpvision.engines import DPSettings, OptimizerSpec, build_engine
     from dpvision.models import build_model
+    from dpvision.models.external import resolve_model
 
     train = data.train
-    model = build_model(config.model.name, in_channels=int(train.images.shape[1]),
-                        num_classes=len(data.class_names), image_size=int(train.images.shape[-1]),
-                        activation=config.model.activation, width=config.model.width,
-                        weight_standardization=config.model.weight_standardization)
+    sizes = dict(in_channels=int(train.images.shape[1]), num_classes=len(data.class_names),
+                 image_size=int(train.images.shape[-1]))
+    if model is None:
+        model = resolve_model(config.model.name, **sizes)  # torchvision:<name> or <module>:<factory>; else None
+    if model is None:
+        model = build_model(config.model.name, **sizes, activation=config.model.activation, width=config.model.width,
+                            weight_standardization=config.model.weight_standardization)
     dp = (DPSettings(noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm) if plan.dp
           else None)
     optim = config.optim

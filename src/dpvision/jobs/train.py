@@ -76,10 +76,11 @@ def evaluate_split(model, data, config: TrainConfig, device) -> tuple[float, flo
     return evaluate(model, data, batch_size=config.optim.eval_batch_size, device=device)
 
 
-def validate(config: TrainConfig, dist=None):
+def validate(config: TrainConfig, dist=None, data=None):
     """Every check that can fail before anything is written; returns ``(data, plan, device)``.
 
     ``dist``: the data-parallel context; its device is this rank's (``cuda:LOCAL_RANK`` under torchrun).
+    ``data``: the splits handed over from Python (:mod:`dpvision.api`) instead of ``config.data``'s.
     """
     from dpvision.cli_support import resolve_device
     from dpvision.models import check_model_options
@@ -92,11 +93,12 @@ def validate(config: TrainConfig, dist=None):
     device = resolve_device(config.run.device)  # refuses cuda where there is none (one line, not a traceback)
     if dist is not None:
         device = dist.device
-    data = load_data(config)
-    check_model_options(config.model.name, in_channels=int(data.train.images.shape[1]),
-                        num_classes=len(data.class_names), image_size=int(data.train.images.shape[-1]),
-                        activation=config.model.activation, width=config.model.width,
-                        weight_standardization=config.model.weight_standardization)
+    data = load_data(config) if data is None else data
+    if ":" not in config.model.name:  # external models are checked when built (before anything is written)
+        check_model_options(config.model.name, in_channels=int(data.train.images.shape[1]),
+                            num_classes=len(data.class_names), image_size=int(data.train.images.shape[-1]),
+                            activation=config.model.activation, width=config.model.width,
+                            weight_standardization=config.model.weight_standardization)
     plan = plan_privacy(config, num_train=len(data.train))
     return data, plan, device
 
@@ -104,7 +106,8 @@ def validate(config: TrainConfig, dist=None):
 def run(config: TrainConfig | None = None, *, resume: str | os.PathLike | None = None, group: str | None = None,
         run_name: str | None = None, overrides: dict | None = None,
         front_end: Callable[[dict], dict] | None = None, announce: bool = True,
-        on_rows: Callable[[object, list[dict]], None] | None = None, hook: Hook | None = None) -> dict:
+        on_rows: Callable[[object, list[dict]], None] | None = None, hook: Hook | None = None,
+        data=None, model=None) -> dict:
     """Train, write the run folder after every epoch, evaluate on test; return the summary.
 
     ``resume`` continues the run folder it names with its saved config (``overrides``
@@ -114,7 +117,8 @@ def run(config: TrainConfig | None = None, *, resume: str | os.PathLike | None =
     record its own outputs in ``config.yaml`` (``resolved.front_end``; a ``run_name`` there
     is the default folder name). ``announce=False`` leaves out the closing summary lines (a sweep
     prints its own). ``on_rows(run_dir, rows)`` is called whenever
-    ``metrics.csv`` changes (the MNIST seed derives its CSV there).
+    ``metrics.csv`` changes (the MNIST seed derives its CSV there). ``data`` (a ``setup.Data``) and
+    ``model`` (an ``nn.Module``, trained in place) replace what ``config`` names (:mod:`dpvision.api`).
     """
     from dpvision.engines.distributed import DistContext
 
@@ -122,10 +126,10 @@ def run(config: TrainConfig | None = None, *, resume: str | os.PathLike | None =
     # Under torchrun: one process per GPU (or CPU rank); alone: a world of one, today's code path.
     with DistContext.from_env(device=device_name) as dist:
         return _run(config, dist, resume=resume, group=group, run_name=run_name, overrides=overrides,
-                    front_end=front_end, announce=announce, on_rows=on_rows, hook=hook)
+                    front_end=front_end, announce=announce, on_rows=on_rows, hook=hook, given=(data, model))
 
 
-def _run(config, dist, *, resume, group, run_name, overrides, front_end, announce, on_rows, hook) -> dict:
+def _run(config, dist, *, resume, group, run_name, overrides, front_end, announce, on_rows, hook, given) -> dict:
     from dpvision.privacy import PrivacyLedger
     from dpvision.seeding import seed_everything
 
@@ -136,7 +140,7 @@ def _run(config, dist, *, resume, group, run_name, overrides, front_end, announc
             config_for_plan = replace(config, dp=replace(config.dp, target_epsilon=None, noise_multiplier=sigma))
         else:
             config_for_plan = config
-        data, plan, device = validate(config_for_plan, dist)
+        data, plan, device = validate(config_for_plan, dist, given[0])
         if data.fingerprint != saved.get("data_fingerprint"):
             raise ValueError(f"data.root {config.data.root!r} does not hold the training data the run in "
                              f"{str(resume)!r} was trained on (fingerprint {data.fingerprint[:12]}... vs "
@@ -155,13 +159,13 @@ def _run(config, dist, *, resume, group, run_name, overrides, front_end, announc
         problem = dist.broadcast_object(problem)
         if problem:
             raise ValueError(problem)
-        data, plan, device = validate(config, dist)
+        data, plan, device = validate(config, dist, given[0])
         advice = few_steps_advice(config, plan)
         if advice and not config.run.quiet and dist.is_main:
             print(f"warning: {advice}", file=sys.stderr, flush=True)
 
     seed_everything(config.run.seed)  # weight initialisation draws from torch's global generator
-    engine = build(config, data, plan, device, dist)
+    engine = build(config, data, plan, device, dist, model=given[1])
     ledger = PrivacyLedger()
     ema = None
     if config.optim.ema_decay is not None:
