@@ -13,7 +13,8 @@ noise, the accountants side by side, the run folder (``config.yaml``, ``metrics.
   :class:`~dpvision.data.tensors.ImageTensors`, or a map-style ``Dataset`` of ``(image, label)`` with tensor
   or PIL images of one size. Every split is normalised with the training set's per-channel mean and std.
 * ``config``: a :class:`~dpvision.jobs.config.TrainConfig`, a recipe (YAML path) or a dict of sections; then
-  keyword sections override it the way ``--set`` does: ``fit(..., optim={"epochs": 3}, dp={"target_epsilon": 3})``.
+  keyword sections override it the way ``--set`` does: ``fit(..., optim={"epochs": 3}, dp={"target_epsilon": 3})``
+  (every section but ``model``, whose name is ``fit``'s first argument).
 
 Example:
     >>> import torch, dpvision                                                        # doctest: +SKIP
@@ -45,50 +46,53 @@ def fit(model: nn.Module | Callable[..., nn.Module] | str, train: Any, test: Any
         resume: str | os.PathLike | None = None, **sections: Mapping[str, Any]) -> dict:
     """Train ``model`` on ``train`` with DP-SGD (or without, ``dp={"enabled": False}``); return the summary.
 
-    ``classes``: the class names (default ``"0"``, ``"1"``, ...). ``resume``: a run folder to continue
-    (give the same model and data). The summary is ``summary.json``'s content (test accuracy, ε, δ, σ, ...).
+    ``classes``: the class names (default ``"0"``, ``"1"``, ...). ``resume``: a run folder to continue with
+    its saved config (give the same model and data; ``sections`` may then change only what ``--resume``
+    lets change). ``model``'s own options (``activation``, ``width``) go in ``config``'s ``model`` section.
+    The summary is ``summary.json``'s content (test accuracy, ε, δ, σ, ...).
     """
     from dpvision.jobs.train import run  # noqa: PLC0415 (the job pulls in matplotlib and the accountants)
 
-    base = _config(config, sections)
+    overrides = _section_overrides(sections)
     data = make_data(train, test, val, classes=classes)
     module, name = _model(model, data)
-    overrides = {"data.dataset": PYTHON_DATASET}
-    if module is not None:
-        overrides["model.name"] = name
-    base = base.with_overrides(overrides)
     if resume is not None:
-        return run(None, resume=resume, data=data, model=module)
-    return run(base, data=data, model=module)
+        return run(None, resume=resume, overrides=overrides, data=data, model=module)
+    overrides.update({"data.dataset": PYTHON_DATASET, "model.name": name})
+    return run(_config(config).with_overrides(overrides), data=data, model=module)
 
 
-def _config(config, sections: Mapping[str, Mapping[str, Any]]) -> TrainConfig:
-    """The base config (TrainConfig, recipe path, dict or default) with the keyword sections applied."""
-    if config is None:
-        base = TrainConfig()
-    elif isinstance(config, TrainConfig):
-        base = config
-    elif isinstance(config, Mapping):
-        base = TrainConfig.from_dict(config)
-    elif isinstance(config, (str, os.PathLike)):
-        base = TrainConfig.from_dict(load_recipe(config), source=str(config))
-    else:
-        raise ValueError(f"config must be a TrainConfig, a recipe path or a dict, got {type(config).__name__}")
+def _section_overrides(sections: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """``{"section.field": value}`` from fit's keyword sections (``optim={...}``, ``dp={...}``, ...)."""
     overrides = {}
     for section, values in sections.items():
-        if section not in SECTIONS:
-            raise ValueError(f"fit() got an unexpected keyword {section!r} (valid: config, classes, resume, "
-                             f"val, and the sections {', '.join(SECTIONS)})")
+        if section not in SECTIONS or section == "model":
+            raise ValueError(f"fit() got an unexpected keyword {section!r} (valid: val, config, classes, resume, "
+                             f"and the sections {', '.join(s for s in SECTIONS if s != 'model')})")
         if not isinstance(values, Mapping):
             raise ValueError(f"fit({section}=...) must be a dict of settings, got {type(values).__name__}")
         overrides.update({f"{section}.{key}": value for key, value in values.items()})
-    return base.with_overrides(overrides) if overrides else base
+    return overrides
 
 
-def _model(model, data: Data) -> tuple[nn.Module | None, str | None]:
-    """(the module to train, its name for the run folder), or (None, None) for a name the job resolves."""
+def _config(config) -> TrainConfig:
+    """The base config: a TrainConfig, a recipe path, a dict of sections, or the defaults."""
+    if config is None:
+        return TrainConfig()
+    if isinstance(config, TrainConfig):
+        return config
+    if isinstance(config, Mapping):
+        return TrainConfig.from_dict(config)
+    if isinstance(config, (str, os.PathLike)):
+        return TrainConfig.from_dict(load_recipe(config), source=str(config))
+    raise ValueError(f"config must be a TrainConfig, a recipe path or a dict, got {type(config).__name__}")
+
+
+def _model(model, data: Data) -> tuple[nn.Module | None, str]:
+    """(the module to train or None, ``model.name``): a name (registry, ``torchvision:``, import path) is
+    built by the job itself."""
     if isinstance(model, str):
-        return None, None  # config.model.name: the registry, torchvision: or an import path
+        return None, model
     shape = data.train.images.shape
     sizes = {"num_classes": len(data.class_names), "in_channels": int(shape[1]), "image_size": int(shape[-1])}
     if isinstance(model, nn.Module):

@@ -76,14 +76,16 @@ def evaluate_split(model, data, config: TrainConfig, device) -> tuple[float, flo
     return evaluate(model, data, batch_size=config.optim.eval_batch_size, device=device)
 
 
-def validate(config: TrainConfig, dist=None, data=None):
+def validate(config: TrainConfig, dist=None, data=None, model=None):
     """Every check that can fail before anything is written; returns ``(data, plan, device)``.
 
     ``dist``: the data-parallel context; its device is this rank's (``cuda:LOCAL_RANK`` under torchrun).
-    ``data``: the splits handed over from Python (:mod:`dpvision.api`) instead of ``config.data``'s.
+    ``data``, ``model``: the splits and the module handed over from Python (:mod:`dpvision.api`) instead of
+    those ``config`` names.
     """
     from dpvision.cli_support import resolve_device
     from dpvision.models import check_model_options
+    from dpvision.models.external import check_external, is_external
 
     if config.run.tensorboard:
         import importlib.util
@@ -94,7 +96,9 @@ def validate(config: TrainConfig, dist=None, data=None):
     if dist is not None:
         device = dist.device
     data = load_data(config) if data is None else data
-    if ":" not in config.model.name:  # external models are checked when built (before anything is written)
+    if model is None and is_external(config.model.name):  # torchvision:<name> or <module>:<factory>
+        check_external(config.model.name, image_size=int(data.train.images.shape[-1]))
+    elif model is None:  # (the caller's own module was checked by dpvision.api)
         check_model_options(config.model.name, in_channels=int(data.train.images.shape[1]),
                             num_classes=len(data.class_names), image_size=int(data.train.images.shape[-1]),
                             activation=config.model.activation, width=config.model.width,
@@ -140,7 +144,7 @@ def _run(config, dist, *, resume, group, run_name, overrides, front_end, announc
             config_for_plan = replace(config, dp=replace(config.dp, target_epsilon=None, noise_multiplier=sigma))
         else:
             config_for_plan = config
-        data, plan, device = validate(config_for_plan, dist, given[0])
+        data, plan, device = validate(config_for_plan, dist, *given)
         if data.fingerprint != saved.get("data_fingerprint"):
             raise ValueError(f"data.root {config.data.root!r} does not hold the training data the run in "
                              f"{str(resume)!r} was trained on (fingerprint {data.fingerprint[:12]}... vs "
@@ -159,7 +163,7 @@ def _run(config, dist, *, resume, group, run_name, overrides, front_end, announc
         problem = dist.broadcast_object(problem)
         if problem:
             raise ValueError(problem)
-        data, plan, device = validate(config, dist, given[0])
+        data, plan, device = validate(config, dist, *given)
         advice = few_steps_advice(config, plan)
         if advice and not config.run.quiet and dist.is_main:
             print(f"warning: {advice}", file=sys.stderr, flush=True)

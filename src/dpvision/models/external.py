@@ -64,8 +64,17 @@ def resolve_model(name: str, *, in_channels: int, num_classes: int, image_size: 
     return make_dp_compatible(model, f"model.name {name}")
 
 
-def torchvision_model(arch: str, *, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
-    """torchvision's classification model ``arch``, untrained, for these inputs and classes."""
+def check_external(name: str, *, image_size: int) -> None:
+    """Every check of :func:`resolve_model` that needs no model built (the job runs it before writing anything):
+    the torchvision name and image size, or that the factory imports and is callable."""
+    source, _, target = name.partition(":")
+    if source == TORCHVISION:
+        _check_torchvision(target, image_size)
+    else:
+        _import_factory(source, target)
+
+
+def _check_torchvision(arch: str, image_size: int) -> None:
     import torchvision.models  # noqa: PLC0415 (torchvision's model zoo is only needed for these names)
 
     known = torchvision.models.list_models(module=torchvision.models)  # classification models only
@@ -77,12 +86,22 @@ def torchvision_model(arch: str, *, in_channels: int, num_classes: int, image_si
         hint = f"; did you mean {', '.join('torchvision:' + c for c in close)}?" if close else \
             f" (the {len(known)} names of torchvision.models.list_models(module=torchvision.models))"
         raise ValueError(f"model.name torchvision:{arch} is not a torchvision classification model{hint}")
+    if arch.startswith("vit_") and image_size % _patch_size(arch):
+        raise ValueError(f"model.name torchvision:{arch} needs an image size that is a multiple of its patch "
+                         f"size {_patch_size(arch)}, got {image_size} (set data.image_size)")
+
+
+def _patch_size(arch: str) -> int:
+    return int(arch.rsplit("_", 1)[-1])  # vit_b_16 -> 16
+
+
+def torchvision_model(arch: str, *, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """torchvision's classification model ``arch``, untrained, for these inputs and classes."""
+    import torchvision.models  # noqa: PLC0415 (see _check_torchvision)
+
+    _check_torchvision(arch, image_size)
     kwargs = {"weights": None, "num_classes": num_classes}
     if arch.startswith("vit_"):
-        patch = int(arch.rsplit("_", 1)[-1])  # vit_b_16 -> 16
-        if image_size % patch:
-            raise ValueError(f"model.name torchvision:{arch} needs an image size that is a multiple of its patch "
-                             f"size {patch}, got {image_size} (set data.image_size)")
         kwargs["image_size"] = image_size
     try:
         model = torchvision.models.get_model(arch, **kwargs)
@@ -109,6 +128,11 @@ def _adapt_stem(model: nn.Module, in_channels: int, name: str) -> None:
 
 def factory_model(module_path: str, attr: str, *, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     """``module_path.attr(**kwargs)`` with the keywords it accepts among ``FACTORY_KEYWORDS``."""
+    sizes = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
+    return call_factory(_import_factory(module_path, attr), f"model.name {module_path}:{attr}", sizes)
+
+
+def _import_factory(module_path: str, attr: str):
     name = f"{module_path}:{attr}"
     if not module_path or not attr:
         raise ValueError(f"model.name {name!r} must be torchvision:<name> or <module.path>:<callable>")
@@ -122,8 +146,9 @@ def factory_model(module_path: str, attr: str, *, in_channels: int, num_classes:
         if not hasattr(factory, part):
             raise ValueError(f"model.name {name}: module {module_path!r} has no attribute {attr!r}")
         factory = getattr(factory, part)
-    sizes = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
-    return call_factory(factory, f"model.name {name}", sizes)
+    if not callable(factory):
+        raise ValueError(f"model.name {name}: {type(factory).__name__} is not callable")
+    return factory
 
 
 def call_factory(factory, label: str, sizes: dict[str, int]) -> nn.Module:
@@ -179,5 +204,5 @@ def _first_line(err: object) -> str:
     return text.splitlines()[0]
 
 
-__all__ = ["FACTORY_KEYWORDS", "TORCHVISION", "call_factory", "factory_model", "is_external", "make_dp_compatible", "resolve_model",
+__all__ = ["FACTORY_KEYWORDS", "TORCHVISION", "call_factory", "check_external", "factory_model", "is_external", "make_dp_compatible", "resolve_model",
            "torchvision_model"]
