@@ -112,6 +112,10 @@ def test_a_factory_is_made_dp_compatible_and_a_module_must_already_be(tmp_path):
     with working_dir(tmp_path):
         summary = fit(small_net, train, test, **QUICK)  # BatchNorm -> GroupNorm, as Opacus's fix
         assert summary["model"] == "python:small_net" and summary["steps"] == 2
+        torch.manual_seed(123)  # the factory's weights come from the run's seed, not from the caller's state
+        again = fit(small_net, train, test, **QUICK)
+        first, second = (torch.load(tmp_path / s["run_dir"] / "model.pt", weights_only=True) for s in (summary, again))
+        assert all(torch.equal(first[k], second[k]) for k in first)
         with pytest.raises(ValueError, match=r"^model is not DP-compatible \(.*BatchNorm.*\); fix it first: "
                                              r"model = dpvision.api.make_dp_compatible\(model\)$"):
             fit(small_net(3, 1), train, test, **QUICK)
@@ -132,8 +136,11 @@ def test_fit_by_name_and_resume_continue_the_same_run(tmp_path):
     assert again["run_dir"] == first["run_dir"] and again["steps"] == 2 and again["resumed"]
 
 
+DROPOUT_TODO = pytest.mark.xfail(strict=True, reason="fast engine: vmap(randomness='different') (ownmodel report)")
+
+
 @pytest.mark.parametrize("name", ["torchvision:resnet18", pytest.param("torchvision:mobilenet_v3_small",
-                                                                       marks=pytest.mark.slow)])
+                                                                       marks=[pytest.mark.slow, DROPOUT_TODO])])
 def test_command_line_trains_a_torchvision_model(name, tiny_mnist_root, tmp_path, capsys):
     argv = ["train", "--model", name, "--data-root", tiny_mnist_root, "--k", "32", "--batch-size", "16",
             "--epochs", "1", "--device", "cpu", "--quiet", "--runs-dir", tmp_path, "--run-name", "r"]

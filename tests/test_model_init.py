@@ -8,7 +8,9 @@ import torchvision
 from torch import nn
 
 from dpvision.models.external import make_dp_compatible, resolve_model
-from dpvision.models.init import find_head, load_init, phase, read_state_dict, set_trainable, trainable_parameters
+from dpvision.models.init import (
+    find_head, load_init, phase, prepare, read_state_dict, set_trainable, trainable_parameters,
+)  # fmt: skip
 
 
 def small_vit(num_classes: int) -> nn.Module:
@@ -140,3 +142,18 @@ def test_fine_tuning_modes():
         phase("probe", 1, probe_epochs=1)
     with pytest.raises(ValueError, match="model.init_head must be one of"):
         load_init(model, "x.pt", head="drop")
+
+
+def test_prepare_fine_tunes_a_public_checkpoint_with_a_linear_probe_then_everything(tmp_path):
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "public.pt")
+    model = resolve_model("torchvision:resnet18", in_channels=3, num_classes=10, image_size=32)
+    example = torch.zeros(1, 3, 32, 32)
+    first = prepare(model, example, init=tmp_path / "public.pt", init_head="reset", finetune="probe_then_all",
+                    probe_epochs=1, epoch=1)
+    assert first["head"] == "fc" and first["mode"] == "linear_probe" and first["trainable"] == ["fc.weight",
+                                                                                                "fc.bias"]
+    assert first["init"]["reset"] == ["fc.bias", "fc.weight"]
+    second = prepare(model, example, finetune="probe_then_all", probe_epochs=1, epoch=2)
+    assert second["mode"] == "all" and len(second["trainable"]) == len(list(model.parameters()))
+    assert prepare(model, example)["head"] is None  # nothing needs the head: no forward is run

@@ -36,6 +36,7 @@ from dpvision.data.tensors import ImageTensors, channel_stats
 from dpvision.jobs.config import SECTIONS, TrainConfig, load_recipe
 from dpvision.jobs.setup import Data
 from dpvision.models.external import call_factory, make_dp_compatible
+from dpvision.seeding import seed_everything
 
 PYTHON_DATASET = "python"  # config.data.dataset of data handed over from Python
 MAX_CLASSES = 10_000
@@ -55,11 +56,12 @@ def fit(model: nn.Module | Callable[..., nn.Module] | str, train: Any, test: Any
 
     overrides = _section_overrides(sections)
     data = make_data(train, test, val, classes=classes)
-    module, name = _model(model, data)
-    if resume is not None:
-        return run(None, resume=resume, overrides=overrides, data=data, model=module)
-    overrides.update({"data.dataset": PYTHON_DATASET, "model.name": name})
-    return run(_config(config).with_overrides(overrides), data=data, model=module)
+    if resume is not None:  # the weights come from the checkpoint
+        return run(None, resume=resume, overrides=overrides, data=data, model=_model(model, data, seed=0)[0])
+    config = _config(config).with_overrides(overrides)
+    module, name = _model(model, data, seed=config.run.seed)
+    config = config.with_overrides({"data.dataset": PYTHON_DATASET, "model.name": name})
+    return run(config, data=data, model=module)
 
 
 def _section_overrides(sections: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -88,9 +90,9 @@ def _config(config) -> TrainConfig:
     raise ValueError(f"config must be a TrainConfig, a recipe path or a dict, got {type(config).__name__}")
 
 
-def _model(model, data: Data) -> tuple[nn.Module | None, str]:
+def _model(model, data: Data, *, seed: int) -> tuple[nn.Module | None, str]:
     """(the module to train or None, ``model.name``): a name (registry, ``torchvision:``, import path) is
-    built by the job itself."""
+    built by the job itself; a factory is called after seeding, as the job seeds its own models."""
     if isinstance(model, str):
         return None, model
     shape = data.train.images.shape
@@ -100,6 +102,7 @@ def _model(model, data: Data) -> tuple[nn.Module | None, str]:
         return model, f"python:{type(model).__name__}"
     if callable(model):
         label = f"python:{getattr(model, '__qualname__', type(model).__name__)}"
+        seed_everything(seed)  # the initial weights draw from torch's global generator
         return make_dp_compatible(call_factory(model, label, sizes), label), label
     raise ValueError(f"model must be an nn.Module, a factory or a model name, got {type(model).__name__}")
 

@@ -204,5 +204,5 @@ def _first_line(err: object) -> str:
     return text.splitlines()[0]
 
 
-__all__ = ["FACTORY_KEYWORDS", "TORCHVISION", "call_factory", "check_external", "factory_model", "is_external", "make_dp_compatible", "resolve_model",
-           "torchvision_model"]
+__all__ = ["FACTORY_KEYWORDS", "TORCHVISION", "call_factory", "check_external", "factory_model", "is_external",
+           "make_dp_compatible", "resolve_model", "torchvision_model"]

@@ -16,7 +16,8 @@ else is refused in one line). The file is matched to the model key by key, and e
 
 Fine-tuning modes (``FINETUNE_MODES``): ``all`` trains every parameter, ``linear_probe`` only the head's,
 ``probe_then_all`` the head's for the first ``probe_epochs`` epochs and then every parameter
-(:func:`phase`). :func:`set_trainable` applies a mode through ``requires_grad``.
+(:func:`phase`). :func:`set_trainable` applies a mode through ``requires_grad``; :func:`prepare` does all of
+it for a job (``model.init``, ``model.init_head``, ``model.finetune``, ``model.probe_epochs``).
 
 Example:
     >>> import torch, tempfile, os
@@ -190,10 +191,26 @@ def phase(mode: str, epoch: int, probe_epochs: int) -> str:
     return mode
 
 
+def prepare(model: nn.Module, example: torch.Tensor, *, init: str | os.PathLike | None = None,
+            init_head: str = "keep", finetune: str = "all", probe_epochs: int = 0, epoch: int = 1) -> dict:
+    """``model.init`` and ``model.finetune`` applied to a freshly built ``model`` for epoch ``epoch`` (1-based).
+
+    ``example`` [1, C, H, W] finds the head (:func:`find_head`) when one is needed. Returns what was done:
+    ``{"head": name or None, "mode": "all"|"linear_probe", "trainable": [names], "init": load_init's
+    answer or None}``. Call it again with the next epoch for ``probe_then_all``: the mode changes after
+    ``probe_epochs`` epochs (the engine must then be rebuilt on the new trainable set).
+    """
+    mode = phase(finetune, epoch, probe_epochs)
+    needs_head = init_head == "reset" or finetune != "all"
+    head = find_head(model, example) if needs_head else None
+    loaded = load_init(model, init, head=init_head, head_name=head) if init is not None else None
+    return {"head": head, "mode": mode, "trainable": set_trainable(model, mode, head_name=head), "init": loaded}
+
+
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters a DP step updates, in ``model.parameters()`` order (P counts only these)."""
     return [p for p in model.parameters() if p.requires_grad]
 
 
-__all__ = ["FINETUNE_MODES", "HEAD_MODES", "find_head", "load_init", "phase", "read_state_dict", "set_trainable",
-           "trainable_parameters"]
+__all__ = ["FINETUNE_MODES", "HEAD_MODES", "find_head", "load_init", "phase", "prepare", "read_state_dict",
+           "set_trainable", "trainable_parameters"]
