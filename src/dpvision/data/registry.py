@@ -28,6 +28,7 @@ from dpvision.data.cifar import load_cifar10
 from dpvision.data.files import DataError
 from dpvision.data.imagefolder import DEFAULT_IMAGE_SIZE, MAX_IMAGE_SIZE, check_image_size, load_imagefolder
 from dpvision.data.mnist import FASHION_MNIST, MNIST, RAW_FILES, load_idx_split
+from dpvision.data.synthetic import load_synthetic
 from dpvision.data.tensors import ImageTensors
 
 __all__ = ["DATASETS", "DATASET_REGISTRY", "DEFAULT_IMAGE_SIZE", "MAX_IMAGE_SIZE", "DataError", "Dataset",
@@ -165,6 +166,22 @@ def _load_celeba(root: Path, image_size: int | None, download: bool) -> DatasetS
 def _load_imagefolder(root: Path, image_size: int | None, download: bool) -> DatasetSplits:
     parts, class_names = load_imagefolder(root, image_size)
     return DatasetSplits("imagefolder", parts["train"], parts.get("val"), parts["test"], class_names, None, None)
+
+
+SYNTHETIC_IMAGE_SIZE = 32  # generated images: CIFAR-10's size unless --image-size says otherwise
+
+
+@register_dataset("synthetic", root_hint="nothing: the images are generated from random processes (dead leaves, "
+                  "1/f noise; no real data, so pretraining on them costs no privacy)", allows_flip=True)
+def _load_synthetic(root: Path, image_size: int | None, download: bool) -> DatasetSplits:
+    del root, download  # nothing is read
+    train, test, class_names = load_synthetic(image_size=image_size or SYNTHETIC_IMAGE_SIZE)
+    return DatasetSplits("synthetic", train, None, test, class_names, None, None)
+
+
+@register_dataset("python", root_hint="nothing: the data is handed over from Python (dpvision.fit)", allows_flip=False)
+def _load_python(root: Path, image_size: int | None, download: bool) -> DatasetSplits:
+    raise DataError("data.dataset python is data handed over from Python: pass it to dpvision.fit(...)")
 
 
 DATASETS = tuple(DATASET_REGISTRY)

@@ -38,10 +38,14 @@ from dpvision.engines import ENGINES, OPTIMIZERS
 from dpvision.engines.clipping import CLIPPING_RULES
 from dpvision.engines.options import PRECISIONS as ENGINE_PRECISIONS
 from dpvision.engines.schedule import SCHEDULES
+from dpvision.models.external import is_external
+from dpvision.models.init import HEAD_MODES
 from dpvision.models.registry import MODELS
 from dpvision.privacy.accounting import check_accountant, parse_delta
 
 DEVICES = ("auto", "cpu", "cuda")
+# Linear probe then full fine-tuning is two runs (the second with model.init: the first's model.pt); their ε add up.
+JOB_FINETUNE_MODES = ("all", "linear_probe")
 PRECISIONS = ("auto", *ENGINE_PRECISIONS)  # "auto": the fast engine's default on CUDA; the CPU always runs fp32
 SELECTIONS = ("last", "best_val")  # which weights the test set judges
 MIN_IMAGE_SIZE = 8
@@ -116,13 +120,22 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    name: str = "sample_convnet"
+    name: str = "sample_convnet"  # a registry name, torchvision:<name>, or <module>:<factory>
     activation: str | None = None  # None: the model's default (relu; tanh for scatternet_cnn)
     width: int | None = None  # None: the model's default
     weight_standardization: bool = False
+    init: str | None = None  # a state_dict file to start from (read with weights_only=True)
+    init_head: str = "keep"  # "reset": the classifier head starts afresh (a checkpoint of other classes)
+    finetune: str = "all"  # or "linear_probe": only the classifier head is trained
 
     def __post_init__(self) -> None:
-        _need(self.name in MODELS, "model.name", f"one of {', '.join(MODELS)}", self.name)
+        _need(self.name in MODELS or is_external(self.name), "model.name",
+              f"one of {', '.join(MODELS)}, torchvision:<name> or <module>:<factory>", self.name)
+        if self.init is not None:
+            _need(isinstance(self.init, str) and self.init != "", "model.init", "a state_dict file", self.init)
+        _need(self.init_head in HEAD_MODES, "model.init_head", f"one of {', '.join(HEAD_MODES)}", self.init_head)
+        _need(self.finetune in JOB_FINETUNE_MODES, "model.finetune", f"one of {', '.join(JOB_FINETUNE_MODES)}",
+              self.finetune)
         if self.width is not None:
             _need(_is_int(self.width) and 1 <= self.width <= 4096, "model.width", "an integer in [1, 4096]",
                   self.width)

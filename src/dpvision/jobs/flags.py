@@ -54,7 +54,8 @@ FLAGS: dict[str, Flag] = {flag.field: flag for flag in (
     Flag("data.image_size", "--image-size", int, "imagefolder: resize images to PX x PX"),
     Flag("data.k", "--k", int, "train on a seeded random subset of N training examples"),
     Flag("data.val_size", "--val-size", int, "carve a seeded validation split of N examples from train"),
-    Flag("model.name", "--model", help="model", choices=lambda: MODELS),
+    Flag("model.name", "--model", help=f"model: one of {{{','.join(MODELS)}}}, torchvision:<name> (e.g. "
+         "torchvision:resnet18) or <module>:<factory> (your own)"),
     Flag("model.activation", "--activation", help="activation (default: the model's)", choices=lambda: ACTIVATIONS),
     Flag("model.width", "--width", int, "model width (model-specific meaning)"),
     Flag("optim.name", "--optimizer", help="optimizer", choices=lambda: OPTIMIZERS),

@@ -47,7 +47,8 @@ def flat(sections: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
 def default_run_name(config: TrainConfig, plan) -> str:
     """A name that says what ran: model, optimizer, batch, epochs, seed, and σ and C under DP."""
     optim = config.optim
-    name = f"{config.model.name}_{optim.name}_lr{optim.lr:g}_b{optim.batch_size}_e{optim.epochs}_seed{config.run.seed}"
+    model = config.model.name.replace(":", "-").replace(".", "-")  # torchvision:resnet18, pkg.mod:make_net
+    name = f"{model}_{optim.name}_lr{optim.lr:g}_b{optim.batch_size}_e{optim.epochs}_seed{config.run.seed}"
     if plan.dp:
         name += f"_sigma{plan.noise_multiplier:.4g}_C{plan.max_grad_norm:g}"
     return name

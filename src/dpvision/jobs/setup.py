@@ -21,13 +21,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from dpvision.data import data_fingerprint, load_dataset
+from dpvision.data.mnist import random_subset
 from dpvision.data.registry import DATASET_REGISTRY
 from dpvision.engines import FastOptions, OptimizerSpec, build_engine
 from dpvision.jobs.config import TrainConfig
 from dpvision.models import build_model
+from dpvision.models.external import resolve_model
+from dpvision.models.init import prepare as prepare_model
 from dpvision.privacy.accounting import compute_epsilon
 from dpvision.privacy.bounds import check_noise_multiplier
 from dpvision.privacy.plan import Plan, make_plan
+from dpvision.seeding import make_generator
 
 MIN_SENSIBLE_STEPS = 200  # fewer optimizer steps than this rarely train a network from scratch
 
@@ -47,10 +52,6 @@ class Data:
 
 def load_data(config: TrainConfig):
     """The run's :class:`Data`; ``ValueError`` (a ``DataError``) naming the file or setting when it cannot."""
-    from dpvision.data import data_fingerprint, load_dataset
-    from dpvision.data.mnist import random_subset
-    from dpvision.seeding import make_generator
-
     splits = load_dataset(config.data.dataset, config.data.root, image_size=config.data.image_size,
                           download=config.data.download)
     train, val, val_groups = splits.train, splits.val, splits.val_groups
@@ -146,13 +147,21 @@ def few_steps_advice(config: TrainConfig, plan: Plan) -> str | None:
             f"--epochs {advised.epochs} ({advised.total_steps} steps{why})")
 
 
-def build(config: TrainConfig, data: Data, plan: Plan, device, dist=None):
-    """The model (seeded initialisation) and the engine that trains it (on this rank's share, under ``dist``)."""
+def build(config: TrainConfig, data: Data, plan: Plan, device, dist=None, model=None):
+    """The model (seeded initialisation; ``model``: the caller's own, :mod:`dpvision.api`) and the engine that
+    trains it (on this rank's share, under ``dist``)."""
     train = data.train
-    model = build_model(config.model.name, in_channels=int(train.images.shape[1]),
-                        num_classes=len(data.class_names), image_size=int(train.images.shape[-1]),
-                        activation=config.model.activation, width=config.model.width,
-                        weight_standardization=config.model.weight_standardization)
+    sizes = dict(in_channels=int(train.images.shape[1]), num_classes=len(data.class_names),
+                 image_size=int(train.images.shape[-1]))
+    if model is None:
+        model = resolve_model(config.model.name, **sizes)  # torchvision:<name> or <module>:<factory>; else None
+    if model is None:
+        model = build_model(config.model.name, **sizes, activation=config.model.activation, width=config.model.width,
+                            weight_standardization=config.model.weight_standardization)
+    if config.model.init is not None or config.model.finetune != "all":
+        example = train.normalize(train.images[:1])  # [1, C, H, W]: finds the classifier head
+        prepare_model(model, example, init=config.model.init, init_head=config.model.init_head,
+                      finetune=config.model.finetune)
     optim = config.optim
     optimizer = OptimizerSpec(name=optim.name, lr=optim.lr, momentum=optim.momentum if optim.name == "sgd" else 0.0,
                               schedule=optim.schedule)

@@ -50,6 +50,7 @@ from dpvision.jobs.rundir import (
 )  # fmt: skip
 from dpvision.jobs.setup import build, few_steps_advice, load_data, plan_privacy
 from dpvision.models import check_model_options
+from dpvision.models.external import check_external, is_external
 from dpvision.privacy import PrivacyBudget, PrivacyLedger
 from dpvision.seeding import seed_everything
 
@@ -107,12 +108,13 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig | None, dist: DistContext, hooks: Hooks, *, resume=None,
-                 overrides: dict | None = None) -> None:
-        config, self.data, self.plan, self.device = prepare(config, dist, resume=resume, overrides=overrides or {})
+                 overrides: dict | None = None, given: tuple = (None, None)) -> None:
+        config, self.data, self.plan, self.device = prepare(config, dist, resume=resume, overrides=overrides or {},
+                                                            given=given)
         self.config, self.dist, self.hooks, self.resume = config, dist, hooks, resume
         plan = self.plan
         seed_everything(config.run.seed)  # weight initialisation draws from torch's global generator
-        self.engine = build(config, self.data, plan, self.device, dist)
+        self.engine = build(config, self.data, plan, self.device, dist, model=given[1])
         self.ledger = PrivacyLedger()
         self.ema = None
         if config.optim.ema_decay is not None:
@@ -303,26 +305,31 @@ class Trainer:
             self.run_dir.unlock()
 
 
-def validate(config: TrainConfig, dist=None):
+def validate(config: TrainConfig, dist=None, data=None, model=None):
     """Every check that can fail before anything is written; returns ``(data, plan, device)``.
 
     ``dist``: the data-parallel context; its device is this rank's (``cuda:LOCAL_RANK`` under torchrun).
+    ``data``, ``model``: the splits and the module handed over from Python (:mod:`dpvision.api`) instead of
+    those ``config`` names.
     """
     if config.run.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ValueError("run.tensorboard needs the tensorboard package: pip install 'dpvision[tensorboard]'")
     device = resolve_device(config.run.device)  # refuses cuda where there is none (one line, not a traceback)
     if dist is not None:
         device = dist.device
-    data = load_data(config)
-    check_model_options(config.model.name, in_channels=int(data.train.images.shape[1]),
-                        num_classes=len(data.class_names), image_size=int(data.train.images.shape[-1]),
-                        activation=config.model.activation, width=config.model.width,
-                        weight_standardization=config.model.weight_standardization)
+    data = load_data(config) if data is None else data
+    if model is None and is_external(config.model.name):  # torchvision:<name> or <module>:<factory>
+        check_external(config.model.name, image_size=int(data.train.images.shape[-1]))
+    elif model is None:  # (the caller's own module was checked by dpvision.api)
+        check_model_options(config.model.name, in_channels=int(data.train.images.shape[1]),
+                            num_classes=len(data.class_names), image_size=int(data.train.images.shape[-1]),
+                            activation=config.model.activation, width=config.model.width,
+                            weight_standardization=config.model.weight_standardization)
     plan = plan_privacy(config, num_train=len(data.train))
     return data, plan, device
 
 
-def prepare(config: TrainConfig | None, dist, *, resume, overrides: dict) -> tuple:
+def prepare(config: TrainConfig | None, dist, *, resume, overrides: dict, given: tuple = (None, None)) -> tuple:
     """``(config, data, plan, device)`` of a new run or of the run folder ``resume`` names; writes nothing."""
     if resume is None:
         assert config is not None, "give a config or a run folder to resume"
@@ -335,7 +342,7 @@ def prepare(config: TrainConfig | None, dist, *, resume, overrides: dict) -> tup
                 problem = str(err)
         if dist.broadcast_object(problem):
             raise ValueError(problem)
-        data, plan, device = validate(config, dist)
+        data, plan, device = validate(config, dist, *given)
         advice = few_steps_advice(config, plan)
         if advice and not config.run.quiet and dist.is_main:
             print(f"warning: {advice}", file=sys.stderr, flush=True)
@@ -344,7 +351,7 @@ def prepare(config: TrainConfig | None, dist, *, resume, overrides: dict) -> tup
     sigma = float(saved["noise_multiplier"])  # exactly as the run used it (no recalibration)
     planned = (replace(config, dp=replace(config.dp, target_epsilon=None, noise_multiplier=sigma))
                if config.dp.enabled else config)
-    data, plan, device = validate(planned, dist)
+    data, plan, device = validate(planned, dist, *given)
     if data.fingerprint != saved.get("data_fingerprint"):
         raise ValueError(f"data.root {config.data.root!r} does not hold the training data the run in "
                          f"{str(resume)!r} was trained on (fingerprint {data.fingerprint[:12]}... vs "
@@ -353,7 +360,8 @@ def prepare(config: TrainConfig | None, dist, *, resume, overrides: dict) -> tup
 
 
 def run(config: TrainConfig | None = None, *, resume: str | os.PathLike | None = None, group: str | None = None,
-        run_name: str | None = None, overrides: dict | None = None, announce: bool = True, **hooks) -> dict:
+        run_name: str | None = None, overrides: dict | None = None, announce: bool = True, data=None, model=None,
+        **hooks) -> dict:
     """Train, write the run folder after every epoch, evaluate on test; return the summary.
 
     ``resume`` continues the run folder it names with its saved config (``overrides``
@@ -361,7 +369,9 @@ def run(config: TrainConfig | None = None, *, resume: str | os.PathLike | None =
     same); a finished run is not trained again: its closing lines are printed once more.
     ``group``/``run_name`` place a new run folder (default: the dataset and a name made
     from the settings). ``announce=False`` leaves out the closing lines (a sweep prints its
-    own). ``hooks``: the fields of :class:`Hooks` (``front_end``, ``on_rows``, ``hook``).
+    own). ``data`` (a ``setup.Data``) and ``model`` (an ``nn.Module``, trained in place) replace what
+    ``config`` names (:mod:`dpvision.api`). ``hooks``: the fields of :class:`Hooks` (``front_end``,
+    ``on_rows``, ``hook``).
     A ``KeyboardInterrupt`` leaving this function carries ``run_dir``: the folder to resume
     (``None`` before it was created).
     """
@@ -369,7 +379,7 @@ def run(config: TrainConfig | None = None, *, resume: str | os.PathLike | None =
     device_name = (overrides or {}).get("run.device") or (config.run.device if config is not None else "auto")
     # Under torchrun: one process per GPU (or CPU rank); alone: a world of one, today's code path.
     with DistContext.from_env(device=device_name) as dist:
-        trainer = Trainer(config, dist, hooks, resume=resume, overrides=overrides)
+        trainer = Trainer(config, dist, hooks, resume=resume, overrides=overrides, given=(data, model))
         try:
             trainer.open(group=group, run_name=run_name)
             complete = trainer.resumed and trainer.finished
