@@ -67,10 +67,12 @@ def test_each_contribution_at_most_c_in_bf16(method, keep, rule, monkeypatch):
 def test_margin_from_the_standard_bound():
     """eta = 2 gamma_n over the longest chain (+ one per layer + 8); gamma_n = n u / (1 - n u)."""
     assert gamma(1000) == pytest.approx(1000 * 2.0 ** -24 / (1 - 1000 * 2.0 ** -24))
-    # WRN-16-4's largest materialised layer (16x16, 128 -> 128 channels, 3x3): p d = 147456 squares
-    chain = reduction_length(MATERIALISE, 256, 1152, 128, bias=False)
-    assert chain == 256 + 128 * 1152 + 256
+    # WRN-16-4's 32x32 convs materialised (T = 1024, d = 576, p = 64): the p d squares are summed in float64
+    chain = reduction_length(MATERIALISE, 1024, 576, 64, bias=False)
+    assert chain == 1024 + 1 + 1 + 1024
     assert margin([chain, 10]) == pytest.approx(2 * gamma(chain + 2 + 8))
-    assert reduction_length(GHOST, 64, 2304, 256, bias=True) == 2304 + 256 + 64 * 64 + 64
+    # its 8x8 convs by ghost norms (T = 64, d = 2304, p = 256): the largest chain, eta ~ 3.2e-4
+    assert reduction_length(GHOST, 64, 2304, 256, bias=True) == 2304 + 256 + 1 + 1 + 64
+    assert margin([2626] * 18) == pytest.approx(3.2e-4, rel=0.02)
     with pytest.raises(ValueError, match="too long"):
         gamma(1 << 23)

@@ -265,9 +265,10 @@ class ManualPerSample:
         # Both passes in IEEE fp32 on the stored operands, whatever the forward/backward ran in
         # (:mod:`dpvision.engines.rounding`): norm and sum are then the same function of the same numbers.
         with torch.no_grad(), fp32_matmuls():
-            norm_sq, states, chains = self._norms(x, dzs)
+            reduced = self.reduced_precision or self.amp_dtype is not None
+            norm_sq, states, chains = self._norms(x, dzs, exact=reduced)
             norms = norm_sq.sqrt()  # [B]
-            if self.reduced_precision or self.amp_dtype is not None:  # clip an upper bound of the norm
+            if reduced:  # clip an upper bound of the norm
                 norms = norms * (1 + margin(chains))
             factors = clip(norms) * w  # [B]
             for m, state in states.items():  # pass 2: clipped sums by book-keeping, into the views
@@ -277,9 +278,10 @@ class ManualPerSample:
             correct.add_(((logits.detach().argmax(1) == y).float() * w).sum())
         self._store.clear()
 
-    def _norms(self, x: torch.Tensor, dzs: dict) -> tuple[torch.Tensor, dict, list[int]]:
+    def _norms(self, x: torch.Tensor, dzs: dict, exact: bool) -> tuple[torch.Tensor, dict, list[int]]:
         """Pass 1: ([B] squared per-example norms, each layer's state for pass 2, each layer's rounding
-        chain length for :func:`~dpvision.engines.rounding.margin`). A layer the forward skipped: gradient 0."""
+        chain length for :func:`~dpvision.engines.rounding.margin`). A layer the forward skipped: gradient 0.
+        ``exact``: the long sums of squares in float64 (shorter chains: a smaller margin)."""
         b = len(x)
         norm_sq = torch.zeros(b, device=x.device)  # [B]
         states, chains, room = {}, [], ghost.KEEP_BUDGET  # room: elements of per-example gradients still to keep
@@ -298,7 +300,7 @@ class ManualPerSample:
                     keep = method not in (None, GHOST) and size <= room
                     room -= size if keep else 0
                     sq, states[m] = layer_norm_sq(m, a, dzs[m], method, torch.float32, keep,
-                                                  bias_grads=self._conv_bias.pop(m, None))
+                                                  bias_grads=self._conv_bias.pop(m, None), exact=exact)
                     chains.append(reduction_length(method, *ghost.layer_shape(m, a, dzs[m]), m.bias is not None))
             else:
                 continue

@@ -14,8 +14,10 @@ terms of a reduction have one sign (a sum of squares always does) that is a rela
 The longest chain of reductions behind example i's norm, per layer (``reduction_length``):
 
 * 2-D Linear: ||a_i||^2 (d terms) times ||dz_i||^2 (p terms);
-* ghost: Gram entries of A (d terms) and of G (p terms), their products summed over T^2 entries;
-* materialise / grouped: each entry of g_i is a dot product of T terms, then p d squares are summed;
+* ghost: Gram entries of A (d terms) and of G (p terms), their products summed over T^2 entries (in
+  float64, so that long sum adds almost nothing);
+* materialise / grouped: each entry of g_i is a dot product of T terms, then p d squares are summed (in
+  float64: the squares are exact, the sum's rounding negligible);
 * bias: T terms per entry, p squares; GroupNorm: its [B, C] gradients are the very tensors summed.
 
 Example i's share of pass 2 is f_i times entries that are dot products of T terms (the layer's batch
@@ -62,16 +64,23 @@ def margin(chains: list[int]) -> float:
 
 def reduction_length(method: str | None, t: int, d: int, p: int, bias: bool) -> int:
     """Longest chain of fp32 roundings behind a Linear/Conv2d layer's squared norm and its pass-2 share:
-    ``method`` None for a 2-D Linear, else ghost/materialise/grouped; (T, d, p) as in ``ghost.layer_shape``."""
-    if method is None:
+    ``method`` None for a 2-D Linear, else ghost/materialise/grouped; (T, d, p) as in ``ghost.layer_shape``.
+    The long sums of squares run in float64 (``exact``): a product of two fp32 numbers is exact there and n
+    float64 roundings weigh n / 2^29 fp32 ones, counted rounded up, plus one for the cast back to fp32."""
+    if method is None:  # ||a_i||^2 ||dz_i||^2, float32 sums
         norm = d + p
-    elif method == "ghost":
-        norm = d + p + t * t
-    else:  # an entry is a dot product of T terms, then p d squares
-        norm = t + p * d
-    if bias:
+    elif method == "ghost":  # Gram entries (d and p terms), their T^2 products summed in float64
+        norm = d + p + _as_fp32(t * t) + 1
+    else:  # an entry is a dot product of T terms, its p d squares summed in float64
+        norm = t + _as_fp32(p * d) + 1
+    if bias:  # float32: each entry sums T terms, then p squares
         norm = max(norm, t + p)
     return norm + t  # + example i's pass-2 entries (T terms each)
+
+
+def _as_fp32(n: int) -> int:
+    """n float64 roundings as a number of fp32 ones (2^-53 = 2^-29 u), rounded up."""
+    return -(-n // (1 << 29))
 
 
 @contextlib.contextmanager
