@@ -5,8 +5,9 @@ labels ``y`` [P] and weights ``w`` [P] (1 for a sampled example, 0 for padding),
 
     acc += sum_i w_i * clip(||g_i||) * g_i
 
-where ``g_i`` is example i's gradient of its cross-entropy loss, flattened over
-``model.parameters()`` in order (the norm is over all parameters), and ``clip``
+where ``g_i`` is example i's gradient of its cross-entropy loss, flattened over the
+trainable parameters (``requires_grad``) of ``model.parameters()`` in order (the norm is
+over all of them; frozen parameters get nothing), and ``clip``
 maps the norms [P] to the run's clipping factors (:mod:`dpvision.engines.clipping`;
 ``flat`` is Opacus's min(1, C / (norm + 1e-6))). They also add the weighted loss
 sum and number correct into two device scalars, so that an epoch needs no host
@@ -15,7 +16,7 @@ synchronisation to report them.
 * ``VmapPerSample``: ``torch.func.vmap`` over ``torch.func.grad`` of a
   functional call. No hooks, no Python state between calls, so the whole chunk
   can be captured in one CUDA graph. Works for any model without batch-mixing
-  layers or buffers written in forward.
+  layers or buffers written in forward; dropout draws a mask per example.
 * ``HooksPerSample``: Opacus's ``GradSampleModule`` (forward/backward hooks,
   per-layer einsum formulas). Eager only.
 * ``ManualPerSample``: Linear, Conv2d and GroupNorm models. One backward to the
