@@ -28,7 +28,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from dpvision.engines.clipping import ClipFn
-from dpvision.engines.per_sample import total_norms
+from dpvision.engines.per_sample import clipped_sum_
 
 PAD = 4  # pixels of reflect padding before the random crop (the usual CIFAR recipe)
 AUGMENTATIONS = ("crop", "crop_flip")
@@ -64,8 +64,8 @@ class AugmultPerSample:
         if k < 1:
             raise ValueError(f"augmult needs K >= 1, got {k}")
         self.model, self.k, self.flip, self.generator, self.pad = model, k, flip, generator, pad
-        self.names = [n for n, _ in model.named_parameters()]
-        self.params = [p for _, p in model.named_parameters()]
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]  # frozen: from the module
+        self.params = [p for p in model.parameters() if p.requires_grad]
         buffers = dict(model.named_buffers())
 
         def loss_group(params: dict, xs: torch.Tensor, y: torch.Tensor):
@@ -73,7 +73,8 @@ class AugmultPerSample:
             loss = F.cross_entropy(logits, y.expand(len(xs)))  # the mean over the K augmentations
             return loss, (loss.detach(), logits.detach().mean(0))
 
-        self._per_example = vmap(grad(loss_group, has_aux=True), in_dims=(None, 0, 0))
+        # randomness="different": each example (and view) draws its own dropout mask.
+        self._per_example = vmap(grad(loss_group, has_aux=True), in_dims=(None, 0, 0), randomness="different")
 
     def accumulate(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, clip: ClipFn,
                    acc_views: list[torch.Tensor], loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
@@ -82,9 +83,7 @@ class AugmultPerSample:
         params = {n: p.detach() for n, p in zip(self.names, self.params)}
         grads, (losses, logits) = self._per_example(params, xs, y)  # grads[n]: [P, *shape]
         flat = [grads[n].reshape(len(x), -1) for n in self.names]  # [P, numel]
-        factors = clip(total_norms([g.norm(2, dim=1) for g in flat])) * w  # [P]
-        for view, g in zip(acc_views, flat):
-            view.addmv_(g.t(), factors)
+        clipped_sum_(flat, clip, w, acc_views)
         loss_sum.add_((losses * w).sum())
         correct.add_(((logits.argmax(1) == y).float() * w).sum())
 

@@ -76,11 +76,13 @@ class FastEngine(Engine):
         self.settings = self.options.resolve(self.device, dp=plan.dp)
         self.clipping = get_clipping(plan.clipping)  # swappable: read at every chunk
         self.model = self._place_model(model)
-        self.params = list(self.model.parameters())
-        if not all(p.requires_grad for p in self.params):
-            raise UnsupportedModelError("the fast engine trains every parameter (found frozen ones)")
+        # Only the trainable parameters are clipped, noised and stepped (P counts them): frozen ones
+        # (a linear probe's body) never change.
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters (every requires_grad is False)")
         self.num_params = sum(p.numel() for p in self.params)
-        self.optimizer = optimizer.build(self.model.parameters(), plan)
+        self.optimizer = optimizer.build(self.params, plan)
         self.data = DeviceData.for_run(train_data, self.dist, dp=plan.dp, channels_last=self.settings.channels_last)
         self.generators = engine_generators(seed, self.dist, augment=bool(self.settings.augmult))
         self.sampler = PoissonSampler(plan.sample_rate, self.generators["sampling_generator"])  # swappable
@@ -148,6 +150,8 @@ class FastEngine(Engine):
             backend = BACKENDS[mode](self.model)
         if s.precision == "bf16" and hasattr(backend, "amp_dtype"):
             backend.amp_dtype = torch.bfloat16
+        if hasattr(backend, "reduced_precision"):  # clip an upper bound of the fp32-rounded norm (.rounding)
+            backend.reduced_precision = s.precision in ("tf32", "bf16")
         return backend
 
     def _probe_backend(self, backend) -> None:

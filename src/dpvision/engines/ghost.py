@@ -147,14 +147,17 @@ def _rows(module: nn.Module, a: torch.Tensor, dz: torch.Tensor) -> tuple[torch.T
     return conv_patches(module, a), dz.flatten(2).transpose(1, 2)
 
 
-def sum_sq(x: torch.Tensor) -> torch.Tensor:
-    """[n, ...] -> [n] sums of squares, reduced in float32 (float64 stays float64)."""
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+def sum_sq(x: torch.Tensor, exact: bool = False) -> torch.Tensor:
+    """[n, ...] -> [n] sums of squares, reduced in float32 (float64 stays float64; ``exact``: in float64,
+    where the squares of float32 numbers are exact and the sum's rounding negligible, :mod:`.rounding`)."""
+    dtype = torch.float64 if exact or x.dtype == torch.float64 else torch.float32
     return torch.linalg.vector_norm(x.flatten(1), dim=1, dtype=dtype).square()
 
 
-def _ghost_chunk(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """sum_{t,s} (A A^T)_{ts} (G G^T)_{ts} per example; Grams accumulated in ``dtype`` (float32 or 64)."""
+def _ghost_chunk(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, dtype: torch.dtype,
+                 exact: bool = False) -> torch.Tensor:
+    """sum_{t,s} (A A^T)_{ts} (G G^T)_{ts} per example; Grams accumulated in ``dtype`` (float32 or 64), with
+    ``exact`` their products summed in float64 (:mod:`.rounding`: the T^2 sum leaves the margin's chain)."""
     if isinstance(module, nn.Conv2d):
         gram_a = patch_gram(module, a.to(dtype))  # [n, T, T]
         grads = dz.flatten(2)  # [n, p, T]
@@ -163,6 +166,8 @@ def _ghost_chunk(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, dtype: to
         rows, grads = _rows(module, a, dz)  # [n, T, d], [n, T, p]
         gram_a = torch.bmm(rows, rows.transpose(1, 2)).to(dtype)
         gram_g = torch.bmm(grads, grads.transpose(1, 2)).to(dtype)
+    if exact:
+        gram_a, gram_g = gram_a.double(), gram_g.double()
     return (gram_a * gram_g).sum((1, 2)).clamp_(min=0)  # rounding can dip below 0
 
 
@@ -203,9 +208,10 @@ def _materialise(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, method: s
 
 
 def norms_and_grads(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, method: str,
-                    compute_dtype: torch.dtype = torch.float32, keep: bool = False):
+                    compute_dtype: torch.dtype = torch.float32, keep: bool = False, exact: bool = False):
     """([B] squared norms of the per-example weight gradients of a Linear or Conv2d by ``method``, and with
-    ``keep`` those gradients [B, p d] in ``compute_dtype`` when the method materialises them, else None)."""
+    ``keep`` those gradients [B, p d] in ``compute_dtype`` when the method materialises them, else None).
+    ``exact``: the sums of squares (and ghost's sum of Gram products) in float64 (:mod:`.rounding`)."""
     if isinstance(module, nn.Linear) and a.dim() == 2:  # T = 1: ||g_i|| = ||dz_i|| ||a_i||, nothing to choose
         return sum_sq(dz) * sum_sq(a), None
     if method == GROUPED and not isinstance(module, nn.Conv2d):
@@ -213,7 +219,7 @@ def norms_and_grads(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, method
     a, dz = a.to(compute_dtype).contiguous(), dz.to(compute_dtype).contiguous()
     b = len(a)
     acc_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
-    out = torch.empty(b, device=a.device, dtype=acc_dtype)
+    out = torch.empty(b, device=a.device, dtype=torch.float64 if exact else acc_dtype)
     t, d, p = layer_shape(module, a, dz)
     if method == GHOST:  # held per example: the input Gram's operand and three T x T Grams/products
         per_example = _gram_elements(module, a, t, d) + 3 * t * t
@@ -222,17 +228,17 @@ def norms_and_grads(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, method
     step = max(1, PATCH_BUDGET // per_example)
     if step >= b:  # one chunk: no copies into ``out``
         if method == GHOST:
-            return _ghost_chunk(module, a, dz, acc_dtype), None
+            return _ghost_chunk(module, a, dz, acc_dtype, exact), None
         grads = _materialise(module, a, dz, method)
-        return sum_sq(grads), grads if keep else None
+        return sum_sq(grads, exact), grads if keep else None
     kept = []
     for s in range(0, b, step):
         a_s, dz_s = a[s:s + step], dz[s:s + step]
         if method == GHOST:
-            out[s:s + step] = _ghost_chunk(module, a_s, dz_s, acc_dtype)
+            out[s:s + step] = _ghost_chunk(module, a_s, dz_s, acc_dtype, exact)
             continue
         grads = _materialise(module, a_s, dz_s, method)
-        out[s:s + step] = sum_sq(grads)
+        out[s:s + step] = sum_sq(grads, exact)
         if keep:
             kept.append(grads)
     grads = None if not kept else kept[0] if len(kept) == 1 else torch.cat(kept)
@@ -279,11 +285,11 @@ def fastest_method(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, compute
 
 def layer_norm_sq(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, method: str | None,
                   compute_dtype: torch.dtype, keep: bool = False,
-                  bias_grads: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple]:
+                  bias_grads: torch.Tensor | None = None, exact: bool = False) -> tuple[torch.Tensor, tuple]:
     """([B] squared per-example gradient norms over a Linear's or Conv2d's weight and bias, ``clipped_sum``'s
     state: (per-example bias gradients [B, p] in float32 or None, per-example weight gradients or None)).
     ``bias_grads``: the per-example bias gradients [B, p] when already known (a fused block's backward)."""
-    sq, grads = norms_and_grads(module, a, dz, method or MATERIALISE, compute_dtype, keep)
+    sq, grads = norms_and_grads(module, a, dz, method or MATERIALISE, compute_dtype, keep, exact)
     if module.bias is None:
         return sq, (None, grads)
     if bias_grads is not None:

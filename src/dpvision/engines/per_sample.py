@@ -5,8 +5,9 @@ labels ``y`` [P] and weights ``w`` [P] (1 for a sampled example, 0 for padding),
 
     acc += sum_i w_i * clip(||g_i||) * g_i
 
-where ``g_i`` is example i's gradient of its cross-entropy loss, flattened over
-``model.parameters()`` in order (the norm is over all parameters), and ``clip``
+where ``g_i`` is example i's gradient of its cross-entropy loss, flattened over the
+trainable parameters (``requires_grad``) of ``model.parameters()`` in order (the norm is
+over all of them; frozen parameters get nothing), and ``clip``
 maps the norms [P] to the run's clipping factors (:mod:`dpvision.engines.clipping`;
 ``flat`` is Opacus's min(1, C / (norm + 1e-6))). They also add the weighted loss
 sum and number correct into two device scalars, so that an epoch needs no host
@@ -15,7 +16,7 @@ synchronisation to report them.
 * ``VmapPerSample``: ``torch.func.vmap`` over ``torch.func.grad`` of a
   functional call. No hooks, no Python state between calls, so the whole chunk
   can be captured in one CUDA graph. Works for any model without batch-mixing
-  layers or buffers written in forward.
+  layers or buffers written in forward; dropout draws a mask per example.
 * ``HooksPerSample``: Opacus's ``GradSampleModule`` (forward/backward hooks,
   per-layer einsum formulas). Eager only.
 * ``ManualPerSample``: Linear, Conv2d and GroupNorm models. One backward to the
@@ -41,6 +42,7 @@ from dpvision.engines.base import UnsupportedModelError
 from dpvision.engines.clipping import ClipFn
 from dpvision.engines.ghost import GHOST, METHODS, add_clipped_sum, fastest_method, layer_method, layer_norm_sq, sum_sq
 from dpvision.engines.group_norm import group_norm_norm_sq
+from dpvision.engines.rounding import fp32_matmuls, margin, reduction_length
 
 # Layers with fewer multiply-adds (B T d p) than this keep the shape rule's method on CUDA too: timing
 # them eagerly would measure kernel-launch overhead, not the GPU time that counts inside a CUDA graph.
@@ -52,13 +54,23 @@ def total_norms(per_param_norms: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(per_param_norms, dim=1).norm(2, dim=1)
 
 
+def clipped_sum_(flat: list[torch.Tensor], clip: ClipFn, w: torch.Tensor, acc_views: list[torch.Tensor]) -> None:
+    """acc_views[k] += flat[k]^T (w clip(norms)) from per-example gradients flat[k] [B, numel_k]: the norms
+    are those of exactly the tensors summed, and the sum runs in IEEE fp32 (no TF32, :mod:`.rounding`)."""
+    with fp32_matmuls():
+        factors = clip(total_norms([g.norm(2, dim=1) for g in flat])) * w  # [B]
+        for view, g in zip(acc_views, flat):
+            view.addmv_(g.t(), factors)  # view [numel] += g^T factors
+
+
 class VmapPerSample:
     name = "vmap"
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.names = [n for n, _ in model.named_parameters()]
-        self.params = [p for _, p in model.named_parameters()]
+        # Trainable parameters only: functional_call takes the frozen ones from the module itself.
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for p in model.parameters() if p.requires_grad]
         buffers = dict(model.named_buffers())
 
         def loss_one(params: dict, x: torch.Tensor, y: torch.Tensor):
@@ -66,16 +78,15 @@ class VmapPerSample:
             loss = F.cross_entropy(logits, y.unsqueeze(0))
             return loss, (loss.detach(), logits.detach().squeeze(0))
 
-        self._per_sample = vmap(grad(loss_one, has_aux=True), in_dims=(None, 0, 0))
+        # randomness="different": each example draws its own dropout / stochastic-depth mask.
+        self._per_sample = vmap(grad(loss_one, has_aux=True), in_dims=(None, 0, 0), randomness="different")
 
     def accumulate(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, clip: ClipFn,
                    acc_views: list[torch.Tensor], loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
         params = {n: p.detach() for n, p in zip(self.names, self.params)}
         grads, (losses, logits) = self._per_sample(params, x, y)  # grads[n]: [P, *shape]
         flat = [grads[n].reshape(len(x), -1) for n in self.names]  # [P, numel]
-        factors = clip(total_norms([g.norm(2, dim=1) for g in flat])) * w  # [P]
-        for view, g in zip(acc_views, flat):
-            view.addmv_(g.t(), factors)  # view [numel] += g^T factors
+        clipped_sum_(flat, clip, w, acc_views)
         loss_sum.add_((losses * w).sum())
         correct.add_(((logits.argmax(1) == y).float() * w).sum())
 
@@ -89,7 +100,7 @@ class HooksPerSample:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
-        self.params = [p for p in model.parameters()]
+        self.params = [p for p in model.parameters() if p.requires_grad]  # Opacus skips the frozen ones
 
     def accumulate(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, clip: ClipFn,
                    acc_views: list[torch.Tensor], loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
@@ -97,10 +108,8 @@ class HooksPerSample:
         losses = F.cross_entropy(logits, y, reduction="none")  # [P]
         losses.sum().backward()
         flat = [p.grad_sample.reshape(len(x), -1) for p in self.params]
-        factors = clip(total_norms([g.norm(2, dim=1) for g in flat])) * w
         with torch.no_grad():
-            for view, g in zip(acc_views, flat):
-                view.addmv_(g.t(), factors)
+            clipped_sum_(flat, clip, w, acc_views)
             loss_sum.add_((losses.detach() * w).sum())
             correct.add_(((logits.detach().argmax(1) == y).float() * w).sum())
         for p in self.params:
@@ -131,8 +140,9 @@ class ManualPerSample:
     per-example bias gradients of the conv before it (:meth:`group_norm_gradients`) instead.
 
     ``amp_dtype`` (set by the engine for ``precision="bf16"``): autocast of forward/backward, each
-    conv input cast once to that dtype by a pre-hook (the copy autograd and pass 2 share), and the
-    per-layer products in it; norms, factors and the accumulated sum stay float32.
+    conv input cast once to that dtype by a pre-hook (the copy autograd and pass 2 share). In every
+    precision both passes run in IEEE fp32 (TF32 off) on those stored operands upcast, and under
+    ``tf32``/``bf16`` the factors are taken at norm (1 + eta) (:mod:`dpvision.engines.rounding`).
     """
 
     name = "manual"
@@ -144,10 +154,14 @@ class ManualPerSample:
         self.model = model
         self.method = method
         modules = dict(model.named_modules())
-        self.entries = []  # (module, "weight"|"bias") in model.parameters() order
-        for name, _ in model.named_parameters():
+        self.entries = []  # (module, "weight"|"bias") of the trainable parameters, in model.parameters() order
+        for name, param in model.named_parameters():
+            if not param.requires_grad:  # frozen: no per-example gradient, no clipping, no noise
+                continue
             owner, _, attr = name.rpartition(".")
             module = modules[owner]
+            if not all(q.requires_grad for q in module.parameters(recurse=False)):  # layer formulas cover both
+                raise UnsupportedModelError(f"manual per-sample gradients: partly frozen {type(module).__name__}")
             if type(module) not in self.SUPPORTED or attr not in ("weight", "bias"):
                 raise UnsupportedModelError(f"manual per-sample gradients: unsupported layer {type(module).__name__}")
             if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"
@@ -165,6 +179,9 @@ class ManualPerSample:
         self._conv_bias: dict[nn.Module, torch.Tensor] = {}  # Conv2d -> per-example bias gradients, fused blocks
         self._active = False
         self.amp_dtype: torch.dtype | None = None
+        # Set by the engine for precision "tf32"/"bf16" (as is amp_dtype for bf16): the clip factors are
+        # taken at norm (1 + eta), eta covering the fp32 rounding of both passes (:mod:`.rounding`).
+        self.reduced_precision = False
         # CUDA with method "auto": time the exact methods once per layer and shape, keep the fastest
         # (off: the shape rule, as on the CPU, where runs must repeat bit for bit).
         self.autotune = True
@@ -243,37 +260,53 @@ class ManualPerSample:
     def accumulate(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, clip: ClipFn,
                    acc_views: list[torch.Tensor], loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
         logits, losses, dzs = self._forward_backward(x, y)
-        dtype = self.amp_dtype or torch.float32
         views: dict[nn.Module, dict[str, torch.Tensor]] = {}
         for (m, attr), view in zip(self.entries, acc_views):
             views.setdefault(m, {})[attr] = view
-        with torch.no_grad():
-            norm_sq = torch.zeros(len(x), device=x.device)  # [B]
-            states, room = {}, ghost.KEEP_BUDGET  # room: elements of per-example gradients still to keep
-            for m in self.layers:  # pass 1: per-example squared norms (a layer the forward skipped: gradient 0)
-                if m in self._group_norm:
-                    sq, states[m] = self._group_norm.pop(m)
-                elif m in dzs:
-                    a = self._store[m][0]
-                    if isinstance(m, nn.GroupNorm):  # input without gradient: its dz was asked for
-                        sq, states[m] = group_norm_norm_sq(m, a, dzs[m])
-                    else:
-                        method = self.chosen[self.names[m]] = self._method(m, a, dzs[m], dtype)
-                        size = len(x) * m.weight.numel()
-                        keep = method not in (None, GHOST) and size <= room
-                        room -= size if keep else 0
-                        sq, states[m] = layer_norm_sq(m, a, dzs[m], method, dtype, keep,
-                                                      bias_grads=self._conv_bias.pop(m, None))
-                else:
-                    continue
-                norm_sq += sq
-            factors = clip(norm_sq.sqrt()) * w  # [B]
+        # Both passes in IEEE fp32 on the stored operands, whatever the forward/backward ran in
+        # (:mod:`dpvision.engines.rounding`): norm and sum are then the same function of the same numbers.
+        with torch.no_grad(), fp32_matmuls():
+            reduced = self.reduced_precision or self.amp_dtype is not None
+            norm_sq, states, chains = self._norms(x, dzs, exact=reduced)
+            norms = norm_sq.sqrt()  # [B]
+            if reduced:  # clip an upper bound of the norm
+                norms = norms * (1 + margin(chains))
+            factors = clip(norms) * w  # [B]
             for m, state in states.items():  # pass 2: clipped sums by book-keeping, into the views
                 a = self._store.get(m, (None,))[0]  # None for a fused GroupNorm (its state holds all it needs)
-                add_clipped_sum(m, a, dzs.pop(m, None), factors, state, dtype, views[m])
+                add_clipped_sum(m, a, dzs.pop(m, None), factors, state, torch.float32, views[m])
             loss_sum.add_((losses.detach() * w).sum())
             correct.add_(((logits.detach().argmax(1) == y).float() * w).sum())
         self._store.clear()
+
+    def _norms(self, x: torch.Tensor, dzs: dict, exact: bool) -> tuple[torch.Tensor, dict, list[int]]:
+        """Pass 1: ([B] squared per-example norms, each layer's state for pass 2, each layer's rounding
+        chain length for :func:`~dpvision.engines.rounding.margin`). A layer the forward skipped: gradient 0.
+        ``exact``: the long sums of squares in float64 (shorter chains: a smaller margin)."""
+        b = len(x)
+        norm_sq = torch.zeros(b, device=x.device)  # [B]
+        states, chains, room = {}, [], ghost.KEEP_BUDGET  # room: elements of per-example gradients still to keep
+        for m in self.layers:
+            if m in self._group_norm:
+                sq, states[m] = self._group_norm.pop(m)
+                chains.append(2 * m.num_channels)
+            elif m in dzs:
+                a = self._store[m][0]
+                if isinstance(m, nn.GroupNorm):  # input without gradient: its dz was asked for
+                    sq, states[m] = group_norm_norm_sq(m, a, dzs[m])
+                    chains.append(2 * m.num_channels)
+                else:
+                    method = self.chosen[self.names[m]] = self._method(m, a, dzs[m], torch.float32)
+                    size = b * m.weight.numel()
+                    keep = method not in (None, GHOST) and size <= room
+                    room -= size if keep else 0
+                    sq, states[m] = layer_norm_sq(m, a, dzs[m], method, torch.float32, keep,
+                                                  bias_grads=self._conv_bias.pop(m, None), exact=exact)
+                    chains.append(reduction_length(method, *ghost.layer_shape(m, a, dzs[m]), m.bias is not None))
+            else:
+                continue
+            norm_sq += sq
+        return norm_sq, states, chains
 
     def close(self) -> None:
         for h in self._handles:

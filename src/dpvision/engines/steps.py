@@ -8,7 +8,7 @@ CUDA graph.
 DP-SGD (:class:`DPStep`), the same mathematics as Opacus's ``DPOptimizer``:
 
 1. every chunk adds ``sum_i w_i f_i g_i`` into one flat buffer ``acc`` [P] (P = number of
-   parameters, ``model.parameters()`` order), where g_i is example i's gradient, f_i its factor
+   trainable parameters, ``model.parameters()`` order), where g_i is example i's gradient, f_i its factor
    from the plan's clipping rule (:mod:`dpvision.engines.clipping`) and w_i 0 for padding slots;
 2. :meth:`DPStep.finish` adds the included canary rows (audit instruments), then ONE Gaussian draw
    of std σC (rank 0 only; the sum is then all-reduced over ranks), divides by E[B] and hands the

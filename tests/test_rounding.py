@@ -1,0 +1,78 @@
+"""Issue 20 item 3: under reduced precision every example's contribution to the clipped sum stays <= C.
+
+The contribution of example j is measured as the engine computes it: the clipped sum with j minus the
+clipped sum with j's weight set to 0 (same chunk, same shapes). bf16 is emulated on the CPU by the manual
+backend's own bf16 path (autocast forward/backward, conv inputs stored in bf16). Before the fix the norms
+(pass 1) and the sum (pass 2) were different bf16 reductions and contributions exceeded C by ~1e-3.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+import dpvision.engines.ghost as ghost
+from dpvision.engines.clipping import CLIPPING_RULES
+from dpvision.engines.ghost import GHOST, GROUPED, MATERIALISE
+from dpvision.engines.per_sample import ManualPerSample
+from dpvision.engines.rounding import gamma, margin, reduction_length
+
+C = 0.05  # every example's gradient is longer: all are clipped to (just under) C
+FP32_ROUNDING = 1e-5  # relative slack for the sum's own fp32 rounding (measured ~1e-7 here)
+
+
+def model() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
+
+
+def clipped_sum(backend: ManualPerSample, x, y, w, rule: str) -> torch.Tensor:
+    acc = torch.zeros(sum(p.numel() for p in backend.model.parameters()))
+    views, offset = [], 0
+    for p in backend.model.parameters():
+        views.append(acc[offset:offset + p.numel()])
+        offset += p.numel()
+    clip = functools.partial(CLIPPING_RULES[rule].factors, max_grad_norm=C)
+    backend.accumulate(x, y, w, clip, views, torch.zeros(()), torch.zeros(()))
+    return acc.double()
+
+
+@pytest.mark.parametrize("rule", ["flat", "automatic"])
+@pytest.mark.parametrize("keep", [True, False], ids=["kept", "bookkeeping"])
+@pytest.mark.parametrize("method", [GHOST, MATERIALISE, GROUPED])
+def test_each_contribution_at_most_c_in_bf16(method, keep, rule, monkeypatch):
+    if not keep:
+        monkeypatch.setattr(ghost, "KEEP_BUDGET", 0)
+    backend = ManualPerSample(model(), method=method)
+    backend.amp_dtype = torch.bfloat16
+    g = torch.Generator().manual_seed(0)
+    n = 12
+    x, y = torch.randn(n, 3, 8, 8, generator=g) * 3, torch.randint(0, 5, (n,), generator=g)
+    ones = torch.ones(n)
+    with_all = clipped_sum(backend, x, y, ones, rule)
+    worst = 0.0
+    for j in range(n):
+        w = ones.clone()
+        w[j] = 0
+        worst = max(worst, float((with_all - clipped_sum(backend, x, y, w, rule)).norm()) / C)
+    backend.close()
+    assert worst <= 1 + FP32_ROUNDING, f"an example contributes {worst:.6f} C"
+    assert worst > 1 - 0.05  # and the examples are clipped to about C, not far below
+
+
+def test_margin_from_the_standard_bound():
+    """eta = 2 gamma_n over the longest chain (+ one per layer + 8); gamma_n = n u / (1 - n u)."""
+    assert gamma(1000) == pytest.approx(1000 * 2.0 ** -24 / (1 - 1000 * 2.0 ** -24))
+    # WRN-16-4's 32x32 convs materialised (T = 1024, d = 576, p = 64): the p d squares are summed in float64
+    chain = reduction_length(MATERIALISE, 1024, 576, 64, bias=False)
+    assert chain == 1024 + 1 + 1 + 1024
+    assert margin([chain, 10]) == pytest.approx(2 * gamma(chain + 2 + 8))
+    # its 8x8 convs by ghost norms (T = 64, d = 2304, p = 256): the largest chain, eta ~ 3.2e-4
+    assert reduction_length(GHOST, 64, 2304, 256, bias=True) == 2304 + 256 + 1 + 1 + 64
+    assert margin([2626] * 18) == pytest.approx(3.2e-4, rel=0.02)
+    with pytest.raises(ValueError, match="too long"):
+        gamma(1 << 23)
