@@ -136,11 +136,10 @@ def test_fit_by_name_and_resume_continue_the_same_run(tmp_path):
     assert again["run_dir"] == first["run_dir"] and again["steps"] == 2  # finished: nothing trained again
 
 
-DROPOUT_TODO = pytest.mark.xfail(strict=True, reason="fast engine: vmap(randomness='different') (ownmodel report)")
 
 
 @pytest.mark.parametrize("name", ["torchvision:resnet18", pytest.param("torchvision:mobilenet_v3_small",
-                                                                       marks=[pytest.mark.slow, DROPOUT_TODO])])
+                                                                       marks=pytest.mark.slow)])
 def test_command_line_trains_a_torchvision_model(name, tiny_mnist_root, tmp_path, capsys):
     argv = ["train", "--model", name, "--data-root", tiny_mnist_root, "--k", "32", "--batch-size", "16",
             "--epochs", "1", "--device", "cpu", "--quiet", "--runs-dir", tmp_path, "--run-name", "r"]

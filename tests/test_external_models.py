@@ -188,10 +188,8 @@ def test_fast_engine_update_equals_opacus(name, backend, reference):
 
 
 # ----------------------------------------------------------------- what the engine must still learn (integrator)
-ENGINE_TODO = "fast engine: see the ownmodel report (integrator hook)"
 
 
-@pytest.mark.xfail(strict=True, reason=f"{ENGINE_TODO}: vmap(..., randomness='different') for dropout models")
 def test_dropout_models_stay_on_the_fast_engine_with_per_example_masks():
     """torchvision's defaults keep dropout/stochastic depth: each example's gradient under its own mask is exactly
     what DP-SGD clips (no example's mask depends on another's); today vmap refuses the random op and the engine
@@ -215,7 +213,6 @@ class ProbeNet(nn.Module):
         return self.head(self.body(x))
 
 
-@pytest.mark.xfail(strict=True, reason=f"{ENGINE_TODO}: per-sample gradients of the trainable parameters only")
 def test_linear_probe_on_the_fast_engine_equals_opacus():
     """A linear probe: only the head's gradients are clipped (the norm over trainable parameters, as Opacus's
     DPOptimizer does), P counts only them, and the frozen body does not move."""
