@@ -108,7 +108,8 @@ def test_run_folder_has_every_file_and_field(runs, mode):
 
     config = yaml.safe_load((path / "config.yaml").read_text())
     assert config["dp"]["enabled"] is (mode == "dp") and config["data"]["dataset"] == "celeba"
-    assert config["model"] == {"name": "celeba_cnn", "activation": None, "width": 8, "weight_standardization": False}
+    assert config["model"] == {"name": "celeba_cnn", "activation": None, "width": 8, "weight_standardization": False,
+                               "init": None, "init_head": "keep", "finetune": "all"}
     assert config["run"]["select"] == "best_val" and path.parent.name == f"celeba_{mode}"
     assert (path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -334,3 +335,26 @@ def test_subcommand_parses_and_runs_the_same_code(pre_dir, tmp_path, capsys):
     assert exit_code(main, ["celeba", *argv]) == 2
     assert "dpvision celeba train: error: --sigma" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_job_writes_the_strata_itself(pre_dir, tmp_path, monkeypatch):
+    """summary.json is written once, by the job, with the CelebA names (Hooks.summary_extra): what the job
+    returns and what it wrote already hold ``mode`` and the per-stratum groups (no rewrite afterwards)."""
+    import dpvision.jobs.train as train_module
+
+    written = []
+    original = train_module.run
+
+    def run_and_read(*args, **kwargs):
+        result = original(*args, **kwargs)
+        written.append((result, summary_of(tmp_path / "celeba_baseline" / "r")))
+        return result
+
+    monkeypatch.setattr(train_module, "run", run_and_read)
+    run_ok("--data", pre_dir, "--mode", "baseline", "--runs-dir", tmp_path, "--run-name", "r", *TINY)
+    (returned, on_disk), = written
+    for summary in (returned, on_disk):
+        assert summary["mode"] == "baseline"
+        assert summary["test_accuracy_per_stratum"] == summary["test_accuracy_per_group"]
+        assert summary["test_count_per_stratum"] == summary["test_count_per_group"]
+    assert on_disk == summary_of(tmp_path / "celeba_baseline" / "r")

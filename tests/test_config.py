@@ -314,9 +314,11 @@ def test_train_help_shows_defaults_and_allowed_values(capsys):
     assert exit_code(main, ["train", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     for shown in ("--engine {fast,opacus}", "--device {auto,cpu,cuda}", "--optimizer {sgd,adam}",
-                  "--dataset {mnist,fashion-mnist,cifar10,celeba,imagefolder}", "--clipping {flat,automatic}",
+                  "--dataset {mnist,fashion-mnist,cifar10,celeba,imagefolder,synthetic,python}",
+                  "--clipping {flat,automatic}",
                   "(optim.lr; default: 0.15)", "(optim.epochs; default: 30)", "(dp.max_grad_norm; default: 1.0)",
-                  "(run.engine; default: fast)", "--model {sample_convnet,celeba_cnn,wrn16_4,"):
+                  "(run.engine; default: fast)", "--model MODEL model: one of {sample_convnet,celeba_cnn,wrn16_4,",
+                  "--dataset cifar10/fashion-mnist start from the dataset's default recipe"):
         assert shown in text, shown
     assert "--accountant {rdp,prv,pld" in text
     assert exit_code(main, ["train", "--engine", "jax"]) == 2
@@ -349,7 +351,8 @@ def test_registries_are_the_configs_vocabulary():
     from dpvision.privacy.accountants import ACCOUNTANT_REGISTRY
 
     assert {n: d.allows_flip for n, d in DATASET_REGISTRY.items()} == {
-        "mnist": False, "fashion-mnist": True, "cifar10": True, "celeba": True, "imagefolder": True}
+        "mnist": False, "fashion-mnist": True, "cifar10": True, "celeba": True, "imagefolder": True,
+        "synthetic": True, "python": False}
     for section, key, registry in (("data", "dataset", DATASET_REGISTRY), ("model", "name", MODEL_REGISTRY),
                                    ("dp", "accountant", ACCOUNTANT_REGISTRY)):
         for name in registry:

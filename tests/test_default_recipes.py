@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dpvision.cli import build_parser, main, train_config
 from dpvision.jobs.config import TrainConfig, load_recipe
+from tests.data_fixtures import write_cifar10, write_idx_mnist
+from tests.job_helpers import exit_code
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULTS = sorted((REPO / "src" / "dpvision" / "recipes").glob("default_*.yaml"))
@@ -49,3 +52,67 @@ def test_fashion_mnist_baseline_is_the_configuration_measured_above_80_percent()
     assert ran == expected
     summary = yaml.safe_load((MEASURED / "fashion-mnist_disable-dp_k10000_e2_cpu_summary.json").read_text())
     assert summary["dp"] is False and summary["num_train"] == 10000 and summary["test_accuracy"] > 0.80
+
+
+# ----------------------------------------------------------------------------- through the real CLI
+@pytest.fixture(scope="module")
+def tiny_roots(tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("default_recipes")
+    write_idx_mnist(base / "fashion", 40, 20, folder="FashionMNIST", seed=1)
+    write_idx_mnist(base / "mnist", 40, 20)
+    write_cifar10(base / "cifar", 40, 10)
+    return {"fashion-mnist": base / "fashion", "cifar10": base / "cifar", "mnist": base / "mnist"}
+
+
+# What the tiny runs change on the command line (sizes, device, folders); every other field is the recipe's.
+TINY = {"fashion-mnist": ["--epochs", "2", "--batch-size", "20", "--eval-batch-size", "20"],
+        "cifar10": ["--epochs", "1", "--batch-size", "20", "--eval-batch-size", "20", "--model", "sample_convnet",
+                    "--set", "model.weight_standardization=false"],
+        "mnist": ["--k", "40", "--epochs", "1", "--batch-size", "20"]}
+TINY_FIELDS = {"optim.batch_size": 20, "optim.eval_batch_size": 20, "run.device": "cpu",
+               "run.quiet": True}
+CIFAR_FIELDS = {"model.name": "sample_convnet", "model.weight_standardization": False}
+
+
+def train(dataset: str, roots, runs_dir: Path, name: str, *extra) -> TrainConfig:
+    """``dpvision train --dataset NAME`` (no --config) on the tiny data; the run's saved config."""
+    argv = ["train", "--dataset", dataset, *TINY[dataset], "--data-root", roots[dataset], "--device", "cpu",
+            "--quiet", "--runs-dir", runs_dir, "--run-name", name, *extra]
+    assert exit_code(main, argv) == 0
+    saved = yaml.safe_load((runs_dir / dataset / name / "config.yaml").read_text())
+    saved.pop("resolved")
+    return TrainConfig.from_dict(saved)
+
+
+@pytest.mark.parametrize("dataset", ["fashion-mnist", "cifar10"])
+@pytest.mark.parametrize("dp", [True, False], ids=["dp", "disable-dp"])
+def test_train_without_config_starts_from_the_default_recipe(dataset, dp, tiny_roots, tmp_path):
+    """The recipe (then, with --disable-dp, its baseline), then the command's flags."""
+    config, baseline = split(REPO / "src" / "dpvision" / "recipes" / f"default_{dataset}.yaml")
+    ran = train(dataset, tiny_roots, tmp_path, "r", *([] if dp else ["--disable-dp"]))
+    given = {**TINY_FIELDS, "optim.epochs": int(TINY[dataset][1]), "data.root": str(tiny_roots[dataset]), "run.runs_dir": str(tmp_path),
+             "run.run_name": "r", **(CIFAR_FIELDS if dataset == "cifar10" else {})}
+    assert ran == (config if dp else baseline).with_overrides(given)
+    assert ran.dp.enabled is dp and ran.optim.lr == (config.optim.lr if dp else baseline.optim.lr)
+
+
+def test_mnist_and_sweep_keep_the_defaults(tiny_roots, tmp_path):
+    """No default recipe for mnist: TrainConfig's defaults (the seed's) with the flags, as before."""
+    ran = train("mnist", tiny_roots, tmp_path, "m")
+    assert ran == TrainConfig().with_overrides({**TINY_FIELDS, "optim.epochs": 1, "optim.eval_batch_size": TrainConfig().optim.
+                                                eval_batch_size, "data.k": 40, "data.root": str(tiny_roots["mnist"]),
+                                                "run.runs_dir": str(tmp_path), "run.run_name": "m"})
+    parser = build_parser(["sweep"])
+    args = parser.parse_args(["sweep", "--epsilons", "1", "--out", str(tmp_path), "--dataset", "cifar10"])
+    assert train_config(args, ["--dataset"]) == TrainConfig().with_overrides({"data.dataset": "cifar10"})
+
+
+def test_baseline_section_only_in_place_of_an_unknown_section(tmp_path):
+    """`baseline` is popped from any recipe; any other unknown section stays an error naming it."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("optim:\n  lr: 0.5\nbaseline:\n  optim.lr: 0.05\n")
+    parser = build_parser(["train"])
+    args = parser.parse_args(["train", "--config", str(recipe), "--disable-dp"])
+    assert train_config(args, ["--config", "--disable-dp"]).optim.lr == 0.05
+    recipe.write_text("optim:\n  lr: 0.5\nbaselines:\n  optim.lr: 0.05\n")
+    assert exit_code(main, ["train", "--config", recipe]) == 2

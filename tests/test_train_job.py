@@ -151,6 +151,25 @@ def test_summary_json_fields_and_closing_lines(roots, tmp_path, capsys):
                         "checkpoint.pt)")
 
 
+@pytest.mark.filterwarnings("ignore:GDP accounting is experimental")
+def test_gdp_accountant_run_reports_opacus_gaussian_epsilon(roots, tmp_path):
+    """--accountant gdp (an approximation): the run finishes, its ε is Opacus's GaussianAccountant for the
+    ledger, and metrics.csv keeps only the rigorous columns (no epsilon_gdp)."""
+    from opacus.accountants import GaussianAccountant
+
+    assert exit_code(main, ["train", *argv_for("mnist", roots, tmp_path, "g", "--accountant", "gdp")]) == 0
+    path = tmp_path / "mnist" / "g"
+    result = summary(path)
+    gaussian = GaussianAccountant()
+    gaussian.history = [(result["noise_multiplier"], result["sample_rate"], result["steps"])]
+    assert result["accountant"] == "gdp" and result["steps"] == 4
+    assert result["epsilon"] == gaussian.get_epsilon(delta=result["delta"], poisson=True)
+    assert set(result["epsilons"]) == {"rdp", "prv", "pld"}
+    rows = metrics(path)
+    assert "epsilon_gdp" not in rows[-1] and {"epsilon_rdp", "epsilon_prv", "epsilon_pld"} <= set(rows[-1])
+    assert float(rows[-1]["epsilon"]) == pytest.approx(result["epsilon"])
+
+
 def test_baseline_closing_line_says_no_dp(roots, tmp_path, capsys):
     assert exit_code(main, ["train", *argv_for("mnist", roots, tmp_path, "b", "--disable-dp")]) == 0
     line = capsys.readouterr().out.strip().splitlines()[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.resources
 import math
 import shlex
 import sys
@@ -30,16 +31,27 @@ from dpvision.jobs.sweep import MAX_RUNS, SWEEP_FIELDS, label, parse_list, sweep
 TRAIN_FLAGS = FlagMap()
 RESUME_FREE_FIELDS = ("data.root", "run.device", "run.quiet", "run.tensorboard")
 DP_ONLY_FIELDS = ("dp.noise_multiplier", "dp.target_epsilon", "dp.max_epsilon")
+RECIPES = importlib.resources.files("dpvision") / "recipes"  # package data: default_<dataset>.yaml
+
+
+def default_recipe_datasets() -> tuple[str, ...]:
+    """The datasets whose ``dpvision train --dataset NAME`` (no ``--config``) starts from a default recipe."""
+    names = (item.name for item in RECIPES.iterdir())
+    return tuple(sorted(n[len("default_"):-len(".yaml")] for n in names if n.startswith("default_")
+                        and n.endswith(".yaml")))
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """``dpvision train``'s flags: a recipe, every field of the flag map, ``--set``, ``--resume``."""
     add = parser.add_argument
-    add("--config", default=None, metavar="FILE", help="YAML recipe (e.g. recipes/mnist_seed.yaml); flags override it")
+    add("--config", default=None, metavar="FILE", help="YAML recipe (e.g. recipes/mnist_seed.yaml); flags override "
+        "it. dpvision train without it: --dataset " + "/".join(default_recipe_datasets()) + " start from the "
+        "dataset's default recipe (dpvision/recipes/default_<dataset>.yaml), any other dataset from the defaults")
     flags = FlagMap()
     flags.add_all(parser)
     parser.set_defaults(flag_map=flags)
-    add("--disable-dp", action="store_true", default=None, help="the baseline: the same config without DP")
+    add("--disable-dp", action="store_true", default=None, help="the baseline: the same config without DP "
+        "(then the recipe's baseline section, if it has one)")
     add("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
         help="override any config field, e.g. --set optim.momentum=0.9 (repeatable)")
     resume_free = ", ".join(TRAIN_FLAGS.flag(field) for field in RESUME_FREE_FIELDS)
@@ -59,16 +71,36 @@ def train_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
-def train_config(args: argparse.Namespace, given: Sequence[str]):
-    """The recipe (if any), overridden by the flags; ``--disable-dp`` deactivates DP last."""
-    base = TrainConfig()
+def recipe(args: argparse.Namespace, dataset: str | None, *, default_recipe: bool) -> tuple:
+    """``(config, baseline, source)``: the recipe's config, its ``baseline`` section (what ``--disable-dp``
+    changes besides switching DP off, ``{"section.field": value}``) and its name (None: the defaults).
+
+    Without ``--config``, a dataset with a default recipe starts from it (``default_recipe``: dpvision
+    train; a sweep keeps the defaults).
+    """
     if args.config:
-        recipe = load_recipe(args.config)  # its errors name the file already
-        try:
-            base = TrainConfig.from_dict(recipe, source=args.config)
-        except ValueError as err:
-            raise ValueError(f"{args.config}: {err}") from None
+        source, values = args.config, load_recipe(args.config)  # its errors name the file already
+    elif default_recipe and dataset in default_recipe_datasets():
+        resource = RECIPES / f"default_{dataset}.yaml"
+        with importlib.resources.as_file(resource) as path:
+            values = load_recipe(path)
+        source = f"dpvision/recipes/{resource.name}"
+    else:
+        return TrainConfig(), {}, None
+    baseline = values.pop("baseline", None) or {}
+    if not isinstance(baseline, dict):
+        raise ValueError(f"{source}: baseline must map section.field to a value, got {type(baseline).__name__}")
+    try:
+        return TrainConfig.from_dict(values, source=source), baseline, source
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
+
+
+def train_config(args: argparse.Namespace, given: Sequence[str], *, default_recipe: bool = False):
+    """The recipe (if any), overridden by the flags; ``--disable-dp`` deactivates DP (then applies the
+    recipe's ``baseline``) before the flags."""
     overrides = train_overrides(args)
+    base, baseline, source = recipe(args, overrides.get("data.dataset"), default_recipe=default_recipe)
     if args.disable_dp:
         refused = [TRAIN_FLAGS.flag(f) for f in DP_ONLY_FIELDS if TRAIN_FLAGS.flag(f) in given]
         if refused:
@@ -76,7 +108,10 @@ def train_config(args: argparse.Namespace, given: Sequence[str]):
         dp_keys = [k for k in overrides if k in DP_ONLY_FIELDS]
         if dp_keys:
             raise ValueError(f"--set {dp_keys[0]} needs DP: --disable-dp adds no noise and spends no privacy")
-        base = base.deactivated()
+        try:
+            base = base.deactivated().with_overrides(baseline)
+        except ValueError as err:
+            raise ValueError(f"{source}: baseline: {err}") from None
     if "dp.target_epsilon" in overrides:  # a target given on the command line replaces the recipe's σ
         overrides.setdefault("dp.noise_multiplier", None)
     elif "dp.noise_multiplier" in overrides:
@@ -84,15 +119,15 @@ def train_config(args: argparse.Namespace, given: Sequence[str]):
     try:
         return base.with_overrides(overrides)
     except ValueError as err:
-        source = f"{args.config} with the flags" if args.config else "flags"
-        raise ValueError(f"{err} ({source})") from None
+        where = f"{source} with the flags" if source else "flags"
+        raise ValueError(f"{err} ({where})") from None
 
 
 def run_train(args: argparse.Namespace, given: Sequence[str]) -> dict:
     if args.resume is not None:
         check_resume_flags(given, ["--resume", *(TRAIN_FLAGS.flag(field) for field in RESUME_FREE_FIELDS)])
         return train_job.run(resume=args.resume, overrides=args.flag_map.values(args, RESUME_FREE_FIELDS))
-    return train_job.run(train_config(args, given))
+    return train_job.run(train_config(args, given, default_recipe=True))
 
 
 # ----------------------------------------------------------------------------- dpvision sweep

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Sequence
 
 from dpvision.cli_support import OneLineParser, given_flags, one_line_warnings
@@ -24,7 +23,6 @@ from dpvision.jobs import train as train_job  # train_job.run: looked up at call
 from dpvision.jobs.errors import run_guarded
 from dpvision.jobs.flags import FlagMap
 from dpvision.jobs.loop import check_resume_flags
-from dpvision.runs import RunDir
 
 MODES = ("baseline", "dp")
 DEFAULT_LR = {"baseline": 0.05, "dp": 0.1}  # measured on the 20,000-image demo archive (README)
@@ -94,23 +92,16 @@ def _run(args: argparse.Namespace, given: list[str]) -> dict:
         check_resume_flags(given, ["--resume", *(flags.flag(field) for field in RESUME_FIELDS)])
         overrides = {field: value for field, value in flags.values(args, RESUME_FIELDS).items()
                      if flags.flag(field) in given}
-        summary = train_job.run(resume=args.resume, overrides=overrides)
-    else:
-        summary = train_job.run(config_from_args(args, given), group=f"celeba_{args.mode}")
-    return _with_strata(summary)
+        return train_job.run(resume=args.resume, overrides=overrides, summary_extra=strata)
+    return train_job.run(config_from_args(args, given), group=f"celeba_{args.mode}", summary_extra=strata)
 
 
-def _with_strata(summary: dict) -> dict:
-    """The CelebA names of the generic summary fields: ``mode`` and the ``*_per_stratum`` groups.
-
-    TODO(trainer): this rewrites ``summary.json`` after the job wrote it; once the job names the
-    groups itself (a ``group_name="stratum"`` argument of ``run`` or a summary hook), drop it.
-    """
-    summary = {**summary, "mode": "dp" if summary["dp"] else "baseline",
-               "test_accuracy_per_stratum": summary["test_accuracy_per_group"],
-               "test_count_per_stratum": summary["test_count_per_group"]}
-    RunDir(Path(summary["run_dir"])).write_summary(summary)
-    return summary
+def strata(summary: dict) -> dict:
+    """The CelebA names of the generic summary fields: ``mode`` and the ``*_per_stratum`` groups
+    (the job adds them before it writes ``summary.json``: ``Hooks.summary_extra``)."""
+    return {"mode": "dp" if summary["dp"] else "baseline",
+            "test_accuracy_per_stratum": summary["test_accuracy_per_group"],
+            "test_count_per_stratum": summary["test_count_per_group"]}
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "celeba_train.py") -> int:

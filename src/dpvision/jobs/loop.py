@@ -84,10 +84,11 @@ def epsilon_columns(ledger: PrivacyLedger, *, delta: float, dp: bool = True,
     """``{"epsilon_rdp": ..., "epsilon_prv": ..., "epsilon_pld": ...}`` for the steps in ``ledger``.
 
     All three are bounds on the same mechanism (Poisson-sampled Gaussian steps);
-    they differ only in how tightly they compose. Without DP every entry is ∞.
+    they differ only in how tightly they compose. An approximate ``primary`` (``gdp``) is
+    added (``epsilon_gdp``; the row's ``epsilon``, never a column). Without DP every entry is ∞.
     """
     if not dp:
-        return {column: math.inf for column in EPSILON_COLUMNS}
+        return {column: math.inf for column in (*EPSILON_COLUMNS, f"epsilon_{primary or 'rdp'}")}
     # The primary accountant always answers; a secondary one whose work would be unbounded is inf
     # (ledger.epsilon_notes says why): never less than was spent.
     return {f"epsilon_{name}": value for name, value in ledger.epsilons(delta=delta, primary=primary).items()}

@@ -44,8 +44,13 @@ def plan_columns(plan) -> dict[str, float]:
 
 
 def privacy_columns(epsilons: Mapping[str, float], *, accountant: str, delta: float) -> dict[str, Any]:
-    """ε under the primary accountant, δ, the accountant's name and ε under every accountant."""
-    return {"epsilon": epsilons[f"epsilon_{accountant}"], "delta": delta, "accountant": accountant, **epsilons}
+    """ε under the primary accountant, δ, the accountant's name and ε under every rigorous accountant.
+
+    ``epsilons`` may hold an approximate primary (``epsilon_gdp``): it is the row's ``epsilon`` but has
+    no column of its own (only proven bounds do, :data:`EPSILON_COLUMNS`).
+    """
+    return {"epsilon": epsilons[f"epsilon_{accountant}"], "delta": delta, "accountant": accountant,
+            **{column: epsilons[column] for column in EPSILON_COLUMNS}}
 
 
 def metrics_row(*parts: Mapping[str, Any]) -> dict[str, Any]:

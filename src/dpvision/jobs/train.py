@@ -64,6 +64,8 @@ class Hooks:
 
     front_end: Callable[[dict], dict] | None = None  # resolved -> the front-end's own record in config.yaml
     on_rows: Callable[[object, list[dict]], None] | None = None  # (run_dir, rows) whenever metrics.csv changes
+    # summary -> the front-end's own keys, added before summary.json is written (the CelebA seed's strata)
+    summary_extra: Callable[[dict], dict] | None = None
     hook: Hook | None = None
 
 
@@ -264,6 +266,8 @@ class Trainer:
                 model.load_state_dict(self.best.weights)  # training is over: judge the selected weights
             tested = self._test(model)
         summary = self._summary(tested, test_accuracy_last=last)
+        if self.hooks.summary_extra:
+            summary.update(self.hooks.summary_extra(summary))
         if self.run_dir is not None:
             plot_curves(self.rows, self.run_dir.path / CURVES, title=report.curves_title(config, self.plan))
             self.run_dir.write_summary(summary)
@@ -371,7 +375,7 @@ def run(config: TrainConfig | None = None, *, resume: str | os.PathLike | None =
     from the settings). ``announce=False`` leaves out the closing lines (a sweep prints its
     own). ``data`` (a ``setup.Data``) and ``model`` (an ``nn.Module``, trained in place) replace what
     ``config`` names (:mod:`dpvision.api`). ``hooks``: the fields of :class:`Hooks` (``front_end``,
-    ``on_rows``, ``hook``).
+    ``on_rows``, ``summary_extra``, ``hook``).
     A ``KeyboardInterrupt`` leaving this function carries ``run_dir``: the folder to resume
     (``None`` before it was created).
     """
