@@ -49,7 +49,8 @@ class Flag:
 
 
 FLAGS: dict[str, Flag] = {flag.field: flag for flag in (
-    Flag("data.dataset", "--dataset", help="dataset", choices=lambda: DATASETS),
+    # "python" is data handed over to dpvision.fit, never named on a command line
+    Flag("data.dataset", "--dataset", help="dataset", choices=lambda: tuple(d for d in DATASETS if d != "python")),
     Flag("data.root", "--data-root", help="dataset folder (torchvision root; celeba/imagefolder: the folder)"),
     Flag("data.image_size", "--image-size", int, "imagefolder: resize images to PX x PX"),
     Flag("data.k", "--k", int, "train on a seeded random subset of N training examples"),
