@@ -314,7 +314,7 @@ def test_train_help_shows_defaults_and_allowed_values(capsys):
     assert exit_code(main, ["train", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     for shown in ("--engine {fast,opacus}", "--device {auto,cpu,cuda}", "--optimizer {sgd,adam}",
-                  "--dataset {mnist,fashion-mnist,cifar10,celeba,imagefolder,synthetic,python}",
+                  "--dataset {mnist,fashion-mnist,cifar10,celeba,imagefolder,synthetic}",
                   "--clipping {flat,automatic}",
                   "(optim.lr; default: 0.15)", "(optim.epochs; default: 30)", "(dp.max_grad_norm; default: 1.0)",
                   "(run.engine; default: fast)", "--model MODEL model: one of {sample_convnet,celeba_cnn,wrn16_4,",
