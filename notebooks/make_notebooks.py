@@ -175,8 +175,9 @@ plt.show()
 
 Each image is centre-cropped to 178×178 (the full width of an aligned CelebA image) and resized with an
 antialiasing filter. The result is one uint8 tensor file per split plus `stats.json` with the per-channel mean
-and standard deviation **of the training split only** (statistics of validation or test data must never leak into
-training).
+and standard deviation **of the training split**. It describes the data to people; training never reads it: every
+run normalises with the fixed (x − 0.5) / 0.5 per channel, because statistics of the private training set would be
+a release outside ε (`docs/privacy.md` explains why).
 """),
         code('''
 pre_dir = WORK / f"preprocessed_{SIZE}"
@@ -217,7 +218,8 @@ plt.show()
 * A **balanced** subset makes accuracy meaningful (50% is chance) and a **stratified** one removes a confounder
   (face size) that the classifier could otherwise exploit.
 * Splits are CelebA's own: no image moves between train, validation and test.
-* Normalisation statistics come from the training split only.
+* `stats.json` describes the training split, but training normalises with the fixed (x − 0.5) / 0.5 and never
+  reads it (`docs/privacy.md` explains why).
 
 Next: `02_training_baseline_vs_dp.ipynb` trains the same CNN with and without differential privacy on this kind of
 preprocessed folder. From the command line the same chain is

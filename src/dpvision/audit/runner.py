@@ -157,11 +157,14 @@ def _white_box(config: AuditConfig, data: ImageTensors, plan: Plan, included: to
                                    "canary_inclusions": instrument.inclusions}
 
 
-def _black_box(config: AuditConfig, pool: ImageTensors, data: ImageTensors, included: torch.Tensor,
-               plan: Plan, generator: torch.Generator, device: torch.device, progress,
-               tamper) -> tuple[np.ndarray, int, dict]:
+def _mislabelled(pool: ImageTensors, generator: torch.Generator) -> ImageTensors:
+    """The black-box canaries: the pool's images, each with a wrong label (easy to memorise)."""
     wrong = (pool.labels + torch.randint(1, 10, (len(pool),), generator=generator)) % 10
-    canaries = ImageTensors(pool.images, wrong, pool.mean, pool.std)  # mislabelled: easy to memorise
+    return ImageTensors(pool.images, wrong, pool.mean, pool.std)
+
+
+def _black_box(config: AuditConfig, canaries: ImageTensors, data: ImageTensors, included: torch.Tensor,
+               plan: Plan, device: torch.device, progress, tamper) -> tuple[np.ndarray, int, dict]:
     chosen = canaries.subset(torch.nonzero(included).reshape(-1))
     train = ImageTensors(torch.cat([data.images, chosen.images]), torch.cat([data.labels, chosen.labels]),
                          data.mean, data.std)
@@ -219,7 +222,8 @@ def run_audit(config: AuditConfig, *, progress=None, tamper=None) -> dict:
     if config.mode == "white":
         scores, steps, extra = _white_box(config, data, plan, included, device, progress, tamper)
     else:
-        scores, steps, extra = _black_box(config, pool, data, included, plan, generator, device, progress, tamper)
+        canaries = _mislabelled(pool, generator)
+        scores, steps, extra = _black_box(config, canaries, data, included, plan, device, progress, tamper)
     ledger = PrivacyLedger()  # what the accountant is told: the configured (σ, q) for the steps taken
     if sigma > 0:
         ledger.record(noise_multiplier=sigma, sample_rate=q, steps=steps)

@@ -35,6 +35,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -214,17 +215,8 @@ def read_lines(path: str | os.PathLike) -> list[str]:
         raise CelebaDataError(f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save the file as UTF-8") from None
 
 
-def read_table(path: str | os.PathLike, columns: tuple[str, ...], *, txt_header: bool = True) -> tuple[list[str], list[list[str]]]:
-    """Rows of ``image_id`` + ``columns`` from a CSV (with header) or a whitespace ``.txt``.
-
-    For ``.txt``, ``txt_header`` says the file starts with a count line and a
-    header line (all tables except the partition list). Columns are matched by
-    name, so their order in the file does not matter. Returns ``(image_ids, values)``
-    with values as strings; a malformed row, an id that is no plain file name,
-    an id listed twice or a table without rows raises naming the file and line.
-    """
-    path = Path(path)
-    lines = read_lines(path)
+def _table_header(path: Path, lines: list[str], columns: tuple[str, ...], txt_header: bool) -> tuple[list[str], Iterable, int]:
+    """``(header without image_id, row iterator, line number of the first row)`` of a CSV or ``.txt`` table."""
     if path.suffix == ".csv":
         rows = csv.reader(lines)
         header = next(rows, None)
@@ -258,6 +250,20 @@ def read_table(path: str | os.PathLike, columns: tuple[str, ...], *, txt_header:
         body = (line.split() for line in lines)
         if declared is not None and declared != sum(1 for line in lines if line.strip()):
             raise CelebaDataError(f"{path}:1: declares {declared} images but has {sum(1 for l in lines if l.strip())} rows")
+    return header, body, first_line
+
+
+def read_table(path: str | os.PathLike, columns: tuple[str, ...], *, txt_header: bool = True) -> tuple[list[str], list[list[str]]]:
+    """Rows of ``image_id`` + ``columns`` from a CSV (with header) or a whitespace ``.txt``.
+
+    For ``.txt``, ``txt_header`` says the file starts with a count line and a
+    header line (all tables except the partition list). Columns are matched by
+    name, so their order in the file does not matter. Returns ``(image_ids, values)``
+    with values as strings; a malformed row, an id that is no plain file name,
+    an id listed twice or a table without rows raises naming the file and line.
+    """
+    path = Path(path)
+    header, body, first_line = _table_header(path, read_lines(path), columns, txt_header)
     missing = [c for c in columns if c not in header]
     if missing:
         raise CelebaDataError(f"{path}: header lacks column(s) {missing}")

@@ -101,43 +101,41 @@ def sample_attributes(rng: random.Random) -> dict[str, int]:
     return {name: a[name] for name in ATTRIBUTE_NAMES}
 
 
-def _rot(cx: float, cy: float, cos: float, sin: float, x: float, y: float) -> tuple[float, float]:
-    """Face-local (x right, y down) -> image coordinates, rotated by the head roll."""
-    return cx + x * cos - y * sin, cy + x * sin + y * cos
+class _Pen:
+    """Draws in face units (1 = interocular distance), face-local x right and y down, rotated by the head roll."""
+
+    def __init__(self, draw: ImageDraw.ImageDraw, centre: tuple[float, float], angle: float, iod: float) -> None:
+        self.draw, (self.cx, self.cy), self.iod = draw, centre, iod
+        self.cos, self.sin = math.cos(angle), math.sin(angle)
+
+    def _rot(self, x: float, y: float) -> tuple[float, float]:
+        """Face-local pixels (x right, y down) -> image coordinates, rotated by the head roll."""
+        return self.cx + x * self.cos - y * self.sin, self.cy + x * self.sin + y * self.cos
+
+    def P(self, x: float, y: float) -> tuple[float, float]:  # noqa: N802  (a point, as in the drawing code)
+        """Face units -> image coordinates."""
+        return self._rot(x * self.iod, y * self.iod)
+
+    def E(self, x0: float, y0: float, a: float, b: float, n: int = 32, start: float = 0.0,  # noqa: N802
+          stop: float = 2 * math.pi) -> list[tuple[float, float]]:
+        """Points of a rotated ellipse (or an arc of it) centred at face-local (x0, y0), in face units."""
+        steps = [start + (stop - start) * k / (n - 1 if stop - start < 2 * math.pi else n) for k in range(n)]
+        # Scaled to pixels before the sum, so every point is the float it always was (same JPEG bytes).
+        x0, y0, a, b = x0 * self.iod, y0 * self.iod, a * self.iod, b * self.iod
+        return [self._rot(x0 + a * math.cos(t), y0 + b * math.sin(t)) for t in steps]
 
 
-def _ellipse(cx, cy, cos, sin, x0, y0, a, b, n=32, start=0.0, stop=2 * math.pi):
-    """Points of a rotated ellipse (or an arc of it) centred at face-local (x0, y0)."""
-    steps = [start + (stop - start) * k / (n - 1 if stop - start < 2 * math.pi else n) for k in range(n)]
-    return [_rot(cx, cy, cos, sin, x0 + a * math.cos(t), y0 + b * math.sin(t)) for t in steps]
-
-
-def render_face(index: int, seed: int, force: dict[str, int] | None = None) -> tuple[bytes, dict[str, int], list[int], list[int]]:
-    """One demo image: ``(jpeg bytes, attributes, landmarks [10], bbox [4])``, a pure function of (index, seed).
-
-    ``force`` overrides sampled attributes (e.g. ``{"Eyeglasses": 1}``) without
-    changing anything else about the face, which is how the tests check that the
-    glasses sit on the landmarks.
-    """
-    rng = random.Random(derive_seed(seed, f"demo-image:{index}"))
-    attrs = sample_attributes(rng)
-    attrs.update(force or {})
-    img = Image.new("RGB", (WIDTH, HEIGHT), tuple(rng.randrange(40, 230) for _ in range(3)))
-    draw = ImageDraw.Draw(img)
+def _background(draw: ImageDraw.ImageDraw, rng: random.Random) -> None:
     for _ in range(rng.randrange(2, 6)):  # background variety: random blocks and blobs
         x0, y0 = rng.randrange(-40, WIDTH), rng.randrange(-40, HEIGHT)
         box = [x0, y0, x0 + rng.randrange(30, 160), y0 + rng.randrange(30, 160)]
         colour = tuple(rng.randrange(20, 240) for _ in range(3))
         (draw.rectangle if rng.random() < 0.5 else draw.ellipse)(box, fill=colour)
 
-    iod = rng.uniform(*IOD_RANGE)
-    angle = math.radians(rng.uniform(-ROLL_DEGREES, ROLL_DEGREES))
-    cos, sin = math.cos(angle), math.sin(angle)
-    cx = WIDTH / 2 + rng.uniform(-8, 8)  # eye midpoint
-    cy = 108 + rng.uniform(-8, 8)
-    P = lambda x, y: _rot(cx, cy, cos, sin, x * iod, y * iod)  # noqa: E731  (face units: 1 = iod)
-    E = lambda x, y, a, b, **kw: _ellipse(cx, cy, cos, sin, x * iod, y * iod, a * iod, b * iod, **kw)  # noqa: E731
 
+def _head(pen: _Pen, rng: random.Random, attrs: dict[str, int]) -> tuple[float, float, tuple, str | None]:
+    """Hair, face, beard, hairline and hat; returns (face_a, face_b, skin colour, hair name)."""
+    P, E, draw = pen.P, pen.E, pen.draw  # noqa: N806
     male, chubby = attrs["Male"] > 0, attrs["Chubby"] > 0
     face_a = rng.uniform(0.95, 1.1) * (1.12 if chubby else 1.0) * (1.05 if male else 1.0)
     face_b = rng.uniform(1.35, 1.55)
@@ -157,15 +155,23 @@ def render_face(index: int, seed: int, force: dict[str, int] | None = None) -> t
     if attrs["Wearing_Hat"] > 0:
         hat = tuple(rng.randrange(0, 200) for _ in range(3))
         draw.polygon([P(-1.5, -0.75), P(1.5, -0.75), P(1.0, -1.6), P(-1.0, -1.6)], fill=hat)
+    return face_a, face_b, skin, hair_name
 
+
+def _eyes(pen: _Pen, rng: random.Random, attrs: dict[str, int], hair_name: str | None) -> None:
+    P, E, draw, iod = pen.P, pen.E, pen.draw, pen.iod  # noqa: N806
     eye_h = 0.06 if attrs["Narrow_Eyes"] > 0 else 0.1
     iris = tuple(rng.randrange(20, 120) for _ in range(3))
     brow_w = max(1, round(iod * (0.09 if attrs["Bushy_Eyebrows"] > 0 else 0.05)))
     for side in (-0.5, 0.5):
         draw.polygon(E(side, 0, 0.19, eye_h), fill=(245, 245, 240))
         draw.polygon(E(side, 0, 0.07, min(eye_h, 0.07)), fill=iris)
-        draw.line([P(side - 0.2, -0.24), P(side, -0.3), P(side + 0.2, -0.24)], fill=hair if hair_name else (60, 40, 30), width=brow_w)
+        draw.line([P(side - 0.2, -0.24), P(side, -0.3), P(side + 0.2, -0.24)], fill=_HAIR_COLOURS[hair_name] if hair_name else (60, 40, 30), width=brow_w)
 
+
+def _nose_and_mouth(pen: _Pen, rng: random.Random, attrs: dict[str, int], skin: tuple) -> list[tuple[float, float]]:
+    """Draws the nose and mouth; returns the five landmarks (eyes, nose, mouth corners) in image coordinates."""
+    P, E, draw, iod = pen.P, pen.E, pen.draw, pen.iod  # noqa: N806
     nose = (rng.uniform(-0.05, 0.05), rng.uniform(0.55, 0.7))
     shade = tuple(int(c * 0.75) for c in skin)
     draw.line([P(0, 0.15), P(nose[0] + 0.06, nose[1])], fill=shade, width=max(1, round(iod / 25)))
@@ -180,27 +186,54 @@ def render_face(index: int, seed: int, force: dict[str, int] | None = None) -> t
         draw.line(E(0, mouth_y - 0.08, mouth_w, 0.16, n=12, start=0.1 * math.pi, stop=0.9 * math.pi), fill=lips, width=lw)
     else:
         draw.line([P(-mouth_w, mouth_y), P(0, mouth_y + 0.03), P(mouth_w, mouth_y)], fill=lips, width=lw)
+    return [P(-0.5, 0), P(0.5, 0), P(*nose), P(-mouth_w, mouth_y), P(mouth_w, mouth_y)]
 
-    landmarks = [P(-0.5, 0), P(0.5, 0), P(*nose), P(-mouth_w, mouth_y), P(mouth_w, mouth_y)]
-    if attrs["Eyeglasses"] > 0:  # frames centred on the eye landmarks
-        frame = tuple(rng.randrange(0, 90) for _ in range(3))
-        width = max(2, round(iod / rng.uniform(9, 14)))
-        fa, fb = rng.uniform(0.27, 0.33), rng.uniform(0.18, 0.25)
-        tinted = rng.random() < 0.2  # sunglasses count as Eyeglasses in CelebA
-        for side in (-0.5, 0.5):
-            ring = E(side, 0, fa, fb, n=24)
-            if tinted:
-                draw.polygon(ring, fill=(30, 30, 35))
-            draw.line(ring + ring[:1], fill=frame, width=width, joint="curve")
-        draw.line([P(-0.5 + fa, -0.03), P(0.5 - fa, -0.03)], fill=frame, width=width)  # bridge
-        for sign in (-1, 1):
-            draw.line([P(sign * (0.5 + fa), -0.02), P(sign * face_a * 0.98, -0.05)], fill=frame, width=width)  # temples
 
+def _glasses(pen: _Pen, rng: random.Random, face_a: float) -> None:
+    """Frames centred on the eye landmarks."""
+    P, E, draw = pen.P, pen.E, pen.draw  # noqa: N806
+    frame = tuple(rng.randrange(0, 90) for _ in range(3))
+    width = max(2, round(pen.iod / rng.uniform(9, 14)))
+    fa, fb = rng.uniform(0.27, 0.33), rng.uniform(0.18, 0.25)
+    tinted = rng.random() < 0.2  # sunglasses count as Eyeglasses in CelebA
+    for side in (-0.5, 0.5):
+        ring = E(side, 0, fa, fb, n=24)
+        if tinted:
+            draw.polygon(ring, fill=(30, 30, 35))
+        draw.line(ring + ring[:1], fill=frame, width=width, joint="curve")
+    draw.line([P(-0.5 + fa, -0.03), P(0.5 - fa, -0.03)], fill=frame, width=width)  # bridge
+    for sign in (-1, 1):
+        draw.line([P(sign * (0.5 + fa), -0.02), P(sign * face_a * 0.98, -0.05)], fill=frame, width=width)  # temples
+
+
+def render_face(index: int, seed: int, force: dict[str, int] | None = None) -> tuple[bytes, dict[str, int], list[int], list[int]]:
+    """One demo image: ``(jpeg bytes, attributes, landmarks [10], bbox [4])``, a pure function of (index, seed).
+
+    ``force`` overrides sampled attributes (e.g. ``{"Eyeglasses": 1}``) without
+    changing anything else about the face, which is how the tests check that the
+    glasses sit on the landmarks.
+    """
+    rng = random.Random(derive_seed(seed, f"demo-image:{index}"))
+    attrs = sample_attributes(rng)
+    attrs.update(force or {})
+    img = Image.new("RGB", (WIDTH, HEIGHT), tuple(rng.randrange(40, 230) for _ in range(3)))
+    draw = ImageDraw.Draw(img)
+    _background(draw, rng)
+    iod = rng.uniform(*IOD_RANGE)
+    angle = math.radians(rng.uniform(-ROLL_DEGREES, ROLL_DEGREES))
+    cx = WIDTH / 2 + rng.uniform(-8, 8)  # eye midpoint
+    cy = 108 + rng.uniform(-8, 8)
+    pen = _Pen(draw, (cx, cy), angle, iod)
+    face_a, face_b, skin, hair_name = _head(pen, rng, attrs)
+    _eyes(pen, rng, attrs, hair_name)
+    landmarks = _nose_and_mouth(pen, rng, attrs, skin)
+    if attrs["Eyeglasses"] > 0:
+        _glasses(pen, rng, face_a)
     if attrs["Blurry"] > 0:
         img = img.filter(ImageFilter.GaussianBlur(1.5))
     out = io.BytesIO()
     img.save(out, format="JPEG", quality=JPEG_QUALITY)
-    corners = [P(sx * face_a, 0.45 + sy * face_b) for sx in (-1, 1) for sy in (-1, 1)]
+    corners = [pen.P(sx * face_a, 0.45 + sy * face_b) for sx in (-1, 1) for sy in (-1, 1)]
     x1, y1 = min(p[0] for p in corners), min(p[1] for p in corners)
     x2, y2 = max(p[0] for p in corners), max(p[1] for p in corners)
     bbox = [round(x1), round(y1), round(x2 - x1), round(y2 - y1)]

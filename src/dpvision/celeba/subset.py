@@ -36,6 +36,7 @@ import os
 import re
 import shutil
 import sys
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -121,80 +122,138 @@ def allocate(total: int, capacities: list[int]) -> list[int]:
     return quotas
 
 
+@dataclass(frozen=True)
+class SubsetOptions:
+    """What ``build_subset`` builds: its keyword arguments (the command's flags), with their defaults."""
+
+    attribute: str = "Eyeglasses"
+    use_landmarks: bool = False
+    stratify_by: Iterable[str] | str | None = None
+    iod_bins: int = 4
+    link_mode: str = "symlink"
+    max_per_class_train: int | None = None
+    max_per_class_val: int | None = None
+    max_per_class_test: int | None = None
+    total: int | None = None
+    min_iod: float | None = None
+    max_iod: float | None = None
+    seed: int = DEFAULT_SEED
+    dry_run: bool = False
+    overwrite: bool = False
+    strict_missing: bool = False
+
+
 def build_subset(
     archive_dir: str | os.PathLike = DEFAULT_ARCHIVE_DIR,
     output_dir: str | os.PathLike | None = None,
     *,
-    attribute: str = "Eyeglasses",
-    use_landmarks: bool = False,
-    stratify_by: Iterable[str] | str | None = None,
-    iod_bins: int = 4,
-    link_mode: str = "symlink",
-    max_per_class_train: int | None = None,
-    max_per_class_val: int | None = None,
-    max_per_class_test: int | None = None,
-    total: int | None = None,
-    min_iod: float | None = None,
-    max_iod: float | None = None,
-    seed: int = DEFAULT_SEED,
-    dry_run: bool = False,
-    overwrite: bool = False,
-    strict_missing: bool = False,
     progress: bool | None = None,
     warn: Callable[[str], None] | None = None,
+    **options,
 ) -> dict:
     """Build the subset into ``output_dir`` (or only plan it with ``dry_run``); returns the summary dict.
 
+    ``options`` are the fields of :class:`SubsetOptions` (an unknown one is a ``TypeError``).
     Raises :class:`CelebaDataError` for every bad input; warnings (e.g. caps the
     archive cannot fill) go to ``warn`` (default: ``warning: ...`` on stderr)
     and into the summary. ``progress=None`` shows tqdm bars only on a terminal.
     """
+    o = SubsetOptions(**options)
     warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
     archive_dir = Path(archive_dir)
     if output_dir is None:
         raise CelebaDataError("--output-dir is required")
     output_dir = Path(output_dir)
-    attribute = validate_attribute(attribute)
-    strat = parse_stratify_by(stratify_by)
+    attribute, strat, caps, cap_source = _check_options(o)
+    inputs = [("--archive-dir", archive_dir)]
+    (check_output_dir if o.dry_run else prepare_output)(  # a dry run cleans up nothing: it writes nothing
+        output_dir, kind=OUTPUT_KIND, flag="--output-dir", overwrite=o.overwrite, inputs=inputs)
+
+    archive = read_archive(archive_dir, need_landmarks=o.use_landmarks)
+    names = class_names(attribute)
+    labels = archive.attribute(attribute)
+    iod, split_of = _eligible(archive, o)
+    columns, edges, bin_method = _strata_columns(archive, strat, iod, split_of == PARTITION_CODES["train"], o.iod_bins)
+    selected, reserves, available, balanced, warnings = _select(
+        split_of, labels, columns, names, caps, cap_source, o.seed, warn)
+    # The summary's "arguments": the options in SubsetOptions' order, the validated attribute and strata.
+    arguments = {"archive_dir": str(archive_dir), "output_dir": str(output_dir), "attribute": attribute,
+                 **{f.name: strat if f.name == "stratify_by" else getattr(o, f.name) for f in fields(o)
+                    if f.name not in ("attribute", "dry_run", "overwrite")}}
+    summary = {
+        "attribute": attribute, "class_names": names, "seed": o.seed, "arguments": arguments, "caps": caps,
+        "cap_source": cap_source, "stratify_columns": list(columns), "iod_bin_edges": edges,
+        "iod_bin_method": bin_method, "available": available, "balanced_available_per_class": balanced,
+        "warnings": warnings, "source_checksums": archive.checksums, "dry_run": o.dry_run,
+    }
+    _fill_counts(summary, selected, names)
+    if o.dry_run:
+        return summary  # a plan only: no image is opened, nothing is written
+
+    n_chosen = sum(len(chosen) for chosen in selected.values())
+    replacements, drops = replace_bad_images(archive, selected, reserves, o.strict_missing, _no_bar(progress, n_chosen))
+    _record_replacements(summary, replacements, drops, warn)
+    if drops:
+        _fill_counts(summary, selected, names)
+    rows, index_fields = _index_rows(archive, selected, columns, iod, names)
+    with staged_output(output_dir, kind=OUTPUT_KIND, flag="--output-dir", overwrite=o.overwrite, inputs=inputs) as tmp:
+        _write_output(tmp, rows, index_fields, summary, o.link_mode, progress)
+    return summary
+
+
+def _eligible(archive, o: SubsetOptions) -> tuple[np.ndarray | None, np.ndarray]:
+    """Interocular distances [N] (with landmarks) and each image's partition code [N], -1 outside the iod range."""
+    iod = archive.interocular() if o.use_landmarks else None
+    eligible = np.ones(len(archive), dtype=bool)
+    if o.min_iod is not None:
+        eligible &= iod >= o.min_iod
+    if o.max_iod is not None:
+        eligible &= iod <= o.max_iod
+    return iod, np.where(eligible, archive.partitions, -1)
+
+
+def _record_replacements(summary: dict, replacements: list[dict], drops: list[dict], warn) -> None:
+    summary["replacements"] = {
+        "total": len(replacements),
+        "by_split": {s: sum(1 for r in replacements if r["split"] == s) for s in SPLITS},
+        "images": replacements,
+    }
+    summary["dropped"] = drops
+    if drops:
+        msg = (f"{sum(d['reason'] != 'balance' for d in drops)} bad image(s) had no spare in their split, class and "
+               f"stratum; dropped {len(drops)} image(s) in all to keep the classes balanced")
+        summary["warnings"].append(msg)
+        warn(msg)
+
+
+def _check_options(o: SubsetOptions) -> tuple[str, list[str], dict, dict]:
+    """``(attribute, stratifying variables, per-class caps, where each cap came from)``; bad flags raise."""
+    attribute = validate_attribute(o.attribute)
+    strat = parse_stratify_by(o.stratify_by)
     if attribute in strat:
         raise CelebaDataError(f"--stratify-by cannot include the target attribute {attribute}")
-    if link_mode not in LINK_MODES:
-        raise CelebaDataError(f"--link-mode must be one of {', '.join(LINK_MODES)}, got {link_mode!r}")
-    if INTEROCULAR in strat and not use_landmarks:
+    if o.link_mode not in LINK_MODES:
+        raise CelebaDataError(f"--link-mode must be one of {', '.join(LINK_MODES)}, got {o.link_mode!r}")
+    if INTEROCULAR in strat and not o.use_landmarks:
         raise CelebaDataError("--stratify-by interocular needs --use-landmarks")
-    if (min_iod is not None or max_iod is not None) and not use_landmarks:
+    if (o.min_iod is not None or o.max_iod is not None) and not o.use_landmarks:
         raise CelebaDataError("--min-iod/--max-iod need --use-landmarks")
-    if iod_bins < 1:
-        raise CelebaDataError(f"--iod-bins must be at least 1, got {iod_bins}")
-    explicit = {"train": max_per_class_train, "val": max_per_class_val, "test": max_per_class_test}
+    if o.iod_bins < 1:
+        raise CelebaDataError(f"--iod-bins must be at least 1, got {o.iod_bins}")
+    explicit = {"train": o.max_per_class_train, "val": o.max_per_class_val, "test": o.max_per_class_test}
     for split, cap in explicit.items():
         if cap is not None and cap < 0:
             raise CelebaDataError(f"--max-per-class-{split} must be >= 0, got {cap}")
-    if total is not None and total < 0:
-        raise CelebaDataError(f"--total must be >= 0, got {total}")
-    ratio = caps_from_total(total) if total is not None else {}
+    if o.total is not None and o.total < 0:
+        raise CelebaDataError(f"--total must be >= 0, got {o.total}")
+    ratio = caps_from_total(o.total) if o.total is not None else {}
     caps = {s: explicit[s] if explicit[s] is not None else ratio.get(s) for s in SPLITS}
     cap_source = {s: f"--max-per-class-{s}" if explicit[s] is not None else ("--total" if s in ratio else "none") for s in SPLITS}
-    inputs = [("--archive-dir", archive_dir)]
-    (check_output_dir if dry_run else prepare_output)(  # a dry run cleans up nothing: it writes nothing
-        output_dir, kind=OUTPUT_KIND, flag="--output-dir", overwrite=overwrite, inputs=inputs)
+    return attribute, strat, caps, cap_source
 
-    archive = read_archive(archive_dir, need_landmarks=use_landmarks)
-    # Imported here, not at the top: dpvision.seeding and dpvision.runs import torch (seconds of start-up),
-    # which flag and archive errors above should not have to wait for.
-    from dpvision.seeding import derive_seed
 
-    names = class_names(attribute)
-    labels = archive.attribute(attribute)
-    iod = archive.interocular() if use_landmarks else None
-    eligible = np.ones(len(archive), dtype=bool)
-    if min_iod is not None:
-        eligible &= iod >= min_iod
-    if max_iod is not None:
-        eligible &= iod <= max_iod
-    train = (archive.partitions == PARTITION_CODES["train"]) & eligible
-
-    # One integer column per stratifying variable.
+def _strata_columns(archive, strat: list[str], iod, train: np.ndarray, iod_bins: int) -> tuple[dict, list | None, str | None]:
+    """One integer column [N] per stratifying variable, and the interocular bin edges (train quantiles)."""
     columns: dict[str, np.ndarray] = {}
     edges, bin_method = None, None
     for var in strat:
@@ -203,19 +262,24 @@ def build_subset(
             columns[IOD_COLUMN] = np.searchsorted(np.asarray(edges), iod, side="right").astype(np.int64)
         else:
             columns[var] = archive.attribute(var).astype(np.int64)
+    return columns, edges, bin_method
+
+
+def _select(split_of, labels, columns, names, caps, cap_source, seed, warn) -> tuple:
+    """Per split, class and stratum: the seeded choice and its reserve, plus what was available and warnings."""
+    # Imported here, not at the top: dpvision.seeding imports torch (seconds of start-up), which flag and
+    # archive errors should not have to wait for.
+    from dpvision.seeding import derive_seed
+
     col_names = list(columns)
-    keys = np.stack([columns[c] for c in col_names], axis=1) if col_names else np.zeros((len(archive), 0), np.int64)
+    keys = np.stack([columns[c] for c in col_names], axis=1) if col_names else np.zeros((len(split_of), 0), np.int64)
 
     def stratum_name(key: tuple[int, ...]) -> str:
         return "|".join(f"{c}={v}" for c, v in zip(col_names, key)) or "all"
 
-    selected: dict[tuple[str, int, str], list[int]] = {}
-    reserves: dict[tuple[str, int, str], list[int]] = {}
-    available: dict[str, dict[str, int]] = {}
-    balanced: dict[str, int] = {}
-    warnings: list[str] = []
+    selected, reserves, available, balanced, warnings = {}, {}, {}, {}, []
     for split in SPLITS:
-        in_split = (archive.partitions == PARTITION_CODES[split]) & eligible
+        in_split = split_of == PARTITION_CODES[split]
         available[split] = {names[c]: int((in_split & (labels == c)).sum()) for c in (0, 1)}
         groups: dict[tuple[int, ...], list[list[int]]] = {}
         for i in np.flatnonzero(in_split):  # archive order, so the seeded shuffle sees a fixed input
@@ -238,47 +302,12 @@ def build_subset(
                 order = pool[rng.permutation(len(pool))].tolist()
                 selected[(split, c, stratum_name(key))] = order[:quota]
                 reserves[(split, c, stratum_name(key))] = order[quota:]
+    return selected, reserves, available, balanced, warnings
 
-    summary = {
-        "attribute": attribute,
-        "class_names": names,
-        "seed": seed,
-        "arguments": {
-            "archive_dir": str(archive_dir), "output_dir": str(output_dir), "attribute": attribute,
-            "use_landmarks": use_landmarks, "stratify_by": strat, "iod_bins": iod_bins, "link_mode": link_mode,
-            "max_per_class_train": max_per_class_train, "max_per_class_val": max_per_class_val,
-            "max_per_class_test": max_per_class_test, "total": total, "min_iod": min_iod, "max_iod": max_iod,
-            "seed": seed, "strict_missing": strict_missing,
-        },
-        "caps": caps,
-        "cap_source": cap_source,
-        "stratify_columns": col_names,
-        "iod_bin_edges": edges,
-        "iod_bin_method": bin_method,
-        "available": available,
-        "balanced_available_per_class": balanced,
-        "warnings": warnings,
-        "source_checksums": archive.checksums,
-        "dry_run": dry_run,
-    }
-    _fill_counts(summary, selected, names)
-    if dry_run:
-        return summary  # a plan only: no image is opened, nothing is written
 
-    n_chosen = sum(len(chosen) for chosen in selected.values())
-    replacements, drops = replace_bad_images(archive, selected, reserves, strict_missing, _no_bar(progress, n_chosen))
-    summary["replacements"] = {
-        "total": len(replacements),
-        "by_split": {s: sum(1 for r in replacements if r["split"] == s) for s in SPLITS},
-        "images": replacements,
-    }
-    summary["dropped"] = drops
-    if drops:
-        msg = (f"{sum(d['reason'] != 'balance' for d in drops)} bad image(s) had no spare in their split, class and "
-               f"stratum; dropped {len(drops)} image(s) in all to keep the classes balanced")
-        warnings.append(msg)
-        warn(msg)
-        _fill_counts(summary, selected, names)
+def _index_rows(archive, selected: dict, columns: dict, iod, names: list[str]) -> tuple[list[dict], list[str]]:
+    """The rows of ``subset_index.csv`` (sorted by split, label, image id) and its field names."""
+    col_names = list(columns)
     rows = []
     for split in SPLITS:
         for c in (0, 1):
@@ -297,9 +326,7 @@ def build_subset(
     rows.sort(key=lambda r: (SPLITS.index(r["split"]), r["label"], r["image_id"]))
     fields = ["image_id", "label", "class_name", "split", "stratum", *col_names]
     fields += (["interocular_distance"] if iod is not None else []) + ["source_path", "dest_path"]
-    with staged_output(output_dir, kind=OUTPUT_KIND, flag="--output-dir", overwrite=overwrite, inputs=inputs) as tmp:
-        _write_output(tmp, rows, fields, summary, link_mode, progress)
-    return summary
+    return rows, fields
 
 
 def _fill_counts(summary: dict, selected: dict, names: list[str]) -> None:

@@ -62,7 +62,9 @@ def register_dataset(name: str, *, root_hint: str, allows_flip: bool) -> Callabl
 
 @dataclass(frozen=True)
 class DatasetSplits:
-    """A dataset's splits, all with train's mean/std; groups are one label per example (or None)."""
+    """A dataset's splits, all normalised with the dataset's fixed mean/std (never statistics of the data).
+
+Groups are one label per example (or None)."""
 
     name: str
     train: ImageTensors
@@ -80,7 +82,7 @@ class DatasetSplits:
                 continue
             if tuple(part.images.shape[1:]) != shape or (part.mean, part.std) != (self.train.mean, self.train.std):
                 raise ValueError(f"{self.name}: {split} images {tuple(part.images.shape[1:])} must match train's "
-                                 f"{shape}, with train's mean/std")
+                                 f"{shape}, with the dataset's fixed mean/std")
             if len(part) and int(part.labels.max()) >= len(self.class_names):
                 raise ValueError(f"{self.name}: {split} has label {int(part.labels.max())} but only "
                                  f"{len(self.class_names)} class names")

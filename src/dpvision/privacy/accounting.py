@@ -300,6 +300,15 @@ class PrivacyLedger:
         self.history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
 
 
+def _check_calibration_inputs(target_epsilon: float, accountant: str, steps: int) -> None:
+    """One-line ``ValueError`` for a target, accountant or step count that calibration cannot use."""
+    if not target_epsilon > 0 or not math.isfinite(target_epsilon):
+        raise ValueError(f"target epsilon must be a positive finite number, got {target_epsilon}")
+    check_accountant(accountant)
+    if steps < 1:
+        raise ValueError(f"calibration needs at least one step, got {steps}")
+
+
 def calibrate_noise_multiplier(
     *,
     target_epsilon: float,
@@ -328,11 +337,7 @@ def calibrate_noise_multiplier(
         >>> 2.0 * (1 - 1e-3) <= eps <= 2.0
         True
     """
-    if not target_epsilon > 0 or not math.isfinite(target_epsilon):
-        raise ValueError(f"target epsilon must be a positive finite number, got {target_epsilon}")
-    check_accountant(accountant)
-    if steps < 1:
-        raise ValueError(f"calibration needs at least one step, got {steps}")
+    _check_calibration_inputs(target_epsilon, accountant, steps)
 
     def eps(sigma: float) -> float:
         return compute_epsilon([(sigma, sample_rate, steps)], delta=delta, accountant=accountant)
