@@ -637,9 +637,9 @@ def test_fingerprint_identifies_exactly_what_is_trained_on(tmp_path):
 
 
 def test_registry_names_hints_and_image_size_rules(tmp_path):
-    assert DATASETS == ("mnist", "fashion-mnist", "cifar10", "celeba", "imagefolder")
-    for name in DATASETS:
-        assert "<data-root>" in dataset_root_hint(name)
+    assert DATASETS == ("mnist", "fashion-mnist", "cifar10", "celeba", "imagefolder", "synthetic", "python")
+    for name in DATASETS:  # generated or handed-over data reads no folder, and says so
+        assert ("<data-root>" in dataset_root_hint(name)) != dataset_root_hint(name).startswith("nothing")
     raises_data_error(lambda: dataset_root_hint("svhn"), "svhn", "cifar10")
     raises_data_error(lambda: load_dataset("svhn", tmp_path), "--dataset", "imagefolder")
     write_idx_mnist(tmp_path, 5, 5)

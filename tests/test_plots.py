@@ -82,7 +82,7 @@ def test_a_dp_run_says_its_training_steps_are_noisy_and_clipped():
 
 def test_curves_from_a_real_metrics_csv_header(tmp_path):
     """The labels come from what the job writes: its own columns, read back with csv as notebook 2 does."""
-    from dpvision.jobs.train import METRIC_COLUMNS
+    from dpvision.jobs.report import METRIC_COLUMNS
 
     path = tmp_path / "metrics.csv"
     with path.open("w", newline="") as f:
