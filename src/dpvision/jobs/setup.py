@@ -8,6 +8,7 @@ unreachable ε stops the job with one line and an untouched disk.
 * :func:`plan_privacy` makes the run's one :class:`~dpvision.privacy.plan.Plan` from the N
   actually trained on: δ (``auto``), σ (given, default or calibrated to ``target_epsilon``),
   q, steps per epoch, E[B] and the schedule's length.
+* :func:`validate` runs every check that can fail before anything is written (data, model, plan).
 * :func:`build` makes the model and the engine, which trains as the plan says.
 
 Example:
@@ -18,16 +19,18 @@ Example:
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass, replace
 
+from dpvision.cli_support import resolve_device
 from dpvision.data import data_fingerprint, load_dataset
 from dpvision.data.mnist import random_subset
 from dpvision.data.registry import DATASET_REGISTRY
 from dpvision.engines import FastOptions, OptimizerSpec, build_engine
 from dpvision.jobs.config import TrainConfig
-from dpvision.models import build_model
-from dpvision.models.external import resolve_model
+from dpvision.models import build_model, check_model_options
+from dpvision.models.external import check_external, is_external, resolve_model
 from dpvision.models.init import prepare as prepare_model
 from dpvision.privacy.accounting import compute_epsilon
 from dpvision.privacy.bounds import check_noise_multiplier
@@ -101,6 +104,30 @@ def plan_privacy(config: TrainConfig, *, num_train: int) -> Plan:
                            sample_rate=plan.sample_rate, steps=plan.total_steps, delta=plan.delta,
                            accountant_flag="dp.accountant")
     return plan
+
+
+def validate(config: TrainConfig, dist=None, data=None, model=None):
+    """Every check that can fail before anything is written; returns ``(data, plan, device)``.
+
+    ``dist``: the data-parallel context; its device is this rank's (``cuda:LOCAL_RANK`` under torchrun).
+    ``data``, ``model``: the splits and the module handed over from Python (:mod:`dpvision.api`) instead of
+    those ``config`` names.
+    """
+    if config.run.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ValueError("run.tensorboard needs the tensorboard package: pip install 'dpvision[tensorboard]'")
+    device = resolve_device(config.run.device)  # refuses cuda where there is none (one line, not a traceback)
+    if dist is not None:
+        device = dist.device
+    data = load_data(config) if data is None else data
+    if model is None and is_external(config.model.name):  # torchvision:<name> or <module>:<factory>
+        check_external(config.model.name, image_size=int(data.train.images.shape[-1]))
+    elif model is None:  # (the caller's own module was checked by dpvision.api)
+        check_model_options(config.model.name, in_channels=int(data.train.images.shape[1]),
+                            num_classes=len(data.class_names), image_size=int(data.train.images.shape[-1]),
+                            activation=config.model.activation, width=config.model.width,
+                            weight_standardization=config.model.weight_standardization)
+    plan = plan_privacy(config, num_train=len(data.train))
+    return data, plan, device
 
 
 def few_steps_advice(config: TrainConfig, plan: Plan) -> str | None:

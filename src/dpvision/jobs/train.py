@@ -26,7 +26,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import math
 import os
 import sys
@@ -36,7 +35,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from dpvision.cli_support import check_can_create_dir, resolve_device
+from dpvision.cli_support import check_can_create_dir
 from dpvision.engines import evaluate
 from dpvision.engines.distributed import DistContext
 from dpvision.jobs import report
@@ -48,9 +47,7 @@ from dpvision.jobs.rundir import (
     CURVES, create_run, logged_steps, read_summary, reopen_run, resolved_section, restore,
     run_outputs,
 )  # fmt: skip
-from dpvision.jobs.setup import build, few_steps_advice, load_data, plan_privacy
-from dpvision.models import check_model_options
-from dpvision.models.external import check_external, is_external
+from dpvision.jobs.setup import build, few_steps_advice, validate
 from dpvision.privacy import PrivacyBudget, PrivacyLedger
 from dpvision.seeding import seed_everything
 
@@ -307,30 +304,6 @@ class Trainer:
     def close(self) -> None:
         if self.run_dir is not None:
             self.run_dir.unlock()
-
-
-def validate(config: TrainConfig, dist=None, data=None, model=None):
-    """Every check that can fail before anything is written; returns ``(data, plan, device)``.
-
-    ``dist``: the data-parallel context; its device is this rank's (``cuda:LOCAL_RANK`` under torchrun).
-    ``data``, ``model``: the splits and the module handed over from Python (:mod:`dpvision.api`) instead of
-    those ``config`` names.
-    """
-    if config.run.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise ValueError("run.tensorboard needs the tensorboard package: pip install 'dpvision[tensorboard]'")
-    device = resolve_device(config.run.device)  # refuses cuda where there is none (one line, not a traceback)
-    if dist is not None:
-        device = dist.device
-    data = load_data(config) if data is None else data
-    if model is None and is_external(config.model.name):  # torchvision:<name> or <module>:<factory>
-        check_external(config.model.name, image_size=int(data.train.images.shape[-1]))
-    elif model is None:  # (the caller's own module was checked by dpvision.api)
-        check_model_options(config.model.name, in_channels=int(data.train.images.shape[1]),
-                            num_classes=len(data.class_names), image_size=int(data.train.images.shape[-1]),
-                            activation=config.model.activation, width=config.model.width,
-                            weight_standardization=config.model.weight_standardization)
-    plan = plan_privacy(config, num_train=len(data.train))
-    return data, plan, device
 
 
 def prepare(config: TrainConfig | None, dist, *, resume, overrides: dict, given: tuple = (None, None)) -> tuple:
