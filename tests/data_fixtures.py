@@ -22,8 +22,11 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
+
+from dpvision.data.files import DataError
 
 IDX_IMAGES_MAGIC = 2051
 IDX_LABELS_MAGIC = 2049
@@ -139,3 +142,14 @@ def write_celeba_folder(root: str | Path, n_train: int, n_val: int, n_test: int,
              "subset_dir": "synthetic", "subset_index_sha256": "0" * 64}
     (root / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
     return root
+
+
+def raises_data_error(call, *needles: object) -> DataError:
+    """Run ``call``; it must raise a one-line DataError mentioning every needle (file paths, flags)."""
+    with pytest.raises(DataError) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message, message
+    for needle in needles:
+        assert str(needle) in message, message
+    return info.value

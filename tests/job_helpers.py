@@ -113,3 +113,16 @@ def only_run(folder: Path) -> Path:
     """The single run folder inside ``folder`` (fails if there are none or several)."""
     [run] = [p for p in Path(folder).iterdir() if p.is_dir()]
     return run
+
+
+@contextlib.contextmanager
+def hooked(hook):
+    """Every training run started inside (by any front-end) gets ``hook`` (e.g. one raising Ctrl-C)."""
+    import dpvision.jobs.train as train_module
+
+    original = train_module.run
+    train_module.run = lambda *args, **kwargs: original(*args, **{**kwargs, "hook": hook})
+    try:
+        yield
+    finally:
+        train_module.run = original

@@ -18,20 +18,10 @@ from dpvision.cli import main
 from dpvision.data import DataError, ImageTensors, NormalizedTensorDataset, load_dataset
 from dpvision.data.tensors import NEUTRAL_MEAN, NEUTRAL_STD
 from tests.conftest import REPO_ROOT
-from tests.data_fixtures import write_celeba_folder, write_imagefolder
+from tests.data_fixtures import raises_data_error, write_celeba_folder, write_imagefolder
 from tests.job_helpers import exit_code, metrics
 
 NEUTRAL = ((NEUTRAL_MEAN,) * 3, (NEUTRAL_STD,) * 3)
-
-
-def one_line_error(call, *needles: object) -> str:
-    with pytest.raises(DataError) as info:
-        call()
-    message = str(info.value)
-    assert "\n" not in message, message
-    for needle in needles:
-        assert str(needle) in message, message
-    return message
 
 
 # ---------------------------------------------------------------- item 1: normalisation outside ε
@@ -131,7 +121,7 @@ def test_non_utf8_class_folder_is_one_line_naming_it(tmp_path, capsys):
     for split in ("train", "val", "test"):
         os.rename(root / split / "b", os.fsdecode(os.path.join(os.fsencode(root / split), b"b\xff")))
     shown = str(root / "train") + "/b\\xff"
-    one_line_error(lambda: load_dataset("imagefolder", root, image_size=8), shown, "not valid UTF-8")
+    raises_data_error(lambda: load_dataset("imagefolder", root, image_size=8), shown, "not valid UTF-8")
     argv = ["train", "--config", REPO_ROOT / "recipes" / "imagefolder.yaml", "--data-root", root,
             "--image-size", "8", "--device", "cpu", "--quiet", "--runs-dir", tmp_path / "runs"]
     assert exit_code(main, argv) == 2
@@ -146,4 +136,4 @@ def test_an_empty_class_folder_is_refused_in_every_split(tmp_path, split):
     root = write_imagefolder(tmp_path, ("a", "b"), 2, 8)
     for path in (root / split / "b").iterdir():
         path.unlink()
-    one_line_error(lambda: load_dataset("imagefolder", root, image_size=8), root / split / "b", "holds no images")
+    raises_data_error(lambda: load_dataset("imagefolder", root, image_size=8), root / split / "b", "holds no images")

@@ -26,22 +26,11 @@ from dpvision.data import (
 from dpvision.data.mnist import RAW_FILES, load_mnist
 from tests.conftest import REAL_MNIST_SKIP, real_mnist_files
 from tests.data_fixtures import (
-    CIFAR10_CLASSES, IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, cifar_batch_bytes, idx_bytes,
+    CIFAR10_CLASSES, IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, cifar_batch_bytes, idx_bytes, raises_data_error,
     write_celeba_folder, write_cifar10, write_idx_mnist, write_imagefolder,
 )  # fmt: skip
 
 IDX_DATASETS = [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST")]
-
-
-def raises_data_error(call, *needles: object) -> DataError:
-    """Run ``call``; it must raise a one-line DataError mentioning every needle (file paths, flags)."""
-    with pytest.raises(DataError) as info:
-        call()
-    message = str(info.value)
-    assert "\n" not in message, message
-    for needle in needles:
-        assert str(needle) in message, message
-    return info.value
 
 
 @contextmanager

@@ -6,7 +6,6 @@ Tiny synthetic data only (tests/conftest.py's MNIST, tests/data_fixtures.py's Ce
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import os
 import shutil
@@ -26,24 +25,12 @@ from dpvision.jobs.mnist_seed import main as mnist_main
 from dpvision.runs import RunDir
 from tests.data_fixtures import write_celeba_folder
 from tests.job_helpers import (
-    Interrupt, assert_same_weights, exit_code, interrupt_at, metrics, read_csv, summary, working_dir,
+    Interrupt, assert_same_weights, exit_code, hooked, interrupt_at, metrics, read_csv, summary, working_dir,
 )  # fmt: skip
 
 TINY = ["--k", "40", "--batch-size", "20", "--epochs", "2", "--quiet"]
 CSV_NAME = "mnist_0.15_1.3_1.0_20_2_0.3_40.csv"
 
-
-@contextlib.contextmanager
-def hooked(hook):
-    """Every training run started inside (by any front-end) gets ``hook`` (e.g. one raising Ctrl-C)."""
-    import dpvision.jobs.train as train_module
-
-    original = train_module.run
-    train_module.run = lambda *args, **kwargs: original(*args, **{**kwargs, "hook": hook})
-    try:
-        yield
-    finally:
-        train_module.run = original
 
 
 def one_error_line(capsys, prog: str) -> str:

@@ -8,7 +8,6 @@ test hook; every test works on its own copy of that folder.
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 from pathlib import Path
 
@@ -18,23 +17,12 @@ import torch
 from dpvision.checkpoint import CHECKPOINT_NAME
 from dpvision.cli import main as dpvision_main
 from dpvision.jobs.mnist_seed import main as mnist_main
-from tests.job_helpers import Interrupt, exit_code, interrupt_at, metrics, rdp_epsilon, summary, working_dir
+from tests.job_helpers import Interrupt, exit_code, hooked, interrupt_at, metrics, rdp_epsilon, summary, working_dir
 
 ARGS = ["--k", "300", "--batch-size", "50", "--epochs", "4", "--test-batch-size", "2000", "--quiet"]
 Q = 1 / 6
 
 
-@contextlib.contextmanager
-def hooked(hook):
-    """Every training run started inside gets ``hook``."""
-    import dpvision.jobs.train as train_module
-
-    original = train_module.run
-    train_module.run = lambda *args, **kwargs: original(*args, **{**kwargs, "hook": hook})
-    try:
-        yield
-    finally:
-        train_module.run = original
 
 
 def start(cwd: Path, data_root: Path, *extra, stop_after: int = 1) -> Path:
