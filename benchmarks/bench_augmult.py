@@ -1,0 +1,210 @@
+"""Augmentation multiplicity at the literature's scale: DP-SGD example-views per second against a tuned yardstick.
+
+Workload (issue 23): WideResNet-16-4 (GroupNorm, ``build_model("wrn16_4")``) on random but fixed 32x32x3
+uint8 images (``--size``, CIFAR-10's 50,000 by default), expected batch ``--batch`` (4096), each sampled
+example seen as K random crops and flips (``--ks``, default 1,4,16), their gradients averaged before clipping.
+
+Rows:
+
+* ``dp``: the fast engine's DP step (``FastOptions(augmult=K, augment_flip=True)``, the engine's default
+  per-sample backend, or ``--vmap-ks``: the torch.func vmap path for those K, for a side-by-side), after
+  ``--warmup-steps`` untimed steps, ``--steps`` timed steps: example-views per second (sampled examples x K),
+  ms per step, peak memory, and the useful TFLOP/s (the FLOPs of a non-private forward + backward of that
+  many views, ``step_flops``) against the GPU's measured matmul ceiling (``matmul_ceilings``).
+* ``yardstick``: plain PyTorch *non-private* training of the same model on the same kind of augmented
+  images: each step a batch of uniformly drawn images, one random crop and flip each on the device
+  (the engine's ``augment``), SGD with momentum 0.9, bf16 autocast (``--precision``), channels-last, and
+  ``torch.compile`` (``c`` configurations) or eager (``e``), at every physical batch of ``--plain``
+  (default ``e1024,e4096,c1024,c4096`` on CUDA). The best of them is the yardstick: ``x yard`` = the DP
+  time for a number of views / the yardstick's time for as many images.
+
+One command on an H100 (about 5 minutes, mostly the two compilations):
+
+    python benchmarks/bench_augmult.py --device cuda --json augmult.json
+
+Tiny CPU run (checks the script; numbers mean nothing):
+
+    python benchmarks/bench_augmult.py --device cpu --size 64 --batch 16 --ks 1,2 --steps 1 --warmup-steps 1 \
+        --plain e8 --precision fp32 --vmap-ks 2 --plain-images 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from bench_dpsgd import PeakMemory, fast_engine, matmul_ceilings, step_flops, sync, versions
+from dpvision.data.tensors import ImageTensors
+from dpvision.engines.augmult import augment
+from dpvision.models import build_model
+
+
+def wrn(channels_last: bool = False):
+    model = build_model("wrn16_4", in_channels=3, num_classes=10, image_size=32)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def random_images(size: int) -> ImageTensors:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (size, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (size,), generator=g)
+    return ImageTensors(images, labels, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
+def time_dp(data: ImageTensors, k: int, mode: str | None, args, device: torch.device) -> dict:
+    """The fast engine's DP step with K views of every sampled example: views/s, ms/step, peak MB."""
+    options = {"augmult": k, "augment_flip": True, "grad_sample_mode": mode}
+    if device.type == "cuda":
+        options.update(precision=args.precision, channels_last=args.channels_last)
+    if args.physical:
+        options["physical_batch_size"] = args.physical
+    with PeakMemory(device) as mem:
+        engine = fast_engine(wrn(), data, args.batch, dp=True, device=device, options=options)
+        engine.train_epoch(max_steps=args.warmup_steps)  # the per-layer autotune and cuDNN's searches
+        sync(device)
+        done, examples, start = 0, 0, time.perf_counter()
+        while done < args.steps:  # epochs of the plan's steps_per_epoch, as many as needed
+            result = engine.train_epoch(max_steps=args.steps - done)  # ends with a host sync (loss read)
+            done, examples = done + result.steps, examples + sum(engine.last_batch_sizes)
+        sync(device)
+        elapsed = time.perf_counter() - start
+    return {"row": "dp", "k": k, "backend": engine.grad_sample_mode, "physical_examples": engine.settings.max_physical,
+            "steps": done, "views": examples * k, "seconds": elapsed, "ms_per_step": 1e3 * elapsed / max(done, 1),
+            "views_per_s": examples * k / elapsed, "peak_memory_mb": mem.mb}
+
+
+class Yardstick:
+    """Plain non-private training: augmented batches, SGD momentum, autocast, channels-last, compiled or not."""
+
+    def __init__(self, data: ImageTensors, batch: int, compiled: bool, args, device: torch.device) -> None:
+        cuda = device.type == "cuda"
+        self.device, self.batch, self.bf16 = device, batch, args.precision == "bf16"
+        self.memory_format = torch.channels_last if cuda else torch.contiguous_format
+        self.images, self.labels = data.images.to(device), data.labels.to(device)
+        self.mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
+        self.generator = torch.Generator(device).manual_seed(0)
+        self.model = wrn(channels_last=cuda).to(device)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9)
+        self.forward = torch.compile(self.model, dynamic=False) if compiled else self.model
+
+    def step(self) -> None:
+        idx = torch.randint(0, len(self.labels), (self.batch,), device=self.device, generator=self.generator)
+        x = augment(self.images[idx], k=1, flip=True, generator=self.generator).squeeze(1)  # [b, 3, 32, 32] uint8
+        x = ((x.float().div_(255.0) - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss = F.cross_entropy(self.forward(x).float(), self.labels[idx])
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def time_yardstick(data: ImageTensors, config: str, args, device: torch.device) -> dict:
+    """``config``: "c" (compiled) or "e" (eager), then the physical batch, e.g. ``c4096``."""
+    if config[:1] not in ("c", "e") or not config[1:].isdigit() or int(config[1:]) < 1:
+        raise SystemExit(f"bench_augmult.py: error: --plain: {config!r} is not c<batch> or e<batch>, e.g. c4096")
+    batch, compiled = int(config[1:]), config[0] == "c"
+    with PeakMemory(device) as mem:
+        recipe = Yardstick(data, batch, compiled, args, device)
+        for _ in range(args.plain_warmup_steps):  # compilation, cuDNN's algorithm choice
+            recipe.step()
+        sync(device)
+        steps = max(3, -(-args.plain_images // batch))
+        start = time.perf_counter()
+        for _ in range(steps):
+            recipe.step()
+        sync(device)
+        elapsed = time.perf_counter() - start
+    return {"row": "yardstick", "config": config, "compiled": compiled, "batch": batch, "steps": steps,
+            "views": steps * batch, "seconds": elapsed, "ms_per_step": 1e3 * elapsed / steps,
+            "views_per_s": steps * batch / elapsed, "peak_memory_mb": mem.mb}
+
+
+def print_rows(rows: list[dict], flops_per_view: float, ceiling: float | None) -> None:
+    best = max((r for r in rows if r["row"] == "yardstick"), key=lambda r: r["views_per_s"], default=None)
+    print(f"\n{'row':10s} {'K':>3s} {'backend/config':>14s} {'views/s':>10s} {'ms/step':>9s} {'peak MB':>9s}"
+          f" {'TFLOP/s':>8s} {'% ceil':>7s} {'x yard':>7s}")
+    for r in rows:
+        r["tflops"] = flops_per_view * r["views_per_s"] / 1e12
+        r["x_yardstick_time"] = best["views_per_s"] / r["views_per_s"] if best else None
+        share = f"{100 * r['tflops'] / ceiling:.1f}" if ceiling else "-"
+        label = r.get("backend") or r["config"]
+        ratio = f"{r['x_yardstick_time']:.2f}" if best else "-"
+        print(f"{r['row']:10s} {r.get('k', 1):3d} {label:>14s} {r['views_per_s']:10.0f} {r['ms_per_step']:9.1f}"
+              f" {r['peak_memory_mb']:9.0f} {r['tflops']:8.1f} {share:>7s} {ratio:>7s}")
+    if best:
+        print(f"yardstick: {best['config']} at {best['views_per_s']:.0f} images/s; x yard = DP time / yardstick time"
+              " for the same number of views")
+    sys.stdout.flush()
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--size", type=int, default=50000, help="training images (random 32x32x3)")
+    p.add_argument("--batch", type=int, default=4096, help="expected (logical) batch of the DP rows")
+    p.add_argument("--ks", default="1,4,16", help="augmentation multiplicities of the DP rows")
+    p.add_argument("--vmap-ks", default="4", help="K of extra DP rows on the torch.func vmap path ('' for none)")
+    p.add_argument("--physical", type=int, default=None, help="fast engine's physical_batch_size (views per chunk)")
+    p.add_argument("--steps", type=int, default=5, help="timed DP steps per row")
+    p.add_argument("--warmup-steps", type=int, default=2)
+    p.add_argument("--precision", default="bf16", choices=["fp32", "tf32", "bf16"], help="CUDA only (CPU: fp32)")
+    p.add_argument("--channels-last", default=False, action=argparse.BooleanOptionalAction,
+                   help="the fast engine's channels_last (CUDA; the yardstick is always channels-last on CUDA)")
+    p.add_argument("--plain", default=None, help="yardstick configs, c<batch> compiled / e<batch> eager "
+                                                 "(default e1024,e4096,c1024,c4096 on CUDA, e256 on CPU)")
+    p.add_argument("--plain-images", type=int, default=131072, help="images per timed yardstick run")
+    p.add_argument("--plain-warmup-steps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    for flag in ("size", "batch", "steps"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    warnings.filterwarnings("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type != "cuda":
+        args.precision = "fp32"
+    torch.manual_seed(0)
+    ceilings = matmul_ceilings(device)
+    ceiling = ceilings.get("bf16" if args.precision == "bf16" else "tf32")
+    if ceilings:
+        print("matmul ceilings (TFLOP/s, 8192^3): " + ", ".join(f"{k} {v:.0f}" for k, v in ceilings.items()))
+    data = random_images(args.size)
+    rows = []
+    plain = args.plain or ("e1024,e4096,c1024,c4096" if device.type == "cuda" else "e256")
+    for config in filter(None, plain.split(",")):
+        rows.append(time_yardstick(data, config, args, device))
+        print(f"  yardstick {config}: {rows[-1]['views_per_s']:.0f} images/s", flush=True)
+    runs = [(int(k), None) for k in args.ks.split(",") if k] + [(int(k), "vmap") for k in args.vmap_ks.split(",") if k]
+    for k, mode in runs:
+        rows.append(time_dp(data, k, mode, args, device))
+        print(f"  dp K={k} {rows[-1]['backend']}: {rows[-1]['views_per_s']:.0f} views/s", flush=True)
+    flops_per_view = step_flops(wrn, data, 64) / 64
+    print_rows(rows, flops_per_view, ceiling)
+    if args.json:
+        out = {"date": datetime.date.today().isoformat(), "versions": versions(device), "matmul_ceilings": ceilings,
+               "flops_per_view": flops_per_view, "settings": vars(args), "rows": rows}
+        with open(args.json + ".tmp", "w") as f:
+            json.dump(out, f, indent=2)
+        os.replace(args.json + ".tmp", args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
