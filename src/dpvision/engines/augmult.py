@@ -12,6 +12,17 @@ The augmentations are the standard ones for small images: a random crop after re
 by ``PAD`` pixels, and a random horizontal flip where the dataset allows it (not for digits).
 They are drawn on the device from the engine's own ``augment`` generator (saved in checkpoints).
 
+Two exact ways to the clipped sum, the same numbers up to rounding (tests/test_augmult.py):
+
+* :class:`AugmultManual` (chosen when the manual backend supports every layer): the model runs once on the
+  B K views; each layer's per-example gradient is formed with the example's K views as more rows of that
+  example (:mod:`dpvision.engines.ghost`: for a conv, the sum over views and positions of patches x output
+  gradients; a Linear, the sum over views; GroupNorm, its per-view sums added), the factor of the mean
+  gradient's norm is applied once per example, and the sum is taken by book-keeping. No per-view gradient
+  is ever formed, and a chunk's memory is that of its B K views' activations.
+* :class:`AugmultPerSample`: ``torch.func`` vmap over examples of the gradient of the mean loss over the K
+  views; any model vmap supports (dropout included), K per-view activations inside each vmapped call.
+
 Example:
     >>> import torch
     >>> x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4)
@@ -28,7 +39,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from dpvision.engines.clipping import ClipFn
-from dpvision.engines.per_sample import clipped_sum_
+from dpvision.engines.per_sample import ManualPerSample, clipped_sum_
 
 PAD = 4  # pixels of reflect padding before the random crop (the usual CIFAR recipe)
 AUGMENTATIONS = ("crop", "crop_flip")
@@ -50,9 +61,29 @@ def augment(x: torch.Tensor, *, k: int, flip: bool, generator: torch.Generator, 
     if flip:  # a flipped crop reads its columns right to left
         mirrored = torch.rand(n, generator=generator, device=dev) < 0.5
         cols = torch.where(mirrored[:, None, None], cols.flip(-1), cols)
-    source = padded.repeat_interleave(k, dim=0)  # [n, C, H', W']
-    crops = source[torch.arange(n, device=dev)[:, None, None], :, rows, cols]  # [n, H, W, C]
+    source = torch.arange(n, device=dev) // k  # view v of example i is row i K + v; no copies of the images
+    crops = padded[source[:, None, None], :, rows, cols]  # [n, H, W, C]
     return crops.permute(0, 3, 1, 2).reshape(p, k, c, h, w)
+
+
+class AugmultManual(ManualPerSample):
+    """The manual backend on the K views of every example (:class:`~dpvision.engines.per_sample.ManualPerSample`
+    with ``views`` = K): the per-example gradient of the mean loss over the views, clipped and summed."""
+
+    def __init__(self, model: nn.Module, *, k: int, flip: bool, generator: torch.Generator, pad: int = PAD) -> None:
+        if k < 1:
+            raise ValueError(f"augmult needs K >= 1, got {k}")
+        super().__init__(model)
+        self.views, self.flip, self.generator, self.pad = k, flip, generator, pad
+
+    def accumulate(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, clip: ClipFn,
+                   acc_views: list[torch.Tensor], loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
+        """``acc += sum_i w_i clip(||g_i||) g_i`` with g_i averaged over K augmentations of x_i [P, C, H, W]."""
+        views = augment(x, k=self.views, flip=self.flip, generator=self.generator, pad=self.pad)  # [P, K, C, H, W]
+        # The crops come out channels-last (gathered per pixel): give the model x's own memory format.
+        nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        views = views.flatten(0, 1).contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+        super().accumulate(views, y, w, clip, acc_views, loss_sum, correct)  # views [P K, C, H, W]
 
 
 class AugmultPerSample:

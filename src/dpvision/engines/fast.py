@@ -36,11 +36,13 @@ Audit instrumentation (:mod:`dpvision.engines.instrument`, one process only) plu
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
 from dpvision.data.tensors import ImageTensors
-from dpvision.engines.augmult import AugmultPerSample
+from dpvision.engines.augmult import AugmultManual, AugmultPerSample
 from dpvision.engines.base import Engine, EpochResult, OptimizerSpec, ProgressFn, UnsupportedModelError, register_engine
 from dpvision.engines.chunks import bucket_width, chunk_capacity, likely_sizes, plan_chunks
 from dpvision.engines.clipping import get_clipping
@@ -133,7 +135,10 @@ class FastEngine(Engine):
                                                                     self._probe_backend)
         self.step = DPStep(params=self.params, data=self.data, backend=self.backend, clip=self._clip,
                            numerics=numerics, expected_batch_size=self.plan.expected_batch_size, dist=self.dist)
-        if s.fuse and self.grad_sample_mode == "manual":  # vmap/hooks/augmult need the modules themselves
+        if s.augmult and self.grad_sample_mode != s.grad_sample_modes[0]:
+            print(f"notice: augmult: the {s.grad_sample_modes[0]} per-sample backend does not support this model; "
+                  f"using {self.grad_sample_mode} (torch.func, slower)", file=sys.stderr)
+        if s.fuse and self.grad_sample_mode == "manual" and not s.augmult:  # vmap/hooks need the modules themselves
             # The fused backward hands the backend each example's GroupNorm gradients [B, C].
             self._fuse(self.backend.group_norm_gradients)
 
@@ -143,9 +148,9 @@ class FastEngine(Engine):
 
     def _make_backend(self, mode: str):
         s = self.settings
-        if mode == "augmult":
-            backend = AugmultPerSample(self.model, k=s.augmult, flip=s.augment_flip,
-                                       generator=self.generators["augment_generator"])
+        if s.augmult:  # K views of each example: the view-aware manual backend, or torch.func's vmap
+            augmult = AugmultManual if mode == "manual" else AugmultPerSample
+            backend = augmult(self.model, k=s.augmult, flip=s.augment_flip, generator=self.generators["augment_generator"])
         else:
             backend = BACKENDS[mode](self.model)
         if s.precision == "bf16" and hasattr(backend, "amp_dtype"):

@@ -34,6 +34,11 @@ product for a Linear; or, for a layer whose per-example gradients pass 1 kept, o
 product with them. GroupNorm's per-example gradients are [B, C] (sums over space of ``dz * a_hat``
 and of ``dz``, :mod:`dpvision.engines.group_norm`): formed once, used for both passes.
 
+Augmentation multiplicity (:mod:`dpvision.engines.augmult`): a conv's ``a`` [B, K, C, H, W] and ``dz``
+[B, K, p, Ho, Wo] hold K views of each example, a Linear's [B, K, ..., d]: the views are more rows of the
+example (T = K Ho Wo), so every method gives the per-example gradient summed over its views, and pass 2
+weights each view by its example's factor. No per-view gradient is ever formed.
+
 Every function takes ``compute_dtype`` (float32, or bfloat16 for mixed precision on CUDA): the
 products run in it; norms are always reduced in float32 and sums accumulated in float32.
 """
@@ -72,9 +77,15 @@ def conv_patches(module: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1, 4, 5).reshape(b, ho * wo, c * kh * kw)
 
 
+def _views(a: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A conv's input or output gradient as images [B K, C, H, W] and K (1 for [B, C, H, W], K views otherwise)."""
+    return (a, 1) if a.dim() == 4 else (a.flatten(0, 1), a.shape[1])
+
+
 def _padded_positions(module: nn.Conv2d, a: torch.Tensor) -> int:
+    """Padded input positions of one example: its K views' (H + 2 ph)(W + 2 pw)."""
     (ph, pw) = module.padding
-    return (a.shape[2] + 2 * ph) * (a.shape[3] + 2 * pw)
+    return (a.shape[-2] + 2 * ph) * (a.shape[-1] + 2 * pw) * _views(a)[1]
 
 
 def layer_shape(module: nn.Module, a: torch.Tensor, dz: torch.Tensor) -> tuple[int, int, int]:
@@ -82,7 +93,7 @@ def layer_shape(module: nn.Module, a: torch.Tensor, dz: torch.Tensor) -> tuple[i
     if isinstance(module, nn.Linear):
         return a[0].numel() // a.shape[-1], a.shape[-1], dz.shape[-1]
     kh, kw = module.kernel_size
-    return dz[0, 0].numel(), a.shape[1] * kh * kw, dz.shape[1]
+    return dz[0].numel() // dz.shape[-3], a.shape[-3] * kh * kw, dz.shape[-3]  # T over the K views
 
 
 def method_costs(module: nn.Module, a: torch.Tensor, dz: torch.Tensor) -> dict[str, int]:
@@ -94,7 +105,7 @@ def method_costs(module: nn.Module, a: torch.Tensor, dz: torch.Tensor) -> dict[s
     t, d, p = layer_shape(module, a, dz)
     gram = t * t * d
     if isinstance(module, nn.Conv2d):
-        gram = min(gram, _padded_positions(module, a) ** 2 * a.shape[1])
+        gram = min(gram, _padded_positions(module, a) ** 2 * a.shape[-3])
     costs = {GHOST: gram + t * t * p, MATERIALISE: t * d * p}
     if isinstance(module, nn.Conv2d):
         costs[GROUPED] = t * d * p
@@ -122,29 +133,37 @@ def patch_gram(module: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
     M_i[pos(t) + (u, v), pos(s) + (u, v)], each a strided window of M_i (stride and dilation as the conv's).
     """
     (ph, pw), (sh, sw), (dh, dw), (kh, kw) = module.padding, module.stride, module.dilation, module.kernel_size
-    n, c, h, w = a.shape
+    images, k = _views(a)  # [n K, C, H, W]
+    n, (c, h, w) = len(a), images.shape[1:]
     hp, wp = h + 2 * ph, w + 2 * pw
     ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
     if (hp * wp) ** 2 >= (ho * wo) ** 2 * kh * kw:
-        rows = conv_patches(module, a)  # [n, T, d]
+        rows = conv_patches(module, images).reshape(n, k * ho * wo, -1)  # [n, K T, d]
         return torch.bmm(rows, rows.transpose(1, 2))
-    x = (F.pad(a, (pw, pw, ph, ph)) if ph or pw else a).flatten(2)  # [n, C, Hp Wp]
-    m = torch.bmm(x.transpose(1, 2), x).view(n, hp, wp, hp, wp)  # [n, Hp, Wp, Hp, Wp]
-    out = torch.zeros(n, ho, wo, ho, wo, device=a.device, dtype=a.dtype)
+    x = F.pad(images, (pw, pw, ph, ph)) if ph or pw else images
+    if k > 1:  # every view's positions in a row: [n, C, K Hp Wp]
+        x = x.reshape(n, k, c, hp * wp).transpose(1, 2)
+    x = x.reshape(n, c, k * hp * wp)
+    m = torch.bmm(x.transpose(1, 2), x).view(n, k, hp, wp, k, hp, wp)  # views x positions, twice
+    out = torch.zeros(n, k, ho, wo, k, ho, wo, device=a.device, dtype=a.dtype)
     for u in range(kh):
         rows = slice(u * dh, u * dh + sh * (ho - 1) + 1, sh)
         for v in range(kw):
             cols = slice(v * dw, v * dw + sw * (wo - 1) + 1, sw)
-            out += m[:, rows, cols, rows, cols]
-    return out.view(n, ho * wo, ho * wo)
+            out += m[:, :, rows, cols, :, rows, cols]
+    return out.view(n, k * ho * wo, k * ho * wo)
 
 
 def _rows(module: nn.Module, a: torch.Tensor, dz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A [B, T, d], G [B, T, p]) for a Linear (any leading dims) or a Conv2d (patches and positions)."""
+    """(A [B, T, d], G [B, T, p]) for a Linear (any leading dims) or a Conv2d (patches and positions; T over the
+    example's K views, in the same (view, position) order for both)."""
     b = len(a)
     if isinstance(module, nn.Linear):
         return a.reshape(b, -1, a.shape[-1]), dz.reshape(b, -1, dz.shape[-1])
-    return conv_patches(module, a), dz.flatten(2).transpose(1, 2)
+    if a.dim() == 4:
+        return conv_patches(module, a), dz.flatten(2).transpose(1, 2)
+    rows = conv_patches(module, a.flatten(0, 1))  # [B K, T, d]
+    return rows.reshape(b, -1, rows.shape[-1]), dz.movedim(2, -1).reshape(b, -1, dz.shape[2])
 
 
 def sum_sq(x: torch.Tensor, exact: bool = False) -> torch.Tensor:
@@ -160,7 +179,7 @@ def _ghost_chunk(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, dtype: to
     ``exact`` their products summed in float64 (:mod:`.rounding`: the T^2 sum leaves the margin's chain)."""
     if isinstance(module, nn.Conv2d):
         gram_a = patch_gram(module, a.to(dtype))  # [n, T, T]
-        grads = dz.flatten(2)  # [n, p, T]
+        grads = dz.flatten(2) if dz.dim() == 4 else dz.movedim(2, 1).flatten(2)  # [n, p, (K) T]
         gram_g = torch.bmm(grads.transpose(1, 2), grads).to(dtype)  # [n, T, T]
     else:
         rows, grads = _rows(module, a, dz)  # [n, T, d], [n, T, p]
@@ -178,13 +197,15 @@ def _grouped_chunk(module: nn.Conv2d, a: torch.Tensor, dz: torch.Tensor) -> torc
     benchmark mode finds (H100, benchmarks/NOTES.md), so bf16 searches once per shape; fp32 (TF32) gained
     nothing from the search and its trial workspaces raised the peak memory by ~1 GB, so it does not.
     """
-    n, c, h, w = a.shape
-    p = dz.shape[1]
+    n, c, (h, w), p = len(a), a.shape[-3], a.shape[-2:], dz.shape[-3]
+    # K views: the batch dimension of the grouped call, summed over by cuDNN: [K, n C, H, W], [K, n p, Ho, Wo].
+    a, dz = (a.unsqueeze(1), dz.unsqueeze(1)) if a.dim() == 4 else (a, dz)
+    a, dz = a.transpose(0, 1).reshape(-1, n * c, h, w), dz.transpose(0, 1).reshape(-1, n * p, *dz.shape[-2:])
     weight = a.new_empty((n * p, c, *module.kernel_size))  # shape and dtype only
     with torch.backends.cudnn.flags(enabled=True, benchmark=a.dtype in (torch.bfloat16, torch.float16),
                                     deterministic=False, allow_tf32=torch.backends.cudnn.allow_tf32):
         _, grads, _ = torch.ops.aten.convolution_backward(
-            dz.reshape(1, n * p, *dz.shape[2:]), a.reshape(1, n * c, h, w), weight, None, list(module.stride),
+            dz, a, weight, None, list(module.stride),
             list(module.padding), list(module.dilation), False, [0, 0], n, [False, True, False])
     return grads.view(n, -1)
 
@@ -297,7 +318,8 @@ def layer_norm_sq(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, method: 
     elif isinstance(module, nn.Linear):
         gb = dz.reshape(len(dz), -1, dz.shape[-1]).sum(1, dtype=torch.float32)  # dz summed over positions
     else:
-        gb = dz.sum((2, 3), dtype=torch.float32)
+        gb = dz.sum((-2, -1), dtype=torch.float32)  # [B, p], or [B, K, p]: then summed over the views
+        gb = gb if gb.dim() == 2 else gb.sum(1)
     return sq + sum_sq(gb), (gb, grads)
 
 
@@ -328,8 +350,10 @@ def add_clipped_sum(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, factor
         g2 = (dz.float().reshape(b, -1, dz.shape[-1]) * factors.view(b, 1, 1)).reshape(-1, dz.shape[-1])
         views["weight"].view(dz.shape[-1], a.shape[-1]).addmm_(g2.t(), a2)  # [out, in]
         return
+    if a.dim() == 5:  # K views of each example: each view weighted by its example's factor
+        factors, a, dz = factors.repeat_interleave(a.shape[1]), a.flatten(0, 1), dz.flatten(0, 1)
     # The weight gradient is linear in a and in dz per example: scale the smaller of the two by f.
-    f = factors.to(compute_dtype).view(b, 1, 1, 1)
+    f = factors.to(compute_dtype).view(-1, 1, 1, 1)
     a, dz = a.to(compute_dtype), dz.to(compute_dtype)
     scale_a = a.numel() < dz.numel()
     weight = module.weight.detach().to(compute_dtype)  # shape/dtype only: the weight gradient does not read it

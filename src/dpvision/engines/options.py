@@ -42,7 +42,8 @@ DEFAULT_PRECISION = {"cpu": "fp32", "cuda": "tf32"}
 class FastOptions:
     """The fast engine's options as given; ``None`` picks the device's default (:meth:`resolve`).
 
-    physical_batch_size: most examples per chunk (default 512 on CPU, 4096 on CUDA).
+    physical_batch_size: most examples per chunk (default 512 on CPU, 4096 on CUDA); with ``augmult`` most views
+        (K views an example: physical // K examples).
     grad_sample_mode: ``"manual"``, ``"vmap"`` or ``"hooks"`` (:mod:`dpvision.engines.per_sample`).
     cuda_graphs: capture each chunk as a CUDA graph (default: on CUDA unless ``hooks``).
     static_shapes: pad every chunk to a bucket size (default: when graphs are on; graphs need it).
@@ -54,7 +55,8 @@ class FastOptions:
     fuse: GroupNorm -> ReLU -> MaxPool2d(2) as Triton kernels (:mod:`dpvision.engines.fused`; default:
         on CUDA; without DP or with the manual backend).
     augmult: K > 0 trains on K augmentations of every sampled example, their gradients averaged before
-        clipping (:mod:`dpvision.engines.augmult`: same sensitivity, same accounting); eager only.
+        clipping (:mod:`dpvision.engines.augmult`: same sensitivity, same accounting); eager only. Under DP
+        the manual backend's view-aware path where it supports the model, else torch.func vmap.
     augment_flip: random horizontal flips among the augmentations (not for digits).
     """
 
@@ -99,13 +101,13 @@ class FastOptions:
         kind = device.type if device.type in DEFAULT_MAX_PHYSICAL else "cpu"
         cuda = device.type == "cuda"
         modes = (self.grad_sample_mode,) if self.grad_sample_mode else DEFAULT_GRAD_SAMPLE_MODE[kind]
-        if self.augmult:  # per-example gradients of the mean loss over K views (torch.func)
-            modes = ("augmult",)
+        if self.augmult and dp and "hooks" in modes:  # the mean over K views: manual or torch.func only
+            raise ValueError("augmult needs grad_sample_mode 'manual' or 'vmap' (not 'hooks')")
         graphs = cuda and (not dp or "hooks" not in modes) if self.cuda_graphs is None else self.cuda_graphs and cuda
         graphs = bool(graphs) and not self.augmult  # the augmentations draw fresh randomness every step
         if graphs and dp and modes[0] == "hooks":
             raise ValueError("cuda_graphs do not work with grad_sample_mode='hooks' (Opacus's Python-side state)")
-        # K views of every example coexist in memory: K times fewer examples per chunk.
+        # physical_batch_size counts views (memory): K views of every example coexist, K times fewer examples.
         physical = self.physical_batch_size or DEFAULT_MAX_PHYSICAL[kind]
         return Resolved(
             max_physical=max(1, physical // max(1, self.augmult)), grad_sample_modes=modes, cuda_graphs=graphs,

@@ -143,6 +143,11 @@ class ManualPerSample:
     conv input cast once to that dtype by a pre-hook (the copy autograd and pass 2 share). In every
     precision both passes run in IEEE fp32 (TF32 off) on those stored operands upcast, and under
     ``tf32``/``bf16`` the factors are taken at norm (1 + eta) (:mod:`dpvision.engines.rounding`).
+
+    ``views`` = K > 1 (augmentation multiplicity, :class:`dpvision.engines.augmult.AugmultManual`): ``x`` holds
+    K consecutive views of each of the B examples of ``y`` [B]; the loss is each example's mean over its
+    views, and every layer's per-example gradient sums over the example's views (:mod:`.ghost`: the views
+    are more rows of the example), so one clipping factor per example multiplies the mean over its views.
     """
 
     name = "manual"
@@ -186,6 +191,7 @@ class ManualPerSample:
         # (off: the shape rule, as on the CPU, where runs must repeat bit for bit).
         self.autotune = True
         self._tuned: dict[tuple, str] = {}
+        self.views = 1  # K views of each example, consecutive in x (augmult)
         self.chosen: dict[str, str | None] = {}  # layer name -> norm method of the last chunk (reports)
         self._handles = [m.register_forward_hook(self._hook) for m in self.layers]
         self._handles += [m.register_forward_pre_hook(self._cast_input) for m in self.layers
@@ -224,7 +230,8 @@ class ManualPerSample:
             self._conv_bias[conv] = conv_bias
 
     def _forward_backward(self, x: torch.Tensor, y: torch.Tensor):
-        """(logits [B, classes], losses [B], {layer: dz} for the layers whose output edge was kept)."""
+        """(logits [B K, classes], losses [B K], {layer: dz} for the layers whose output edge was kept); dz are the
+        gradients of the examples' losses, each the mean over its K views."""
         self._store.clear()
         self._group_norm.clear()
         self._conv_bias.clear()
@@ -237,7 +244,8 @@ class ManualPerSample:
             self._active = False
         losses = F.cross_entropy(logits, y, reduction="none")  # [B]
         edges = {m: edge for m, (_, edge) in self._store.items() if edge is not None}
-        dzs = torch.autograd.grad(losses.sum(), list(edges.values()))
+        total = losses.sum() if self.views == 1 else losses.sum() / self.views
+        dzs = torch.autograd.grad(total, list(edges.values()))
         return logits, losses, dict(zip(edges, dzs))
 
     def _method(self, module, a: torch.Tensor, dz: torch.Tensor, dtype: torch.dtype) -> str | None:
@@ -259,7 +267,8 @@ class ManualPerSample:
 
     def accumulate(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, clip: ClipFn,
                    acc_views: list[torch.Tensor], loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
-        logits, losses, dzs = self._forward_backward(x, y)
+        k = self.views
+        logits, losses, dzs = self._forward_backward(x, y if k == 1 else y.repeat_interleave(k))
         views: dict[nn.Module, dict[str, torch.Tensor]] = {}
         for (m, attr), view in zip(self.entries, acc_views):
             views.setdefault(m, {})[attr] = view
@@ -274,35 +283,53 @@ class ManualPerSample:
             factors = clip(norms) * w  # [B]
             for m, state in states.items():  # pass 2: clipped sums by book-keeping, into the views
                 a = self._store.get(m, (None,))[0]  # None for a fused GroupNorm (its state holds all it needs)
-                add_clipped_sum(m, a, dzs.pop(m, None), factors, state, torch.float32, views[m])
+                add_clipped_sum(m, self._by_example(a), self._by_example(dzs.pop(m, None)), factors, state,
+                                torch.float32, views[m])
+            if k > 1:  # each example's mean loss and mean logits over its views (as the vmap path reports)
+                losses, logits = losses.view(-1, k).mean(1), logits.view(-1, k, logits.shape[-1]).mean(1)
             loss_sum.add_((losses.detach() * w).sum())
             correct.add_(((logits.detach().argmax(1) == y).float() * w).sum())
         self._store.clear()
+
+    def _by_example(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """[B K, ...] -> [B, K, ...] (a view) when K > 1: the layout :mod:`.ghost` reads as K views of each example."""
+        return t if t is None or self.views == 1 else t.view(-1, self.views, *t.shape[1:])
+
+    def _sum_views(self, entry):
+        """A GroupNorm's (squared norms, (gamma, beta) gradients [B K, C]) of the views -> of the examples (sums over
+        the views), or a fused block's conv bias gradients [B K, C] -> [B, C]."""
+        if self.views == 1 or entry is None:
+            return entry
+        if isinstance(entry, torch.Tensor):
+            return entry.view(-1, self.views, entry.shape[-1]).sum(1)
+        gw, gb = (g.view(-1, self.views, g.shape[-1]).sum(1) for g in entry[1])  # [B, C] each
+        return sum_sq(gw) + sum_sq(gb), (gw, gb)
 
     def _norms(self, x: torch.Tensor, dzs: dict, exact: bool) -> tuple[torch.Tensor, dict, list[int]]:
         """Pass 1: ([B] squared per-example norms, each layer's state for pass 2, each layer's rounding
         chain length for :func:`~dpvision.engines.rounding.margin`). A layer the forward skipped: gradient 0.
         ``exact``: the long sums of squares in float64 (shorter chains: a smaller margin)."""
-        b = len(x)
+        b = len(x) // self.views
         norm_sq = torch.zeros(b, device=x.device)  # [B]
         states, chains, room = {}, [], ghost.KEEP_BUDGET  # room: elements of per-example gradients still to keep
         for m in self.layers:
             if m in self._group_norm:
-                sq, states[m] = self._group_norm.pop(m)
+                sq, states[m] = self._sum_views(self._group_norm.pop(m))
                 chains.append(2 * m.num_channels)
             elif m in dzs:
                 a = self._store[m][0]
                 if isinstance(m, nn.GroupNorm):  # input without gradient: its dz was asked for
-                    sq, states[m] = group_norm_norm_sq(m, a, dzs[m])
+                    sq, states[m] = self._sum_views(group_norm_norm_sq(m, a, dzs[m]))
                     chains.append(2 * m.num_channels)
                 else:
-                    method = self.chosen[self.names[m]] = self._method(m, a, dzs[m], torch.float32)
+                    a, dz = self._by_example(a), self._by_example(dzs[m])
+                    method = self.chosen[self.names[m]] = self._method(m, a, dz, torch.float32)
                     size = b * m.weight.numel()
                     keep = method not in (None, GHOST) and size <= room
                     room -= size if keep else 0
-                    sq, states[m] = layer_norm_sq(m, a, dzs[m], method, torch.float32, keep,
-                                                  bias_grads=self._conv_bias.pop(m, None), exact=exact)
-                    chains.append(reduction_length(method, *ghost.layer_shape(m, a, dzs[m]), m.bias is not None))
+                    bias = self._sum_views(self._conv_bias.pop(m, None))
+                    sq, states[m] = layer_norm_sq(m, a, dz, method, torch.float32, keep, bias_grads=bias, exact=exact)
+                    chains.append(reduction_length(method, *ghost.layer_shape(m, a, dz), m.bias is not None))
             else:
                 continue
             norm_sq += sq
