@@ -27,9 +27,10 @@ from tests.engine_helpers import DP, fast_engine
 SEED = 11  # the augment generator's seed, shared by every path compared
 
 
-def tiny_wrn() -> nn.Module:
-    """WRN-16-4's architecture, narrow (widen 1, depth 10): stem, projected and plain blocks, GroupNorm, head."""
-    return WideResNet(in_channels=3, num_classes=4, depth=10, widen=1)
+def tiny_wrn(weight_standardization: bool = False) -> nn.Module:
+    """WRN-16-4's architecture, narrow (widen 1, depth 10): stem, projected and plain blocks, GroupNorm, head;
+    with weight-standardised convs as the registry's ``wrn16_4`` builds it."""
+    return WideResNet(in_channels=3, num_classes=4, depth=10, widen=1, weight_standardization=weight_standardization)
 
 
 def group_norm_cnn() -> nn.Module:
@@ -39,7 +40,7 @@ def group_norm_cnn() -> nn.Module:
                          nn.Flatten(), nn.Linear(64, 4))
 
 
-MODELS = {"wrn": tiny_wrn, "group_norm_cnn": group_norm_cnn}
+MODELS = {"wrn": tiny_wrn, "wrn_ws": lambda: tiny_wrn(weight_standardization=True), "group_norm_cnn": group_norm_cnn}
 
 
 def batch(n: int = 5, seed: int = 0):

@@ -34,6 +34,11 @@ product for a Linear; or, for a layer whose per-example gradients pass 1 kept, o
 product with them. GroupNorm's per-example gradients are [B, C] (sums over space of ``dz * a_hat``
 and of ``dz``, :mod:`dpvision.engines.group_norm`): formed once, used for both passes.
 
+Weight-standardised convs (``WSConv2d``: the conv uses W = standardize(V) of its parameter V): the formulas
+above give example i's gradient with respect to W, and :func:`raw_weight_grads` maps it to V's, J^T g_i with J
+the Jacobian of the standardisation at the current V (linear in g: pass 2 maps the clipped sum once). Their
+squared norms need that gradient, so such layers never take ghost norms.
+
 Augmentation multiplicity (:mod:`dpvision.engines.augmult`): a conv's ``a`` [B, K, C, H, W] and ``dz``
 [B, K, p, Ho, Wo] hold K views of each example, a Linear's [B, K, ..., d]: the views are more rows of the
 example (T = K Ho Wo), so every method gives the per-example gradient summed over its views, and pass 2
@@ -48,6 +53,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dpvision.models.layers import WSConv2d, standardize_weight
 
 GHOST, MATERIALISE, GROUPED = "ghost", "materialise", "grouped"
 # "auto": the cheapest by the layer's shapes (multiply-adds, see ``method_costs``), or on CUDA the fastest
@@ -107,6 +114,8 @@ def method_costs(module: nn.Module, a: torch.Tensor, dz: torch.Tensor) -> dict[s
     if isinstance(module, nn.Conv2d):
         gram = min(gram, _padded_positions(module, a) ** 2 * a.shape[-3])
     costs = {GHOST: gram + t * t * p, MATERIALISE: t * d * p}
+    if isinstance(module, WSConv2d):  # the norm of J^T g_i needs g_i itself
+        del costs[GHOST]
     if isinstance(module, nn.Conv2d):
         costs[GROUPED] = t * d * p
     return costs
@@ -122,7 +131,7 @@ def choose_method(module: nn.Module, a: torch.Tensor, dz: torch.Tensor) -> str:
     'materialise'
     """
     costs = method_costs(module, a, dz)
-    return GHOST if costs[GHOST] < costs[MATERIALISE] else MATERIALISE
+    return GHOST if costs.get(GHOST, costs[MATERIALISE]) < costs[MATERIALISE] else MATERIALISE
 
 
 def patch_gram(module: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
@@ -221,11 +230,27 @@ def _gram_elements(module: nn.Module, a: torch.Tensor, t: int, d: int) -> int:
 
 
 def _materialise(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, method: str) -> torch.Tensor:
-    """Per-example weight gradients [n, p d] (in the weight's (out, in...) order) by ``method``."""
+    """Per-example gradients [n, p d] of the weight parameter (in its (out, in...) order) by ``method``."""
     if method == GROUPED:
-        return _grouped_chunk(module, a, dz)
+        return raw_weight_grads(module, _grouped_chunk(module, a, dz))
     rows, g_rows = _rows(module, a, dz)  # [n, T, d], [n, T, p]
-    return torch.bmm(g_rows.transpose(1, 2), rows).view(len(a), -1)
+    return raw_weight_grads(module, torch.bmm(g_rows.transpose(1, 2), rows).view(len(a), -1))
+
+
+def raw_weight_grads(module: nn.Module, grads: torch.Tensor) -> torch.Tensor:
+    """Gradients [n, p d] with respect to the kernel a conv computes with -> with respect to its weight parameter:
+    unchanged for a plain layer; J^T g for a ``WSConv2d`` (J: the Jacobian of ``standardize_weight`` at the
+    weight, per output channel; a mean and a dot product over the fan-in, :func:`weight_chain`)."""
+    if not isinstance(module, WSConv2d):
+        return grads
+    weight = module.weight.detach().to(grads.dtype)
+    _, vjp = torch.func.vjp(standardize_weight, weight)
+    return torch.func.vmap(vjp)(grads.view(-1, *weight.shape))[0].reshape(grads.shape)
+
+
+def weight_chain(module: nn.Module) -> int:
+    """fp32 roundings :func:`raw_weight_grads` adds to each entry (:mod:`.rounding`): two sums over the fan-in."""
+    return 2 * module.weight[0].numel() if isinstance(module, WSConv2d) else 0
 
 
 def norms_and_grads(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, method: str,
@@ -235,7 +260,7 @@ def norms_and_grads(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, method
     ``exact``: the sums of squares (and ghost's sum of Gram products) in float64 (:mod:`.rounding`)."""
     if isinstance(module, nn.Linear) and a.dim() == 2:  # T = 1: ||g_i|| = ||dz_i|| ||a_i||, nothing to choose
         return sum_sq(dz) * sum_sq(a), None
-    if method == GROUPED and not isinstance(module, nn.Conv2d):
+    if method == GROUPED and not isinstance(module, nn.Conv2d) or method == GHOST and isinstance(module, WSConv2d):
         method = MATERIALISE
     a, dz = a.to(compute_dtype).contiguous(), dz.to(compute_dtype).contiguous()
     b = len(a)
@@ -276,7 +301,7 @@ def layer_method(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, forced: s
     """Norm method for a Linear/Conv2d layer by the shape rule (None for a 2-D Linear: nothing to choose)."""
     if isinstance(module, nn.Linear) and a.dim() == 2:
         return None
-    if forced == GROUPED and not isinstance(module, nn.Conv2d):
+    if forced == GROUPED and not isinstance(module, nn.Conv2d) or forced == GHOST and isinstance(module, WSConv2d):
         return MATERIALISE
     return choose_method(module, a, dz) if forced == "auto" else forced
 
@@ -360,4 +385,4 @@ def add_clipped_sum(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, factor
     _, gw, _ = torch.ops.aten.convolution_backward(
         dz if scale_a else dz * f, a * f if scale_a else a, weight, None, list(module.stride),
         list(module.padding), list(module.dilation), False, [0, 0], 1, [False, True, False])
-    views["weight"].add_(gw.view(-1))
+    views["weight"].add_(raw_weight_grads(module, gw.reshape(1, -1)).view(-1))

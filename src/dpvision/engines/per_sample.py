@@ -19,7 +19,7 @@ synchronisation to report them.
   layers or buffers written in forward; dropout draws a mask per example.
 * ``HooksPerSample``: Opacus's ``GradSampleModule`` (forward/backward hooks,
   per-layer einsum formulas). Eager only.
-* ``ManualPerSample``: Linear, Conv2d and GroupNorm models. One backward to the
+* ``ManualPerSample``: Linear, Conv2d (weight-standardised ones too) and GroupNorm models. One backward to the
   layer outputs, exact per-example norms per layer by the cheapest method (ghost
   norms or that layer's per-example gradients, :mod:`dpvision.engines.ghost`),
   then the clipped sum as one weighted batch gradient per layer (book-keeping):
@@ -43,6 +43,7 @@ from dpvision.engines.clipping import ClipFn
 from dpvision.engines.ghost import GHOST, METHODS, add_clipped_sum, fastest_method, layer_method, layer_norm_sq, sum_sq
 from dpvision.engines.group_norm import group_norm_norm_sq
 from dpvision.engines.rounding import fp32_matmuls, margin, reduction_length
+from dpvision.models.layers import WSConv2d
 
 # Layers with fewer multiply-adds (B T d p) than this keep the shape rule's method on CUDA too: timing
 # them eagerly would measure kernel-launch overhead, not the GPU time that counts inside a CUDA graph.
@@ -151,7 +152,7 @@ class ManualPerSample:
     """
 
     name = "manual"
-    SUPPORTED = (nn.Linear, nn.Conv2d, nn.GroupNorm)
+    SUPPORTED = (nn.Linear, nn.Conv2d, WSConv2d, nn.GroupNorm)  # exact types: a subclass may compute otherwise
 
     def __init__(self, model: nn.Module, *, method: str = "auto") -> None:
         if method not in METHODS:
@@ -329,7 +330,8 @@ class ManualPerSample:
                     room -= size if keep else 0
                     bias = self._sum_views(self._conv_bias.pop(m, None))
                     sq, states[m] = layer_norm_sq(m, a, dz, method, torch.float32, keep, bias_grads=bias, exact=exact)
-                    chains.append(reduction_length(method, *ghost.layer_shape(m, a, dz), m.bias is not None))
+                    chains.append(reduction_length(method, *ghost.layer_shape(m, a, dz), m.bias is not None)
+                                  + ghost.weight_chain(m))
             else:
                 continue
             norm_sq += sq

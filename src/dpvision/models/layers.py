@@ -78,8 +78,8 @@ class WSConv2d(nn.Conv2d):
     formula would give the gradient with respect to the *standardised* kernel, which is not the
     gradient of any parameter. Opacus looks its formulas up by exact type, finds none for this
     subclass and computes its per-sample gradients with ``torch.func`` on this module's own forward
-    (correct); the fast engine's manual backend also matches types exactly and leaves such a model
-    to its vmap backend (correct). ``tests/test_models.py`` checks both against ``torch.func.vmap``.
+    (correct); the fast engine's manual backend maps its conv gradients through the standardisation's
+    Jacobian (``engines.ghost.raw_weight_grads``). ``tests/test_models.py`` checks both against Opacus.
 
     Example:
         >>> conv = WSConv2d(3, 8, 3, padding=1)
