@@ -193,6 +193,7 @@ class ManualPerSample:
         self.autotune = True
         self._tuned: dict[tuple, str] = {}
         self.views = 1  # K views of each example, consecutive in x (augmult)
+        self.keep_budget = ghost.KEEP_BUDGET  # elements of per-example gradients pass 1 may keep for pass 2
         self.chosen: dict[str, str | None] = {}  # layer name -> norm method of the last chunk (reports)
         self._handles = [m.register_forward_hook(self._hook) for m in self.layers]
         self._handles += [m.register_forward_pre_hook(self._cast_input) for m in self.layers
@@ -312,7 +313,7 @@ class ManualPerSample:
         ``exact``: the long sums of squares in float64 (shorter chains: a smaller margin)."""
         b = len(x) // self.views
         norm_sq = torch.zeros(b, device=x.device)  # [B]
-        states, chains, room = {}, [], ghost.KEEP_BUDGET  # room: elements of per-example gradients still to keep
+        states, chains, room = {}, [], self.keep_budget  # room: elements of per-example gradients still to keep
         for m in self.layers:
             if m in self._group_norm:
                 sq, states[m] = self._sum_views(self._group_norm.pop(m))
