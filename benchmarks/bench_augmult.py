@@ -98,8 +98,8 @@ class Yardstick:
 
     def step(self) -> None:
         idx = torch.randint(0, len(self.labels), (self.batch,), device=self.device, generator=self.generator)
-        x = augment(self.images[idx], k=1, flip=True, generator=self.generator).squeeze(1)  # [b, 3, 32, 32] uint8
-        x = ((x.float().div_(255.0) - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+        x = (self.images[idx].float().div_(255.0) - self.mean) / self.std  # [b, 3, 32, 32], as the engine's order
+        x = augment(x, k=1, flip=True, generator=self.generator).squeeze(1).contiguous(memory_format=self.memory_format)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             loss = F.cross_entropy(self.forward(x).float(), self.labels[idx])
         loss.backward()
