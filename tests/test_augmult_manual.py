@@ -50,15 +50,16 @@ def batch(n: int = 5, seed: int = 0):
 
 def clipped_sum(backend, model: nn.Module, x, y, c: float, weights=None) -> torch.Tensor:
     """The backend's clipped sum [P] (float64 copy) of chunk (x, y) with the flat rule at C."""
-    acc = torch.zeros(sum(p.numel() for p in model.parameters()))
+    dev = x.device
+    acc = torch.zeros(sum(p.numel() for p in model.parameters()), device=dev)
     views, offset = [], 0
     for p in model.parameters():
         views.append(acc[offset:offset + p.numel()])
         offset += p.numel()
-    w = torch.ones(len(x)) if weights is None else weights
+    w = torch.ones(len(x), device=dev) if weights is None else weights.to(dev)
     clip = functools.partial(CLIPPING_RULES["flat"].factors, max_grad_norm=c)
-    backend.accumulate(x, y, w, clip, views, torch.zeros(()), torch.zeros(()))
-    return acc.double()
+    backend.accumulate(x, y, w, clip, views, torch.zeros((), device=dev), torch.zeros((), device=dev))
+    return acc.double().cpu()
 
 
 def reference(model: nn.Module, x, y, k: int, c: float, per_view: bool = False) -> torch.Tensor:
@@ -193,3 +194,33 @@ def test_manual_path_resumes_bit_for_bit():
     resumed.train_epoch(max_steps=2)
     for p, q in zip(a.model.parameters(), resumed.model.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+@pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_manual_views_match_vmap_and_stay_within_c(amp):
+    """On the GPU (the registry's WRN layers: weight-standardised convs): the manual path against the vmap path
+    on the same views (fp32: cuDNN's TF32 off; bf16 forward: within bf16's rounding), and under bf16 with the
+    rounding margin every example's share of the sum as computed still has norm <= C."""
+    torch.manual_seed(2)
+    model = tiny_wrn(weight_standardization=True).cuda()
+    x, y = batch(n=6)
+    x, y = 20 * x.cuda(), y.cuda()
+
+    def manual():
+        backend = AugmultManual(model, k=3, flip=True, generator=torch.Generator("cuda").manual_seed(SEED))
+        backend.amp_dtype, backend.reduced_precision = amp, amp is not None
+        return backend
+
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        ours = clipped_sum(manual(), model, x, y, 0.05)
+        vmapped = clipped_sum(AugmultPerSample(model, k=3, flip=True,
+                                               generator=torch.Generator("cuda").manual_seed(SEED)), model, x, y, 0.05)
+    assert rel(ours, vmapped) < (5e-2 if amp else 1e-4)
+    backend = manual()
+    for i in range(len(x)):
+        weights = torch.zeros(len(x))
+        weights[i] = 1.0
+        backend.generator.manual_seed(SEED)
+        assert clipped_sum(backend, model, x, y, 0.3, weights).norm() <= 0.3 * (1 + 1e-6)
