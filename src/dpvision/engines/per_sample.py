@@ -48,6 +48,9 @@ from dpvision.models.layers import WSConv2d
 # Layers with fewer multiply-adds (B T d p) than this keep the shape rule's method on CUDA too: timing
 # them eagerly would measure kernel-launch overhead, not the GPU time that counts inside a CUDA graph.
 AUTOTUNE_MIN_MACS = 1 << 28
+# Nor are chunks of fewer examples timed (the engine's probe of two examples; with K views an example it passes
+# the MACs bar): the method timed fastest there is kept for every chunk of that per-example shape.
+AUTOTUNE_MIN_EXAMPLES = 16
 
 
 def total_norms(per_param_norms: list[torch.Tensor]) -> torch.Tensor:
@@ -256,7 +259,7 @@ class ManualPerSample:
         if self.method != "auto" or method is None or a.device.type != "cuda" or not self.autotune:
             return method
         t, d, p = ghost.layer_shape(module, a, dz)
-        if len(a) * t * d * p < AUTOTUNE_MIN_MACS:
+        if len(a) * t * d * p < AUTOTUNE_MIN_MACS or len(a) < AUTOTUNE_MIN_EXAMPLES:
             return method
         # Per layer and per-example shape: the fast engine's bucket sizes differ only in the batch
         # dimension, and are timed once (at the largest, captured first) instead of once per bucket.
