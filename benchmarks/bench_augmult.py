@@ -10,7 +10,8 @@ Rows:
   per-sample backend, or ``--vmap-ks``: the torch.func vmap path for those K, for a side-by-side), after
   ``--warmup-steps`` untimed steps, ``--steps`` timed steps: example-views per second (sampled examples x K),
   ms per step, peak memory, and the useful TFLOP/s (the FLOPs of a non-private forward + backward of that
-  many views, ``step_flops``) against the GPU's measured matmul ceiling (``matmul_ceilings``).
+  many views, ``step_flops``) against the GPU's measured matmul ceiling (``matmul_ceilings``); ``--physical``
+  (views a chunk, a list) adds a row per chunk size.
 * ``yardstick``: plain PyTorch *non-private* training of the same model on the same kind of augmented
   images: each step a batch of uniformly drawn images, one random crop and flip each on the device
   (the engine's ``augment``), SGD with momentum 0.9, bf16 autocast (``--precision``), channels-last, and
@@ -59,13 +60,11 @@ def random_images(size: int) -> ImageTensors:
     return ImageTensors(images, labels, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
 
-def time_dp(data: ImageTensors, k: int, mode: str | None, args, device: torch.device) -> dict:
+def time_dp(data: ImageTensors, k: int, mode: str | None, physical: int | None, args, device: torch.device) -> dict:
     """The fast engine's DP step with K views of every sampled example: views/s, ms/step, peak MB."""
-    options = {"augmult": k, "augment_flip": True, "grad_sample_mode": mode}
+    options = {"augmult": k, "augment_flip": True, "grad_sample_mode": mode, "physical_batch_size": physical}
     if device.type == "cuda":
         options.update(precision=args.precision, channels_last=args.channels_last)
-    if args.physical:
-        options["physical_batch_size"] = args.physical
     with PeakMemory(device) as mem:
         engine = fast_engine(wrn(), data, args.batch, dp=True, device=device, options=options)
         engine.train_epoch(max_steps=args.warmup_steps)  # the per-layer autotune and cuDNN's searches
@@ -136,7 +135,7 @@ def print_rows(rows: list[dict], flops_per_view: float, ceiling: float | None) -
         r["tflops"] = flops_per_view * r["views_per_s"] / 1e12
         r["x_yardstick_time"] = best["views_per_s"] / r["views_per_s"] if best else None
         share = f"{100 * r['tflops'] / ceiling:.1f}" if ceiling else "-"
-        label = r.get("backend") or r["config"]
+        label = f"{r['backend']}/{r['physical_examples'] * r['k']}" if r["row"] == "dp" else r["config"]
         ratio = f"{r['x_yardstick_time']:.2f}" if best else "-"
         print(f"{r['row']:10s} {r.get('k', 1):3d} {label:>14s} {r['views_per_s']:10.0f} {r['ms_per_step']:9.1f}"
               f" {r['peak_memory_mb']:9.0f} {r['tflops']:8.1f} {share:>7s} {ratio:>7s}")
@@ -153,7 +152,8 @@ def parse_args(argv):
     p.add_argument("--batch", type=int, default=4096, help="expected (logical) batch of the DP rows")
     p.add_argument("--ks", default="1,4,16", help="augmentation multiplicities of the DP rows")
     p.add_argument("--vmap-ks", default="4", help="K of extra DP rows on the torch.func vmap path ('' for none)")
-    p.add_argument("--physical", type=int, default=None, help="fast engine's physical_batch_size (views per chunk)")
+    p.add_argument("--physical", default="", help="fast engine's physical_batch_size (views per chunk), a comma "
+                                                  "list: one row each (default: the engine's)")
     p.add_argument("--steps", type=int, default=5, help="timed DP steps per row")
     p.add_argument("--warmup-steps", type=int, default=2)
     p.add_argument("--precision", default="bf16", choices=["fp32", "tf32", "bf16"], help="CUDA only (CPU: fp32)")
@@ -191,10 +191,13 @@ def main(argv=None) -> int:
     for config in filter(None, plain.split(",")):
         rows.append(time_yardstick(data, config, args, device))
         print(f"  yardstick {config}: {rows[-1]['views_per_s']:.0f} images/s", flush=True)
-    runs = [(int(k), None) for k in args.ks.split(",") if k] + [(int(k), "vmap") for k in args.vmap_ks.split(",") if k]
-    for k, mode in runs:
-        rows.append(time_dp(data, k, mode, args, device))
-        print(f"  dp K={k} {rows[-1]['backend']}: {rows[-1]['views_per_s']:.0f} views/s", flush=True)
+    physicals = [int(v) for v in args.physical.split(",") if v] or [None]
+    runs = [(int(k), None, v) for k in args.ks.split(",") if k for v in physicals]
+    runs += [(int(k), "vmap", None) for k in args.vmap_ks.split(",") if k]
+    for k, mode, physical in runs:
+        rows.append(time_dp(data, k, mode, physical, args, device))
+        print(f"  dp K={k} {rows[-1]['backend']} {rows[-1]['physical_examples']} examples a chunk: "
+              f"{rows[-1]['views_per_s']:.0f} views/s", flush=True)
     flops_per_view = step_flops(wrn, data, 64) / 64
     print_rows(rows, flops_per_view, ceiling)
     if args.json:

@@ -29,7 +29,7 @@ SEED = 11  # the augment generator's seed, shared by every path compared
 
 def tiny_wrn(weight_standardization: bool = False) -> nn.Module:
     """WRN-16-4's architecture, narrow (widen 1, depth 10): stem, projected and plain blocks, GroupNorm, head;
-    with weight-standardised convs as the registry's ``wrn16_4`` builds it."""
+    optionally with weight-standardised convs (``model.weight_standardization``, De et al.'s choice)."""
     return WideResNet(in_channels=3, num_classes=4, depth=10, widen=1, weight_standardization=weight_standardization)
 
 
