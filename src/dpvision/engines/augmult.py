@@ -12,7 +12,7 @@ The augmentations are the standard ones for small images: a random crop after re
 by ``PAD`` pixels, and a random horizontal flip where the dataset allows it (not for digits).
 They are drawn on the device from the engine's own ``augment`` generator (saved in checkpoints).
 
-Two exact ways to the clipped sum, the same numbers up to rounding (tests/test_augmult.py):
+Two exact ways to the clipped sum, the same numbers up to rounding (tests/test_augmult_manual.py):
 
 * :class:`AugmultManual` (chosen when the manual backend supports every layer): the model runs once on the
   B K views; each layer's per-example gradient is formed with the example's K views as more rows of that
