@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import sys
@@ -48,8 +49,10 @@ from dpvision.engines.augmult import augment
 from dpvision.models import build_model
 
 
-def wrn(channels_last: bool = False):
-    model = build_model("wrn16_4", in_channels=3, num_classes=10, image_size=32)
+def wrn(weight_standardization: bool, channels_last: bool = False):
+    """The registry's WRN-16-4 for CIFAR-10's shapes (weight-standardised convs: De et al.'s choice)."""
+    model = build_model("wrn16_4", in_channels=3, num_classes=10, image_size=32,
+                        weight_standardization=weight_standardization)
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
@@ -66,7 +69,7 @@ def time_dp(data: ImageTensors, k: int, mode: str | None, physical: int | None, 
     if device.type == "cuda":
         options.update(precision=args.precision, channels_last=args.channels_last)
     with PeakMemory(device) as mem:
-        engine = fast_engine(wrn(), data, args.batch, dp=True, device=device, options=options)
+        engine = fast_engine(wrn(args.weight_standardization), data, args.batch, dp=True, device=device, options=options)
         engine.train_epoch(max_steps=args.warmup_steps)  # the per-layer autotune and cuDNN's searches
         sync(device)
         done, examples, start = 0, 0, time.perf_counter()
@@ -91,7 +94,7 @@ class Yardstick:
         self.mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
         self.generator = torch.Generator(device).manual_seed(0)
-        self.model = wrn(channels_last=cuda).to(device)
+        self.model = wrn(args.weight_standardization, channels_last=cuda).to(device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9)
         self.forward = torch.compile(self.model, dynamic=False) if compiled else self.model
 
@@ -163,6 +166,8 @@ def parse_args(argv):
                                                  "(default e1024,e4096,c1024,c4096 on CUDA, e256 on CPU)")
     p.add_argument("--plain-images", type=int, default=131072, help="images per timed yardstick run")
     p.add_argument("--plain-warmup-steps", type=int, default=3)
+    p.add_argument("--weight-standardization", action="store_true",
+                   help="weight-standardised convs (model.weight_standardization), every row")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -198,7 +203,7 @@ def main(argv=None) -> int:
         rows.append(time_dp(data, k, mode, physical, args, device))
         print(f"  dp K={k} {rows[-1]['backend']} {rows[-1]['physical_examples']} examples a chunk: "
               f"{rows[-1]['views_per_s']:.0f} views/s", flush=True)
-    flops_per_view = step_flops(wrn, data, 64) / 64
+    flops_per_view = step_flops(functools.partial(wrn, args.weight_standardization), data, 64) / 64
     print_rows(rows, flops_per_view, ceiling)
     if args.json:
         out = {"date": datetime.date.today().isoformat(), "versions": versions(device), "matmul_ceilings": ceilings,
