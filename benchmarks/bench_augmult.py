@@ -19,7 +19,8 @@ Rows:
   (default ``e1024,e4096,c1024,c4096`` on CUDA). The best of them is the yardstick: ``x yard`` = the DP
   time for a number of views / the yardstick's time for as many images.
 
-One command on an H100 (about 5 minutes, mostly the two compilations):
+``--weight-standardization`` builds every row's model with weight-standardised convs (De et al.'s WRN, the
+default CIFAR-10 recipe's). One command on an H100 (about 5 minutes, mostly the two compilations):
 
     python benchmarks/bench_augmult.py --device cuda --json augmult.json
 
