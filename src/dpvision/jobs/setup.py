@@ -10,7 +10,8 @@ unreachable ε stops the job with one line and an untouched disk.
 * :func:`plan_privacy` makes the run's one :class:`~dpvision.privacy.plan.Plan` from the N
   actually trained on: δ (``auto``), σ (given, default or calibrated to ``target_epsilon``),
   q, steps per epoch, E[B] and the schedule's length.
-* :func:`validate` runs every check that can fail before anything is written (data, model, plan).
+* :func:`check_can_run` and :func:`validate` run every check that can fail before anything is written
+  (the run folder, the device; the data, the model, the plan).
 * :func:`build` makes the model and the engine, which trains as the plan says (on this rank's share,
   under torch.distributed).
 
@@ -85,13 +86,13 @@ def prepare(config: TrainConfig | None, dist: DistContext, *, resume: str | os.P
     with ``overrides`` of its free keys); every check first, nothing written."""
     if resume is None:
         assert config is not None, "give a config or a run folder to resume"
-        check_writable(config, dist)
         planned = config
     else:
         config, saved = dist.broadcast_object(restore(resume, overrides or {}) if dist.is_main else None)
         sigma = float(saved["noise_multiplier"])  # exactly as the run used it (no recalibration)
         planned = (replace(config, dp=replace(config.dp, target_epsilon=None, noise_multiplier=sigma))
                    if config.dp.enabled else config)
+    check_can_run(config, dist, new_run=resume is None)
     data, plan = validate(planned, given)
     if resume is None:
         advice = few_steps_advice(config, plan)
@@ -101,21 +102,24 @@ def prepare(config: TrainConfig | None, dist: DistContext, *, resume: str | os.P
         raise ValueError(f"data.root {config.data.root!r} does not hold the training data the run in "
                          f"{str(resume)!r} was trained on (fingerprint {data.fingerprint[:12]}... vs "
                          f"{str(saved.get('data_fingerprint'))[:12]}...); point it at the original data")
-    seed_everything(config.run.seed)  # weight initialisation draws from torch's global generator
     return Setup(config=config, data=data, plan=plan, engine=build(config, data, plan, dist, model=given.model))
 
 
-def check_writable(config: TrainConfig, dist: DistContext) -> None:
-    """Before loading any data (creates nothing): ``run.runs_dir`` can be written; rank 0 tries, every rank
-    gets its verdict."""
-    problem = None
-    if dist.is_main:
-        try:
-            check_can_create_dir(config.run.runs_dir, "run.runs_dir")
-        except ValueError as err:
-            problem = str(err)
-    if dist.broadcast_object(problem):
-        raise ValueError(problem)
+def check_can_run(config: TrainConfig, dist: DistContext, *, new_run: bool) -> None:
+    """Before loading any data (creates nothing): a new run's ``run.runs_dir`` can be written (rank 0 tries,
+    every rank gets its verdict), TensorBoard is installed if asked for, the device exists."""
+    if new_run:
+        problem = None
+        if dist.is_main:
+            try:
+                check_can_create_dir(config.run.runs_dir, "run.runs_dir")
+            except ValueError as err:
+                problem = str(err)
+        if dist.broadcast_object(problem):
+            raise ValueError(problem)
+    if config.run.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ValueError("run.tensorboard needs the tensorboard package: pip install 'dpvision[tensorboard]'")
+    resolve_device(config.run.device)  # refuses cuda where there is none (one line, not a traceback)
 
 
 def load_data(config: TrainConfig):
@@ -156,14 +160,11 @@ def plan_privacy(config: TrainConfig, *, num_train: int) -> Plan:
 
 
 def validate(config: TrainConfig, given: Given = Given()) -> tuple[Data, Plan]:
-    """Every check that can fail before anything is written; returns ``(data, plan)``.
+    """The data, the model's options and the plan, checked (nothing written); returns ``(data, plan)``.
 
     ``given``: the splits and the module handed over from Python (:mod:`dpvision.api`) instead of those
     ``config`` names.
     """
-    if config.run.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise ValueError("run.tensorboard needs the tensorboard package: pip install 'dpvision[tensorboard]'")
-    resolve_device(config.run.device)  # refuses cuda where there is none (one line, not a traceback)
     data = load_data(config) if given.data is None else given.data
     image_size = int(data.train.images.shape[-1])
     if given.model is None and is_external(config.model.name):  # torchvision:<name> or <module>:<factory>
@@ -223,6 +224,7 @@ def few_steps_advice(config: TrainConfig, plan: Plan) -> str | None:
 def build(config: TrainConfig, data: Data, plan: Plan, dist: DistContext, model: nn.Module | None = None) -> Engine:
     """The model (seeded initialisation; ``model``: the caller's own, :mod:`dpvision.api`) and the engine that
     trains it (on this rank's share, under ``dist``)."""
+    seed_everything(config.run.seed)  # weight initialisation draws from torch's global generator
     train = data.train
     sizes = dict(in_channels=int(train.images.shape[1]), num_classes=len(data.class_names),
                  image_size=int(train.images.shape[-1]))

@@ -35,12 +35,13 @@ from typing import Callable
 
 from tqdm import tqdm
 
+from dpvision.checkpoint import check_ledger
 from dpvision.engines import evaluate
 from dpvision.engines.distributed import DistContext
 from dpvision.jobs import report
 from dpvision.jobs.config import TrainConfig
 from dpvision.jobs.ema import WeightAverage
-from dpvision.jobs.loop import BestModel, EpochOutcome, check_ledger, epsilon_columns, train_private_epoch
+from dpvision.jobs.loop import BestModel, EpochOutcome, epsilon_columns, train_private_epoch
 from dpvision.jobs.plots import plot_curves
 from dpvision.jobs.rundir import (
     CURVES, create_run, logged_steps, read_summary, reopen_run, resolved_section,
@@ -154,7 +155,9 @@ class Trainer:
         return self.resume is not None
 
     def open(self, *, group: str | None, run_name: str | None) -> None:
-        """Rank 0 creates (or reopens and locks) the run folder; on resume every rank restores the checkpoint."""
+        """Rank 0 creates (or reopens and locks) the run folder. On resume rank 0 reads and checks the
+        checkpoint and every rank loads it (the engine scatters each rank's generators): the folder then
+        holds exactly the checkpointed epochs."""
         if self.dist.is_main:
             if self.resume is None:
                 resolved = resolved_section(self.plan, self.data, engine=self.engine.name, device=self.device)
@@ -164,20 +167,19 @@ class Trainer:
                 self.run_dir, self.checkpointer = reopen_run(self.resume)
             self.best.path = self.run_dir.path / BestModel.FILE
         self.path = self.dist.broadcast_object(str(self.run_dir.path) if self.run_dir else None)
-        if self.resumed:
-            self._restore()
-
-    def _restore(self) -> None:
-        """Rank 0 reads and checks the checkpoint; every rank loads it (the engine scatters each rank's
-        generators). The folder then holds exactly the checkpointed epochs."""
-        state = self.checkpointer.read("cpu") if self.dist.is_main else None  # generator states stay on the CPU
-        if state is not None:
-            check_ledger(state, self.plan, self.budget, logged=logged_steps(self.run_dir),
-                         path=self.checkpointer.path)
+        if not self.resumed:
+            return
+        state = None
+        if self.dist.is_main:
+            logged = logged_steps(self.run_dir)
+            state = self.checkpointer.read("cpu")  # generator states stay on the CPU
+            if state is not None:
+                check_ledger(state, self.plan, self.budget, logged=logged, path=self.checkpointer.path)
         if self.dist.broadcast_object(state is not None):
             self.engine.load_state_dict(state["engine"] if self.dist.is_main else None)
-            self.load_state_dict(self.dist.broadcast_object(
-                {k: state[k] for k in ("epoch", "steps", "ledger", "extra")} if self.dist.is_main else None))
+            saved = self.dist.broadcast_object(
+                {k: state[k] for k in ("epoch", "steps", "ledger", "extra")} if self.dist.is_main else None)
+            self.load_state_dict(saved)
         if self.run_dir is not None:
             self.run_dir.rewrite_metrics(self.rows)
             self.best.save()
@@ -216,18 +218,20 @@ class Trainer:
             improved = self.best.update(self.epoch, val[1], model)
         epsilons = epsilon_columns(self.ledger, delta=self.plan.delta, dp=self.plan.dp,
                                    primary=self.config.dp.accountant)
-        self.rows.append(report.metrics_row(
+        row = report.metrics_row(
             {"epoch": self.epoch, "steps": self.steps}, report.plan_columns(self.plan),
             report.split_metrics("train", result.loss, result.accuracy), report.split_metrics("val", *val),
             report.split_metrics("test", *tested),
             report.privacy_columns(epsilons, accountant=self.config.dp.accountant, delta=self.plan.delta),
-            {"seconds": round(time.perf_counter() - started, 3)}))
-        self._record(improved)
+            {"seconds": round(time.perf_counter() - started, 3)})
+        line = report.epoch_line(row, improved=improved, dp=self.plan.dp)  # printed only once it is saved
+        self.rows.append(row)
+        self._record(improved, line)
 
-    def _record(self, improved: bool) -> None:
-        """Checkpoint first, then write and print: nothing about an epoch is released before the state
-        that produced it is saved (docs/privacy.md). Every rank takes the engine's state (it gathers every
-        rank's generators); rank 0 writes it."""
+    def _record(self, improved: bool, line: str) -> None:
+        """Checkpoint first, then write and print (``line``): nothing about an epoch is released before the
+        state that produced it is saved (docs/privacy.md). Every rank takes the engine's state (it gathers
+        every rank's generators); rank 0 writes it."""
         engine_state = self.engine.state_dict()
         if self.run_dir is None:
             return
@@ -242,7 +246,7 @@ class Trainer:
         if self.tensorboard:
             self.tensorboard.log(row)
         if not self.quiet:
-            print(report.epoch_line(row, improved=improved, dp=self.plan.dp), flush=True)
+            print(line, flush=True)
         if self.hooks.hook:
             self.hooks.hook("epoch", self.epoch)
 
