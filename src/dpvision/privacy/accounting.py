@@ -332,9 +332,9 @@ def calibrate_noise_multiplier(
     return high
 
 
-def noise_multiplier_for(noise_multiplier: float | None, *, target_epsilon: float | None, delta: float,
+def noise_multiplier_for(noise_multiplier: float, *, target_epsilon: float | None, delta: float,
                          sample_rate: float, steps: int, accountant: str, check_work: bool = False) -> float:
-    """σ of a planned DP run: ``noise_multiplier`` as given, or calibrated to ``target_epsilon``.
+    """σ of a planned DP run: ``noise_multiplier`` as given, or, with ``target_epsilon``, calibrated to it.
 
     A target that cannot be met is a one-line ``ValueError`` naming ``dp.target_epsilon``. With
     ``check_work`` σ must also be 0 or in range, and, with PRV or PLD as ``accountant``, accountable

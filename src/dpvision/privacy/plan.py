@@ -181,9 +181,8 @@ def make_plan(dp: DPSettings, *, num_train: int, batch_size: int, epochs: int, w
     check_delta(delta, num_train, allow_large_delta=dp.allow_large_delta)
     given = DEFAULT_NOISE_MULTIPLIER if dp.noise_multiplier is None else float(dp.noise_multiplier)
     base = Plan(dp=True, noise_multiplier=given, max_grad_norm=float(dp.max_grad_norm), **common)
-    sigma = noise_multiplier_for(given if dp.target_epsilon is None else None, target_epsilon=dp.target_epsilon,
-                                 delta=delta, sample_rate=base.sample_rate, steps=base.total_steps,
-                                 accountant=dp.accountant, check_work=check_work)
+    sigma = noise_multiplier_for(given, target_epsilon=dp.target_epsilon, delta=delta, sample_rate=base.sample_rate,
+                                 steps=base.total_steps, accountant=dp.accountant, check_work=check_work)
     return base if sigma == given else replace(base, noise_multiplier=sigma)
 
 
