@@ -22,15 +22,15 @@ from dpvision.models import SampleConvNet
 from dpvision.privacy.accounting import PrivacyLedger
 from dpvision.seeding import make_generator, seed_everything
 from dpvision.engines import OptimizerSpec, build_engine, evaluate
-from dpvision.privacy.plan import make_plan
+from dpvision.privacy.plan import DPSettings, make_plan
 
 
 def one_run(engine_name: str, seed: int, args, train_all, test_data, device) -> dict:
     seed_everything(seed)
     train_data = random_subset(train_all, args.k, make_generator(seed, "subset"))
-    dp = not args.disable_dp
-    plan = make_plan(num_train=len(train_data), batch_size=256, epochs=args.epochs, dp=dp,
-                     noise_multiplier=args.sigma, max_grad_norm=1.0)
+    settings = DPSettings(noise_multiplier=args.sigma, max_grad_norm=1.0)
+    plan = make_plan(settings.deactivated() if args.disable_dp else settings, num_train=len(train_data),
+                     batch_size=256, epochs=args.epochs)
     engine = build_engine(engine_name, model=SampleConvNet(), train_data=train_data, plan=plan,
                           optimizer=OptimizerSpec(lr=0.15), seed=seed, device=device)
     ledger = PrivacyLedger()

@@ -46,7 +46,7 @@ import torch.multiprocessing as mp
 from dpvision.data.tensors import ImageTensors
 from dpvision.engines import OptimizerSpec, build_engine
 from dpvision.engines.distributed import DistContext, free_port
-from dpvision.privacy.plan import make_plan
+from dpvision.privacy.plan import DPSettings, make_plan
 
 LR = 0.1
 # name: (model name, model options, examples, image shape, classes, batch size); --tiny: (examples, batch size)
@@ -81,10 +81,11 @@ def measure(dist: DistContext, args) -> list[dict]:
                 torch.manual_seed(0)
                 model = build_model(model_name, in_channels=shape[0], num_classes=classes, image_size=shape[1],
                                     **options)
-                plan = make_plan(num_train=len(data), batch_size=batch, epochs=1, dp=dp, noise_multiplier=1.0,
-                                 max_grad_norm=1.0)
+                settings = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0)
+                plan = make_plan(settings if dp else settings.deactivated(), num_train=len(data), batch_size=batch,
+                                 epochs=1)
                 engine = build_engine(engine_name, model=model, train_data=data, plan=plan,
-                                      optimizer=OptimizerSpec(lr=LR), seed=0, device=dist.device, dist=dist)
+                                      optimizer=OptimizerSpec(lr=LR), seed=0, device=dist)
                 steps = min(args.max_steps, engine.steps_per_epoch)
                 engine.train_epoch(max_steps=min(args.warmup_steps, engine.steps_per_epoch))
                 times, examples = [], []

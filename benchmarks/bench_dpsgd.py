@@ -65,7 +65,7 @@ from dpvision.data.mnist import load_mnist
 from dpvision.data.tensors import ImageTensors, NormalizedTensorDataset
 from dpvision.models import CelebaCNN, SampleConvNet, build_model
 from dpvision.privacy.accounting import poisson_sample_rate
-from dpvision.privacy.plan import make_plan
+from dpvision.privacy.plan import DPSettings, make_plan
 from dpvision.engines import FastOptions, OptimizerSpec
 from dpvision.engines.fast import FastEngine
 
@@ -158,8 +158,9 @@ class StockRecipe:
 def fast_engine(model, data: ImageTensors, batch_size: int, *, dp: bool, device, options: dict | None = None,
                 noise_multiplier: float = NOISE_MULTIPLIER, lr: float = LR) -> FastEngine:
     """The fast engine on ``data`` with batch size B (DP at σ, C = 1), ``options`` as FastOptions fields."""
-    plan = make_plan(num_train=len(data), batch_size=batch_size, epochs=1, dp=dp,
-                     noise_multiplier=noise_multiplier, max_grad_norm=MAX_GRAD_NORM)
+    settings = DPSettings(noise_multiplier=noise_multiplier, max_grad_norm=MAX_GRAD_NORM)
+    plan = make_plan(settings if dp else settings.deactivated(), num_train=len(data), batch_size=batch_size,
+                     epochs=1)
     return FastEngine(model=model, train_data=data, plan=plan, optimizer=OptimizerSpec(lr=lr), seed=0, device=device,
                       options=FastOptions(**(options or {})))
 
@@ -497,7 +498,8 @@ def main(argv=None) -> int:
         flops = {b: step_flops(model_cls, data, b) for b in {m[1] for m in makers}}
         for (engine, batch, dp, _, _), timing in zip(makers, timed):
             row = {"workload": workload, "engine": engine, "dp": dp, "batch_size": batch, **timing}
-            row["steps_per_epoch"] = make_plan(num_train=len(data), batch_size=batch, epochs=1, dp=dp).steps_per_epoch
+            row["steps_per_epoch"] = make_plan(DPSettings(enabled=dp), num_train=len(data), batch_size=batch,
+                                                epochs=1).steps_per_epoch
             row["ms_per_step"] = 1e3 * row["seconds_per_epoch"] / row["steps_per_epoch"]
             row["model_gflop_per_step"] = flops[batch] / 1e9
             row["tflops"] = flops[batch] / row["ms_per_step"] / 1e9

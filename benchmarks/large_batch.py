@@ -20,7 +20,7 @@ from dpvision.data.mnist import load_mnist
 from dpvision.data.tensors import ImageTensors
 from dpvision.models import CelebaCNN, SampleConvNet
 from dpvision.engines import OptimizerSpec, build_engine
-from dpvision.privacy.plan import make_plan
+from dpvision.privacy.plan import DPSettings, make_plan
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -48,7 +48,8 @@ def main() -> None:
         for batch in sizes:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            plan = make_plan(num_train=len(data), batch_size=batch, epochs=1, noise_multiplier=1.0, max_grad_norm=1.0)
+            plan = make_plan(DPSettings(noise_multiplier=1.0, max_grad_norm=1.0), num_train=len(data),
+                             batch_size=batch, epochs=1)
             engine = build_engine("fast", model=model_fn(), train_data=data, plan=plan,
                                   optimizer=OptimizerSpec(lr=1.0), seed=0, device=device)
             engine.train_epoch(max_steps=1)  # warm-up: graph capture, allocator

@@ -65,7 +65,7 @@ def sitting(deadline: float | None, started: float):
     so ``dpvision.jobs.train.run(resume=...)`` continues from exactly there (docs/privacy.md, "Checkpoints
     and resume"). The integrator may replace this with a ``run.max_minutes`` option of the job loop.
     """
-    from dpvision.jobs.loop import Checkpointer
+    from dpvision.checkpoint import Checkpointer
 
     original, state = Checkpointer.save, {"last": started, "rows": None}
 

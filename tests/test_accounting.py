@@ -30,7 +30,6 @@ from dpvision.privacy.accounting import (
     epsilon_notes,
     expected_batch_size,
     poisson_sample_rate,
-    resolve_delta,
 )
 from dpvision.privacy.bounds import (
     MAX_NOISE_MULTIPLIER,
@@ -40,6 +39,7 @@ from dpvision.privacy.bounds import (
     grid_points,
     min_noise_multiplier,
 )
+from dpvision.privacy.plan import resolve_delta
 from dpvision.seeding import make_generator
 from tests.engine_helpers import DP, fast_engine, opacus_engine
 

@@ -18,7 +18,7 @@ from dpvision.privacy.accountants import ACCOUNTANT_REGISTRY
 from dpvision.privacy.accounting import PrivacyLedger, compute_epsilon
 from dpvision.privacy.bounds import skip_reason
 from dpvision.privacy.budget import PrivacyBudget, steps_within_budget
-from dpvision.privacy.plan import make_plan
+from dpvision.privacy.plan import DPSettings, make_plan
 from dpvision.engines import Engine, EpochResult
 from dpvision.jobs.loop import train_private_epoch
 from tests.engine_helpers import DP, plan_for
@@ -105,7 +105,7 @@ class CountingEngine(Engine):
     def __init__(self, n: int, batch_size: int, sigma: float) -> None:
         data = ImageTensors(torch.zeros(n, 1, 2, 2, dtype=torch.uint8), torch.zeros(n, dtype=torch.long), (0.5,), (0.25,))
         super().__init__(train_data=data, plan=plan_for(n, batch_size, DP(noise_multiplier=sigma, max_grad_norm=1.0)),
-                         seed=0, device="cpu", dist=None)
+                         seed=0, device="cpu")
         self.calls: list[int | None] = []
 
     def train_epoch(self, *, max_steps=None, progress=None) -> EpochResult:
@@ -120,7 +120,7 @@ class CountingEngine(Engine):
 def test_loop_stops_before_first_exceeding_step():
     engine = CountingEngine(n=1000, batch_size=10, sigma=1.3)  # q = 0.01, 100 steps an epoch
     ledger, budget = PrivacyLedger(), PrivacyBudget(max_epsilon=1.0, delta=1e-5)
-    plan = make_plan(num_train=1000, batch_size=10, epochs=7, noise_multiplier=1.3)
+    plan = make_plan(DPSettings(noise_multiplier=1.3), num_train=1000, batch_size=10, epochs=7)
     outcomes = [train_private_epoch(engine, ledger, plan, budget=budget) for _ in range(7)]
     assert [o.steps for o in outcomes] == [100] * 5 + [96, 0]
     assert engine.calls == [None] * 5 + [96]  # the short epoch asks the engine for exactly 96 steps

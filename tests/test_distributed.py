@@ -65,7 +65,7 @@ def flat_params(model: nn.Module) -> torch.Tensor:
 def build(engine: str, dist: DistContext | None, *, n: int, batch_size: int, dp: DP | None, lr: float = 1.0,
           seed: int = 0):
     return ENGINES[engine](model=tiny_model(), train_data=make_data(n), plan=plan_for(n, batch_size, dp),
-                           optimizer=OptimizerSpec(lr=lr), seed=seed, device="cpu", dist=dist)
+                           optimizer=OptimizerSpec(lr=lr), seed=seed, device="cpu" if dist is None else dist)
 
 
 def _rank_main(rank: int, world: int, port: int, out: str, scenario: str, kwargs: dict) -> None:
@@ -366,7 +366,7 @@ def test_single_process_context_and_sharding():
 
 
 def test_world_of_one_is_the_single_process_engine():
-    """dist=DistContext() (a world of one) changes nothing: same bytes as dist=None."""
+    """device=DistContext() (a world of one) changes nothing: same bytes as device="cpu"."""
     dp = DP(noise_multiplier=1.0, max_grad_norm=1.0)
     for name in ENGINES:
         a = build(name, DistContext(), n=60, batch_size=10, dp=dp, seed=4)

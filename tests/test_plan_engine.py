@@ -10,7 +10,7 @@ from dpvision.engines.fast import FastEngine
 from dpvision.engines.schedule import lr_at
 from dpvision.jobs.config import DPConfig, OptimConfig, TrainConfig
 from dpvision.jobs.setup import plan_privacy
-from dpvision.privacy.plan import make_plan
+from dpvision.privacy.plan import DPSettings, make_plan
 from tests.engine_helpers import DP, plan_for
 from tests.test_fast_engine import make_data, tiny_data, tiny_linear
 
@@ -43,7 +43,7 @@ def test_non_dp_cosine_schedule_ends_exactly_at_the_last_step(engine_name):
 
 
 def test_dp_epoch_and_warmup_come_from_the_plan():
-    plan = make_plan(num_train=N, batch_size=B, epochs=2, noise_multiplier=1.0, warmup_epochs=0.5)
+    plan = make_plan(DPSettings(noise_multiplier=1.0), num_train=N, batch_size=B, epochs=2, warmup_epochs=0.5)
     assert (plan.steps_per_epoch, plan.total_steps, plan.warmup_steps) == (92, 184, 46)
     engine = FastEngine(model=tiny_linear(), train_data=tiny_data(N), plan=plan,
                         optimizer=OptimizerSpec(lr=1.0, schedule="cosine"), seed=0)

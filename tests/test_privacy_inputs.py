@@ -14,7 +14,7 @@ import pytest
 from opacus.accountants import RDPAccountant
 
 from dpvision.jobs.celeba_seed import main as celeba_main
-from dpvision.privacy.plan import make_plan
+from dpvision.privacy.plan import DPSettings, make_plan
 from tests.data_fixtures import write_celeba_folder
 
 N_TRAIN = 60
@@ -49,25 +49,24 @@ def test_edited_counts_do_not_change_the_accounting(claimed, tmp_path, capsys):
 
 def test_delta_at_least_one_over_n_is_refused_unless_insisted():
     """Issue 21: --delta 0.5 with N = 30,000 used to report "ε = 0.0000 (δ = 0.5)" and exit 0."""
-    plan = dict(num_train=30_000, batch_size=256, epochs=1, noise_multiplier=1.0)
+    plan = dict(num_train=30_000, batch_size=256, epochs=1)
     with pytest.raises(ValueError) as err:
-        make_plan(**plan, delta=0.5)
+        make_plan(DPSettings(noise_multiplier=1.0, delta=0.5), **plan)
     assert str(err.value).startswith("dp.delta 0.5 is at least 1/N = 3.33e-05 (N = 30000 training examples)")
     assert "well below 1/N" in str(err.value) and "dp.allow_large_delta" in str(err.value)
     with pytest.raises(ValueError, match="is at least 1/N"):
-        make_plan(**plan, delta=1 / 30_000)  # exactly 1/N is refused too
+        make_plan(DPSettings(noise_multiplier=1.0, delta=1 / 30_000), **plan)  # exactly 1/N is refused too
     with pytest.warns(UserWarning, match="above 1/\\(10 N\\)"):
-        assert make_plan(**plan, delta=0.5, allow_large_delta=True).delta == 0.5
-    assert make_plan(**plan, delta=0.5, dp=False).delta == 0.5  # no DP, no privacy claim to protect
+        assert make_plan(DPSettings(noise_multiplier=1.0, delta=0.5, allow_large_delta=True), **plan).delta == 0.5
+    assert make_plan(DPSettings(enabled=False, delta=0.5), **plan).delta == 0.5  # no DP, no privacy claim to protect
 
 
 def test_delta_above_one_over_ten_n_warns_once_in_one_line():
-    plan = dict(num_train=30_000, batch_size=256, epochs=1, noise_multiplier=1.0)
+    plan = dict(num_train=30_000, batch_size=256, epochs=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        make_plan(**plan, delta=1e-5)  # the MNIST seed's default: above 1/(10 N) = 3.3e-6, below 1/N
-        make_plan(**plan, delta="auto")  # exactly 1/(10 N): no warning
-        make_plan(**plan, delta=1e-6)
+        for delta in (1e-5, "auto", 1e-6):  # the MNIST seed's default (above 1/(10 N) = 3.3e-6, below 1/N);
+            make_plan(DPSettings(noise_multiplier=1.0, delta=delta), **plan)  # exactly 1/(10 N): no warning
     assert [str(w.message) for w in caught] == [
         "dp.delta 1e-05 is above 1/(10 N) = 3.33e-06 (N = 30000): delta should be well below 1/N "
         "('auto' gives 1/(10 N))"]

@@ -35,7 +35,7 @@ from dpvision.data.files import DataError, check_total_bytes
 from dpvision.data.registry import data_fingerprint
 from dpvision.data.tensors import ImageTensors, neutral_stats
 from dpvision.jobs.config import SECTIONS, TrainConfig, load_recipe
-from dpvision.jobs.setup import Data
+from dpvision.jobs.setup import Data, Given
 from dpvision.models.external import call_factory, make_dp_compatible
 from dpvision.seeding import seed_everything
 
@@ -58,11 +58,11 @@ def fit(model: nn.Module | Callable[..., nn.Module] | str, train: Any, test: Any
     overrides = _section_overrides(sections)
     data = make_data(train, test, val, classes=classes)
     if resume is not None:  # the weights come from the checkpoint
-        return run(None, resume=resume, overrides=overrides, data=data, model=_model(model, data, seed=0)[0])
+        return run(None, resume=resume, overrides=overrides, given=Given(data, _model(model, data, seed=0)[0]))
     config = _config(config).with_overrides(overrides)
     module, name = _model(model, data, seed=config.run.seed)
     config = config.with_overrides({"data.dataset": PYTHON_DATASET, "model.name": name})
-    return run(config, data=data, model=module)
+    return run(config, given=Given(data, module))
 
 
 def _section_overrides(sections: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:

@@ -10,6 +10,9 @@ Only tensors, dicts, lists, strings, numbers, booleans and ``None`` are stored,
 so the safe ``weights_only=True`` unpickler loads it; generator states are the
 uint8 tensors ``torch.Generator.get_state()`` returns.
 
+:class:`Checkpointer` is the checkpoint file of one run folder; :func:`check_ledger` refuses,
+on resume, a checkpoint whose privacy ledger is not what the plan and its epochs imply.
+
 Example:
     >>> fp = config_fingerprint({"lr": 0.1, "seed": 0, "quiet": True}, ignore=("quiet",))
     >>> fp == config_fingerprint({"seed": 0, "lr": 0.1, "quiet": False}, ignore=("quiet",))
@@ -27,6 +30,8 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from dpvision.privacy.accounting import PrivacyLedger
+from dpvision.privacy.budget import PrivacyBudget
 from dpvision.runs import atomic_torch_save
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -123,3 +128,80 @@ def load_checkpoint(path: str | os.PathLike, *, fingerprint: str | None = None,
             f"{str(state.get('fingerprint'))[:12]}..., this run's is {fingerprint[:12]}...); refusing to "
             "continue from it")
     return state
+
+
+class Checkpointer:
+    """The checkpoint file of one run folder, tied to the run's config by a fingerprint.
+
+    ``ignore`` names the config keys that cannot change the result (data folder,
+    device, verbosity): they are left out of the fingerprint, so a resume may set
+    them anew.
+    """
+
+    FILE = CHECKPOINT_NAME
+
+    def __init__(self, run_path: str | Path, config: Mapping[str, Any], *, ignore: Iterable[str] = ()) -> None:
+        self.path = Path(run_path) / self.FILE
+        self.config = dict(config)
+        self.fingerprint = config_fingerprint(self.config, ignore=ignore)
+
+    def save(self, *, engine_state: Mapping[str, Any], ledger: PrivacyLedger, epoch: int, steps: int,
+             extra: Mapping[str, Any] | None = None) -> None:
+        """Write the checkpoint. ``engine_state``: ``engine.state_dict()`` (a distributed engine gathers
+        every rank's generators in it, so every rank must have called it)."""
+        save_checkpoint(self.path, engine_state=engine_state, ledger_state=ledger.state_dict(),
+                        epoch=epoch, steps=steps, config=self.config, fingerprint=self.fingerprint, extra=extra)
+
+    def read(self, map_location) -> dict[str, Any] | None:
+        """The checkpoint (refused if another config wrote it), or ``None`` when there is none yet."""
+        if not self.path.exists():
+            return None
+        return load_checkpoint(self.path, fingerprint=self.fingerprint, map_location=map_location)
+
+
+def implied_ledger(plan, budget: PrivacyBudget | None, epochs: int, *, stopped: bool) -> tuple[PrivacyLedger, list]:
+    """The ledger ``epochs`` completed epochs of ``plan`` leave, and the steps after each epoch.
+
+    Every epoch takes ``plan.steps_per_epoch`` steps at the plan's σ and q, except that the last
+    one of a run the budget ``stopped`` takes exactly the steps the budget allowed. Without DP: empty.
+    """
+    ledger, after = PrivacyLedger(), []
+    sampled = {"noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate}
+    for epoch in range(1, epochs + 1):
+        steps = plan.steps_per_epoch
+        if stopped and epoch == epochs and budget is not None:
+            steps = budget.allowed_steps(ledger, planned=steps, **sampled)
+        if plan.dp:
+            ledger.record(steps=steps, **sampled)
+        after.append(ledger.steps)
+    return ledger, after
+
+
+def check_ledger(state: Mapping[str, Any], plan, budget: PrivacyBudget | None, *, logged: list[int],
+                 path: str | Path) -> None:
+    """Refuse (one line naming ``path``) a checkpoint whose ledger the plan and its epochs do not imply.
+
+    ε is computed from the ledger, so a hand-edited or damaged one would print a wrong ε. Checked
+    under DP: the ledger, the checkpoint's step count and its metrics rows' ``steps`` against
+    :func:`implied_ledger`, and ``logged`` (metrics.csv's ``steps`` column, which may lag the
+    checkpoint by the one row a crash between the two writes can lose) against those rows.
+    """
+    rows = list(state.get("extra", {}).get("metrics", []))
+    epochs = int(state.get("epoch", -1))
+    if [int(r["epoch"]) for r in rows] != list(range(1, epochs + 1)):
+        raise CheckpointError(f"{path}: its metrics rows do not cover epochs 1 to {epochs}; refusing to resume")
+    steps = [int(r["steps"]) for r in rows]
+    if logged != steps[:len(logged)] or len(logged) < len(steps) - 1:
+        raise CheckpointError(f"{path}: its steps per epoch {steps} disagree with metrics.csv's steps column "
+                              f"{logged}; refusing to resume")
+    if not plan.dp and not state["ledger"]["history"]:
+        return
+    stopped = state.get("extra", {}).get("stop_reason") is not None
+    expected, after = implied_ledger(plan, budget, epochs, stopped=stopped)
+    saved = [[float(s), float(q), int(n)] for s, q, n in state["ledger"]["history"]]
+    counted = int(state.get("steps", -1))
+    if saved != expected.state_dict()["history"] or steps != after or counted != expected.steps:
+        raise CheckpointError(
+            f"{path}: its privacy ledger {saved} ({counted} steps, metrics rows {steps}) is not what "
+            f"the plan and its {epochs} completed epochs imply ({expected.state_dict()['history']}, steps {after}); "
+            "refusing to resume from an edited or damaged checkpoint")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dpvision.engines import OptimizerSpec, build_engine
+from dpvision.engines import FastEngine, OptimizerSpec
 from dpvision.privacy.plan import Plan
 
 RAW_NORM = 4.0  # a canary's unclipped norm, in units of C: broken clipping lets more than C through
@@ -85,8 +85,8 @@ class CanaryInstrument:
 def build_instrumented_engine(*, model: nn.Module, train_data, plan: Plan, lr: float, seed: int, device,
                               instrument: CanaryInstrument):
     """The fast engine with the canaries in its clipped sum (plain SGD at ``lr``)."""
-    return build_engine("fast", model=model, train_data=train_data, plan=plan,
-                        optimizer=OptimizerSpec(name="sgd", lr=lr), seed=seed, device=device, instrument=instrument)
+    return FastEngine(model=model, train_data=train_data, plan=plan, optimizer=OptimizerSpec(name="sgd", lr=lr),
+                      seed=seed, device=device, instrument=instrument)
 
 
 def train_observed(engine, *, epochs: int, progress=None) -> int:

@@ -41,8 +41,8 @@ from dpvision.audit.instrument import AuditCoordinates, CanaryInstrument, build_
 from dpvision.data.mnist import MNIST_TRAIN_SIZE, load_mnist
 from dpvision.data.tensors import ImageTensors
 from dpvision.models import SampleConvNet
-from dpvision.privacy.accounting import ACCOUNTANTS, PrivacyLedger, resolve_delta
-from dpvision.privacy.plan import Plan, make_plan
+from dpvision.privacy.accounting import ACCOUNTANTS, PrivacyLedger
+from dpvision.privacy.plan import DPSettings, Plan, make_plan, resolve_delta
 from dpvision.seeding import make_generator, seed_everything
 from dpvision.engines import OptimizerSpec, build_engine
 
@@ -193,10 +193,10 @@ def _black_box(config: AuditConfig, canaries: ImageTensors, data: ImageTensors, 
 
 def _plan(config: AuditConfig, num_train: int) -> Plan:
     """The audited run's plan: σ given, calibrated to ``epsilon``, or 0 (``disable_dp``: clipping, no noise)."""
-    return make_plan(num_train=num_train, batch_size=config.batch_size, epochs=config.epochs,
-                     noise_multiplier=0.0 if config.disable_dp else config.sigma,
-                     target_epsilon=None if config.disable_dp else config.epsilon,
-                     max_grad_norm=config.max_grad_norm, delta=config.delta, accountant=config.accountant)
+    dp = DPSettings(noise_multiplier=0.0 if config.disable_dp else config.sigma,
+                    target_epsilon=None if config.disable_dp else config.epsilon,
+                    max_grad_norm=config.max_grad_norm, delta=config.delta, accountant=config.accountant)
+    return make_plan(dp, num_train=num_train, batch_size=config.batch_size, epochs=config.epochs)
 
 
 def run_audit(config: AuditConfig, *, progress=None, tamper=None) -> dict:

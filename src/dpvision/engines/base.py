@@ -34,6 +34,8 @@ OPTIMIZERS = ("sgd", "adam")
 ENGINE_REGISTRY: dict[str, type["Engine"]] = {}
 
 ProgressFn = Callable[[int], None]  # called with the number of steps just done
+# Where an engine trains: a device (one process), or this rank's DistContext (data-parallel, on its device).
+Device = torch.device | str | DistContext
 
 
 def register_engine(name: str) -> Callable[[type], type]:
@@ -91,18 +93,15 @@ class Engine(ABC):
     model: nn.Module  # the plain module: use it for evaluation and saving
     optimizer: torch.optim.Optimizer
 
-    def __init__(self, *, train_data: ImageTensors, plan: Plan, seed: int, device: torch.device | str,
-                 dist: DistContext | None) -> None:
+    def __init__(self, *, train_data: ImageTensors, plan: Plan, seed: int, device: Device) -> None:
         if len(train_data) != plan.num_train:
             raise ValueError(f"train_data has {len(train_data)} examples, the plan was made for {plan.num_train}")
         self.train_data = train_data
         self.plan = plan
         self.seed = seed
-        self.device = torch.device(device)
-        self.dist = dist if dist is not None else DistContext(device=self.device)
-        if self.dist.is_distributed and self.device != self.dist.device:
-            raise ValueError(f"device {self.device} is not this rank's device {self.dist.device} "
-                             "(pass device=dist.device)")
+        # One process: a world of one on ``device``; data-parallel: this rank's context and its device.
+        self.dist = device if isinstance(device, DistContext) else DistContext(device=torch.device(device))
+        self.device = self.dist.device
         self.last_batch_sizes: list[int] = []  # sampled (global) batch size of each step of the last epoch
 
     # The plan's numbers, for callers that hold only the engine.

@@ -23,7 +23,7 @@ On the CPU generators a run is reproducible bit for bit: ``state_dict`` holds th
 optimizer and every generator. Without DP the engine trains on ceil(N / B) shuffled batches of
 size B (mean loss), like the stock path.
 
-Data-parallel (``dist=`` a :class:`~dpvision.engines.distributed.DistContext` of several ranks):
+Data-parallel (``device=`` this rank's :class:`~dpvision.engines.distributed.DistContext` of several ranks):
 under DP each rank keeps only its shard ``r::W`` and Poisson-samples it at the global q; rank 0
 alone adds the noise before the all-reduce of the flat sum; the divisor stays the global E[B].
 Without DP each rank takes its slice of every shared shuffled batch and the gradients are
@@ -43,10 +43,12 @@ from torch import nn
 
 from dpvision.data.tensors import ImageTensors
 from dpvision.engines.augmult import AugmultManual, AugmultPerSample
-from dpvision.engines.base import Engine, EpochResult, OptimizerSpec, ProgressFn, UnsupportedModelError, register_engine
+from dpvision.engines.base import (
+    Device, Engine, EpochResult, OptimizerSpec, ProgressFn, UnsupportedModelError, register_engine,
+)  # fmt: skip
 from dpvision.engines.chunks import bucket_width, chunk_capacity, likely_sizes, plan_chunks
 from dpvision.engines.clipping import get_clipping
-from dpvision.engines.distributed import DistContext, all_reduce_grads_, reduce_epoch_totals
+from dpvision.engines.distributed import all_reduce_grads_, reduce_epoch_totals
 from dpvision.engines.graphs import ChunkGraphs, Numerics, first_working_backend, fuse_checked
 from dpvision.engines.instrument import Instrument, canary_rows
 from dpvision.engines.options import FastOptions
@@ -69,9 +71,9 @@ class FastEngine(Engine):
     fallback = "opacus"  # build_engine's engine for the models this one does not support
 
     def __init__(self, *, model: nn.Module, train_data: ImageTensors, plan: Plan, optimizer: OptimizerSpec,
-                 seed: int, device: torch.device | str = "cpu", dist: DistContext | None = None,
-                 options: FastOptions | None = None, instrument: Instrument | None = None) -> None:
-        super().__init__(train_data=train_data, plan=plan, seed=seed, device=device, dist=dist)
+                 seed: int, device: Device = "cpu", options: FastOptions | None = None,
+                 instrument: Instrument | None = None) -> None:
+        super().__init__(train_data=train_data, plan=plan, seed=seed, device=device)
         if instrument is not None and (self.dist.is_distributed or not plan.dp):
             raise ValueError("an instrument needs DP in a single process")
         self.options = options if options is not None else FastOptions()

@@ -1,17 +1,17 @@
 """The stock Opacus engine: a DataLoader, ``PrivacyEngine.make_private``, hook-based per-sample gradients.
 
-Its options are Opacus's: the fast engine's speed options (``FastOptions``), audit instruments
-and clipping rules other than ``flat`` are refused with one line. q, the epoch length and E[B]
-come from the plan; Opacus's own loader is asserted to agree with it.
+Its options are Opacus's: the fast engine's speed options (``FastOptions``) and clipping rules
+other than ``flat`` are refused with one line (audit instruments plug into the fast engine only).
+q, the epoch length and E[B] come from the plan; Opacus's own loader is asserted to agree with it.
 
 Example:
-    >>> plan = make_plan(num_train=len(data), batch_size=256, epochs=1,               # doctest: +SKIP
-    ...                  noise_multiplier=1.3, max_grad_norm=1.0)
+    >>> plan = make_plan(DPSettings(noise_multiplier=1.3, max_grad_norm=1.0),         # doctest: +SKIP
+    ...                  num_train=len(data), batch_size=256, epochs=1)
     >>> engine = OpacusEngine(model=SampleConvNet(), train_data=data, plan=plan,      # doctest: +SKIP
     ...                       optimizer=OptimizerSpec(lr=0.15), seed=0)
     >>> result = engine.train_epoch()                                                 # doctest: +SKIP
 
-Data-parallel (``dist=`` a :class:`~dpvision.engines.distributed.DistContext` of several
+Data-parallel (``device=`` this rank's :class:`~dpvision.engines.distributed.DistContext` of several
 ranks): the model is wrapped in Opacus's ``DPDDP`` and ``make_private`` returns its
 ``DistributedDPOptimizer`` (rank 0 alone adds the noise; the sums are all-reduced). The
 loader is dpvision's :class:`~dpvision.engines.distributed.ShardPoissonBatchSampler`,
@@ -35,9 +35,9 @@ from torch.utils.data import DataLoader
 from torch.utils.data._utils.collate import default_collate
 
 from dpvision.data.tensors import ImageTensors, NormalizedTensorDataset
-from dpvision.engines.base import Engine, EpochResult, OptimizerSpec, ProgressFn, register_engine
+from dpvision.engines.base import Device, Engine, EpochResult, OptimizerSpec, ProgressFn, register_engine
 from dpvision.engines.distributed import (
-    DistContext, ShardPoissonBatchSampler, ShardShuffleBatchSampler, all_reduce_grads_, reduce_epoch_totals,
+    ShardPoissonBatchSampler, ShardShuffleBatchSampler, all_reduce_grads_, reduce_epoch_totals,
 )  # fmt: skip
 from dpvision.engines.options import FastOptions
 from dpvision.privacy.plan import Plan
@@ -49,15 +49,12 @@ class OpacusEngine(Engine):
     """The stock recipe: a DataLoader, ``PrivacyEngine.make_private``, hook-based per-sample gradients."""
 
     def __init__(self, *, model: nn.Module, train_data: ImageTensors, plan: Plan, optimizer: OptimizerSpec,
-                 seed: int, device: torch.device | str = "cpu", dist: DistContext | None = None,
-                 options: FastOptions | None = None, instrument: object | None = None) -> None:
+                 seed: int, device: Device = "cpu", options: FastOptions | None = None) -> None:
         if options is not None and not options.is_default():
             raise ValueError(f"{', '.join(options.given())}: fast engine options; the opacus engine takes none")
-        if instrument is not None:
-            raise ValueError("instrument: audit instruments need the fast engine")
         if plan.dp and plan.clipping != "flat":
             raise ValueError(f"clipping must be flat for the opacus engine, got {plan.clipping!r}")
-        super().__init__(train_data=train_data, plan=plan, seed=seed, device=device, dist=dist)
+        super().__init__(train_data=train_data, plan=plan, seed=seed, device=device)
         if self.dist.is_distributed:
             self._init_distributed(model, optimizer)
             return

@@ -41,7 +41,7 @@ from dpvision.engines.schedule import SCHEDULES
 from dpvision.models.external import is_external
 from dpvision.models.init import HEAD_MODES
 from dpvision.models.registry import MODELS
-from dpvision.privacy.accounting import check_accountant, parse_delta
+from dpvision.privacy.plan import DPSettings
 
 DEVICES = ("auto", "cpu", "cuda")
 # Linear probe then full fine-tuning is two runs (the second with model.init: the first's model.pt); their ε add up.
@@ -177,48 +177,12 @@ class OptimConfig:
 
 
 @dataclass(kw_only=True)
-class DPConfig:
-    enabled: bool = True
-    noise_multiplier: float | None = None  # σ; None: calibrated from target_epsilon, or DEFAULT_NOISE_MULTIPLIER
-    target_epsilon: float | None = None  # calibrate σ so that the whole run ends at this ε
-    max_grad_norm: float = 1.0  # per-example clipping norm C
-    delta: float | str = 1e-5  # or "auto": 1 / (10 N), resolved once N is known; must be < 1/N
-    allow_large_delta: bool = False  # insist on a δ >= 1/N (refused otherwise: no meaningful guarantee)
-    accountant: str = "rdp"  # the ε reported, calibrated to and budgeted; metrics.csv has rdp, prv and pld
-    max_epsilon: float | None = None  # budget: stop before the first step that would exceed it
-    clipping: str = "flat"  # the per-example clipping rule (the engines' registry): flat or automatic
-
-    DEFAULT_NOISE_MULTIPLIER = 1.0
+class DPConfig(DPSettings):
+    """The ``dp`` section: :class:`~dpvision.privacy.plan.DPSettings`, its clipping rule one of the engines'."""
 
     def __post_init__(self) -> None:
-        _need(isinstance(self.enabled, bool), "dp.enabled", "true or false", self.enabled)
-        if self.noise_multiplier is not None:
-            _need(_is_number(self.noise_multiplier) and self.noise_multiplier >= 0, "dp.noise_multiplier",
-                  "a number >= 0", self.noise_multiplier)
-        for name in ("target_epsilon", "max_epsilon"):
-            value = getattr(self, name)
-            if value is not None:
-                _need(_is_number(value) and value > 0, f"dp.{name}", "a positive number", value)
-        _need(_is_number(self.max_grad_norm) and self.max_grad_norm > 0, "dp.max_grad_norm", "a positive number",
-              self.max_grad_norm)
-        self.delta = parse_delta(self.delta, "dp.delta")
-        _need(isinstance(self.allow_large_delta, bool), "dp.allow_large_delta", "true or false",
-              self.allow_large_delta)
-        check_accountant(self.accountant, "dp.accountant")
+        super().__post_init__()
         _need(self.clipping in CLIPPING_RULES, "dp.clipping", f"one of {', '.join(CLIPPING_RULES)}", self.clipping)
-        if self.noise_multiplier is not None and self.target_epsilon is not None:
-            raise ValueError("dp.noise_multiplier and dp.target_epsilon exclude each other: the target calibrates "
-                             "the noise multiplier; give one of them")
-        if not self.enabled:
-            for name in ("noise_multiplier", "target_epsilon", "max_epsilon"):
-                if getattr(self, name) is not None:
-                    raise ValueError(f"dp.{name} needs DP: a run without DP adds no noise and spends no privacy "
-                                     f"(drop dp.{name}, or enable DP)")
-
-    def deactivated(self) -> "DPConfig":
-        """The same settings with DP off (and nothing that only DP uses)."""
-        return dataclasses.replace(self, enabled=False, noise_multiplier=None, target_epsilon=None,
-                                   max_epsilon=None)
 
 
 @dataclass(kw_only=True)

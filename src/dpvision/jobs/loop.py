@@ -6,9 +6,8 @@
 * :func:`epsilon_columns` gives ε under every accountant for the metrics row
   (``epsilon_rdp``, ``epsilon_prv``, ``epsilon_pld``).
 * :class:`BestModel` keeps the weights of the best validation epoch and owns ``model_best.pt``.
-* :class:`Checkpointer` writes and reads the per-epoch checkpoint of a run folder and
-  refuses a checkpoint of another configuration; :func:`check_ledger` refuses one whose
-  privacy ledger is not what the plan and the completed epochs imply.
+* the per-epoch checkpoint of a run folder is :class:`dpvision.checkpoint.Checkpointer`'s (with
+  :func:`~dpvision.checkpoint.check_ledger`, which refuses a ledger the plan does not imply).
 * :func:`check_resume_flags` enforces "with ``--resume`` only flags that cannot
   change the result may be given again".
 
@@ -34,7 +33,6 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from dpvision.checkpoint import CHECKPOINT_NAME, CheckpointError, config_fingerprint, load_checkpoint, save_checkpoint
 from dpvision.engines import Engine, EpochResult
 from dpvision.privacy.accounting import ACCOUNTANTS, PrivacyLedger
 from dpvision.privacy.budget import PrivacyBudget
@@ -132,83 +130,6 @@ class BestModel:
         self.epoch = int(state.get("best_epoch", 0))
         self.metric = float(state.get("best_val_accuracy", -math.inf))
         self.weights = state.get("best_state")
-
-
-class Checkpointer:
-    """The checkpoint file of one run folder, tied to the run's config by a fingerprint.
-
-    ``ignore`` names the config keys that cannot change the result (data folder,
-    device, verbosity): they are left out of the fingerprint, so a resume may set
-    them anew.
-    """
-
-    FILE = CHECKPOINT_NAME
-
-    def __init__(self, run_path: str | Path, config: Mapping[str, Any], *, ignore: Iterable[str] = ()) -> None:
-        self.path = Path(run_path) / self.FILE
-        self.config = dict(config)
-        self.fingerprint = config_fingerprint(self.config, ignore=ignore)
-
-    def save(self, *, engine_state: Mapping[str, Any], ledger: PrivacyLedger, epoch: int, steps: int,
-             extra: Mapping[str, Any] | None = None) -> None:
-        """Write the checkpoint. ``engine_state``: ``engine.state_dict()`` (a distributed engine gathers
-        every rank's generators in it, so every rank must have called it)."""
-        save_checkpoint(self.path, engine_state=engine_state, ledger_state=ledger.state_dict(),
-                        epoch=epoch, steps=steps, config=self.config, fingerprint=self.fingerprint, extra=extra)
-
-    def read(self, map_location) -> dict[str, Any] | None:
-        """The checkpoint (refused if another config wrote it), or ``None`` when there is none yet."""
-        if not self.path.exists():
-            return None
-        return load_checkpoint(self.path, fingerprint=self.fingerprint, map_location=map_location)
-
-
-def implied_ledger(plan, budget: PrivacyBudget | None, epochs: int, *, stopped: bool) -> tuple[PrivacyLedger, list]:
-    """The ledger ``epochs`` completed epochs of ``plan`` leave, and the steps after each epoch.
-
-    Every epoch takes ``plan.steps_per_epoch`` steps at the plan's σ and q, except that the last
-    one of a run the budget ``stopped`` takes exactly the steps the budget allowed. Without DP: empty.
-    """
-    ledger, after = PrivacyLedger(), []
-    sampled = {"noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate}
-    for epoch in range(1, epochs + 1):
-        steps = plan.steps_per_epoch
-        if stopped and epoch == epochs and budget is not None:
-            steps = budget.allowed_steps(ledger, planned=steps, **sampled)
-        if plan.dp:
-            ledger.record(steps=steps, **sampled)
-        after.append(ledger.steps)
-    return ledger, after
-
-
-def check_ledger(state: Mapping[str, Any], plan, budget: PrivacyBudget | None, *, logged: list[int],
-                 path: str | Path) -> None:
-    """Refuse (one line naming ``path``) a checkpoint whose ledger the plan and its epochs do not imply.
-
-    ε is computed from the ledger, so a hand-edited or damaged one would print a wrong ε. Checked
-    under DP: the ledger, the checkpoint's step count and its metrics rows' ``steps`` against
-    :func:`implied_ledger`, and ``logged`` (metrics.csv's ``steps`` column, which may lag the
-    checkpoint by the one row a crash between the two writes can lose) against those rows.
-    """
-    rows = list(state.get("extra", {}).get("metrics", []))
-    epochs = int(state.get("epoch", -1))
-    if [int(r["epoch"]) for r in rows] != list(range(1, epochs + 1)):
-        raise CheckpointError(f"{path}: its metrics rows do not cover epochs 1 to {epochs}; refusing to resume")
-    steps = [int(r["steps"]) for r in rows]
-    if logged != steps[:len(logged)] or len(logged) < len(steps) - 1:
-        raise CheckpointError(f"{path}: its steps per epoch {steps} disagree with metrics.csv's steps column "
-                              f"{logged}; refusing to resume")
-    if not plan.dp and not state["ledger"]["history"]:
-        return
-    stopped = state.get("extra", {}).get("stop_reason") is not None
-    expected, after = implied_ledger(plan, budget, epochs, stopped=stopped)
-    saved = [[float(s), float(q), int(n)] for s, q, n in state["ledger"]["history"]]
-    counted = int(state.get("steps", -1))
-    if saved != expected.state_dict()["history"] or steps != after or counted != expected.steps:
-        raise CheckpointError(
-            f"{path}: its privacy ledger {saved} ({counted} steps, metrics rows {steps}) is not what "
-            f"the plan and its {epochs} completed epochs imply ({expected.state_dict()['history']}, steps {after}); "
-            "refusing to resume from an edited or damaged checkpoint")
 
 
 def resume_overrides(args, given: Iterable[str], fields: Mapping[str, tuple[str, str]]) -> dict[str, Any]:

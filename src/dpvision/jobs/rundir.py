@@ -22,8 +22,9 @@ from typing import Any, Mapping
 import yaml
 
 import dpvision
+from dpvision.checkpoint import Checkpointer
 from dpvision.jobs.config import RESOLVED, SECTIONS, TrainConfig
-from dpvision.jobs.loop import BestModel, Checkpointer
+from dpvision.jobs.loop import BestModel
 from dpvision.jobs.report import METRIC_COLUMNS
 from dpvision.runs import RunDir
 

@@ -1,5 +1,7 @@
-"""Everything a run decides before its first step: the data, the privacy plan, the model.
+"""Everything a run decides before its first step: the data, the privacy plan, the model, the engine.
 
+:func:`prepare` is the job's one call here: for a new run or for the run folder a resume names,
+it makes every check, then the model and the engine, and returns them as one :class:`Setup`.
 Checks come before any file is written: a bad recipe, missing data or an
 unreachable ε stops the job with one line and an untouched disk.
 
@@ -8,8 +10,10 @@ unreachable ε stops the job with one line and an untouched disk.
 * :func:`plan_privacy` makes the run's one :class:`~dpvision.privacy.plan.Plan` from the N
   actually trained on: δ (``auto``), σ (given, default or calibrated to ``target_epsilon``),
   q, steps per epoch, E[B] and the schedule's length.
-* :func:`validate` runs every check that can fail before anything is written (data, model, plan).
-* :func:`build` makes the model and the engine, which trains as the plan says.
+* :func:`check_can_run` and :func:`validate` run every check that can fail before anything is written
+  (the run folder, the device; the data, the model, the plan).
+* :func:`build` makes the model and the engine, which trains as the plan says (on this rank's share,
+  under torch.distributed).
 
 Example:
     >>> plan = plan_privacy(TrainConfig(), num_train=30_000)
@@ -21,21 +25,26 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
+import sys
 from dataclasses import dataclass, replace
 
-from dpvision.cli_support import resolve_device
+import torch
+from torch import nn
+
+from dpvision.cli_support import check_can_create_dir, resolve_device
 from dpvision.data import data_fingerprint, load_dataset
 from dpvision.data.mnist import random_subset
 from dpvision.data.registry import DATASET_REGISTRY
-from dpvision.engines import FastOptions, OptimizerSpec, build_engine
+from dpvision.engines import DistContext, Engine, FastOptions, OptimizerSpec, build_engine
 from dpvision.jobs.config import TrainConfig
+from dpvision.jobs.rundir import restore
 from dpvision.models import build_model, check_model_options
 from dpvision.models.external import check_external, is_external, resolve_model
 from dpvision.models.init import prepare as prepare_model
 from dpvision.privacy.accounting import compute_epsilon
-from dpvision.privacy.bounds import check_noise_multiplier
 from dpvision.privacy.plan import Plan, make_plan
-from dpvision.seeding import make_generator
+from dpvision.seeding import make_generator, seed_everything
 
 MIN_SENSIBLE_STEPS = 200  # fewer optimizer steps than this rarely train a network from scratch
 
@@ -51,6 +60,66 @@ class Data:
     val_groups: tuple[str, ...] | None
     test_groups: tuple[str, ...] | None
     fingerprint: str  # of the training set actually trained on
+
+
+@dataclass(frozen=True)
+class Given:
+    """What a caller hands over from Python (:mod:`dpvision.api`) instead of what the config names."""
+
+    data: Data | None = None  # the splits
+    model: nn.Module | None = None  # trained in place
+
+
+@dataclass(frozen=True)
+class Setup:
+    """A run ready for its first step: the config that runs, its data and plan, the engine (model inside)."""
+
+    config: TrainConfig
+    data: Data
+    plan: Plan
+    engine: Engine
+
+
+def prepare(config: TrainConfig | None, dist: DistContext, *, resume: str | os.PathLike | None = None,
+            overrides: dict | None = None, given: Given = Given()) -> Setup:
+    """The :class:`Setup` of a new run (``config``) or of the run folder ``resume`` names (its saved config
+    with ``overrides`` of its free keys); every check first, nothing written."""
+    if resume is None:
+        assert config is not None, "give a config or a run folder to resume"
+        planned = config
+    else:
+        config, saved = dist.broadcast_object(restore(resume, overrides or {}) if dist.is_main else None)
+        sigma = float(saved["noise_multiplier"])  # exactly as the run used it (no recalibration)
+        planned = (replace(config, dp=replace(config.dp, target_epsilon=None, noise_multiplier=sigma))
+                   if config.dp.enabled else config)
+    check_can_run(config, dist, new_run=resume is None)
+    data, plan = validate(planned, given)
+    if resume is None:
+        advice = few_steps_advice(config, plan)
+        if advice and not config.run.quiet and dist.is_main:
+            print(f"warning: {advice}", file=sys.stderr, flush=True)
+    elif data.fingerprint != saved.get("data_fingerprint"):
+        raise ValueError(f"data.root {config.data.root!r} does not hold the training data the run in "
+                         f"{str(resume)!r} was trained on (fingerprint {data.fingerprint[:12]}... vs "
+                         f"{str(saved.get('data_fingerprint'))[:12]}...); point it at the original data")
+    return Setup(config=config, data=data, plan=plan, engine=build(config, data, plan, dist, model=given.model))
+
+
+def check_can_run(config: TrainConfig, dist: DistContext, *, new_run: bool) -> None:
+    """Before loading any data (creates nothing): a new run's ``run.runs_dir`` can be written (rank 0 tries,
+    every rank gets its verdict), TensorBoard is installed if asked for, the device exists."""
+    if new_run:
+        problem = None
+        if dist.is_main:
+            try:
+                check_can_create_dir(config.run.runs_dir, "run.runs_dir")
+            except ValueError as err:
+                problem = str(err)
+        if dist.broadcast_object(problem):
+            raise ValueError(problem)
+    if config.run.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ValueError("run.tensorboard needs the tensorboard package: pip install 'dpvision[tensorboard]'")
+    resolve_device(config.run.device)  # refuses cuda where there is none (one line, not a traceback)
 
 
 def load_data(config: TrainConfig):
@@ -71,8 +140,6 @@ def load_data(config: TrainConfig):
         if config.data.val_size >= len(train):
             raise ValueError(f"data.val_size must be below the {len(train)} training examples, "
                              f"got {config.data.val_size}")
-        import torch
-
         order = torch.randperm(len(train), generator=make_generator(seed, "val_split"))
         val, train = train.subset(order[:config.data.val_size]), train.subset(order[config.data.val_size:])
         val_groups = None
@@ -82,52 +149,32 @@ def load_data(config: TrainConfig):
 
 def plan_privacy(config: TrainConfig, *, num_train: int) -> Plan:
     """The run's :class:`~dpvision.privacy.plan.Plan` for ``num_train`` examples: δ, σ (given, default or
-    calibrated), q, the epoch length and the schedule's; ``ValueError`` naming the setting when impossible."""
-    dp, optim = config.dp, config.optim
+    calibrated; accountable within bounded work), q, the epoch length and the schedule's; ``ValueError``
+    naming the setting when impossible."""
+    optim = config.optim
     if optim.batch_size > num_train:
         raise ValueError(f"optim.batch_size must be at most the {num_train} training examples, "
                          f"got {optim.batch_size}")
-    try:
-        plan = make_plan(num_train=num_train, batch_size=optim.batch_size, epochs=optim.epochs, dp=dp.enabled,
-                         noise_multiplier=dp.noise_multiplier, target_epsilon=dp.target_epsilon,
-                         max_grad_norm=dp.max_grad_norm, delta=dp.delta, accountant=dp.accountant,
-                         clipping=dp.clipping, warmup_epochs=optim.warmup_epochs,
-                         allow_large_delta=dp.allow_large_delta)
-    except ValueError as err:
-        if str(err).startswith("target_epsilon:"):
-            raise ValueError(f"dp.{err}") from None
-        raise
-    if not plan.dp:
-        return plan
-    # Bounded accountant work: σ in range, and PRV/PLD (as the primary) only where their grids are bounded.
-    check_noise_multiplier(plan.noise_multiplier, "dp.noise_multiplier", accountant=plan.accountant,
-                           sample_rate=plan.sample_rate, steps=plan.total_steps, delta=plan.delta,
-                           accountant_flag="dp.accountant")
-    return plan
+    return make_plan(config.dp, num_train=num_train, batch_size=optim.batch_size, epochs=optim.epochs,
+                     warmup_epochs=optim.warmup_epochs, check_work=True)
 
 
-def validate(config: TrainConfig, dist=None, data=None, model=None):
-    """Every check that can fail before anything is written; returns ``(data, plan, device)``.
+def validate(config: TrainConfig, given: Given = Given()) -> tuple[Data, Plan]:
+    """The data, the model's options and the plan, checked (nothing written); returns ``(data, plan)``.
 
-    ``dist``: the data-parallel context; its device is this rank's (``cuda:LOCAL_RANK`` under torchrun).
-    ``data``, ``model``: the splits and the module handed over from Python (:mod:`dpvision.api`) instead of
-    those ``config`` names.
+    ``given``: the splits and the module handed over from Python (:mod:`dpvision.api`) instead of those
+    ``config`` names.
     """
-    if config.run.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise ValueError("run.tensorboard needs the tensorboard package: pip install 'dpvision[tensorboard]'")
-    device = resolve_device(config.run.device)  # refuses cuda where there is none (one line, not a traceback)
-    if dist is not None:
-        device = dist.device
-    data = load_data(config) if data is None else data
-    if model is None and is_external(config.model.name):  # torchvision:<name> or <module>:<factory>
-        check_external(config.model.name, image_size=int(data.train.images.shape[-1]))
-    elif model is None:  # (the caller's own module was checked by dpvision.api)
+    data = load_data(config) if given.data is None else given.data
+    image_size = int(data.train.images.shape[-1])
+    if given.model is None and is_external(config.model.name):  # torchvision:<name> or <module>:<factory>
+        check_external(config.model.name, image_size=image_size)
+    elif given.model is None:  # (the caller's own module was checked by dpvision.api)
         check_model_options(config.model.name, in_channels=int(data.train.images.shape[1]),
-                            num_classes=len(data.class_names), image_size=int(data.train.images.shape[-1]),
+                            num_classes=len(data.class_names), image_size=image_size,
                             activation=config.model.activation, width=config.model.width,
                             weight_standardization=config.model.weight_standardization)
-    plan = plan_privacy(config, num_train=len(data.train))
-    return data, plan, device
+    return data, plan_privacy(config, num_train=len(data.train))
 
 
 def few_steps_advice(config: TrainConfig, plan: Plan) -> str | None:
@@ -174,9 +221,10 @@ def few_steps_advice(config: TrainConfig, plan: Plan) -> str | None:
             f"--epochs {advised.epochs} ({advised.total_steps} steps{why})")
 
 
-def build(config: TrainConfig, data: Data, plan: Plan, device, dist=None, model=None):
+def build(config: TrainConfig, data: Data, plan: Plan, dist: DistContext, model: nn.Module | None = None) -> Engine:
     """The model (seeded initialisation; ``model``: the caller's own, :mod:`dpvision.api`) and the engine that
     trains it (on this rank's share, under ``dist``)."""
+    seed_everything(config.run.seed)  # weight initialisation draws from torch's global generator
     train = data.train
     sizes = dict(in_channels=int(train.images.shape[1]), num_classes=len(data.class_names),
                  image_size=int(train.images.shape[-1]))
@@ -199,6 +247,7 @@ def build(config: TrainConfig, data: Data, plan: Plan, device, dist=None, model=
         options = FastOptions(precision=None if config.run.precision == "auto" else config.run.precision,
                               augmult=optim.augmult,
                               augment_flip=bool(optim.augmult) and DATASET_REGISTRY[config.data.dataset].allows_flip)
-    dist = dist if dist is not None and dist.is_distributed else None  # one process: the engine's own context
+    # One process: the engine's own world of one on this device; data-parallel: this rank's context.
+    device = dist if dist.is_distributed else dist.device
     return build_engine(config.run.engine, model=model, train_data=train, plan=plan, optimizer=optimizer,
-                        seed=config.run.seed, device=device, dist=dist, options=options)
+                        seed=config.run.seed, device=device, options=options)

@@ -30,26 +30,25 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 from tqdm import tqdm
 
-from dpvision.cli_support import check_can_create_dir
+from dpvision.checkpoint import check_ledger
 from dpvision.engines import evaluate
 from dpvision.engines.distributed import DistContext
 from dpvision.jobs import report
 from dpvision.jobs.config import TrainConfig
 from dpvision.jobs.ema import WeightAverage
-from dpvision.jobs.loop import BestModel, EpochOutcome, check_ledger, epsilon_columns, train_private_epoch
+from dpvision.jobs.loop import BestModel, EpochOutcome, epsilon_columns, train_private_epoch
 from dpvision.jobs.plots import plot_curves
 from dpvision.jobs.rundir import (
-    CURVES, create_run, logged_steps, read_summary, reopen_run, resolved_section, restore,
+    CURVES, create_run, logged_steps, read_summary, reopen_run, resolved_section,
     run_outputs,
 )  # fmt: skip
-from dpvision.jobs.setup import build, few_steps_advice, validate
+from dpvision.jobs.setup import Given, prepare
 from dpvision.privacy import PrivacyBudget, PrivacyLedger
-from dpvision.seeding import seed_everything
 
 BEST_MODEL = BestModel.FILE
 Hook = Callable[[str, int], None]  # ("step", steps so far this epoch) / ("epoch", epoch): tests interrupt here
@@ -100,20 +99,18 @@ class Trainer:
     """One run's state: the engine, the ledger, the EMA, the best weights, the rows, the run folder.
 
     Made from a config (or the run folder ``resume`` names, with ``overrides`` of its free
-    keys): every check first (:func:`prepare`, nothing written), then the model and engine.
+    keys) by :func:`~dpvision.jobs.setup.prepare`: every check first (nothing written), then the engine.
     ``epoch`` and ``steps`` count what is done (epochs completed, optimizer steps taken); a
     resume restores them, with everything else, from the checkpoint (:meth:`state_dict`).
     Only rank 0 holds the writers (``run_dir``, ``checkpointer``, ``tensorboard``).
     """
 
     def __init__(self, config: TrainConfig | None, dist: DistContext, hooks: Hooks, *, resume=None,
-                 overrides: dict | None = None, given: tuple = (None, None)) -> None:
-        config, self.data, self.plan, self.device = prepare(config, dist, resume=resume, overrides=overrides or {},
-                                                            given=given)
-        self.config, self.dist, self.hooks, self.resume = config, dist, hooks, resume
-        plan = self.plan
-        seed_everything(config.run.seed)  # weight initialisation draws from torch's global generator
-        self.engine = build(config, self.data, plan, self.device, dist, model=given[1])
+                 overrides: dict | None = None, given: Given = Given()) -> None:
+        setup = prepare(config, dist, resume=resume, overrides=overrides, given=given)
+        config, self.data, plan, self.engine = setup.config, setup.data, setup.plan, setup.engine
+        self.config, self.plan, self.device, self.dist, self.hooks, self.resume = (
+            config, plan, dist.device, dist, hooks, resume)
         self.ledger = PrivacyLedger()
         self.ema = None
         if config.optim.ema_decay is not None:
@@ -158,7 +155,9 @@ class Trainer:
         return self.resume is not None
 
     def open(self, *, group: str | None, run_name: str | None) -> None:
-        """Rank 0 creates (or reopens and locks) the run folder; on resume every rank restores the checkpoint."""
+        """Rank 0 creates (or reopens and locks) the run folder. On resume rank 0 reads and checks the
+        checkpoint and every rank loads it (the engine scatters each rank's generators): the folder then
+        holds exactly the checkpointed epochs."""
         if self.dist.is_main:
             if self.resume is None:
                 resolved = resolved_section(self.plan, self.data, engine=self.engine.name, device=self.device)
@@ -168,20 +167,19 @@ class Trainer:
                 self.run_dir, self.checkpointer = reopen_run(self.resume)
             self.best.path = self.run_dir.path / BestModel.FILE
         self.path = self.dist.broadcast_object(str(self.run_dir.path) if self.run_dir else None)
-        if self.resumed:
-            self._restore()
-
-    def _restore(self) -> None:
-        """Rank 0 reads and checks the checkpoint; every rank loads it (the engine scatters each rank's
-        generators). The folder then holds exactly the checkpointed epochs."""
-        state = self.checkpointer.read("cpu") if self.dist.is_main else None  # generator states stay on the CPU
-        if state is not None:
-            check_ledger(state, self.plan, self.budget, logged=logged_steps(self.run_dir),
-                         path=self.checkpointer.path)
+        if not self.resumed:
+            return
+        state = None
+        if self.dist.is_main:
+            logged = logged_steps(self.run_dir)
+            state = self.checkpointer.read("cpu")  # generator states stay on the CPU
+            if state is not None:
+                check_ledger(state, self.plan, self.budget, logged=logged, path=self.checkpointer.path)
         if self.dist.broadcast_object(state is not None):
             self.engine.load_state_dict(state["engine"] if self.dist.is_main else None)
-            self.load_state_dict(self.dist.broadcast_object(
-                {k: state[k] for k in ("epoch", "steps", "ledger", "extra")} if self.dist.is_main else None))
+            saved = self.dist.broadcast_object(
+                {k: state[k] for k in ("epoch", "steps", "ledger", "extra")} if self.dist.is_main else None)
+            self.load_state_dict(saved)
         if self.run_dir is not None:
             self.run_dir.rewrite_metrics(self.rows)
             self.best.save()
@@ -220,18 +218,20 @@ class Trainer:
             improved = self.best.update(self.epoch, val[1], model)
         epsilons = epsilon_columns(self.ledger, delta=self.plan.delta, dp=self.plan.dp,
                                    primary=self.config.dp.accountant)
-        self.rows.append(report.metrics_row(
+        row = report.metrics_row(
             {"epoch": self.epoch, "steps": self.steps}, report.plan_columns(self.plan),
             report.split_metrics("train", result.loss, result.accuracy), report.split_metrics("val", *val),
             report.split_metrics("test", *tested),
             report.privacy_columns(epsilons, accountant=self.config.dp.accountant, delta=self.plan.delta),
-            {"seconds": round(time.perf_counter() - started, 3)}))
-        self._record(improved)
+            {"seconds": round(time.perf_counter() - started, 3)})
+        line = report.epoch_line(row, improved=improved, dp=self.plan.dp)  # printed only once it is saved
+        self.rows.append(row)
+        self._record(improved, line)
 
-    def _record(self, improved: bool) -> None:
-        """Checkpoint first, then write and print: nothing about an epoch is released before the state
-        that produced it is saved (docs/privacy.md). Every rank takes the engine's state (it gathers every
-        rank's generators); rank 0 writes it."""
+    def _record(self, improved: bool, line: str) -> None:
+        """Checkpoint first, then write and print (``line``): nothing about an epoch is released before the
+        state that produced it is saved (docs/privacy.md). Every rank takes the engine's state (it gathers
+        every rank's generators); rank 0 writes it."""
         engine_state = self.engine.state_dict()
         if self.run_dir is None:
             return
@@ -246,7 +246,7 @@ class Trainer:
         if self.tensorboard:
             self.tensorboard.log(row)
         if not self.quiet:
-            print(report.epoch_line(row, improved=improved, dp=self.plan.dp), flush=True)
+            print(line, flush=True)
         if self.hooks.hook:
             self.hooks.hook("epoch", self.epoch)
 
@@ -306,38 +306,8 @@ class Trainer:
             self.run_dir.unlock()
 
 
-def prepare(config: TrainConfig | None, dist, *, resume, overrides: dict, given: tuple = (None, None)) -> tuple:
-    """``(config, data, plan, device)`` of a new run or of the run folder ``resume`` names; writes nothing."""
-    if resume is None:
-        assert config is not None, "give a config or a run folder to resume"
-        # Before loading any data (creates nothing); rank 0 tries, every rank gets its verdict.
-        problem = None
-        if dist.is_main:
-            try:
-                check_can_create_dir(config.run.runs_dir, "run.runs_dir")
-            except ValueError as err:
-                problem = str(err)
-        if dist.broadcast_object(problem):
-            raise ValueError(problem)
-        data, plan, device = validate(config, dist, *given)
-        advice = few_steps_advice(config, plan)
-        if advice and not config.run.quiet and dist.is_main:
-            print(f"warning: {advice}", file=sys.stderr, flush=True)
-        return config, data, plan, device
-    config, saved = dist.broadcast_object(restore(resume, overrides) if dist.is_main else None)
-    sigma = float(saved["noise_multiplier"])  # exactly as the run used it (no recalibration)
-    planned = (replace(config, dp=replace(config.dp, target_epsilon=None, noise_multiplier=sigma))
-               if config.dp.enabled else config)
-    data, plan, device = validate(planned, dist, *given)
-    if data.fingerprint != saved.get("data_fingerprint"):
-        raise ValueError(f"data.root {config.data.root!r} does not hold the training data the run in "
-                         f"{str(resume)!r} was trained on (fingerprint {data.fingerprint[:12]}... vs "
-                         f"{str(saved.get('data_fingerprint'))[:12]}...); point it at the original data")
-    return config, data, plan, device
-
-
-def run(config: TrainConfig | None = None, *, resume: str | os.PathLike | None = None, group: str | None = None,
-        run_name: str | None = None, overrides: dict | None = None, announce: bool = True, data=None, model=None,
+def run(config: TrainConfig | None = None, *, resume: str | os.PathLike | None = None, overrides: dict | None = None,
+        group: str | None = None, run_name: str | None = None, announce: bool = True, given: Given = Given(),
         **hooks) -> dict:
     """Train, write the run folder after every epoch, evaluate on test; return the summary.
 
@@ -346,9 +316,9 @@ def run(config: TrainConfig | None = None, *, resume: str | os.PathLike | None =
     same); a finished run is not trained again: its closing lines are printed once more.
     ``group``/``run_name`` place a new run folder (default: the dataset and a name made
     from the settings). ``announce=False`` leaves out the closing lines (a sweep prints its
-    own). ``data`` (a ``setup.Data``) and ``model`` (an ``nn.Module``, trained in place) replace what
-    ``config`` names (:mod:`dpvision.api`). ``hooks``: the fields of :class:`Hooks` (``front_end``,
-    ``on_rows``, ``summary_extra``, ``hook``).
+    own). ``given`` (a :class:`~dpvision.jobs.setup.Given`): the splits and the ``nn.Module`` (trained in
+    place) that replace what ``config`` names (:mod:`dpvision.api`). ``hooks``: the fields of :class:`Hooks`
+    (``front_end``, ``on_rows``, ``summary_extra``, ``hook``).
     A ``KeyboardInterrupt`` leaving this function carries ``run_dir``: the folder to resume
     (``None`` before it was created).
     """
@@ -356,7 +326,7 @@ def run(config: TrainConfig | None = None, *, resume: str | os.PathLike | None =
     device_name = (overrides or {}).get("run.device") or (config.run.device if config is not None else "auto")
     # Under torchrun: one process per GPU (or CPU rank); alone: a world of one, today's code path.
     with DistContext.from_env(device=device_name) as dist:
-        trainer = Trainer(config, dist, hooks, resume=resume, overrides=overrides, given=(data, model))
+        trainer = Trainer(config, dist, hooks, resume=resume, overrides=overrides, given=given)
         try:
             trainer.open(group=group, run_name=run_name)
             complete = trainer.resumed and trainer.finished
@@ -379,4 +349,4 @@ def run(config: TrainConfig | None = None, *, resume: str | os.PathLike | None =
     return summary
 
 
-__all__ = ["BEST_MODEL", "Hooks", "Trainer", "evaluate_split", "run", "train", "validate"]
+__all__ = ["BEST_MODEL", "Given", "Hooks", "Trainer", "evaluate_split", "run", "train"]

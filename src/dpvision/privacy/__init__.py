@@ -10,9 +10,7 @@ from dpvision.privacy.accounting import (
     compute_epsilons,
     epsilon_notes,
     expected_batch_size,
-    parse_delta,
     poisson_sample_rate,
-    resolve_delta,
     steps_per_epoch,
 )
 from dpvision.privacy.bounds import (
@@ -22,6 +20,7 @@ from dpvision.privacy.bounds import (
     check_noise_multiplier,
 )
 from dpvision.privacy.budget import PrivacyBudget, steps_within_budget
+from dpvision.privacy.plan import DPSettings, Plan, make_plan, parse_delta, resolve_delta
 
 __all__ = [
     "ACCOUNTANTS",
@@ -30,6 +29,8 @@ __all__ = [
     "MAX_NOISE_MULTIPLIER",
     "MIN_NOISE_MULTIPLIER",
     "AccountantWorkError",
+    "DPSettings",
+    "Plan",
     "PrivacyBudget",
     "PrivacyLedger",
     "calibrate_noise_multiplier",
@@ -39,6 +40,7 @@ __all__ = [
     "compute_epsilons",
     "epsilon_notes",
     "expected_batch_size",
+    "make_plan",
     "parse_delta",
     "poisson_sample_rate",
     "register_accountant",

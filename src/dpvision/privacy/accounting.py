@@ -28,13 +28,13 @@ from dpvision.privacy.bounds import (
     MAX_NOISE_MULTIPLIER,
     MIN_NOISE_MULTIPLIER,
     AccountantWorkError,
+    check_noise_multiplier,
     max_grid_points,
     min_noise_multiplier,
     skip_reason,
 )
 
 BATCH_SIZE_RTOL = 1e-12  # float error allowed in N * q before it is floored (q not of the form 1/m)
-AUTO_DELTA_FACTOR = 10  # --delta auto: δ = 1 / (10 N), well below the 1/N where DP stops meaning much
 
 
 def poisson_sample_rate(num_examples: int, batch_size: int) -> float:
@@ -83,44 +83,6 @@ def expected_batch_size(num_examples: int, sample_rate: float) -> int:
     return expected
 
 
-def parse_delta(value: float | str, where: str = "dp.delta") -> float | str:
-    """δ as given (a number, a numeric string, or ``"auto"``) -> a float in (0, 1) or ``"auto"``.
-
-    The one place δ is parsed: the config, every front-end and :func:`resolve_delta` call it.
-
-    Example:
-        >>> parse_delta("1e-5"), parse_delta(" AUTO "), parse_delta(1e-5)
-        (1e-05, 'auto', 1e-05)
-        >>> parse_delta("sometimes")
-        Traceback (most recent call last):
-        ...
-        ValueError: dp.delta must be a number in (0, 1) or 'auto', got 'sometimes'
-    """
-    if isinstance(value, str):
-        if value.strip().lower() == "auto":
-            return "auto"
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:  # also NaN
-        raise ValueError(f"{where} must be a number in (0, 1) or 'auto', got {value!r}")
-    return float(value)
-
-
-def resolve_delta(delta: float | str, num_examples: int) -> float:
-    """δ for ``num_examples`` training examples: ``"auto"`` becomes 1 / (10 N), a number stays itself.
-
-    Example:
-        >>> resolve_delta("auto", 30_000)
-        3.3333333333333333e-06
-        >>> resolve_delta("1e-5", 30_000)
-        1e-05
-    """
-    delta = parse_delta(delta)
-    return 1.0 / (AUTO_DELTA_FACTOR * num_examples) if delta == "auto" else delta
-
-
 def normalize_history(history) -> History:
     """Segments as a hashable tuple of ``(float σ, float q, int steps)``, empty segments dropped.
 
@@ -153,7 +115,8 @@ def compute_epsilon(history, *, delta: float, accountant: str = "rdp") -> float:
     second to seconds each, and a run asks for the same ε several times (budget check
     before an epoch, the per-epoch row after it, σ calibration's bisection).
     """
-    value, note, too_much_work = _evaluate(_checked(history, delta, accountant), float(delta), accountant)
+    history = _checked(history, delta, accountant)
+    value, note, too_much_work = _evaluate(history, float(delta), accountant)
     if too_much_work:
         raise AccountantWorkError(f"{note}; use --accountant rdp or a larger --sigma")
     return value
@@ -367,3 +330,24 @@ def calibrate_noise_multiplier(
         else:
             low = mid
     return high
+
+
+def noise_multiplier_for(noise_multiplier: float, *, target_epsilon: float | None, delta: float,
+                         sample_rate: float, steps: int, accountant: str, check_work: bool = False) -> float:
+    """σ of a planned DP run: ``noise_multiplier`` as given, or, with ``target_epsilon``, calibrated to it.
+
+    A target that cannot be met is a one-line ``ValueError`` naming ``dp.target_epsilon``. With
+    ``check_work`` σ must also be 0 or in range, and, with PRV or PLD as ``accountant``, accountable
+    within bounded memory for the planned run (:func:`~dpvision.privacy.bounds.check_noise_multiplier`).
+    """
+    sigma = noise_multiplier
+    if target_epsilon is not None:
+        try:
+            sigma = calibrate_noise_multiplier(target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate,
+                                               steps=steps, accountant=accountant)
+        except ValueError as err:
+            raise ValueError(f"dp.target_epsilon: {err}") from None
+    if check_work:
+        check_noise_multiplier(sigma, "dp.noise_multiplier", accountant=accountant, sample_rate=sample_rate,
+                               steps=steps, delta=delta, accountant_flag="dp.accountant")
+    return sigma

@@ -14,11 +14,14 @@ ceil(N / B) for some m, see :func:`~dpvision.privacy.accounting.steps_per_epoch`
 and the noisy sum is divided by E[B] = N // ceil(N / B). Without DP an epoch is
 ceil(N / B) shuffled batches (the last one smaller).
 
+The DP settings (the recipe's ``dp`` section) are one :class:`DPSettings`, checked when made; δ is
+parsed, resolved (``"auto"``) and held to the 1/N convention here, and nowhere else.
+
 Example:
-    >>> plan = make_plan(num_train=23_808, batch_size=256, epochs=2, dp=False)
+    >>> plan = make_plan(DPSettings(enabled=False), num_train=23_808, batch_size=256, epochs=2)
     >>> plan.steps_per_epoch, plan.total_steps     # ceil(23808 / 256) = 93 shuffled batches
     (93, 186)
-    >>> plan = make_plan(num_train=30_000, batch_size=256, epochs=30, noise_multiplier=1.3, delta=1e-5)
+    >>> plan = make_plan(DPSettings(noise_multiplier=1.3), num_train=30_000, batch_size=256, epochs=30)
     >>> plan.sample_rate == 1 / 118, plan.steps_per_epoch, plan.expected_batch_size, plan.total_steps
     (True, 118, 254, 3540)
 """
@@ -27,19 +30,76 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from dpvision.privacy.accounting import (
-    AUTO_DELTA_FACTOR,
-    calibrate_noise_multiplier,
     check_accountant,
     expected_batch_size,
+    noise_multiplier_for,
     poisson_sample_rate,
-    resolve_delta,
     steps_per_epoch,
 )
 
 DEFAULT_NOISE_MULTIPLIER = 1.0
+AUTO_DELTA_FACTOR = 10  # delta "auto": δ = 1 / (10 N), well below the 1/N where DP stops meaning much
+
+
+def _need(ok: bool, where: str, valid: str, value) -> None:
+    if not ok:
+        raise ValueError(f"{where} must be {valid}, got {value!r}")
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass(kw_only=True)
+class DPSettings:
+    """The DP settings of a run (a recipe's ``dp`` section), each checked in ``__post_init__`` (``dp.<field>``).
+
+    ``clipping`` is a rule's name; the rules are the engines' (the job's config checks the name).
+    """
+
+    enabled: bool = True
+    noise_multiplier: float | None = None  # σ; None: calibrated from target_epsilon, or DEFAULT_NOISE_MULTIPLIER
+    target_epsilon: float | None = None  # calibrate σ so that the whole run ends at this ε
+    max_grad_norm: float = 1.0  # per-example clipping norm C
+    delta: float | str = 1e-5  # or "auto": 1 / (10 N), resolved once N is known; must be < 1/N
+    allow_large_delta: bool = False  # insist on a δ >= 1/N (refused otherwise: no meaningful guarantee)
+    accountant: str = "rdp"  # the ε reported, calibrated to and budgeted; metrics.csv has rdp, prv and pld
+    max_epsilon: float | None = None  # budget: stop before the first step that would exceed it
+    clipping: str = "flat"  # the per-example clipping rule (the engines' registry): flat or automatic
+
+    DEFAULT_NOISE_MULTIPLIER = DEFAULT_NOISE_MULTIPLIER
+
+    def __post_init__(self) -> None:
+        _need(isinstance(self.enabled, bool), "dp.enabled", "true or false", self.enabled)
+        if self.noise_multiplier is not None:
+            _need(_is_number(self.noise_multiplier) and self.noise_multiplier >= 0, "dp.noise_multiplier",
+                  "a number >= 0", self.noise_multiplier)
+        for name in ("target_epsilon", "max_epsilon"):
+            value = getattr(self, name)
+            if value is not None:
+                _need(_is_number(value) and value > 0, f"dp.{name}", "a positive number", value)
+        _need(_is_number(self.max_grad_norm) and self.max_grad_norm > 0, "dp.max_grad_norm", "a positive number",
+              self.max_grad_norm)
+        self.delta = parse_delta(self.delta, "dp.delta")
+        _need(isinstance(self.allow_large_delta, bool), "dp.allow_large_delta", "true or false",
+              self.allow_large_delta)
+        check_accountant(self.accountant, "dp.accountant")
+        _need(isinstance(self.clipping, str), "dp.clipping", "a clipping rule's name", self.clipping)
+        if self.noise_multiplier is not None and self.target_epsilon is not None:
+            raise ValueError("dp.noise_multiplier and dp.target_epsilon exclude each other: the target calibrates "
+                             "the noise multiplier; give one of them")
+        if not self.enabled:
+            for name in ("noise_multiplier", "target_epsilon", "max_epsilon"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"dp.{name} needs DP: a run without DP adds no noise and spends no privacy "
+                                     f"(drop dp.{name}, or enable DP)")
+
+    def deactivated(self):
+        """The same settings with DP off (and nothing that only DP uses)."""
+        return replace(self, enabled=False, noise_multiplier=None, target_epsilon=None, max_epsilon=None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,36 +163,65 @@ class Plan:
                 "delta": self.delta}
 
 
-def make_plan(*, num_train: int, batch_size: int, epochs: int, dp: bool = True,
-              noise_multiplier: float | None = None, target_epsilon: float | None = None,
-              max_grad_norm: float = 1.0, delta: float | str = 1e-5, accountant: str = "rdp",
-              clipping: str = "flat", warmup_epochs: float = 0.0, allow_large_delta: bool = False) -> Plan:
-    """The plan of a run: δ resolved (``"auto"`` = 1 / (10 N)), σ given, default or calibrated.
+def make_plan(dp: DPSettings, *, num_train: int, batch_size: int, epochs: int, warmup_epochs: float = 0.0,
+              check_work: bool = False) -> Plan:
+    """The plan of a run of ``epochs`` epochs at batch size ``batch_size`` on ``num_train`` examples under ``dp``.
 
-    With ``target_epsilon`` σ is calibrated so that ``epochs`` epochs end at ε <= target under
-    ``accountant`` (``ValueError`` naming ``target_epsilon`` when unreachable). Under DP the δ
-    policy (:func:`check_delta`) refuses δ >= 1/N unless ``allow_large_delta``.
+    δ is resolved (``"auto"`` = 1 / (10 N)) and, under DP, held to the δ policy (:func:`check_delta`);
+    σ is given, the default, or calibrated so that the run ends at ε <= ``dp.target_epsilon`` under
+    ``dp.accountant`` (``ValueError`` naming ``dp.target_epsilon`` when unreachable). ``check_work``
+    (the training job) also refuses a σ out of range, or one its accountant cannot account within
+    bounded memory (:func:`~dpvision.privacy.accounting.noise_multiplier_for`).
     """
-    resolved_delta = resolve_delta(delta, num_train)
-    if not dp:
-        return Plan(num_train=num_train, batch_size=batch_size, epochs=epochs, dp=False, delta=resolved_delta,
-                    accountant=accountant, clipping=clipping, warmup_epochs=warmup_epochs)
-    check_delta(resolved_delta, num_train, allow_large_delta=allow_large_delta)
-    base = Plan(num_train=num_train, batch_size=batch_size, epochs=epochs, dp=True,
-                noise_multiplier=DEFAULT_NOISE_MULTIPLIER if noise_multiplier is None else float(noise_multiplier),
-                max_grad_norm=float(max_grad_norm), delta=resolved_delta, accountant=accountant, clipping=clipping,
-                warmup_epochs=warmup_epochs)
-    if target_epsilon is None:
-        return base
-    try:
-        sigma = calibrate_noise_multiplier(target_epsilon=target_epsilon, delta=resolved_delta,
-                                           sample_rate=base.sample_rate, steps=base.total_steps,
-                                           accountant=accountant)
-    except ValueError as err:
-        raise ValueError(f"target_epsilon: {err}") from None
-    return Plan(num_train=num_train, batch_size=batch_size, epochs=epochs, dp=True, noise_multiplier=sigma,
-                max_grad_norm=float(max_grad_norm), delta=resolved_delta, accountant=accountant, clipping=clipping,
-                warmup_epochs=warmup_epochs)
+    delta = resolve_delta(dp.delta, num_train)
+    common = dict(num_train=num_train, batch_size=batch_size, epochs=epochs, delta=delta, accountant=dp.accountant,
+                  clipping=dp.clipping, warmup_epochs=warmup_epochs)
+    if not dp.enabled:
+        return Plan(dp=False, **common)
+    check_delta(delta, num_train, allow_large_delta=dp.allow_large_delta)
+    given = DEFAULT_NOISE_MULTIPLIER if dp.noise_multiplier is None else float(dp.noise_multiplier)
+    base = Plan(dp=True, noise_multiplier=given, max_grad_norm=float(dp.max_grad_norm), **common)
+    sigma = noise_multiplier_for(given, target_epsilon=dp.target_epsilon, delta=delta, sample_rate=base.sample_rate,
+                                 steps=base.total_steps, accountant=dp.accountant, check_work=check_work)
+    return base if sigma == given else replace(base, noise_multiplier=sigma)
+
+
+def parse_delta(value: float | str, where: str = "dp.delta") -> float | str:
+    """δ as given (a number, a numeric string, or ``"auto"``) -> a float in (0, 1) or ``"auto"``.
+
+    The one place δ is parsed: the settings, every front-end and :func:`resolve_delta` call it.
+
+    Example:
+        >>> parse_delta("1e-5"), parse_delta(" AUTO "), parse_delta(1e-5)
+        (1e-05, 'auto', 1e-05)
+        >>> parse_delta("sometimes")
+        Traceback (most recent call last):
+        ...
+        ValueError: dp.delta must be a number in (0, 1) or 'auto', got 'sometimes'
+    """
+    if isinstance(value, str):
+        if value.strip().lower() == "auto":
+            return "auto"
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:  # also NaN
+        raise ValueError(f"{where} must be a number in (0, 1) or 'auto', got {value!r}")
+    return float(value)
+
+
+def resolve_delta(delta: float | str, num_examples: int) -> float:
+    """δ for ``num_examples`` training examples: ``"auto"`` becomes 1 / (10 N), a number stays itself.
+
+    Example:
+        >>> resolve_delta("auto", 30_000)
+        3.3333333333333333e-06
+        >>> resolve_delta("1e-5", 30_000)
+        1e-05
+    """
+    delta = parse_delta(delta)
+    return 1.0 / (AUTO_DELTA_FACTOR * num_examples) if delta == "auto" else delta
 
 
 def check_delta(delta: float, num_train: int, *, allow_large_delta: bool = False) -> None:
