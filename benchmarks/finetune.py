@@ -15,11 +15,12 @@ same command, re-run after a cut, finishes what is left:
 3. **final**: each way at its best learning rate, on the whole training set, the test set evaluated once,
    at the end.
 
-Writes ``--out/finetune.json`` and, with ``--write-docs``, the table between ``<!-- accuracy:finetune -->``
-and ``<!-- /accuracy:finetune -->`` of ``docs/accuracy.md`` (``--smoke`` results only into another file,
-``--docs``). Data roots hold torchvision's layout: ``<root>/MNIST/raw/``, ``<root>/FashionMNIST/raw/``.
+Writes ``--json`` (default ``--out/finetune.json``) and, with ``--write-docs`` (or later ``--docs-only``),
+the table between ``<!-- accuracy:finetune -->`` and ``<!-- /accuracy:finetune -->`` of ``docs/accuracy.md``
+(``--smoke`` results only into another file, ``--docs``). Data roots hold torchvision's layout: ``<root>/MNIST/raw/``, ``<root>/FashionMNIST/raw/``.
 
     python benchmarks/finetune.py --data-root .carry/mnist --pretrain-root .carry/fmnist --device cuda --write-docs
+    python benchmarks/finetune.py --docs-only --json finetune.json     # the docs from a results file
     python benchmarks/finetune.py --data-root /tmp/mnist --pretrain-root /tmp/fmnist --device cpu --smoke \\
         --out /tmp/finetune_smoke --write-docs --docs /tmp/accuracy_copy.md
 """
@@ -173,9 +174,9 @@ def parse_args(argv) -> argparse.Namespace:
     add = p.add_argument
     add("--model", default="torchvision:resnet18")
     add("--dataset", default="mnist", help="the private dataset (fine-tuned on with DP)")
-    add("--data-root", required=True, help="its root (holds MNIST/raw/ for mnist)")
+    add("--data-root", help="its root (holds MNIST/raw/ for mnist)")
     add("--pretrain-dataset", default="fashion-mnist", help="the public dataset (pretrained on without DP)")
-    add("--pretrain-root", required=True, help="its root (holds FashionMNIST/raw/ for fashion-mnist)")
+    add("--pretrain-root", help="its root (holds FashionMNIST/raw/ for fashion-mnist)")
     add("--epsilon", type=float, default=1.0, help="target ε of every DP run (δ: the job's default)")
     add("--lrs", default="0.5,1,2,4", help="learning rates tried for each way (SGD, no momentum)")
     add("--epochs", type=int, default=5)
@@ -190,10 +191,15 @@ def parse_args(argv) -> argparse.Namespace:
     add("--device", default="auto", choices=["auto", "cpu", "cuda"])
     add("--out", type=Path, default=REPO / "benchmarks" / "results" / "finetune")
     add("--smoke", action="store_true", help=f"tiny sizes ({SMOKE}) to check the script on a CPU")
+    add("--json", type=Path, default=None, help="the results file (default: --out/finetune.json)")
     add("--write-docs", action="store_true", help="fill the finetune table of --docs from the results")
+    add("--docs-only", action="store_true", help="train nothing: fill --docs from the results file --json")
     add("--docs", type=Path, default=DOCS)
     args = p.parse_args(argv)
     args.command = shlex.join(["python", "benchmarks/finetune.py", *argv])
+    args.json = args.json or args.out / "finetune.json"
+    if not args.docs_only and not (args.data_root and args.pretrain_root):
+        p.error("--data-root and --pretrain-root are required (unless --docs-only)")
     if args.smoke:
         for key, value in SMOKE.items():
             setattr(args, key, value)
@@ -203,9 +209,12 @@ def parse_args(argv) -> argparse.Namespace:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.docs_only:
+        write_docs(json.loads(args.json.read_text()), args.docs)
+        return 0
     results = phases(args)
-    atomic_write_json(args.out / "finetune.json", results)
-    print(f"wrote {args.out / 'finetune.json'}")
+    atomic_write_json(args.json, results)
+    print(f"wrote {args.json}")
     if args.write_docs:
         write_docs(results, args.docs)
     return 0
