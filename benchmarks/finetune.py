@@ -17,7 +17,8 @@ same command, re-run after a cut, finishes what is left:
 
 Writes ``--json`` (default ``--out/finetune.json``) and, with ``--write-docs`` (or later ``--docs-only``),
 the table between ``<!-- accuracy:finetune -->`` and ``<!-- /accuracy:finetune -->`` of ``docs/accuracy.md``
-(``--smoke`` results only into another file, ``--docs``). Data roots hold torchvision's layout: ``<root>/MNIST/raw/``, ``<root>/FashionMNIST/raw/``.
+(``--smoke`` results only into another file, ``--docs``). Data roots hold torchvision's layout:
+``<root>/MNIST/raw/``, ``<root>/FashionMNIST/raw/``.
 
     python benchmarks/finetune.py --data-root .carry/mnist --pretrain-root .carry/fmnist --device cuda --write-docs
     python benchmarks/finetune.py --docs-only --json finetune.json     # the docs from a results file
