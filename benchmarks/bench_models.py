@@ -240,10 +240,11 @@ def model_flops(model_fn, data: ImageTensors, batch: int) -> float | None:
         return None
 
 
-def run_workload(name: str, engines: list[str], batch: int, args, device: torch.device) -> list[dict]:
+def run_workload(name: str, engines: list[str], batch: int, args, device: torch.device, rows: list[dict],
+                 on_row) -> None:
+    """Time every engine of workload ``name``, appending a row to ``rows`` and calling ``on_row()`` after each."""
     data, _, model_fn = WORKLOADS[name](args)
     flops = model_flops(model_fn, data, batch)
-    rows = []
     for engine in engines:
         kind, options = parse_engine(engine)
         dp = kind != "plain"
@@ -256,7 +257,7 @@ def run_workload(name: str, engines: list[str], batch: int, args, device: torch.
             row["tflops"] = flops / row["ms_per_step"] / 1e9 if flops else None
         rows.append(row)
         print_row(row)
-    return rows
+        on_row()
 
 
 def best(rows: list[dict], workload: str, *kinds: str) -> dict | None:
@@ -308,6 +309,15 @@ def print_checks(found: list[dict]) -> None:
     sys.stdout.flush()
 
 
+def write_json(args, device: torch.device, rows: list[dict]) -> None:
+    """The results so far (rewritten after every row, temp file then rename: a cut run keeps what it measured)."""
+    out = {"device": args.device, "date": datetime.date.today().isoformat(), "versions": bench.versions(device),
+           "settings": {k: v for k, v in vars(args).items() if k != "json"}, "results": rows, "checks": checks(rows)}
+    with open(args.json + ".tmp", "w") as f:
+        json.dump(out, f, indent=2)
+    os.replace(args.json + ".tmp", args.json)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -333,7 +343,8 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = []
+    rows: list[dict] = []
+    save = (lambda: write_json(args, device, rows)) if args.json else (lambda: None)
     for workload in args.workloads.split(","):
         if workload not in WORKLOADS:
             raise SystemExit(f"bench_models.py: error: --workloads: unknown {workload!r}, valid: {tuple(WORKLOADS)}")
@@ -344,15 +355,10 @@ def main(argv=None) -> int:
             raise SystemExit(f"bench_models.py: error: {workload}: --size {size} is under batch x steps "
                              f"({batch} x {max(args.steps, args.warmup_steps)})")
         engines = (args.resnet_engines if resnet else args.vit_engines).split(",")
-        rows += run_workload(workload, engines, batch, args, device)
-    found = checks(rows)
-    print_checks(found)
+        run_workload(workload, engines, batch, args, device, rows, save)
+    print_checks(checks(rows))
     if args.json:
-        out = {"device": args.device, "date": datetime.date.today().isoformat(), "versions": bench.versions(device),
-               "settings": {k: v for k, v in vars(args).items() if k != "json"}, "results": rows, "checks": found}
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(out, f, indent=2)
-        os.replace(args.json + ".tmp", args.json)
+        write_json(args, device, rows)
     return 0
 
 
