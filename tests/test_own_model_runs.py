@@ -132,7 +132,11 @@ def image_root(tmp_path_factory):
     return write_imagefolder(tmp_path_factory.mktemp("own_images"), ("a", "b", "c"), per_class=6, size=SIZE)
 
 
-@pytest.mark.parametrize(("name", "n", "batch"), [c for c in CASES if c.id != "own_module"])
+# The quick suite has the command line's resnet18 in tests/test_api.py and the own factory below.
+CLI_CASES = [pytest.param(*c.values, id=c.id, marks=SLOW) for c in CASES if c.id != "own_module"]
+
+
+@pytest.mark.parametrize(("name", "n", "batch"), CLI_CASES)
 def test_command_line_trains_one_dp_epoch_of_a_torchvision_model(name, n, batch, image_root, tmp_path, capsys):
     model = build(name)
     torch.save(model.state_dict(), tmp_path / "init.pt")
