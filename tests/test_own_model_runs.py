@@ -8,7 +8,7 @@ or the ``model.init`` file the command line started from): every trainable tenso
 size is what DP-SGD adds. With σ large against C, the update of the flattened parameters [P] over the epoch
 is -lr / E[B] times (the clipped sums, norm <= C per example, plus ``steps`` Gaussian draws of std σC), so
 its norm / (lr σ C sqrt(P steps) / E[B]) is 1 within a few percent: noise twice per step would give 1.41,
-noise of std σ instead of σC (C = 1 here: not caught) or a missed step ~0.71 (2 steps), no noise ~0.
+one of the 2 steps without its noise ~0.71, no noise at all ~0.
 """
 
 from __future__ import annotations
