@@ -476,6 +476,9 @@ def main(argv=None) -> int:
     ceilings = matmul_ceilings(device)
     if ceilings:
         print("matmul ceilings (TFLOP/s, 8192^3): " + ", ".join(f"{k} {v:.0f}" for k, v in ceilings.items()))
+    from bench_models import WORKLOADS as MODEL_WORKLOADS  # noqa: PLC0415 (bench_models imports this module)
+
+    WORKLOADS.update(MODEL_WORKLOADS)  # resnet18_gn, vit_b_16 (issue 22)
     results = []
     for workload in args.workloads.split(","):
         if workload not in WORKLOADS:

@@ -203,6 +203,31 @@ def test_dropout_models_stay_on_the_fast_engine_with_per_example_masks():
     assert fast.train_epoch(max_steps=1).steps == 1
 
 
+def test_stochastic_depth_draws_a_mask_per_example_and_stays_on_the_fast_engine():
+    """torchvision's StochasticDepth (ConvNeXt, EfficientNet) draws in place, which vmap refused: the fast engine
+    had no backend for such models (and Opacus's functorch path refuses any random op)."""
+    from torchvision.ops import StochasticDepth
+
+    from dpvision.models.external import PerExampleStochasticDepth
+
+    torch.manual_seed(0)
+    model = make_dp_compatible(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), StochasticDepth(0.5, "row"),
+                                             nn.Flatten(), nn.Linear(4 * 8 * 8, 3)), "sd")
+    depth = model[1]
+    assert isinstance(depth, PerExampleStochasticDepth) and (depth.p, depth.mode) == (0.5, "row")
+    x = torch.ones(64, 2, 3, 3)
+    per_example = torch.func.vmap(lambda xi: depth(xi.unsqueeze(0)).squeeze(0), randomness="different")(x)
+    kept = per_example.flatten(1).ne(0).all(1)  # [64]: each example's own draw, all or nothing
+    assert 16 < int(kept.sum()) < 48 and per_example.flatten(1).ne(0).any(1).equal(kept)
+    assert torch.equal(per_example[kept], 2 * x[kept])  # survivors scaled by 1 / (1 - p)
+    assert torch.equal(depth.eval()(x), x)
+    data = make_data(8, (3, 8, 8), 3)
+    fast = fast_engine(model=model.train(), train_data=data, batch_size=3, optimizer=OptimizerSpec(lr=0.5),
+                       dp=DP(noise_multiplier=1.0, max_grad_norm=1.0), seed=3, device="cpu",
+                       grad_sample_mode="vmap")  # what ConvNeXt's LayerNorm2d, EfficientNet's depthwise convs get
+    assert fast.grad_sample_mode == "vmap" and fast.train_epoch(max_steps=1).steps == 1
+
+
 class ProbeNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()

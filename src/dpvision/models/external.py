@@ -14,7 +14,8 @@ Two kinds of name, both with a colon (registry names have none):
 
 Either model is then made DP-compatible the way Opacus does it (:func:`make_dp_compatible`:
 ``ModuleValidator.fix``, i.e. BatchNorm -> GroupNorm with gcd(32, C) groups, plus in-place activations
-off, since Opacus's backward hooks refuse in-place changes of a hooked output) and validated with
+off, since Opacus's backward hooks refuse in-place changes of a hooked output, and torchvision's stochastic
+depth drawing its mask out of place, so that vmap gives each example its own) and validated with
 ``ModuleValidator.validate``. Every failure is one ``ValueError`` line naming ``model.name``.
 
 Example:
@@ -34,6 +35,7 @@ import importlib
 import inspect
 import logging
 
+import torch
 from torch import nn
 
 TORCHVISION = "torchvision"
@@ -170,7 +172,8 @@ def call_factory(factory, label: str, sizes: dict[str, int]) -> nn.Module:
 
 
 def make_dp_compatible(model: nn.Module, label: str = "model") -> nn.Module:
-    """Opacus's ``ModuleValidator.fix`` (BatchNorm -> GroupNorm, ...), in-place activations off, validated.
+    """Opacus's ``ModuleValidator.fix`` (BatchNorm -> GroupNorm, ...), in-place activations off, stochastic depth
+    per example (:class:`PerExampleStochasticDepth`), validated.
 
     ``ValueError`` starting with ``label`` and Opacus's first complaint when the model cannot be fixed.
     Returns the fixed model (Opacus replaces modules in place where it can, so use the return value).
@@ -190,6 +193,7 @@ def make_dp_compatible(model: nn.Module, label: str = "model") -> nn.Module:
     for module in fixed.modules():
         if isinstance(getattr(module, "inplace", None), bool):
             module.inplace = False
+    _per_example_stochastic_depth(fixed)
     errors = ModuleValidator.validate(fixed, strict=False)
     if errors:
         raise ValueError(f"{label} cannot be made DP-compatible: {_first_line(errors[0])}")
@@ -199,10 +203,41 @@ def make_dp_compatible(model: nn.Module, label: str = "model") -> nn.Module:
     return fixed
 
 
+class PerExampleStochasticDepth(nn.Module):
+    """torchvision's ``StochasticDepth`` (same ``p`` and ``mode``) with its mask drawn out of place.
+
+    torchvision draws it in place (``bernoulli_`` on a fresh tensor), which ``torch.func.vmap`` refuses to
+    make per-example; out of place, the fast engine's vmap (``randomness="different"``) gives every example
+    its own draw, so example i's gradient is that of its own network (what DP-SGD clips).
+    """
+
+    def __init__(self, p: float, mode: str) -> None:
+        super().__init__()
+        self.p, self.mode = p, mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        survival = 1.0 - self.p
+        # "row": a draw per example, [B, 1, ..., 1]; "batch": one draw for the whole batch.
+        size = [x.shape[0]] + [1] * (x.ndim - 1) if self.mode == "row" else [1] * x.ndim
+        keep = (torch.rand(size, dtype=x.dtype, device=x.device) < survival).to(x.dtype)
+        return x * keep / survival if survival > 0 else x * keep
+
+
+def _per_example_stochastic_depth(model: nn.Module) -> None:
+    """Every torchvision ``StochasticDepth`` (ConvNeXt, EfficientNet) replaced by :class:`PerExampleStochasticDepth`."""
+    for parent in model.modules():
+        for name, child in list(parent.named_children()):
+            kind = type(child)
+            if kind.__name__ == "StochasticDepth" and kind.__module__.startswith("torchvision."):
+                setattr(parent, name, PerExampleStochasticDepth(child.p, child.mode))
+
+
 def _first_line(err: object) -> str:
     text = str(err).strip() or type(err).__name__
     return text.splitlines()[0]
 
 
-__all__ = ["FACTORY_KEYWORDS", "TORCHVISION", "call_factory", "check_external", "factory_model", "is_external",
-           "make_dp_compatible", "resolve_model", "torchvision_model"]
+__all__ = ["FACTORY_KEYWORDS", "TORCHVISION", "PerExampleStochasticDepth", "call_factory", "check_external",
+           "factory_model", "is_external", "make_dp_compatible", "resolve_model", "torchvision_model"]
