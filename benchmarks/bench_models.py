@@ -67,7 +67,7 @@ import bench_dpsgd as bench
 from dpvision.data.tensors import ImageTensors
 from dpvision.engines.graphs import Numerics
 from dpvision.models.external import resolve_model
-from dpvision.privacy.plan import make_plan
+from dpvision.privacy.plan import DPSettings, make_plan
 
 NUM_CLASSES = 10
 PLAIN_KEYS = {"precision": str, "channels_last": bool, "compile": str}
@@ -250,7 +250,8 @@ def run_workload(name: str, engines: list[str], batch: int, args, device: torch.
     for engine in engines:
         kind, options = parse_engine(engine)
         dp = kind != "plain"
-        plan = make_plan(num_train=len(data), batch_size=batch, epochs=1, dp=dp)
+        settings = DPSettings(noise_multiplier=bench.NOISE_MULTIPLIER, max_grad_norm=bench.MAX_GRAD_NORM)
+        plan = make_plan(settings if dp else settings.deactivated(), num_train=len(data), batch_size=batch, epochs=1)
         row = {"workload": name, "engine": engine, "dp": dp, "batch_size": batch,
                "image_size": int(data.images.shape[-1]), "expected_batch_size": plan.expected_batch_size,
                **time_row(make_recipe(kind, dict(options), model_fn, data, batch, device), args, device)}
