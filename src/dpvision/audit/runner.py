@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpvision.audit.analysis import analyse
+from dpvision.audit.analysis import Claim, analyse
+from dpvision.audit.design import SCORES, canary_scores
 from dpvision.audit.instrument import AuditCoordinates, CanaryInstrument, build_instrumented_engine, train_observed
 from dpvision.data.mnist import MNIST_TRAIN_SIZE, load_mnist
 from dpvision.data.tensors import ImageTensors
@@ -47,12 +48,10 @@ from dpvision.seeding import make_generator, seed_everything
 from dpvision.engines import OptimizerSpec, build_engine
 
 MODES = ("white", "black")
-SCORES = ("steps", "final")
 MODELS = ("linear", "convnet")
-MAX_CANARIES = 20_000
-MAX_CANARY_FLOATS = 250_000_000  # white-box canary rows are [m, P + m] floats: 1 GB at most
+MAX_CANARIES = 200_000
+MAX_CANARY_FLOATS = 2_000_000_000  # white-box rows of the ~m/2 included canaries are [m/2, P + m] floats: 8 GB at most
 MAX_PROJECTIONS = 500_000_000  # white-box scores keep [steps, m] floats: 2 GB at most
-MIN_SCORE_SIGMA = 0.5  # the likelihood-ratio score's σ when the run claims none (non-private runs)
 
 
 @dataclass(kw_only=True)
@@ -104,9 +103,10 @@ class AuditConfig:
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device must be cpu or auto on this machine (no CUDA device is available), got 'cuda'")
         need(0 < self.confidence < 1, "--confidence", "in (0, 1)", self.confidence)
-        rows = self.canaries * (self.canaries + sum(p.numel() for p in build_model(self.model).parameters()))
+        rows = self.canaries // 2 * (self.canaries + sum(p.numel() for p in build_model(self.model).parameters()))
         need(self.mode == "black" or rows <= MAX_CANARY_FLOATS, "--canaries",
-             f"small enough that the canary rows (m x (P + m)) stay under {MAX_CANARY_FLOATS:.1e} floats", self.canaries)
+             f"small enough that the canary rows (m/2 x (P + m)) stay under {MAX_CANARY_FLOATS:.1e} floats",
+             self.canaries)
         self.delta = resolve_delta(self.delta, self.k)
         need(0 < self.delta < 1, "--delta", "in (0, 1)", self.delta)
         if self.disable_dp:
@@ -127,14 +127,6 @@ def build_model(name: str) -> nn.Module:
     return SampleConvNet()
 
 
-def _subsampled_gaussian_llr(x: torch.Tensor, q: float, sigma: float) -> torch.Tensor:
-    """Σ_t log(1 - q + q exp((x - 1/2) / σ²)) over steps; x [T, m] -> [m]."""
-    z = (x.double() - 0.5) / sigma**2
-    if q >= 1:
-        return z.sum(0)
-    return torch.logaddexp(torch.full_like(z, math.log1p(-q)), z + math.log(q)).sum(0)
-
-
 def _white_box(config: AuditConfig, data: ImageTensors, plan: Plan, included: torch.Tensor,
                device: torch.device, progress, tamper) -> tuple[np.ndarray, int, dict]:
     base = build_model(config.model)
@@ -148,12 +140,9 @@ def _white_box(config: AuditConfig, data: ImageTensors, plan: Plan, included: to
     if tamper is not None:
         tamper(engine)
     steps = train_observed(engine, epochs=config.epochs, progress=progress)
-    x = instrument.stacked()  # [T, m]
-    if config.score == "final":
-        scores = x.sum(0)  # the canary's coordinate of θ_0 - θ_T, in units of one clipped canary
-    else:
-        scores = _subsampled_gaussian_llr(x, plan.sample_rate, max(plan.noise_multiplier, MIN_SCORE_SIGMA))
-    return scores.numpy(), steps, {"parameters": base_params, "audit_coordinates": config.canaries,
+    scores = canary_scores(instrument.stacked().numpy(), score=config.score, sample_rate=plan.sample_rate,
+                           noise_multiplier=plan.noise_multiplier)  # [T, m] -> [m]
+    return scores, steps, {"parameters": base_params, "audit_coordinates": config.canaries,
                                    "canary_inclusions": instrument.inclusions}
 
 
@@ -229,11 +218,13 @@ def run_audit(config: AuditConfig, *, progress=None, tamper=None) -> dict:
         ledger.record(noise_multiplier=sigma, sample_rate=q, steps=steps)
     epsilons = ({name: math.inf for name in ACCOUNTANTS} if sigma == 0 else ledger.epsilons(delta=config.delta))
     claimed = epsilons[config.accountant]
-    result = analyse(scores, included.numpy(), delta=config.delta, sample_rate=q, noise_multiplier=sigma,
-                     steps=steps, claimed_epsilon=claimed, confidence=config.confidence)
+    claim = Claim(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=config.delta)
+    result = analyse(scores, included.numpy(), claim, score=config.score, claimed_epsilon=claimed,
+                     confidence=config.confidence)
     return {
         "verdict": result.verdict, "epsilon_lower_bound": result.epsilon_lower_bound, "analysis": result.analysis,
-        "steinke": result.steinke, "fdp": result.fdp, "epsilon": claimed, "accountant": config.accountant,
+        "steinke": result.steinke, "fdp": result.fdp, "sampling": result.sampling, "plan": result.plan,
+        "epsilon": claimed, "accountant": config.accountant,
         "epsilons": epsilons, "epsilon_claimed_curve_pld": result.claimed_epsilon_pld, "delta": config.delta,
         "confidence": config.confidence, "threat_model": THREAT_MODELS[(config.mode, config.score)],
         "canaries": config.canaries, "canaries_included": int(included.sum()), "guess_table": result.guess_table,
