@@ -112,8 +112,8 @@ def plan_guesses(*, m: int, sample_rate: float, noise_multiplier: float, steps: 
         expected += [c for *_, c in guess_counts(scores, truth, pairs)]
     counts = [(kp, km, int(c / PLAN_REPEATS)) for (kp, km), c in zip(pairs, expected)]
     steinke = [epsilon_lower_bound(m=m, r=kp + km, v=c, delta=delta, beta=beta) for kp, km, c in counts]
-    fdp = [fdp_lower_bound([pc], m=m, sample_rate=sample_rate, steps=steps, delta=delta,
-                           beta=beta).epsilon_lower_bound for pc in counts]
+    fdp = [fdp_lower_bound([pc], m=m, sample_rate=sample_rate, steps=steps, delta=delta, beta=beta,
+                           coarse=True).epsilon_lower_bound for pc in counts]
     s, f = int(np.argmax(steinke)), int(np.argmax(fdp))
     sampling = max(1, round(SAMPLING_FRACTION * m)) if sample_rate < 1 else 0
     return GuessPlan(steinke=pairs[s], fdp=pairs[f], sampling=sampling,

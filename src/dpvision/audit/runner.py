@@ -59,17 +59,17 @@ class AuditConfig:
     """One audit: the training run (MNIST subset, model, DP settings) and the canaries."""
 
     mode: str = "white"
-    canaries: int = 2000
-    k: int = 10_000  # real training examples (canaries are extra)
-    batch_size: int = 250
-    epochs: int = 5
+    canaries: int = 20_000
+    k: int = 1000  # real training examples (canaries are extra)
+    batch_size: int = 1000  # = k: full-batch DP-SGD (q = 1), the tightest white-box audit
+    epochs: int = 10
     lr: float = 0.5
     model: str = "convnet"
     sigma: float | None = None  # noise multiplier; None: calibrated to ``epsilon``
     epsilon: float | None = None  # target ε for the calibration
     max_grad_norm: float = 1.0
     delta: float | str = 1e-5
-    accountant: str = "rdp"
+    accountant: str = "pld"
     disable_dp: bool = False  # σ = 0 (clipping kept): the non-private reference
     score: str = "steps"
     confidence: float = 0.95
