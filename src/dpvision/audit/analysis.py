@@ -7,9 +7,13 @@ from the claim alone (:func:`dpvision.audit.design.plan_guesses`):
 * ``steinke``: the (ε, δ)-DP test of Steinke, Nasr and Jagielski (2023), valid for any mechanism;
 * ``fdp``: the f-DP test of Mahloujifar et al. (2025) against DP-SGD's own trade-off curves at the
   claimed sample rate and step count (:mod:`dpvision.audit.fdp`), usually tighter;
-* ``sampling`` (only when q < 1): the "out" guesses against the exact floor that Poisson sampling
-  puts under every included canary (:func:`dpvision.audit.stats.sampling_p_value`): it catches a
-  run that does not sample the way its accountant was told.
+* ``sampling`` (only when q < 1): the "out" guesses alone against the claim's bounded direction.
+  An included canary is never sampled with probability (1 - q)^T, and then the run is exactly the
+  run without it, so P_out <= e^ε_out P_in + δ with ε_out <= T log(1 / (1 - q)) whatever the noise
+  (:func:`dpvision.audit.fdp.dpsgd_out_epsilon`). Steinke et al.'s argument needs only the direction
+  each guess uses, so "out" guesses are tested at (ε_out, δ / 10): a run that does not sample the
+  way its accountant was told (fixed-size batches, a larger q) is caught even when its two-sided
+  ε is no larger than the claim.
 
 Multiple comparisons: each of the J analyses runs at level (1 - confidence) / J (Bonferroni), so the
 larger of the two bounds and the verdict hold at the stated confidence. **FAIL** when Steinke et al.'s
@@ -27,13 +31,14 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from dpvision.audit.design import GuessPlan, candidate_pairs, guess_counts, plan_guesses
-from dpvision.audit.fdp import dpsgd_epsilon, fdp_lower_bound, rejecting_pair
-from dpvision.audit.stats import epsilon_lower_bound, sampling_p_value
+from dpvision.audit.fdp import dpsgd_epsilon, dpsgd_out_epsilon, fdp_lower_bound, rejecting_pair
+from dpvision.audit.stats import epsilon_lower_bound, p_value
 
 ANALYSES = ("steinke", "fdp", "sampling")
 
@@ -80,11 +85,17 @@ def _fdp(counts: tuple[int, int, int], claim: Claim, m: int, beta: float) -> tup
 
 
 def _sampling(scores, included, claim: Claim, k_minus: int, beta: float) -> dict:
-    correct = guess_counts(scores, included, [(0, k_minus)])[0][2] if k_minus else 0
-    p = sampling_p_value(guesses=k_minus, correct=correct, sample_rate=claim.sample_rate, steps=claim.steps)
-    ceiling = 1.0 / (1.0 + (1 - claim.sample_rate) ** claim.steps) if claim.sample_rate < 1 else 1.0
-    return {"k_minus": k_minus, "correct": correct, "ceiling": ceiling, "p_value": p, "level": beta,
-            "rejects_claim": bool(k_minus and p < beta)}
+    """The "out" guesses against the claim's bounded direction, (ε_out, δ / 10): Steinke et al.'s test, one side."""
+    if not k_minus:
+        return {"k_minus": 0, "correct": 0, "epsilon_out": math.inf, "ceiling": 1.0, "p_value": 1.0, "level": beta,
+                "rejects_claim": False}
+    correct = guess_counts(scores, included, [(0, k_minus)])[0][2]
+    delta = claim.delta / 10  # fixed in advance: smaller than the claim's δ, so the δ term stays small
+    eps_out = dpsgd_out_epsilon(noise_multiplier=claim.noise_multiplier, sample_rate=claim.sample_rate,
+                                steps=claim.steps, delta=delta)
+    p = p_value(m=len(scores), r=k_minus, v=correct, epsilon=eps_out, delta=delta)
+    return {"k_minus": k_minus, "correct": correct, "epsilon_out": eps_out, "ceiling": 1 / (1 + math.exp(-eps_out)),
+            "p_value": p, "level": beta, "rejects_claim": bool(p < beta)}
 
 
 def analyse(scores, included, claim: Claim, *, score: str = "steps", claimed_epsilon: float | None = None,

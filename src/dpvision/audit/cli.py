@@ -78,8 +78,9 @@ def summary_lines(result: dict, folder) -> list[str]:
     ]
     if sampling["k_minus"]:
         lines.append(f"  sampling check: {sampling['correct']}/{sampling['k_minus']} lowest-scored canaries are out "
-                     f"(Poisson sampling allows {sampling['ceiling']:.1%}; p = {sampling['p_value']:.2g}, level "
-                     f"{sampling['level']:.3g}{': REJECTED' if sampling['rejects_claim'] else ''})")
+                     f"(Poisson sampling at q = {result['sample_rate']:.4g} allows {sampling['ceiling']:.1%}; p = "
+                     f"{sampling['p_value']:.2g}, level {sampling['level']:.3g}"
+                     f"{': REJECTED, the run does not sample as claimed' if sampling['rejects_claim'] else ''})")
     lines.append(f"  claimed epsilon under every accountant: {claims} (the claimed curve's pld epsilon: "
                  f"{result['epsilon_claimed_curve_pld']:.3f}); guesses planned from the claim alone "
                  f"(expected f-DP bound of a correct run: {result['plan']['expected_fdp']:.3f})")

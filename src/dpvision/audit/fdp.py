@@ -83,6 +83,19 @@ def dpsgd_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, de
     return float(_pld(noise_multiplier, sample_rate, steps).get_epsilon_for_delta(delta))
 
 
+def dpsgd_out_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    """ε of the one direction "the run without the canary" vs "with it" (P_out <= e^ε P_in + δ) at ``delta``.
+
+    Poisson sampling bounds it by T log(1 / (1 - q)) even at δ = 0 (an included canary is never sampled
+    with probability (1 - q)^T, and then the run is the run without it); with noise it is smaller still.
+    dp_accounting keeps this direction as the PLD's "add" distribution."""
+    floor = -steps * math.log1p(-sample_rate) if sample_rate < 1 else math.inf
+    if noise_multiplier <= 0:
+        return floor
+    pmf = _pld(noise_multiplier, sample_rate, steps)._pmf_add  # [the bounded direction's privacy losses]
+    return float(min(floor, pmf.get_epsilon_for_delta(delta)))
+
+
 def fdp_rejects(curve: TradeOff, *, m: int, guesses: int, correct: int, beta: float) -> bool:
     """True when ``correct`` of ``guesses`` right (m canaries) has probability < ``beta`` for every f-DP run."""
     if not 0 <= correct <= guesses <= m:

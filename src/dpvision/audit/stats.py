@@ -70,23 +70,6 @@ def epsilon_lower_bound(*, m: int, r: int, v: int, delta: float, beta: float, to
     return low
 
 
-def sampling_p_value(*, guesses: int, correct: int, sample_rate: float, steps: int) -> float:
-    """P[W >= ``correct``] for ``guesses`` "out" guesses on a run that samples each canary by Poisson at q, T steps.
-
-    A canary that is in was never sampled with probability (1 - q)^T, and then the run is exactly the
-    run without it: P_in(view) >= (1 - q)^T P_out(view) pointwise, whatever the noise. So an "out" guess
-    is right with probability at most p0 = 1 / (1 + (1 - q)^T) given everything else, and (their proof,
-    one direction, δ = 0) W is dominated by Binomial(guesses, p0). A small p-value says the sampling
-    done is not the Poisson sampling the accountant was told (e.g. fixed batches, a larger q).
-    """
-    if not 0 <= correct <= guesses:
-        raise ValueError(f"need 0 <= correct <= guesses, got {correct}, {guesses}")
-    if sample_rate >= 1 or correct == 0:
-        return 1.0
-    p0 = 1.0 / (1.0 + math.exp(steps * math.log1p(-sample_rate)))
-    return float(stats.binom.sf(correct - 1, guesses, p0))
-
-
 def default_guess_grid(m: int) -> list[tuple[int, int]]:
     """(k+, k-) pairs: r = f·m for f in ``GUESS_FRACTIONS``, all "in" guesses or split evenly."""
     grid: list[tuple[int, int]] = []
