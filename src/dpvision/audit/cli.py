@@ -94,20 +94,26 @@ def summary_lines(result: dict, folder) -> list[str]:
     return lines
 
 
+def config_from_args(args: argparse.Namespace):
+    """The AuditConfig of parsed ``dpvision audit`` flags (ValueError names the bad flag)."""
+    from dpvision.audit import AuditConfig
+
+    return AuditConfig(
+        mode=args.mode, canaries=args.canaries, k=args.k, batch_size=args.batch_size, epochs=args.epochs,
+        lr=args.lr, model=args.model, sigma=args.sigma, epsilon=args.epsilon, max_grad_norm=args.max_grad_norm,
+        delta=args.delta, accountant=args.accountant, disable_dp=args.disable_dp, score=args.score,
+        confidence=args.confidence, seed=args.seed, data_root=args.data_root, device=args.device)
+
+
 def run_audit(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Print the verdict; exit 0 on PASS, 1 on FAIL (a lower bound above the claimed epsilon)."""
-    from dpvision.audit import AuditConfig
     from dpvision.audit import run_audit as audit
     from dpvision.data.mnist import DataNotFoundError, ensure_mnist
     from dpvision.privacy.plan import Plan
     from dpvision.runs import RunDir, atomic_write_json, check_writable_dir
 
     try:
-        config = AuditConfig(
-            mode=args.mode, canaries=args.canaries, k=args.k, batch_size=args.batch_size, epochs=args.epochs,
-            lr=args.lr, model=args.model, sigma=args.sigma, epsilon=args.epsilon, max_grad_norm=args.max_grad_norm,
-            delta=args.delta, accountant=args.accountant, disable_dp=args.disable_dp, score=args.score,
-            confidence=args.confidence, seed=args.seed, data_root=args.data_root, device=args.device)
+        config = config_from_args(args)
         if args.name is not None and (not args.name or "/" in args.name or args.name in (".", "..")):
             raise ValueError(f"--name must be a plain folder name, got {args.name!r}")
         check_writable_dir(args.runs_dir, flag="--runs-dir")
