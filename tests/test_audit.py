@@ -79,8 +79,8 @@ def test_fdp_bound_is_monotone_in_guesses():
 
 def _simulated_run(rng, claim: Claim, *, m: int, noise_scale: float = 1.0, sample_scale: float = 1.0):
     """Scores of DP-SGD's worst case (Dirac canaries), exactly as the white-box audit scores them."""
-    x, truth = simulate_observations(rng, m=m, sample_rate=min(1.0, claim.sample_rate * sample_scale), steps=claim.steps,
-                                     noise_multiplier=claim.noise_multiplier * noise_scale)
+    x, truth = simulate_observations(rng, m=m, sample_rate=min(1.0, claim.sample_rate * sample_scale),
+                                     steps=claim.steps, noise_multiplier=claim.noise_multiplier * noise_scale)
     return canary_scores(x, score="steps", sample_rate=claim.sample_rate,
                          noise_multiplier=claim.noise_multiplier), truth
 
@@ -266,3 +266,10 @@ def test_fdp_matches_jax_privacy_published_example():
     counts = [(k, 0, int(ranked[:k].sum())) for k in range(300, 421, 2)]  # around their best threshold
     bound = fdp_lower_bound(counts, m=2 * n, sample_rate=1.0, steps=1, delta=1e-6, beta=0.05 / 386)
     assert bound.epsilon_lower_bound == pytest.approx(2.164749, abs=0.01)
+
+
+def test_default_run_is_full_batch_and_bad_batch_names_its_flag():
+    config = AuditConfig(k=500, epsilon=2.0)
+    assert config.batch_size == 500 and config.accountant == "pld" and config.canaries == 20_000
+    with pytest.raises(ValueError, match="--batch-size must be between 1 and --k"):
+        AuditConfig(k=500, batch_size=501, epsilon=2.0)

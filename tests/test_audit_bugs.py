@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from dpvision.audit import AuditConfig, run_audit
+from dpvision.audit.cli import summary_lines
 
 pytestmark = pytest.mark.slow
 
@@ -127,8 +128,13 @@ def test_sampling_bugs_are_caught_by_the_out_guesses(mnist_root, broken_runs):
     """Fixed-size batches and a doubled q leave no included canary unsampled, so the lowest-scored canaries are
     "out" more often than Poisson sampling at the claimed q allows, though the two-sided bounds stay below ε."""
     for bug in ("shuffled_batches", "accountant_half_q"):
-        sampling = _broken(bug, mnist_root, broken_runs)["sampling"]
+        result = _broken(bug, mnist_root, broken_runs)
+        sampling = result["sampling"]
         assert sampling["rejects_claim"] and sampling["correct"] > sampling["ceiling"] * sampling["k_minus"], bug
+        assert not result["fdp"]["rejects_claim"] and result["epsilon_lower_bound"] < result["epsilon"], bug
+        lines = summary_lines(result, "runs/audit/x")
+        assert lines[0].startswith("FAIL: audit (white-box, all iterates, m=20000 canaries")
+        assert "REJECTED, the run does not sample as claimed" in lines[2] and "allows 77.8%" in lines[2], bug
 
 
 def test_cli_prints_fail_and_exits_1_on_a_broken_run(tmp_path, mnist_root, monkeypatch, capsys):

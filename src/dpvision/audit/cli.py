@@ -30,8 +30,8 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
     add("--canaries", type=int, default=20_000,
         help="number of canaries m, each included with probability 1/2 (default: 20000)")
     add("--k", type=int, default=1000, help="real MNIST training examples (default: 1000)")
-    add("--batch-size", type=int, default=1000,
-        help="expected batch size (default: 1000 = k: full-batch DP-SGD, the tightest audit)")
+    add("--batch-size", type=int, default=None,
+        help="expected batch size (default: --k, full-batch DP-SGD: the tightest audit)")
     add("--epochs", type=int, default=10, help="training epochs (default: 10)")
     add("--lr", type=float, default=0.5, help="SGD learning rate (default: 0.5)")
     add("--model", default="convnet", choices=("convnet", "linear"), help="model (default: convnet)")
@@ -88,8 +88,8 @@ def summary_lines(result: dict, folder) -> list[str]:
         lines.append("  PASS shows no leak larger than claimed was found by this attack; it does not prove the run "
                      "private (a one-run audit sees only part of the worst case; docs/privacy.md).")
     else:
-        lines.append("  FAIL: with the stated confidence the run leaks more than its accountant claims (a bug in noise, "
-                     "clipping, sampling or accounting); the bound is a lower bound, not the run's true epsilon.")
+        lines.append("  FAIL: with the stated confidence the run leaks more than its accountant claims (a bug in "
+                     "noise, clipping, sampling or accounting); the bound is a lower bound, not the run's true epsilon.")
     lines.append(f"Outputs: {folder}/ (audit.json)")
     return lines
 

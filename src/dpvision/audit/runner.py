@@ -63,7 +63,7 @@ class AuditConfig:
     mode: str = "white"
     canaries: int = 20_000
     k: int = 1000  # real training examples (canaries are extra)
-    batch_size: int = 1000  # = k: full-batch DP-SGD (q = 1), the tightest white-box audit
+    batch_size: int | None = None  # None: k, full-batch DP-SGD (q = 1), the tightest white-box audit
     epochs: int = 10
     lr: float = 0.5
     model: str = "convnet"
@@ -92,6 +92,7 @@ class AuditConfig:
              self.canaries)
         need(1 <= self.k and self.k + (self.canaries if self.mode == "black" else 0) <= MNIST_TRAIN_SIZE,
              "--k", "at least 1 and leave room for the black-box canaries in MNIST's 60,000", self.k)
+        self.batch_size = self.k if self.batch_size is None else self.batch_size
         need(1 <= self.batch_size <= self.k, "--batch-size", f"between 1 and --k ({self.k})", self.batch_size)
         need(self.epochs >= 1, "--epochs", "a positive integer", self.epochs)
         need(math.isfinite(self.lr) and self.lr > 0, "--lr", "> 0", self.lr)
