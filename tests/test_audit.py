@@ -273,3 +273,19 @@ def test_default_run_is_full_batch_and_bad_batch_names_its_flag():
     assert config.batch_size == 500 and config.accountant == "pld" and config.canaries == 20_000
     with pytest.raises(ValueError, match="--batch-size must be between 1 and --k"):
         AuditConfig(k=500, batch_size=501, epsilon=2.0)
+
+
+@pytest.mark.slow
+def test_cost_comparison_times_the_audit_and_the_run_it_audits(mnist_root, capsys):
+    """``python -m dpvision.audit.cost``: the same run without canaries takes as many steps; both times print."""
+    from dpvision.audit.cost import main as cost_main
+
+    assert cost_main(["--model", "linear", "--k", "500", "--epochs", "3", "--canaries", "1000", "--epsilon", "4",
+                      "--quiet", "--data-root", str(mnist_root)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("training run alone: ") and "(3 steps, linear, k = 500, batch 500, cpu)" in lines[0]
+    assert lines[1].startswith("audit of that run: ") and "x the training run (target: at most 2x)" in lines[1]
+    assert lines[2].startswith("PASS: audit (white-box, all iterates, m=1000 canaries")
+    with pytest.raises(SystemExit) as exit_info:
+        cost_main(["--mode", "black", "--epsilon", "4"])
+    assert exit_info.value.code == 2

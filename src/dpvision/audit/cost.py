@@ -22,8 +22,8 @@ import torch
 
 from dpvision.audit.cli import add_audit_arguments, config_from_args, summary_lines
 from dpvision.audit.runner import AuditConfig, audit_data, audit_device, audit_plan, build_model, run_audit
+from dpvision.audit.instrument import build_instrumented_engine
 from dpvision.data.mnist import DataNotFoundError, ensure_mnist
-from dpvision.engines import OptimizerSpec, build_engine
 
 
 def _synchronize(device: torch.device) -> None:
@@ -36,8 +36,9 @@ def time_training(config: AuditConfig) -> tuple[float, int]:
     device = audit_device(config)
     started = time.perf_counter()
     data, _ = audit_data(config)
-    engine = build_engine("fast", model=build_model(config.model), train_data=data, plan=audit_plan(config, config.k),
-                          optimizer=OptimizerSpec(name="sgd", lr=config.lr), seed=config.seed, device=device)
+    plan = audit_plan(config, config.k)
+    engine = build_instrumented_engine(model=build_model(config.model), train_data=data, plan=plan, lr=config.lr,
+                                       seed=config.seed, device=device, instrument=None)
     steps = sum(engine.train_epoch().steps for _ in range(config.epochs))
     _synchronize(device)
     return time.perf_counter() - started, steps

@@ -84,8 +84,9 @@ class CanaryInstrument:
 
 
 def build_instrumented_engine(*, model: nn.Module, train_data, plan: Plan, lr: float, seed: int, device,
-                              instrument: CanaryInstrument):
-    """The fast engine with the canaries in its clipped sum (plain SGD at ``lr``)."""
+                              instrument: CanaryInstrument | None):
+    """The fast engine with the canaries in its clipped sum (plain SGD at ``lr``); without ``instrument``:
+    the same run without canaries (the cost comparison's reference)."""
     return build_engine("fast", model=model, train_data=train_data, plan=plan,
                         optimizer=OptimizerSpec(name="sgd", lr=lr), seed=seed, device=device, instrument=instrument)
 
