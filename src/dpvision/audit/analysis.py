@@ -1,90 +1,133 @@
-"""From canary scores to the audit's two lower bounds and its verdict (no engine, no training).
+"""From canary scores to the audit's lower bounds and its verdict (no engine, no training).
 
-The auditor ranks the m canaries by score, guesses "in" for the k+ highest and
-"out" for the k- lowest, abstains on the rest, and counts the correct guesses
-for every pair of a fixed grid (:func:`dpvision.audit.stats.default_guess_grid`).
-Two analyses turn the counts into lower bounds on ε:
+The auditor ranks the m canaries by score, guesses "in" for the k+ highest and "out" for the k-
+lowest, and abstains on the rest. Each analysis tests ONE (k+, k-) pair, planned before the run
+from the claim alone (:func:`dpvision.audit.design.plan_guesses`):
 
-* ``steinke``: the (ε, δ)-DP test of Steinke, Nasr and Jagielski (2023), valid
-  for any mechanism;
-* ``fdp``: the f-DP test of Mahloujifar et al. (2025) against DP-SGD's own
-  trade-off curves at the claimed sample rate and step count
-  (:mod:`dpvision.audit.fdp`), tighter.
+* ``steinke``: the (ε, δ)-DP test of Steinke, Nasr and Jagielski (2023), valid for any mechanism;
+* ``fdp``: the f-DP test of Mahloujifar et al. (2025) against DP-SGD's own trade-off curves at the
+  claimed sample rate and step count (:mod:`dpvision.audit.fdp`), usually tighter;
+* ``sampling`` (only when q < 1): the "out" guesses alone against the claim's bounded direction.
+  An included canary is never sampled with probability (1 - q)^T, and then the run is exactly the
+  run without it, so P_out <= e^ε_out P_in + δ with ε_out <= T log(1 / (1 - q)) whatever the noise
+  (:func:`dpvision.audit.fdp.dpsgd_out_epsilon`). Steinke et al.'s argument needs only the direction
+  each guess uses, so "out" guesses are tested at (ε_out, δ / 10): a run that does not sample the
+  way its accountant was told (fixed-size batches, a larger q) is caught even when its two-sided
+  ε is no larger than the claim.
 
-Multiple comparisons: every pair of the grid under both analyses is one
-hypothesis test, so each runs at level (1 - confidence) / (2 J) (Bonferroni over
-the J pairs and the two analyses). The larger of the two bounds therefore still
-holds at the stated confidence, and so does the verdict: **FAIL** when either
-bound exceeds the claimed ε (the f-DP one rejects the claimed curve itself).
+Multiple comparisons: each of the J analyses runs at level (1 - confidence) / J (Bonferroni), so the
+larger of the two bounds and the verdict hold at the stated confidence. **FAIL** when Steinke et al.'s
+bound exceeds the claimed ε, when the f-DP test rejects the claimed curve itself, or when the sampling
+check rejects Poisson sampling at the claimed q.
 
 Example:
     >>> rng = np.random.default_rng(0)
     >>> truth = rng.random(2000) < 0.5
-    >>> result = analyse(truth + 0.0, truth, delta=1e-5, sample_rate=0.1, noise_multiplier=1.0, steps=40)
+    >>> claim = Claim(noise_multiplier=1.0, sample_rate=0.1, steps=40, delta=1e-5)
+    >>> result = analyse(truth + 0.0, truth, claim)
     >>> result.verdict, result.epsilon_lower_bound > 3  # perfect guesses: the claimed curve is rejected
     ('FAIL', True)
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from dpvision.audit.fdp import dpsgd_epsilon, fdp_lower_bound, rejecting_pair
-from dpvision.audit.stats import audit_scores, default_guess_grid
+from dpvision.audit.design import GuessPlan, candidate_pairs, guess_counts, plan_guesses
+from dpvision.audit.fdp import dpsgd_epsilon, dpsgd_out_epsilon, fdp_lower_bound, rejecting_pair
+from dpvision.audit.stats import epsilon_lower_bound, p_value
 
-ANALYSES = ("steinke", "fdp")
+ANALYSES = ("steinke", "fdp", "sampling")
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What the accountant was told: DP-SGD at σ (noise multiplier), Poisson q, T steps; and δ."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    delta: float
+
+    def levels(self, confidence: float) -> float:
+        """The level of each analysis: (1 - confidence) / J, J = 3 with a sampling check (q < 1), else 2."""
+        return (1 - confidence) / (3 if self.sample_rate < 1 else 2)
 
 
 @dataclass
 class AuditAnalysis:
-    """Both bounds (the larger is the result), the claimed curve's ε (PLD) and the verdict."""
+    """Both bounds (the larger is the result), the sampling check, the claimed curve's ε (PLD), the verdict."""
 
-    epsilon_lower_bound: float  # max of the two
-    analysis: str  # which of ANALYSES gave it
+    epsilon_lower_bound: float  # max of the two bounds
+    analysis: str  # "steinke" or "fdp": which gave it
     steinke: dict
     fdp: dict
+    sampling: dict
     claimed_epsilon_pld: float  # the ε of the claimed DP-SGD curve (σ, q, T) at δ: what the f-DP bound meets
     confidence: float
     verdict: str  # "PASS" or "FAIL"
-    guess_table: list[dict]
+    plan: dict  # the planned pairs and the bounds the claim itself is expected to give
+    guess_table: list[dict]  # every candidate pair's count (information only: not tested)
 
 
-def _counts(scores: np.ndarray, included: np.ndarray, grid: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
-    order = np.argsort(-scores, kind="stable")  # ties broken by index: guesses depend on the scores alone
-    truth = included[order]
-    m = len(truth)
-    return [(kp, km, int(truth[:kp].sum()) + (int((~truth[m - km:]).sum()) if km else 0)) for kp, km in grid]
+def _fdp(counts: tuple[int, int, int], claim: Claim, m: int, beta: float) -> tuple[dict, bool]:
+    bound = fdp_lower_bound([counts], m=m, sample_rate=claim.sample_rate, steps=claim.steps, delta=claim.delta,
+                            beta=beta)
+    rejects = claim.noise_multiplier > 0 and rejecting_pair(  # the claimed curve itself rejected
+        [counts], m=m, sample_rate=claim.sample_rate, steps=claim.steps, noise_multiplier=claim.noise_multiplier,
+        beta=beta) is not None
+    return {"epsilon_lower_bound": bound.epsilon_lower_bound, "noise_multiplier_rejected": bound.noise_multiplier,
+            "at_floor": bound.at_floor, "k_plus": counts[0], "k_minus": counts[1], "guesses": counts[0] + counts[1],
+            "correct": counts[2], "rejects_claim": bool(rejects)}, bool(rejects)
 
 
-def analyse(scores, included, *, delta: float, sample_rate: float, noise_multiplier: float, steps: int,
-            claimed_epsilon: float | None = None, confidence: float = 0.95) -> AuditAnalysis:
-    """Both bounds for ``scores`` [m] (higher = "in") and the truth ``included`` [m] of a run claiming
-    DP-SGD at (``noise_multiplier``, ``sample_rate``, ``steps``); ``claimed_epsilon`` is the primary
-    accountant's ε (default: the PLD ε of that curve)."""
+def _sampling(scores, included, claim: Claim, k_minus: int, beta: float) -> dict:
+    """The "out" guesses against the claim's bounded direction, (ε_out, δ / 10): Steinke et al.'s test, one side."""
+    if not k_minus:
+        return {"k_minus": 0, "correct": 0, "epsilon_out": math.inf, "ceiling": 1.0, "p_value": 1.0, "level": beta,
+                "rejects_claim": False}
+    correct = guess_counts(scores, included, [(0, k_minus)])[0][2]
+    delta = claim.delta / 10  # fixed in advance: smaller than the claim's δ, so the δ term stays small
+    eps_out = dpsgd_out_epsilon(noise_multiplier=claim.noise_multiplier, sample_rate=claim.sample_rate,
+                                steps=claim.steps, delta=delta)
+    p = p_value(m=len(scores), r=k_minus, v=correct, epsilon=eps_out, delta=delta)
+    return {"k_minus": k_minus, "correct": correct, "epsilon_out": eps_out, "ceiling": 1 / (1 + math.exp(-eps_out)),
+            "p_value": p, "level": beta, "rejects_claim": bool(p < beta)}
+
+
+def analyse(scores, included, claim: Claim, *, score: str = "steps", claimed_epsilon: float | None = None,
+            confidence: float = 0.95, plan: GuessPlan | None = None) -> AuditAnalysis:
+    """Both bounds and the sampling check for ``scores`` [m] (higher = "in", made by ``score``) and the truth
+    ``included`` [m] of a run making ``claim``; ``claimed_epsilon`` is the primary accountant's ε (default:
+    the PLD ε of the claimed curve). ``plan``: the guesses (default: planned from the claim)."""
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     included = np.asarray(included, dtype=bool).reshape(-1)
-    grid = default_guess_grid(len(scores))
-    beta = (1 - confidence) / (2 * len(grid))
-    steinke = audit_scores(scores, included, delta=delta, confidence=1 - beta * len(grid), grid=grid)
-    counts = _counts(scores, included, grid)
-    m = len(scores)
-    fdp = fdp_lower_bound(counts, m=m, sample_rate=sample_rate, steps=steps, delta=delta, beta=beta)
-    claimed_pld = (float("inf") if noise_multiplier <= 0 else
-                   dpsgd_epsilon(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps,
-                                 delta=delta))
+    if scores.shape != included.shape or scores.size < 2 or not np.all(np.isfinite(scores)):
+        raise ValueError(f"scores and included must be [m] with m >= 2 and finite scores, got {scores.shape}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    m, beta = scores.size, claim.levels(confidence)
+    plan = plan or plan_guesses(m=m, sample_rate=claim.sample_rate, noise_multiplier=claim.noise_multiplier,
+                                steps=claim.steps, score=score, delta=claim.delta, beta=beta)
+    kp, km, correct = guess_counts(scores, included, [plan.steinke])[0]
+    steinke = {"epsilon_lower_bound": epsilon_lower_bound(m=m, r=kp + km, v=correct, delta=claim.delta, beta=beta),
+               "k_plus": kp, "k_minus": km, "guesses": kp + km, "correct": correct}
+    fdp, fdp_fails = _fdp(guess_counts(scores, included, [plan.fdp])[0], claim, m, beta)
+    sampling = _sampling(scores, included, claim, plan.sampling, beta)
+    claimed_pld = (float("inf") if claim.noise_multiplier <= 0 else
+                   dpsgd_epsilon(noise_multiplier=claim.noise_multiplier, sample_rate=claim.sample_rate,
+                                 steps=claim.steps, delta=claim.delta))
     claimed = claimed_pld if claimed_epsilon is None else claimed_epsilon
-    fdp_fails = noise_multiplier > 0 and rejecting_pair(  # the claimed curve itself rejected
-        counts, m=m, sample_rate=sample_rate, steps=steps, noise_multiplier=noise_multiplier, beta=beta) is not None
-    fails = steinke.epsilon_lower_bound > claimed or fdp_fails
-    best = "fdp" if fdp.epsilon_lower_bound >= steinke.epsilon_lower_bound else "steinke"
+    fails = steinke["epsilon_lower_bound"] > claimed or fdp_fails or sampling["rejects_claim"]
+    best = "fdp" if fdp["epsilon_lower_bound"] >= steinke["epsilon_lower_bound"] else "steinke"
     return AuditAnalysis(
-        epsilon_lower_bound=max(fdp.epsilon_lower_bound, steinke.epsilon_lower_bound), analysis=best,
-        steinke={"epsilon_lower_bound": steinke.epsilon_lower_bound, "k_plus": steinke.k_plus,
-                 "k_minus": steinke.k_minus, "guesses": steinke.guesses, "correct": steinke.correct},
-        fdp={"epsilon_lower_bound": fdp.epsilon_lower_bound, "noise_multiplier_rejected": fdp.noise_multiplier,
-             "at_floor": fdp.at_floor, "k_plus": fdp.k_plus, "k_minus": fdp.k_minus,
-             "guesses": fdp.k_plus + fdp.k_minus, "correct": fdp.correct},
-        claimed_epsilon_pld=claimed_pld, confidence=confidence, verdict="FAIL" if fails else "PASS",
-        guess_table=[{"k_plus": kp, "k_minus": km, "correct": c} for kp, km, c in counts])
+        epsilon_lower_bound=max(fdp["epsilon_lower_bound"], steinke["epsilon_lower_bound"]), analysis=best,
+        steinke=steinke, fdp=fdp, sampling=sampling, claimed_epsilon_pld=claimed_pld, confidence=confidence,
+        verdict="FAIL" if fails else "PASS",
+        plan={"steinke": list(plan.steinke), "fdp": list(plan.fdp), "sampling_k_minus": plan.sampling,
+              "expected_steinke": plan.expected_steinke, "expected_fdp": plan.expected_fdp, "level": beta},
+        guess_table=[{"k_plus": a, "k_minus": b, "correct": c}
+                     for a, b, c in guess_counts(scores, included, candidate_pairs(m))])

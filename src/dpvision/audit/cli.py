@@ -27,10 +27,12 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
     add("--mode", default="white", choices=("white", "black"),
         help="white: gradient canaries, every iterate seen (tighter); black: mislabelled images, final model "
              "(default: white)")
-    add("--canaries", type=int, default=2000, help="number of canaries m, each included with probability 1/2 (default: 2000)")
-    add("--k", type=int, default=10_000, help="real MNIST training examples (default: 10000)")
-    add("--batch-size", type=int, default=250, help="expected batch size (default: 250)")
-    add("--epochs", type=int, default=5, help="training epochs (default: 5)")
+    add("--canaries", type=int, default=20_000,
+        help="number of canaries m, each included with probability 1/2 (default: 20000)")
+    add("--k", type=int, default=1000, help="real MNIST training examples (default: 1000)")
+    add("--batch-size", type=int, default=None,
+        help="expected batch size (default: --k, full-batch DP-SGD: the tightest audit)")
+    add("--epochs", type=int, default=10, help="training epochs (default: 10)")
     add("--lr", type=float, default=0.5, help="SGD learning rate (default: 0.5)")
     add("--model", default="convnet", choices=("convnet", "linear"), help="model (default: convnet)")
     add("--sigma", type=float, default=None, help="noise multiplier (give this or --epsilon)")
@@ -38,8 +40,8 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
         help="target epsilon: sigma is calibrated so the run ends at it")
     add("--max-grad-norm", type=float, default=1.0, help="clipping norm C (default: 1.0)")
     add("--delta", type=_delta, default=1e-5, help="delta, or 'auto' for 1/(10 k) (default: 1e-5)")
-    add("--accountant", default="rdp", choices=tuple(ACCOUNTANT_REGISTRY),
-        help="accountant of the claimed epsilon (default: rdp)")
+    add("--accountant", default="pld", choices=tuple(ACCOUNTANT_REGISTRY),
+        help="accountant of the claimed epsilon and the calibration (default: pld, the tightest)")
     add("--disable-dp", action="store_true", help="no noise (clipping kept): the non-private reference")
     add("--score", default="steps", choices=("steps", "final"),
         help="white-box threat model: steps = every iterate seen (likelihood ratio), final = last iterate only "
@@ -59,8 +61,8 @@ def default_name(config) -> str:
 
 
 def summary_lines(result: dict, folder) -> list[str]:
-    """The verdict, both bounds, the claim under every accountant, what it shows and where it went."""
-    steinke, fdp = result["steinke"], result["fdp"]
+    """The verdict, both bounds, the sampling check, the claim under every accountant, what it shows."""
+    steinke, fdp, sampling = result["steinke"], result["fdp"], result["sampling"]
     claims = ", ".join(f"{name} {value:.3f}" for name, value in result["epsilons"].items())
     floor = ">= " if fdp["at_floor"] else ""
     verdict = result["verdict"]
@@ -72,34 +74,46 @@ def summary_lines(result: dict, folder) -> list[str]:
         f"  Steinke et al. 2023: epsilon >= {steinke['epsilon_lower_bound']:.3f} ({steinke['correct']}/"
         f"{steinke['guesses']} correct guesses); f-DP (Mahloujifar et al. 2025, DP-SGD curves at q = "
         f"{result['sample_rate']:.4g}, T = {result['steps']}): epsilon >= {floor}{fdp['epsilon_lower_bound']:.3f} "
-        f"({fdp['correct']}/{fdp['guesses']} correct)",
-        f"  claimed epsilon under every accountant: {claims} (the claimed curve's pld epsilon: "
-        f"{result['epsilon_claimed_curve_pld']:.3f})",
+        f"({fdp['correct']}/{fdp['guesses']} correct{'; rejects the claimed curve' if fdp['rejects_claim'] else ''})",
     ]
+    if sampling["k_minus"]:
+        lines.append(f"  sampling check: {sampling['correct']}/{sampling['k_minus']} lowest-scored canaries are out "
+                     f"(Poisson sampling at q = {result['sample_rate']:.4g} allows {sampling['ceiling']:.1%}; p = "
+                     f"{sampling['p_value']:.2g}, level {sampling['level']:.3g}"
+                     f"{': REJECTED, the run does not sample as claimed' if sampling['rejects_claim'] else ''})")
+    lines.append(f"  claimed epsilon under every accountant: {claims} (the claimed curve's pld epsilon: "
+                 f"{result['epsilon_claimed_curve_pld']:.3f}); guesses planned from the claim alone "
+                 f"(expected f-DP bound of a correct run: {result['plan']['expected_fdp']:.3f})")
     if verdict == "PASS":
-        lines.append("  PASS shows no leak larger than claimed was found by this attack; it does not prove the run private "
-                     "(a one-run audit sees only part of the worst case; docs/privacy.md).")
+        lines.append("  PASS shows no leak larger than claimed was found by this attack; it does not prove the run "
+                     "private (a one-run audit sees only part of the worst case; docs/privacy.md).")
     else:
-        lines.append("  FAIL: with the stated confidence the run leaks more than its accountant claims (a bug in noise, "
-                     "clipping, sampling or accounting).")
+        lines.append("  FAIL: with the stated confidence the run leaks more than its accountant claims (a bug in "
+                     "noise, clipping, sampling or accounting); the bound is a lower bound, not the run's true epsilon.")
     lines.append(f"Outputs: {folder}/ (audit.json)")
     return lines
 
 
+def config_from_args(args: argparse.Namespace):
+    """The AuditConfig of parsed ``dpvision audit`` flags (ValueError names the bad flag)."""
+    from dpvision.audit import AuditConfig
+
+    return AuditConfig(
+        mode=args.mode, canaries=args.canaries, k=args.k, batch_size=args.batch_size, epochs=args.epochs,
+        lr=args.lr, model=args.model, sigma=args.sigma, epsilon=args.epsilon, max_grad_norm=args.max_grad_norm,
+        delta=args.delta, accountant=args.accountant, disable_dp=args.disable_dp, score=args.score,
+        confidence=args.confidence, seed=args.seed, data_root=args.data_root, device=args.device)
+
+
 def run_audit(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Print the verdict; exit 0 on PASS, 1 on FAIL (a lower bound above the claimed epsilon)."""
-    from dpvision.audit import AuditConfig
     from dpvision.audit import run_audit as audit
     from dpvision.data.mnist import DataNotFoundError, ensure_mnist
     from dpvision.privacy.plan import Plan
     from dpvision.runs import RunDir, atomic_write_json, check_writable_dir
 
     try:
-        config = AuditConfig(
-            mode=args.mode, canaries=args.canaries, k=args.k, batch_size=args.batch_size, epochs=args.epochs,
-            lr=args.lr, model=args.model, sigma=args.sigma, epsilon=args.epsilon, max_grad_norm=args.max_grad_norm,
-            delta=args.delta, accountant=args.accountant, disable_dp=args.disable_dp, score=args.score,
-            confidence=args.confidence, seed=args.seed, data_root=args.data_root, device=args.device)
+        config = config_from_args(args)
         if args.name is not None and (not args.name or "/" in args.name or args.name in (".", "..")):
             raise ValueError(f"--name must be a plain folder name, got {args.name!r}")
         check_writable_dir(args.runs_dir, flag="--runs-dir")

@@ -45,6 +45,7 @@ from dp_accounting.pld import privacy_loss_distribution as pld_lib
 
 EPSILON_GRID = np.linspace(0.0, 40.0, 801)  # the supporting lines kept (step 0.05)
 PLD_DISCRETIZATION = 1e-3  # pessimistic PLD: coarser than the accountant's 1e-4, still an upper bound on δ(ε)
+COARSE_DISCRETIZATION = 2e-2  # the guess plan's quick curves: coarser still (rejects less), only to rank pairs
 SIGMA_FLOOR = 0.4  # smallest σ' tried: below it the PLD grid explodes (privacy.bounds); bounds there say ">="
 SIGMA_CEILING = 100.0  # largest σ' tried: a run more private than this is indistinguishable from no training
 
@@ -62,22 +63,37 @@ class TradeOff:
 
 
 @lru_cache(maxsize=256)
-def _pld(noise_multiplier: float, sample_rate: float, steps: int):
+def _pld(noise_multiplier: float, sample_rate: float, steps: int, discretization: float = PLD_DISCRETIZATION):
     one = pld_lib.from_gaussian_mechanism(noise_multiplier, sampling_prob=sample_rate,
-                                         value_discretization_interval=PLD_DISCRETIZATION)
+                                         value_discretization_interval=discretization)
     return one.self_compose(steps)
 
 
-@lru_cache(maxsize=256)
-def dpsgd_tradeoff(*, noise_multiplier: float, sample_rate: float, steps: int) -> TradeOff:
-    """The trade-off curve of ``steps`` Poisson-sampled Gaussian steps (σ, q), as a PLD privacy profile."""
-    deltas = np.asarray(_pld(noise_multiplier, sample_rate, steps).get_delta_for_epsilon(EPSILON_GRID))
+@lru_cache(maxsize=512)
+def dpsgd_tradeoff(*, noise_multiplier: float, sample_rate: float, steps: int, coarse: bool = False) -> TradeOff:
+    """The trade-off curve of ``steps`` Poisson-sampled Gaussian steps (σ, q), as a PLD privacy profile
+    (``coarse``: a quicker, more pessimistic discretisation)."""
+    pld = _pld(noise_multiplier, sample_rate, steps, COARSE_DISCRETIZATION if coarse else PLD_DISCRETIZATION)
+    deltas = np.asarray(pld.get_delta_for_epsilon(EPSILON_GRID))
     return TradeOff(EPSILON_GRID, np.clip(deltas, 0.0, 1.0))
 
 
 def dpsgd_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
     """ε at ``delta`` of the same PLD (the currency of the f-DP bound)."""
     return float(_pld(noise_multiplier, sample_rate, steps).get_epsilon_for_delta(delta))
+
+
+def dpsgd_out_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    """ε of the one direction "the run without the canary" vs "with it" (P_out <= e^ε P_in + δ) at ``delta``.
+
+    Poisson sampling bounds it by T log(1 / (1 - q)) even at δ = 0 (an included canary is never sampled
+    with probability (1 - q)^T, and then the run is the run without it); with noise it is smaller still.
+    dp_accounting keeps this direction as the PLD's "add" distribution."""
+    floor = -steps * math.log1p(-sample_rate) if sample_rate < 1 else math.inf
+    if noise_multiplier <= 0:
+        return floor
+    pmf = _pld(noise_multiplier, sample_rate, steps)._pmf_add  # [the bounded direction's privacy losses]
+    return float(min(floor, pmf.get_epsilon_for_delta(delta)))
 
 
 def fdp_rejects(curve: TradeOff, *, m: int, guesses: int, correct: int, beta: float) -> bool:
@@ -97,9 +113,9 @@ def fdp_rejects(curve: TradeOff, *, m: int, guesses: int, correct: int, beta: fl
 
 
 def rejecting_pair(counts: list[tuple[int, int, int]], *, m: int, sample_rate: float, steps: int,
-                   noise_multiplier: float, beta: float) -> tuple[int, int, int] | None:
+                   noise_multiplier: float, beta: float, coarse: bool = False) -> tuple[int, int, int] | None:
     """The first guess pair (k+, k-, correct) whose count rejects DP-SGD at σ' = ``noise_multiplier``."""
-    curve = dpsgd_tradeoff(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
+    curve = dpsgd_tradeoff(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps, coarse=coarse)
     for k_plus, k_minus, correct in counts:
         if fdp_rejects(curve, m=m, guesses=k_plus + k_minus, correct=correct, beta=beta):
             return k_plus, k_minus, correct
@@ -119,24 +135,29 @@ class FdpBound:
 
 
 def fdp_lower_bound(counts: list[tuple[int, int, int]], *, m: int, sample_rate: float, steps: int,
-                    delta: float, beta: float, rel_tol: float = 0.005) -> FdpBound:
-    """Bound from guess ``counts`` [(k+, k-, correct)], each pair tested at ``beta`` (already corrected)."""
+                    delta: float, beta: float, coarse: bool = False) -> FdpBound:
+    """Bound from guess ``counts`` [(k+, k-, correct)], each pair tested at ``beta`` (already corrected).
 
-    def rejected_by(sigma: float) -> tuple[int, int, int] | None:
-        return rejecting_pair(counts, m=m, sample_rate=sample_rate, steps=steps, noise_multiplier=sigma, beta=beta)
+    σ' is searched on the lattice SIGMA_FLOOR (1 + r)^j (r = 0.001, or 0.05 when ``coarse``), so that
+    many searches share their curves (the guess plan runs one per candidate pair)."""
+    ratio = 1.05 if coarse else 1.001
+    top = math.ceil(math.log(SIGMA_CEILING / SIGMA_FLOOR) / math.log(ratio))
 
-    if rejected_by(SIGMA_CEILING) is None:
+    def sigma(j: int) -> float:
+        return round(min(SIGMA_CEILING, SIGMA_FLOOR * ratio**j), 10)
+
+    def rejected_by(j: int) -> tuple[int, int, int] | None:
+        return rejecting_pair(counts, m=m, sample_rate=sample_rate, steps=steps, noise_multiplier=sigma(j),
+                              beta=beta, coarse=coarse)
+
+    best = rejected_by(top)
+    if best is None:
         return FdpBound(0.0, None, False, 0, 0, 0)
-    low, high = SIGMA_FLOOR, SIGMA_CEILING  # invariant: high is rejected
-    best = rejected_by(low)
-    if best is not None:
-        high = low
-    else:
-        while high / low > 1 + rel_tol:  # rejection is monotone: larger σ' = a more private claim
-            mid = math.sqrt(low * high)
-            found = rejected_by(mid)
-            low, high = (low, mid) if found else (mid, high)
-            best = found or best
-        best = best or rejected_by(high)
-    eps = dpsgd_epsilon(noise_multiplier=high, sample_rate=sample_rate, steps=steps, delta=delta)
-    return FdpBound(eps, high, high == SIGMA_FLOOR, *best)
+    low, high = -1, top  # invariant: high is rejected, low is not (-1: below the floor, never tried)
+    while high - low > 1:  # rejection is monotone: larger σ' = a more private claim
+        mid = (low + high + 1) // 2 if low < 0 else (low + high) // 2
+        found = rejected_by(mid)
+        low, high = (low, mid) if found else (mid, high)
+        best = found or best
+    eps = dpsgd_epsilon(noise_multiplier=sigma(high), sample_rate=sample_rate, steps=steps, delta=delta)
+    return FdpBound(eps, sigma(high), high == 0, *best)

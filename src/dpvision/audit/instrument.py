@@ -54,7 +54,7 @@ class CanaryInstrument:
     """
 
     def __init__(self, *, coords: torch.Tensor, included: torch.Tensor, num_params: int,
-                 max_grad_norm: float, expected_batch: int) -> None:
+                 max_grad_norm: float, expected_batch: int, device: torch.device | str = "cpu") -> None:
         self.coords = coords.long()  # [m]
         self.included = included.bool()  # [m]
         self.num_params = num_params
@@ -62,12 +62,13 @@ class CanaryInstrument:
         self.observations: list[torch.Tensor] = []  # [m] per step
         self.inclusions = 0  # canary inclusions reported by the engine (diagnostics)
         self.max_grad_norm = max_grad_norm
+        self.device = torch.device(device)  # the rows are built where the engine keeps them (GBs at full size)
 
     def canary_gradients(self) -> torch.Tensor:
         """[m_in, P] raw rows: RAW_NORM · C on each included canary's own coordinate."""
-        chosen = self.coords[self.included]
-        rows = torch.zeros(len(chosen), self.num_params)
-        rows[torch.arange(len(chosen)), chosen] = RAW_NORM * self.max_grad_norm
+        chosen = self.coords[self.included].to(self.device)
+        rows = torch.zeros(len(chosen), self.num_params, device=self.device)
+        rows[torch.arange(len(chosen), device=self.device), chosen] = RAW_NORM * self.max_grad_norm
         return rows
 
     def on_inclusions(self, included: torch.Tensor) -> None:
@@ -83,8 +84,9 @@ class CanaryInstrument:
 
 
 def build_instrumented_engine(*, model: nn.Module, train_data, plan: Plan, lr: float, seed: int, device,
-                              instrument: CanaryInstrument):
-    """The fast engine with the canaries in its clipped sum (plain SGD at ``lr``)."""
+                              instrument: CanaryInstrument | None):
+    """The fast engine with the canaries in its clipped sum (plain SGD at ``lr``); without ``instrument``:
+    the same run without canaries (the cost comparison's reference)."""
     return FastEngine(model=model, train_data=train_data, plan=plan, optimizer=OptimizerSpec(name="sgd", lr=lr),
                       seed=seed, device=device, instrument=instrument)
 

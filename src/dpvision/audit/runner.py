@@ -9,18 +9,20 @@ Two threat models:
   otherwise. ``score="steps"`` (all iterates) is the likelihood ratio of the subsampled
   Gaussian, Σ_t log(1 - q + q exp((x_{t,i} - 1/2) / σ²)), the Neyman-Pearson test of one
   canary; ``score="final"`` (last iterate only) is Σ_t x_{t,i}, the canary's coordinate of
-  θ_0 - θ_T.
+  θ_0 - θ_T (:mod:`dpvision.audit.design`). The defaults are full-batch DP-SGD (batch = k, q = 1):
+  each step is then a Gaussian mechanism on each canary and the audit comes closest to the claim.
 * ``black`` (black-box, input space): each canary is a real MNIST image that is not in the
   training subset, with a label flipped to a random wrong class; the included ones join the
   training set. Score: loss before training minus loss after. Only the final model is used.
 
-Both bounds of :mod:`dpvision.audit.analysis` are computed; the claim audited is the ledger's
-(σ, q, T) (what the accountant was told). ``tamper`` (a callable on the engine) exists for the
+Both bounds and the sampling check of :mod:`dpvision.audit.analysis` are computed, on guesses
+planned from the claim alone; the claim audited is the ledger's (σ, q, T) (what the accountant
+was told). ``tamper`` (a callable on the engine) exists for the
 bug-injection tests alone (tests/test_audit_bugs.py); no command-line flag reaches it.
 
 Example:
-    >>> result = run_audit(AuditConfig(mode="white", canaries=1000, k=500, batch_size=50,  # doctest: +SKIP
-    ...                                epochs=2, epsilon=2.0, data_root="data"))
+    >>> result = run_audit(AuditConfig(mode="white", canaries=2000, k=500, batch_size=500,  # doctest: +SKIP
+    ...                                epochs=4, epsilon=2.0, data_root="data"))
     >>> result["verdict"]                                                                     # doctest: +SKIP
     'PASS'
 """
@@ -36,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpvision.audit.analysis import analyse
+from dpvision.audit.analysis import Claim, analyse
+from dpvision.audit.design import SCORES, canary_scores
 from dpvision.audit.instrument import AuditCoordinates, CanaryInstrument, build_instrumented_engine, train_observed
 from dpvision.data.mnist import MNIST_TRAIN_SIZE, load_mnist
 from dpvision.data.tensors import ImageTensors
@@ -47,12 +50,10 @@ from dpvision.seeding import make_generator, seed_everything
 from dpvision.engines import OptimizerSpec, build_engine
 
 MODES = ("white", "black")
-SCORES = ("steps", "final")
 MODELS = ("linear", "convnet")
-MAX_CANARIES = 20_000
-MAX_CANARY_FLOATS = 250_000_000  # white-box canary rows are [m, P + m] floats: 1 GB at most
+MAX_CANARIES = 200_000
+MAX_CANARY_FLOATS = 2_000_000_000  # white-box rows of the ~m/2 included canaries are [m/2, P + m] floats: 8 GB at most
 MAX_PROJECTIONS = 500_000_000  # white-box scores keep [steps, m] floats: 2 GB at most
-MIN_SCORE_SIGMA = 0.5  # the likelihood-ratio score's σ when the run claims none (non-private runs)
 
 
 @dataclass(kw_only=True)
@@ -60,17 +61,17 @@ class AuditConfig:
     """One audit: the training run (MNIST subset, model, DP settings) and the canaries."""
 
     mode: str = "white"
-    canaries: int = 2000
-    k: int = 10_000  # real training examples (canaries are extra)
-    batch_size: int = 250
-    epochs: int = 5
+    canaries: int = 20_000
+    k: int = 1000  # real training examples (canaries are extra)
+    batch_size: int | None = None  # None: k, full-batch DP-SGD (q = 1), the tightest white-box audit
+    epochs: int = 10
     lr: float = 0.5
     model: str = "convnet"
     sigma: float | None = None  # noise multiplier; None: calibrated to ``epsilon``
     epsilon: float | None = None  # target ε for the calibration
     max_grad_norm: float = 1.0
     delta: float | str = 1e-5
-    accountant: str = "rdp"
+    accountant: str = "pld"
     disable_dp: bool = False  # σ = 0 (clipping kept): the non-private reference
     score: str = "steps"
     confidence: float = 0.95
@@ -91,6 +92,7 @@ class AuditConfig:
              self.canaries)
         need(1 <= self.k and self.k + (self.canaries if self.mode == "black" else 0) <= MNIST_TRAIN_SIZE,
              "--k", "at least 1 and leave room for the black-box canaries in MNIST's 60,000", self.k)
+        self.batch_size = self.k if self.batch_size is None else self.batch_size
         need(1 <= self.batch_size <= self.k, "--batch-size", f"between 1 and --k ({self.k})", self.batch_size)
         need(self.epochs >= 1, "--epochs", "a positive integer", self.epochs)
         need(math.isfinite(self.lr) and self.lr > 0, "--lr", "> 0", self.lr)
@@ -104,9 +106,10 @@ class AuditConfig:
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device must be cpu or auto on this machine (no CUDA device is available), got 'cuda'")
         need(0 < self.confidence < 1, "--confidence", "in (0, 1)", self.confidence)
-        rows = self.canaries * (self.canaries + sum(p.numel() for p in build_model(self.model).parameters()))
+        rows = self.canaries // 2 * (self.canaries + sum(p.numel() for p in build_model(self.model).parameters()))
         need(self.mode == "black" or rows <= MAX_CANARY_FLOATS, "--canaries",
-             f"small enough that the canary rows (m x (P + m)) stay under {MAX_CANARY_FLOATS:.1e} floats", self.canaries)
+             f"small enough that the canary rows (m/2 x (P + m)) stay under {MAX_CANARY_FLOATS:.1e} floats",
+             self.canaries)
         self.delta = resolve_delta(self.delta, self.k)
         need(0 < self.delta < 1, "--delta", "in (0, 1)", self.delta)
         if self.disable_dp:
@@ -127,14 +130,6 @@ def build_model(name: str) -> nn.Module:
     return SampleConvNet()
 
 
-def _subsampled_gaussian_llr(x: torch.Tensor, q: float, sigma: float) -> torch.Tensor:
-    """Σ_t log(1 - q + q exp((x - 1/2) / σ²)) over steps; x [T, m] -> [m]."""
-    z = (x.double() - 0.5) / sigma**2
-    if q >= 1:
-        return z.sum(0)
-    return torch.logaddexp(torch.full_like(z, math.log1p(-q)), z + math.log(q)).sum(0)
-
-
 def _white_box(config: AuditConfig, data: ImageTensors, plan: Plan, included: torch.Tensor,
                device: torch.device, progress, tamper) -> tuple[np.ndarray, int, dict]:
     base = build_model(config.model)
@@ -142,18 +137,16 @@ def _white_box(config: AuditConfig, data: ImageTensors, plan: Plan, included: to
     model = AuditCoordinates(base, config.canaries)
     instrument = CanaryInstrument(coords=torch.arange(base_params, base_params + config.canaries),
                                   included=included, num_params=base_params + config.canaries,
-                                  max_grad_norm=config.max_grad_norm, expected_batch=plan.expected_batch_size)
+                                  max_grad_norm=config.max_grad_norm, expected_batch=plan.expected_batch_size,
+                                  device=device)
     engine = build_instrumented_engine(model=model, train_data=data, plan=plan, lr=config.lr, seed=config.seed,
                                        device=device, instrument=instrument)
     if tamper is not None:
         tamper(engine)
     steps = train_observed(engine, epochs=config.epochs, progress=progress)
-    x = instrument.stacked()  # [T, m]
-    if config.score == "final":
-        scores = x.sum(0)  # the canary's coordinate of θ_0 - θ_T, in units of one clipped canary
-    else:
-        scores = _subsampled_gaussian_llr(x, plan.sample_rate, max(plan.noise_multiplier, MIN_SCORE_SIGMA))
-    return scores.numpy(), steps, {"parameters": base_params, "audit_coordinates": config.canaries,
+    scores = canary_scores(instrument.stacked().numpy(), score=config.score, sample_rate=plan.sample_rate,
+                           noise_multiplier=plan.noise_multiplier)  # [T, m] -> [m]
+    return scores, steps, {"parameters": base_params, "audit_coordinates": config.canaries,
                                    "canary_inclusions": instrument.inclusions}
 
 
@@ -191,12 +184,25 @@ def _black_box(config: AuditConfig, canaries: ImageTensors, data: ImageTensors, 
     return scores.numpy(), steps, {"training_examples": len(train)}
 
 
-def _plan(config: AuditConfig, num_train: int) -> Plan:
+def audit_plan(config: AuditConfig, num_train: int) -> Plan:
     """The audited run's plan: σ given, calibrated to ``epsilon``, or 0 (``disable_dp``: clipping, no noise)."""
     dp = DPSettings(noise_multiplier=0.0 if config.disable_dp else config.sigma,
                     target_epsilon=None if config.disable_dp else config.epsilon,
                     max_grad_norm=config.max_grad_norm, delta=config.delta, accountant=config.accountant)
     return make_plan(dp, num_train=num_train, batch_size=config.batch_size, epochs=config.epochs)
+
+
+def audit_device(config: AuditConfig) -> torch.device:
+    return torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
+                        "cpu" if config.device == "auto" else config.device)
+
+
+def audit_data(config: AuditConfig) -> tuple[ImageTensors, ImageTensors]:
+    """The training subset (k MNIST images) and the black-box canary pool (never in it); seeds everything."""
+    seed_everything(config.seed)
+    full = load_mnist(config.data_root, train=True)
+    order = torch.randperm(len(full), generator=make_generator(config.seed, "subset"))
+    return full.subset(order[:config.k]), full.subset(order[config.k:config.k + config.canaries])
 
 
 def run_audit(config: AuditConfig, *, progress=None, tamper=None) -> dict:
@@ -206,18 +212,13 @@ def run_audit(config: AuditConfig, *, progress=None, tamper=None) -> dict:
     purpose (bug-injection tests only).
     """
     started = time.perf_counter()
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if config.device == "auto" else config.device)
-    seed_everything(config.seed)
-    full = load_mnist(config.data_root, train=True)
-    order = torch.randperm(len(full), generator=make_generator(config.seed, "subset"))
-    data = full.subset(order[:config.k])
-    pool = full.subset(order[config.k:config.k + config.canaries])  # black-box canaries: never in `data`
+    device = audit_device(config)
+    data, pool = audit_data(config)
     generator = make_generator(config.seed, "audit")
     included = torch.rand(config.canaries, generator=generator) < 0.5  # S_i: each in with probability 1/2
     # q and the epoch length as the audited run has them (black-box canaries join the data).
     n_train = config.k + (int(included.sum()) if config.mode == "black" else 0)
-    plan = _plan(config, n_train)
+    plan = audit_plan(config, n_train)
     sigma, q = plan.noise_multiplier, plan.sample_rate
     if config.mode == "white":
         scores, steps, extra = _white_box(config, data, plan, included, device, progress, tamper)
@@ -229,11 +230,13 @@ def run_audit(config: AuditConfig, *, progress=None, tamper=None) -> dict:
         ledger.record(noise_multiplier=sigma, sample_rate=q, steps=steps)
     epsilons = ({name: math.inf for name in ACCOUNTANTS} if sigma == 0 else ledger.epsilons(delta=config.delta))
     claimed = epsilons[config.accountant]
-    result = analyse(scores, included.numpy(), delta=config.delta, sample_rate=q, noise_multiplier=sigma,
-                     steps=steps, claimed_epsilon=claimed, confidence=config.confidence)
+    claim = Claim(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=config.delta)
+    result = analyse(scores, included.numpy(), claim, score=config.score, claimed_epsilon=claimed,
+                     confidence=config.confidence)
     return {
         "verdict": result.verdict, "epsilon_lower_bound": result.epsilon_lower_bound, "analysis": result.analysis,
-        "steinke": result.steinke, "fdp": result.fdp, "epsilon": claimed, "accountant": config.accountant,
+        "steinke": result.steinke, "fdp": result.fdp, "sampling": result.sampling, "plan": result.plan,
+        "epsilon": claimed, "accountant": config.accountant,
         "epsilons": epsilons, "epsilon_claimed_curve_pld": result.claimed_epsilon_pld, "delta": config.delta,
         "confidence": config.confidence, "threat_model": THREAT_MODELS[(config.mode, config.score)],
         "canaries": config.canaries, "canaries_included": int(included.sum()), "guess_table": result.guess_table,
