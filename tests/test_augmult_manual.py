@@ -131,11 +131,12 @@ def test_one_factor_per_example_of_the_mean_over_views():
     assert rel(unclipped, reference(model, x, y, 4, 1e6)) < 2e-5
 
 
-def test_each_example_contributes_at_most_c():
+@pytest.mark.parametrize("backend_class", [AugmultManual, AugmultPerSample], ids=["manual", "vmap"])
+def test_each_example_contributes_at_most_c(backend_class):
     torch.manual_seed(5)
     model = tiny_wrn()
     x, y = 30 * torch.randn(4, 3, 8, 8), torch.randint(0, 4, (4,))
-    backend = AugmultManual(model, k=4, flip=True, generator=torch.Generator().manual_seed(0))
+    backend = backend_class(model, k=4, flip=True, generator=torch.Generator().manual_seed(0))
     for i in range(4):  # one example at a time (weight 1, the others 0): sensitivity C, whatever K
         weights = torch.zeros(4)
         weights[i] = 1.0
