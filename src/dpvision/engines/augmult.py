@@ -36,10 +36,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call
 
 from dpvision.engines.clipping import ClipFn
-from dpvision.engines.per_sample import ManualPerSample, clipped_sum_
+from dpvision.engines.per_sample import ManualPerSample, VmapPerSample
 
 PAD = 4  # pixels of reflect padding before the random crop (the usual CIFAR recipe)
 # On CUDA, the per-example gradients pass 1 may keep for pass 2, as a fraction of the card's memory in float32
@@ -96,37 +96,27 @@ class AugmultManual(ManualPerSample):
         super().accumulate(views, y, w, clip, acc_views, loss_sum, correct)  # views [P K, C, H, W]
 
 
-class AugmultPerSample:
-    """Per-example gradients averaged over K augmentations, clipped and summed (``torch.func``)."""
+class AugmultPerSample(VmapPerSample):
+    """Per-example gradients averaged over K augmentations, clipped and summed (``torch.func``): the vmap
+    backend with each example's loss the mean over its K views, g_i = grad (1/K) sum_k loss(aug_k(x_i))."""
 
     name = "augmult"
 
     def __init__(self, model: nn.Module, *, k: int, flip: bool, generator: torch.Generator, pad: int = PAD) -> None:
         if k < 1:
             raise ValueError(f"augmult needs K >= 1, got {k}")
-        self.model, self.k, self.flip, self.generator, self.pad = model, k, flip, generator, pad
-        self.names = [n for n, p in model.named_parameters() if p.requires_grad]  # frozen: from the module
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        buffers = dict(model.named_buffers())
+        self.k, self.flip, self.generator, self.pad = k, flip, generator, pad
+        super().__init__(model)
 
+    @staticmethod
+    def example_loss(model: nn.Module, buffers: dict):
+        """One example's mean loss over its K views as a function of the parameters; xs [K, C, H, W], y []."""
         def loss_group(params: dict, xs: torch.Tensor, y: torch.Tensor):
             logits = functional_call(model, (params, buffers), (xs,))  # [K, classes]
             loss = F.cross_entropy(logits, y.expand(len(xs)))  # the mean over the K augmentations
             return loss, (loss.detach(), logits.detach().mean(0))
+        return loss_group
 
-        # randomness="different": each example (and view) draws its own dropout mask.
-        self._per_example = vmap(grad(loss_group, has_aux=True), in_dims=(None, 0, 0), randomness="different")
-
-    def accumulate(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, clip: ClipFn,
-                   acc_views: list[torch.Tensor], loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
-        """``acc += sum_i w_i clip(||g_i||) g_i`` with g_i averaged over K augmentations."""
-        xs = augment(x, k=self.k, flip=self.flip, generator=self.generator, pad=self.pad)  # [P, K, C, H, W]
-        params = {n: p.detach() for n, p in zip(self.names, self.params)}
-        grads, (losses, logits) = self._per_example(params, xs, y)  # grads[n]: [P, *shape]
-        flat = [grads[n].reshape(len(x), -1) for n in self.names]  # [P, numel]
-        clipped_sum_(flat, clip, w, acc_views)
-        loss_sum.add_((losses * w).sum())
-        correct.add_(((logits.argmax(1) == y).float() * w).sum())
-
-    def close(self) -> None:
-        pass
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """[P, C, H, W] -> [P, K, C, H, W]: the K views of each example, from the engine's augment generator."""
+        return augment(x, k=self.k, flip=self.flip, generator=self.generator, pad=self.pad)

@@ -68,6 +68,8 @@ def clipped_sum_(flat: list[torch.Tensor], clip: ClipFn, w: torch.Tensor, acc_vi
 
 
 class VmapPerSample:
+    """Per-example gradients by ``torch.func`` (vmap over examples of the gradient of one example's loss)."""
+
     name = "vmap"
 
     def __init__(self, model: nn.Module) -> None:
@@ -75,20 +77,27 @@ class VmapPerSample:
         # Trainable parameters only: functional_call takes the frozen ones from the module itself.
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for p in model.parameters() if p.requires_grad]
-        buffers = dict(model.named_buffers())
+        loss = self.example_loss(model, dict(model.named_buffers()))
+        # randomness="different": each example draws its own dropout / stochastic-depth mask.
+        self._per_sample = vmap(grad(loss, has_aux=True), in_dims=(None, 0, 0), randomness="different")
 
+    @staticmethod
+    def example_loss(model: nn.Module, buffers: dict):
+        """One example's (loss, (loss, logits)) as a function of the parameters; x [C, H, W], y []."""
         def loss_one(params: dict, x: torch.Tensor, y: torch.Tensor):
             logits = functional_call(model, (params, buffers), (x.unsqueeze(0),))  # [1, classes]
             loss = F.cross_entropy(logits, y.unsqueeze(0))
             return loss, (loss.detach(), logits.detach().squeeze(0))
+        return loss_one
 
-        # randomness="different": each example draws its own dropout / stochastic-depth mask.
-        self._per_sample = vmap(grad(loss_one, has_aux=True), in_dims=(None, 0, 0), randomness="different")
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """What each example's loss is evaluated on (the augmult backend makes its K views here)."""
+        return x
 
     def accumulate(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, clip: ClipFn,
                    acc_views: list[torch.Tensor], loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
         params = {n: p.detach() for n, p in zip(self.names, self.params)}
-        grads, (losses, logits) = self._per_sample(params, x, y)  # grads[n]: [P, *shape]
+        grads, (losses, logits) = self._per_sample(params, self.inputs(x), y)  # grads[n]: [P, *shape]
         flat = [grads[n].reshape(len(x), -1) for n in self.names]  # [P, numel]
         clipped_sum_(flat, clip, w, acc_views)
         loss_sum.add_((losses * w).sum())

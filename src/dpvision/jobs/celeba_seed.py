@@ -14,13 +14,12 @@ width 16, C = 1, σ = 1 unless ``--target-epsilon`` is given, δ = 1/(10 N) ("au
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Sequence
 
-from dpvision.cli_support import OneLineParser, given_flags, one_line_warnings
+from dpvision.cli_support import OneLineParser
 from dpvision.jobs.config import TrainConfig
 from dpvision.jobs import train as train_job  # train_job.run: looked up at call time (tests wrap it)
-from dpvision.jobs.errors import run_guarded
+from dpvision.jobs.errors import front_end_main, run_front_end
 from dpvision.jobs.flags import FlagMap
 from dpvision.jobs.loop import check_resume_flags
 
@@ -108,12 +107,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "celeba_train.py") -> in
     """``python scripts/celeba_train.py [flags]``: exit 0, or 2 with one ``error:`` line naming the flag."""
     parser = add_train_arguments(OneLineParser(
         prog=prog, description="Train the small CelebA CNN on a preprocessed folder: baseline or DP-SGD."))
-    argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
-    args = parser.parse_args(argv)
-    return run_parsed(parser, args, given_flags(parser, argv))
+    return front_end_main(parser, argv, run_parsed)
 
 
 def run_parsed(parser: argparse.ArgumentParser, args: argparse.Namespace, given: list[str]) -> int:
     """Run the parsed flags (``celeba_train.py`` and ``dpvision celeba train``); errors in this trainer's flags."""
-    one_line_warnings(args.flag_map.translate)
-    return run_guarded(parser, lambda: _run(args, given), translate=args.flag_map.translate)
+    return run_front_end(parser, args, given, _run)

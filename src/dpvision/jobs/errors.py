@@ -23,6 +23,7 @@ import shlex
 import sys
 from typing import Callable
 
+from dpvision.cli_support import given_flags, one_line_warnings
 from dpvision.engines.distributed import RankFailureError
 
 EXIT_BAD_INPUT = 2
@@ -60,3 +61,16 @@ def run_guarded(parser: argparse.ArgumentParser, fn: Callable[[], object], *,
         print(f"{parser.prog}: error: {translate(message) if translate else message}", file=stream, flush=True)
         return EXIT_BAD_INPUT
     return 0
+
+
+def run_front_end(parser: argparse.ArgumentParser, args: argparse.Namespace, given: list[str],
+                  run: Callable[[argparse.Namespace, list[str]], int]) -> int:
+    """A seed front-end's parsed flags run: warnings and errors in that front-end's own flag names."""
+    one_line_warnings(args.flag_map.translate)
+    return run_guarded(parser, lambda: run(args, given), translate=args.flag_map.translate)
+
+
+def front_end_main(parser: argparse.ArgumentParser, argv, run_parsed) -> int:
+    """``python mnist.py [flags]`` and the like: parse ``argv`` (default ``sys.argv[1:]``), then ``run_parsed``."""
+    argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
+    return run_parsed(parser, parser.parse_args(argv), given_flags(parser, argv))

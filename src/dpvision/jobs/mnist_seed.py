@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from dpvision.cli_support import OneLineParser, check_can_create_dir, given_flags, one_line_warnings
+from dpvision.cli_support import OneLineParser, check_can_create_dir
 from dpvision.jobs.config import TrainConfig
 from dpvision.jobs import train as train_job  # train_job.run: looked up at call time (tests wrap it)
-from dpvision.jobs.errors import run_guarded
+from dpvision.jobs.errors import front_end_main, run_front_end
 from dpvision.jobs.flags import FlagMap
 from dpvision.jobs.loop import check_resume_flags
 from dpvision.runs import atomic_write_text, csv_text
@@ -135,15 +135,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "mnist.py") -> int:
     """``python mnist.py [flags]``: exit 0, or 2 with one ``error:`` line naming the flag."""
     parser = add_mnist_arguments(OneLineParser(prog=prog, description="Train SampleConvNet on MNIST, with or "
                                                                       "without DP-SGD."))
-    argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
-    args = parser.parse_args(argv)
-    return run_parsed(parser, args, given_flags(parser, argv))
+    return front_end_main(parser, argv, run_parsed)
 
 
 def run_parsed(parser: argparse.ArgumentParser, args: argparse.Namespace, given: list[str]) -> int:
     """Run the parsed flags (``python mnist.py`` and ``dpvision mnist``); errors in the seed's flag names."""
-    one_line_warnings(args.flag_map.translate)
-    return run_guarded(parser, lambda: _run(args, given), translate=args.flag_map.translate)
+    return run_front_end(parser, args, given, _run)
 
 
 def _run(args: argparse.Namespace, given: list[str]) -> dict:
