@@ -11,7 +11,7 @@ import sys
 
 from tqdm import tqdm
 
-from dpvision.privacy import ACCOUNTANT_REGISTRY, parse_delta
+from dpvision.privacy import ACCOUNTANTS, parse_delta
 
 
 def _delta(text: str):
@@ -40,7 +40,7 @@ def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
         help="target epsilon: sigma is calibrated so the run ends at it")
     add("--max-grad-norm", type=float, default=1.0, help="clipping norm C (default: 1.0)")
     add("--delta", type=_delta, default=1e-5, help="delta, or 'auto' for 1/(10 k) (default: 1e-5)")
-    add("--accountant", default="pld", choices=tuple(ACCOUNTANT_REGISTRY),
+    add("--accountant", default="pld", choices=ACCOUNTANTS,
         help="accountant of the claimed epsilon and the calibration (default: pld, the tightest)")
     add("--disable-dp", action="store_true", help="no noise (clipping kept): the non-private reference")
     add("--score", default="steps", choices=("steps", "final"),
