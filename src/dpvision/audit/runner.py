@@ -41,6 +41,7 @@ from torch import nn
 from dpvision.audit.analysis import Claim, analyse
 from dpvision.audit.design import SCORES, canary_scores
 from dpvision.audit.instrument import AuditCoordinates, CanaryInstrument, build_instrumented_engine, train_observed
+from dpvision.checks import need
 from dpvision.data.mnist import MNIST_TRAIN_SIZE, load_mnist
 from dpvision.data.tensors import ImageTensors
 from dpvision.models import SampleConvNet
@@ -80,10 +81,6 @@ class AuditConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        def need(ok: bool, flag: str, valid: str, value) -> None:
-            if not ok:
-                raise ValueError(f"{flag} must be {valid}, got {value!r}")
-
         need(self.mode in MODES, "--mode", f"one of {', '.join(MODES)}", self.mode)
         need(self.score in SCORES, "--score", f"one of {', '.join(SCORES)}", self.score)
         need(self.model in MODELS, "--model", f"one of {', '.join(MODELS)}", self.model)

@@ -23,7 +23,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 import stat
@@ -33,6 +32,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from dpvision.checks import is_int, is_number, need
 from dpvision.data.registry import DATASETS, MAX_IMAGE_SIZE
 from dpvision.engines import ENGINES, OPTIMIZERS
 from dpvision.engines.clipping import CLIPPING_RULES
@@ -84,19 +84,6 @@ RecipeLoader.add_implicit_resolver(
     list("-+0123456789."))
 
 
-def _need(ok: bool, where: str, valid: str, value: Any) -> None:
-    if not ok:
-        raise ValueError(f"{where} must be {valid}, got {value!r}")
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 @dataclass(kw_only=True)
 class DataConfig:
     dataset: str = "mnist"
@@ -107,15 +94,15 @@ class DataConfig:
     download: bool = True  # torchvision datasets: download when missing (needs internet)
 
     def __post_init__(self) -> None:
-        _need(self.dataset in DATASETS, "data.dataset", f"one of {', '.join(DATASETS)}", self.dataset)
-        _need(isinstance(self.root, str) and self.root != "", "data.root", "a folder", self.root)
+        need(self.dataset in DATASETS, "data.dataset", f"one of {', '.join(DATASETS)}", self.dataset)
+        need(isinstance(self.root, str) and self.root != "", "data.root", "a folder", self.root)
         if self.image_size is not None:
-            _need(_is_int(self.image_size) and MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE,
+            need(is_int(self.image_size) and MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE,
                   "data.image_size", f"an integer between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE}", self.image_size)
         if self.k is not None:
-            _need(_is_int(self.k) and self.k >= 1, "data.k", "a positive integer", self.k)
-        _need(_is_int(self.val_size) and self.val_size >= 0, "data.val_size", "an integer >= 0", self.val_size)
-        _need(isinstance(self.download, bool), "data.download", "true or false", self.download)
+            need(is_int(self.k) and self.k >= 1, "data.k", "a positive integer", self.k)
+        need(is_int(self.val_size) and self.val_size >= 0, "data.val_size", "an integer >= 0", self.val_size)
+        need(isinstance(self.download, bool), "data.download", "true or false", self.download)
 
 
 @dataclass(kw_only=True)
@@ -129,17 +116,17 @@ class ModelConfig:
     finetune: str = "all"  # or "linear_probe": only the classifier head is trained
 
     def __post_init__(self) -> None:
-        _need(self.name in MODELS or is_external(self.name), "model.name",
+        need(self.name in MODELS or is_external(self.name), "model.name",
               f"one of {', '.join(MODELS)}, torchvision:<name> or <module>:<factory>", self.name)
         if self.init is not None:
-            _need(isinstance(self.init, str) and self.init != "", "model.init", "a state_dict file", self.init)
-        _need(self.init_head in HEAD_MODES, "model.init_head", f"one of {', '.join(HEAD_MODES)}", self.init_head)
-        _need(self.finetune in JOB_FINETUNE_MODES, "model.finetune", f"one of {', '.join(JOB_FINETUNE_MODES)}",
+            need(isinstance(self.init, str) and self.init != "", "model.init", "a state_dict file", self.init)
+        need(self.init_head in HEAD_MODES, "model.init_head", f"one of {', '.join(HEAD_MODES)}", self.init_head)
+        need(self.finetune in JOB_FINETUNE_MODES, "model.finetune", f"one of {', '.join(JOB_FINETUNE_MODES)}",
               self.finetune)
         if self.width is not None:
-            _need(_is_int(self.width) and 1 <= self.width <= 4096, "model.width", "an integer in [1, 4096]",
+            need(is_int(self.width) and 1 <= self.width <= 4096, "model.width", "an integer in [1, 4096]",
                   self.width)
-        _need(isinstance(self.weight_standardization, bool), "model.weight_standardization", "true or false",
+        need(isinstance(self.weight_standardization, bool), "model.weight_standardization", "true or false",
               self.weight_standardization)
 
 
@@ -157,22 +144,22 @@ class OptimConfig:
     augmult: int = 0  # K > 0: K augmentations of each sampled example, gradients averaged before clipping
 
     def __post_init__(self) -> None:
-        _need(self.name in OPTIMIZERS, "optim.name", f"one of {', '.join(OPTIMIZERS)}", self.name)
-        _need(_is_number(self.lr) and self.lr >= 0, "optim.lr", "a number >= 0", self.lr)
-        _need(_is_number(self.momentum) and 0 <= self.momentum < 1, "optim.momentum", "in [0, 1)", self.momentum)
-        _need(_is_int(self.epochs) and 1 <= self.epochs <= MAX_EPOCHS, "optim.epochs",
+        need(self.name in OPTIMIZERS, "optim.name", f"one of {', '.join(OPTIMIZERS)}", self.name)
+        need(is_number(self.lr) and self.lr >= 0, "optim.lr", "a number >= 0", self.lr)
+        need(is_number(self.momentum) and 0 <= self.momentum < 1, "optim.momentum", "in [0, 1)", self.momentum)
+        need(is_int(self.epochs) and 1 <= self.epochs <= MAX_EPOCHS, "optim.epochs",
               f"an integer between 1 and {MAX_EPOCHS}", self.epochs)
-        _need(_is_int(self.batch_size) and 1 <= self.batch_size <= MAX_BATCH_SIZE, "optim.batch_size",
+        need(is_int(self.batch_size) and 1 <= self.batch_size <= MAX_BATCH_SIZE, "optim.batch_size",
               f"an integer between 1 and {MAX_BATCH_SIZE}", self.batch_size)
-        _need(_is_int(self.eval_batch_size) and 1 <= self.eval_batch_size <= MAX_BATCH_SIZE,
+        need(is_int(self.eval_batch_size) and 1 <= self.eval_batch_size <= MAX_BATCH_SIZE,
               "optim.eval_batch_size", f"an integer between 1 and {MAX_BATCH_SIZE}", self.eval_batch_size)
-        _need(self.schedule in SCHEDULES, "optim.schedule", f"one of {', '.join(SCHEDULES)}", self.schedule)
-        _need(_is_number(self.warmup_epochs) and 0 <= self.warmup_epochs <= self.epochs, "optim.warmup_epochs",
+        need(self.schedule in SCHEDULES, "optim.schedule", f"one of {', '.join(SCHEDULES)}", self.schedule)
+        need(is_number(self.warmup_epochs) and 0 <= self.warmup_epochs <= self.epochs, "optim.warmup_epochs",
               f"a number between 0 and optim.epochs ({self.epochs})", self.warmup_epochs)
         if self.ema_decay is not None:
-            _need(_is_number(self.ema_decay) and 0 < self.ema_decay < 1, "optim.ema_decay", "a number in (0, 1)",
+            need(is_number(self.ema_decay) and 0 < self.ema_decay < 1, "optim.ema_decay", "a number in (0, 1)",
                   self.ema_decay)
-        _need(_is_int(self.augmult) and 0 <= self.augmult <= MAX_AUGMULT, "optim.augmult",
+        need(is_int(self.augmult) and 0 <= self.augmult <= MAX_AUGMULT, "optim.augmult",
               f"an integer between 0 and {MAX_AUGMULT}", self.augmult)
 
 
@@ -182,7 +169,7 @@ class DPConfig(DPSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _need(self.clipping in CLIPPING_RULES, "dp.clipping", f"one of {', '.join(CLIPPING_RULES)}", self.clipping)
+        need(self.clipping in CLIPPING_RULES, "dp.clipping", f"one of {', '.join(CLIPPING_RULES)}", self.clipping)
 
 
 @dataclass(kw_only=True)
@@ -200,20 +187,20 @@ class RunConfig:
     tensorboard: bool = False  # also write TensorBoard events next to metrics.csv (optional extra)
 
     def __post_init__(self) -> None:
-        _need(self.engine in ENGINES, "run.engine", f"one of {', '.join(ENGINES)}", self.engine)
-        _need(self.device in DEVICES, "run.device", f"one of {', '.join(DEVICES)}", self.device)
-        _need(self.precision in PRECISIONS, "run.precision", f"one of {', '.join(PRECISIONS)}", self.precision)
-        _need(self.precision == "auto" or self.engine == "fast", "run.precision",
+        need(self.engine in ENGINES, "run.engine", f"one of {', '.join(ENGINES)}", self.engine)
+        need(self.device in DEVICES, "run.device", f"one of {', '.join(DEVICES)}", self.device)
+        need(self.precision in PRECISIONS, "run.precision", f"one of {', '.join(PRECISIONS)}", self.precision)
+        need(self.precision == "auto" or self.engine == "fast", "run.precision",
               "auto with run.engine opacus (only the fast engine has precision options)", self.precision)
-        _need(_is_int(self.seed) and 0 <= self.seed < 2**63, "run.seed", "an integer in [0, 2**63)", self.seed)
-        _need(isinstance(self.runs_dir, str) and self.runs_dir != "", "run.runs_dir", "a folder", self.runs_dir)
+        need(is_int(self.seed) and 0 <= self.seed < 2**63, "run.seed", "an integer in [0, 2**63)", self.seed)
+        need(isinstance(self.runs_dir, str) and self.runs_dir != "", "run.runs_dir", "a folder", self.runs_dir)
         if self.run_name is not None:
-            _need(isinstance(self.run_name, str) and self.run_name not in ("", ".", "..")
+            need(isinstance(self.run_name, str) and self.run_name not in ("", ".", "..")
                   and "/" not in self.run_name and "\\" not in self.run_name and "\0" not in self.run_name,
                   "run.run_name", "a plain folder name (no path separators)", self.run_name)
-        _need(self.select in SELECTIONS, "run.select", f"one of {', '.join(SELECTIONS)}", self.select)
+        need(self.select in SELECTIONS, "run.select", f"one of {', '.join(SELECTIONS)}", self.select)
         for name in ("test_every_epoch", "evaluate_test", "quiet", "tensorboard"):
-            _need(isinstance(getattr(self, name), bool), f"run.{name}", "true or false", getattr(self, name))
+            need(isinstance(getattr(self, name), bool), f"run.{name}", "true or false", getattr(self, name))
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "dp": DPConfig, "run": RunConfig}

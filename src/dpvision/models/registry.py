@@ -28,6 +28,7 @@ from typing import Callable
 
 from torch import nn
 
+from dpvision.checks import is_int
 from dpvision.data.imagefolder import MAX_IMAGE_SIZE
 from dpvision.models.convnets import SAMPLE_CONVNET_MIN_SIZE, CelebaCNN, SampleConvNet
 from dpvision.models.layers import ACTIVATIONS
@@ -119,10 +120,6 @@ MODELS = tuple(MODEL_REGISTRY)
 DEFAULT_ACTIVATION = {name: model.default_activation for name, model in MODEL_REGISTRY.items()}
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def check_model_options(name: str, *, in_channels: int, num_classes: int, image_size: int,
                         activation: str | None = None, width: int | None = None,
                         weight_standardization: bool = False) -> None:
@@ -139,12 +136,12 @@ def check_model_options(name: str, *, in_channels: int, num_classes: int, image_
     if name not in MODEL_REGISTRY:
         raise ValueError(f"model.name must be one of {MODELS}, got {name!r}")
     model = MODEL_REGISTRY[name]
-    if not _is_int(in_channels) or not 1 <= in_channels <= MAX_IN_CHANNELS:
+    if not is_int(in_channels) or not 1 <= in_channels <= MAX_IN_CHANNELS:
         raise ValueError(f"model.in_channels must be an integer in 1..{MAX_IN_CHANNELS}, got {in_channels!r}")
-    if not _is_int(num_classes) or not 2 <= num_classes <= MAX_NUM_CLASSES:
+    if not is_int(num_classes) or not 2 <= num_classes <= MAX_NUM_CLASSES:
         raise ValueError(f"model.num_classes must be an integer in 2..{MAX_NUM_CLASSES}, got {num_classes!r}")
     low = model.min_image_size
-    if not _is_int(image_size) or not low <= image_size <= MAX_IMAGE_SIZE:
+    if not is_int(image_size) or not low <= image_size <= MAX_IMAGE_SIZE:
         raise ValueError(f"model.image_size must be an integer in {low}..{MAX_IMAGE_SIZE} for {name}, "
                          f"got {image_size!r}")
     if image_size % model.image_multiple:
@@ -161,7 +158,7 @@ def check_model_options(name: str, *, in_channels: int, num_classes: int, image_
 
 def _check_width_and_ws(model: Model, width, weight_standardization) -> None:
     if model.has_width:
-        if width is not None and (not _is_int(width) or not 0 < width <= MAX_CELEBA_WIDTH
+        if width is not None and (not is_int(width) or not 0 < width <= MAX_CELEBA_WIDTH
                                   or width % CELEBA_GROUPS):
             raise ValueError(f"model.width must be a positive multiple of {CELEBA_GROUPS} (at most "
                              f"{MAX_CELEBA_WIDTH}) for {model.name}, got {width!r}")

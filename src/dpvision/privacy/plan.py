@@ -32,6 +32,7 @@ import math
 import warnings
 from dataclasses import dataclass, field, replace
 
+from dpvision.checks import is_number, need
 from dpvision.privacy.accounting import (
     check_accountant,
     expected_batch_size,
@@ -42,15 +43,6 @@ from dpvision.privacy.accounting import (
 
 DEFAULT_NOISE_MULTIPLIER = 1.0
 AUTO_DELTA_FACTOR = 10  # delta "auto": δ = 1 / (10 N), well below the 1/N where DP stops meaning much
-
-
-def _need(ok: bool, where: str, valid: str, value) -> None:
-    if not ok:
-        raise ValueError(f"{where} must be {valid}, got {value!r}")
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass(kw_only=True)
@@ -73,21 +65,21 @@ class DPSettings:
     DEFAULT_NOISE_MULTIPLIER = DEFAULT_NOISE_MULTIPLIER
 
     def __post_init__(self) -> None:
-        _need(isinstance(self.enabled, bool), "dp.enabled", "true or false", self.enabled)
+        need(isinstance(self.enabled, bool), "dp.enabled", "true or false", self.enabled)
         if self.noise_multiplier is not None:
-            _need(_is_number(self.noise_multiplier) and self.noise_multiplier >= 0, "dp.noise_multiplier",
+            need(is_number(self.noise_multiplier) and self.noise_multiplier >= 0, "dp.noise_multiplier",
                   "a number >= 0", self.noise_multiplier)
         for name in ("target_epsilon", "max_epsilon"):
             value = getattr(self, name)
             if value is not None:
-                _need(_is_number(value) and value > 0, f"dp.{name}", "a positive number", value)
-        _need(_is_number(self.max_grad_norm) and self.max_grad_norm > 0, "dp.max_grad_norm", "a positive number",
+                need(is_number(value) and value > 0, f"dp.{name}", "a positive number", value)
+        need(is_number(self.max_grad_norm) and self.max_grad_norm > 0, "dp.max_grad_norm", "a positive number",
               self.max_grad_norm)
         self.delta = parse_delta(self.delta, "dp.delta")
-        _need(isinstance(self.allow_large_delta, bool), "dp.allow_large_delta", "true or false",
+        need(isinstance(self.allow_large_delta, bool), "dp.allow_large_delta", "true or false",
               self.allow_large_delta)
         check_accountant(self.accountant, "dp.accountant")
-        _need(isinstance(self.clipping, str), "dp.clipping", "a clipping rule's name", self.clipping)
+        need(isinstance(self.clipping, str), "dp.clipping", "a clipping rule's name", self.clipping)
         if self.noise_multiplier is not None and self.target_epsilon is not None:
             raise ValueError("dp.noise_multiplier and dp.target_epsilon exclude each other: the target calibrates "
                              "the noise multiplier; give one of them")
