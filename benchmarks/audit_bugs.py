@@ -12,7 +12,6 @@ line per run: verdict, the lower bound, the f-DP and sampling checks.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_audit_bugs import BUGS, CI, _tamper  # noqa: E402 (the harness lives with the tests)
 
 from dpvision.audit import AuditConfig, run_audit  # noqa: E402
+from dpvision.runs import atomic_write_json  # noqa: E402
 
 
 def on_device(tamper):
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
               f"fdp rejects {row['fdp_rejects']} sampling rejects {row['sampling_rejects']} {row['seconds']:.1f} s",
               flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"settings": settings, "rows": rows}, indent=1))
+        atomic_write_json(args.json, {"settings": settings, "rows": rows})  # temp file, then rename
     return 0
 
 
