@@ -73,7 +73,8 @@ NOISE_MULTIPLIER, MAX_GRAD_NORM = 1.0, 1.0
 BASELINE_OPTIONS = {"precision": "fp32", "channels_last": False, "pad_sigmas": 3.0}
 LR = 0.1
 FAST_KEYS = {"fuse": bool, "precision": str, "channels_last": bool, "pad_sigmas": float, "cuda_graphs": bool,
-             "grad_sample_mode": str, "method": str, "bucket": int, "cudnn_benchmark": bool}
+             "grad_sample_mode": str, "method": str, "bucket": int, "cudnn_benchmark": bool, "augmult": int,
+             "physical_batch_size": int, "augment_flip": bool}
 
 
 class PeakMemory:
