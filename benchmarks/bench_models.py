@@ -29,9 +29,12 @@ Engines (``--resnet-engines``, ``--vit-engines``; ``name:key=value+key=value``):
   or ``tf32``), ``inplace_residual`` (ResNet: torchvision's own block).
 * ``fast``: dpvision's ``FastEngine`` (``bench_dpsgd.FastRecipe``); keys as in ``bench_dpsgd.py``
   (``precision``, ``channels_last``, ``grad_sample_mode``, ...). ``bf16`` applies to the manual backend
-  only; under the vmap backend it runs as ``tf32``. ResNet-18 gets the manual backend; ViT-B/16 gets vmap
-  (the manual one has no rule yet for LayerNorm or for the class token and position embedding, parameters
-  used outside any layer; its Linear rule already takes the tokens [B, T, d]).
+  only; under the vmap backend it runs as ``tf32``. Both workloads get the manual backend by default (ViT-B/16:
+  its LayerNorm rule, attention's Linears on the tokens [B, T, d], and the class token and position embedding
+  from the gradient at the encoder's summed tokens, :mod:`dpvision.engines.tokens`); the ViT rows name
+  ``grad_sample_mode`` (``vmap`` or ``manual``) to compare the two. Each fast row records the backend it ran on
+  and, for the manual one, how many layers took each norm method (``norm_methods``: ghost, materialise,
+  grouped; ``None``: a 2-D Linear, nothing to choose; on CUDA the autotuned choice).
 
 Each configuration runs alone (built, ``--warmup-steps`` untimed steps, which include graph capture,
 cuDNN tuning and compilation, then ``--rounds`` timed runs of ``--steps`` steps; median reported),
@@ -57,6 +60,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +81,9 @@ RESNET_ENGINES = ("plain,plain:precision=bf16+channels_last=1,plain:compile=1+pr
                   "opacus-hooks,opacus-hooks:precision=tf32,opacus-ghost:precision=tf32,fast:precision=tf32,"
                   "fast:precision=bf16+channels_last=1")
 VIT_ENGINES = ("plain,plain:precision=tf32,plain:precision=bf16,plain:compile=1+precision=bf16,opacus-hooks,"
-               "opacus-hooks:precision=tf32,opacus-ghost:precision=tf32,fast:precision=fp32,fast:precision=tf32")
+               "opacus-hooks:precision=tf32,opacus-ghost:precision=tf32,fast:precision=tf32+grad_sample_mode=vmap,"
+               "fast:precision=fp32+grad_sample_mode=manual,fast:precision=tf32+grad_sample_mode=manual,"
+               "fast:precision=bf16+grad_sample_mode=manual")
 
 
 class OutOfPlaceBasicBlock(BasicBlock):
@@ -221,6 +227,7 @@ def time_row(make, args, device: torch.device) -> dict:
                 start = time.perf_counter()
                 steps = recipe.run(args.steps)
                 per_step.append((time.perf_counter() - start) / max(steps, 1))
+            backend = backend_info(recipe)
         del recipe
     except Exception as err:  # noqa: BLE001 (a row that cannot run is reported, not dropped)
         text = str(err).strip().splitlines()[0] if str(err).strip() else ""
@@ -231,7 +238,16 @@ def time_row(make, args, device: torch.device) -> dict:
             torch.cuda.empty_cache()
     return {"ms_per_step": 1e3 * statistics.median(per_step), "min_ms_per_step": 1e3 * min(per_step),
             "all_ms_per_step": [1e3 * t for t in per_step], "steps_timed": steps, "setup_seconds": setup,
-            "peak_memory_mb": mem.mb}
+            "peak_memory_mb": mem.mb, **backend}
+
+
+def backend_info(recipe) -> dict:
+    """A fast row's per-sample backend and, for the manual one, how many layers took each norm method."""
+    engine = getattr(recipe, "engine", None)
+    if engine is None or getattr(engine, "backend", None) is None:
+        return {}
+    chosen = getattr(engine.backend, "chosen", {})
+    return {"backend": engine.grad_sample_mode, "norm_methods": dict(Counter(str(m) for m in chosen.values()))}
 
 
 def model_flops(model_fn, data: ImageTensors, batch: int) -> float | None:
@@ -296,8 +312,10 @@ def print_row(r: dict) -> None:
     if "error" in r:
         print(f"{where}  could not run: {r['error']}", flush=True)
         return
+    backend = f" [{r['backend']}: {r['norm_methods']}]" if r.get("norm_methods") else \
+        f" [{r['backend']}]" if "backend" in r else ""
     print(f"{where} {r['ms_per_step']:9.2f} ms/step {r['images_per_second']:9.0f} img/s "
-          f"peak {r['peak_memory_mb']:8.0f} MB (set-up {r['setup_seconds']:.1f} s)", flush=True)
+          f"peak {r['peak_memory_mb']:8.0f} MB (set-up {r['setup_seconds']:.1f} s){backend}", flush=True)
 
 
 def print_checks(found: list[dict]) -> None:
