@@ -130,6 +130,12 @@ def choose_method(module: nn.Module, a: torch.Tensor, dz: torch.Tensor) -> str:
     'ghost'
     >>> choose_method(nn.Conv2d(64, 64, 3, padding=1), torch.zeros(1, 64, 32, 32), torch.zeros(1, 64, 32, 32))
     'materialise'
+
+    A Linear on T tokens takes ghost norms when T < d p / (d + p): ViT-B/16's (T = 197; 384 for its attention's
+    768 x 768 projections, 614 for its MLP's 768 x 3072 layers: 2x and 3.1x fewer multiply-adds).
+
+    >>> choose_method(nn.Linear(768, 3072), torch.zeros(1, 197, 768), torch.zeros(1, 197, 3072))
+    'ghost'
     """
     costs = method_costs(module, a, dz)
     return GHOST if costs.get(GHOST, costs[MATERIALISE]) < costs[MATERIALISE] else MATERIALISE
