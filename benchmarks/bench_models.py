@@ -76,6 +76,10 @@ from dpvision.privacy.plan import DPSettings, make_plan
 NUM_CLASSES = 10
 PLAIN_KEYS = {"precision": str, "channels_last": bool, "compile": str}
 OPACUS_KEYS = {"precision": str, "inplace_residual": bool}
+# The fast rows' keys: bench_dpsgd's, and ``keep_gb``, the manual backend's budget (GiB of float32) for per-example
+# gradients pass 1 materialised and keeps for pass 2 (a matrix-vector product instead of a weight-gradient pass;
+# library default 0.125). With ``method=materialise`` and a budget above B x parameters it keeps every layer's.
+FAST_KEYS = {**bench.FAST_KEYS, "keep_gb": float}
 RESNET_ENGINES = ("plain,plain:precision=bf16+channels_last=1,plain:compile=1+precision=bf16+channels_last=1,"
                   "plain:compile=reduce-overhead+precision=bf16+channels_last=1,opacus-hooks:inplace_residual=1,"
                   "opacus-hooks,opacus-hooks:precision=tf32,opacus-ghost:precision=tf32,fast:precision=tf32,"
@@ -188,7 +192,7 @@ def parse_engine(engine: str) -> tuple[str, dict]:
     """(kind, options) from ``kind:key=value+key=value``; kinds plain, opacus-hooks, opacus-ghost, fast."""
     kind, _, rest = engine.partition(":")
     keys = {"plain": PLAIN_KEYS, "opacus-hooks": OPACUS_KEYS, "opacus-ghost": OPACUS_KEYS,
-            "fast": bench.FAST_KEYS}.get(kind)
+            "fast": FAST_KEYS}.get(kind)
     if keys is None:
         raise SystemExit(f"bench_models.py: error: unknown engine {engine!r} (plain, opacus-hooks, opacus-ghost, "
                          "fast)")
@@ -198,7 +202,11 @@ def parse_engine(engine: str) -> tuple[str, dict]:
         if key not in keys:
             raise SystemExit(f"bench_models.py: error: {engine!r}: option must be one of {tuple(keys)}")
         kind_of = keys[key]
-        options[key] = value.lower() in ("1", "true", "yes") if kind_of is bool else kind_of(value)
+        try:
+            options[key] = value.lower() in ("1", "true", "yes") if kind_of is bool else kind_of(value)
+        except ValueError:
+            raise SystemExit(f"bench_models.py: error: {engine!r}: {key} must be a {kind_of.__name__}, got "
+                             f"{value!r}") from None
     return kind, options
 
 
@@ -209,7 +217,19 @@ def make_recipe(kind: str, options: dict, model_fn, data: ImageTensors, batch: i
     if kind.startswith("opacus-"):
         model_kw = {"inplace_residual": True} if options.pop("inplace_residual", False) else {}
         return lambda: OpacusVariant(model_fn(**model_kw), data, batch, device, kind.split("-")[1], **options)
-    return lambda: bench.FastRecipe(model_fn(), data, batch, True, device, None, None, options)
+    return lambda: fast_recipe(model_fn(), data, batch, device, options)
+
+
+def fast_recipe(model, data: ImageTensors, batch: int, device: torch.device, options: dict):
+    """bench_dpsgd's fast-engine recipe (DP), with the manual backend's keep budget set where ``keep_gb`` asks."""
+    options = dict(options)
+    keep_gb = options.pop("keep_gb", None)
+    recipe = bench.FastRecipe(model, data, batch, True, device, None, None, options)
+    if keep_gb is not None:
+        if not hasattr(recipe.engine.backend, "keep_budget"):
+            raise ValueError(f"keep_gb needs the manual backend, not {recipe.engine.grad_sample_mode}")
+        recipe.engine.backend.keep_budget = int(keep_gb * 2 ** 30) // 4  # before the first chunk and capture
+    return recipe
 
 
 def time_row(make, args, device: torch.device) -> dict:
@@ -376,6 +396,8 @@ def main(argv=None) -> int:
             raise SystemExit(f"bench_models.py: error: {workload}: --size {size} is under batch x steps "
                              f"({batch} x {max(args.steps, args.warmup_steps)})")
         engines = (args.resnet_engines if resnet else args.vit_engines).split(",")
+        for engine in engines:  # every row's options checked before the first one runs
+            parse_engine(engine)
         run_workload(workload, engines, batch, args, device, rows, save)
     print_checks(checks(rows))
     if args.json:
