@@ -22,7 +22,7 @@ from dpvision.engines.clipping import CLIPPING_RULES
 from dpvision.engines.fast import FastEngine
 from dpvision.engines.ghost import GHOST, MATERIALISE
 from dpvision.engines.layer_norm import layer_norm_grads
-from dpvision.engines.per_sample import ManualPerSample
+from dpvision.engines.per_sample import ManualPerSample, VmapPerSample
 from dpvision.models.external import make_dp_compatible
 from tests.engine_helpers import DP, fast_engine
 from tests.test_fast_engine import make_data
@@ -167,3 +167,31 @@ def test_fast_engine_puts_the_vit_on_the_manual_backend():
                        dp=DP(noise_multiplier=1.0, max_grad_norm=1.0), seed=3, device="cpu")
     assert isinstance(fast, FastEngine) and fast.grad_sample_mode == "manual"
     assert fast.train_epoch(max_steps=1).steps == 1
+
+
+class Tokens(nn.Module):
+    """LayerNorm without bias, and one normalising two trailing dims, on a Linear's tokens [B, T, d]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.ln, self.ln2 = nn.Linear(4, 6), nn.LayerNorm(6, bias=False), nn.LayerNorm((3, 6))
+        self.head = nn.Linear(18, 3)
+
+    def forward(self, x):
+        h = self.ln(self.embed(x.reshape(len(x), 3, 4)))  # [B, 3, 6]
+        return self.head(torch.tanh(self.ln2(h)).flatten(1))
+
+
+def test_layer_norm_variants_equal_torch_func():
+    """(Opacus's LayerNorm rule needs a bias: the reference is the vmap backend, per-example torch.func gradients.)"""
+    torch.manual_seed(1)
+    model = Tokens()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    x, y = batch((1, 3, 4), n=7)
+    acc = torch.zeros(sum(p.numel() for p in model.parameters()))
+    clip = functools.partial(CLIPPING_RULES["flat"].factors, max_grad_norm=C)
+    VmapPerSample(model).accumulate(x, y, torch.ones(len(x)), clip, list(acc.split([p.numel() for p in
+                                    model.parameters()])), torch.zeros(()), torch.zeros(()))
+    assert rel(manual_sum(model, x, y, C)[0], acc.double()) < 1e-6
