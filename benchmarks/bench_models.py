@@ -28,7 +28,8 @@ Engines (``--resnet-engines``, ``--vit-engines``; ``name:key=value+key=value``):
   device-resident Poisson batches (``bench_dpsgd.OpacusStepRecipe``). Keys: ``precision`` (``fp32``
   or ``tf32``), ``inplace_residual`` (ResNet: torchvision's own block).
 * ``fast``: dpvision's ``FastEngine`` (``bench_dpsgd.FastRecipe``); keys as in ``bench_dpsgd.py``
-  (``precision``, ``channels_last``, ``grad_sample_mode``, ...). ``bf16`` applies to the manual backend
+  (``precision``, ``channels_last``, ``grad_sample_mode``, ``method``, ...) and ``keep_gb`` (the manual
+  backend's budget for per-example gradients kept from pass 1 for pass 2, ``FAST_KEYS``). ``bf16`` applies to the manual backend
   only; under the vmap backend it runs as ``tf32``. Both workloads get the manual backend by default (ViT-B/16:
   its LayerNorm rule, attention's Linears on the tokens [B, T, d], and the class token and position embedding
   from the gradient at the encoder's summed tokens, :mod:`dpvision.engines.tokens`); the ViT rows name
@@ -43,6 +44,10 @@ images/s (the expected batch size under DP), peak memory (CUDA ``max_memory_allo
 CPU) and, per workload, the issue's ratios against the best row of each kind.
 
     python benchmarks/bench_models.py --json gpu_models.json                  # both workloads, all rows
+    python benchmarks/bench_models.py --workloads vit_b_16 --steps 10 --json vit.json --vit-engines \
+        plain:precision=tf32,opacus-hooks:precision=tf32,opacus-ghost:precision=tf32,\
+fast:precision=tf32+grad_sample_mode=vmap,fast:precision=tf32+grad_sample_mode=manual,\
+fast:precision=bf16+grad_sample_mode=manual                               # ViT: the manual backend vs the rest
     python benchmarks/bench_models.py --device cpu --steps 2 --rounds 1 --warmup-steps 1 \\
         --resnet-batch 8 --vit-image-size 32 --vit-batch 4 --size 64      # every row, tiny (CPU check)
 
