@@ -79,11 +79,11 @@ class ManualPerSample:
     output gradient ``dz`` (autograd skips the weight gradients nobody asked for). GroupNorm's and
     LayerNorm's per-example gradients [B, C] are taken by a tensor hook during that backward, so their
     ``dz`` is never kept; a ViT's class token and position embedding take theirs from the gradient at the
-    encoder's summed tokens (:mod:`dpvision.engines.tokens`). Pass 1, per layer (:mod:`dpvision.engines.ghost`):
-    squared per-example norms, by ghost
-    norms or by materialising that layer's per-example gradients (unfolded patches and one batched
-    product, or cuDNN's grouped weight-gradient kernel): on the CPU whichever the layer's shapes make
-    cheaper, on CUDA whichever ran fastest when timed at the first chunk of that per-example shape
+    encoder's summed tokens (:mod:`dpvision.engines.tokens`). Pass 1, per Linear/Conv2d layer
+    (:mod:`dpvision.engines.ghost`): squared per-example norms, by ghost norms or by materialising that
+    layer's per-example gradients (unfolded patches and one batched product, or cuDNN's grouped
+    weight-gradient kernel): on the CPU whichever the layer's shapes make cheaper, on CUDA whichever ran
+    fastest when timed at the first chunk of that per-example shape
     (``autotune``; ``method`` forces one for every Linear/Conv2d, for tests). All are exact. Then the
     clip factors f_i = w_i clip(||g_i||). Pass 2, per layer: sum_i f_i g_i as the batch weight
     gradient of the output gradients scaled by f (one cuDNN weight-gradient call per conv). Nothing
