@@ -28,10 +28,14 @@ Engines (``--resnet-engines``, ``--vit-engines``; ``name:key=value+key=value``):
   device-resident Poisson batches (``bench_dpsgd.OpacusStepRecipe``). Keys: ``precision`` (``fp32``
   or ``tf32``), ``inplace_residual`` (ResNet: torchvision's own block).
 * ``fast``: dpvision's ``FastEngine`` (``bench_dpsgd.FastRecipe``); keys as in ``bench_dpsgd.py``
-  (``precision``, ``channels_last``, ``grad_sample_mode``, ...). ``bf16`` applies to the manual backend
-  only; under the vmap backend it runs as ``tf32``. ResNet-18 gets the manual backend; ViT-B/16 gets vmap
-  (the manual one has no rule yet for LayerNorm or for the class token and position embedding, parameters
-  used outside any layer; its Linear rule already takes the tokens [B, T, d]).
+  (``precision``, ``channels_last``, ``grad_sample_mode``, ``method``, ...) and ``keep_gb`` (the manual
+  backend's budget for per-example gradients kept from pass 1 for pass 2, ``FAST_KEYS``). ``bf16`` applies to the manual backend
+  only; under the vmap backend it runs as ``tf32``. Both workloads get the manual backend by default (ViT-B/16:
+  its LayerNorm rule, attention's Linears on the tokens [B, T, d], and the class token and position embedding
+  from the gradient at the encoder's summed tokens, :mod:`dpvision.engines.tokens`); the ViT rows name
+  ``grad_sample_mode`` (``vmap`` or ``manual``) to compare the two. Each fast row records the backend it ran on
+  and, for the manual one, how many layers took each norm method (``norm_methods``: ghost, materialise,
+  grouped; ``None``: a 2-D Linear, nothing to choose; on CUDA the autotuned choice).
 
 Each configuration runs alone (built, ``--warmup-steps`` untimed steps, which include graph capture,
 cuDNN tuning and compilation, then ``--rounds`` timed runs of ``--steps`` steps; median reported),
@@ -40,6 +44,10 @@ images/s (the expected batch size under DP), peak memory (CUDA ``max_memory_allo
 CPU) and, per workload, the issue's ratios against the best row of each kind.
 
     python benchmarks/bench_models.py --json gpu_models.json                  # both workloads, all rows
+    python benchmarks/bench_models.py --workloads vit_b_16 --steps 10 --json vit.json --vit-engines \
+        plain:precision=tf32,opacus-hooks:precision=tf32,opacus-ghost:precision=tf32,\
+fast:precision=tf32+grad_sample_mode=vmap,fast:precision=tf32+grad_sample_mode=manual,\
+fast:precision=bf16+grad_sample_mode=manual                               # ViT: the manual backend vs the rest
     python benchmarks/bench_models.py --device cpu --steps 2 --rounds 1 --warmup-steps 1 \\
         --resnet-batch 8 --vit-image-size 32 --vit-batch 4 --size 64      # every row, tiny (CPU check)
 
@@ -57,6 +65,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -72,12 +81,18 @@ from dpvision.privacy.plan import DPSettings, make_plan
 NUM_CLASSES = 10
 PLAIN_KEYS = {"precision": str, "channels_last": bool, "compile": str}
 OPACUS_KEYS = {"precision": str, "inplace_residual": bool}
+# The fast rows' keys: bench_dpsgd's, and ``keep_gb``, the manual backend's budget (GiB of float32) for per-example
+# gradients pass 1 materialised and keeps for pass 2 (a matrix-vector product instead of a weight-gradient pass;
+# library default 0.125). With ``method=materialise`` and a budget above B x parameters it keeps every layer's.
+FAST_KEYS = {**bench.FAST_KEYS, "keep_gb": float}
 RESNET_ENGINES = ("plain,plain:precision=bf16+channels_last=1,plain:compile=1+precision=bf16+channels_last=1,"
                   "plain:compile=reduce-overhead+precision=bf16+channels_last=1,opacus-hooks:inplace_residual=1,"
                   "opacus-hooks,opacus-hooks:precision=tf32,opacus-ghost:precision=tf32,fast:precision=tf32,"
                   "fast:precision=bf16+channels_last=1")
 VIT_ENGINES = ("plain,plain:precision=tf32,plain:precision=bf16,plain:compile=1+precision=bf16,opacus-hooks,"
-               "opacus-hooks:precision=tf32,opacus-ghost:precision=tf32,fast:precision=fp32,fast:precision=tf32")
+               "opacus-hooks:precision=tf32,opacus-ghost:precision=tf32,fast:precision=tf32+grad_sample_mode=vmap,"
+               "fast:precision=fp32+grad_sample_mode=manual,fast:precision=tf32+grad_sample_mode=manual,"
+               "fast:precision=bf16+grad_sample_mode=manual")
 
 
 class OutOfPlaceBasicBlock(BasicBlock):
@@ -182,7 +197,7 @@ def parse_engine(engine: str) -> tuple[str, dict]:
     """(kind, options) from ``kind:key=value+key=value``; kinds plain, opacus-hooks, opacus-ghost, fast."""
     kind, _, rest = engine.partition(":")
     keys = {"plain": PLAIN_KEYS, "opacus-hooks": OPACUS_KEYS, "opacus-ghost": OPACUS_KEYS,
-            "fast": bench.FAST_KEYS}.get(kind)
+            "fast": FAST_KEYS}.get(kind)
     if keys is None:
         raise SystemExit(f"bench_models.py: error: unknown engine {engine!r} (plain, opacus-hooks, opacus-ghost, "
                          "fast)")
@@ -192,7 +207,11 @@ def parse_engine(engine: str) -> tuple[str, dict]:
         if key not in keys:
             raise SystemExit(f"bench_models.py: error: {engine!r}: option must be one of {tuple(keys)}")
         kind_of = keys[key]
-        options[key] = value.lower() in ("1", "true", "yes") if kind_of is bool else kind_of(value)
+        try:
+            options[key] = value.lower() in ("1", "true", "yes") if kind_of is bool else kind_of(value)
+        except ValueError:
+            raise SystemExit(f"bench_models.py: error: {engine!r}: {key} must be a {kind_of.__name__}, got "
+                             f"{value!r}") from None
     return kind, options
 
 
@@ -203,7 +222,19 @@ def make_recipe(kind: str, options: dict, model_fn, data: ImageTensors, batch: i
     if kind.startswith("opacus-"):
         model_kw = {"inplace_residual": True} if options.pop("inplace_residual", False) else {}
         return lambda: OpacusVariant(model_fn(**model_kw), data, batch, device, kind.split("-")[1], **options)
-    return lambda: bench.FastRecipe(model_fn(), data, batch, True, device, None, None, options)
+    return lambda: fast_recipe(model_fn(), data, batch, device, options)
+
+
+def fast_recipe(model, data: ImageTensors, batch: int, device: torch.device, options: dict):
+    """bench_dpsgd's fast-engine recipe (DP), with the manual backend's keep budget set where ``keep_gb`` asks."""
+    options = dict(options)
+    keep_gb = options.pop("keep_gb", None)
+    recipe = bench.FastRecipe(model, data, batch, True, device, None, None, options)
+    if keep_gb is not None:
+        if not hasattr(recipe.engine.backend, "keep_budget"):
+            raise ValueError(f"keep_gb needs the manual backend, not {recipe.engine.grad_sample_mode}")
+        recipe.engine.backend.keep_budget = int(keep_gb * 2 ** 30) // 4  # before the first chunk and capture
+    return recipe
 
 
 def time_row(make, args, device: torch.device) -> dict:
@@ -221,6 +252,7 @@ def time_row(make, args, device: torch.device) -> dict:
                 start = time.perf_counter()
                 steps = recipe.run(args.steps)
                 per_step.append((time.perf_counter() - start) / max(steps, 1))
+            backend = backend_info(recipe)
         del recipe
     except Exception as err:  # noqa: BLE001 (a row that cannot run is reported, not dropped)
         text = str(err).strip().splitlines()[0] if str(err).strip() else ""
@@ -231,7 +263,16 @@ def time_row(make, args, device: torch.device) -> dict:
             torch.cuda.empty_cache()
     return {"ms_per_step": 1e3 * statistics.median(per_step), "min_ms_per_step": 1e3 * min(per_step),
             "all_ms_per_step": [1e3 * t for t in per_step], "steps_timed": steps, "setup_seconds": setup,
-            "peak_memory_mb": mem.mb}
+            "peak_memory_mb": mem.mb, **backend}
+
+
+def backend_info(recipe) -> dict:
+    """A fast row's per-sample backend and, for the manual one, how many layers took each norm method."""
+    engine = getattr(recipe, "engine", None)
+    if engine is None or getattr(engine, "backend", None) is None:
+        return {}
+    chosen = getattr(engine.backend, "chosen", {})
+    return {"backend": engine.grad_sample_mode, "norm_methods": dict(Counter(str(m) for m in chosen.values()))}
 
 
 def model_flops(model_fn, data: ImageTensors, batch: int) -> float | None:
@@ -296,8 +337,10 @@ def print_row(r: dict) -> None:
     if "error" in r:
         print(f"{where}  could not run: {r['error']}", flush=True)
         return
+    backend = f" [{r['backend']}: {r['norm_methods']}]" if r.get("norm_methods") else \
+        f" [{r['backend']}]" if "backend" in r else ""
     print(f"{where} {r['ms_per_step']:9.2f} ms/step {r['images_per_second']:9.0f} img/s "
-          f"peak {r['peak_memory_mb']:8.0f} MB (set-up {r['setup_seconds']:.1f} s)", flush=True)
+          f"peak {r['peak_memory_mb']:8.0f} MB (set-up {r['setup_seconds']:.1f} s){backend}", flush=True)
 
 
 def print_checks(found: list[dict]) -> None:
@@ -358,6 +401,8 @@ def main(argv=None) -> int:
             raise SystemExit(f"bench_models.py: error: {workload}: --size {size} is under batch x steps "
                              f"({batch} x {max(args.steps, args.warmup_steps)})")
         engines = (args.resnet_engines if resnet else args.vit_engines).split(",")
+        for engine in engines:  # every row's options checked before the first one runs
+            parse_engine(engine)
         run_workload(workload, engines, batch, args, device, rows, save)
     print_checks(checks(rows))
     if args.json:

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models import VisionTransformer
 
 from dpvision.data.tensors import ImageTensors
 from dpvision.engines import OptimizerSpec
@@ -21,6 +22,7 @@ from dpvision.engines.augmult import AugmultManual, AugmultPerSample, augment
 from dpvision.engines.clipping import CLIPPING_RULES
 from dpvision.engines.ghost import GHOST, GROUPED, MATERIALISE
 from dpvision.engines.per_sample import ManualPerSample
+from dpvision.models.external import make_dp_compatible
 from dpvision.models.wide_resnet import WideResNet
 from tests.engine_helpers import DP, fast_engine
 
@@ -40,7 +42,14 @@ def group_norm_cnn() -> nn.Module:
                          nn.Flatten(), nn.Linear(64, 4))
 
 
-MODELS = {"wrn": tiny_wrn, "wrn_ws": lambda: tiny_wrn(weight_standardization=True), "group_norm_cnn": group_norm_cnn}
+def tiny_vit() -> nn.Module:
+    """torchvision's ViT, tiny (LayerNorm, attention's Linears on [B, T, D], class token, position embedding)."""
+    return make_dp_compatible(VisionTransformer(image_size=8, patch_size=4, num_layers=1, num_heads=2, hidden_dim=8,
+                                                mlp_dim=8, num_classes=4))
+
+
+MODELS = {"wrn": tiny_wrn, "wrn_ws": lambda: tiny_wrn(weight_standardization=True), "group_norm_cnn": group_norm_cnn,
+          "vit": tiny_vit}
 
 
 def batch(n: int = 5, seed: int = 0):
@@ -150,14 +159,19 @@ def small_images(n: int = 24) -> ImageTensors:
 
 
 class WithLayerNorm(nn.Module):
-    """A LayerNorm: not a manual-backend layer, so augmult runs on torch.func's vmap."""
+    """A LayerNorm on each image's 8 rows [B, 8, 24] (tokens: its per-example gradients sum over them)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.norm, self.fc = nn.LayerNorm(3 * 8 * 8), nn.Linear(3 * 8 * 8, 4)
+        self.norm, self.fc = nn.LayerNorm(24), nn.Linear(3 * 8 * 8, 4)
 
     def forward(self, x):
-        return self.fc(self.norm(x.flatten(1)))
+        return self.fc(self.norm(x.permute(0, 2, 1, 3).flatten(2)).flatten(1))
+
+
+def depthwise_cnn() -> nn.Module:
+    """A grouped conv: not a manual-backend layer, so augmult runs on torch.func's vmap."""
+    return nn.Sequential(nn.Conv2d(3, 3, 3, padding=1, groups=3), nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
 
 
 def engine(model, **options):
@@ -176,7 +190,7 @@ def test_engine_picks_the_manual_path_else_vmap_with_a_notice(capsys):
         e.train_epoch(max_steps=2)
     assert rel(torch.cat([p.detach().reshape(-1) for p in manual.model.parameters()]),
                torch.cat([p.detach().reshape(-1) for p in vmapped.model.parameters()])) < 1e-5
-    fallback = engine(WithLayerNorm())
+    fallback = engine(depthwise_cnn())
     assert fallback.grad_sample_mode == "vmap"
     assert "notice: augmult: the manual per-sample backend does not support this model" in capsys.readouterr().err
     with pytest.raises(ValueError, match="augmult needs grad_sample_mode 'manual' or 'vmap'"):

@@ -19,8 +19,9 @@ synchronisation to report them.
   layers or buffers written in forward; dropout draws a mask per example.
 * ``HooksPerSample``: Opacus's ``GradSampleModule`` (forward/backward hooks,
   per-layer einsum formulas). Eager only.
-* ``ManualPerSample``: Linear, Conv2d (weight-standardised ones too) and GroupNorm models. One backward to the
-  layer outputs, exact per-example norms per layer by the cheapest method (ghost
+* ``ManualPerSample`` (:mod:`dpvision.engines.manual`): Linear, Conv2d (weight-standardised ones too),
+  GroupNorm and LayerNorm models, and torchvision's ViT (its class token and position embedding). One
+  backward to the layer outputs, exact per-example norms per layer by the cheapest method (ghost
   norms or that layer's per-example gradients, :mod:`dpvision.engines.ghost`),
   then the clipped sum as one weighted batch gradient per layer (book-keeping):
   no per-example gradient of the whole model ever exists. Graph-capturable.
@@ -34,23 +35,11 @@ import torch
 import torch.nn.functional as F
 from opacus.grad_sample import GradSampleModule
 from torch import nn
-from torch.autograd.graph import get_gradient_edge
 from torch.func import functional_call, grad, vmap
 
-import dpvision.engines.ghost as ghost
-from dpvision.engines.base import UnsupportedModelError
 from dpvision.engines.clipping import ClipFn
-from dpvision.engines.ghost import GHOST, METHODS, add_clipped_sum, fastest_method, layer_method, layer_norm_sq, sum_sq
-from dpvision.engines.group_norm import group_norm_norm_sq
-from dpvision.engines.rounding import fp32_matmuls, margin, reduction_length
-from dpvision.models.layers import WSConv2d
-
-# Layers with fewer multiply-adds (B T d p) than this keep the shape rule's method on CUDA too: timing
-# them eagerly would measure kernel-launch overhead, not the GPU time that counts inside a CUDA graph.
-AUTOTUNE_MIN_MACS = 1 << 28
-# Nor are chunks of fewer examples timed (the engine's probe of two examples; with K views an example it passes
-# the MACs bar): the method timed fastest there is kept for every chunk of that per-example shape.
-AUTOTUNE_MIN_EXAMPLES = 16
+from dpvision.engines.manual import ManualPerSample
+from dpvision.engines.rounding import fp32_matmuls
 
 
 def total_norms(per_param_norms: list[torch.Tensor]) -> torch.Tensor:
@@ -131,228 +120,6 @@ class HooksPerSample:
 
     def close(self) -> None:
         self.wrapped._close()
-
-
-class ManualPerSample:
-    """Exact per-example norms without per-example gradients, then the clipped sum by book-keeping.
-
-    Forward hooks keep each layer's input ``a`` and the autograd edge of its output (not the output
-    itself, so its memory is freed as in plain training, and an in-place op after the layer is
-    harmless); one ``autograd.grad`` of the summed loss to those edges gives each Linear/Conv2d
-    output gradient ``dz`` (autograd skips the weight gradients nobody asked for). GroupNorm's
-    per-example gradients [B, C] are taken by a tensor hook during that backward, so its ``dz`` is
-    never kept. Pass 1, per layer (:mod:`dpvision.engines.ghost`): squared per-example norms, by ghost
-    norms or by materialising that layer's per-example gradients (unfolded patches and one batched
-    product, or cuDNN's grouped weight-gradient kernel): on the CPU whichever the layer's shapes make
-    cheaper, on CUDA whichever ran fastest when timed at the first chunk of that per-example shape
-    (``autotune``; ``method`` forces one for every Linear/Conv2d, for tests). All are exact. Then the
-    clip factors f_i = w_i clip(||g_i||). Pass 2, per layer: sum_i f_i g_i as the batch weight
-    gradient of the output gradients scaled by f (one cuDNN weight-gradient call per conv). Nothing
-    per-example outlives its layer; graph-capturable. Where the engine fused GroupNorm -> ReLU -> pool
-    (:mod:`dpvision.engines.fused`), that backward hands over the GroupNorm's per-example gradients and the
-    per-example bias gradients of the conv before it (:meth:`group_norm_gradients`) instead.
-
-    ``amp_dtype`` (set by the engine for ``precision="bf16"``): autocast of forward/backward, each
-    conv input cast once to that dtype by a pre-hook (the copy autograd and pass 2 share). In every
-    precision both passes run in IEEE fp32 (TF32 off) on those stored operands upcast, and under
-    ``tf32``/``bf16`` the factors are taken at norm (1 + eta) (:mod:`dpvision.engines.rounding`).
-
-    ``views`` = K > 1 (augmentation multiplicity, :class:`dpvision.engines.augmult.AugmultManual`): ``x`` holds
-    K consecutive views of each of the B examples of ``y`` [B]; the loss is each example's mean over its
-    views, and every layer's per-example gradient sums over the example's views (:mod:`.ghost`: the views
-    are more rows of the example), so one clipping factor per example multiplies the mean over its views.
-    """
-
-    name = "manual"
-    SUPPORTED = (nn.Linear, nn.Conv2d, WSConv2d, nn.GroupNorm)  # exact types: a subclass may compute otherwise
-
-    def __init__(self, model: nn.Module, *, method: str = "auto") -> None:
-        if method not in METHODS:
-            raise ValueError(f"manual per-sample method must be one of {METHODS}, got {method!r}")
-        self.model = model
-        self.method = method
-        modules = dict(model.named_modules())
-        self.entries = []  # (module, "weight"|"bias") of the trainable parameters, in model.parameters() order
-        for name, param in model.named_parameters():
-            if not param.requires_grad:  # frozen: no per-example gradient, no clipping, no noise
-                continue
-            owner, _, attr = name.rpartition(".")
-            module = modules[owner]
-            if not all(q.requires_grad for q in module.parameters(recurse=False)):  # layer formulas cover both
-                raise UnsupportedModelError(f"manual per-sample gradients: partly frozen {type(module).__name__}")
-            if type(module) not in self.SUPPORTED or attr not in ("weight", "bias"):
-                raise UnsupportedModelError(f"manual per-sample gradients: unsupported layer {type(module).__name__}")
-            if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"
-                                                  or isinstance(module.padding, str)):
-                raise UnsupportedModelError("manual per-sample gradients: grouped/padded-mode Conv2d")
-            if isinstance(module, nn.GroupNorm) and not module.affine:
-                raise UnsupportedModelError("manual per-sample gradients: GroupNorm without affine")
-            self.entries.append((module, attr))
-        self.layers = list(dict.fromkeys(m for m, _ in self.entries))
-        self.names = {m: n for n, m in model.named_modules() if m in self.layers}
-        # layer -> (input, output edge or None). An in-place change of a stored input after its layer
-        # is caught by autograd itself (every supported layer saves its input for backward).
-        self._store: dict[nn.Module, tuple] = {}
-        self._group_norm: dict[nn.Module, tuple] = {}  # GroupNorm -> (squared norms [B], state), from its hook
-        self._conv_bias: dict[nn.Module, torch.Tensor] = {}  # Conv2d -> per-example bias gradients, fused blocks
-        self._active = False
-        self.amp_dtype: torch.dtype | None = None
-        # Set by the engine for precision "tf32"/"bf16" (as is amp_dtype for bf16): the clip factors are
-        # taken at norm (1 + eta), eta covering the fp32 rounding of both passes (:mod:`.rounding`).
-        self.reduced_precision = False
-        # CUDA with method "auto": time the exact methods once per layer and shape, keep the fastest
-        # (off: the shape rule, as on the CPU, where runs must repeat bit for bit).
-        self.autotune = True
-        self._tuned: dict[tuple, str] = {}
-        self.views = 1  # K views of each example, consecutive in x (augmult)
-        self.keep_budget = ghost.KEEP_BUDGET  # elements of per-example gradients pass 1 may keep for pass 2
-        self.chosen: dict[str, str | None] = {}  # layer name -> norm method of the last chunk (reports)
-        self._handles = [m.register_forward_hook(self._hook) for m in self.layers]
-        self._handles += [m.register_forward_pre_hook(self._cast_input) for m in self.layers
-                          if isinstance(m, nn.Conv2d)]
-
-    def _cast_input(self, module, inputs):
-        x = inputs[0]
-        if self._active and self.amp_dtype is not None and x.is_floating_point() and x.dtype != self.amp_dtype:
-            return (x.to(self.amp_dtype), *inputs[1:])
-        return None
-
-    def _hook(self, module, inputs, output):
-        if not self._active:
-            return
-        if module in self._store:  # weight sharing: the per-layer formulas would miss a use
-            raise UnsupportedModelError(f"manual per-sample gradients: {type(module).__name__} used twice")
-        a = inputs[0].detach()
-        if isinstance(module, nn.GroupNorm) and inputs[0].requires_grad:
-            # Its backward runs on the way to an earlier layer's output: take the gradients there.
-            output.register_hook(lambda dz, m=module, a=a: self._group_norm_hook(m, a, dz))
-            self._store[module] = (a, None)
-        else:
-            self._store[module] = (a, get_gradient_edge(output))
-
-    def _group_norm_hook(self, module, a, dz):
-        with torch.no_grad():
-            self._group_norm[module] = group_norm_norm_sq(module, a, dz)
-        self._store[module] = (None, None)  # its input is not needed any more: let autograd free it
-
-    def group_norm_gradients(self, module: nn.GroupNorm, gw: torch.Tensor, gb: torch.Tensor,
-                             conv: nn.Conv2d | None = None, conv_bias: torch.Tensor | None = None) -> None:
-        """From a fused block's backward (:mod:`.fused`): example i's GroupNorm gradients [B, C] each, and
-        the per-example bias gradients [B, C] of the conv whose output the GroupNorm normalised."""
-        self._group_norm[module] = (sum_sq(gw) + sum_sq(gb), (gw, gb))
-        if conv is not None and conv.bias is not None:
-            self._conv_bias[conv] = conv_bias
-
-    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor):
-        """(logits [B K, classes], losses [B K], {layer: dz} for the layers whose output edge was kept); dz are the
-        gradients of the examples' losses, each the mean over its K views."""
-        self._store.clear()
-        self._group_norm.clear()
-        self._conv_bias.clear()
-        self._active = True
-        try:
-            with torch.enable_grad(), torch.autocast(x.device.type, dtype=self.amp_dtype or torch.bfloat16,
-                                                     enabled=self.amp_dtype is not None):
-                logits = self.model(x).float()  # [B, classes]
-        finally:
-            self._active = False
-        losses = F.cross_entropy(logits, y, reduction="none")  # [B]
-        edges = {m: edge for m, (_, edge) in self._store.items() if edge is not None}
-        total = losses.sum() if self.views == 1 else losses.sum() / self.views
-        dzs = torch.autograd.grad(total, list(edges.values()))
-        return logits, losses, dict(zip(edges, dzs))
-
-    def _method(self, module, a: torch.Tensor, dz: torch.Tensor, dtype: torch.dtype) -> str | None:
-        """The norm method: forced, by the shape rule, or (CUDA, "auto") the fastest as timed at first sight."""
-        method = layer_method(module, a, dz, self.method)
-        if self.method != "auto" or method is None or a.device.type != "cuda" or not self.autotune:
-            return method
-        t, d, p = ghost.layer_shape(module, a, dz)
-        if len(a) * t * d * p < AUTOTUNE_MIN_MACS or len(a) < AUTOTUNE_MIN_EXAMPLES:
-            return method
-        # Per layer and per-example shape: the fast engine's bucket sizes differ only in the batch
-        # dimension, and are timed once (at the largest, captured first) instead of once per bucket.
-        key = (module, tuple(a.shape[1:]), a.dtype, tuple(dz.shape[1:]), dz.dtype)
-        if key not in self._tuned:
-            if torch.cuda.is_current_stream_capturing():  # no timing inside a graph capture
-                return method
-            self._tuned[key] = fastest_method(module, a, dz, dtype)
-        return self._tuned[key]
-
-    def accumulate(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, clip: ClipFn,
-                   acc_views: list[torch.Tensor], loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
-        k = self.views
-        logits, losses, dzs = self._forward_backward(x, y if k == 1 else y.repeat_interleave(k))
-        views: dict[nn.Module, dict[str, torch.Tensor]] = {}
-        for (m, attr), view in zip(self.entries, acc_views):
-            views.setdefault(m, {})[attr] = view
-        # Both passes in IEEE fp32 on the stored operands, whatever the forward/backward ran in
-        # (:mod:`dpvision.engines.rounding`): norm and sum are then the same function of the same numbers.
-        with torch.no_grad(), fp32_matmuls():
-            reduced = self.reduced_precision or self.amp_dtype is not None
-            norm_sq, states, chains = self._norms(x, dzs, exact=reduced)
-            norms = norm_sq.sqrt()  # [B]
-            if reduced:  # clip an upper bound of the norm
-                norms = norms * (1 + margin(chains))
-            factors = clip(norms) * w  # [B]
-            for m, state in states.items():  # pass 2: clipped sums by book-keeping, into the views
-                a = self._store.get(m, (None,))[0]  # None for a fused GroupNorm (its state holds all it needs)
-                add_clipped_sum(m, self._by_example(a), self._by_example(dzs.pop(m, None)), factors, state,
-                                torch.float32, views[m])
-            if k > 1:  # each example's mean loss and mean logits over its views (as the vmap path reports)
-                losses, logits = losses.view(-1, k).mean(1), logits.view(-1, k, logits.shape[-1]).mean(1)
-            loss_sum.add_((losses.detach() * w).sum())
-            correct.add_(((logits.detach().argmax(1) == y).float() * w).sum())
-        self._store.clear()
-
-    def _by_example(self, t: torch.Tensor | None) -> torch.Tensor | None:
-        """[B K, ...] -> [B, K, ...] (a view) when K > 1: the layout :mod:`.ghost` reads as K views of each example."""
-        return t if t is None or self.views == 1 else t.view(-1, self.views, *t.shape[1:])
-
-    def _sum_views(self, entry):
-        """A GroupNorm's (squared norms, (gamma, beta) gradients [B K, C]) of the views -> of the examples (sums over
-        the views), or a fused block's conv bias gradients [B K, C] -> [B, C]."""
-        if self.views == 1 or entry is None:
-            return entry
-        if isinstance(entry, torch.Tensor):
-            return entry.view(-1, self.views, entry.shape[-1]).sum(1)
-        gw, gb = (g.view(-1, self.views, g.shape[-1]).sum(1) for g in entry[1])  # [B, C] each
-        return sum_sq(gw) + sum_sq(gb), (gw, gb)
-
-    def _norms(self, x: torch.Tensor, dzs: dict, exact: bool) -> tuple[torch.Tensor, dict, list[int]]:
-        """Pass 1: ([B] squared per-example norms, each layer's state for pass 2, each layer's rounding
-        chain length for :func:`~dpvision.engines.rounding.margin`). A layer the forward skipped: gradient 0.
-        ``exact``: the long sums of squares in float64 (shorter chains: a smaller margin)."""
-        b = len(x) // self.views
-        norm_sq = torch.zeros(b, device=x.device)  # [B]
-        states, chains, room = {}, [], self.keep_budget  # room: elements of per-example gradients still to keep
-        for m in self.layers:
-            if m in self._group_norm:
-                sq, states[m] = self._sum_views(self._group_norm.pop(m))
-                chains.append(2 * m.num_channels)
-            elif m in dzs:
-                a = self._store[m][0]
-                if isinstance(m, nn.GroupNorm):  # input without gradient: its dz was asked for
-                    sq, states[m] = self._sum_views(group_norm_norm_sq(m, a, dzs[m]))
-                    chains.append(2 * m.num_channels)
-                else:
-                    a, dz = self._by_example(a), self._by_example(dzs[m])
-                    method = self.chosen[self.names[m]] = self._method(m, a, dz, torch.float32)
-                    size = b * m.weight.numel()
-                    keep = method not in (None, GHOST) and size <= room
-                    room -= size if keep else 0
-                    bias = self._sum_views(self._conv_bias.pop(m, None))
-                    sq, states[m] = layer_norm_sq(m, a, dz, method, torch.float32, keep, bias_grads=bias, exact=exact)
-                    chains.append(reduction_length(method, *ghost.layer_shape(m, a, dz), m.bias is not None)
-                                  + ghost.weight_chain(m))
-            else:
-                continue
-            norm_sq += sq
-        return norm_sq, states, chains
-
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
 
 
 BACKENDS = {"vmap": VmapPerSample, "hooks": HooksPerSample, "manual": ManualPerSample}

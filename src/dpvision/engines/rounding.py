@@ -78,6 +78,11 @@ def reduction_length(method: str | None, t: int, d: int, p: int, bias: bool) -> 
     return norm + t  # + example i's pass-2 entries (T terms each)
 
 
+def squares_length(n: int, exact: bool) -> int:
+    """fp32 roundings of a sum of n squares: n in float32; in float64 (``exact``) as fp32 ones plus the cast."""
+    return _as_fp32(n) + 1 if exact else n
+
+
 def _as_fp32(n: int) -> int:
     """n float64 roundings as a number of fp32 ones (2^-53 = 2^-29 u), rounded up."""
     return -(-n // (1 << 29))
