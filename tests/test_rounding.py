@@ -34,14 +34,15 @@ def model() -> nn.Module:
 
 
 def clipped_sum(backend: ManualPerSample, x, y, w, rule: str) -> torch.Tensor:
-    acc = torch.zeros(sum(p.numel() for p in backend.model.parameters()))
+    acc = torch.zeros(sum(p.numel() for p in backend.model.parameters()), device=x.device)
     views, offset = [], 0
     for p in backend.model.parameters():
         views.append(acc[offset:offset + p.numel()])
         offset += p.numel()
     clip = functools.partial(CLIPPING_RULES[rule].factors, max_grad_norm=C)
-    backend.accumulate(x, y, w, clip, views, torch.zeros(()), torch.zeros(()))
-    return acc.double()
+    backend.accumulate(x, y, w.to(x.device), clip, views, torch.zeros((), device=x.device),
+                       torch.zeros((), device=x.device))
+    return acc.double().cpu()
 
 
 @pytest.mark.parametrize("rule", ["flat", "automatic"])
@@ -93,22 +94,30 @@ def all_kept_model() -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                        reason="no CUDA")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("k", [1, 3], ids=["plain", "augmult3"])
 @pytest.mark.parametrize("method", [MATERIALISE, GROUPED])
-def test_kept_gradients_formed_in_bf16_and_each_share_of_them_at_most_c(method, k, monkeypatch):
+def test_kept_gradients_formed_in_bf16_and_each_share_of_them_at_most_c(method, k, device, monkeypatch):
     """Issue 23: under bf16 the kept per-example gradients are formed from the bf16 operands (before: fp32 from
-    upcast operands) and are the very numbers pass 2 multiplies by f_i, so ||f_i g^_i|| over all layers (float64),
-    computed as pass 2 computes it, is <= C. The sum stays that of the fp32 path within bf16's rounding."""
+    upcast operands; on CUDA a bf16 batched product has float32 output) and are the very numbers pass 2 multiplies
+    by f_i, so ||f_i g^_i|| over all layers (float64), computed as pass 2 computes it, is <= C. The sum stays that
+    of the fp32 path within bf16's rounding."""
     seen = []  # (module, factors, state) of every pass-2 call: the real add_clipped_sum, recorded
     monkeypatch.setattr(per_sample, "add_clipped_sum", lambda m, a, dz, f, state, *rest:
                         (seen.append((m, f, state)), ghost.add_clipped_sum(m, a, dz, f, state, *rest)))
     g = torch.Generator().manual_seed(1)
     n = 6
     x, y = torch.randn(n, 3, 8, 8, generator=g) * 3, torch.randint(0, 5, (n,), generator=g)
+    x, y = x.to(device), y.to(device)
 
     def backend(amp, kept_dtype=None):
-        b = (AugmultManual(all_kept_model(), k=k, flip=True, generator=torch.Generator().manual_seed(0))
-             if k > 1 else ManualPerSample(all_kept_model()))
+        model = all_kept_model().to(device)
+        b = (AugmultManual(model, k=k, flip=True, generator=torch.Generator(device).manual_seed(0))
+             if k > 1 else ManualPerSample(model))
         b.method, b.amp_dtype = method, amp
         if kept_dtype is not None:  # the previous rule: kept gradients formed in fp32 from upcast operands
             monkeypatch.setattr(b, "_kept_dtype", lambda: kept_dtype)
@@ -119,12 +128,14 @@ def test_kept_gradients_formed_in_bf16_and_each_share_of_them_at_most_c(method, 
     seen.clear()
     ours = backend(torch.bfloat16)
     bf16 = clipped_sum(ours, x, y, torch.ones(n), "flat")
-    shares = torch.zeros(n, dtype=torch.float64)
+    shares = torch.zeros(n, dtype=torch.float64, device=device)
+    # formed from bf16 operands: bf16 numbers, or float32 from a CUDA batched product (and a WSConv2d's Jacobian)
+    formed = torch.float32 if device == "cuda" and method == MATERIALISE else torch.bfloat16
     for m, f, state in seen:
         tensors = state  # per-example (gamma, beta) gradients of a GroupNorm, (bias, weight) of a conv
         assert all(t is not None for t in tensors)  # all kept: nothing summed by book-keeping
         if isinstance(m, nn.Conv2d):
-            assert tensors[1].dtype == torch.bfloat16 or isinstance(m, WSConv2d)  # formed from bf16 operands
+            assert tensors[1].dtype == (torch.float32 if isinstance(m, WSConv2d) else formed)
         for t in tensors:  # example i's share as pass 2 computes it (fp32 products of upcast kept numbers)
             shares += (f[:, None] * t.float()).double().square().sum(1)
     assert len(seen) == 4
