@@ -27,10 +27,10 @@ default CIFAR-10 recipe's). One command on an H100 (about 5 minutes, mostly the 
 
     python benchmarks/bench_augmult.py --device cuda --json augmult.json
 
-Old and new kept precision side by side at K = 1, 4, 16 (H100, about 4 minutes; eager yardstick only):
+Old and new kept precision side by side at K = 1, 4, 16 (H100, under 4 minutes; eager yardstick only):
 
-    python benchmarks/bench_augmult.py --device cuda --kept-precision fp32,reduced --vmap-ks '' --plain e4096 \
-        --json augmult_kept.json
+    python benchmarks/bench_augmult.py --device cuda --ks 1,4,16 --batch 4096 --precision bf16 \
+        --kept-precision fp32,reduced --vmap-ks '' --plain e4096 --steps 3 --warmup-steps 1 --json augmult_kept.json
 
 Tiny CPU run (checks the script; numbers mean nothing):
 
