@@ -11,7 +11,10 @@ Rows:
   ``--warmup-steps`` untimed steps, ``--steps`` timed steps: example-views per second (sampled examples x K),
   ms per step, peak memory, and the useful TFLOP/s (the FLOPs of a non-private forward + backward of that
   many views, ``step_flops``) against the GPU's measured matmul ceiling (``matmul_ceilings``); ``--physical``
-  (views a chunk, a list) adds a row per chunk size.
+  (views a chunk, a list) adds a row per chunk size; ``--kept-precision fp32,reduced`` a row per way of forming
+  the manual backend's kept per-example gradients: ``reduced`` the library's (from the bf16 operands under
+  bf16, tensor cores), ``fp32`` the previous rule (IEEE fp32 from the upcast operands), patched in for
+  that row only, so that both are timed side by side in one run (issue 23).
 * ``yardstick``: plain PyTorch *non-private* training of the same model on the same kind of augmented
   images: each step a batch of uniformly drawn images, one random crop and flip each on the device
   (the engine's ``augment``), SGD with momentum 0.9, bf16 autocast (``--precision``), channels-last, and
@@ -24,6 +27,11 @@ default CIFAR-10 recipe's). One command on an H100 (about 5 minutes, mostly the 
 
     python benchmarks/bench_augmult.py --device cuda --json augmult.json
 
+Old and new kept precision side by side at K = 1, 4, 16 (H100, under 4 minutes; eager yardstick only):
+
+    python benchmarks/bench_augmult.py --device cuda --ks 1,4,16 --batch 4096 --precision bf16 \
+        --kept-precision fp32,reduced --vmap-ks '' --plain e4096 --steps 3 --warmup-steps 1 --json augmult_kept.json
+
 Tiny CPU run (checks the script; numbers mean nothing):
 
     python benchmarks/bench_augmult.py --device cpu --size 64 --batch 16 --ks 1,2 --steps 1 --warmup-steps 1 \
@@ -33,6 +41,7 @@ Tiny CPU run (checks the script; numbers mean nothing):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import json
@@ -47,6 +56,7 @@ import torch.nn.functional as F
 from bench_dpsgd import PeakMemory, fast_engine, matmul_ceilings, step_flops, sync, versions
 from dpvision.data.tensors import ImageTensors
 from dpvision.engines.augmult import augment
+from dpvision.engines.per_sample import ManualPerSample
 from dpvision.models import build_model
 
 
@@ -64,12 +74,26 @@ def random_images(size: int) -> ImageTensors:
     return ImageTensors(images, labels, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
 
-def time_dp(data: ImageTensors, k: int, mode: str | None, physical: int | None, args, device: torch.device) -> dict:
+@contextlib.contextmanager
+def kept_precision(kept: str):
+    """``fp32``: the manual backend forms its kept per-example gradients in fp32 (the rule before issue 23), for
+    the block only (a benchmark-only patch); ``reduced``: the library as it is."""
+    saved = ManualPerSample._kept_dtype
+    if kept == "fp32":
+        ManualPerSample._kept_dtype = lambda self: torch.float32
+    try:
+        yield
+    finally:
+        ManualPerSample._kept_dtype = saved
+
+
+def time_dp(data: ImageTensors, k: int, mode: str | None, physical: int | None, kept: str, args,
+            device: torch.device) -> dict:
     """The fast engine's DP step with K views of every sampled example: views/s, ms/step, peak MB."""
     options = {"augmult": k, "augment_flip": True, "grad_sample_mode": mode, "physical_batch_size": physical}
     if device.type == "cuda":
         options.update(precision=args.precision, channels_last=args.channels_last)
-    with PeakMemory(device) as mem:
+    with PeakMemory(device) as mem, kept_precision(kept):
         engine = fast_engine(wrn(args.weight_standardization), data, args.batch, dp=True, device=device, options=options)
         engine.train_epoch(max_steps=args.warmup_steps)  # the per-layer autotune and cuDNN's searches
         sync(device)
@@ -79,7 +103,8 @@ def time_dp(data: ImageTensors, k: int, mode: str | None, physical: int | None, 
             done, examples = done + result.steps, examples + sum(engine.last_batch_sizes)
         sync(device)
         elapsed = time.perf_counter() - start
-    return {"row": "dp", "k": k, "backend": engine.grad_sample_mode, "physical_examples": engine.settings.max_physical,
+    return {"row": "dp", "k": k, "backend": engine.grad_sample_mode, "kept": kept,
+            "physical_examples": engine.settings.max_physical,
             "steps": done, "views": examples * k, "seconds": elapsed, "ms_per_step": 1e3 * elapsed / max(done, 1),
             "views_per_s": examples * k / elapsed, "peak_memory_mb": mem.mb}
 
@@ -133,15 +158,17 @@ def time_yardstick(data: ImageTensors, config: str, args, device: torch.device) 
 
 def print_rows(rows: list[dict], flops_per_view: float, ceiling: float | None) -> None:
     best = max((r for r in rows if r["row"] == "yardstick"), key=lambda r: r["views_per_s"], default=None)
-    print(f"\n{'row':10s} {'K':>3s} {'backend/config':>14s} {'views/s':>10s} {'ms/step':>9s} {'peak MB':>9s}"
+    print(f"\n{'row':10s} {'K':>3s} {'backend/config':>22s} {'views/s':>10s} {'ms/step':>9s} {'peak MB':>9s}"
           f" {'TFLOP/s':>8s} {'% ceil':>7s} {'x yard':>7s}")
     for r in rows:
         r["tflops"] = flops_per_view * r["views_per_s"] / 1e12
         r["x_yardstick_time"] = best["views_per_s"] / r["views_per_s"] if best else None
         share = f"{100 * r['tflops'] / ceiling:.1f}" if ceiling else "-"
         label = f"{r['backend']}/{r['physical_examples'] * r['k']}" if r["row"] == "dp" else r["config"]
+        if r["row"] == "dp" and r["backend"] == "manual":
+            label += f"/{r['kept']}"
         ratio = f"{r['x_yardstick_time']:.2f}" if best else "-"
-        print(f"{r['row']:10s} {r.get('k', 1):3d} {label:>14s} {r['views_per_s']:10.0f} {r['ms_per_step']:9.1f}"
+        print(f"{r['row']:10s} {r.get('k', 1):3d} {label:>22s} {r['views_per_s']:10.0f} {r['ms_per_step']:9.1f}"
               f" {r['peak_memory_mb']:9.0f} {r['tflops']:8.1f} {share:>7s} {ratio:>7s}")
     if best:
         print(f"yardstick: {best['config']} at {best['views_per_s']:.0f} images/s; x yard = DP time / yardstick time"
@@ -158,6 +185,9 @@ def parse_args(argv):
     p.add_argument("--vmap-ks", default="4", help="K of extra DP rows on the torch.func vmap path ('' for none)")
     p.add_argument("--physical", default="", help="fast engine's physical_batch_size (views per chunk), a comma "
                                                   "list: one row each (default: the engine's)")
+    p.add_argument("--kept-precision", default="reduced",
+                   help="manual backend's kept per-example gradients, a comma list of fp32 (the rule before issue "
+                        "23) and reduced (the library's): one row each")
     p.add_argument("--steps", type=int, default=5, help="timed DP steps per row")
     p.add_argument("--warmup-steps", type=int, default=2)
     p.add_argument("--precision", default="bf16", choices=["fp32", "tf32", "bf16"], help="CUDA only (CPU: fp32)")
@@ -175,6 +205,9 @@ def parse_args(argv):
     for flag in ("size", "batch", "steps"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be >= 1")
+    kept = args.kept_precision.split(",")
+    if not kept or any(v not in ("fp32", "reduced") for v in kept):
+        p.error(f"--kept-precision: {args.kept_precision!r} is not a comma list of fp32 and reduced")
     return args
 
 
@@ -198,11 +231,12 @@ def main(argv=None) -> int:
         rows.append(time_yardstick(data, config, args, device))
         print(f"  yardstick {config}: {rows[-1]['views_per_s']:.0f} images/s", flush=True)
     physicals = [int(v) for v in args.physical.split(",") if v] or [None]
-    runs = [(int(k), None, v) for k in args.ks.split(",") if k for v in physicals]
-    runs += [(int(k), "vmap", None) for k in args.vmap_ks.split(",") if k]
-    for k, mode, physical in runs:
-        rows.append(time_dp(data, k, mode, physical, args, device))
-        print(f"  dp K={k} {rows[-1]['backend']} {rows[-1]['physical_examples']} examples a chunk: "
+    runs = [(int(k), None, v, kept) for k in args.ks.split(",") if k for v in physicals
+            for kept in args.kept_precision.split(",")]
+    runs += [(int(k), "vmap", None, "reduced") for k in args.vmap_ks.split(",") if k]
+    for k, mode, physical, kept in runs:
+        rows.append(time_dp(data, k, mode, physical, kept, args, device))
+        print(f"  dp K={k} {rows[-1]['backend']} {rows[-1]['physical_examples']} examples a chunk, kept {kept}: "
               f"{rows[-1]['views_per_s']:.0f} views/s", flush=True)
     flops_per_view = step_flops(functools.partial(wrn, args.weight_standardization), data, 64) / 64
     print_rows(rows, flops_per_view, ceiling)

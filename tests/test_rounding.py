@@ -15,10 +15,13 @@ import torch
 from torch import nn
 
 import dpvision.engines.ghost as ghost
+import dpvision.engines.manual as manual
+from dpvision.engines.augmult import AugmultManual
 from dpvision.engines.clipping import CLIPPING_RULES
 from dpvision.engines.ghost import GHOST, GROUPED, MATERIALISE
 from dpvision.engines.per_sample import ManualPerSample
 from dpvision.engines.rounding import gamma, margin, reduction_length
+from dpvision.models.layers import WSConv2d
 
 C = 0.05  # every example's gradient is longer: all are clipped to (just under) C
 FP32_ROUNDING = 1e-5  # relative slack for the sum's own fp32 rounding (measured ~1e-7 here)
@@ -31,14 +34,15 @@ def model() -> nn.Module:
 
 
 def clipped_sum(backend: ManualPerSample, x, y, w, rule: str) -> torch.Tensor:
-    acc = torch.zeros(sum(p.numel() for p in backend.model.parameters()))
+    acc = torch.zeros(sum(p.numel() for p in backend.model.parameters()), device=x.device)
     views, offset = [], 0
     for p in backend.model.parameters():
         views.append(acc[offset:offset + p.numel()])
         offset += p.numel()
     clip = functools.partial(CLIPPING_RULES[rule].factors, max_grad_norm=C)
-    backend.accumulate(x, y, w, clip, views, torch.zeros(()), torch.zeros(()))
-    return acc.double()
+    backend.accumulate(x, y, w.to(x.device), clip, views, torch.zeros((), device=x.device),
+                       torch.zeros((), device=x.device))
+    return acc.double().cpu()
 
 
 @pytest.mark.parametrize("rule", ["flat", "automatic"])
@@ -74,5 +78,68 @@ def test_margin_from_the_standard_bound():
     # its 8x8 convs by ghost norms (T = 64, d = 2304, p = 256): the largest chain, eta ~ 3.2e-4
     assert reduction_length(GHOST, 64, 2304, 256, bias=True) == 2304 + 256 + 1 + 1 + 64
     assert margin([2626] * 18) == pytest.approx(3.2e-4, rel=0.02)
+    # kept per-example gradients (issue 23): the float64 sum of their p d squares (or the bias's p), then f_i g_ij
+    assert reduction_length(MATERIALISE, 16 * 1024, 576, 64, bias=False, kept=True) == 1 + 1 + 1
+    assert reduction_length(GROUPED, 16 * 1024, 576, 64, bias=True, kept=True) == 64 + 1
     with pytest.raises(ValueError, match="too long"):
         gamma(1 << 23)
+
+
+def all_kept_model() -> nn.Module:
+    """Convs (a weight-standardised one) and a GroupNorm only: every layer's per-example gradients are kept for
+    pass 2 (materialise/grouped), so every example's share of the sum is explicit in pass 1's state."""
+    torch.manual_seed(4)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.GroupNorm(2, 6), nn.ReLU(),
+                         WSConv2d(6, 6, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(6, 5, 1),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                        reason="no CUDA")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("k", [1, 3], ids=["plain", "augmult3"])
+@pytest.mark.parametrize("method", [MATERIALISE, GROUPED])
+def test_kept_gradients_formed_in_bf16_and_each_share_of_them_at_most_c(method, k, device, monkeypatch):
+    """Issue 23: under bf16 the kept per-example gradients are formed from the bf16 operands (before: fp32 from
+    upcast operands; on CUDA a bf16 batched product has float32 output) and are the very numbers pass 2 multiplies
+    by f_i, so ||f_i g^_i|| over all layers (float64), computed as pass 2 computes it, is <= C. The sum stays that
+    of the fp32 path within bf16's rounding."""
+    seen = []  # (module, factors, state) of every pass-2 call: the real add_clipped_sum, recorded
+    monkeypatch.setattr(manual, "add_clipped_sum", lambda m, a, dz, f, state, *rest:
+                        (seen.append((m, f, state)), ghost.add_clipped_sum(m, a, dz, f, state, *rest)))
+    g = torch.Generator().manual_seed(1)
+    n = 6
+    x, y = torch.randn(n, 3, 8, 8, generator=g) * 3, torch.randint(0, 5, (n,), generator=g)
+    x, y = x.to(device), y.to(device)
+
+    def backend(amp, kept_dtype=None):
+        model = all_kept_model().to(device)
+        b = (AugmultManual(model, k=k, flip=True, generator=torch.Generator(device).manual_seed(0))
+             if k > 1 else ManualPerSample(model))
+        b.method, b.amp_dtype = method, amp
+        if kept_dtype is not None:  # the previous rule: kept gradients formed in fp32 from upcast operands
+            monkeypatch.setattr(b, "_kept_dtype", lambda: kept_dtype)
+        return b
+
+    fp32 = clipped_sum(backend(None), x, y, torch.ones(n), "flat")
+    fp32_kept = clipped_sum(backend(torch.bfloat16, torch.float32), x, y, torch.ones(n), "flat")
+    seen.clear()
+    ours = backend(torch.bfloat16)
+    bf16 = clipped_sum(ours, x, y, torch.ones(n), "flat")
+    shares = torch.zeros(n, dtype=torch.float64, device=device)
+    # formed from bf16 operands: bf16 numbers, or float32 from a CUDA batched product (and a WSConv2d's Jacobian)
+    formed = torch.float32 if device == "cuda" and method == MATERIALISE else torch.bfloat16
+    for m, f, state in seen:
+        tensors = state  # per-example (gamma, beta) gradients of a GroupNorm, (bias, weight) of a conv
+        assert all(t is not None for t in tensors)  # all kept: nothing summed by book-keeping
+        if isinstance(m, nn.Conv2d):
+            assert tensors[1].dtype == (torch.float32 if isinstance(m, WSConv2d) else formed)
+        for t in tensors:  # example i's share as pass 2 computes it (fp32 products of upcast kept numbers)
+            shares += (f[:, None] * t.float()).double().square().sum(1)
+    assert len(seen) == 4
+    assert float(shares.sqrt().max()) <= C
+    assert float(shares.sqrt().min()) > C * (1 - 0.01)  # all clipped, to about C
+    assert float((bf16 - fp32).norm() / fp32.norm()) < 8e-2  # the bf16 forward itself (measured 3-5e-2)
+    assert float((bf16 - fp32_kept).norm() / fp32_kept.norm()) < 1e-2  # the same forward (measured 2-3e-3)

@@ -46,7 +46,7 @@ PAD = 4  # pixels of reflect padding before the random crop (the usual CIFAR rec
 # elements (1/16 of it: 5 GB of an 80 GB card). A chunk holds K times fewer examples than views, so keeping a
 # large model's per-example gradients costs little there (WRN-16-4, 4096 views at K = 16: 256 x 2.75 M x 4 B
 # = 2.8 GB), and a kept layer's pass 2 is a matrix-vector product instead of a float32 weight-gradient pass
-# over all the views (:mod:`dpvision.engines.ghost`).
+# over all the views (:mod:`dpvision.engines.ghost`), its pass 1 under bf16 a tensor-core one (:mod:`.rounding`).
 KEEP_MEMORY_FRACTION = 1 / 16
 AUGMENTATIONS = ("crop", "crop_flip")
 

@@ -5,14 +5,11 @@ to the layer's output, all from one batched backward), example i's weight gradie
 
     g_i = G_i^T A_i    [p, d]
 
-with A_i [T, d] the example's input rows (a Linear: its T input vectors; a Conv2d: its T = Ho Wo
-unfolded patches, d = C_in kh kw) and G_i [T, p] its output gradients. Its squared norm, three
-ways, all exact (they differ only by rounding):
+with A_i [T, d] the example's input rows (a Linear: its T input vectors; a Conv2d: its T = Ho Wo unfolded
+patches, d = C_in kh kw) and G_i [T, p] its output gradients. Its squared norm, three exact ways:
 
-* ``"materialise"``: form g_i (unfolded patches and one batched product, T d p multiply-adds an
-  example) and sum squares;
-* ``"grouped"`` (Conv2d): the same g_i by cuDNN's weight-gradient kernel with the examples as
-  groups (no unfolded patches);
+* ``"materialise"``: form g_i (unfolded patches, one batched product: T d p multiply-adds), sum squares;
+* ``"grouped"`` (Conv2d): the same g_i by cuDNN's weight-gradient kernel, the examples as groups;
 * ``"ghost"`` (Bu et al., NeurIPS 2022, "Scalable and Efficient Training of Large Convolutional
   Neural Networks with Differential Privacy"): ||G_i^T A_i||_F^2 = sum_{t,s} (A_i A_i^T)_{ts}
   (G_i G_i^T)_{ts}, two T x T Gram matrices, T^2 (d + p) multiply-adds an example; for a conv the
@@ -35,18 +32,17 @@ product with them. GroupNorm's and LayerNorm's per-example gradients are [B, C] 
 ``dz * a_hat`` and of ``dz``, :mod:`dpvision.engines.group_norm`, :mod:`dpvision.engines.layer_norm`): formed
 once, used for both passes.
 
-Weight-standardised convs (``WSConv2d``: the conv uses W = standardize(V) of its parameter V): the formulas
-above give example i's gradient with respect to W, and :func:`raw_weight_grads` maps it to V's, J^T g_i with J
-the Jacobian of the standardisation at the current V (linear in g: pass 2 maps the clipped sum once). Their
-squared norms need that gradient, so such layers never take ghost norms.
+Weight-standardised convs (``WSConv2d``, W = standardize(V)): the formulas give example i's gradient with
+respect to W; :func:`raw_weight_grads` maps it to V's, J^T g_i (J: the standardisation's Jacobian at V; pass 2
+maps the clipped sum once). Their norms need that gradient, so such layers never take ghost norms.
 
 Augmentation multiplicity (:mod:`dpvision.engines.augmult`): a conv's ``a`` [B, K, C, H, W] and ``dz``
-[B, K, p, Ho, Wo] hold K views of each example, a Linear's [B, K, ..., d]: the views are more rows of the
-example (T = K Ho Wo), so every method gives the per-example gradient summed over its views, and pass 2
-weights each view by its example's factor. No per-view gradient is ever formed.
+[B, K, p, Ho, Wo] (a Linear's [B, K, ..., d]) hold K views of each example as more rows of it (T = K Ho Wo):
+every method gives the per-example gradient summed over its views; no per-view gradient is ever formed.
 
-Every function takes ``compute_dtype`` (float32, or bfloat16 for mixed precision on CUDA): the
-products run in it; norms are always reduced in float32 and sums accumulated in float32.
+Every function takes ``compute_dtype`` (float32, or bfloat16 for mixed precision): the products run in it;
+norms are reduced in float32 (float64 with ``exact``), sums accumulated in float32. Gradients kept for pass 2
+may be formed from bf16 operands (:mod:`.rounding`: the kept numbers are both the norm's and the sum's data).
 """
 
 from __future__ import annotations
@@ -61,11 +57,10 @@ GHOST, MATERIALISE, GROUPED = "ghost", "materialise", "grouped"
 # "auto": the cheapest by the layer's shapes (multiply-adds, see ``method_costs``), or on CUDA the fastest
 # as timed once per layer and shape (the backend's autotune); the others force one (tests, benchmarks).
 METHODS = ("auto", GHOST, MATERIALISE, GROUPED)
-# Elements of unfolded patches / Gram matrices / per-example gradients held at once (128 MiB of fp32):
-# larger batches are processed in chunks of examples, so the transient memory stays bounded.
+# Elements of unfolded patches / Gram matrices / per-example gradients held at once (128 MiB of fp32): larger
+# batches are processed in chunks of examples, so the transient memory stays bounded.
 PATCH_BUDGET = 1 << 25
-# Per-example weight gradients that pass 1 materialised may be kept for pass 2 (one matrix-vector
-# product instead of a weight-gradient call over the activations), up to this many elements in all.
+# Elements of per-example weight gradients pass 1 may keep for pass 2 (then a matrix-vector product there).
 KEEP_BUDGET = 1 << 25
 
 
@@ -130,10 +125,7 @@ def choose_method(module: nn.Module, a: torch.Tensor, dz: torch.Tensor) -> str:
     'ghost'
     >>> choose_method(nn.Conv2d(64, 64, 3, padding=1), torch.zeros(1, 64, 32, 32), torch.zeros(1, 64, 32, 32))
     'materialise'
-
-    A Linear on T tokens takes ghost norms when T < d p / (d + p): ViT-B/16's (T = 197; 384 for its attention's
-    768 x 768 projections, 614 for its MLP's 768 x 3072 layers: 2x and 3.1x fewer multiply-adds).
-
+    >>> # A Linear on T tokens: ghost when T < d p / (d + p) (ViT-B/16: T = 197 < 614 for its 768 x 3072 MLP)
     >>> choose_method(nn.Linear(768, 3072), torch.zeros(1, 197, 768), torch.zeros(1, 197, 3072))
     'ghost'
     """
@@ -207,12 +199,11 @@ def _ghost_chunk(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, dtype: to
 
 
 def _grouped_chunk(module: nn.Conv2d, a: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
-    """Per-example conv weight gradients [n, p d] by cuDNN's weight-gradient kernel, the examples as groups.
+    """Per-example conv weight gradients [n, p d] (a's dtype) by cuDNN's weight-gradient kernel, examples as groups.
 
-    For bf16 cuDNN's default algorithm for these grouped shapes was 5-10x slower than the one its
-    benchmark mode finds (H100, benchmarks/NOTES.md), so bf16 searches once per shape; fp32 (TF32) gained
-    nothing from the search and its trial workspaces raised the peak memory by ~1 GB, so it does not.
-    """
+    For bf16 cuDNN's default algorithm for these grouped shapes was 5-10x slower than the one its benchmark mode
+    finds (H100, benchmarks/NOTES.md), so bf16 searches once per shape; fp32 (TF32) gained nothing from the
+    search and its trial workspaces raised the peak memory by ~1 GB, so it does not."""
     n, c, (h, w), p = len(a), a.shape[-3], a.shape[-2:], dz.shape[-3]
     # K views: the batch dimension of the grouped call, summed over by cuDNN: [K, n C, H, W], [K, n p, Ho, Wo].
     a, dz = (a.unsqueeze(1), dz.unsqueeze(1)) if a.dim() == 4 else (a, dz)
@@ -236,12 +227,20 @@ def _gram_elements(module: nn.Module, a: torch.Tensor, t: int, d: int) -> int:
     return t * d
 
 
+def per_example_product(g_rows: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """[n, p, d] = G_i^T A_i of [n, T, p], [n, T, d]; bf16 operands on CUDA (torch >= 2.8): float32 out (exact
+    products, float32 accumulation), elsewhere the operands' dtype. Batch entry i reads example i only."""
+    x = g_rows.transpose(1, 2)
+    wide = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and hasattr(torch.ops.aten.bmm, "dtype")
+    return torch.bmm(x, rows, out_dtype=torch.float32) if wide else torch.bmm(x, rows)
+
+
 def _materialise(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, method: str) -> torch.Tensor:
     """Per-example gradients [n, p d] of the weight parameter (in its (out, in...) order) by ``method``."""
     if method == GROUPED:
         return raw_weight_grads(module, _grouped_chunk(module, a, dz))
     rows, g_rows = _rows(module, a, dz)  # [n, T, d], [n, T, p]
-    return raw_weight_grads(module, torch.bmm(g_rows.transpose(1, 2), rows).view(len(a), -1))
+    return raw_weight_grads(module, per_example_product(g_rows, rows).view(len(a), -1))
 
 
 def raw_weight_grads(module: nn.Module, grads: torch.Tensor) -> torch.Tensor:
@@ -250,6 +249,8 @@ def raw_weight_grads(module: nn.Module, grads: torch.Tensor) -> torch.Tensor:
     weight, per output channel; a mean and a dot product over the fan-in, :func:`weight_chain`)."""
     if not isinstance(module, WSConv2d):
         return grads
+    if grads.dtype in (torch.bfloat16, torch.float16):  # standardisation's Jacobian in float32 (exact upcast)
+        grads = grads.float()
     weight = module.weight.detach().to(grads.dtype)
     _, vjp = torch.func.vjp(standardize_weight, weight)
     return torch.func.vmap(vjp)(grads.view(-1, *weight.shape))[0].reshape(grads.shape)
@@ -262,9 +263,9 @@ def weight_chain(module: nn.Module) -> int:
 
 def norms_and_grads(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, method: str,
                     compute_dtype: torch.dtype = torch.float32, keep: bool = False, exact: bool = False):
-    """([B] squared norms of the per-example weight gradients of a Linear or Conv2d by ``method``, and with
-    ``keep`` those gradients [B, p d] in ``compute_dtype`` when the method materialises them, else None).
-    ``exact``: the sums of squares (and ghost's sum of Gram products) in float64 (:mod:`.rounding`)."""
+    """([B] squared norms of the per-example weight gradients of a Linear or Conv2d by ``method``, and with ``keep``
+    those very gradients [B, p d] when the method materialises them, else None). ``exact``: the sums of squares
+    (and ghost's sum of Gram products) in float64 (:mod:`.rounding`)."""
     if isinstance(module, nn.Linear) and a.dim() == 2:  # T = 1: ||g_i|| = ||dz_i|| ||a_i||, nothing to choose
         return sum_sq(dz) * sum_sq(a), None
     if method == GROUPED and not isinstance(module, nn.Conv2d) or method == GHOST and isinstance(module, WSConv2d):
@@ -284,7 +285,7 @@ def norms_and_grads(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, method
             return _ghost_chunk(module, a, dz, acc_dtype, exact), None
         grads = _materialise(module, a, dz, method)
         return sum_sq(grads, exact), grads if keep else None
-    kept = []
+    kept = None  # [B, p d], filled chunk by chunk (no list of chunks and their concatenation at the peak)
     for s in range(0, b, step):
         a_s, dz_s = a[s:s + step], dz[s:s + step]
         if method == GHOST:
@@ -293,9 +294,9 @@ def norms_and_grads(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, method
         grads = _materialise(module, a_s, dz_s, method)
         out[s:s + step] = sum_sq(grads, exact)
         if keep:
-            kept.append(grads)
-    grads = None if not kept else kept[0] if len(kept) == 1 else torch.cat(kept)
-    return out, grads
+            kept = grads.new_empty((b, grads.shape[1])) if kept is None else kept
+            kept[s:s + step] = grads
+    return out, kept
 
 
 def weight_norm_sq(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, method: str,
@@ -314,21 +315,22 @@ def layer_method(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, forced: s
 
 
 def fastest_method(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, compute_dtype: torch.dtype,
-                   slack: float = 4.0, repeats: int = 3) -> str:
+                   slack: float = 4.0, repeats: int = 3, kept_dtype: torch.dtype | None = None) -> str:
     """The method that runs fastest here (CUDA events, fastest of ``repeats`` runs after one warm-up),
     among those whose multiply-adds are within ``slack`` times the fewest. All are exact: this only
-    picks a speed."""
+    picks a speed. ``kept_dtype``: the materialising methods run in it (their gradients kept for pass 2)."""
     costs = method_costs(module, a, dz)
     best, times = min(costs.values()), {}
     for method, cost in costs.items():
         if cost > slack * best:
             continue
-        weight_norm_sq(module, a, dz, method, compute_dtype)  # warm-up: allocations, cuDNN's search
+        dtype = compute_dtype if method == GHOST or kept_dtype is None else kept_dtype
+        weight_norm_sq(module, a, dz, method, dtype)  # warm-up: allocations, cuDNN's search
         runs = []
         for _ in range(repeats):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            weight_norm_sq(module, a, dz, method, compute_dtype)
+            weight_norm_sq(module, a, dz, method, dtype)
             end.record()
             runs.append((start, end))
         runs[-1][1].synchronize()
@@ -373,10 +375,11 @@ def add_clipped_sum(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, factor
     if gb is not None:  # sum_i f_i (per-example bias gradient)
         views["bias"].addmv_(gb.t(), factors)
     if grads is not None:  # kept from pass 1 [B, p d]: one matrix-vector product
-        if grads.dtype == factors.dtype:
-            views["weight"].addmv_(grads.t(), factors)
+        wide = torch.promote_types(grads.dtype, factors.dtype)  # bf16 grads upcast (exact), f never rounded
+        if wide == views["weight"].dtype:
+            views["weight"].addmv_(grads.to(wide).t(), factors)
         else:
-            views["weight"].add_(factors.to(grads.dtype) @ grads)
+            views["weight"].add_(factors.to(wide) @ grads.to(wide))
         return
     if isinstance(module, nn.Linear):  # small in our models: float32 throughout
         a2 = a.float().reshape(-1, a.shape[-1])  # [B T, in]

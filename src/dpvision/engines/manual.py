@@ -93,8 +93,10 @@ class ManualPerSample:
 
     ``amp_dtype`` (set by the engine for ``precision="bf16"``): autocast of forward/backward, each
     conv and Linear input cast once to that dtype by a pre-hook (the copy autograd and pass 2 share). In every
-    precision both passes run in IEEE fp32 (TF32 off) on those stored operands upcast, and under
-    ``tf32``/``bf16`` the factors are taken at norm (1 + eta) (:mod:`dpvision.engines.rounding`).
+    precision both passes run in IEEE fp32 (TF32 off) on those stored operands upcast, except that the
+    per-example gradients kept for pass 2 are formed from the bf16 operands themselves (tensor cores; their
+    norms, in float64, are of the very numbers summed), and under ``tf32``/``bf16`` the factors are taken at
+    norm (1 + eta) (:mod:`dpvision.engines.rounding`).
 
     ``views`` = K > 1 (augmentation multiplicity, :class:`dpvision.engines.augmult.AugmultManual`): ``x`` holds
     K consecutive views of each of the B examples of ``y`` [B]; the loss is each example's mean over its
@@ -215,8 +217,9 @@ class ManualPerSample:
         dzs = torch.autograd.grad(total, list(edges.values()))
         return logits, losses, dict(zip(edges, dzs))
 
-    def _method(self, module, a: torch.Tensor, dz: torch.Tensor, dtype: torch.dtype) -> str | None:
-        """The norm method: forced, by the shape rule, or (CUDA, "auto") the fastest as timed at first sight."""
+    def _method(self, module, a: torch.Tensor, dz: torch.Tensor, kept_dtype: torch.dtype) -> str | None:
+        """The norm method: forced, by the shape rule, or (CUDA, "auto") the fastest as timed at first sight
+        (ghost in float32, the materialising methods in ``kept_dtype``, as pass 1 would run them)."""
         method = layer_method(module, a, dz, self.method)
         if self.method != "auto" or method is None or a.device.type != "cuda" or not self.autotune:
             return method
@@ -225,11 +228,11 @@ class ManualPerSample:
             return method
         # Per layer and per-example shape: the fast engine's bucket sizes differ only in the batch
         # dimension, and are timed once (at the largest, captured first) instead of once per bucket.
-        key = (module, tuple(a.shape[1:]), a.dtype, tuple(dz.shape[1:]), dz.dtype)
+        key = (module, tuple(a.shape[1:]), a.dtype, tuple(dz.shape[1:]), dz.dtype, kept_dtype)
         if key not in self._tuned:
             if torch.cuda.is_current_stream_capturing():  # no timing inside a graph capture
                 return method
-            self._tuned[key] = fastest_method(module, a, dz, dtype)
+            self._tuned[key] = fastest_method(module, a, dz, torch.float32, kept_dtype=kept_dtype)
         return self._tuned[key]
 
     def accumulate(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, clip: ClipFn,
@@ -239,7 +242,8 @@ class ManualPerSample:
         views: dict[nn.Module, dict[str, torch.Tensor]] = {}
         for (m, attr), view in zip(self.entries, acc_views):
             views.setdefault(m, {})[attr] = view
-        # Both passes in IEEE fp32 on the stored operands, whatever the forward/backward ran in
+        # Both passes in IEEE fp32 on the stored operands, whatever the forward/backward ran in, except for
+        # kept per-example gradients: formed from the bf16 operands, they are the very numbers pass 2 sums
         # (:mod:`dpvision.engines.rounding`): norm and sum are then the same function of the same numbers.
         with torch.no_grad(), fp32_matmuls():
             norm_sq, states, chains = self._norms(x, dzs, exact=self._exact)
@@ -292,6 +296,11 @@ class ManualPerSample:
                 chains.append(squares_length(grads.shape[1], exact))
         return norm_sq, states, chains
 
+    def _kept_dtype(self) -> torch.dtype:
+        """The dtype whose operands form the per-example gradients kept for pass 2: the forward's (bf16 under
+        ``amp_dtype``: tensor cores), as the kept numbers are both the norm's and the sum's (:mod:`.rounding`)."""
+        return self.amp_dtype or torch.float32
+
     def _norms(self, x: torch.Tensor, dzs: dict, exact: bool) -> tuple[torch.Tensor, dict, list[int]]:
         """Pass 1: ([B] squared per-example norms, each layer's state for pass 2, each layer's rounding
         chain length for :func:`~dpvision.engines.rounding.margin`). A layer the forward skipped: gradient 0.
@@ -301,6 +310,7 @@ class ManualPerSample:
         token_sq, states, chains = self._token_norms(dzs, exact)
         norm_sq += token_sq
         room = self.keep_budget  # elements of per-example gradients still to keep
+        kept_dtype = self._kept_dtype()
         for m in self.layers:
             if m in self._norm_layers:
                 sq, states[m] = self._sum_views(self._norm_layers.pop(m))
@@ -312,14 +322,16 @@ class ManualPerSample:
                     chains.append(norm_layer_chain(m, exact))
                 else:
                     a, dz = self._by_example(a), self._by_example(dzs[m])
-                    method = self.chosen[self.names[m]] = self._method(m, a, dz, torch.float32)
-                    size = b * m.weight.numel()
-                    keep = method not in (None, GHOST) and size <= room
-                    room -= size if keep else 0
+                    fits = b * m.weight.numel() <= room
+                    method = self._method(m, a, dz, kept_dtype if fits else torch.float32)
+                    self.chosen[self.names[m]] = method
+                    keep = method not in (None, GHOST) and fits
+                    room -= b * m.weight.numel() if keep else 0
                     bias = self._sum_views(self._conv_bias.pop(m, None))
-                    sq, states[m] = layer_norm_sq(m, a, dz, method, torch.float32, keep, bias_grads=bias, exact=exact)
-                    chains.append(reduction_length(method, *ghost.layer_shape(m, a, dz), m.bias is not None)
-                                  + ghost.weight_chain(m))
+                    sq, states[m] = layer_norm_sq(m, a, dz, method, kept_dtype if keep else torch.float32, keep,
+                                                  bias_grads=bias, exact=exact)
+                    chains.append(reduction_length(method, *ghost.layer_shape(m, a, dz), m.bias is not None, keep)
+                                  + (0 if keep else ghost.weight_chain(m)))
             else:
                 continue
             norm_sq += sq

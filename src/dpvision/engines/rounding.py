@@ -7,6 +7,14 @@ the clipped sum) in IEEE fp32 with TF32 off (:func:`fp32_matmuls`), on the store
 (its input A and output gradient G, upcast exactly from bf16 to fp32). Both passes then compute the
 exact gradient g_i = G_i^T A_i of those numbers, each with fp32 rounding only.
 
+Kept layers (per-example gradients that pass 1 materialises and keeps for pass 2): the tensor g^_i that
+pass 1 stores is itself example i's share's data, pass 2 computing fl(f_i g^_i) from it, so however g^_i
+was rounded (it reads example i's operands only: a batched product or cuDNN's grouped kernel, the examples
+as groups) the norm of exactly those numbers bounds the share. Under bf16 these layers form g^_i from the
+bf16 operands on tensor cores (float32 or bf16 out, upcast exactly) and take its squared norm in float64;
+their chain is the p d one-sign squares (float64) and the product by f_i, and caveats (1) and (3) below do
+not apply to them (only (2), the batch sum's own rounding).
+
 The margin: with u = 2^-24 (fp32's unit roundoff) and gamma_n = n u / (1 - n u), the standard bound
 for a sum of n products evaluated in ANY order (Higham, "Accuracy and Stability of Numerical
 Algorithms", 2nd ed., Lemma 3.1 and eq. 3.5) is |fl(sum x_k) - sum x_k| <= gamma_n sum |x_k|. When the
@@ -18,7 +26,8 @@ The longest chain of reductions behind example i's norm, per layer (``reduction_
   float64, so that long sum adds almost nothing);
 * materialise / grouped: each entry of g_i is a dot product of T terms, then p d squares are summed (in
   float64: the squares are exact, the sum's rounding negligible);
-* bias: T terms per entry, p squares; GroupNorm: its [B, C] gradients are the very tensors summed.
+* bias: T terms per entry, p squares; GroupNorm: its [B, C] gradients are the very tensors summed;
+* kept: the p d squares of g^_i (float64) or the bias's p squares, then one rounding of f_i g^_ij.
 
 Example i's share of pass 2 is f_i times entries that are dot products of T terms (the layer's batch
 weight gradient sums B T terms; the other examples' terms are the sum's own rounding, below). So the
@@ -62,11 +71,14 @@ def margin(chains: list[int]) -> float:
     return 2 * gamma(max(chains, default=0) + len(chains) + 8)
 
 
-def reduction_length(method: str | None, t: int, d: int, p: int, bias: bool) -> int:
+def reduction_length(method: str | None, t: int, d: int, p: int, bias: bool, kept: bool = False) -> int:
     """Longest chain of fp32 roundings behind a Linear/Conv2d layer's squared norm and its pass-2 share:
     ``method`` None for a 2-D Linear, else ghost/materialise/grouped; (T, d, p) as in ``ghost.layer_shape``.
     The long sums of squares run in float64 (``exact``): a product of two fp32 numbers is exact there and n
-    float64 roundings weigh n / 2^29 fp32 ones, counted rounded up, plus one for the cast back to fp32."""
+    float64 roundings weigh n / 2^29 fp32 ones, counted rounded up, plus one for the cast back to fp32.
+    ``kept``: pass 2 sums the very per-example gradients whose norms were taken (module docstring)."""
+    if kept:  # the float64 sum of g^_i's p d squares (or the bias's p in float32), then f_i g^_ij
+        return max(_as_fp32(p * d) + 1, p if bias else 0) + 1
     if method is None:  # ||a_i||^2 ||dz_i||^2, float32 sums
         norm = d + p
     elif method == "ghost":  # Gram entries (d and p terms), their T^2 products summed in float64
