@@ -9,7 +9,7 @@ from dpvision.audit import AuditConfig, analyse, run_audit
 from dpvision.audit.analysis import Claim
 from dpvision.audit.checks import ROUNDING_SLACK, contribution_p_value, mechanism_checks
 from dpvision.audit.cli import summary_lines
-from dpvision.audit.design import simulate_observations
+from dpvision.audit.design import canary_scores, simulate_observations
 from tests.test_audit_bugs import _tamper
 
 
@@ -64,8 +64,6 @@ def test_checks_join_the_verdict_and_the_levels_add_up():
     claim = Claim(noise_multiplier=1.146, sample_rate=0.5, steps=2, delta=1e-5)
     rng = np.random.default_rng(2)
     x, truth = simulate_observations(rng, m=4000, sample_rate=0.5, noise_multiplier=1.146 * 0.9, steps=2)
-    from dpvision.audit.design import canary_scores
-
     scores = canary_scores(x, score="steps", sample_rate=0.5, noise_multiplier=1.146)
     result = analyse(scores, truth, claim, observations=x, claimed_epsilon=4.0)
     assert result.checks["noise"]["rejects_claim"] and result.verdict == "FAIL"  # 10% less noise
@@ -75,8 +73,9 @@ def test_checks_join_the_verdict_and_the_levels_add_up():
     assert analyse(scores, truth, claim).checks == {}  # no observations (black-box): no checks
 
 
+# The bug suite's claim (ε = 4: σ = 1.146, q = 0.5, T = 2) with σ given (no calibration), 1,000 canaries.
 SMALL = dict(mode="white", model="linear", canaries=1000, k=500, batch_size=250, epochs=1, lr=0.1, delta=1e-5,
-             epsilon=4.0, accountant="pld", seed=0)  # the bug suite's claim (σ = 1.146, q = 0.5, T = 2), 1,000 canaries
+             sigma=1.146, accountant="pld", seed=0)
 
 
 @pytest.fixture(scope="module")

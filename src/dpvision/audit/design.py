@@ -44,6 +44,7 @@ PLAN_SEED = 20231  # the plan's own generator: the run's S never enters it
 # The sampling check's "out" guesses: the lowest 2% of m. Fixed in advance (the claim has no violation to plan
 # for); simulated shuffled batches and a doubled sample rate are most visible there (docs/privacy.md).
 SAMPLING_FRACTION = 0.02
+PLAN_TOLERANCE = 1e-3  # the plan's Steinke bounds only rank pairs: a coarser bisection than the result's 1e-6
 SCORE_SIGMA_FLOOR = 0.5  # the likelihood ratio's σ when the run claims less noise (σ = 0: non-private reference)
 
 
@@ -111,7 +112,8 @@ def plan_guesses(*, m: int, sample_rate: float, noise_multiplier: float, steps: 
         scores = canary_scores(x, score=score, sample_rate=sample_rate, noise_multiplier=noise_multiplier)
         expected += [c for *_, c in guess_counts(scores, truth, pairs)]
     counts = [(kp, km, int(c / PLAN_REPEATS)) for (kp, km), c in zip(pairs, expected)]
-    steinke = [epsilon_lower_bound(m=m, r=kp + km, v=c, delta=delta, beta=beta) for kp, km, c in counts]
+    steinke = [epsilon_lower_bound(m=m, r=kp + km, v=c, delta=delta, beta=beta, tol=PLAN_TOLERANCE)
+               for kp, km, c in counts]
     fdp = [fdp_lower_bound([pc], m=m, sample_rate=sample_rate, steps=steps, delta=delta, beta=beta,
                            coarse=True).epsilon_lower_bound for pc in counts]
     s, f = int(np.argmax(steinke)), int(np.argmax(fdp))

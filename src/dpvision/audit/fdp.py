@@ -42,6 +42,7 @@ from functools import lru_cache
 
 import numpy as np
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
+from scipy import optimize, stats
 
 EPSILON_GRID = np.linspace(0.0, 40.0, 801)  # the supporting lines kept (step 0.05)
 PLD_DISCRETIZATION = 1e-3  # pessimistic PLD: coarser than the accountant's 1e-4, still an upper bound on δ(ε)
@@ -69,17 +70,37 @@ def _pld(noise_multiplier: float, sample_rate: float, steps: int, discretization
     return one.self_compose(steps)
 
 
+def gaussian_deltas(mu: float, epsilons: np.ndarray) -> np.ndarray:
+    """The μ-GDP privacy profile δ(ε) = Φ(-ε/μ + μ/2) - e^ε Φ(-ε/μ - μ/2) (Dong, Roth and Su 2022), exact."""
+    epsilons = np.asarray(epsilons, dtype=np.float64)
+    far = np.exp(epsilons + stats.norm.logcdf(-epsilons / mu - mu / 2))  # e^ε Φ(...) without overflow
+    return np.clip(stats.norm.cdf(-epsilons / mu + mu / 2) - far, 0.0, 1.0)
+
+
 @lru_cache(maxsize=512)
 def dpsgd_tradeoff(*, noise_multiplier: float, sample_rate: float, steps: int, coarse: bool = False) -> TradeOff:
-    """The trade-off curve of ``steps`` Poisson-sampled Gaussian steps (σ, q), as a PLD privacy profile
-    (``coarse``: a quicker, more pessimistic discretisation)."""
+    """The trade-off curve of ``steps`` Poisson-sampled Gaussian steps (σ, q) as a privacy profile on the grid.
+
+    At q = 1 the steps compose to the Gaussian mechanism with μ = √T / σ: its exact profile (closed form).
+    Otherwise a PLD (``coarse``: a quicker, more pessimistic discretisation)."""
+    if sample_rate >= 1:
+        return TradeOff(EPSILON_GRID, gaussian_deltas(math.sqrt(steps) / noise_multiplier, EPSILON_GRID))
     pld = _pld(noise_multiplier, sample_rate, steps, COARSE_DISCRETIZATION if coarse else PLD_DISCRETIZATION)
     deltas = np.asarray(pld.get_delta_for_epsilon(EPSILON_GRID))
     return TradeOff(EPSILON_GRID, np.clip(deltas, 0.0, 1.0))
 
 
+@lru_cache(maxsize=1024)
 def dpsgd_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
-    """ε at ``delta`` of the same PLD (the currency of the f-DP bound)."""
+    """ε at ``delta`` of the same curve (the currency of the f-DP bound): exact at q = 1, else the PLD's."""
+    if sample_rate >= 1:
+        mu = math.sqrt(steps) / noise_multiplier
+        if gaussian_deltas(mu, np.array([0.0]))[0] <= delta:
+            return 0.0
+        high = 1.0
+        while gaussian_deltas(mu, np.array([high]))[0] > delta:  # δ(ε) decreases in ε
+            high *= 2
+        return float(optimize.brentq(lambda e: gaussian_deltas(mu, np.array([e]))[0] - delta, 0.0, high, xtol=1e-9))
     return float(_pld(noise_multiplier, sample_rate, steps).get_epsilon_for_delta(delta))
 
 
