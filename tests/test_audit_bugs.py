@@ -124,6 +124,18 @@ def test_injected_bug_fails_at_claimed_epsilon_4(bug, mnist_root, correct_run, b
     assert result["verdict"] == "FAIL", bug
 
 
+@pytest.mark.parametrize("bug,check", [("noise_off", "noise"), ("noise_half", "noise"), ("clipping_off", "clipping"),
+                                       ("clipping_2c", "clipping"), ("accountant_half_q", "clipping")])
+def test_noise_and_clipping_bugs_are_flagged_by_the_mechanism_checks(bug, check, mnist_root, correct_run,
+                                                                     broken_runs):
+    """Not at the edge of what 140 guesses certify: the checks reject these claims by a wide margin (p far below
+    their level 0.0005), while the correct run passes both."""
+    result = _broken(bug, mnist_root, broken_runs)
+    assert result["checks"][check]["rejects_claim"] and result["checks"][check]["p_value"] < 1e-30, bug
+    assert not any(c["rejects_claim"] for c in correct_run["checks"].values())
+    assert abs(correct_run["checks"]["noise"]["spread_ratio"] - 1) < 0.03
+
+
 def test_sampling_bugs_are_caught_by_the_out_guesses(mnist_root, broken_runs):
     """Fixed-size batches and a doubled q leave no included canary unsampled, so the lowest-scored canaries are
     "out" more often than Poisson sampling at the claimed q allows, though the two-sided bounds stay below ε."""
