@@ -53,7 +53,8 @@ def noise_check(values: np.ndarray, *, noise_multiplier: float, level: float, st
         return {"values": df, "spread_ratio": math.nan, "p_value": 1.0, "level": level, "rejects_claim": False}
     statistic = float(np.dot(values, values) / variance)
     p = float(stats.chi2.cdf(statistic, df))  # P[χ²_df <= statistic]: small when the noise is too small
-    return {"values": df, "spread_ratio": math.sqrt(statistic / df), "chi2": statistic, "p_value": p,
+    z = (statistic - df) / math.sqrt(2 * df)  # standard deviations from the claim (information: p can underflow)
+    return {"values": df, "spread_ratio": math.sqrt(statistic / df), "chi2": statistic, "z": z, "p_value": p,
             "level": level, "rejects_claim": bool(p < level)}
 
 
@@ -86,8 +87,10 @@ def clipping_check(values: np.ndarray, *, steps: int, sample_rate: float, noise_
         return {"values": 0, "contribution_ratio": math.nan, "p_value": 1.0, "level": level, "rejects_claim": False}
     total = float(values.sum())
     p = contribution_p_value(total, count=count, sample_rate=sample_rate, noise_multiplier=noise_multiplier)
-    return {"values": count, "contribution_ratio": total / (count * sample_rate), "p_value": p, "level": level,
-            "rejects_claim": bool(p < level)}
+    spread = math.sqrt(count * (noise_multiplier**2 + sample_rate * (1 - sample_rate)))  # the claim's sd of the total
+    z = (total - count * sample_rate) / spread if spread > 0 else math.nan
+    return {"values": count, "contribution_ratio": total / (count * sample_rate), "z": z, "p_value": p,
+            "level": level, "rejects_claim": bool(p < level)}
 
 
 def mechanism_checks(x: np.ndarray, included: np.ndarray, *, score: str, sample_rate: float,

@@ -69,10 +69,10 @@ def _check_lines(checks: dict) -> list[str]:
         return []
     noise, clipping = checks["noise"], checks["clipping"]
     return [f"  mechanism checks (level {noise['level']:.2g} each): noise: the left-out canaries' spread is "
-            f"{noise['spread_ratio']:.3f} sigma (chi-square p = {noise['p_value']:.2g}"
+            f"{noise['spread_ratio']:.3f} sigma (z = {noise['z']:.1f}, chi-square p = {noise['p_value']:.2g}"
             f"{': REJECTED, less noise than claimed' if noise['rejects_claim'] else ''}); clipping: the included "
             f"canaries add {clipping['contribution_ratio']:.3f}x what clipping at C and sampling at q allow "
-            f"(p = {clipping['p_value']:.2g}{CLIPPING_REJECTED if clipping['rejects_claim'] else ''})"]
+            f"(z = {clipping['z']:.1f}, p = {clipping['p_value']:.2g}{CLIPPING_REJECTED if clipping['rejects_claim'] else ''})"]
 
 
 def summary_lines(result: dict, folder) -> list[str]:
@@ -97,7 +97,7 @@ def summary_lines(result: dict, folder) -> list[str]:
                      f"{sampling['p_value']:.2g}, level {sampling['level']:.3g}"
                      f"{': REJECTED, the run does not sample as claimed' if sampling['rejects_claim'] else ''})")
     lines.extend(_check_lines(result.get("checks") or {}))
-    lines.append(f"  claimed epsilon under every accountant: {claims} (the claimed curve's pld epsilon: "
+    lines.append(f"  claimed epsilon under every accountant: {claims} (the claimed curve's epsilon: "
                  f"{result['epsilon_claimed_curve_pld']:.3f}); guesses planned from the claim alone "
                  f"(expected f-DP bound of a correct run: {result['plan']['expected_fdp']:.3f})")
     if verdict == "PASS":
