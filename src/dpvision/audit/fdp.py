@@ -81,7 +81,12 @@ def _upper_envelope(slopes: np.ndarray, deltas: np.ndarray) -> list[tuple[float,
     if zero.any():
         keep[np.flatnonzero(zero)[np.argmax(slopes[zero])]] = True
     order = np.lexsort((-deltas[keep], slopes[keep]))  # slope ascending, then intercept ascending
-    lines = list(zip(slopes[keep][order].tolist(), (-deltas[keep] * slopes[keep])[order].tolist()))
+    a, b = np.r_[0.0, slopes[keep][order]], np.r_[0.0, (-deltas[keep] * slopes[keep])[order]]  # the zero line first
+    if np.all(np.diff(a) > 0):
+        breaks = (b[:-1] - b[1:]) / (a[1:] - a[:-1])  # where each line overtakes the previous one
+        if np.all(np.diff(breaks) > 0):  # already the envelope (a convex profile's usual case): no pruning
+            return list(zip(a.tolist(), b.tolist()))
+    lines = list(zip(a[1:].tolist(), b[1:].tolist()))
     hull: list[tuple[float, float]] = [(0.0, 0.0)]  # the zero line: g >= 0
     for a, b in lines:
         while hull and hull[-1][0] == a:  # the same slope: the later one has the larger intercept
