@@ -212,7 +212,8 @@ def test_last_iterate_loses_nothing_at_full_batch(white_runs, mnist_root):
 
 
 def test_black_box_dp_run_is_at_or_below_its_epsilon(mnist_root):
-    result = run_audit(AuditConfig(**{**TINY, "mode": "black", "canaries": 200}, epsilon=2.0,
+    # σ given (ε = 2.1 at the q = 0.5, T = 8 the black-box canaries make): no calibration at q < 1, ~25 s less
+    result = run_audit(AuditConfig(**{**TINY, "mode": "black", "canaries": 200}, sigma=3.0,
                                    data_root=str(mnist_root)))
     assert result["verdict"] == "PASS" and result["epsilon_lower_bound"] <= result["epsilon"]
     assert result["training_examples"] == 500 + result["canaries_included"]
