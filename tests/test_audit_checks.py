@@ -94,7 +94,8 @@ def test_real_engine_observations_are_the_claimed_mechanism(small_runs):
     assert abs(clipping["contribution_ratio"] - 1) < 0.15 and not clipping["rejects_claim"]
     assert result["verdict"] == "PASS"
     line = [text for text in summary_lines(result, "x") if "mechanism checks" in text]
-    assert len(line) == 1 and "level 0.0005 each" in line[0] and "REJECTED" not in line[0]
+    assert len(line) == 1 and "level 0.0005 each" in line[0] and line[0].count(": passes") == 2
+    assert "REJECTED" not in line[0]
 
 
 @pytest.mark.parametrize("bug,check", [("noise_half", "noise"), ("clipping_2c", "clipping")])
@@ -104,4 +105,4 @@ def test_real_engine_bugs_are_flagged_by_the_checks(small_runs, bug, check):
     assert result["verdict"] == "FAIL" and result["checks"][check]["rejects_claim"]
     assert result["checks"][check]["p_value"] < 1e-10
     line = next(text for text in summary_lines(result, "x") if "mechanism checks" in text)
-    assert "REJECTED" in line
+    assert line.count("REJECTED") == 1 and line.count(": passes") == 1

@@ -60,7 +60,8 @@ def default_name(config) -> str:
     return f"{config.mode}-{config.score}-{privacy}-seed{config.seed}"
 
 
-CLIPPING_REJECTED = ": REJECTED, more than C per sampled step or sampled more often than q"
+CHECK_VERDICTS = {"noise": ": REJECTED, less noise than claimed",
+                  "clipping": ": REJECTED, more than C per sampled step or sampled more often than q"}
 
 
 def _check_lines(checks: dict) -> list[str]:
@@ -68,11 +69,12 @@ def _check_lines(checks: dict) -> list[str]:
     if not checks:
         return []
     noise, clipping = checks["noise"], checks["clipping"]
+    verdicts = {name: CHECK_VERDICTS[name] if check["rejects_claim"] else ": passes" for name, check in checks.items()}
     return [f"  mechanism checks (level {noise['level']:.2g} each): noise: the left-out canaries' spread is "
-            f"{noise['spread_ratio']:.3f} sigma (z = {noise['z']:.1f}, chi-square p = {noise['p_value']:.2g}"
-            f"{': REJECTED, less noise than claimed' if noise['rejects_claim'] else ''}); clipping: the included "
-            f"canaries add {clipping['contribution_ratio']:.3f}x what clipping at C and sampling at q allow "
-            f"(z = {clipping['z']:.1f}, p = {clipping['p_value']:.2g}{CLIPPING_REJECTED if clipping['rejects_claim'] else ''})"]
+            f"{noise['spread_ratio']:.3f} sigma (z = {noise['z']:.1f}, chi-square p = {noise['p_value']:.2g})"
+            f"{verdicts['noise']}; clipping: the included canaries add {clipping['contribution_ratio']:.3f}x what "
+            f"clipping at C and sampling at q allow (z = {clipping['z']:.1f}, p = {clipping['p_value']:.2g})"
+            f"{verdicts['clipping']}"]
 
 
 def summary_lines(result: dict, folder) -> list[str]:
