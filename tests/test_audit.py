@@ -77,6 +77,29 @@ def test_fdp_bound_is_monotone_in_guesses():
     assert bounds == sorted(bounds) and bounds[0] < bounds[-1]
 
 
+def test_full_batch_closed_forms_match_the_pld_and_the_simulation():
+    """q = 1: the exact Gaussian ε agrees with the PLD accountant's; the f-DP curves' envelope gives the same
+    inverse blow-up as the max over every supporting line; the plan's closed-form counts match simulated runs."""
+    from dpvision.audit.design import expected_counts
+    from dpvision.audit.fdp import _pld
+
+    for sigma, steps in ((3.42, 10), (10.93, 30), (1.0, 1)):
+        exact = dpsgd_epsilon(noise_multiplier=sigma, sample_rate=1.0, steps=steps, delta=1e-5)
+        assert exact == pytest.approx(float(_pld(sigma, 1.0, steps).get_epsilon_for_delta(1e-5)), abs=1e-3)
+    for curve in (dpsgd_tradeoff(noise_multiplier=3.42, sample_rate=1.0, steps=10),
+                  dpsgd_tradeoff(noise_multiplier=1.146, sample_rate=0.5, steps=2)):
+        for x in np.r_[np.linspace(0, 1, 201), np.geomspace(1e-9, 1e-2, 50)]:
+            brute = max(0.0, float(np.max((x - curve.deltas) * np.exp(-curve.epsilons))))
+            assert curve.inverse_blow_up(x) == pytest.approx(brute, rel=1e-12, abs=1e-300)
+    pairs = [(245, 245), (0, 490), (1000, 0)]
+    closed = expected_counts(m=20_000, sample_rate=1.0, noise_multiplier=3.42, steps=10, score="steps", pairs=pairs)
+    rng = np.random.default_rng(0)
+    simulated = np.array([[c for *_, c in guess_counts(*_simulated_run(rng, FULL_BATCH, m=20_000), pairs)]
+                          for _ in range(20)])  # [runs, pairs]
+    error = np.array([c for *_, c in closed]) - simulated.mean(0)
+    assert np.all(np.abs(error) <= 4 * simulated.std(0) / np.sqrt(20) + 1), error  # + 1: the plan truncates
+
+
 def _simulated_run(rng, claim: Claim, *, m: int, noise_scale: float = 1.0, sample_scale: float = 1.0):
     """Scores of DP-SGD's worst case (Dirac canaries), exactly as the white-box audit scores them."""
     x, truth = simulate_observations(rng, m=m, sample_rate=min(1.0, claim.sample_rate * sample_scale),
