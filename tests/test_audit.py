@@ -184,6 +184,8 @@ def test_analyse_rejects_bad_input():
         analyse(np.zeros(3), np.zeros(4, bool), FULL_BATCH)
     with pytest.raises(ValueError, match="finite"):
         analyse(np.array([0.0, np.nan]), np.array([True, False]), FULL_BATCH)
+    with pytest.raises(ValueError, match="observations must be"):
+        analyse(np.zeros(3), np.zeros(3, bool), FULL_BATCH, observations=np.zeros((2, 4)))
 
 
 # ----------------------------------------------------------------------------------------- runs on MNIST

@@ -119,7 +119,7 @@ def analyse(scores, included, claim: Claim, *, score: str = "steps", claimed_eps
             observations: np.ndarray | None = None) -> AuditAnalysis:
     """Both bounds and the sampling check for ``scores`` [m] (higher = "in", made by ``score``) and the truth
     ``included`` [m] of a run making ``claim``; ``claimed_epsilon`` is the primary accountant's ε (default:
-    the PLD ε of the claimed curve). ``plan``: the guesses (default: planned from the claim).
+    the claimed curve's ε). ``plan``: the guesses (default: planned from the claim).
     ``observations`` [T, m] (white-box, units of one clipped canary): also run the mechanism checks
     (:mod:`dpvision.audit.checks`; only when the claim has noise)."""
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
@@ -128,6 +128,8 @@ def analyse(scores, included, claim: Claim, *, score: str = "steps", claimed_eps
         raise ValueError(f"scores and included must be [m] with m >= 2 and finite scores, got {scores.shape}")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if observations is not None and (np.ndim(observations) != 2 or np.shape(observations)[1] != scores.size):
+        raise ValueError(f"observations must be [T, m] with m = {scores.size}, got {np.shape(observations)}")
     run_checks = observations is not None and claim.noise_multiplier > 0
     m, (beta, check_level) = scores.size, claim.levels(confidence, checks=run_checks)
     plan = plan or plan_guesses(m=m, sample_rate=claim.sample_rate, noise_multiplier=claim.noise_multiplier,

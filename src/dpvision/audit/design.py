@@ -12,12 +12,12 @@ optimal). ``final`` is Σ_t x_{t,i}: the canary's coordinate of θ_0 - θ_T (las
 
 **Guesses.** The auditor guesses "in" for the k+ highest scores and "out" for the k- lowest and
 abstains on the rest. Choosing (k+, k-) after looking at which guesses were right would be a
-multiple comparison; choosing it from a simulation of the *claimed* mechanism (fixed seed, never
-the run's S) is not, so every analysis tests ONE pair at the full level (1 - confidence) / J,
-J = the number of analyses. :func:`plan_guesses` simulates the claim's scores, takes the
-expected number of correct guesses of each candidate pair and keeps the pair that gives each
-analysis its best bound. A broken run is still judged on the pair planned for the claim: a bug
-cannot steer the guesses.
+multiple comparison; choosing it from the *claimed* mechanism alone (never the run's S) is not, so
+every analysis tests ONE pair at its full level (:meth:`dpvision.audit.analysis.Claim.levels`).
+:func:`plan_guesses` takes the expected number of correct guesses of each candidate pair under the
+claim (closed form at q = 1, a simulation with a fixed seed otherwise: :func:`expected_counts`) and
+keeps the pair that gives each analysis its best bound. A broken run is still judged on the pair
+planned for the claim: a bug cannot steer the guesses.
 
 Example:
     >>> x = np.array([[1.2, 0.1], [0.9, -0.3]])  # [T, m]: canary 0 sampled twice
