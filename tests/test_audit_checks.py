@@ -60,6 +60,23 @@ def test_simulated_bugs_are_flagged_by_their_check(bug, check):
     assert not checks[other]["rejects_claim"], checks
 
 
+def test_checks_without_canaries_on_one_side_pass_and_print():
+    """All canaries in (or all out): the check with nothing to look at passes; the summary line still prints."""
+    x = np.random.default_rng(0).standard_normal((2, 3))
+    for truth in (np.ones(3, bool), np.zeros(3, bool)):
+        checks = mechanism_checks(x, truth, score="steps", sample_rate=0.5, noise_multiplier=1.0, level=0.01)
+        assert not any(check["rejects_claim"] for check in checks.values())
+        line = summary_lines({"steinke": {"epsilon_lower_bound": 0.0, "correct": 0, "guesses": 0},
+                              "fdp": {"at_floor": False, "epsilon_lower_bound": 0.0, "correct": 0, "guesses": 0,
+                                      "rejects_claim": False}, "sampling": {"k_minus": 0}, "checks": checks,
+                              "epsilons": {}, "verdict": "PASS", "threat_model": "t", "canaries": 3,
+                              "canaries_included": int(truth.sum()), "epsilon_lower_bound": 0.0, "confidence": 0.95,
+                              "analysis": "fdp", "epsilon": 1.0, "accountant": "pld", "delta": 1e-5,
+                              "sample_rate": 0.5, "steps": 2, "epsilon_claimed_curve_pld": 1.0,
+                              "plan": {"expected_fdp": 0.0}}, "x")[2]
+        assert line.startswith("  mechanism checks") and line.count(": passes") == 2
+
+
 def test_checks_join_the_verdict_and_the_levels_add_up():
     claim = Claim(noise_multiplier=1.146, sample_rate=0.5, steps=2, delta=1e-5)
     rng = np.random.default_rng(2)

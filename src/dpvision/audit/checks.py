@@ -50,7 +50,8 @@ def noise_check(values: np.ndarray, *, noise_multiplier: float, level: float, st
     variance = steps_summed * noise_multiplier**2
     df = values.size
     if df == 0 or variance <= 0:
-        return {"values": df, "spread_ratio": math.nan, "p_value": 1.0, "level": level, "rejects_claim": False}
+        return {"values": df, "spread_ratio": math.nan, "chi2": 0.0, "z": math.nan, "p_value": 1.0, "level": level,
+                "rejects_claim": False}
     statistic = float(np.dot(values, values) / variance)
     p = float(stats.chi2.cdf(statistic, df))  # P[χ²_df <= statistic]: small when the noise is too small
     z = (statistic - df) / math.sqrt(2 * df)  # standard deviations from the claim (information: p can underflow)
@@ -84,7 +85,8 @@ def clipping_check(values: np.ndarray, *, steps: int, sample_rate: float, noise_
     values = np.asarray(values, dtype=np.float64)
     count = steps * (values.shape[-1] if values.ndim else 0)
     if count == 0:
-        return {"values": 0, "contribution_ratio": math.nan, "p_value": 1.0, "level": level, "rejects_claim": False}
+        return {"values": 0, "contribution_ratio": math.nan, "z": math.nan, "p_value": 1.0, "level": level,
+                "rejects_claim": False}
     total = float(values.sum())
     p = contribution_p_value(total, count=count, sample_rate=sample_rate, noise_multiplier=noise_multiplier)
     spread = math.sqrt(count * (noise_multiplier**2 + sample_rate * (1 - sample_rate)))  # the claim's sd of the total
