@@ -144,18 +144,24 @@ def test_sampling_check_holds_for_poisson_and_catches_a_doubled_rate():
 
 
 def test_guess_plan_depends_on_the_claim_only():
+    levels = FULL_BATCH.levels(0.95)
     plan = plan_guesses(m=4000, sample_rate=1.0, noise_multiplier=3.42, steps=10, score="steps", delta=1e-5,
-                        beta=0.025)
+                        steinke_level=levels.steinke, fdp_level=levels.fdp)
     assert plan == plan_guesses(m=4000, sample_rate=1.0, noise_multiplier=3.42, steps=10, score="steps",
-                                delta=1e-5, beta=0.025)
+                                delta=1e-5, steinke_level=levels.steinke, fdp_level=levels.fdp)
     assert plan.sampling == 0 and 0 < plan.expected_steinke <= plan.expected_fdp < 4.0
     rng = np.random.default_rng(0)
     first = analyse(*_simulated_run(rng, FULL_BATCH, m=4000), FULL_BATCH)
     second = analyse(*_simulated_run(rng, FULL_BATCH, m=4000), FULL_BATCH)
     assert first.plan == second.plan and first.fdp["guesses"] == sum(plan.fdp)
-    assert FULL_BATCH.levels(0.95) == pytest.approx((0.025, 0.0)) and HALF_BATCH.levels(0.95)[0] == pytest.approx(0.05 / 3)
+    # Without observations: Steinke 1 : f-DP 3 (: sampling 2 when q < 1) of the whole 5%.
+    assert (levels.steinke, levels.fdp, levels.sampling, levels.check) == pytest.approx((0.0125, 0.0375, 0, 0))
+    half = HALF_BATCH.levels(0.95)
+    assert (half.steinke, half.fdp, half.sampling) == pytest.approx((0.05 / 6, 0.05 / 2, 0.05 / 3))
     # With the two mechanism checks (white-box observations): 0.05 / 100 each, the analyses share the rest.
-    assert HALF_BATCH.levels(0.95, checks=True) == pytest.approx((0.05 * 0.98 / 3, 0.0005))
+    checked = HALF_BATCH.levels(0.95, checks=True)
+    assert checked.check == pytest.approx(0.0005) and checked.fdp == pytest.approx(0.049 / 2)
+    assert checked.total() == pytest.approx(0.05) and levels.total() == pytest.approx(0.05)
 
 
 def test_full_batch_audit_is_tight_and_never_above_the_claim():

@@ -85,8 +85,9 @@ def test_checks_join_the_verdict_and_the_levels_add_up():
     result = analyse(scores, truth, claim, observations=x, claimed_epsilon=4.0)
     assert result.checks["noise"]["rejects_claim"] and result.verdict == "FAIL"  # 10% less noise
     assert not result.fdp["rejects_claim"] and result.epsilon_lower_bound < 4.0  # the bounds cannot see it
-    beta, check = result.plan["level"], result.plan["check_level"]
-    assert 3 * beta + 2 * check == pytest.approx(0.05) and check == pytest.approx(0.0005)
+    levels = result.plan["levels"]
+    assert sum(levels.values()) + levels["check"] == pytest.approx(0.05) and levels["check"] == pytest.approx(0.0005)
+    assert result.checks["noise"]["level"] == levels["check"] and result.fdp["level"] == levels["fdp"]
     assert analyse(scores, truth, claim).checks == {}  # no observations (black-box): no checks
 
 

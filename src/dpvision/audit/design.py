@@ -140,17 +140,17 @@ def _full_batch_correct(m: int, k_plus: int, k_minus: int, steps: int, sigma: fl
 
 @lru_cache(maxsize=32)
 def plan_guesses(*, m: int, sample_rate: float, noise_multiplier: float, steps: int, score: str, delta: float,
-                 beta: float) -> GuessPlan:
-    """The guesses for a run claiming DP-SGD at (σ, q, T), each analysis tested at level ``beta``.
+                 steinke_level: float, fdp_level: float) -> GuessPlan:
+    """The guesses for a run claiming DP-SGD at (σ, q, T), each analysis tested at its own level.
 
     Each pair is scored by its bound at its expected count; the f-DP bounds use the analysis's own fine
     lattice at q = 1 (exact curves, cheap) and the coarse one otherwise (PLDs)."""
     pairs = candidate_pairs(m)
     counts = expected_counts(m=m, sample_rate=sample_rate, noise_multiplier=noise_multiplier, steps=steps,
                              score=score, pairs=pairs)
-    steinke = [epsilon_lower_bound(m=m, r=kp + km, v=c, delta=delta, beta=beta, tol=PLAN_TOLERANCE)
+    steinke = [epsilon_lower_bound(m=m, r=kp + km, v=c, delta=delta, beta=steinke_level, tol=PLAN_TOLERANCE)
                for kp, km, c in counts]
-    fdp = [fdp_lower_bound([pc], m=m, sample_rate=sample_rate, steps=steps, delta=delta, beta=beta,
+    fdp = [fdp_lower_bound([pc], m=m, sample_rate=sample_rate, steps=steps, delta=delta, beta=fdp_level,
                            coarse=sample_rate < 1).epsilon_lower_bound for pc in counts]
     s, f = int(np.argmax(steinke)), int(np.argmax(fdp))
     sampling = max(1, round(SAMPLING_FRACTION * m)) if sample_rate < 1 else 0
