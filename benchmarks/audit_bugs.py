@@ -3,7 +3,7 @@
 Runs the correct audit and the same audit against each deliberately broken training of the test harness
 (``tests/test_audit_bugs.py``: the bugs exist only there, never as options of the training job) with the
 harness's settings (claimed ε = 4, q = 0.5, 2 steps, pld accountant) at the size given here, and prints one
-line per run: verdict, the lower bound, the f-DP and sampling checks.
+line per run: verdict, the lower bound, the f-DP and sampling tests, the noise and clipping checks.
 
     python benchmarks/audit_bugs.py --model convnet --k 60000 --canaries 20000 --data-root data --device cuda
     python benchmarks/audit_bugs.py --k 500 --data-root data --device cpu        # the CI size
@@ -50,11 +50,19 @@ def main(argv=None) -> int:
         result = run_audit(AuditConfig(**settings), tamper=None if bug == "none" else on_device(_tamper(bug)))
         row = {"bug": bug, "verdict": result["verdict"], "claimed_epsilon": result["epsilon"],
                "lower_bound": result["epsilon_lower_bound"], "fdp_rejects": result["fdp"]["rejects_claim"],
-               "sampling_rejects": result["sampling"]["rejects_claim"], "seconds": time.perf_counter() - started}
+               "fdp_correct": f"{result['fdp']['correct']}/{result['fdp']['guesses']}",
+               "sampling_out": f"{result['sampling']['correct']}/{result['sampling']['k_minus']}",
+               "sampling_p": result["sampling"]["p_value"],
+               "sampling_rejects": result["sampling"]["rejects_claim"], "checks": result["checks"],
+               "seconds": time.perf_counter() - started}
         rows.append(row)
+        noise, clipping = result["checks"]["noise"], result["checks"]["clipping"]
         print(f"{bug:18s} {row['verdict']:4s} bound {row['lower_bound']:.2f} (claimed {row['claimed_epsilon']:.2f}) "
-              f"fdp rejects {row['fdp_rejects']} sampling rejects {row['sampling_rejects']} {row['seconds']:.1f} s",
-              flush=True)
+              f"fdp {row['fdp_correct']} rejects {row['fdp_rejects']} | sampling {row['sampling_out']} p "
+              f"{row['sampling_p']:.2g} rejects {row['sampling_rejects']} | noise check: spread "
+              f"{noise['spread_ratio']:.3f} sigma, z {noise['z']:.1f}, p {noise['p_value']:.2g} | clipping check: "
+              f"{clipping['contribution_ratio']:.3f}x, z {clipping['z']:.1f}, p {clipping['p_value']:.2g} | "
+              f"{row['seconds']:.1f} s", flush=True)
     if args.json:
         atomic_write_json(args.json, {"settings": settings, "rows": rows})  # temp file, then rename
     return 0

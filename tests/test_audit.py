@@ -77,6 +77,29 @@ def test_fdp_bound_is_monotone_in_guesses():
     assert bounds == sorted(bounds) and bounds[0] < bounds[-1]
 
 
+def test_full_batch_closed_forms_match_the_pld_and_the_simulation():
+    """q = 1: the exact Gaussian ε agrees with the PLD accountant's; the f-DP curves' envelope gives the same
+    inverse blow-up as the max over every supporting line; the plan's closed-form counts match simulated runs."""
+    from dpvision.audit.design import expected_counts
+    from dpvision.audit.fdp import _pld
+
+    for sigma, steps in ((3.42, 10), (10.93, 30), (1.0, 1)):
+        exact = dpsgd_epsilon(noise_multiplier=sigma, sample_rate=1.0, steps=steps, delta=1e-5)
+        assert exact == pytest.approx(float(_pld(sigma, 1.0, steps).get_epsilon_for_delta(1e-5)), abs=1e-3)
+    for curve in (dpsgd_tradeoff(noise_multiplier=3.42, sample_rate=1.0, steps=10),
+                  dpsgd_tradeoff(noise_multiplier=1.146, sample_rate=0.5, steps=2)):
+        for x in np.r_[np.linspace(0, 1, 201), np.geomspace(1e-9, 1e-2, 50)]:
+            brute = max(0.0, float(np.max((x - curve.deltas) * np.exp(-curve.epsilons))))
+            assert curve.inverse_blow_up(x) == pytest.approx(brute, rel=1e-12, abs=1e-300)
+    pairs = [(245, 245), (0, 490), (1000, 0)]
+    closed = expected_counts(m=20_000, sample_rate=1.0, noise_multiplier=3.42, steps=10, score="steps", pairs=pairs)
+    rng = np.random.default_rng(0)
+    simulated = np.array([[c for *_, c in guess_counts(*_simulated_run(rng, FULL_BATCH, m=20_000), pairs)]
+                          for _ in range(20)])  # [runs, pairs]
+    error = np.array([c for *_, c in closed]) - simulated.mean(0)
+    assert np.all(np.abs(error) <= 4 * simulated.std(0) / np.sqrt(20) + 1), error  # + 1: the plan truncates
+
+
 def _simulated_run(rng, claim: Claim, *, m: int, noise_scale: float = 1.0, sample_scale: float = 1.0):
     """Scores of DP-SGD's worst case (Dirac canaries), exactly as the white-box audit scores them."""
     x, truth = simulate_observations(rng, m=m, sample_rate=min(1.0, claim.sample_rate * sample_scale),
@@ -121,16 +144,24 @@ def test_sampling_check_holds_for_poisson_and_catches_a_doubled_rate():
 
 
 def test_guess_plan_depends_on_the_claim_only():
+    levels = FULL_BATCH.levels(0.95)
     plan = plan_guesses(m=4000, sample_rate=1.0, noise_multiplier=3.42, steps=10, score="steps", delta=1e-5,
-                        beta=0.025)
+                        steinke_level=levels.steinke, fdp_level=levels.fdp)
     assert plan == plan_guesses(m=4000, sample_rate=1.0, noise_multiplier=3.42, steps=10, score="steps",
-                                delta=1e-5, beta=0.025)
+                                delta=1e-5, steinke_level=levels.steinke, fdp_level=levels.fdp)
     assert plan.sampling == 0 and 0 < plan.expected_steinke <= plan.expected_fdp < 4.0
     rng = np.random.default_rng(0)
     first = analyse(*_simulated_run(rng, FULL_BATCH, m=4000), FULL_BATCH)
     second = analyse(*_simulated_run(rng, FULL_BATCH, m=4000), FULL_BATCH)
     assert first.plan == second.plan and first.fdp["guesses"] == sum(plan.fdp)
-    assert FULL_BATCH.levels(0.95) == pytest.approx(0.025) and HALF_BATCH.levels(0.95) == pytest.approx(0.05 / 3)
+    # Without observations: Steinke 1 : f-DP 3 (: sampling 2 when q < 1) of the whole 5%.
+    assert (levels.steinke, levels.fdp, levels.sampling, levels.check) == pytest.approx((0.0125, 0.0375, 0, 0))
+    half = HALF_BATCH.levels(0.95)
+    assert (half.steinke, half.fdp, half.sampling) == pytest.approx((0.05 / 6, 0.05 / 2, 0.05 / 3))
+    # With the two mechanism checks (white-box observations): 0.05 / 100 each, the analyses share the rest.
+    checked = HALF_BATCH.levels(0.95, checks=True)
+    assert checked.check == pytest.approx(0.0005) and checked.fdp == pytest.approx(0.049 / 2)
+    assert checked.total() == pytest.approx(0.05) and levels.total() == pytest.approx(0.05)
 
 
 def test_full_batch_audit_is_tight_and_never_above_the_claim():
@@ -159,6 +190,8 @@ def test_analyse_rejects_bad_input():
         analyse(np.zeros(3), np.zeros(4, bool), FULL_BATCH)
     with pytest.raises(ValueError, match="finite"):
         analyse(np.array([0.0, np.nan]), np.array([True, False]), FULL_BATCH)
+    with pytest.raises(ValueError, match="observations must be"):
+        analyse(np.zeros(3), np.zeros(3, bool), FULL_BATCH, observations=np.zeros((2, 4)))
 
 
 # ----------------------------------------------------------------------------------------- runs on MNIST
@@ -210,7 +243,8 @@ def test_last_iterate_loses_nothing_at_full_batch(white_runs, mnist_root):
 
 
 def test_black_box_dp_run_is_at_or_below_its_epsilon(mnist_root):
-    result = run_audit(AuditConfig(**{**TINY, "mode": "black", "canaries": 200}, epsilon=2.0,
+    # σ given (ε = 2.1 at the q = 0.5, T = 8 the black-box canaries make): no calibration at q < 1, ~25 s less
+    result = run_audit(AuditConfig(**{**TINY, "mode": "black", "canaries": 200}, sigma=3.0,
                                    data_root=str(mnist_root)))
     assert result["verdict"] == "PASS" and result["epsilon_lower_bound"] <= result["epsilon"]
     assert result["training_examples"] == 500 + result["canaries_included"]

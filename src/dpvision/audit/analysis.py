@@ -15,10 +15,16 @@ from the claim alone (:func:`dpvision.audit.design.plan_guesses`):
   way its accountant was told (fixed-size batches, a larger q) is caught even when its two-sided
   ε is no larger than the claim.
 
-Multiple comparisons: each of the J analyses runs at level (1 - confidence) / J (Bonferroni), so the
-larger of the two bounds and the verdict hold at the stated confidence. **FAIL** when Steinke et al.'s
-bound exceeds the claimed ε, when the f-DP test rejects the claimed curve itself, or when the sampling
-check rejects Poisson sampling at the claimed q.
+* ``checks`` (white-box runs with noise): the noise and clipping checks of :mod:`dpvision.audit.checks`
+  on the canaries' observations (too little spread in the left-out canaries; more contribution from
+  the included ones than one clipped canary per sampled step).
+
+Multiple comparisons (Bonferroni): the two mechanism checks run at CHECK_SHARE (1 - confidence) each
+and the analyses share the rest by ANALYSIS_WEIGHTS (Steinke 1 : f-DP 3, and sampling 2 when q < 1), all
+fixed in advance, so a correct run FAILs with probability at most 1 - confidence in all, and the larger
+of the two bounds holds at the stated confidence. **FAIL** when Steinke et al.'s bound exceeds the claimed ε, when the f-DP test rejects the
+claimed curve itself, when the sampling check rejects Poisson sampling at the claimed q, or when a
+mechanism check rejects the claimed noise or clipping.
 
 Example:
     >>> rng = np.random.default_rng(0)
@@ -32,15 +38,36 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from dpvision.audit.checks import mechanism_checks
 from dpvision.audit.design import GuessPlan, candidate_pairs, guess_counts, plan_guesses
 from dpvision.audit.fdp import dpsgd_epsilon, dpsgd_out_epsilon, fdp_lower_bound, rejecting_pair
 from dpvision.audit.stats import epsilon_lower_bound, p_value
 
 ANALYSES = ("steinke", "fdp", "sampling")
+# Each mechanism check's share of 1 - confidence. They look for effects many standard deviations wide
+# (half the noise, twice the contribution), so a small level costs them nothing and the ε bounds keep 98%.
+CHECK_SHARE = 0.01
+# How the analyses split the rest (fixed in advance). The f-DP bound is the result nearly always, so it gets
+# three times Steinke et al.'s share (+3% on the full-size bounds in simulation, docs/privacy.md); the sampling
+# check keeps a third when it runs (q < 1), as with an equal split.
+ANALYSIS_WEIGHTS = {"steinke": 1.0, "fdp": 3.0, "sampling": 2.0}
+
+
+@dataclass(frozen=True)
+class Levels:
+    """The level of each test: a correct run fails one of them with probability at most their sum."""
+
+    steinke: float
+    fdp: float
+    sampling: float  # 0: no sampling check (q = 1)
+    check: float  # each of the two mechanism checks; 0: none (no observations, or no noise claimed)
+
+    def total(self) -> float:
+        return self.steinke + self.fdp + self.sampling + 2 * self.check
 
 
 @dataclass(frozen=True)
@@ -52,9 +79,15 @@ class Claim:
     steps: int
     delta: float
 
-    def levels(self, confidence: float) -> float:
-        """The level of each analysis: (1 - confidence) / J, J = 3 with a sampling check (q < 1), else 2."""
-        return (1 - confidence) / (3 if self.sample_rate < 1 else 2)
+    def levels(self, confidence: float, checks: bool = False) -> Levels:
+        """Bonferroni over every test that runs: with ``checks`` (white-box observations), the noise and
+        clipping checks get CHECK_SHARE of 1 - confidence each; the analyses share the rest by
+        ANALYSIS_WEIGHTS (the sampling check only when q < 1)."""
+        alpha = 1 - confidence
+        check = CHECK_SHARE * alpha if checks else 0.0
+        weights = {**ANALYSIS_WEIGHTS, "sampling": ANALYSIS_WEIGHTS["sampling"] if self.sample_rate < 1 else 0.0}
+        unit = (alpha - 2 * check) / sum(weights.values())
+        return Levels(**{name: unit * weight for name, weight in weights.items()}, check=check)
 
 
 @dataclass
@@ -66,6 +99,7 @@ class AuditAnalysis:
     steinke: dict
     fdp: dict
     sampling: dict
+    checks: dict  # {"noise": ..., "clipping": ...} (white-box runs with noise), else {}
     claimed_epsilon_pld: float  # the ε of the claimed DP-SGD curve (σ, q, T) at δ: what the f-DP bound meets
     confidence: float
     verdict: str  # "PASS" or "FAIL"
@@ -81,7 +115,7 @@ def _fdp(counts: tuple[int, int, int], claim: Claim, m: int, beta: float) -> tup
         beta=beta) is not None
     return {"epsilon_lower_bound": bound.epsilon_lower_bound, "noise_multiplier_rejected": bound.noise_multiplier,
             "at_floor": bound.at_floor, "k_plus": counts[0], "k_minus": counts[1], "guesses": counts[0] + counts[1],
-            "correct": counts[2], "rejects_claim": bool(rejects)}, bool(rejects)
+            "correct": counts[2], "level": beta, "rejects_claim": bool(rejects)}, bool(rejects)
 
 
 def _sampling(scores, included, claim: Claim, k_minus: int, beta: float) -> dict:
@@ -99,35 +133,48 @@ def _sampling(scores, included, claim: Claim, k_minus: int, beta: float) -> dict
 
 
 def analyse(scores, included, claim: Claim, *, score: str = "steps", claimed_epsilon: float | None = None,
-            confidence: float = 0.95, plan: GuessPlan | None = None) -> AuditAnalysis:
+            confidence: float = 0.95, plan: GuessPlan | None = None,
+            observations: np.ndarray | None = None) -> AuditAnalysis:
     """Both bounds and the sampling check for ``scores`` [m] (higher = "in", made by ``score``) and the truth
     ``included`` [m] of a run making ``claim``; ``claimed_epsilon`` is the primary accountant's ε (default:
-    the PLD ε of the claimed curve). ``plan``: the guesses (default: planned from the claim)."""
+    the claimed curve's ε). ``plan``: the guesses (default: planned from the claim).
+    ``observations`` [T, m] (white-box, units of one clipped canary): also run the mechanism checks
+    (:mod:`dpvision.audit.checks`; only when the claim has noise)."""
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     included = np.asarray(included, dtype=bool).reshape(-1)
     if scores.shape != included.shape or scores.size < 2 or not np.all(np.isfinite(scores)):
         raise ValueError(f"scores and included must be [m] with m >= 2 and finite scores, got {scores.shape}")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    m, beta = scores.size, claim.levels(confidence)
+    if observations is not None and (np.ndim(observations) != 2 or np.shape(observations)[1] != scores.size):
+        raise ValueError(f"observations must be [T, m] with m = {scores.size}, got {np.shape(observations)}")
+    run_checks = observations is not None and claim.noise_multiplier > 0
+    m, levels = scores.size, claim.levels(confidence, checks=run_checks)
     plan = plan or plan_guesses(m=m, sample_rate=claim.sample_rate, noise_multiplier=claim.noise_multiplier,
-                                steps=claim.steps, score=score, delta=claim.delta, beta=beta)
+                                steps=claim.steps, score=score, delta=claim.delta, steinke_level=levels.steinke,
+                                fdp_level=levels.fdp)
     kp, km, correct = guess_counts(scores, included, [plan.steinke])[0]
-    steinke = {"epsilon_lower_bound": epsilon_lower_bound(m=m, r=kp + km, v=correct, delta=claim.delta, beta=beta),
-               "k_plus": kp, "k_minus": km, "guesses": kp + km, "correct": correct}
-    fdp, fdp_fails = _fdp(guess_counts(scores, included, [plan.fdp])[0], claim, m, beta)
-    sampling = _sampling(scores, included, claim, plan.sampling, beta)
+    steinke = {"epsilon_lower_bound": epsilon_lower_bound(m=m, r=kp + km, v=correct, delta=claim.delta,
+                                                          beta=levels.steinke),
+               "k_plus": kp, "k_minus": km, "guesses": kp + km, "correct": correct, "level": levels.steinke}
+    fdp, fdp_fails = _fdp(guess_counts(scores, included, [plan.fdp])[0], claim, m, levels.fdp)
+    sampling = _sampling(scores, included, claim, plan.sampling, levels.sampling)
     claimed_pld = (float("inf") if claim.noise_multiplier <= 0 else
                    dpsgd_epsilon(noise_multiplier=claim.noise_multiplier, sample_rate=claim.sample_rate,
                                  steps=claim.steps, delta=claim.delta))
     claimed = claimed_pld if claimed_epsilon is None else claimed_epsilon
-    fails = steinke["epsilon_lower_bound"] > claimed or fdp_fails or sampling["rejects_claim"]
+    checks = (mechanism_checks(observations, included, score=score, sample_rate=claim.sample_rate,
+                               noise_multiplier=claim.noise_multiplier, level=levels.check) if run_checks else {})
+    fails = (steinke["epsilon_lower_bound"] > claimed or fdp_fails or sampling["rejects_claim"]
+             or any(check["rejects_claim"] for check in checks.values()))
     best = "fdp" if fdp["epsilon_lower_bound"] >= steinke["epsilon_lower_bound"] else "steinke"
     return AuditAnalysis(
         epsilon_lower_bound=max(fdp["epsilon_lower_bound"], steinke["epsilon_lower_bound"]), analysis=best,
-        steinke=steinke, fdp=fdp, sampling=sampling, claimed_epsilon_pld=claimed_pld, confidence=confidence,
+        steinke=steinke, fdp=fdp, sampling=sampling, checks=checks, claimed_epsilon_pld=claimed_pld,
+        confidence=confidence,
         verdict="FAIL" if fails else "PASS",
         plan={"steinke": list(plan.steinke), "fdp": list(plan.fdp), "sampling_k_minus": plan.sampling,
-              "expected_steinke": plan.expected_steinke, "expected_fdp": plan.expected_fdp, "level": beta},
+              "expected_steinke": plan.expected_steinke, "expected_fdp": plan.expected_fdp,
+              "levels": asdict(levels)},
         guess_table=[{"k_plus": a, "k_minus": b, "correct": c}
                      for a, b, c in guess_counts(scores, included, candidate_pairs(m))])

@@ -60,8 +60,25 @@ def default_name(config) -> str:
     return f"{config.mode}-{config.score}-{privacy}-seed{config.seed}"
 
 
+CHECK_VERDICTS = {"noise": ": REJECTED, less noise than claimed",
+                  "clipping": ": REJECTED, more than C per sampled step or sampled more often than q"}
+
+
+def _check_lines(checks: dict) -> list[str]:
+    """The mechanism checks' line (white-box runs with noise), else none."""
+    if not checks:
+        return []
+    noise, clipping = checks["noise"], checks["clipping"]
+    verdicts = {name: CHECK_VERDICTS[name] if check["rejects_claim"] else ": passes" for name, check in checks.items()}
+    return [f"  mechanism checks (level {noise['level']:.2g} each): noise: the left-out canaries' spread is "
+            f"{noise['spread_ratio']:.3f} sigma (z = {noise['z']:.1f}, chi-square p = {noise['p_value']:.2g})"
+            f"{verdicts['noise']}; clipping: the included canaries add {clipping['contribution_ratio']:.3f}x what "
+            f"clipping at C and sampling at q allow (z = {clipping['z']:.1f}, p = {clipping['p_value']:.2g})"
+            f"{verdicts['clipping']}"]
+
+
 def summary_lines(result: dict, folder) -> list[str]:
-    """The verdict, both bounds, the sampling check, the claim under every accountant, what it shows."""
+    """The verdict, both bounds, the sampling and mechanism checks, the claim under every accountant, what it shows."""
     steinke, fdp, sampling = result["steinke"], result["fdp"], result["sampling"]
     claims = ", ".join(f"{name} {value:.3f}" for name, value in result["epsilons"].items())
     floor = ">= " if fdp["at_floor"] else ""
@@ -81,7 +98,8 @@ def summary_lines(result: dict, folder) -> list[str]:
                      f"(Poisson sampling at q = {result['sample_rate']:.4g} allows {sampling['ceiling']:.1%}; p = "
                      f"{sampling['p_value']:.2g}, level {sampling['level']:.3g}"
                      f"{': REJECTED, the run does not sample as claimed' if sampling['rejects_claim'] else ''})")
-    lines.append(f"  claimed epsilon under every accountant: {claims} (the claimed curve's pld epsilon: "
+    lines.extend(_check_lines(result.get("checks") or {}))
+    lines.append(f"  claimed epsilon under every accountant: {claims} (the claimed curve's epsilon: "
                  f"{result['epsilon_claimed_curve_pld']:.3f}); guesses planned from the claim alone "
                  f"(expected f-DP bound of a correct run: {result['plan']['expected_fdp']:.3f})")
     if verdict == "PASS":

@@ -16,7 +16,8 @@ Two threat models:
   training set. Score: loss before training minus loss after. Only the final model is used.
 
 Both bounds and the sampling check of :mod:`dpvision.audit.analysis` are computed, on guesses
-planned from the claim alone; the claim audited is the ledger's (σ, q, T) (what the accountant
+planned from the claim alone, and (white-box) the noise and clipping checks of
+:mod:`dpvision.audit.checks` on the observations; the claim audited is the ledger's (σ, q, T) (what the accountant
 was told). ``tamper`` (a callable on the engine) exists for the
 bug-injection tests alone (tests/test_audit_bugs.py); no command-line flag reaches it.
 
@@ -128,7 +129,8 @@ def build_model(name: str) -> nn.Module:
 
 
 def _white_box(config: AuditConfig, data: ImageTensors, plan: Plan, included: torch.Tensor,
-               device: torch.device, progress, tamper) -> tuple[np.ndarray, int, dict]:
+               device: torch.device, progress, tamper) -> tuple[np.ndarray, int, dict, np.ndarray]:
+    """Scores [m], steps, diagnostics and the observations [T, m] (units of one clipped canary)."""
     base = build_model(config.model)
     base_params = sum(p.numel() for p in base.parameters())
     model = AuditCoordinates(base, config.canaries)
@@ -141,10 +143,11 @@ def _white_box(config: AuditConfig, data: ImageTensors, plan: Plan, included: to
     if tamper is not None:
         tamper(engine)
     steps = train_observed(engine, epochs=config.epochs, progress=progress)
-    scores = canary_scores(instrument.stacked().numpy(), score=config.score, sample_rate=plan.sample_rate,
-                           noise_multiplier=plan.noise_multiplier)  # [T, m] -> [m]
+    observations = instrument.stacked().numpy()  # [T, m]
+    scores = canary_scores(observations, score=config.score, sample_rate=plan.sample_rate,
+                           noise_multiplier=plan.noise_multiplier)  # [m]
     return scores, steps, {"parameters": base_params, "audit_coordinates": config.canaries,
-                                   "canary_inclusions": instrument.inclusions}
+                           "canary_inclusions": instrument.inclusions}, observations
 
 
 def _mislabelled(pool: ImageTensors, generator: torch.Generator) -> ImageTensors:
@@ -218,8 +221,10 @@ def run_audit(config: AuditConfig, *, progress=None, tamper=None) -> dict:
     plan = audit_plan(config, n_train)
     sigma, q = plan.noise_multiplier, plan.sample_rate
     if config.mode == "white":
-        scores, steps, extra = _white_box(config, data, plan, included, device, progress, tamper)
+        scores, steps, extra, observations = _white_box(config, data, plan, included, device, progress,
+                                                        tamper)
     else:
+        observations = None  # black-box: only the final model's losses are seen
         canaries = _mislabelled(pool, generator)
         scores, steps, extra = _black_box(config, canaries, data, included, plan, device, progress, tamper)
     ledger = PrivacyLedger()  # what the accountant is told: the configured (σ, q) for the steps taken
@@ -229,10 +234,10 @@ def run_audit(config: AuditConfig, *, progress=None, tamper=None) -> dict:
     claimed = epsilons[config.accountant]
     claim = Claim(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=config.delta)
     result = analyse(scores, included.numpy(), claim, score=config.score, claimed_epsilon=claimed,
-                     confidence=config.confidence)
+                     confidence=config.confidence, observations=observations)
     return {
         "verdict": result.verdict, "epsilon_lower_bound": result.epsilon_lower_bound, "analysis": result.analysis,
-        "steinke": result.steinke, "fdp": result.fdp, "sampling": result.sampling, "plan": result.plan,
+        "steinke": result.steinke, "fdp": result.fdp, "sampling": result.sampling, "checks": result.checks, "plan": result.plan,
         "epsilon": claimed, "accountant": config.accountant,
         "epsilons": epsilons, "epsilon_claimed_curve_pld": result.claimed_epsilon_pld, "delta": config.delta,
         "confidence": config.confidence, "threat_model": THREAT_MODELS[(config.mode, config.score)],

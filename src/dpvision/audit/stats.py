@@ -46,10 +46,23 @@ def p_value(*, m: int, r: int, v: int, epsilon: float, delta: float) -> float:
         return 1.0
     p = 1.0 / (1.0 + math.exp(-epsilon))
     tail = float(stats.binom.sf(v - 1, r, p))  # P[Binomial(r, p) >= v]
-    # alpha = max_i P[v - i <= Bin < v] / i: pmf at v-1, v-2, ..., 0, cumulated, over i.
-    pmf = stats.binom.pmf(np.arange(v - 1, -1, -1), r, p)
-    alpha = float(np.max(np.cumsum(pmf) / np.arange(1, v + 1)))
-    return min(1.0, tail + 2.0 * m * delta * alpha)
+    return min(1.0, tail + 2.0 * m * delta * _alpha(r=r, v=v, p=p))
+
+
+ALPHA_WINDOW = 1024  # i <= this first: beyond it every ratio is at most 1 / ALPHA_WINDOW
+
+
+def _alpha(*, r: int, v: int, p: float) -> float:
+    """max_{i=1..v} P[v - i <= Binomial(r, p) < v] / i: pmf at v-1, v-2, ..., cumulated, over i.
+
+    The cumulated pmf is at most 1, so once the first ALPHA_WINDOW ratios reach 1 / ALPHA_WINDOW no later
+    one can beat them: the full length v is computed only when they do not (exact either way)."""
+    def ratios_max(length: int) -> float:
+        pmf = stats.binom.pmf(np.arange(v - 1, v - 1 - length, -1), r, p)  # [length]
+        return float(np.max(np.cumsum(pmf) / np.arange(1, length + 1)))
+
+    alpha = ratios_max(min(v, ALPHA_WINDOW))
+    return alpha if v <= ALPHA_WINDOW or alpha >= 1.0 / ALPHA_WINDOW else ratios_max(v)
 
 
 def epsilon_lower_bound(*, m: int, r: int, v: int, delta: float, beta: float, tol: float = 1e-6) -> float:
