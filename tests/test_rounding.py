@@ -143,3 +143,20 @@ def test_kept_gradients_formed_in_bf16_and_each_share_of_them_at_most_c(method, 
     assert float(shares.sqrt().min()) > C * (1 - 0.01)  # all clipped, to about C
     assert float((bf16 - fp32).norm() / fp32.norm()) < 8e-2  # the bf16 forward itself (measured 3-5e-2)
     assert float((bf16 - fp32_kept).norm() / fp32_kept.norm()) < 1e-2  # the same forward (measured 2-3e-3)
+
+
+@pytest.mark.parametrize("views", [0, 2], ids=["plain", "augmult2"])
+def test_grouped_bf16_pads_examples_to_a_searched_shape_and_keeps_each_example_its_own(views):
+    """Issue 23: under bf16 the grouped kernel's example count is padded with zero examples to a multiple of
+    GROUPED_PAD (one cuDNN search per padded shape, not one per Poisson-sized chunk); each of the n examples
+    still gets its own gradient: the rows equal the float32 kernel's on the same (bf16) numbers up to bf16 rounding."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    n = 5  # not a multiple of GROUPED_PAD
+    lead = (n, views) if views else (n,)
+    a, dz = torch.randn(*lead, 3, 6, 6).bfloat16(), torch.randn(*lead, 4, 6, 6).bfloat16()
+    got = ghost._grouped_chunk(conv, a, dz)
+    want = ghost._grouped_chunk(conv, a.float(), dz.float())
+    assert got.shape == want.shape == (n, 4 * 3 * 9)
+    err = (got.float() - want).norm(dim=1) / want.norm(dim=1)
+    assert float(err.max()) < 1e-2

@@ -62,6 +62,7 @@ METHODS = ("auto", GHOST, MATERIALISE, GROUPED)
 PATCH_BUDGET = 1 << 25
 # Elements of per-example weight gradients pass 1 may keep for pass 2 (then a matrix-vector product there).
 KEEP_BUDGET = 1 << 25
+GROUPED_PAD = 64  # examples: the grouped kernel's shapes under bf16 are multiples of this (one search each)
 
 
 def conv_patches(module: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
@@ -200,26 +201,26 @@ def _ghost_chunk(module: nn.Module, a: torch.Tensor, dz: torch.Tensor, dtype: to
 
 def _grouped_chunk(module: nn.Conv2d, a: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
     """Per-example conv weight gradients [n, p d] (a's dtype) by cuDNN's weight-gradient kernel, examples as groups.
-
-    For bf16 cuDNN's default algorithm for these grouped shapes was 5-10x slower than the one its benchmark mode
-    finds (H100, benchmarks/NOTES.md), so bf16 searches once per shape; fp32 (TF32) gained nothing from the
-    search and its trial workspaces raised the peak memory by ~1 GB, so it does not."""
+    bf16: cuDNN's default algorithm for these shapes was 5-10x slower than its benchmark mode's (H100,
+    benchmarks/NOTES.md), so bf16 searches, once per shape: n is padded with zero examples (zero gradients) to a
+    multiple of ``GROUPED_PAD``, or every Poisson-sized chunk would search again. fp32 gained nothing (no search)."""
+    search = a.dtype in (torch.bfloat16, torch.float16)
+    if search and len(a) % GROUPED_PAD:
+        pad = [(0, 0) * (t.dim() - 1) + (0, GROUPED_PAD - len(a) % GROUPED_PAD) for t in (a, dz)]  # 0 examples
+        return _grouped_chunk(module, F.pad(a, pad[0]), F.pad(dz, pad[1]))[:len(a)]
     n, c, (h, w), p = len(a), a.shape[-3], a.shape[-2:], dz.shape[-3]
-    # K views: the batch dimension of the grouped call, summed over by cuDNN: [K, n C, H, W], [K, n p, Ho, Wo].
-    a, dz = (a.unsqueeze(1), dz.unsqueeze(1)) if a.dim() == 4 else (a, dz)
+    a, dz = (a.unsqueeze(1), dz.unsqueeze(1)) if a.dim() == 4 else (a, dz)  # K views: the grouped call's batch
     a, dz = a.transpose(0, 1).reshape(-1, n * c, h, w), dz.transpose(0, 1).reshape(-1, n * p, *dz.shape[-2:])
-    weight = a.new_empty((n * p, c, *module.kernel_size))  # shape and dtype only
-    with torch.backends.cudnn.flags(enabled=True, benchmark=a.dtype in (torch.bfloat16, torch.float16),
-                                    deterministic=False, allow_tf32=torch.backends.cudnn.allow_tf32):
-        _, grads, _ = torch.ops.aten.convolution_backward(
-            dz, a, weight, None, list(module.stride),
-            list(module.padding), list(module.dilation), False, [0, 0], n, [False, True, False])
+    weight = a.new_empty((n * p, c, *module.kernel_size))  # shape and dtype only (cuDNN sums over the K views)
+    with torch.backends.cudnn.flags(enabled=True, benchmark=search, deterministic=False,
+                                    allow_tf32=torch.backends.cudnn.allow_tf32):
+        _, grads, _ = torch.ops.aten.convolution_backward(dz, a, weight, None, module.stride, module.padding,
+                                                          module.dilation, False, [0, 0], n, [False, True, False])
     return grads.view(n, -1)
 
 
 def _gram_elements(module: nn.Module, a: torch.Tensor, t: int, d: int) -> int:
-    """Elements per example that ghost's input Gram needs: patches [T, d], or for a conv whose padded-input
-    Gram is smaller (:func:`patch_gram`) that Gram [H_p W_p, H_p W_p]."""
+    """Elements an example of ghost's input Gram needs: patches [T, d], or a smaller padded-input Gram (patch_gram)."""
     if isinstance(module, nn.Conv2d):
         kh, kw = module.kernel_size
         if _padded_positions(module, a) ** 2 < t * t * kh * kw:
