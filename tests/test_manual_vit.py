@@ -161,12 +161,17 @@ def test_vit_subclass_is_refused_and_the_engine_falls_back_to_vmap():
     assert isinstance(fast, FastEngine) and fast.grad_sample_mode == "vmap"
 
 
-def test_fast_engine_puts_the_vit_on_the_manual_backend():
+def test_fast_engine_puts_the_vit_on_the_manual_backend_when_asked_and_on_vmap_by_default():
+    """The token rules are opt-in: on an H100 ViT-B/16 ran faster on vmap (56 against 85 ms a step, B = 32)."""
     data = make_data(8, (3, 16, 16), 3)
-    fast = fast_engine(model=copy.deepcopy(tiny_vit()), train_data=data, batch_size=3, optimizer=OptimizerSpec(lr=0.5),
-                       dp=DP(noise_multiplier=1.0, max_grad_norm=1.0), seed=3, device="cpu")
-    assert isinstance(fast, FastEngine) and fast.grad_sample_mode == "manual"
-    assert fast.train_epoch(max_steps=1).steps == 1
+    with pytest.raises(UnsupportedModelError, match="grad_sample_mode='manual'"):
+        ManualPerSample(tiny_vit(), tokens=False)
+    for asked, used in ((None, "vmap"), ("manual", "manual")):
+        fast = fast_engine(model=copy.deepcopy(tiny_vit()), train_data=data, batch_size=3,
+                           optimizer=OptimizerSpec(lr=0.5), dp=DP(noise_multiplier=1.0, max_grad_norm=1.0), seed=3,
+                           device="cpu", grad_sample_mode=asked)
+        assert isinstance(fast, FastEngine) and fast.grad_sample_mode == used
+        assert fast.train_epoch(max_steps=1).steps == 1
 
 
 class Tokens(nn.Module):

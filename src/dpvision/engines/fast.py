@@ -154,7 +154,8 @@ class FastEngine(Engine):
             augmult = AugmultManual if mode == "manual" else AugmultPerSample
             backend = augmult(self.model, k=s.augmult, flip=s.augment_flip, generator=self.generators["augment_generator"])
         else:
-            backend = BACKENDS[mode](self.model)
+            explicit = s.grad_sample_modes == ("manual",)  # a ViT's token rules: only when asked for (manual.py)
+            backend = BACKENDS[mode](self.model, tokens=explicit) if mode == "manual" else BACKENDS[mode](self.model)
         if s.precision == "bf16" and hasattr(backend, "amp_dtype"):
             backend.amp_dtype = torch.bfloat16
         if hasattr(backend, "reduced_precision"):  # clip an upper bound of the fp32-rounded norm (.rounding)

@@ -8,7 +8,9 @@ falls back to the next backend with its notice; a parameter is never skipped):
 * affine ``nn.GroupNorm`` (:mod:`.group_norm`) and ``nn.LayerNorm`` (:mod:`.layer_norm`): per-example
   gradients [B, C] formed once;
 * torchvision ViT's ``class_token`` and ``pos_embedding`` (:mod:`.tokens`): from the gradient at the
-  encoder's summed tokens, one more output gradient of the same backward.
+  encoder's summed tokens, one more output gradient of the same backward. Only with ``tokens`` (the fast engine:
+  when ``grad_sample_mode='manual'`` is asked for): on an H100 ViT-B/16 at B = 32 ran 85 ms a step here against
+  56 ms on the vmap backend (the engine's default for it), with 4x less memory (9.4 GB against 36 GB).
 
 Opacus's ``DPMultiheadAttention`` (what :mod:`dpvision.models.external` makes of ``nn.MultiheadAttention``)
 computes its projections with plain ``nn.Linear`` modules on [B, T, D] (batch first), so torchvision's
@@ -108,7 +110,7 @@ class ManualPerSample:
     # exact types: a subclass may compute otherwise
     SUPPORTED = (nn.Linear, nn.Conv2d, WSConv2d, nn.GroupNorm, nn.LayerNorm)
 
-    def __init__(self, model: nn.Module, *, method: str = "auto") -> None:
+    def __init__(self, model: nn.Module, *, method: str = "auto", tokens: bool = True) -> None:
         if method not in METHODS:
             raise ValueError(f"manual per-sample method must be one of {METHODS}, got {method!r}")
         self.model = model
@@ -122,6 +124,9 @@ class ManualPerSample:
             owner, _, attr = name.rpartition(".")
             module = modules[owner]
             encoder = token_source(module, attr)
+            if encoder is not None and not tokens:  # the engine's default: vmap, faster for ViT-B/16 on an H100
+                raise UnsupportedModelError("manual per-sample gradients: a ViT's class token and position "
+                                            "embedding need grad_sample_mode='manual' (asked for explicitly)")
             if encoder is not None:
                 self.tokens[module] = encoder
             else:
