@@ -118,7 +118,7 @@ def test_kept_gradients_formed_in_bf16_and_each_share_of_them_at_most_c(method, 
         model = all_kept_model().to(device)
         b = (AugmultManual(model, k=k, flip=True, generator=torch.Generator(device).manual_seed(0))
              if k > 1 else ManualPerSample(model))
-        b.method, b.amp_dtype = method, amp
+        b.method, b.amp_dtype, b.kept_amp_min_views = method, amp, 1  # the bf16 rule at every K (library: K >= 16)
         if kept_dtype is not None:  # the previous rule: kept gradients formed in fp32 from upcast operands
             monkeypatch.setattr(b, "_kept_dtype", lambda: kept_dtype)
         return b
@@ -160,3 +160,15 @@ def test_grouped_bf16_pads_examples_to_a_searched_shape_and_keeps_each_example_i
     assert got.shape == want.shape == (n, 4 * 3 * 9)
     err = (got.float() - want).norm(dim=1) / want.norm(dim=1)
     assert float(err.max()) < 1e-2
+
+
+def test_kept_gradients_from_bf16_operands_only_from_16_views_on():
+    """Measured on an H100 (docs/performance.md): kept gradients from the bf16 operands are faster at K = 16 and
+    slower at K = 1, so the library forms them from bf16 at K >= 16 only, in fp32 otherwise (and without bf16)."""
+    b = ManualPerSample(all_kept_model())
+    assert b._kept_dtype() == torch.float32  # no amp
+    b.amp_dtype = torch.bfloat16
+    assert b._kept_dtype() == torch.float32  # K = 1
+    augmult = AugmultManual(all_kept_model(), k=16, flip=False, generator=torch.Generator().manual_seed(0))
+    augmult.amp_dtype = torch.bfloat16
+    assert augmult._kept_dtype() == torch.bfloat16

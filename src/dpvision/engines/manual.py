@@ -34,6 +34,7 @@ from dpvision.engines.rounding import fp32_matmuls, margin, reduction_length, sq
 from dpvision.engines.tokens import check_tokens, token_gradients, token_source
 from dpvision.models.layers import WSConv2d
 
+KEPT_AMP_MIN_VIEWS = 16  # see ManualPerSample.kept_amp_min_views
 # Layers with fewer multiply-adds (B T d p) than this keep the shape rule's method on CUDA too: timing
 # them eagerly would measure kernel-launch overhead, not the GPU time that counts inside a CUDA graph.
 AUTOTUNE_MIN_MACS = 1 << 28
@@ -150,6 +151,9 @@ class ManualPerSample:
         self._tuned: dict[tuple, str] = {}
         self.views = 1  # K views of each example, consecutive in x (augmult)
         self.keep_budget = ghost.KEEP_BUDGET  # elements of per-example gradients pass 1 may keep for pass 2
+        # Kept gradients from the bf16 operands at K >= 16 views only: H100, WRN-16-4, B 4096 (bench_augmult.py),
+        # 22.8k views/s against 16.1k in fp32 at K = 16, but 9.9k against 11.9k at K = 1 (K = 4: not measured).
+        self.kept_amp_min_views = KEPT_AMP_MIN_VIEWS
         self.chosen: dict[str, str | None] = {}  # layer name -> norm method of the last chunk (reports)
         self._handles = [m.register_forward_hook(self._hook) for m in self.layers]
         self._handles += [m.register_forward_pre_hook(self._cast_input) for m in self.layers
@@ -303,8 +307,9 @@ class ManualPerSample:
 
     def _kept_dtype(self) -> torch.dtype:
         """The dtype whose operands form the per-example gradients kept for pass 2: the forward's (bf16 under
-        ``amp_dtype``: tensor cores), as the kept numbers are both the norm's and the sum's (:mod:`.rounding`)."""
-        return self.amp_dtype or torch.float32
+        ``amp_dtype``: tensor cores) from ``kept_amp_min_views`` views an example on, else float32; either way the
+        kept numbers are both the norm's and the sum's (:mod:`.rounding`)."""
+        return self.amp_dtype if self.amp_dtype and self.views >= self.kept_amp_min_views else torch.float32
 
     def _norms(self, x: torch.Tensor, dzs: dict, exact: bool) -> tuple[torch.Tensor, dict, list[int]]:
         """Pass 1: ([B] squared per-example norms, each layer's state for pass 2, each layer's rounding
