@@ -22,9 +22,9 @@ from the claim alone (:func:`dpvision.audit.design.plan_guesses`):
 Multiple comparisons (Bonferroni): the two mechanism checks run at CHECK_SHARE (1 - confidence) each
 and the analyses share the rest by ANALYSIS_WEIGHTS (Steinke 1 : f-DP 3, and sampling 2 when q < 1), all
 fixed in advance, so a correct run FAILs with probability at most 1 - confidence in all, and the larger
-of the two bounds holds at the stated confidence. **FAIL** when Steinke et al.'s bound exceeds the claimed ε, when the f-DP test rejects the
-claimed curve itself, when the sampling check rejects Poisson sampling at the claimed q, or when a
-mechanism check rejects the claimed noise or clipping.
+of the two bounds holds at the stated confidence. **FAIL** when Steinke et al.'s bound exceeds the claimed ε,
+when the f-DP test rejects the claimed curve itself, when the sampling check rejects Poisson sampling at
+the claimed q, or when a mechanism check rejects the claimed noise or clipping.
 
 Example:
     >>> rng = np.random.default_rng(0)

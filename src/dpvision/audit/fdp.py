@@ -117,14 +117,6 @@ def gaussian_deltas(mu: float, epsilons: np.ndarray) -> np.ndarray:
     return np.clip(stats.norm.cdf(-epsilons / mu + mu / 2) - far, 0.0, 1.0)
 
 
-def _gaussian_delta(mu: float, epsilon: float) -> float:
-    """:func:`gaussian_deltas` at one ε, in scalar arithmetic (the ε search calls it ~40 times)."""
-    near = 0.5 * math.erfc((epsilon / mu - mu / 2) / math.sqrt(2))
-    tail = 0.5 * math.erfc((epsilon / mu + mu / 2) / math.sqrt(2))
-    far = math.exp(epsilon + math.log(tail)) if tail > 0 else 0.0
-    return min(1.0, max(0.0, near - far))
-
-
 @lru_cache(maxsize=512)
 def dpsgd_tradeoff(*, noise_multiplier: float, sample_rate: float, steps: int, coarse: bool = False) -> TradeOff:
     """The trade-off curve of ``steps`` Poisson-sampled Gaussian steps (σ, q) as a privacy profile on the grid.
@@ -143,12 +135,16 @@ def dpsgd_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, de
     """ε at ``delta`` of the same curve (the currency of the f-DP bound): exact at q = 1, else the PLD's."""
     if sample_rate >= 1:
         mu = math.sqrt(steps) / noise_multiplier
-        if _gaussian_delta(mu, 0.0) <= delta:
+
+        def excess(epsilon: float) -> float:  # δ(ε) - δ, decreasing in ε
+            return float(gaussian_deltas(mu, np.array([epsilon]))[0]) - delta
+
+        if excess(0.0) <= 0:
             return 0.0
         high = 1.0
-        while _gaussian_delta(mu, high) > delta:  # δ(ε) decreases in ε
+        while excess(high) > 0:
             high *= 2
-        return float(optimize.brentq(lambda e: _gaussian_delta(mu, e) - delta, 0.0, high, xtol=1e-9))
+        return float(optimize.brentq(excess, 0.0, high, xtol=1e-9))
     return float(_pld(noise_multiplier, sample_rate, steps).get_epsilon_for_delta(delta))
 
 

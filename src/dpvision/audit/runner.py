@@ -237,7 +237,8 @@ def run_audit(config: AuditConfig, *, progress=None, tamper=None) -> dict:
                      confidence=config.confidence, observations=observations)
     return {
         "verdict": result.verdict, "epsilon_lower_bound": result.epsilon_lower_bound, "analysis": result.analysis,
-        "steinke": result.steinke, "fdp": result.fdp, "sampling": result.sampling, "checks": result.checks, "plan": result.plan,
+        "steinke": result.steinke, "fdp": result.fdp, "sampling": result.sampling, "checks": result.checks,
+        "plan": result.plan,
         "epsilon": claimed, "accountant": config.accountant,
         "epsilons": epsilons, "epsilon_claimed_curve_pld": result.claimed_epsilon_pld, "delta": config.delta,
         "confidence": config.confidence, "threat_model": THREAT_MODELS[(config.mode, config.score)],

@@ -11,8 +11,8 @@ Kept layers (per-example gradients that pass 1 materialises and keeps for pass 2
 pass 1 stores is itself example i's share's data, pass 2 computing fl(f_i g^_i) from it, so however g^_i
 was rounded (it reads example i's operands only: a batched product or cuDNN's grouped kernel, the examples
 as groups) the norm of exactly those numbers bounds the share. Under bf16 (from 16 views an example on, where
-measured faster) these layers form g^_i from the bf16 operands on tensor cores (float32 or bf16 out, upcast exactly) and take its squared norm in float64;
-their chain is the p d one-sign squares (float64) and the product by f_i, and caveats (1) and (3) below do
+measured faster) these layers form g^_i from the bf16 operands on tensor cores (float32 or bf16 out, upcast
+exactly) and take its squared norm in float64; their chain is the p d one-sign squares (float64) and the product by f_i, and caveats (1) and (3) below do
 not apply to them (only (2), the batch sum's own rounding).
 
 The margin: with u = 2^-24 (fp32's unit roundoff) and gamma_n = n u / (1 - n u), the standard bound
@@ -78,7 +78,7 @@ def reduction_length(method: str | None, t: int, d: int, p: int, bias: bool, kep
     float64 roundings weigh n / 2^29 fp32 ones, counted rounded up, plus one for the cast back to fp32.
     ``kept``: pass 2 sums the very per-example gradients whose norms were taken (module docstring)."""
     if kept:  # the float64 sum of g^_i's p d squares (or the bias's p in float32), then f_i g^_ij
-        return max(_as_fp32(p * d) + 1, p if bias else 0) + 1
+        return max(squares_length(p * d, exact=True), p if bias else 0) + 1
     if method is None:  # ||a_i||^2 ||dz_i||^2, float32 sums
         norm = d + p
     elif method == "ghost":  # Gram entries (d and p terms), their T^2 products summed in float64
