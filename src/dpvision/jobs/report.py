@@ -156,7 +156,9 @@ def privacy_summary(config, plan, epsilons: Mapping[str, float], *, steps: int) 
             "epsilons": {name: epsilons[f"epsilon_{name}"] for name in ACCOUNTANTS}, "delta": plan.delta,
             "noise_multiplier": plan.noise_multiplier, "max_grad_norm": plan.max_grad_norm,
             "sample_rate": plan.sample_rate, "steps": steps, "steps_per_epoch": plan.steps_per_epoch,
-            "target_epsilon": config.dp.target_epsilon, "max_epsilon": config.dp.max_epsilon}
+            "target_epsilon": config.dp.target_epsilon, "max_epsilon": config.dp.max_epsilon,
+            # what was released before training (the private input normalisation's (σ_norm, 1, 2)), in ε above
+            **({"releases": [list(entry) for entry in plan.releases]} if plan.releases else {})}
 
 
 def progress_summary(config, rows: Sequence[Mapping[str, Any]], *, stop_reason: str | None, resumed: bool,
