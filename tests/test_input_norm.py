@@ -10,18 +10,24 @@ bad values (exit 2 naming the field). Tiny synthetic MNIST on the CPU.
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from dpvision.cli import main
+from dpvision.data.tensors import ImageTensors
+from dpvision.engines.distributed import DistContext, free_port
+from dpvision.jobs import setup
 from dpvision.jobs.config import TrainConfig
-from dpvision.jobs.setup import load_data
+from dpvision.jobs.setup import fit_private_input_norm, load_data
 from dpvision.jobs.train import run
 from dpvision.models import build_model
 from dpvision.models.input_norm import ChannelStandardize, channel_statistics, clip_rows, moment_sums
-from dpvision.privacy import DPSettings, compute_epsilon, make_plan
+from dpvision.privacy import DPSettings, PrivacyBudget, PrivacyLedger, compute_epsilon, make_plan
 from tests.job_helpers import Interrupt, exit_code, interrupt_at, metrics, summary
 
 SIGMA_NORM = 8.0
@@ -206,3 +212,52 @@ def test_baseline_statistics_are_exact_on_the_training_examples(tiny_mnist_root,
     saved = torch.load(tmp_path / "mnist" / "b" / "model.pt", weights_only=True)
     assert torch.allclose(saved["norm.mean"].double(), flat.mean(1), rtol=1e-5, atol=1e-7)
     assert torch.allclose(saved["norm.var"].double(), flat.var(1, unbiased=False), rtol=1e-4, atol=1e-7)
+
+
+def _fit_in_rank(rank: int, port: int, out: str) -> None:
+    """One rank of a world of two (gloo): fit the statistics as the job does, save what this rank holds."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    if rank:  # only rank 0 may compute (and draw noise); the others receive its statistics
+        setup.fit_input_norm = None
+    with DistContext.from_env(device="cpu", timeout_s=60) as dist:
+        torch.save(fit_stats(dist), Path(out) / f"rank{rank}.pt")
+
+
+def fit_stats(dist: DistContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """The job's fit (fit_private_input_norm) on 40 random 8 x 8 images, σ_norm 8, seed 3."""
+    g = torch.Generator().manual_seed(0)
+    train = ImageTensors(torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8, generator=g),
+                         torch.randint(0, 2, (40,), generator=g), (0.5,), (0.5,))
+    config = TrainConfig.from_dict({"model": {"name": "scatternet_linear", "input_norm": "private"},
+                                    "optim": {"batch_size": 8, "eval_batch_size": 16}, "run": {"seed": 3}})
+    plan = make_plan(config.dp, num_train=40, batch_size=8, epochs=1, private_input_norm=True)
+    model = build_model("scatternet_linear", in_channels=1, num_classes=2, image_size=8, input_norm="private")
+    fit_private_input_norm(model, config, train, plan, dist)
+    return model.norm.mean.clone(), model.norm.var.clone()
+
+
+@pytest.mark.slow  # two spawned processes: ~12 s on 2 busy cores
+def test_two_ranks_hold_the_one_release_of_rank_0(tmp_path):
+    """Under torch.distributed rank 0 draws the noise, once, and every rank gets exactly its statistics:
+    the single process's, for the same seed."""
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_fit_in_rank, args=(r, port, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    assert [p.exitcode for p in procs] == [0, 0]
+    alone = fit_stats(DistContext(device=torch.device("cpu")))
+    for rank in range(2):
+        mean, var = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert torch.equal(mean, alone[0]) and torch.equal(var, alone[1])
+
+
+def test_budget_stop_reason_counts_optimizer_steps_not_releases():
+    ledger = PrivacyLedger(history=[RELEASE])
+    ledger.record(noise_multiplier=1.0, sample_rate=0.01, steps=3)
+    reason = PrivacyBudget(max_epsilon=1.0, delta=1e-5).stop_reason(ledger, noise_multiplier=1.0, sample_rate=0.01)
+    assert reason.startswith("privacy budget: after 3 steps epsilon = ")
