@@ -177,10 +177,9 @@ class Plan:
                     "max_grad_norm": self.max_grad_norm, "delta": self.delta}
         return {**resolved, "releases": [list(entry) for entry in self.releases]} if self.releases else resolved
 
-    def history(self, steps: int | None = None) -> tuple:
-        """The ledger history after ``steps`` DP-SGD steps (default: all ``total_steps``): releases first."""
-        steps = self.total_steps if steps is None else steps
-        return (*self.releases, (self.noise_multiplier, self.sample_rate, steps)) if self.dp else ()
+    def history(self) -> tuple:
+        """The ledger history of the whole planned run, ``((σ, q, steps), ...)``: the releases, then DP-SGD."""
+        return (*self.releases, (self.noise_multiplier, self.sample_rate, self.total_steps)) if self.dp else ()
 
 
 def make_plan(dp: DPSettings, *, num_train: int, batch_size: int, epochs: int, warmup_epochs: float = 0.0,
