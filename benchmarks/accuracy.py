@@ -127,6 +127,8 @@ def describe(config: TrainConfig) -> str:
         parts.append(f"ema{o.ema_decay:g}")
     if getattr(o, "augmult", 0):
         parts.append(f"augmult{o.augmult}")
+    if getattr(m, "input_norm", "group") != "group":  # private: statistics released under DP (docs/privacy.md)
+        parts.append(f"norm-{m.input_norm}{d.input_norm_noise_multiplier:g}")
     return " ".join(parts)
 
 

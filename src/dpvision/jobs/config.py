@@ -40,6 +40,7 @@ from dpvision.engines.options import PRECISIONS as ENGINE_PRECISIONS
 from dpvision.engines.schedule import SCHEDULES
 from dpvision.models.external import is_external
 from dpvision.models.init import HEAD_MODES
+from dpvision.models.input_norm import INPUT_NORMS
 from dpvision.models.registry import MODELS
 from dpvision.privacy.plan import DPSettings
 
@@ -114,6 +115,7 @@ class ModelConfig:
     init: str | None = None  # a state_dict file to start from (read with weights_only=True)
     init_head: str = "keep"  # "reset": the classifier head starts afresh (a checkpoint of other classes)
     finetune: str = "all"  # or "linear_probe": only the classifier head is trained
+    input_norm: str = "group"  # ScatterNet models: "private" = channel statistics released under DP (dp.input_norm_*)
 
     def __post_init__(self) -> None:
         need(self.name in MODELS or is_external(self.name), "model.name",
@@ -128,6 +130,7 @@ class ModelConfig:
                   self.width)
         need(isinstance(self.weight_standardization, bool), "model.weight_standardization", "true or false",
               self.weight_standardization)
+        need(self.input_norm in INPUT_NORMS, "model.input_norm", f"one of {', '.join(INPUT_NORMS)}", self.input_norm)
 
 
 @dataclass(kw_only=True)

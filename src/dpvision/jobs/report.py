@@ -82,7 +82,9 @@ def start_line(config, plan, *, engine: str, device: str, path: str, resumed_at:
     """``Training <model> on <N> <dataset> images on <device> [<engine> engine] with <DP or not>; run folder ...``."""
     mode = "no DP (baseline)" if not plan.dp else (
         f"DP-SGD: sigma={plan.noise_multiplier:.6g}, C={plan.max_grad_norm:g}, q={plan.sample_rate:.6g}, "
-        f"{plan.steps_per_epoch} steps/epoch, delta={plan.delta:.3g}, {config.dp.accountant} accountant")
+        f"{plan.steps_per_epoch} steps/epoch, delta={plan.delta:.3g}, {config.dp.accountant} accountant"
+        + "".join(f"; input statistics released first (sigma={sigma:g}, {n} Gaussian releases, in epsilon)"
+                  for sigma, _, n in plan.releases))
     verb = "Training" if resumed_at is None else f"Resuming at epoch {resumed_at}:"
     return (f"{verb} {config.model.name} on {plan.num_train} {config.data.dataset} images on {device} "
             f"[{engine} engine] with {mode}; run folder {path}")
@@ -156,7 +158,9 @@ def privacy_summary(config, plan, epsilons: Mapping[str, float], *, steps: int) 
             "epsilons": {name: epsilons[f"epsilon_{name}"] for name in ACCOUNTANTS}, "delta": plan.delta,
             "noise_multiplier": plan.noise_multiplier, "max_grad_norm": plan.max_grad_norm,
             "sample_rate": plan.sample_rate, "steps": steps, "steps_per_epoch": plan.steps_per_epoch,
-            "target_epsilon": config.dp.target_epsilon, "max_epsilon": config.dp.max_epsilon}
+            "target_epsilon": config.dp.target_epsilon, "max_epsilon": config.dp.max_epsilon,
+            # what was released before training (the private input normalisation's (σ_norm, 1, 2)), in ε above
+            **({"releases": [list(entry) for entry in plan.releases]} if plan.releases else {})}
 
 
 def progress_summary(config, rows: Sequence[Mapping[str, Any]], *, stop_reason: str | None, resumed: bool,

@@ -13,7 +13,8 @@ unreachable ε stops the job with one line and an untouched disk.
 * :func:`check_can_run` and :func:`validate` run every check that can fail before anything is written
   (the run folder, the device; the data, the model, the plan).
 * :func:`build` makes the model and the engine, which trains as the plan says (on this rank's share,
-  under torch.distributed).
+  under torch.distributed); a new run's private input normalisation (``model.input_norm: private``) is
+  computed there, once, before the engine exists (:func:`fit_private_input_norm`).
 
 Example:
     >>> plan = plan_privacy(TrainConfig(), num_train=30_000)
@@ -32,6 +33,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from dpvision.checkpoint import Checkpointer
 from dpvision.cli_support import check_can_create_dir, resolve_device
 from dpvision.data import data_fingerprint, load_dataset
 from dpvision.data.mnist import random_subset
@@ -42,6 +44,7 @@ from dpvision.jobs.rundir import restore
 from dpvision.models import build_model, check_model_options
 from dpvision.models.external import check_external, is_external, resolve_model
 from dpvision.models.init import prepare as prepare_model
+from dpvision.models.input_norm import fit_input_norm
 from dpvision.privacy.accounting import compute_epsilon
 from dpvision.privacy.plan import Plan, make_plan
 from dpvision.seeding import make_generator, seed_everything
@@ -102,7 +105,12 @@ def prepare(config: TrainConfig | None, dist: DistContext, *, resume: str | os.P
         raise ValueError(f"data.root {config.data.root!r} does not hold the training data the run in "
                          f"{str(resume)!r} was trained on (fingerprint {data.fingerprint[:12]}... vs "
                          f"{str(saved.get('data_fingerprint'))[:12]}...); point it at the original data")
-    return Setup(config=config, data=data, plan=plan, engine=build(config, data, plan, dist, model=given.model))
+    # A resumed run's normalisation comes with its checkpoint (never computed, nor spent, twice); a folder
+    # without one starts afresh, and its seeded statistics are the same numbers again.
+    fresh = resume is None or not dist.broadcast_object(
+        os.path.exists(os.path.join(resume, Checkpointer.FILE)) if dist.is_main else None)
+    return Setup(config=config, data=data, plan=plan,
+                 engine=build(config, data, plan, dist, model=given.model, fit_norm=fresh))
 
 
 def check_can_run(config: TrainConfig, dist: DistContext, *, new_run: bool) -> None:
@@ -156,7 +164,8 @@ def plan_privacy(config: TrainConfig, *, num_train: int) -> Plan:
         raise ValueError(f"optim.batch_size must be at most the {num_train} training examples, "
                          f"got {optim.batch_size}")
     return make_plan(config.dp, num_train=num_train, batch_size=optim.batch_size, epochs=optim.epochs,
-                     warmup_epochs=optim.warmup_epochs, check_work=True)
+                     warmup_epochs=optim.warmup_epochs, check_work=True,
+                     private_input_norm=config.model.input_norm == "private")
 
 
 def validate(config: TrainConfig, given: Given = Given()) -> tuple[Data, Plan]:
@@ -167,13 +176,17 @@ def validate(config: TrainConfig, given: Given = Given()) -> tuple[Data, Plan]:
     """
     data = load_data(config) if given.data is None else given.data
     image_size = int(data.train.images.shape[-1])
+    if config.model.input_norm != "group" and (given.model is not None or is_external(config.model.name)):
+        raise ValueError(f"model.input_norm {config.model.input_norm} needs a ScatterNet model of the registry "
+                         "(scatternet_cnn or scatternet_linear)")
     if given.model is None and is_external(config.model.name):  # torchvision:<name> or <module>:<factory>
         check_external(config.model.name, image_size=image_size)
     elif given.model is None:  # (the caller's own module was checked by dpvision.api)
         check_model_options(config.model.name, in_channels=int(data.train.images.shape[1]),
                             num_classes=len(data.class_names), image_size=image_size,
                             activation=config.model.activation, width=config.model.width,
-                            weight_standardization=config.model.weight_standardization)
+                            weight_standardization=config.model.weight_standardization,
+                            input_norm=config.model.input_norm)
     return data, plan_privacy(config, num_train=len(data.train))
 
 
@@ -212,8 +225,7 @@ def few_steps_advice(config: TrainConfig, plan: Plan) -> str | None:
         if config.dp.target_epsilon is not None:
             why += f"; σ is recalibrated to end at ε = {config.dp.target_epsilon:g}, so each step gets noisier too"
         else:
-            steps = [(plan.noise_multiplier, advised.sample_rate, advised.total_steps)]
-            epsilon = compute_epsilon(steps, delta=plan.delta, accountant=plan.accountant)
+            epsilon = compute_epsilon(advised.history(), delta=plan.delta, accountant=plan.accountant)
             why += f"; ε = {epsilon:.3g} at δ = {plan.delta:.2g} with σ = {plan.noise_multiplier:g}"
         why += f"; with {n} examples DP-SGD may not learn at a useful ε: more data helps most"
     return (f"only {plan.total_steps} optimizer steps ({optim.epochs} epochs of {plan.steps_per_epoch} steps, batch "
@@ -221,9 +233,25 @@ def few_steps_advice(config: TrainConfig, plan: Plan) -> str | None:
             f"--epochs {advised.epochs} ({advised.total_steps} steps{why})")
 
 
-def build(config: TrainConfig, data: Data, plan: Plan, dist: DistContext, model: nn.Module | None = None) -> Engine:
+def fit_private_input_norm(model: nn.Module, config: TrainConfig, train, plan: Plan, dist: DistContext) -> None:
+    """Set ``model.norm`` to the training set's channel statistics: released under DP as ``plan.releases``
+    (σ_norm, clipping bound ``dp.input_norm_bound``, noise from the run's seeded "input_norm" generator),
+    exact without DP. Rank 0 computes them (the noise is drawn once) and every rank receives them."""
+    stats = None
+    if dist.is_main:
+        sigma = plan.releases[0][0] if plan.releases else None
+        stats = fit_input_norm(model, train, batch_size=config.optim.eval_batch_size, device=dist.device,
+                               noise_multiplier=sigma, bound=config.dp.input_norm_bound,
+                               generator=make_generator(config.run.seed, "input_norm"))
+    mean, var = dist.broadcast_object(stats)
+    model.norm.set_statistics(mean, var)
+
+
+def build(config: TrainConfig, data: Data, plan: Plan, dist: DistContext, model: nn.Module | None = None,
+          fit_norm: bool = True) -> Engine:
     """The model (seeded initialisation; ``model``: the caller's own, :mod:`dpvision.api`) and the engine that
-    trains it (on this rank's share, under ``dist``)."""
+    trains it (on this rank's share, under ``dist``). ``fit_norm``: compute a private input
+    normalisation's statistics now (False: a resumed run's checkpoint brings them)."""
     seed_everything(config.run.seed)  # weight initialisation draws from torch's global generator
     train = data.train
     sizes = dict(in_channels=int(train.images.shape[1]), num_classes=len(data.class_names),
@@ -232,11 +260,14 @@ def build(config: TrainConfig, data: Data, plan: Plan, dist: DistContext, model:
         model = resolve_model(config.model.name, **sizes)  # torchvision:<name> or <module>:<factory>; else None
     if model is None:
         model = build_model(config.model.name, **sizes, activation=config.model.activation, width=config.model.width,
-                            weight_standardization=config.model.weight_standardization)
+                            weight_standardization=config.model.weight_standardization,
+                            input_norm=config.model.input_norm)
     if config.model.init is not None or config.model.finetune != "all":
         example = train.normalize(train.images[:1])  # [1, C, H, W]: finds the classifier head
         prepare_model(model, example, init=config.model.init, init_head=config.model.init_head,
                       finetune=config.model.finetune)
+    if config.model.input_norm == "private" and fit_norm:  # after model.init: these statistics are the run's
+        fit_private_input_norm(model, config, train, plan, dist)
     optim = config.optim
     optimizer = OptimizerSpec(name=optim.name, lr=optim.lr, momentum=optim.momentum if optim.name == "sgd" else 0.0,
                               schedule=optim.schedule)

@@ -12,9 +12,10 @@ name                   model                                                    
 
 ``activation=None`` picks the model's default; ``width`` is only for ``celeba_cnn`` (a multiple
 of its 8 GroupNorm groups); ``weight_standardization`` only for the models with a GroupNorm after
-every convolution (``celeba_cnn``, ``wrn16_4``). :func:`check_model_options` raises a one-line
-``ValueError`` naming the ``model.*`` field for anything else, and bounds every size so that no
-option can exhaust memory.
+every convolution (``celeba_cnn``, ``wrn16_4``); ``input_norm="private"`` only for the ScatterNet
+models (per-channel statistics released under DP, :mod:`dpvision.models.input_norm`).
+:func:`check_model_options` raises a one-line ``ValueError`` naming the ``model.*`` field for anything
+else, and bounds every size so that no option can exhaust memory.
 
 Each model is registered once with ``@register_model(name, default_activation=..., ...)``, its
 properties (minimum image size, width option, weight standardisation) on the registry entry:
@@ -31,6 +32,7 @@ from torch import nn
 from dpvision.checks import is_int
 from dpvision.data.imagefolder import MAX_IMAGE_SIZE
 from dpvision.models.convnets import SAMPLE_CONVNET_MIN_SIZE, CelebaCNN, SampleConvNet
+from dpvision.models.input_norm import INPUT_NORMS
 from dpvision.models.layers import ACTIVATIONS
 from dpvision.models.scatternet import ScatterNetCNN, ScatterNetLinear, scatternet_linear_features
 from dpvision.models.wide_resnet import WideResNet
@@ -50,8 +52,8 @@ MAX_LINEAR_PARAMETERS = 50_000_000  # scatternet_linear grows with C H W x class
 class Model:
     """One registered model: its builder and the options it takes.
 
-    ``build(in_channels=, num_classes=, image_size=, activation=, width=, weight_standardization=)``
-    receives checked options, ``activation`` already defaulted.
+    ``build(in_channels=, num_classes=, image_size=, activation=, width=, weight_standardization=,
+    input_norm=)`` receives checked options, ``activation`` already defaulted.
     """
 
     name: str
@@ -61,6 +63,7 @@ class Model:
     image_multiple: int = 1  # the image side must be a multiple of this
     has_width: bool = False  # model.width is meaningful (a multiple of CELEBA_GROUPS)
     weight_standardization: bool = False  # a GroupNorm follows every conv, so WS may be switched on
+    private_input_norm: bool = False  # model.input_norm may be "private" (fixed features, then a normalisation)
     check: Callable[[int, int, int], None] | None = None  # extra (in_channels, num_classes, image_size) bound
 
 
@@ -80,28 +83,33 @@ def register_model(name: str, **properties) -> Callable:
 
 
 @register_model("sample_convnet", default_activation="relu", min_image_size=SAMPLE_CONVNET_MIN_SIZE)
-def _sample_convnet(*, in_channels, num_classes, image_size, activation, width, weight_standardization):
+def _sample_convnet(*, in_channels, num_classes, image_size, activation, width, weight_standardization,
+                    input_norm):
     return SampleConvNet(in_channels=in_channels, num_classes=num_classes, image_size=image_size,
                          activation=activation)
 
 
 @register_model("celeba_cnn", default_activation="relu", min_image_size=16, has_width=True,
                 weight_standardization=True)
-def _celeba_cnn(*, in_channels, num_classes, image_size, activation, width, weight_standardization):
+def _celeba_cnn(*, in_channels, num_classes, image_size, activation, width, weight_standardization,
+                    input_norm):
     return CelebaCNN(num_classes, width or CELEBA_DEFAULT_WIDTH, CELEBA_GROUPS, in_channels=in_channels,
                      activation=activation, weight_standardization=weight_standardization)
 
 
 @register_model("wrn16_4", default_activation="relu", weight_standardization=True)
-def _wrn16_4(*, in_channels, num_classes, image_size, activation, width, weight_standardization):
+def _wrn16_4(*, in_channels, num_classes, image_size, activation, width, weight_standardization,
+                    input_norm):
     return WideResNet(in_channels=in_channels, num_classes=num_classes, depth=16, widen=4, activation=activation,
                       weight_standardization=weight_standardization)
 
 
-@register_model("scatternet_cnn", default_activation="tanh", image_multiple=SCATTER_MULTIPLE)
-def _scatternet_cnn(*, in_channels, num_classes, image_size, activation, width, weight_standardization):
+@register_model("scatternet_cnn", default_activation="tanh", image_multiple=SCATTER_MULTIPLE,
+                private_input_norm=True)
+def _scatternet_cnn(*, in_channels, num_classes, image_size, activation, width, weight_standardization,
+                    input_norm):
     return ScatterNetCNN(in_channels=in_channels, num_classes=num_classes, image_size=image_size,
-                         activation=activation)
+                         activation=activation, input_norm=input_norm)
 
 
 def _linear_size(in_channels: int, num_classes: int, image_size: int) -> None:
@@ -111,9 +119,12 @@ def _linear_size(in_channels: int, num_classes: int, image_size: int) -> None:
                          f"lower model.image_size ({image_size}) or model.num_classes ({num_classes})")
 
 
-@register_model("scatternet_linear", default_activation=None, image_multiple=SCATTER_MULTIPLE, check=_linear_size)
-def _scatternet_linear(*, in_channels, num_classes, image_size, activation, width, weight_standardization):
-    return ScatterNetLinear(in_channels=in_channels, num_classes=num_classes, image_size=image_size)
+@register_model("scatternet_linear", default_activation=None, image_multiple=SCATTER_MULTIPLE, check=_linear_size,
+                private_input_norm=True)
+def _scatternet_linear(*, in_channels, num_classes, image_size, activation, width, weight_standardization,
+                    input_norm):
+    return ScatterNetLinear(in_channels=in_channels, num_classes=num_classes, image_size=image_size,
+                            input_norm=input_norm)
 
 
 MODELS = tuple(MODEL_REGISTRY)
@@ -122,7 +133,7 @@ DEFAULT_ACTIVATION = {name: model.default_activation for name, model in MODEL_RE
 
 def check_model_options(name: str, *, in_channels: int, num_classes: int, image_size: int,
                         activation: str | None = None, width: int | None = None,
-                        weight_standardization: bool = False) -> None:
+                        weight_standardization: bool = False, input_norm: str = "group") -> None:
     """Raise ``ValueError`` naming the field if model ``name`` cannot be built with these options.
 
     Builds nothing. ``image_size`` is the side of the (square) input images.
@@ -154,6 +165,15 @@ def check_model_options(name: str, *, in_channels: int, num_classes: int, image_
     if model.check is not None:
         model.check(in_channels, num_classes, image_size)
     _check_width_and_ws(model, width, weight_standardization)
+    _check_input_norm(model, input_norm)
+
+
+def _check_input_norm(model: Model, input_norm) -> None:
+    if input_norm not in INPUT_NORMS:
+        raise ValueError(f"model.input_norm must be one of {', '.join(INPUT_NORMS)}, got {input_norm!r}")
+    if input_norm != "group" and not model.private_input_norm:
+        names = " and ".join(name for name, m in MODEL_REGISTRY.items() if m.private_input_norm)
+        raise ValueError(f"model.input_norm {input_norm} is only available for {names}, not {model.name}")
 
 
 def _check_width_and_ws(model: Model, width, weight_standardization) -> None:
@@ -176,7 +196,7 @@ def _check_width_and_ws(model: Model, width, weight_standardization) -> None:
 
 def build_model(name: str, *, in_channels: int, num_classes: int, image_size: int,
                 activation: str | None = None, width: int | None = None,
-                weight_standardization: bool = False) -> nn.Module:
+                weight_standardization: bool = False, input_norm: str = "group") -> nn.Module:
     """Model ``name`` for [B, in_channels, image_size, image_size] inputs and ``num_classes`` logits.
 
     Options are checked first (:func:`check_model_options`); ``activation=None`` is the model's
@@ -190,7 +210,8 @@ def build_model(name: str, *, in_channels: int, num_classes: int, image_size: in
         torch.Size([2, 10])
     """
     check_model_options(name, in_channels=in_channels, num_classes=num_classes, image_size=image_size,
-                        activation=activation, width=width, weight_standardization=weight_standardization)
+                        activation=activation, width=width, weight_standardization=weight_standardization,
+                        input_norm=input_norm)
     return MODEL_REGISTRY[name].build(in_channels=in_channels, num_classes=num_classes, image_size=image_size,
                                       activation=activation or DEFAULT_ACTIVATION[name], width=width,
-                                      weight_standardization=weight_standardization)
+                                      weight_standardization=weight_standardization, input_norm=input_norm)

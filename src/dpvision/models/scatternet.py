@@ -2,8 +2,11 @@
 
 A fixed scattering transform (:class:`~dpvision.models.scattering.Scattering2D`, J=2, L=8: 81
 channels per input channel at H/4 x W/4) feeds a small trainable head. The features are
-normalised per example by a GroupNorm without affine parameters (their data-independent
-normalisation, so it costs no privacy; the paper searched 9, 27 and 81 groups, ``NORM_GROUPS``).
+normalised per example by a GroupNorm without affine parameters (``input_norm="group"``, the
+default: their data-independent normalisation, so it costs no privacy; the paper searched 9, 27 and
+81 groups, ``NORM_GROUPS``), or per channel by statistics of the training set released under DP
+before training (``input_norm="private"``, their best MNIST and CIFAR-10 results;
+:mod:`dpvision.models.input_norm`).
 
 * :class:`ScatterNetCNN`: their CNN on scattering features. Grayscale inputs get their MNIST
   head (conv3x3/2 16, conv3x3 32, linear 32, linear), colour inputs their CIFAR-10 head
@@ -19,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dpvision.models.input_norm import make_input_norm
 from dpvision.models.layers import make_activation
 from dpvision.models.scattering import Scattering2D, scattering_channels
 
@@ -37,7 +41,7 @@ def scatternet_linear_features(in_channels: int, image_size: int) -> int:
 
 
 class ScatterNetCNN(nn.Module):
-    """Scattering -> GroupNorm (no affine) -> Tramèr & Boneh's CNN (MNIST head for 1 channel, else CIFAR-10).
+    """Scattering -> GroupNorm (no affine) or fixed per-channel standardisation -> Tramèr & Boneh's CNN (MNIST head for 1 channel, else CIFAR-10).
 
     Example:
         >>> ScatterNetCNN()(torch.zeros(2, 1, 28, 28)).shape
@@ -47,11 +51,11 @@ class ScatterNetCNN(nn.Module):
     """
 
     def __init__(self, *, in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
-                 activation: str = "tanh") -> None:
+                 activation: str = "tanh", input_norm: str = "group") -> None:
         super().__init__()
         self.scattering = Scattering2D(image_size, J=SCATTER_J, L=SCATTER_L)
         k, s = scattering_channels(SCATTER_J, SCATTER_L) * in_channels, scatter_side(image_size)
-        self.norm = nn.GroupNorm(NORM_GROUPS, k, affine=False)
+        self.norm = make_input_norm(input_norm, k, NORM_GROUPS)
         if in_channels == 1:  # MNIST: [B, 81, 7, 7] -> [B, 16, 4, 4] -> [B, 32, 4, 4]
             side = (s + 1) // 2
             self.features = nn.Sequential(
@@ -76,18 +80,19 @@ class ScatterNetCNN(nn.Module):
 
 
 class ScatterNetLinear(nn.Module):
-    """Scattering -> GroupNorm (no affine) -> one linear layer.
+    """Scattering -> GroupNorm (no affine) or fixed per-channel standardisation -> one linear layer.
 
     Example:
         >>> ScatterNetLinear()(torch.zeros(2, 1, 28, 28)).shape
         torch.Size([2, 10])
     """
 
-    def __init__(self, *, in_channels: int = 1, num_classes: int = 10, image_size: int = 28) -> None:
+    def __init__(self, *, in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
+                 input_norm: str = "group") -> None:
         super().__init__()
         self.scattering = Scattering2D(image_size, J=SCATTER_J, L=SCATTER_L)
         k = scattering_channels(SCATTER_J, SCATTER_L) * in_channels
-        self.norm = nn.GroupNorm(NORM_GROUPS, k, affine=False)
+        self.norm = make_input_norm(input_norm, k, NORM_GROUPS)
         self.classifier = nn.Linear(scatternet_linear_features(in_channels, image_size), num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

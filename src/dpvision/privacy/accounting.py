@@ -280,8 +280,10 @@ def calibrate_noise_multiplier(
     steps: int,
     accountant: str = "rdp",
     rtol: float = 1e-3,
+    releases=(),
 ) -> float:
-    """The smallest σ (to ``rtol``) whose run of ``steps`` ends at ε <= ``target_epsilon``.
+    """The smallest σ (to ``rtol``) whose run of ``steps`` ends at ε <= ``target_epsilon``, ε being that of
+    ``releases`` (history segments spent before the steps: a private input normalisation) and the steps.
 
     The returned σ always satisfies ε(σ) <= target; bisection stops once
     ε(σ) >= target * (1 - rtol). ``accountant`` is the one whose ε the run will
@@ -303,7 +305,7 @@ def calibrate_noise_multiplier(
     _check_calibration_inputs(target_epsilon, accountant, steps)
 
     def eps(sigma: float) -> float:
-        return compute_epsilon([(sigma, sample_rate, steps)], delta=delta, accountant=accountant)
+        return compute_epsilon([*releases, (sigma, sample_rate, steps)], delta=delta, accountant=accountant)
 
     setting = f"delta={delta:g}, sample rate {sample_rate:.6g} and {steps} steps"
     floor = min_noise_multiplier(accountant, sample_rate=sample_rate, steps=steps, delta=delta)
@@ -333,8 +335,10 @@ def calibrate_noise_multiplier(
 
 
 def noise_multiplier_for(noise_multiplier: float, *, target_epsilon: float | None, delta: float,
-                         sample_rate: float, steps: int, accountant: str, check_work: bool = False) -> float:
-    """σ of a planned DP run: ``noise_multiplier`` as given, or, with ``target_epsilon``, calibrated to it.
+                         sample_rate: float, steps: int, accountant: str, check_work: bool = False,
+                         releases=()) -> float:
+    """σ of a planned DP run: ``noise_multiplier`` as given, or, with ``target_epsilon``, calibrated to it
+    (the run's ε including ``releases``, the history segments spent before its steps).
 
     A target that cannot be met is a one-line ``ValueError`` naming ``dp.target_epsilon``. With
     ``check_work`` σ must also be 0 or in range, and, with PRV or PLD as ``accountant``, accountable
@@ -344,7 +348,7 @@ def noise_multiplier_for(noise_multiplier: float, *, target_epsilon: float | Non
     if target_epsilon is not None:
         try:
             sigma = calibrate_noise_multiplier(target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate,
-                                               steps=steps, accountant=accountant)
+                                               steps=steps, accountant=accountant, releases=releases)
         except ValueError as err:
             raise ValueError(f"dp.target_epsilon: {err}") from None
     if check_work:

@@ -17,6 +17,11 @@ ceil(N / B) shuffled batches (the last one smaller).
 The DP settings (the recipe's ``dp`` section) are one :class:`DPSettings`, checked when made; δ is
 parsed, resolved (``"auto"``) and held to the 1/N convention here, and nowhere else.
 
+Releases before training (``Plan.releases``): a ScatterNet model's private input normalisation
+(``model.input_norm: private``) releases its channel statistics with two Gaussian mechanisms of
+noise multiplier σ_norm on the whole training set, the history entry (σ_norm, 1.0, 2). The ledger
+starts with it, and σ is calibrated so that it and DP-SGD together end at ``target_epsilon``.
+
 Example:
     >>> plan = make_plan(DPSettings(enabled=False), num_train=23_808, batch_size=256, epochs=2)
     >>> plan.steps_per_epoch, plan.total_steps     # ceil(23808 / 256) = 93 shuffled batches
@@ -35,14 +40,17 @@ from dataclasses import dataclass, field, replace
 from dpvision.checks import is_number, need
 from dpvision.privacy.accounting import (
     check_accountant,
+    compute_epsilon,
     expected_batch_size,
     noise_multiplier_for,
     poisson_sample_rate,
     steps_per_epoch,
 )
+from dpvision.privacy.bounds import MAX_NOISE_MULTIPLIER, MIN_NOISE_MULTIPLIER
 
 DEFAULT_NOISE_MULTIPLIER = 1.0
 AUTO_DELTA_FACTOR = 10  # delta "auto": δ = 1 / (10 N), well below the 1/N where DP stops meaning much
+INPUT_NORM_RELEASES = 2  # the private input normalisation: channel means, then channel means of squares
 
 
 @dataclass(kw_only=True)
@@ -61,6 +69,10 @@ class DPSettings:
     accountant: str = "rdp"  # the ε reported, calibrated to and budgeted; metrics.csv has rdp, prv and pld
     max_epsilon: float | None = None  # budget: stop before the first step that would exceed it
     clipping: str = "flat"  # the per-example clipping rule (the engines' registry): flat or automatic
+    # model.input_norm private: σ_norm of its two Gaussian releases (Tramèr & Boneh's 8), and the L2 bound each
+    # example's statistics vectors [K] are clipped to (about the median norm on MNIST, as their code chose it)
+    input_norm_noise_multiplier: float = 8.0
+    input_norm_bound: float = 0.4
 
     DEFAULT_NOISE_MULTIPLIER = DEFAULT_NOISE_MULTIPLIER
 
@@ -80,6 +92,12 @@ class DPSettings:
               self.allow_large_delta)
         check_accountant(self.accountant, "dp.accountant")
         need(isinstance(self.clipping, str), "dp.clipping", "a clipping rule's name", self.clipping)
+        need(is_number(self.input_norm_noise_multiplier)
+             and MIN_NOISE_MULTIPLIER <= self.input_norm_noise_multiplier <= MAX_NOISE_MULTIPLIER,
+             "dp.input_norm_noise_multiplier", f"a number in [{MIN_NOISE_MULTIPLIER:g}, {MAX_NOISE_MULTIPLIER:g}]",
+             self.input_norm_noise_multiplier)
+        need(is_number(self.input_norm_bound) and 0 < self.input_norm_bound < math.inf, "dp.input_norm_bound",
+             "a positive number", self.input_norm_bound)
         if self.noise_multiplier is not None and self.target_epsilon is not None:
             raise ValueError("dp.noise_multiplier and dp.target_epsilon exclude each other: the target calibrates "
                              "the noise multiplier; give one of them")
@@ -100,6 +118,7 @@ class Plan:
 
     ``sample_rate``, ``steps_per_epoch``, ``expected_batch_size``, ``total_steps`` and
     ``warmup_steps`` are derived in ``__post_init__`` (never passed in, never recomputed).
+    ``releases`` is what the run spends before its first step (empty without DP): its ledger starts there.
     """
 
     num_train: int  # N: examples trained on (all ranks together)
@@ -112,6 +131,7 @@ class Plan:
     accountant: str = "rdp"  # the primary accountant: reported, calibrated to, budgeted
     clipping: str = "flat"  # the per-example clipping rule (engines' registry)
     warmup_epochs: float = 0.0  # the learning rate's linear warm-up
+    releases: tuple = ()  # ((σ, q, n), ...) spent before training: the private input normalisation's (σ_norm, 1, 2)
 
     sample_rate: float = field(init=False)  # q = 1 / ceil(N / B)
     steps_per_epoch: int = field(init=False)
@@ -134,6 +154,8 @@ class Plan:
                 raise ValueError(f"max_grad_norm must be a positive number, got {self.max_grad_norm}")
         if not 0 < self.delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {self.delta}")
+        if self.releases and not self.dp:
+            raise ValueError(f"releases {self.releases} need DP: without it nothing is accounted")
         check_accountant(self.accountant, "accountant")
         q = poisson_sample_rate(self.num_train, self.batch_size)
         per_epoch = steps_per_epoch(q) if self.dp else math.ceil(self.num_train / self.batch_size)
@@ -149,15 +171,24 @@ class Plan:
 
     def resolved(self) -> dict:
         """What ``config.yaml``'s ``resolved`` section and ``summary.json`` record of the plan."""
-        return {"num_train": self.num_train, "sample_rate": self.sample_rate, "steps_per_epoch": self.steps_per_epoch,
-                "expected_batch_size": self.expected_batch_size, "total_steps": self.total_steps,
-                "noise_multiplier": self.noise_multiplier, "max_grad_norm": self.max_grad_norm,
-                "delta": self.delta}
+        resolved = {"num_train": self.num_train, "sample_rate": self.sample_rate,
+                    "steps_per_epoch": self.steps_per_epoch, "expected_batch_size": self.expected_batch_size,
+                    "total_steps": self.total_steps, "noise_multiplier": self.noise_multiplier,
+                    "max_grad_norm": self.max_grad_norm, "delta": self.delta}
+        return {**resolved, "releases": [list(entry) for entry in self.releases]} if self.releases else resolved
+
+    def history(self) -> tuple:
+        """The ledger history of the whole planned run, ``((σ, q, steps), ...)``: the releases, then DP-SGD."""
+        return (*self.releases, (self.noise_multiplier, self.sample_rate, self.total_steps)) if self.dp else ()
 
 
 def make_plan(dp: DPSettings, *, num_train: int, batch_size: int, epochs: int, warmup_epochs: float = 0.0,
-              check_work: bool = False) -> Plan:
+              check_work: bool = False, private_input_norm: bool = False) -> Plan:
     """The plan of a run of ``epochs`` epochs at batch size ``batch_size`` on ``num_train`` examples under ``dp``.
+
+    ``private_input_norm`` (``model.input_norm: private``): under DP the run first releases its input
+    statistics, ``releases = ((dp.input_norm_noise_multiplier, 1.0, 2),)``, which the calibration, the
+    budget (refused when they alone exceed ``dp.max_epsilon``) and the ledger include.
 
     δ is resolved (``"auto"`` = 1 / (10 N)) and, under DP, held to the δ policy (:func:`check_delta`);
     σ is given, the default, or calibrated so that the run ends at ε <= ``dp.target_epsilon`` under
@@ -171,11 +202,30 @@ def make_plan(dp: DPSettings, *, num_train: int, batch_size: int, epochs: int, w
     if not dp.enabled:
         return Plan(dp=False, **common)
     check_delta(delta, num_train, allow_large_delta=dp.allow_large_delta)
+    releases = ((float(dp.input_norm_noise_multiplier), 1.0, INPUT_NORM_RELEASES),) if private_input_norm else ()
+    check_releases(releases, dp, delta)
     given = DEFAULT_NOISE_MULTIPLIER if dp.noise_multiplier is None else float(dp.noise_multiplier)
-    base = Plan(dp=True, noise_multiplier=given, max_grad_norm=float(dp.max_grad_norm), **common)
+    base = Plan(dp=True, noise_multiplier=given, max_grad_norm=float(dp.max_grad_norm), releases=releases, **common)
     sigma = noise_multiplier_for(given, target_epsilon=dp.target_epsilon, delta=delta, sample_rate=base.sample_rate,
-                                 steps=base.total_steps, accountant=dp.accountant, check_work=check_work)
-    return base if sigma == given else replace(base, noise_multiplier=sigma)
+                                 steps=base.total_steps, accountant=dp.accountant, check_work=check_work,
+                                 releases=releases)
+    plan = base if sigma == given else replace(base, noise_multiplier=sigma)
+    if releases and check_work:  # the whole planned history, once: a PRV/PLD grid too large is refused now
+        compute_epsilon(plan.history(), delta=delta, accountant=dp.accountant)
+    return plan
+
+
+def check_releases(releases: tuple, dp: DPSettings, delta: float) -> None:
+    """Refuse releases before training that alone spend more than ``dp.max_epsilon`` or ``dp.target_epsilon``."""
+    if not releases:
+        return
+    spent = compute_epsilon(releases, delta=delta, accountant=dp.accountant)
+    for name in ("target_epsilon", "max_epsilon"):
+        value = getattr(dp, name)
+        if value is not None and spent >= value:
+            raise ValueError(f"dp.{name} {value:g} is not above the epsilon of the private input normalisation alone "
+                             f"({spent:.4g} at dp.input_norm_noise_multiplier {releases[0][0]:g}, delta {delta:g}): "
+                             f"raise dp.{name} or dp.input_norm_noise_multiplier")
 
 
 def parse_delta(value: float | str, where: str = "dp.delta") -> float | str:
