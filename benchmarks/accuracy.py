@@ -128,7 +128,7 @@ def describe(config: TrainConfig) -> str:
     if getattr(o, "augmult", 0):
         parts.append(f"augmult{o.augmult}")
     if getattr(m, "input_norm", "group") != "group":  # private: statistics released under DP (docs/privacy.md)
-        parts.append(f"norm-{m.input_norm}{d.input_norm_noise_multiplier:g}")
+        parts.append(f"norm-{m.input_norm}{d.input_norm_settings()[0]:g}")
     return " ".join(parts)
 
 

@@ -179,6 +179,9 @@ def test_the_standardisation_is_a_fixed_affine_map():
     ("model.input_norm=privat", "model.input_norm must be one of group, private, got 'privat'"),
     ("dp.input_norm_noise_multiplier=-1", "dp.input_norm_noise_multiplier must be a number in [0.1, 10000]"),
     ("dp.input_norm_bound=0", "dp.input_norm_bound must be a positive number, got 0"),
+    # a setting the run would not use is refused, never silently ignored
+    ("dp.input_norm_bound=0.5", "dp.input_norm_bound needs model.input_norm private (it is group)"),
+    ("dp.input_norm_noise_multiplier=4", "dp.input_norm_noise_multiplier needs model.input_norm private"),
 ])
 def test_bad_values_exit_2_naming_the_field(setting, message, tmp_path, capsys):
     argv = ["train", "--model", "scatternet_linear", "--runs-dir", tmp_path, "--set", setting]

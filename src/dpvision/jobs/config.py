@@ -223,6 +223,11 @@ class TrainConfig:
             raise ValueError("run.select best_val needs a validation split: set data.val_size > 0 "
                              f"({self.data.dataset} ships none)")
 
+        if self.model.input_norm != "private":
+            for name in ("input_norm_noise_multiplier", "input_norm_bound"):
+                if getattr(self.dp, name) is not None:
+                    raise ValueError(f"dp.{name} needs model.input_norm private (it is {self.model.input_norm}): "
+                                     f"drop dp.{name}, or set model.input_norm: private")
         if not self.run.evaluate_test and self.run.test_every_epoch:
             raise ValueError("run.evaluate_test false needs run.test_every_epoch false (the test set is not to be "
                              "looked at)")

@@ -241,7 +241,7 @@ def fit_private_input_norm(model: nn.Module, config: TrainConfig, train, plan: P
     if dist.is_main:
         sigma = plan.releases[0][0] if plan.releases else None
         stats = fit_input_norm(model, train, batch_size=config.optim.eval_batch_size, device=dist.device,
-                               noise_multiplier=sigma, bound=config.dp.input_norm_bound,
+                               noise_multiplier=sigma, bound=config.dp.input_norm_settings()[1],
                                generator=make_generator(config.run.seed, "input_norm"))
     mean, var = dist.broadcast_object(stats)
     model.norm.set_statistics(mean, var)

@@ -51,6 +51,10 @@ from dpvision.privacy.bounds import MAX_NOISE_MULTIPLIER, MIN_NOISE_MULTIPLIER
 DEFAULT_NOISE_MULTIPLIER = 1.0
 AUTO_DELTA_FACTOR = 10  # delta "auto": δ = 1 / (10 N), well below the 1/N where DP stops meaning much
 INPUT_NORM_RELEASES = 2  # the private input normalisation: channel means, then channel means of squares
+# Its defaults: Tramèr & Boneh's σ_norm, and the L2 bound each example's statistics vectors [K] are clipped to
+# (about their median norm on MNIST, as their code chose it)
+INPUT_NORM_NOISE_MULTIPLIER = 8.0
+INPUT_NORM_BOUND = 0.4
 
 
 @dataclass(kw_only=True)
@@ -69,10 +73,10 @@ class DPSettings:
     accountant: str = "rdp"  # the ε reported, calibrated to and budgeted; metrics.csv has rdp, prv and pld
     max_epsilon: float | None = None  # budget: stop before the first step that would exceed it
     clipping: str = "flat"  # the per-example clipping rule (the engines' registry): flat or automatic
-    # model.input_norm private: σ_norm of its two Gaussian releases (Tramèr & Boneh's 8), and the L2 bound each
-    # example's statistics vectors [K] are clipped to (about the median norm on MNIST, as their code chose it)
-    input_norm_noise_multiplier: float = 8.0
-    input_norm_bound: float = 0.4
+    # model.input_norm private only: σ_norm of its two Gaussian releases and the L2 bound each example's
+    # statistics vectors are clipped to; None: INPUT_NORM_NOISE_MULTIPLIER, INPUT_NORM_BOUND (input_norm_settings)
+    input_norm_noise_multiplier: float | None = None
+    input_norm_bound: float | None = None
 
     DEFAULT_NOISE_MULTIPLIER = DEFAULT_NOISE_MULTIPLIER
 
@@ -92,24 +96,31 @@ class DPSettings:
               self.allow_large_delta)
         check_accountant(self.accountant, "dp.accountant")
         need(isinstance(self.clipping, str), "dp.clipping", "a clipping rule's name", self.clipping)
-        need(is_number(self.input_norm_noise_multiplier)
-             and MIN_NOISE_MULTIPLIER <= self.input_norm_noise_multiplier <= MAX_NOISE_MULTIPLIER,
+        sigma_norm, bound = self.input_norm_settings()
+        need(is_number(sigma_norm) and MIN_NOISE_MULTIPLIER <= sigma_norm <= MAX_NOISE_MULTIPLIER,
              "dp.input_norm_noise_multiplier", f"a number in [{MIN_NOISE_MULTIPLIER:g}, {MAX_NOISE_MULTIPLIER:g}]",
-             self.input_norm_noise_multiplier)
-        need(is_number(self.input_norm_bound) and 0 < self.input_norm_bound < math.inf, "dp.input_norm_bound",
-             "a positive number", self.input_norm_bound)
+             sigma_norm)
+        need(is_number(bound) and 0 < bound < math.inf, "dp.input_norm_bound", "a positive number", bound)
         if self.noise_multiplier is not None and self.target_epsilon is not None:
             raise ValueError("dp.noise_multiplier and dp.target_epsilon exclude each other: the target calibrates "
                              "the noise multiplier; give one of them")
         if not self.enabled:
-            for name in ("noise_multiplier", "target_epsilon", "max_epsilon"):
+            for name in ("noise_multiplier", "target_epsilon", "max_epsilon", "input_norm_noise_multiplier",
+                         "input_norm_bound"):
                 if getattr(self, name) is not None:
                     raise ValueError(f"dp.{name} needs DP: a run without DP adds no noise and spends no privacy "
                                      f"(drop dp.{name}, or enable DP)")
 
     def deactivated(self):
         """The same settings with DP off (and nothing that only DP uses)."""
-        return replace(self, enabled=False, noise_multiplier=None, target_epsilon=None, max_epsilon=None)
+        return replace(self, enabled=False, noise_multiplier=None, target_epsilon=None, max_epsilon=None,
+                       input_norm_noise_multiplier=None, input_norm_bound=None)
+
+    def input_norm_settings(self) -> tuple[float, float]:
+        """(σ_norm, clipping bound) of a private input normalisation: as given, or the defaults."""
+        sigma_norm, bound = self.input_norm_noise_multiplier, self.input_norm_bound
+        return (INPUT_NORM_NOISE_MULTIPLIER if sigma_norm is None else sigma_norm,
+                INPUT_NORM_BOUND if bound is None else bound)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -187,7 +198,7 @@ def make_plan(dp: DPSettings, *, num_train: int, batch_size: int, epochs: int, w
     """The plan of a run of ``epochs`` epochs at batch size ``batch_size`` on ``num_train`` examples under ``dp``.
 
     ``private_input_norm`` (``model.input_norm: private``): under DP the run first releases its input
-    statistics, ``releases = ((dp.input_norm_noise_multiplier, 1.0, 2),)``, which the calibration, the
+    statistics, ``releases = ((σ_norm, 1.0, 2),)`` (σ_norm: ``dp.input_norm_noise_multiplier``, default 8), which the calibration, the
     budget (refused when they alone exceed ``dp.max_epsilon``) and the ledger include.
 
     δ is resolved (``"auto"`` = 1 / (10 N)) and, under DP, held to the δ policy (:func:`check_delta`);
@@ -202,7 +213,7 @@ def make_plan(dp: DPSettings, *, num_train: int, batch_size: int, epochs: int, w
     if not dp.enabled:
         return Plan(dp=False, **common)
     check_delta(delta, num_train, allow_large_delta=dp.allow_large_delta)
-    releases = ((float(dp.input_norm_noise_multiplier), 1.0, INPUT_NORM_RELEASES),) if private_input_norm else ()
+    releases = ((float(dp.input_norm_settings()[0]), 1.0, INPUT_NORM_RELEASES),) if private_input_norm else ()
     check_releases(releases, dp, delta)
     given = DEFAULT_NOISE_MULTIPLIER if dp.noise_multiplier is None else float(dp.noise_multiplier)
     base = Plan(dp=True, noise_multiplier=given, max_grad_norm=float(dp.max_grad_norm), releases=releases, **common)
