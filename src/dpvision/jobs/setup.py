@@ -13,7 +13,8 @@ unreachable ε stops the job with one line and an untouched disk.
 * :func:`check_can_run` and :func:`validate` run every check that can fail before anything is written
   (the run folder, the device; the data, the model, the plan).
 * :func:`build` makes the model and the engine, which trains as the plan says (on this rank's share,
-  under torch.distributed).
+  under torch.distributed); a model's frozen prefix is computed once per split first, where
+  ``run.cache_features`` allows (:mod:`dpvision.jobs.features`).
 
 Example:
     >>> plan = plan_privacy(TrainConfig(), num_train=30_000)
@@ -38,6 +39,7 @@ from dpvision.data.mnist import random_subset
 from dpvision.data.registry import DATASET_REGISTRY
 from dpvision.engines import DistContext, Engine, FastOptions, OptimizerSpec, build_engine
 from dpvision.jobs.config import TrainConfig
+from dpvision.jobs.features import FeatureStore, cached_data, release
 from dpvision.jobs.rundir import restore
 from dpvision.models import build_model, check_model_options
 from dpvision.models.external import check_external, is_external, resolve_model
@@ -68,6 +70,7 @@ class Given:
 
     data: Data | None = None  # the splits
     model: nn.Module | None = None  # trained in place
+    features: FeatureStore | None = None  # cached features kept across runs on the same data (a tuning loop)
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,7 @@ class Setup:
     """A run ready for its first step: the config that runs, its data and plan, the engine (model inside)."""
 
     config: TrainConfig
-    data: Data
+    data: Data  # with run.cache_features: the splits' features (dpvision.jobs.features)
     plan: Plan
     engine: Engine
 
@@ -102,7 +105,8 @@ def prepare(config: TrainConfig | None, dist: DistContext, *, resume: str | os.P
         raise ValueError(f"data.root {config.data.root!r} does not hold the training data the run in "
                          f"{str(resume)!r} was trained on (fingerprint {data.fingerprint[:12]}... vs "
                          f"{str(saved.get('data_fingerprint'))[:12]}...); point it at the original data")
-    return Setup(config=config, data=data, plan=plan, engine=build(config, data, plan, dist, model=given.model))
+    engine, data = build(config, data, plan, dist, given=given)
+    return Setup(config=config, data=data, plan=plan, engine=engine)
 
 
 def check_can_run(config: TrainConfig, dist: DistContext, *, new_run: bool) -> None:
@@ -221,10 +225,13 @@ def few_steps_advice(config: TrainConfig, plan: Plan) -> str | None:
             f"--epochs {advised.epochs} ({advised.total_steps} steps{why})")
 
 
-def build(config: TrainConfig, data: Data, plan: Plan, dist: DistContext, model: nn.Module | None = None) -> Engine:
-    """The model (seeded initialisation; ``model``: the caller's own, :mod:`dpvision.api`) and the engine that
-    trains it (on this rank's share, under ``dist``)."""
+def build(config: TrainConfig, data: Data, plan: Plan, dist: DistContext,
+          given: Given = Given()) -> tuple[Engine, Data]:
+    """The model (seeded initialisation; ``given.model``: the caller's own, :mod:`dpvision.api`) and the engine
+    that trains it (on this rank's share, under ``dist``), with the data it trains and is judged on: ``data``,
+    or its features where ``run.cache_features`` allows (computed into ``given.features`` when given)."""
     seed_everything(config.run.seed)  # weight initialisation draws from torch's global generator
+    model = given.model
     train = data.train
     sizes = dict(in_channels=int(train.images.shape[1]), num_classes=len(data.class_names),
                  image_size=int(train.images.shape[-1]))
@@ -240,6 +247,9 @@ def build(config: TrainConfig, data: Data, plan: Plan, dist: DistContext, model:
     optim = config.optim
     optimizer = OptimizerSpec(name=optim.name, lr=optim.lr, momentum=optim.momentum if optim.name == "sgd" else 0.0,
                               schedule=optim.schedule)
+    data = cached_data(config, data, model, dist.device, store=given.features,
+                       quiet=config.run.quiet or not dist.is_main)
+    train = data.train
     if optim.augmult and config.run.engine != "fast":
         raise ValueError("optim.augmult needs the fast engine (run.engine: fast)")
     options = None  # the opacus engine takes none (config: run.precision is auto there)
@@ -249,5 +259,10 @@ def build(config: TrainConfig, data: Data, plan: Plan, dist: DistContext, model:
                               augment_flip=bool(optim.augmult) and DATASET_REGISTRY[config.data.dataset].allows_flip)
     # One process: the engine's own world of one on this device; data-parallel: this rank's context.
     device = dist if dist.is_distributed else dist.device
-    return build_engine(config.run.engine, model=model, train_data=train, plan=plan, optimizer=optimizer,
-                        seed=config.run.seed, device=device, options=options)
+    try:
+        engine = build_engine(config.run.engine, model=model, train_data=train, plan=plan, optimizer=optimizer,
+                              seed=config.run.seed, device=device, options=options)
+    except BaseException:
+        release(model)  # a caller's module takes images again
+        raise
+    return engine, data

@@ -62,6 +62,7 @@ class Model:
     has_width: bool = False  # model.width is meaningful (a multiple of CELEBA_GROUPS)
     weight_standardization: bool = False  # a GroupNorm follows every conv, so WS may be switched on
     check: Callable[[int, int, int], None] | None = None  # extra (in_channels, num_classes, image_size) bound
+    frozen_prefix: bool = False  # its class declares frozen_prefix() (run.cache_features; dpvision.jobs.features)
 
 
 MODEL_REGISTRY: dict[str, Model] = {}
@@ -98,7 +99,7 @@ def _wrn16_4(*, in_channels, num_classes, image_size, activation, width, weight_
                       weight_standardization=weight_standardization)
 
 
-@register_model("scatternet_cnn", default_activation="tanh", image_multiple=SCATTER_MULTIPLE)
+@register_model("scatternet_cnn", default_activation="tanh", image_multiple=SCATTER_MULTIPLE, frozen_prefix=True)
 def _scatternet_cnn(*, in_channels, num_classes, image_size, activation, width, weight_standardization):
     return ScatterNetCNN(in_channels=in_channels, num_classes=num_classes, image_size=image_size,
                          activation=activation)
@@ -111,7 +112,8 @@ def _linear_size(in_channels: int, num_classes: int, image_size: int) -> None:
                          f"lower model.image_size ({image_size}) or model.num_classes ({num_classes})")
 
 
-@register_model("scatternet_linear", default_activation=None, image_multiple=SCATTER_MULTIPLE, check=_linear_size)
+@register_model("scatternet_linear", default_activation=None, image_multiple=SCATTER_MULTIPLE, check=_linear_size,
+                frozen_prefix=True)
 def _scatternet_linear(*, in_channels, num_classes, image_size, activation, width, weight_standardization):
     return ScatterNetLinear(in_channels=in_channels, num_classes=num_classes, image_size=image_size)
 

@@ -11,7 +11,10 @@ normalisation, so it costs no privacy; the paper searched 9, 27 and 81 groups, `
 * :class:`ScatterNetLinear`: a linear classifier on the normalised features.
 
 Only the head has parameters: per-sample gradients (Opacus's hooks, vmap, or the fast
-engine's manual backend) never look inside the scattering.
+engine's manual backend) never look inside the scattering. Both models declare the scattering and the
+GroupNorm as their frozen prefix (``frozen_prefix()``; :class:`dpvision.jobs.features.FrozenPrefix`): the
+training job computes those features once per split and, while ``takes_features`` is true, ``forward``
+takes them in place of images.
 """
 
 from __future__ import annotations
@@ -68,9 +71,16 @@ class ScatterNetCNN(nn.Module):
             )
             self.classifier = nn.Linear(64 * side * side, num_classes)
 
+    takes_features = False  # True: forward takes frozen_prefix()'s features (the job's cache)
+
+    def frozen_prefix(self) -> nn.Module:
+        """The fixed leading part: images [B, C, H, W] -> normalised scattering features [B, 81 C, H/4, W/4]."""
+        return nn.Sequential(self.scattering, self.norm)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [B, C, H, W]
-        x = self.norm(self.scattering(x))  # [B, 81 C, H/4, W/4]
+        # x: [B, C, H, W] images, or their features [B, 81 C, H/4, W/4] while takes_features
+        if not self.takes_features:
+            x = self.norm(self.scattering(x))  # [B, 81 C, H/4, W/4]
         x = self.features(x).flatten(1)  # [B, c s s]
         return self.classifier(x)  # [B, num_classes]
 
@@ -90,6 +100,14 @@ class ScatterNetLinear(nn.Module):
         self.norm = nn.GroupNorm(NORM_GROUPS, k, affine=False)
         self.classifier = nn.Linear(scatternet_linear_features(in_channels, image_size), num_classes)
 
+    takes_features = False  # True: forward takes frozen_prefix()'s features (the job's cache)
+
+    def frozen_prefix(self) -> nn.Module:
+        """The fixed leading part: images [B, C, H, W] -> normalised scattering features [B, 81 C, H/4, W/4]."""
+        return nn.Sequential(self.scattering, self.norm)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(self.scattering(x))  # [B, 81 C, H/4, W/4]
+        # x: [B, C, H, W] images, or their features [B, 81 C, H/4, W/4] while takes_features
+        if not self.takes_features:
+            x = self.norm(self.scattering(x))  # [B, 81 C, H/4, W/4]
         return self.classifier(x.flatten(1))  # [B, num_classes]
