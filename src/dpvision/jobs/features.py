@@ -122,14 +122,17 @@ def compute_features(prefix: nn.Module, data, device: torch.device, *, batch_siz
     output [N, ...] plus one batch's work.
     """
     prefix = copy.deepcopy(prefix).to(device)
-    parts = []
+    out = None
     with tqdm(total=len(data), desc=f"Features ({name})", unit="image", leave=False, disable=quiet,
               file=sys.stderr) as bar:
         for start in range(0, len(data), batch_size):
             images = data.normalize(data.images[start:start + batch_size].to(device))  # [b, C, H, W]
-            parts.append(prefix(images).float())  # [b, ...]
+            features = prefix(images)  # [b, ...]
+            if out is None:
+                out = torch.empty((len(data), *features.shape[1:]), dtype=torch.float32, device=device)
+            out[start:start + len(features)] = features
             bar.update(len(images))
-    return FeatureTensors(torch.cat(parts), data.labels.to(device))
+    return FeatureTensors(out, data.labels.to(device))
 
 
 def refusal(config: TrainConfig, model: nn.Module) -> str | None:
