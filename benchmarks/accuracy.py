@@ -133,19 +133,25 @@ def describe(config: TrainConfig) -> str:
 
 
 # --------------------------------------------------------------------------------------------- tune phase
-def train_once(config: TrainConfig, folder: Path) -> None:
-    """Run ``config`` into ``folder``, unless it finished there; continue it from a checkpoint if it was cut."""
+def train_once(config: TrainConfig, folder: Path, features=None) -> None:
+    """Run ``config`` into ``folder``, unless it finished there; continue it from a checkpoint if it was cut.
+
+    ``features``: a :class:`dpvision.jobs.features.FeatureStore` shared by the runs of one invocation (the
+    candidates of a grid train on the same split: a ScatterNet's features are computed once for all of them).
+    """
     import shutil
 
+    from dpvision.jobs.setup import Given
     from dpvision.jobs.train import run
 
     if (folder / "summary.json").is_file():
         return
+    given = Given(features=features)
     if (folder / "checkpoint.pt").exists():
-        run(resume=folder, overrides={"run.quiet": True}, announce=False)
+        run(resume=folder, overrides={"run.quiet": True}, announce=False, given=given)
     else:
         shutil.rmtree(folder, ignore_errors=True)  # created but never checkpointed: nothing to keep
-        run(config, group="", announce=False)
+        run(config, group="", announce=False, given=given)
 
 
 def withhold_test(folder: Path) -> dict:
@@ -170,6 +176,7 @@ def last_val_accuracy(folder: Path) -> float:
 
 
 def phase_tune(args) -> dict:
+    from dpvision.jobs.features import FeatureStore
     from dpvision.runs import atomic_write_text
 
     grid = load_grid(args.grid)
@@ -193,11 +200,11 @@ def phase_tune(args) -> dict:
               "numbers are blanked in its summary.json before anything reads it", flush=True)
     print(f"tune: {len(kept)} candidates of {grid.size} x {len(grid.epsilons)} ε x {len(seeds)} seed(s) = "
           f"{len(todo)} runs, judged on the validation split", flush=True)
-    results = []
+    results, features = [], FeatureStore()
     for i, (epsilon, index, point, seed, config) in enumerate(todo, start=1):
         folder = runs_dir / config.run.run_name
         done = (folder / "summary.json").is_file()
-        train_once(config, folder)
+        train_once(config, folder, features)
         summary = withhold_test(folder)
         result = {"epsilon_target": epsilon, "candidate": index, "seed": seed, "name": config.run.run_name,
                   "overrides": point, "recipe": describe(config), "val_accuracy": last_val_accuracy(folder),

@@ -117,5 +117,7 @@ class NormalizedTensorDataset(Dataset):
         return len(self.data)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if self.data.images.is_floating_point():  # a model's cached features (dpvision.jobs.features): as they are
+            return self.data.images[index], int(self.data.labels[index])
         image = self.data.images[index].float().div_(255.0)
         return (image - self._mean) / self._std, int(self.data.labels[index])

@@ -39,7 +39,10 @@ class DeviceData:
         return self.normalize(self.images[idx]), self.labels[idx]
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, C, H, W] -> float, exactly as ``ImageTensors.normalize``."""
+        """uint8 [B, C, H, W] -> float, exactly as ``ImageTensors.normalize``; float rows (a model's cached
+        features, :mod:`dpvision.jobs.features`) are already the model's input and pass unchanged."""
+        if images.is_floating_point():
+            return images
         x = (images.float().div_(255.0) - self._mean) / self._std
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 

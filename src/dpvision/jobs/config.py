@@ -41,7 +41,7 @@ from dpvision.engines.schedule import SCHEDULES
 from dpvision.models.external import is_external
 from dpvision.models.init import HEAD_MODES
 from dpvision.models.input_norm import INPUT_NORMS
-from dpvision.models.registry import MODELS
+from dpvision.models.registry import MODEL_REGISTRY, MODELS
 from dpvision.privacy.plan import DPSettings
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -188,6 +188,8 @@ class RunConfig:
     evaluate_test: bool = True  # False: the test set is never looked at (tuning on a validation split)
     quiet: bool = False
     tensorboard: bool = False  # also write TensorBoard events next to metrics.csv (optional extra)
+    # A model's frozen prefix (ScatterNet's scattering) computed once per split: auto (where allowed), true, false
+    cache_features: str | bool = "auto"
 
     def __post_init__(self) -> None:
         need(self.engine in ENGINES, "run.engine", f"one of {', '.join(ENGINES)}", self.engine)
@@ -204,6 +206,8 @@ class RunConfig:
         need(self.select in SELECTIONS, "run.select", f"one of {', '.join(SELECTIONS)}", self.select)
         for name in ("test_every_epoch", "evaluate_test", "quiet", "tensorboard"):
             need(isinstance(getattr(self, name), bool), f"run.{name}", "true or false", getattr(self, name))
+        need(isinstance(self.cache_features, bool) or self.cache_features == "auto", "run.cache_features",
+              "auto, true or false", self.cache_features)
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "dp": DPConfig, "run": RunConfig}
@@ -228,9 +232,22 @@ class TrainConfig:
                 if getattr(self.dp, name) is not None:
                     raise ValueError(f"dp.{name} needs model.input_norm private (it is {self.model.input_norm}): "
                                      f"drop dp.{name}, or set model.input_norm: private")
+        if self.run.cache_features is True:
+            self._check_cache()
         if not self.run.evaluate_test and self.run.test_every_epoch:
             raise ValueError("run.evaluate_test false needs run.test_every_epoch false (the test set is not to be "
                              "looked at)")
+
+    def _check_cache(self) -> None:
+        """``run.cache_features: true`` only where features can be computed once (dpvision.jobs.features)."""
+        if self.optim.augmult:
+            raise ValueError(f"run.cache_features true needs optim.augmult 0 (it is {self.optim.augmult}: augmentation "
+                             "changes the images at every step); set run.cache_features to auto or false")
+        model = MODEL_REGISTRY.get(self.model.name)
+        if model is not None and not model.frozen_prefix:
+            with_prefix = ", ".join(name for name, m in MODEL_REGISTRY.items() if m.frozen_prefix)
+            raise ValueError(f"run.cache_features true needs a model with a frozen prefix ({with_prefix}); "
+                             f"model.name {self.model.name} has none; set run.cache_features to auto or false")
 
     def deactivated(self) -> "TrainConfig":
         """The baseline: this config with DP switched off."""

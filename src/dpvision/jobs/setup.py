@@ -14,7 +14,8 @@ unreachable ε stops the job with one line and an untouched disk.
   (the run folder, the device; the data, the model, the plan).
 * :func:`build` makes the model and the engine, which trains as the plan says (on this rank's share,
   under torch.distributed); a new run's private input normalisation (``model.input_norm: private``) is
-  computed there, once, before the engine exists (:func:`fit_private_input_norm`).
+  computed there, once, before the engine exists (:func:`fit_private_input_norm`), and a model's frozen prefix
+  once per split, where ``run.cache_features`` allows (:mod:`dpvision.jobs.features`).
 
 Example:
     >>> plan = plan_privacy(TrainConfig(), num_train=30_000)
@@ -40,6 +41,7 @@ from dpvision.data.mnist import random_subset
 from dpvision.data.registry import DATASET_REGISTRY
 from dpvision.engines import DistContext, Engine, FastOptions, OptimizerSpec, build_engine
 from dpvision.jobs.config import TrainConfig
+from dpvision.jobs.features import FeatureStore, cached_data, release
 from dpvision.jobs.rundir import restore
 from dpvision.models import build_model, check_model_options
 from dpvision.models.external import check_external, is_external, resolve_model
@@ -71,6 +73,7 @@ class Given:
 
     data: Data | None = None  # the splits
     model: nn.Module | None = None  # trained in place
+    features: FeatureStore | None = None  # cached features kept across runs on the same data (a tuning loop)
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,7 @@ class Setup:
     """A run ready for its first step: the config that runs, its data and plan, the engine (model inside)."""
 
     config: TrainConfig
-    data: Data
+    data: Data  # with run.cache_features: the splits' features (dpvision.jobs.features)
     plan: Plan
     engine: Engine
 
@@ -109,8 +112,8 @@ def prepare(config: TrainConfig | None, dist: DistContext, *, resume: str | os.P
     # without one starts afresh, and its seeded statistics are the same numbers again.
     fresh = resume is None or not dist.broadcast_object(
         os.path.exists(os.path.join(resume, Checkpointer.FILE)) if dist.is_main else None)
-    return Setup(config=config, data=data, plan=plan,
-                 engine=build(config, data, plan, dist, model=given.model, fit_norm=fresh))
+    engine, data = build(config, data, plan, dist, given=given, fit_norm=fresh)
+    return Setup(config=config, data=data, plan=plan, engine=engine)
 
 
 def check_can_run(config: TrainConfig, dist: DistContext, *, new_run: bool) -> None:
@@ -247,12 +250,15 @@ def fit_private_input_norm(model: nn.Module, config: TrainConfig, train, plan: P
     model.norm.set_statistics(mean, var)
 
 
-def build(config: TrainConfig, data: Data, plan: Plan, dist: DistContext, model: nn.Module | None = None,
-          fit_norm: bool = True) -> Engine:
-    """The model (seeded initialisation; ``model``: the caller's own, :mod:`dpvision.api`) and the engine that
-    trains it (on this rank's share, under ``dist``). ``fit_norm``: compute a private input
-    normalisation's statistics now (False: a resumed run's checkpoint brings them)."""
+def build(config: TrainConfig, data: Data, plan: Plan, dist: DistContext, given: Given = Given(),
+          fit_norm: bool = True) -> tuple[Engine, Data]:
+    """The model (seeded initialisation; ``given.model``: the caller's own, :mod:`dpvision.api`) and the engine
+    that trains it (on this rank's share, under ``dist``), with the data it trains and is judged on: ``data``,
+    or its features where ``run.cache_features`` allows (computed into ``given.features`` when given).
+    ``fit_norm``: compute a private input normalisation's statistics now (False: a resumed run's checkpoint
+    brings them)."""
     seed_everything(config.run.seed)  # weight initialisation draws from torch's global generator
+    model = given.model
     train = data.train
     sizes = dict(in_channels=int(train.images.shape[1]), num_classes=len(data.class_names),
                  image_size=int(train.images.shape[-1]))
@@ -271,6 +277,9 @@ def build(config: TrainConfig, data: Data, plan: Plan, dist: DistContext, model:
     optim = config.optim
     optimizer = OptimizerSpec(name=optim.name, lr=optim.lr, momentum=optim.momentum if optim.name == "sgd" else 0.0,
                               schedule=optim.schedule)
+    data = cached_data(config, data, model, dist.device, store=given.features,
+                       quiet=config.run.quiet or not dist.is_main)
+    train = data.train
     if optim.augmult and config.run.engine != "fast":
         raise ValueError("optim.augmult needs the fast engine (run.engine: fast)")
     options = None  # the opacus engine takes none (config: run.precision is auto there)
@@ -280,5 +289,10 @@ def build(config: TrainConfig, data: Data, plan: Plan, dist: DistContext, model:
                               augment_flip=bool(optim.augmult) and DATASET_REGISTRY[config.data.dataset].allows_flip)
     # One process: the engine's own world of one on this device; data-parallel: this rank's context.
     device = dist if dist.is_distributed else dist.device
-    return build_engine(config.run.engine, model=model, train_data=train, plan=plan, optimizer=optimizer,
-                        seed=config.run.seed, device=device, options=options)
+    try:
+        engine = build_engine(config.run.engine, model=model, train_data=train, plan=plan, optimizer=optimizer,
+                              seed=config.run.seed, device=device, options=options)
+    except BaseException:
+        release(model)  # a caller's module takes images again
+        raise
+    return engine, data

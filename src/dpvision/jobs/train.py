@@ -41,6 +41,7 @@ from dpvision.engines.distributed import DistContext
 from dpvision.jobs import report
 from dpvision.jobs.config import TrainConfig
 from dpvision.jobs.ema import WeightAverage
+from dpvision.jobs.features import release
 from dpvision.jobs.loop import BestModel, EpochOutcome, epsilon_columns, train_private_epoch
 from dpvision.jobs.plots import plot_curves
 from dpvision.jobs.rundir import (
@@ -302,6 +303,7 @@ class Trainer:
         return self.finish() if saved is None else {**saved, "run_dir": self.path}
 
     def close(self) -> None:
+        release(self.engine.model)  # with cached features: the model takes images again
         if self.run_dir is not None:
             self.run_dir.unlock()
 

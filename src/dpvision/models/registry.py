@@ -65,6 +65,7 @@ class Model:
     weight_standardization: bool = False  # a GroupNorm follows every conv, so WS may be switched on
     private_input_norm: bool = False  # model.input_norm may be "private" (fixed features, then a normalisation)
     check: Callable[[int, int, int], None] | None = None  # extra (in_channels, num_classes, image_size) bound
+    frozen_prefix: bool = False  # its class declares frozen_prefix() (run.cache_features; dpvision.jobs.features)
 
 
 MODEL_REGISTRY: dict[str, Model] = {}
@@ -105,7 +106,7 @@ def _wrn16_4(*, in_channels, num_classes, image_size, activation, width, weight_
 
 
 @register_model("scatternet_cnn", default_activation="tanh", image_multiple=SCATTER_MULTIPLE,
-                private_input_norm=True)
+                private_input_norm=True, frozen_prefix=True)
 def _scatternet_cnn(*, in_channels, num_classes, image_size, activation, width, weight_standardization,
                     input_norm):
     return ScatterNetCNN(in_channels=in_channels, num_classes=num_classes, image_size=image_size,
@@ -120,7 +121,7 @@ def _linear_size(in_channels: int, num_classes: int, image_size: int) -> None:
 
 
 @register_model("scatternet_linear", default_activation=None, image_multiple=SCATTER_MULTIPLE, check=_linear_size,
-                private_input_norm=True)
+                private_input_norm=True, frozen_prefix=True)
 def _scatternet_linear(*, in_channels, num_classes, image_size, activation, width, weight_standardization,
                     input_norm):
     return ScatterNetLinear(in_channels=in_channels, num_classes=num_classes, image_size=image_size,

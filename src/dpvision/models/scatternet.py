@@ -14,7 +14,10 @@ before training (``input_norm="private"``, their best MNIST and CIFAR-10 results
 * :class:`ScatterNetLinear`: a linear classifier on the normalised features.
 
 Only the head has parameters: per-sample gradients (Opacus's hooks, vmap, or the fast
-engine's manual backend) never look inside the scattering.
+engine's manual backend) never look inside the scattering. Both models declare the scattering as their
+frozen prefix (``frozen_prefix()``; :class:`dpvision.jobs.features.FrozenPrefix`): the training job computes
+those features once per split and, while ``takes_features`` is true, ``forward`` takes them in place of
+images (the normalisation, cheap, still runs at every step).
 """
 
 from __future__ import annotations
@@ -72,9 +75,20 @@ class ScatterNetCNN(nn.Module):
             )
             self.classifier = nn.Linear(64 * side * side, num_classes)
 
+    takes_features = False  # True: forward takes frozen_prefix()'s features (the job's cache)
+
+    def frozen_prefix(self) -> nn.Module:
+        """The fixed leading part: images [B, C, H, W] -> scattering features [B, 81 C, H/4, W/4].
+
+        The normalisation stays in the head: a private one's statistics are set after the model is built
+        (or restored from a checkpoint on resume), and cached features must never hold stale ones."""
+        return self.scattering
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [B, C, H, W]
-        x = self.norm(self.scattering(x))  # [B, 81 C, H/4, W/4]
+        # x: [B, C, H, W] images, or their features [B, 81 C, H/4, W/4] while takes_features
+        if not self.takes_features:
+            x = self.scattering(x)  # [B, 81 C, H/4, W/4]
+        x = self.norm(x)
         x = self.features(x).flatten(1)  # [B, c s s]
         return self.classifier(x)  # [B, num_classes]
 
@@ -95,6 +109,18 @@ class ScatterNetLinear(nn.Module):
         self.norm = make_input_norm(input_norm, k, NORM_GROUPS)
         self.classifier = nn.Linear(scatternet_linear_features(in_channels, image_size), num_classes)
 
+    takes_features = False  # True: forward takes frozen_prefix()'s features (the job's cache)
+
+    def frozen_prefix(self) -> nn.Module:
+        """The fixed leading part: images [B, C, H, W] -> scattering features [B, 81 C, H/4, W/4].
+
+        The normalisation stays in the head: a private one's statistics are set after the model is built
+        (or restored from a checkpoint on resume), and cached features must never hold stale ones."""
+        return self.scattering
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(self.scattering(x))  # [B, 81 C, H/4, W/4]
+        # x: [B, C, H, W] images, or their features [B, 81 C, H/4, W/4] while takes_features
+        if not self.takes_features:
+            x = self.scattering(x)  # [B, 81 C, H/4, W/4]
+        x = self.norm(x)
         return self.classifier(x.flatten(1))  # [B, num_classes]
