@@ -173,3 +173,23 @@ def test_private_input_norm_with_the_cache_and_resume(tiny_mnist_root, tmp_path)
     assert metrics(cached) == metrics(plain) and metrics(cut) == metrics(cached)
     assert torch.equal(weights(cut)["norm.mean"], weights(plain)["norm.mean"])
     assert float(weights(plain)["norm.var"].min()) != 1.0  # fitted, not the identity the buffers start as
+
+
+def test_a_sweep_computes_each_split_once(tiny_mnist_root, tmp_path, monkeypatch):
+    """The runs of one sweep (here two ε) share its FeatureStore: each split's features are computed once."""
+    import dpvision.jobs.features as features_module
+    from dpvision.jobs.sweep import sweep
+
+    real, names = features_module.compute_features, []
+
+    def counted(prefix, data, device, **kwargs):
+        names.append(kwargs.get("name"))
+        return real(prefix, data, device, **kwargs)
+
+    monkeypatch.setattr(features_module, "compute_features", counted)
+    base = tiny_config(tiny_mnist_root, tmp_path / "runs", "unused", cache_features=True).to_dict()
+    base["dp"] = {"max_grad_norm": 0.1}
+    base["optim"]["epochs"] = 1
+    rows = sweep(TrainConfig.from_dict(base), epsilons=[2.0, 8.0], seeds=[0], out=tmp_path / "out", baseline=False)
+    assert len(rows) == 2 and rows[0]["test_accuracy"] != rows[1]["test_accuracy"]
+    assert sorted(names) == sorted(set(names)) and len(names) == 3  # train, validation, test: once each

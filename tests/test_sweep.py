@@ -169,11 +169,11 @@ def test_vary_names_the_runs_and_a_restart_skips_finished_ones(tmp_path, tiny_mn
     argv[argv.index("--epochs") + 1] = "1"
     real_point, calls = sweep_module._run_point, []
 
-    def ctrl_c_at_second_run(config, folder):
+    def ctrl_c_at_second_run(config, folder, given):
         calls.append(folder.name)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real_point(config, folder)
+        return real_point(config, folder, given)
 
     monkeypatch.setattr(sweep_module, "_run_point", ctrl_c_at_second_run)
     assert main(argv) == 130

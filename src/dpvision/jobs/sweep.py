@@ -25,6 +25,8 @@ from typing import Any, Sequence
 import yaml
 
 from dpvision.jobs.config import TrainConfig
+from dpvision.jobs.features import FeatureStore
+from dpvision.jobs.setup import Given
 from dpvision.jobs.sweep_report import write_outputs
 from dpvision.jobs import train as train_job  # train_job.run: looked up at call time (tests replace it)
 from dpvision.privacy.accountants import ACCOUNTANTS
@@ -100,7 +102,9 @@ def sweep(base: TrainConfig, *, epsilons: Sequence[float], seeds: Sequence[int],
             raise ValueError(f"--out {str(out)!r} holds another sweep ({plan_path} differs); choose a new --out")
     else:
         atomic_write_text(plan_path, yaml.safe_dump(plan, sort_keys=False))
-    rows = []
+    # The runs share one data split per seed: a ScatterNet's cached features are computed once per split for all
+    # of them (dpvision.jobs.features; a store keys them by the split's and the prefix's contents).
+    rows, given = [], Given(features=FeatureStore())
     for i, point in enumerate(points, start=1):
         folder = runs_dir / point["name"]
         print(f"[{i}/{len(points)}] {point['name']}", end=" ", flush=True)
@@ -108,7 +112,7 @@ def sweep(base: TrainConfig, *, epsilons: Sequence[float], seeds: Sequence[int],
         if summary is not None:
             print("(done earlier)", flush=True)
         else:
-            summary = _run_point(configs[point["name"]], folder)
+            summary = _run_point(configs[point["name"]], folder, given)
             print(f"test accuracy {summary['test_accuracy']:.4f}, epsilon {summary['epsilon']:.4g}", flush=True)
         rows.append(_result_row(point, vary, summary, folder))
         write_outputs(out, rows, points=points, vary=vary, command=command)
@@ -125,12 +129,12 @@ def _finished(folder: Path) -> dict | None:
         return None
 
 
-def _run_point(config: TrainConfig, folder: Path) -> dict:
+def _run_point(config: TrainConfig, folder: Path, given: Given) -> dict:
     if (folder / "checkpoint.pt").exists():  # interrupted earlier: continue it
-        return train_job.run(resume=folder, overrides={"run.quiet": True}, announce=False)
+        return train_job.run(resume=folder, overrides={"run.quiet": True}, announce=False, given=given)
     if folder.exists():  # created but never checkpointed: nothing to keep
         shutil.rmtree(folder)
-    return train_job.run(config, group="", run_name=config.run.run_name, announce=False)
+    return train_job.run(config, group="", run_name=config.run.run_name, announce=False, given=given)
 
 
 def _result_row(point: dict, vary, summary: dict, folder: Path) -> dict:
