@@ -264,3 +264,16 @@ def test_budget_stop_reason_counts_optimizer_steps_not_releases():
     ledger.record(noise_multiplier=1.0, sample_rate=0.01, steps=3)
     reason = PrivacyBudget(max_epsilon=1.0, delta=1e-5).stop_reason(ledger, noise_multiplier=1.0, sample_rate=0.01)
     assert reason.startswith("privacy budget: after 3 steps epsilon = ")
+
+
+def test_a_group_norm_checkpoint_starts_a_private_model(tmp_path):
+    """model.init from the same ScatterNet with its GroupNorm: every trained tensor loads, and the private
+    normalisation's statistics (fitted by the run after loading) are not asked of the file."""
+    from dpvision.models.init import load_init
+
+    public = build_model("scatternet_linear", in_channels=1, num_classes=10, image_size=28)
+    torch.save(public.state_dict(), tmp_path / "group.pt")
+    model = build_model("scatternet_linear", in_channels=1, num_classes=10, image_size=28, input_norm="private")
+    info = load_init(model, tmp_path / "group.pt")
+    assert info["ignored"] == [] and torch.equal(model.classifier.weight, public.classifier.weight)
+    assert set(model.state_dict()) - set(public.state_dict()) == {"norm.mean", "norm.var"}

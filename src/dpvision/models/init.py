@@ -9,7 +9,9 @@ else is refused in one line). The file is matched to the model key by key, and e
   tensors (:func:`find_head`) are exempt, and keep their fresh initialisation instead (fine-tuning a
   model pretrained on another number of classes);
 * a tensor the model has but the file lacks (``missing``), or the file has but the model lacks
-  (``unexpected``). Exempt, because the model was made DP-compatible after it was saved: a BatchNorm's
+  (``unexpected``). Exempt: a private input normalisation's statistics (:class:`ChannelStandardize`: the run
+  fits them after loading, so a checkpoint of the same model with a GroupNorm starts it), and, because the
+  model was made DP-compatible after it was saved, a BatchNorm's
   running statistics where the model now has a GroupNorm (its ``weight``/``bias`` load into the
   GroupNorm), and ``nn.MultiheadAttention``'s packed ``in_proj_weight``/``in_proj_bias``, split into
   Opacus's ``DPMultiheadAttention`` q/k/v projections (the same function).
@@ -44,6 +46,8 @@ import pickle
 
 import torch
 from torch import nn
+
+from dpvision.models.input_norm import ChannelStandardize
 
 FINETUNE_MODES = ("all", "linear_probe", "probe_then_all")
 HEAD_MODES = ("keep", "reset")
@@ -138,7 +142,8 @@ def load_init(model: nn.Module, path: str | os.PathLike, *, head: str = "keep",
     if unexpected:
         raise ValueError(f"{where}: tensor {unexpected[0]} is not in the model ({len(unexpected)} unexpected "
                          f"in all; the model's first tensors: {', '.join(list(own)[:3])})")
-    missing = [k for k in own if k not in state]
+    missing = [k for k in own if k not in state and not isinstance(modules.get(k.rpartition(".")[0]),
+                                                                       ChannelStandardize)]
     if missing:
         raise ValueError(f"{where}: the file has no tensor {missing[0]} ({len(missing)} missing in all)")
     reset = []
