@@ -109,7 +109,7 @@ def test_run_folder_has_every_file_and_field(runs, mode):
     config = yaml.safe_load((path / "config.yaml").read_text())
     assert config["dp"]["enabled"] is (mode == "dp") and config["data"]["dataset"] == "celeba"
     assert config["model"] == {"name": "celeba_cnn", "activation": None, "width": 8, "weight_standardization": False,
-                               "init": None, "init_head": "keep", "finetune": "all"}
+                               "init": None, "init_head": "keep", "finetune": "all", "input_norm": "group"}
     assert config["run"]["select"] == "best_val" and path.parent.name == f"celeba_{mode}"
     assert (path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
