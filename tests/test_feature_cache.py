@@ -20,6 +20,7 @@ from dpvision.jobs.setup import Data, load_data
 from dpvision.jobs.train import run
 from dpvision.models import SampleConvNet, ScatterNetCNN, ScatterNetLinear, build_model
 from dpvision.models.registry import MODEL_REGISTRY
+from dpvision.models.scattering import Scattering2D
 from tests.job_helpers import Interrupt, exit_code, interrupt_at, metrics, summary, weights
 
 
@@ -173,6 +174,30 @@ def test_private_input_norm_with_the_cache_and_resume(tiny_mnist_root, tmp_path)
     assert metrics(cached) == metrics(plain) and metrics(cut) == metrics(cached)
     assert torch.equal(weights(cut)["norm.mean"], weights(plain)["norm.mean"])
     assert float(weights(plain)["norm.var"].min()) != 1.0  # fitted, not the identity the buffers start as
+
+
+def test_a_cached_private_fit_runs_no_scattering_of_its_own(tiny_mnist_root, tmp_path, monkeypatch):
+    """With the cache the private statistics are fitted on the cached features: the scattering sees each image
+    of each split once, as many as in a cached GroupNorm run (without the cache the fit scatters the whole
+    training set once more)."""
+    real, seen = Scattering2D.forward, []
+
+    def counted(self, x):
+        seen.append(len(x))
+        return real(self, x)
+
+    monkeypatch.setattr(Scattering2D, "forward", counted)
+    totals = {}
+    for norm, cache in (("group", True), ("private", True), ("private", False)):
+        values = tiny_config(tiny_mnist_root, tmp_path, f"{norm}_{cache}", cache_features=cache,
+                             test_every_epoch=False).to_dict()
+        values["model"]["input_norm"] = norm
+        values["optim"]["epochs"] = 1
+        seen.clear()
+        run(TrainConfig.from_dict(values), announce=False)
+        totals[norm, cache] = sum(seen)
+    # each split's features once (150 train, 50 validation, the test set) and one image per split (their size)
+    assert totals["private", True] == totals["group", True] < totals["private", False]
 
 
 def test_a_sweep_computes_each_split_once(tiny_mnist_root, tmp_path, monkeypatch):

@@ -272,14 +272,14 @@ def build(config: TrainConfig, data: Data, plan: Plan, dist: DistContext, given:
         example = train.normalize(train.images[:1])  # [1, C, H, W]: finds the classifier head
         prepare_model(model, example, init=config.model.init, init_head=config.model.init_head,
                       finetune=config.model.finetune)
+    data = cached_data(config, data, model, dist.device, store=given.features,
+                       quiet=config.run.quiet or not dist.is_main)
+    train = data.train  # images, or their cached features (model.takes_features)
     if config.model.input_norm == "private" and fit_norm:  # after model.init: these statistics are the run's
         fit_private_input_norm(model, config, train, plan, dist)
     optim = config.optim
     optimizer = OptimizerSpec(name=optim.name, lr=optim.lr, momentum=optim.momentum if optim.name == "sgd" else 0.0,
                               schedule=optim.schedule)
-    data = cached_data(config, data, model, dist.device, store=given.features,
-                       quiet=config.run.quiet or not dist.is_main)
-    train = data.train
     if optim.augmult and config.run.engine != "fast":
         raise ValueError("optim.augmult needs the fast engine (run.engine: fast)")
     options = None  # the opacus engine takes none (config: run.precision is auto there)

@@ -126,17 +126,19 @@ def channel_statistics(features_of, batches, *, num_examples: int, noise_multipl
 
 def fit_input_norm(model: nn.Module, train, *, batch_size: int, device, noise_multiplier: float | None = None,
                    bound: float = 1.0, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compute ``model.norm``'s statistics on the training set ``train`` (ImageTensors) and return them.
+    """Compute ``model.norm``'s statistics on the training set ``train`` and return them.
 
     ``model`` has a ``scattering`` and a :class:`ChannelStandardize` ``norm`` (a ScatterNet model built
-    with ``input_norm="private"``); the features are computed on ``device`` in batches of ``batch_size``.
+    with ``input_norm="private"``). ``train``: its ImageTensors, whose features are computed on ``device`` in
+    batches of ``batch_size``; or, while ``model.takes_features``, the job's cached features of those images
+    (:mod:`dpvision.jobs.features`: the same scattering's output, not computed again).
     """
     if not isinstance(getattr(model, "norm", None), ChannelStandardize):
         raise ValueError("model.input_norm private needs a ScatterNet model built with input_norm='private'")
-    scattering = model.scattering.to(device)
+    scattering = nn.Identity() if getattr(model, "takes_features", False) else model.scattering.to(device)
 
-    def features_of(images: torch.Tensor) -> torch.Tensor:  # uint8 [b, C, H, W] -> [b, K, H/4, W/4]
-        return scattering(train.normalize(images.to(device)))
+    def features_of(inputs: torch.Tensor) -> torch.Tensor:  # images [b, C, H, W] (or features) -> [b, K, H/4, W/4]
+        return scattering(train.normalize(inputs.to(device)))
 
     batches = (train.images[i:i + batch_size] for i in range(0, len(train), batch_size))
     mean, var = channel_statistics(features_of, batches, num_examples=len(train), noise_multiplier=noise_multiplier,
