@@ -260,10 +260,36 @@ def test_two_ranks_hold_the_one_release_of_rank_0(tmp_path):
 
 
 def test_budget_stop_reason_counts_optimizer_steps_not_releases():
-    ledger = PrivacyLedger(history=[RELEASE])
+    ledger = PrivacyLedger.starting_with([RELEASE])
     ledger.record(noise_multiplier=1.0, sample_rate=0.01, steps=3)
     reason = PrivacyBudget(max_epsilon=1.0, delta=1e-5).stop_reason(ledger, noise_multiplier=1.0, sample_rate=0.01)
     assert reason.startswith("privacy budget: after 3 steps epsilon = ")
+
+
+def test_the_ledger_keeps_its_releases_apart_from_optimizer_steps():
+    """A step of the release's own (σ, q) (full batch, σ = σ_norm) is not merged into it: the ledger counts
+    optimizer steps only, its ε is the composition of both, and a state_dict carries the split."""
+    ledger = PrivacyLedger.starting_with([RELEASE])
+    ledger.record(noise_multiplier=SIGMA_NORM, sample_rate=1.0, steps=3)
+    assert ledger.history == [RELEASE, (SIGMA_NORM, 1.0, 3)] and ledger.steps == 3
+    assert ledger.epsilon(delta=1e-5) == compute_epsilon([(SIGMA_NORM, 1.0, 5)], delta=1e-5)
+    again = PrivacyLedger()
+    again.load_state_dict(ledger.state_dict())
+    assert again == ledger and again.extended(noise_multiplier=1.0, sample_rate=0.5, steps=2).steps == 5
+
+
+def test_a_checkpoint_whose_ledger_hides_its_release_is_refused(private_run, tmp_path):
+    """The release written as optimizer steps (released 0): the history is the plan's, the split is not."""
+    from dpvision.checkpoint import CheckpointError, check_ledger
+
+    state = torch.load(private_run / "checkpoint.pt", weights_only=False)
+    config = tiny_config(Path("unused"), tmp_path, "p")
+    plan = make_plan(config.dp, num_train=32, batch_size=16, epochs=2, private_input_norm=True)
+    logged = [int(row["steps"]) for row in state["extra"]["metrics"]]
+    check_ledger(state, plan, None, logged=logged, path="checkpoint.pt")  # as written: accepted
+    state["ledger"]["released"] = 0
+    with pytest.raises(CheckpointError, match="privacy ledger"):
+        check_ledger(state, plan, None, logged=logged, path="checkpoint.pt")
 
 
 def test_a_group_norm_checkpoint_starts_a_private_model(tmp_path):

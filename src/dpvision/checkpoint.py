@@ -166,8 +166,7 @@ def implied_ledger(plan, budget: PrivacyBudget | None, epochs: int, *, stopped: 
     one of a run the budget ``stopped`` takes exactly the steps the budget allowed. It starts with the
     plan's releases before training (a private input normalisation). Without DP: empty.
     """
-    ledger, after = PrivacyLedger(history=list(plan.releases)), []
-    released = ledger.steps  # the releases' "steps" are no optimizer steps
+    ledger, after = PrivacyLedger.starting_with(plan.releases), []
     sampled = {"noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate}
     for epoch in range(1, epochs + 1):
         steps = plan.steps_per_epoch
@@ -175,7 +174,7 @@ def implied_ledger(plan, budget: PrivacyBudget | None, epochs: int, *, stopped: 
             steps = budget.allowed_steps(ledger, planned=steps, **sampled)
         if plan.dp:
             ledger.record(steps=steps, **sampled)
-        after.append(ledger.steps - released)
+        after.append(ledger.steps)
     return ledger, after
 
 
@@ -202,7 +201,9 @@ def check_ledger(state: Mapping[str, Any], plan, budget: PrivacyBudget | None, *
     expected, after = implied_ledger(plan, budget, epochs, stopped=stopped)
     saved = [[float(s), float(q), int(n)] for s, q, n in state["ledger"]["history"]]
     counted = int(state.get("steps", -1))
-    if saved != expected.state_dict()["history"] or steps != after or counted != (after[-1] if after else 0):
+    released = int(state["ledger"].get("released", expected.released))  # (absent in older checkpoints)
+    if (saved != expected.state_dict()["history"] or released != expected.released or steps != after
+            or counted != (after[-1] if after else 0)):
         raise CheckpointError(
             f"{path}: its privacy ledger {saved} ({counted} steps, metrics rows {steps}) is not what "
             f"the plan and its {epochs} completed epochs imply ({expected.state_dict()['history']}, steps {after}); "

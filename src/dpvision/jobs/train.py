@@ -112,7 +112,7 @@ class Trainer:
         config, self.data, plan, self.engine = setup.config, setup.data, setup.plan, setup.engine
         self.config, self.plan, self.device, self.dist, self.hooks, self.resume = (
             config, plan, dist.device, dist, hooks, resume)
-        self.ledger = PrivacyLedger(history=list(plan.releases))  # spent before the first step (empty without DP)
+        self.ledger = PrivacyLedger.starting_with(plan.releases)  # spent before the first step (empty without DP)
         self.ema = None
         if config.optim.ema_decay is not None:
             self.ema = WeightAverage(self.engine.model, config.optim.ema_decay)

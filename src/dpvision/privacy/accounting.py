@@ -219,14 +219,26 @@ def check_accountant(name: str, where: str = "dp.accountant") -> str:
 
 @dataclass
 class PrivacyLedger:
-    """What a run has spent: segments of ``(noise_multiplier, sample_rate, steps)``."""
+    """What a run has spent: segments of ``(noise_multiplier, sample_rate, steps)``.
+
+    The first ``released`` segments are what the run released before training (``Plan.releases``: a private
+    input normalisation's Gaussian releases, :meth:`starting_with`): in every ε, but not optimizer steps, so
+    :attr:`steps` skips them and :meth:`record` never merges a step into them.
+    """
 
     history: list[tuple[float, float, int]] = field(default_factory=list)
+    released: int = 0
+
+    @classmethod
+    def starting_with(cls, releases) -> "PrivacyLedger":
+        """A run's ledger before its first step: ``releases`` ``((σ, q, n), ...)`` spent (empty: nothing)."""
+        history = [(float(s), float(q), int(n)) for s, q, n in releases]
+        return cls(history=history, released=len(history))
 
     def record(self, *, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
         if steps <= 0:
             return
-        if self.history and self.history[-1][:2] == (noise_multiplier, sample_rate):
+        if len(self.history) > self.released and self.history[-1][:2] == (noise_multiplier, sample_rate):
             sigma, q, n = self.history[-1]
             self.history[-1] = (sigma, q, n + steps)
         else:
@@ -234,7 +246,8 @@ class PrivacyLedger:
 
     @property
     def steps(self) -> int:
-        return sum(n for _, _, n in self.history)
+        """Optimizer steps recorded (the releases before training are none)."""
+        return sum(n for _, _, n in self.history[self.released:])
 
     def epsilon(self, *, delta: float, accountant: str = "rdp") -> float:
         return compute_epsilon(self.history, delta=delta, accountant=accountant)
@@ -248,7 +261,7 @@ class PrivacyLedger:
         return epsilon_notes(self.history, delta=delta)
 
     def copy(self) -> "PrivacyLedger":
-        return PrivacyLedger(history=list(self.history))
+        return PrivacyLedger(history=list(self.history), released=self.released)
 
     def extended(self, *, noise_multiplier: float, sample_rate: float, steps: int) -> "PrivacyLedger":
         """A copy with ``steps`` more steps recorded (merged exactly as ``record`` merges them)."""
@@ -257,10 +270,11 @@ class PrivacyLedger:
         return ledger
 
     def state_dict(self) -> dict:
-        return {"history": [list(seg) for seg in self.history]}
+        return {"history": [list(seg) for seg in self.history], "released": self.released}
 
     def load_state_dict(self, state: dict) -> None:
         self.history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
+        self.released = int(state.get("released", self.released))  # (older checkpoints: the plan's, as started)
 
 
 def _check_calibration_inputs(target_epsilon: float, accountant: str, steps: int) -> None:

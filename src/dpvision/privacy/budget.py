@@ -96,8 +96,7 @@ class PrivacyBudget:
         spent = ledger.epsilon(delta=self.delta, accountant=self.accountant)
         nxt = ledger.extended(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=1)
         after = _epsilon_or_none(nxt, delta=self.delta, accountant=self.accountant)
-        steps = sum(n for s, q, n in ledger.history if (s, q) == (noise_multiplier, sample_rate))  # not releases
-        head = f"privacy budget: after {steps} steps epsilon = {spent:.6g} ({self.accountant}, delta = {self.delta:g})"
+        head = f"privacy budget: after {ledger.steps} steps epsilon = {spent:.6g} ({self.accountant}, delta = {self.delta:g})"
         if after is None:
             return (f"{head}; the {self.accountant} accountant cannot account one more step within bounded memory "
                     f"(use --accountant rdp)")
