@@ -122,10 +122,10 @@ def test_auto_caches_only_where_allowed():
 
 
 def test_true_is_refused_where_not_allowed(tmp_path, capsys):
-    with pytest.raises(ValueError, match="run.cache_features true needs optim.augmult 0"):
+    with pytest.raises(ValueError, match="run.cache_features true: optim.augmult is 2: augmentation"):
         TrainConfig.from_dict({"model": {"name": "scatternet_cnn"}, "optim": {"augmult": 2},
                                "run": {"cache_features": True}})
-    with pytest.raises(ValueError, match="model.name sample_convnet has none"):
+    with pytest.raises(ValueError, match="model.name sample_convnet has no frozen prefix"):
         TrainConfig.from_dict({"run": {"cache_features": True}})
     with pytest.raises(ValueError, match="run.cache_features"):
         TrainConfig.from_dict({"run": {"cache_features": "yes"}})
@@ -136,7 +136,7 @@ def test_true_is_refused_where_not_allowed(tmp_path, capsys):
             "--runs-dir", tmp_path / "runs"]
     assert exit_code(main, argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "run.cache_features true needs optim.augmult 0" in err[0]
+    assert len(err) == 1 and "run.cache_features true: optim.augmult is 2" in err[0]
     assert not (tmp_path / "runs").exists()
 
 

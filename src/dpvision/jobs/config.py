@@ -240,14 +240,20 @@ class TrainConfig:
 
     def _check_cache(self) -> None:
         """``run.cache_features: true`` only where features can be computed once (dpvision.jobs.features)."""
+        reason = self.feature_cache_refusal()
+        if reason is not None:
+            raise ValueError(f"run.cache_features true: {reason}; set it to auto or false")
+
+    def feature_cache_refusal(self) -> str | None:
+        """Why this run's features cannot be cached, as far as the config tells (None: they may be; the model
+        built from an external name is checked by dpvision.jobs.features.refusal)."""
         if self.optim.augmult:
-            raise ValueError(f"run.cache_features true needs optim.augmult 0 (it is {self.optim.augmult}: augmentation "
-                             "changes the images at every step); set run.cache_features to auto or false")
+            return f"optim.augmult is {self.optim.augmult}: augmentation changes the images at every step"
         model = MODEL_REGISTRY.get(self.model.name)
         if model is not None and not model.frozen_prefix:
             with_prefix = ", ".join(name for name, m in MODEL_REGISTRY.items() if m.frozen_prefix)
-            raise ValueError(f"run.cache_features true needs a model with a frozen prefix ({with_prefix}); "
-                             f"model.name {self.model.name} has none; set run.cache_features to auto or false")
+            return f"model.name {self.model.name} has no frozen prefix (models with one: {with_prefix})"
+        return None
 
     def deactivated(self) -> "TrainConfig":
         """The baseline: this config with DP switched off."""

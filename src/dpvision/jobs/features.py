@@ -138,8 +138,9 @@ def compute_features(prefix: nn.Module, data, device: torch.device, *, batch_siz
 
 def refusal(config: TrainConfig, model: nn.Module) -> str | None:
     """Why this run's features cannot be cached (None: they can)."""
-    if config.optim.augmult:
-        return f"optim.augmult is {config.optim.augmult}: augmentation changes the images at every step"
+    reason = config.feature_cache_refusal()
+    if reason is not None:
+        return reason
     if not isinstance(model, FrozenPrefix):
         return f"model {config.model.name} declares no frozen prefix (frozen_prefix(), dpvision.jobs.features)"
     if any(p.requires_grad for p in model.frozen_prefix().parameters()):
