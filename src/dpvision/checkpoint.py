@@ -205,6 +205,7 @@ def check_ledger(state: Mapping[str, Any], plan, budget: PrivacyBudget | None, *
     if (saved != expected.state_dict()["history"] or released != expected.released or steps != after
             or counted != (after[-1] if after else 0)):
         raise CheckpointError(
-            f"{path}: its privacy ledger {saved} ({counted} steps, metrics rows {steps}) is not what "
-            f"the plan and its {epochs} completed epochs imply ({expected.state_dict()['history']}, steps {after}); "
+            f"{path}: its privacy ledger {saved} ({released} released before training, {counted} steps, metrics "
+            f"rows {steps}) is not what the plan and its {epochs} completed epochs imply "
+            f"({expected.state_dict()['history']}, {expected.released} released, steps {after}); "
             "refusing to resume from an edited or damaged checkpoint")
