@@ -14,7 +14,9 @@ Rows:
   (views a chunk, a list) adds a row per chunk size; ``--kept-precision fp32,reduced`` a row per way of forming
   the manual backend's kept per-example gradients: ``reduced`` from the bf16 operands under bf16 (tensor
   cores), ``fp32`` the previous rule (IEEE fp32 from the upcast operands), ``library`` as the library chooses
-  (reduced from K = 16 on), patched in for that row only, so that they are timed side by side in one run.
+  (reduced from K = 16 on), patched in for that row only, so that they are timed side by side in one run;
+  ``--fuse library,off`` a row with and one without the fused ReLU -> GroupNorm kernels of WRN's blocks
+  (``FastOptions.fuse``; the library fuses on CUDA).
 * ``yardstick``: plain PyTorch *non-private* training of the same model on the same kind of augmented
   images: each step a batch of uniformly drawn images, one random crop and flip each on the device
   (the engine's ``augment``), SGD with momentum 0.9, bf16 autocast (``--precision``), channels-last, and
@@ -91,10 +93,11 @@ def kept_precision(kept: str):
         ManualPerSample._kept_dtype = saved
 
 
-def time_dp(data: ImageTensors, k: int, mode: str | None, physical: int | None, kept: str, args,
+def time_dp(data: ImageTensors, k: int, mode: str | None, physical: int | None, kept: str, fuse: str, args,
             device: torch.device) -> dict:
     """The fast engine's DP step with K views of every sampled example: views/s, ms/step, peak MB."""
-    options = {"augmult": k, "augment_flip": True, "grad_sample_mode": mode, "physical_batch_size": physical}
+    options = {"augmult": k, "augment_flip": True, "grad_sample_mode": mode, "physical_batch_size": physical,
+               "fuse": False if fuse == "off" else None}
     if device.type == "cuda":
         options.update(precision=args.precision, channels_last=args.channels_last)
     with PeakMemory(device) as mem, kept_precision(kept):
@@ -107,7 +110,7 @@ def time_dp(data: ImageTensors, k: int, mode: str | None, physical: int | None, 
             done, examples = done + result.steps, examples + sum(engine.last_batch_sizes)
         sync(device)
         elapsed = time.perf_counter() - start
-    return {"row": "dp", "k": k, "backend": engine.grad_sample_mode, "kept": kept,
+    return {"row": "dp", "k": k, "backend": engine.grad_sample_mode, "kept": kept, "fused": engine.fused_blocks,
             "physical_examples": engine.settings.max_physical,
             "steps": done, "views": examples * k, "seconds": elapsed, "ms_per_step": 1e3 * elapsed / max(done, 1),
             "views_per_s": examples * k / elapsed, "peak_memory_mb": mem.mb}
@@ -170,7 +173,7 @@ def print_rows(rows: list[dict], flops_per_view: float, ceiling: float | None) -
         share = f"{100 * r['tflops'] / ceiling:.1f}" if ceiling else "-"
         label = f"{r['backend']}/{r['physical_examples'] * r['k']}" if r["row"] == "dp" else r["config"]
         if r["row"] == "dp" and r["backend"] == "manual":
-            label += f"/{r['kept']}"
+            label += f"/{r['kept']}" + ("" if r["fused"] else "/unfused")
         ratio = f"{r['x_yardstick_time']:.2f}" if best else "-"
         print(f"{r['row']:10s} {r.get('k', 1):3d} {label:>22s} {r['views_per_s']:10.0f} {r['ms_per_step']:9.1f}"
               f" {r['peak_memory_mb']:9.0f} {r['tflops']:8.1f} {share:>7s} {ratio:>7s}")
@@ -193,6 +196,8 @@ def parse_args(argv):
                    help="manual backend's kept per-example gradients, a comma list of fp32 (the rule before issue "
                         "23), reduced (from the bf16 operands at every K) and library (as the library chooses): "
                         "one row each")
+    p.add_argument("--fuse", default="library", help="fused ReLU -> GroupNorm kernels, a comma list of library "
+                                                    "(the engine's default: on CUDA) and off: one row each")
     p.add_argument("--steps", type=int, default=5, help="timed DP steps per row")
     p.add_argument("--warmup-steps", type=int, default=2)
     p.add_argument("--precision", default="bf16", choices=["fp32", "tf32", "bf16"], help="CUDA only (CPU: fp32)")
@@ -213,6 +218,9 @@ def parse_args(argv):
     kept = args.kept_precision.split(",")
     if not kept or any(v not in ("fp32", "reduced", "library") for v in kept):
         p.error(f"--kept-precision: {args.kept_precision!r} is not a comma list of fp32, reduced and library")
+    fuse = args.fuse.split(",")
+    if not fuse or any(v not in ("library", "off") for v in fuse):
+        p.error(f"--fuse: {args.fuse!r} is not a comma list of library and off")
     return args
 
 
@@ -236,13 +244,13 @@ def main(argv=None) -> int:
         rows.append(time_yardstick(data, config, args, device))
         print(f"  yardstick {config}: {rows[-1]['views_per_s']:.0f} images/s", flush=True)
     physicals = [int(v) for v in args.physical.split(",") if v] or [None]
-    runs = [(int(k), None, v, kept) for k in args.ks.split(",") if k for v in physicals
-            for kept in args.kept_precision.split(",")]
-    runs += [(int(k), "vmap", None, "reduced") for k in args.vmap_ks.split(",") if k]
-    for k, mode, physical, kept in runs:
-        rows.append(time_dp(data, k, mode, physical, kept, args, device))
-        print(f"  dp K={k} {rows[-1]['backend']} {rows[-1]['physical_examples']} examples a chunk, kept {kept}: "
-              f"{rows[-1]['views_per_s']:.0f} views/s", flush=True)
+    runs = [(int(k), None, v, kept, fuse) for k in args.ks.split(",") if k for v in physicals
+            for kept in args.kept_precision.split(",") for fuse in args.fuse.split(",")]
+    runs += [(int(k), "vmap", None, "reduced", "off") for k in args.vmap_ks.split(",") if k]
+    for k, mode, physical, kept, fuse in runs:
+        rows.append(time_dp(data, k, mode, physical, kept, fuse, args, device))
+        print(f"  dp K={k} {rows[-1]['backend']} {rows[-1]['physical_examples']} examples a chunk, kept {kept}, "
+              f"{rows[-1]['fused']} norms fused: {rows[-1]['views_per_s']:.0f} views/s", flush=True)
     flops_per_view = step_flops(functools.partial(wrn, args.weight_standardization), data, 64) / 64
     print_rows(rows, flops_per_view, ceiling)
     if args.json:

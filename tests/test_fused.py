@@ -17,8 +17,10 @@ from torch import nn
 from dpvision.engines import OptimizerSpec
 from dpvision.engines import fused
 from dpvision.models import CelebaCNN
+from dpvision.models.wide_resnet import WideResNet
 from dpvision.seeding import make_generator
 from tests.engine_helpers import DP, fast_engine
+from tests.test_augmult_manual import small_images
 from tests.test_fast_engine import celeba_like, flat, make_data, opacus_reference, rel
 
 pytest.importorskip("triton")
@@ -167,6 +169,82 @@ def test_engine_with_fused_blocks_equals_opacus_and_unfused(interpret, dp):
     assert updates[1].norm() > 0 and rel(updates[0], updates[1]) < 1e-5
 
 
+def check_relu_norm(x: torch.Tensor, gn: nn.GroupNorm, dy: torch.Tensor, tol: float) -> None:
+    """ReLU -> GroupNorm: output, dx, dgamma, dbeta, every example's (dgamma, dbeta) and sums of dx over space,
+    against float64 autograd."""
+    got = {}
+    xf, gnf = x.clone().requires_grad_(), copy.deepcopy(gn).to(x.device)
+    assert fused.norm_fusable(xf, nn.ReLU(), gnf)
+    out = fused.relu_group_norm(xf, nn.ReLU(), gnf,
+                                per_example=lambda m, gw, gb, cv, cb: got.update(m=m, gw=gw, gb=gb, conv=cv, cb=cb))
+    out.backward(dy.to(out.dtype))
+    gnd, xd = copy.deepcopy(gn).double().to(x.device), x.detach().double().requires_grad_()
+    ref = gnd(F.relu(xd))
+    ref.backward(dy.double())
+    assert got["m"] is gnf and got["conv"] is None and out.shape == ref.shape and out.dtype == x.dtype
+    for mine, theirs in ((out, ref), (xf.grad, xd.grad), (gnf.weight.grad, gnd.weight.grad),
+                         (gnf.bias.grad, gnd.bias.grad), (got["cb"], xd.grad.sum((2, 3)))):
+        assert rel(mine.double(), theirs) < tol
+    per_w, per_b = [], []
+    for i in range(len(x)):  # example i's gradients, one example at a time
+        gnd.zero_grad()
+        gnd(F.relu(xd.detach()[i:i + 1])).backward(dy[i:i + 1].double())
+        per_w.append(gnd.weight.grad.clone())
+        per_b.append(gnd.bias.grad.clone())
+    assert rel(got["gw"].double(), torch.stack(per_w)) < tol
+    assert rel(got["gb"].double(), torch.stack(per_b)) < tol
+
+
+# (batch, channels, groups, H, W): WRN's 1, 4 and 16 channels a group; 3 (not a power of 2); odd sizes
+RELU_NORM_SHAPES = [(3, 16, 16, 8, 8), (2, 64, 16, 32, 32), (2, 256, 16, 8, 8), (2, 6, 2, 5, 7), (3, 8, 2, 8, 6)]
+
+
+@pytest.mark.parametrize("shape", RELU_NORM_SHAPES)
+def test_relu_norm_kernels_match_autograd(interpret, shape):
+    b, c, groups, h, w = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(b, c, h, w, generator=g) + 0.3  # about 60% positive: the statistics are of relu(x)
+    check_relu_norm(x, random_group_norm(groups, c, seed=b * c), torch.randn(b, c, h, w, generator=g), tol=1e-5)
+
+
+def tiny_wrn() -> WideResNet:
+    """WRN's blocks, narrow: a plain block (2 GroupNorms), two projected ones (3 each), the head's GroupNorm."""
+    return WideResNet(in_channels=3, num_classes=4, depth=10, widen=1)
+
+
+def test_wide_resnet_fusion_keeps_modules_and_unfuses(interpret):
+    torch.manual_seed(3)
+    model, x = tiny_wrn(), torch.randn(3, 3, 8, 8)
+    keys, before = list(model.state_dict()), model(x)
+    assert fused.fuse_blocks(model) == 9 and list(model.state_dict()) == keys
+    calls = []
+    handle = model.blocks[0].norm1.register_forward_hook(lambda *a: calls.append(1))
+    after = model(x)
+    assert calls == []  # the kernels ran, not the module
+    assert rel(after.double(), before.double()) < 1e-5
+    handle.remove()
+    fused.unfuse_blocks(model)
+    assert all("act_norm" not in m.__dict__ for m in model.modules()) and torch.equal(model(x), before)
+
+
+@pytest.mark.slow  # the interpreter: about 30 s on a 2-core CPU
+def test_augmult_engine_with_fused_wide_resnet_equals_unfused(interpret):
+    """WRN with K = 2 views an example: the fused DP engine's update equals the unfused one's (noise off, small C:
+    the fused backward's per-view GroupNorm gradients, summed over each example's views, are what gets clipped;
+    the fusion's probe must not draw from the views' random stream)."""
+    torch.manual_seed(4)
+    model = tiny_wrn()
+    updates = []
+    for fuse in (True, False):
+        engine = fast_engine(model=copy.deepcopy(model), train_data=small_images(12), batch_size=6,
+                             optimizer=OptimizerSpec(lr=0.5, momentum=0.9), dp=DP(noise_multiplier=0.0, max_grad_norm=0.05),
+                             seed=3, augmult=2, augment_flip=True, fuse=fuse)
+        assert engine.fused_blocks == (9 if fuse else 0) and engine.grad_sample_mode == "manual"
+        engine.train_epoch(max_steps=1)
+        updates.append(flat(engine.model.parameters()) - flat(model.parameters()))
+    assert updates[1].norm() > 0 and rel(updates[0], updates[1]) < 1e-5
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -178,6 +256,19 @@ def test_kernels_match_autograd_on_cuda(shape, dtype):
     dout = torch.randn(b, c, h // 2, w // 2, generator=g, device="cuda")
     # bf16: x is the same bf16 tensor in both; the reference computes in float64 from it, the kernel in float32.
     check_against_autograd(x, random_group_norm(groups, c, seed=c), dout, tol=1e-5 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(256, 64, 16, 32, 32), (256, 128, 16, 16, 16), (256, 256, 16, 8, 8),
+                                   (5, 6, 2, 5, 7)])
+def test_relu_norm_kernels_match_autograd_on_cuda(shape, dtype):
+    b, c, groups, h, w = shape
+    g = torch.Generator(device="cuda").manual_seed(sum(shape))
+    x = (torch.randn(b, c, h, w, generator=g, device="cuda") + 0.3).to(dtype)
+    dy = torch.randn(b, c, h, w, generator=g, device="cuda")
+    check_relu_norm(x, random_group_norm(groups, c, seed=c), dy, tol=1e-5 if dtype == torch.float32 else 2e-2)
 
 
 @pytest.mark.gpu
@@ -199,3 +290,23 @@ def test_cuda_graphs_fused_match_unfused(precision):
             assert engine.graphs.enabled == graphs and engine.fused_blocks == (4 if fuse else 0)
             out.append(flat(engine.model.parameters()) - flat(model.parameters()))
         assert out[0].norm() > 0 and rel(out[1], out[0]) < (1e-5 if precision == "fp32" else 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_augmult_fused_wide_resnet_matches_unfused_on_cuda(precision):
+    """K = 4 views, 32x32: the fused kernels inside the manual backend's step against the unfused engine."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(8)
+    data, model = make_data(512, (3, 32, 32), 4), tiny_wrn()
+    out = []
+    for fuse in (False, True):
+        engine = fast_engine(model=copy.deepcopy(model), train_data=data, batch_size=64, optimizer=OptimizerSpec(lr=0.5),
+                             dp=DP(noise_multiplier=0.0, max_grad_norm=0.1), seed=2, device="cuda", augmult=4,
+                             augment_flip=True, precision=precision, fuse=fuse)
+        assert engine.fused_blocks == (9 if fuse else 0)
+        engine.train_epoch(max_steps=2)
+        out.append(flat(engine.model.parameters()) - flat(model.parameters()))
+    assert out[0].norm() > 0 and rel(out[1], out[0]) < (1e-5 if precision == "fp32" else 2e-2)

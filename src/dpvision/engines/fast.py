@@ -116,7 +116,7 @@ class FastEngine(Engine):
         self.step = PlainStep(model=self.model, data=self.data, numerics=numerics, bf16=s.precision == "bf16",
                               augmult=s.augmult, augment_flip=s.augment_flip,
                               generator=self.generators.get("augment_generator"))
-        if s.fuse and not s.augmult:
+        if s.fuse:
             self._fuse(None)
 
     def _setup_dp(self, numerics: Numerics, instrument: Instrument | None) -> None:
@@ -140,8 +140,8 @@ class FastEngine(Engine):
         if s.augmult and self.grad_sample_mode != s.grad_sample_modes[0]:
             print(f"notice: augmult: the {s.grad_sample_modes[0]} per-sample backend does not support this model; "
                   f"using {self.grad_sample_mode} (torch.func, slower)", file=sys.stderr)
-        if s.fuse and self.grad_sample_mode == "manual" and not s.augmult:  # vmap/hooks need the modules themselves
-            # The fused backward hands the backend each example's GroupNorm gradients [B, C].
+        if s.fuse and self.grad_sample_mode == "manual":  # vmap/hooks need the modules themselves
+            # The fused backward hands the backend each example's (or view's: summed) GroupNorm gradients [B, C].
             self._fuse(self.backend.group_norm_gradients)
 
     def _clip(self, norms: torch.Tensor) -> torch.Tensor:
@@ -173,6 +173,7 @@ class FastEngine(Engine):
     def _fuse(self, per_example) -> None:
         """Fused GroupNorm -> ReLU -> pool kernels where they run here, checked by one chunk of two examples."""
         probe = torch.arange(min(2, len(self.data)), device=self.device)
+        streams = {name: g.get_state() for name, g in self.generators.items()}  # augmult's views draw from one
 
         def run_probe() -> None:
             try:
@@ -180,11 +181,13 @@ class FastEngine(Engine):
                     self.step.chunk(probe)
                 else:
                     self.step.chunk(probe, 1.0)
-            finally:  # the probe leaves nothing behind
+            finally:  # the probe leaves nothing behind: no gradients, no sums, no random numbers drawn
                 for p in self.params:
                     p.grad = None
                 for t in self.step.state():
                     t.zero_()
+                for name, state in streams.items():
+                    self.generators[name].set_state(state)
 
         self.fused_blocks = fuse_checked(self.model, per_example, run_probe)
 

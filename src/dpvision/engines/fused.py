@@ -1,4 +1,4 @@
-"""GroupNorm -> ReLU -> MaxPool2d(2) as one kernel forward and one backward (CUDA, Triton).
+"""GroupNorm -> ReLU -> MaxPool2d(2), and ReLU -> GroupNorm, as one kernel forward and one backward (CUDA, Triton).
 
 CelebaCNN's blocks are conv -> GroupNorm -> ReLU -> 2x2 max-pool. Eager PyTorch runs the last three
 as six kernels, each a pass over the conv output (GroupNorm's statistics and normalisation, ReLU,
@@ -19,6 +19,12 @@ The per-example (gamma, beta) gradients [B, C] come out of the backward for free
 manual per-sample backend takes them through ``per_example`` (:func:`fuse_blocks`) instead of its
 own GroupNorm pass. Statistics and sums are float32; x, the output and dx keep x's dtype (bfloat16
 under ``precision="bf16"``: the next conv reads it in bfloat16 anyway).
+
+WideResNet's pre-activation blocks run ReLU -> GroupNorm before each conv (no pool), through the model's
+``act_norm(x, act, norm)`` seam (:mod:`dpvision.models.wide_resnet`): :func:`relu_group_norm` does it in one
+program per (example, group) each way, saving x only (eager saves and rereads relu(x) and runs four
+kernels: ReLU, GroupNorm, their backwards, plus DP's per-example sums). Its backward hands the same
+per-example (gamma, beta) gradients to ``per_example`` (no conv: a block's input is a sum).
 
 Where the kernels cannot run (CPU, no Triton, odd sizes) the block runs its modules as before, so
 the CPU engine stays bit for bit what it was. ``TRITON_INTERPRET=1`` runs the kernels on the CPU
@@ -53,6 +59,16 @@ def _kernels():
     except ImportError:
         return None
     return forward_kernel, backward_kernel
+
+
+@functools.cache
+def _norm_kernels():
+    """(forward, backward) ReLU -> GroupNorm Triton kernels; None without Triton."""
+    try:
+        from dpvision.engines.triton_kernels import relu_norm_backward_kernel, relu_norm_forward_kernel
+    except ImportError:
+        return None
+    return relu_norm_forward_kernel, relu_norm_backward_kernel
 
 
 def _blocks(cg: int, hwo: int) -> tuple[int, int]:
@@ -127,6 +143,70 @@ def group_norm_relu_pool(x: torch.Tensor, module: nn.GroupNorm, per_example: Per
     return F.max_pool2d(F.relu(module(x)), 2)
 
 
+class _ReluGroupNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, module, per_example):
+        b, c, h, w = x.shape
+        groups = module.num_groups
+        out = torch.empty_like(x)
+        stats = torch.empty(b * groups, 2, device=x.device, dtype=torch.float32)  # (mean, rstd) of relu(x)
+        cg_p2, block_hw = _blocks(c // groups, h * w)
+        _norm_kernels()[0][(b * groups,)](x, weight, bias, out, stats, c, h * w, c // groups, module.eps,
+                                          CG_P2=cg_p2, BLOCK_HW=block_hw, BLOCK_S=STATS_BLOCK, num_warps=NUM_WARPS)
+        ctx.save_for_backward(x, weight, bias, stats)  # x, not relu(x): the backward recomputes it
+        ctx.module, ctx.per_example = module, per_example
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, stats = ctx.saved_tensors
+        b, c, h, w = x.shape
+        groups = ctx.module.num_groups
+        dy = dy.contiguous()
+        dx = torch.empty_like(x)
+        gw, gb, cb = (torch.empty(b, c, device=x.device, dtype=torch.float32) for _ in range(3))  # [B, C] each
+        cg_p2, block_hw = _blocks(c // groups, h * w)
+        _norm_kernels()[1][(b * groups,)](x, weight, bias, stats, dy, dx, gw, gb, cb, c, h * w, c // groups,
+                                          CG_P2=cg_p2, BLOCK_HW=block_hw, num_warps=NUM_WARPS)
+        if ctx.per_example is not None:
+            ctx.per_example(ctx.module, gw, gb, None, cb)
+        grad_w = gw.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_b = gb.sum(0).to(bias.dtype) if ctx.needs_input_grad[2] else None
+        return dx, grad_w, grad_b, None, None
+
+
+def norm_fusable(x: torch.Tensor, act: nn.Module, norm: nn.Module) -> bool:
+    """Whether the kernels can run ``norm(act(x))`` on ``x`` [B, C, H, W]: a ReLU, then an affine GroupNorm."""
+    return (type(act) is nn.ReLU and type(norm) is nn.GroupNorm and norm.affine and x.dim() == 4
+            and x.is_contiguous() and len(x) > 0 and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and (x.is_cuda or x.device.type == "cpu" and _interpreting())
+            and norm.weight.device == x.device and _norm_kernels() is not None)
+
+
+def relu_group_norm(x: torch.Tensor, act: nn.Module, norm: nn.Module,
+                    per_example: PerExample | None = None) -> torch.Tensor:
+    """``norm(act(x))``, in one kernel each way where :func:`norm_fusable`, else by the modules.
+    ``per_example(norm, dgamma, dbeta, None, dx_sums)``: as for :func:`group_norm_relu_pool`."""
+    if norm_fusable(x, act, norm):
+        return _ReluGroupNorm.apply(x, norm.weight, norm.bias, norm, per_example)
+    return norm(act(x))
+
+
+def _has_seam(module: nn.Module) -> bool:
+    return "act_norm" in vars(type(module))
+
+
+def fuse_act_norms(model: nn.Module, per_example: PerExample | None = None) -> int:
+    """Give every module with an ``act_norm`` seam (WideResNet and its blocks) the kernels' ReLU -> GroupNorm.
+    Returns the number of affine GroupNorms such modules hold (each fused where :func:`norm_fusable`)."""
+    count = 0
+    for m in model.modules():
+        if _has_seam(m):
+            m.act_norm = functools.partial(relu_group_norm, per_example=per_example)
+            count += sum(type(c) is nn.GroupNorm and c.affine for c in m.children())
+    return count
+
+
 def _is_pool2(m: nn.Module) -> bool:
     return (type(m) is nn.MaxPool2d and m.kernel_size in (2, (2, 2)) and m.stride in (2, (2, 2), None)
             and m.padding in (0, (0, 0)) and m.dilation in (1, (1, 1)) and not m.ceil_mode and not m.return_indices)
@@ -159,9 +239,10 @@ def fuse_blocks(model: nn.Module, per_example: PerExample | None = None) -> int:
 
     The modules and parameters stay as they are (same ``state_dict``); each such Sequential gets an
     instance ``forward`` that runs the kernels where :func:`fusable` and the modules themselves (their
-    hooks included) elsewhere. Returns the number of runs fused; :func:`unfuse_blocks` undoes it.
+    hooks included) elsewhere; and every ReLU -> GroupNorm of a module with an ``act_norm`` seam
+    (:func:`fuse_act_norms`). Returns the number of runs fused; :func:`unfuse_blocks` undoes it.
     """
-    count = 0
+    count = fuse_act_norms(model, per_example)
     for seq in model.modules():
         if type(seq) is nn.Sequential and (starts := fusable_runs(seq)):
             seq._dpvision_fused = frozenset(starts)
@@ -173,6 +254,7 @@ def fuse_blocks(model: nn.Module, per_example: PerExample | None = None) -> int:
 
 def unfuse_blocks(model: nn.Module) -> None:
     for seq in model.modules():
+        seq.__dict__.pop("act_norm", None)
         if "_dpvision_fused" in seq.__dict__:
             for name in ("forward", "_dpvision_fused", "_dpvision_per_example"):
                 seq.__dict__.pop(name, None)

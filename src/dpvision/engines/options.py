@@ -52,8 +52,8 @@ class FastOptions:
     pad_sigmas: chunk capacity = E[B] + pad_sigmas sd (default ``chunks.PAD_SIGMAS``).
     bucket: padded chunk sizes are multiples of this (default about sd / 2; 0: always the capacity).
     cudnn_benchmark: cuDNN times its algorithms for the chunks' shapes (CUDA only; raises peak memory).
-    fuse: GroupNorm -> ReLU -> MaxPool2d(2) as Triton kernels (:mod:`dpvision.engines.fused`; default:
-        on CUDA; without DP or with the manual backend).
+    fuse: GroupNorm -> ReLU -> MaxPool2d(2), and WideResNet's ReLU -> GroupNorm, as Triton kernels
+        (:mod:`dpvision.engines.fused`; default: on CUDA; without DP or with the manual backend).
     augmult: K > 0 trains on K augmentations of every sampled example, their gradients averaged before
         clipping (:mod:`dpvision.engines.augmult`: same sensitivity, same accounting); eager only. Under DP
         the manual backend's view-aware path where it supports the model, else torch.func vmap.

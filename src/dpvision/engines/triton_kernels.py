@@ -5,6 +5,8 @@
 * ``forward_kernel`` / ``backward_kernel`` (:mod:`dpvision.engines.fused`): GroupNorm -> ReLU ->
   MaxPool2d(2), one program per (example, group) of a [B, C, H, W] conv output whose group is CG channels
   of H W contiguous elements; its tiles are [CG_P2, BLOCK_HW], the group's channels by pooled positions.
+* ``relu_norm_forward_kernel`` / ``relu_norm_backward_kernel`` (:mod:`dpvision.engines.fused`): ReLU ->
+  GroupNorm (WRN's pre-activation blocks), one program per (example, group), the same tiles over positions.
 
 Statistics are combined block by block with Chan's formula (no E[a^2] - mu^2 cancellation); every sum is
 float32 whatever the inputs' dtype.
@@ -161,3 +163,76 @@ def backward_kernel(x_ptr, w_ptr, b_ptr, stats_ptr, dout_ptr, dx_ptr, gw_ptr, gb
         tl.store(dx_base + offs + 1, rstd * (tl.where(s1, gdy, 0.0) - m1 - (x1 - mean) * rstd * m2), mask=mask)
         tl.store(dx_base + offs + W, rstd * (tl.where(s2, gdy, 0.0) - m1 - (x2 - mean) * rstd * m2), mask=mask)
         tl.store(dx_base + offs + W + 1, rstd * (tl.where(s3, gdy, 0.0) - m1 - (x3 - mean) * rstd * m2), mask=mask)
+
+
+@triton.jit
+def relu_tile(x_ptr, c, c_mask, start, HW, BLOCK_HW: tl.constexpr):
+    """One tile [CG_P2, BLOCK_HW] of a group: (offsets, mask, x, relu(x)), float32."""
+    p = start + tl.arange(0, BLOCK_HW)
+    offs = c[:, None] * HW + p[None, :]
+    mask = c_mask[:, None] & (p < HW)[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return offs, mask, x, tl.maximum(x, 0.0)
+
+
+@triton.jit
+def relu_norm_forward_kernel(x_ptr, w_ptr, b_ptr, out_ptr, stats_ptr, C, HW, CG, eps,
+                             CG_P2: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_S: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # example i, group g: row = i G + g
+    G = C // CG
+    i, g = row // G, row % G
+    base = (i * C + g * CG) * HW  # the group: CG channels of HW contiguous elements
+    S = CG * HW
+    n = tl.zeros((), tl.float32)
+    mean = tl.zeros((), tl.float32)
+    m2 = tl.zeros((), tl.float32)
+    for start in range(0, S, BLOCK_S):  # statistics of relu(x): the masked places load 0, counted out
+        offs = start + tl.arange(0, BLOCK_S)
+        mask = offs < S
+        r = tl.maximum(tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32), 0.0)
+        n, mean, m2 = chan_update(n, mean, m2, r, mask, tl.minimum(S - start, BLOCK_S).to(tl.float32))
+    rstd = 1.0 / tl.sqrt(m2 / S + eps)
+    tl.store(stats_ptr + row * 2, mean)
+    tl.store(stats_ptr + row * 2 + 1, rstd)
+    c, c_mask, gamma, scale, shift = affine(w_ptr, b_ptr, g, CG, mean, rstd, CG_P2)
+    for start in range(0, HW, BLOCK_HW):
+        offs, mask, _, r = relu_tile(x_ptr + base, c, c_mask, start, HW, BLOCK_HW)
+        tl.store(out_ptr + base + offs, r * scale + shift, mask=mask)
+
+
+@triton.jit
+def relu_norm_backward_kernel(x_ptr, w_ptr, b_ptr, stats_ptr, dy_ptr, dx_ptr, gw_ptr, gb_ptr, cb_ptr, C, HW, CG,
+                              CG_P2: tl.constexpr, BLOCK_HW: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    G = C // CG
+    i, g = row // G, row % G
+    base = (i * C + g * CG) * HW
+    mean = tl.load(stats_ptr + row * 2)
+    rstd = tl.load(stats_ptr + row * 2 + 1)
+    c, c_mask, gamma, scale, shift = affine(w_ptr, b_ptr, g, CG, mean, rstd, CG_P2)
+
+    # Pass A: per channel, sum dy x_hat and sum dy: example i's dgamma and dbeta.
+    s_gw = tl.zeros((CG_P2,), tl.float32)
+    s_gb = tl.zeros((CG_P2,), tl.float32)
+    for start in range(0, HW, BLOCK_HW):
+        offs, mask, _, r = relu_tile(x_ptr + base, c, c_mask, start, HW, BLOCK_HW)
+        dy = tl.load(dy_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)  # 0 where masked
+        s_gw += tl.sum(dy * (r - mean) * rstd, axis=1)
+        s_gb += tl.sum(dy, axis=1)
+    tl.store(gw_ptr + i * C + g * CG + c, s_gw, mask=c_mask)
+    tl.store(gb_ptr + i * C + g * CG + c, s_gb, mask=c_mask)
+    S = CG * HW
+    m1 = tl.sum(gamma * s_gb, axis=0) / S  # mean over the group of gamma dy
+    m2 = tl.sum(gamma * s_gw, axis=0) / S  # mean over the group of gamma dy x_hat
+
+    # Pass B: dx = [x > 0] rstd (gamma dy - m1 - x_hat m2), and its sums over space per channel (the
+    # per-example bias gradients of the conv whose output x is).
+    gamma2 = gamma[:, None]
+    s_cb = tl.zeros((CG_P2,), tl.float32)
+    for start in range(0, HW, BLOCK_HW):
+        offs, mask, x, r = relu_tile(x_ptr + base, c, c_mask, start, HW, BLOCK_HW)
+        dy = tl.load(dy_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        dx = tl.where(mask & (x > 0.0), rstd * (gamma2 * dy - m1 - (r - mean) * rstd * m2), 0.0)
+        tl.store(dx_ptr + base + offs, dx, mask=mask)
+        s_cb += tl.sum(dx, axis=1)
+    tl.store(cb_ptr + i * C + g * CG + c, s_cb, mask=c_mask)

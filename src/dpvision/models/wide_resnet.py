@@ -16,6 +16,9 @@ may be weight-standardised (:class:`~dpvision.models.layers.WSConv2d`, the paper
 jax_privacy's extra per-channel gain (the GroupNorm after each conv has one). 2,751,562 parameters
 for 3x32x32 inputs and 10 classes (the paper's "2.7M"); the global pool makes any image size work.
 No BatchNorm, no dropout, no parameter sharing: every layer is per-example, as DP-SGD needs.
+
+Every ``act -> GroupNorm`` goes through the instance's ``act_norm(x, act, norm)``: PyTorch's modules here;
+the fast engine may replace it on an instance by one kernel each way (:mod:`dpvision.engines.fused`).
 """
 
 from __future__ import annotations
@@ -29,8 +32,15 @@ WRN_GROUPS = 16  # GroupNorm groups everywhere (De et al. 2022)
 STEM_CHANNELS = 16
 
 
+def act_norm(x: torch.Tensor, act: nn.Module, norm: nn.Module) -> torch.Tensor:
+    """``norm(act(x))``: the seam a fused kernel replaces (the modules and their parameters stay)."""
+    return norm(act(x))
+
+
 class WideBlock(nn.Module):
     """``x + conv(norm(act(conv(norm(act(x))))))``, with a projected shortcut when the shape changes."""
+
+    act_norm = staticmethod(act_norm)
 
     def __init__(self, c_in: int, c_out: int, stride: int, *, conv: type[nn.Conv2d], activation: str,
                  groups: int = WRN_GROUPS) -> None:
@@ -48,10 +58,9 @@ class WideBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, c_in, H, W] -> [B, c_out, H / stride, W / stride]
-        a = self.act1(x)
-        skip = self.skip_conv(self.skip_norm(a)) if self.projection else x
-        h = self.conv1(self.norm1(a))
-        h = self.conv2(self.norm2(self.act2(h)))
+        skip = self.skip_conv(self.act_norm(x, self.act1, self.skip_norm)) if self.projection else x
+        h = self.conv1(self.act_norm(x, self.act1, self.norm1))
+        h = self.conv2(self.act_norm(h, self.act2, self.norm2))
         return h + skip
 
 
@@ -63,6 +72,8 @@ class WideResNet(nn.Module):
         >>> model(torch.zeros(2, 3, 32, 32)).shape, sum(p.numel() for p in model.parameters())
         (torch.Size([2, 10]), 2751562)
     """
+
+    act_norm = staticmethod(act_norm)
 
     def __init__(self, *, in_channels: int = 3, num_classes: int = 10, depth: int = 16, widen: int = 4,
                  activation: str = "relu", weight_standardization: bool = False) -> None:
@@ -85,6 +96,6 @@ class WideResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, C_in, H, W]
         x = self.blocks(self.stem(x))  # [B, 64 widen, H/4, W/4]
-        x = self.final_norm(self.final_act(x))
+        x = self.act_norm(x, self.final_act, self.final_norm)
         x = x.mean(dim=(2, 3))  # [B, 64 widen]
         return self.head(x)  # [B, num_classes]
