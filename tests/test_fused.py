@@ -68,10 +68,15 @@ def check_against_autograd(x: torch.Tensor, gn: nn.GroupNorm, dout: torch.Tensor
     assert float((got["cb"].double() - xd.grad.sum((2, 3))).norm() / xd.grad.abs().sum((2, 3)).norm()) < tol
     assert rel(gnf.weight.grad.double(), gnd.weight.grad) < tol
     assert rel(gnf.bias.grad.double(), gnd.bias.grad) < tol
+    check_per_example(got, lambda xi: reference(xi, gnd), gnd, xd.detach(), dout.double(), tol)
+
+
+def check_per_example(got: dict, block, gnd: nn.GroupNorm, xd: torch.Tensor, dout: torch.Tensor, tol: float) -> None:
+    """The kernels' per-example (dgamma, dbeta) against float64 autograd of ``block``, one example at a time."""
     per_w, per_b = [], []
-    for i in range(len(x)):  # example i's gradients, one example at a time
+    for i in range(len(xd)):
         gnd.zero_grad()
-        reference(xd.detach()[i:i + 1], gnd).backward(dout[i:i + 1].double())
+        block(xd[i:i + 1]).backward(dout[i:i + 1])
         per_w.append(gnd.weight.grad.clone())
         per_b.append(gnd.bias.grad.clone())
     assert rel(got["gw"].double(), torch.stack(per_w)) < tol
@@ -185,14 +190,7 @@ def check_relu_norm(x: torch.Tensor, gn: nn.GroupNorm, dy: torch.Tensor, tol: fl
     for mine, theirs in ((out, ref), (xf.grad, xd.grad), (gnf.weight.grad, gnd.weight.grad),
                          (gnf.bias.grad, gnd.bias.grad), (got["cb"], xd.grad.sum((2, 3)))):
         assert rel(mine.double(), theirs) < tol
-    per_w, per_b = [], []
-    for i in range(len(x)):  # example i's gradients, one example at a time
-        gnd.zero_grad()
-        gnd(F.relu(xd.detach()[i:i + 1])).backward(dy[i:i + 1].double())
-        per_w.append(gnd.weight.grad.clone())
-        per_b.append(gnd.bias.grad.clone())
-    assert rel(got["gw"].double(), torch.stack(per_w)) < tol
-    assert rel(got["gb"].double(), torch.stack(per_b)) < tol
+    check_per_example(got, lambda xi: gnd(F.relu(xi)), gnd, xd.detach(), dy.double(), tol)
 
 
 # (batch, channels, groups, H, W): WRN's 1, 4 and 16 channels a group; 3 (not a power of 2); odd sizes

@@ -78,6 +78,30 @@ def _blocks(cg: int, hwo: int) -> tuple[int, int]:
     return cg_p2, max(1, min(hw_p2, TILE // cg_p2))
 
 
+def _example_sums(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Buffers [B, C] float32 for a fused backward: per-example dgamma, dbeta, and dx summed over space."""
+    return tuple(torch.empty(x.shape[:2], device=x.device, dtype=torch.float32) for _ in range(3))
+
+
+def _parameter_grads(ctx, gw: torch.Tensor, gb: torch.Tensor, conv: nn.Conv2d | None, cb: torch.Tensor):
+    """A fused backward's (dgamma, dbeta) from the per-example ones [B, C], after handing those (and the sums
+    of dx over space ``cb``) to the backend's ``per_example``."""
+    if ctx.per_example is not None:
+        ctx.per_example(ctx.module, gw, gb, conv, cb)
+    weight, bias = ctx.module.weight, ctx.module.bias
+    return (gw.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None,
+            gb.sum(0).to(bias.dtype) if ctx.needs_input_grad[2] else None)
+
+
+def _kernel_input(x: torch.Tensor, module: nn.Module, kernels) -> bool:
+    """Whether Triton ``kernels`` (not None) can take ``x`` [B, C, H, W] (contiguous, CUDA or the CPU under the
+    interpreter) normalised by the affine GroupNorm ``module``."""
+    return (type(module) is nn.GroupNorm and module.affine and x.dim() == 4 and x.is_contiguous() and len(x) > 0
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and (x.is_cuda or x.device.type == "cpu" and _interpreting())
+            and module.weight.device == x.device and kernels is not None)
+
+
 class _GroupNormReluPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, module, per_example, conv):
@@ -98,28 +122,17 @@ class _GroupNormReluPool(torch.autograd.Function):
         x, weight, bias, stats = ctx.saved_tensors
         b, c, h, w = x.shape
         groups = ctx.module.num_groups
-        dout = dout.contiguous()
-        dx = torch.empty_like(x)
-        gw = torch.empty(b, c, device=x.device, dtype=torch.float32)  # per-example dgamma [B, C]
-        gb = torch.empty(b, c, device=x.device, dtype=torch.float32)  # per-example dbeta [B, C]
-        cb = torch.empty(b, c, device=x.device, dtype=torch.float32)  # dx summed over space [B, C]
+        dout, dx, (gw, gb, cb) = dout.contiguous(), torch.empty_like(x), _example_sums(x)
         cg_p2, block_hw = _blocks(c // groups, dout[0, 0].numel())
         _kernels()[1][(b * groups,)](x, weight, bias, stats, dout, dx, gw, gb, cb, c, h * w, w, w // 2,
                                      dout[0, 0].numel(), c // groups, CG_P2=cg_p2, BLOCK_HW=block_hw,
                                      num_warps=NUM_WARPS)
-        if ctx.per_example is not None:
-            ctx.per_example(ctx.module, gw, gb, ctx.conv, cb)
-        grad_w = gw.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        grad_b = gb.sum(0).to(bias.dtype) if ctx.needs_input_grad[2] else None
-        return dx, grad_w, grad_b, None, None, None
+        return dx, *_parameter_grads(ctx, gw, gb, ctx.conv, cb), None, None, None
 
 
 def fusable(x: torch.Tensor, module: nn.GroupNorm) -> bool:
     """Whether the kernels can run GroupNorm -> ReLU -> 2x2 max-pool on ``x`` [B, C, H, W]."""
-    return (x.dim() == 4 and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0 and x.is_contiguous() and len(x) > 0
-            and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and (x.is_cuda or x.device.type == "cpu" and _interpreting())
-            and module.affine and module.weight.device == x.device and _kernels() is not None)
+    return _kernel_input(x, module, _kernels()) and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0
 
 
 def _interpreting() -> bool:
@@ -162,25 +175,16 @@ class _ReluGroupNorm(torch.autograd.Function):
         x, weight, bias, stats = ctx.saved_tensors
         b, c, h, w = x.shape
         groups = ctx.module.num_groups
-        dy = dy.contiguous()
-        dx = torch.empty_like(x)
-        gw, gb, cb = (torch.empty(b, c, device=x.device, dtype=torch.float32) for _ in range(3))  # [B, C] each
+        dy, dx, (gw, gb, cb) = dy.contiguous(), torch.empty_like(x), _example_sums(x)
         cg_p2, block_hw = _blocks(c // groups, h * w)
         _norm_kernels()[1][(b * groups,)](x, weight, bias, stats, dy, dx, gw, gb, cb, c, h * w, c // groups,
                                           CG_P2=cg_p2, BLOCK_HW=block_hw, num_warps=NUM_WARPS)
-        if ctx.per_example is not None:
-            ctx.per_example(ctx.module, gw, gb, None, cb)
-        grad_w = gw.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        grad_b = gb.sum(0).to(bias.dtype) if ctx.needs_input_grad[2] else None
-        return dx, grad_w, grad_b, None, None
+        return dx, *_parameter_grads(ctx, gw, gb, None, cb), None, None
 
 
 def norm_fusable(x: torch.Tensor, act: nn.Module, norm: nn.Module) -> bool:
     """Whether the kernels can run ``norm(act(x))`` on ``x`` [B, C, H, W]: a ReLU, then an affine GroupNorm."""
-    return (type(act) is nn.ReLU and type(norm) is nn.GroupNorm and norm.affine and x.dim() == 4
-            and x.is_contiguous() and len(x) > 0 and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and (x.is_cuda or x.device.type == "cpu" and _interpreting())
-            and norm.weight.device == x.device and _norm_kernels() is not None)
+    return type(act) is nn.ReLU and _kernel_input(x, norm, _norm_kernels())
 
 
 def relu_group_norm(x: torch.Tensor, act: nn.Module, norm: nn.Module,
