@@ -180,8 +180,8 @@ def check_relu_norm(x: torch.Tensor, gn: nn.GroupNorm, dy: torch.Tensor, tol: fl
     got = {}
     xf, gnf = x.clone().requires_grad_(), copy.deepcopy(gn).to(x.device)
     assert fused.norm_fusable(xf, nn.ReLU(), gnf)
-    out = fused.relu_group_norm(xf, nn.ReLU(), gnf,
-                                per_example=lambda m, gw, gb, cv, cb: got.update(m=m, gw=gw, gb=gb, conv=cv, cb=cb))
+    (out,) = fused.relu_group_norms(xf, nn.ReLU(), gnf,
+                                    per_example=lambda m, gw, gb, cv, cb: got.update(m=m, gw=gw, gb=gb, conv=cv, cb=cb))
     out.backward(dy.to(out.dtype))
     gnd, xd = copy.deepcopy(gn).double().to(x.device), x.detach().double().requires_grad_()
     ref = gnd(F.relu(xd))

@@ -21,7 +21,7 @@ own GroupNorm pass. Statistics and sums are float32; x, the output and dx keep x
 under ``precision="bf16"``: the next conv reads it in bfloat16 anyway).
 
 WideResNet's pre-activation blocks run ReLU -> GroupNorm before each conv (no pool), through the model's
-``act_norm(x, act, norm)`` seam (:mod:`dpvision.models.wide_resnet`): :func:`relu_group_norm` does it in one
+``act_norm(x, act, *norms)`` seam (:mod:`dpvision.models.wide_resnet`): :func:`relu_group_norms` does it in one
 program per (example, group) each way, saving x only (eager saves and rereads relu(x) and runs four
 kernels: ReLU, GroupNorm, their backwards, plus DP's per-example sums). Its backward hands the same
 per-example (gamma, beta) gradients to ``per_example`` (no conv: a block's input is a sum).
@@ -187,13 +187,15 @@ def norm_fusable(x: torch.Tensor, act: nn.Module, norm: nn.Module) -> bool:
     return type(act) is nn.ReLU and _kernel_input(x, norm, _norm_kernels())
 
 
-def relu_group_norm(x: torch.Tensor, act: nn.Module, norm: nn.Module,
-                    per_example: PerExample | None = None) -> torch.Tensor:
-    """``norm(act(x))``, in one kernel each way where :func:`norm_fusable`, else by the modules.
-    ``per_example(norm, dgamma, dbeta, None, dx_sums)``: as for :func:`group_norm_relu_pool`."""
-    if norm_fusable(x, act, norm):
-        return _ReluGroupNorm.apply(x, norm.weight, norm.bias, norm, per_example)
-    return norm(act(x))
+def relu_group_norms(x: torch.Tensor, act: nn.Module, *norms: nn.Module,
+                     per_example: PerExample | None = None) -> tuple[torch.Tensor, ...]:
+    """``norm(act(x))`` for each of ``norms`` (WideResNet's ``act_norm`` seam): one kernel each way per norm where
+    :func:`norm_fusable`, else by the modules, act once. ``per_example(norm, dgamma, dbeta, None, dx_sums)``:
+    as for :func:`group_norm_relu_pool`."""
+    if all(norm_fusable(x, act, n) for n in norms):
+        return tuple(_ReluGroupNorm.apply(x, n.weight, n.bias, n, per_example) for n in norms)
+    a = act(x)
+    return tuple(n(a) for n in norms)
 
 
 def _has_seam(module: nn.Module) -> bool:
@@ -206,7 +208,7 @@ def fuse_act_norms(model: nn.Module, per_example: PerExample | None = None) -> i
     count = 0
     for m in model.modules():
         if _has_seam(m):
-            m.act_norm = functools.partial(relu_group_norm, per_example=per_example)
+            m.act_norm = functools.partial(relu_group_norms, per_example=per_example)
             count += sum(type(c) is nn.GroupNorm and c.affine for c in m.children())
     return count
 

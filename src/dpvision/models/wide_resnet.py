@@ -17,7 +17,7 @@ jax_privacy's extra per-channel gain (the GroupNorm after each conv has one). 2,
 for 3x32x32 inputs and 10 classes (the paper's "2.7M"); the global pool makes any image size work.
 No BatchNorm, no dropout, no parameter sharing: every layer is per-example, as DP-SGD needs.
 
-Every ``act -> GroupNorm`` goes through the instance's ``act_norm(x, act, norm)``: PyTorch's modules here;
+Every ``act -> GroupNorm`` goes through the instance's ``act_norm(x, act, *norms)``: PyTorch's modules here;
 the fast engine may replace it on an instance by one kernel each way (:mod:`dpvision.engines.fused`).
 """
 
@@ -32,9 +32,11 @@ WRN_GROUPS = 16  # GroupNorm groups everywhere (De et al. 2022)
 STEM_CHANNELS = 16
 
 
-def act_norm(x: torch.Tensor, act: nn.Module, norm: nn.Module) -> torch.Tensor:
-    """``norm(act(x))``: the seam a fused kernel replaces (the modules and their parameters stay)."""
-    return norm(act(x))
+def act_norm(x: torch.Tensor, act: nn.Module, *norms: nn.Module) -> tuple[torch.Tensor, ...]:
+    """``norm(act(x))`` for each of ``norms`` (act runs once): the seam a fused kernel replaces (the modules and
+    their parameters stay)."""
+    a = act(x)
+    return tuple(norm(a) for norm in norms)
 
 
 class WideBlock(nn.Module):
@@ -58,10 +60,11 @@ class WideBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, c_in, H, W] -> [B, c_out, H / stride, W / stride]
-        skip = self.skip_conv(self.act_norm(x, self.act1, self.skip_norm)) if self.projection else x
-        h = self.conv1(self.act_norm(x, self.act1, self.norm1))
-        h = self.conv2(self.act_norm(h, self.act2, self.norm2))
-        return h + skip
+        norms = (self.skip_norm, self.norm1) if self.projection else (self.norm1,)
+        *skip_in, h = self.act_norm(x, self.act1, *norms)  # act1 runs once for both GroupNorms
+        skip = self.skip_conv(*skip_in) if self.projection else x
+        (h,) = self.act_norm(self.conv1(h), self.act2, self.norm2)
+        return self.conv2(h) + skip
 
 
 class WideResNet(nn.Module):
@@ -96,6 +99,6 @@ class WideResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, C_in, H, W]
         x = self.blocks(self.stem(x))  # [B, 64 widen, H/4, W/4]
-        x = self.act_norm(x, self.final_act, self.final_norm)
+        (x,) = self.act_norm(x, self.final_act, self.final_norm)
         x = x.mean(dim=(2, 3))  # [B, 64 widen]
         return self.head(x)  # [B, num_classes]
