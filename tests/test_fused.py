@@ -183,6 +183,7 @@ def check_relu_norm(x: torch.Tensor, gn: nn.GroupNorm, dy: torch.Tensor, tol: fl
     (out,) = fused.relu_group_norms(xf, nn.ReLU(), gnf,
                                     per_example=lambda m, gw, gb, cv, cb: got.update(m=m, gw=gw, gb=gb, conv=cv, cb=cb))
     out.backward(dy.to(out.dtype))
+    assert out.stride() == x.stride() and xf.grad.stride() == x.stride()  # the layout kept
     gnd, xd = copy.deepcopy(gn).double().to(x.device), x.detach().double().requires_grad_()
     ref = gnd(F.relu(xd))
     ref.backward(dy.double())
@@ -197,12 +198,14 @@ def check_relu_norm(x: torch.Tensor, gn: nn.GroupNorm, dy: torch.Tensor, tol: fl
 RELU_NORM_SHAPES = [(3, 16, 16, 8, 8), (2, 64, 16, 32, 32), (2, 256, 16, 8, 8), (2, 6, 2, 5, 7), (3, 8, 2, 8, 6)]
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("shape", RELU_NORM_SHAPES)
-def test_relu_norm_kernels_match_autograd(interpret, shape):
+def test_relu_norm_kernels_match_autograd(interpret, shape, layout):
     b, c, groups, h, w = shape
     g = torch.Generator().manual_seed(sum(shape))
-    x = torch.randn(b, c, h, w, generator=g) + 0.3  # about 60% positive: the statistics are of relu(x)
-    check_relu_norm(x, random_group_norm(groups, c, seed=b * c), torch.randn(b, c, h, w, generator=g), tol=1e-5)
+    x = (torch.randn(b, c, h, w, generator=g) + 0.3).contiguous(memory_format=layout)  # ~60% positive
+    dy = torch.randn(b, c, h, w, generator=g)  # NCHW whatever x's layout: the backward takes either
+    check_relu_norm(x, random_group_norm(groups, c, seed=b * c), dy, tol=1e-5)
 
 
 def tiny_wrn() -> WideResNet:
@@ -210,9 +213,10 @@ def tiny_wrn() -> WideResNet:
     return WideResNet(in_channels=3, num_classes=4, depth=10, widen=1)
 
 
-def test_wide_resnet_fusion_keeps_modules_and_unfuses(interpret):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_wide_resnet_fusion_keeps_modules_and_unfuses(interpret, layout):
     torch.manual_seed(3)
-    model, x = tiny_wrn(), torch.randn(3, 3, 8, 8)
+    model, x = tiny_wrn().to(memory_format=layout), torch.randn(3, 3, 8, 8).contiguous(memory_format=layout)
     keys, before = list(model.state_dict()), model(x)
     assert fused.fuse_blocks(model) == 9 and list(model.state_dict()) == keys
     calls = []

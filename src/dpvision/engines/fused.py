@@ -93,10 +93,11 @@ def _parameter_grads(ctx, gw: torch.Tensor, gb: torch.Tensor, conv: nn.Conv2d | 
             gb.sum(0).to(bias.dtype) if ctx.needs_input_grad[2] else None)
 
 
-def _kernel_input(x: torch.Tensor, module: nn.Module, kernels) -> bool:
-    """Whether Triton ``kernels`` (not None) can take ``x`` [B, C, H, W] (contiguous, CUDA or the CPU under the
-    interpreter) normalised by the affine GroupNorm ``module``."""
-    return (type(module) is nn.GroupNorm and module.affine and x.dim() == 4 and x.is_contiguous() and len(x) > 0
+def _kernel_input(x: torch.Tensor, module: nn.Module, kernels, channels_last: bool = False) -> bool:
+    """Whether Triton ``kernels`` (not None) can take ``x`` [B, C, H, W] (contiguous, or channels-last where
+    allowed; CUDA, or the CPU under the interpreter) normalised by the affine GroupNorm ``module``."""
+    return (type(module) is nn.GroupNorm and module.affine and x.dim() == 4 and (x.is_contiguous() or channels_last)
+            and len(x) > 0
             and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
             and (x.is_cuda or x.device.type == "cpu" and _interpreting())
             and module.weight.device == x.device and kernels is not None)
@@ -156,18 +157,25 @@ def group_norm_relu_pool(x: torch.Tensor, module: nn.GroupNorm, per_example: Per
     return F.max_pool2d(F.relu(module(x)), 2)
 
 
+def _layout(x: torch.Tensor) -> tuple[torch.Tensor, torch.memory_format, tuple[int, int, int]]:
+    """(x, its memory format, (stride of an example, of a channel, of a position)): NCHW or channels-last."""
+    fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
+    return x, fmt, (x.stride(0), x.stride(1), x.stride(3))
+
+
 class _ReluGroupNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, module, per_example):
         b, c, h, w = x.shape
         groups = module.num_groups
-        out = torch.empty_like(x)
+        x, fmt, strides = _layout(x)
+        out = torch.empty_like(x, memory_format=fmt)
         stats = torch.empty(b * groups, 2, device=x.device, dtype=torch.float32)  # (mean, rstd) of relu(x)
         cg_p2, block_hw = _blocks(c // groups, h * w)
-        _norm_kernels()[0][(b * groups,)](x, weight, bias, out, stats, c, h * w, c // groups, module.eps,
-                                          CG_P2=cg_p2, BLOCK_HW=block_hw, BLOCK_S=STATS_BLOCK, num_warps=NUM_WARPS)
+        _norm_kernels()[0][(b * groups,)](x, weight, bias, out, stats, c, h * w, c // groups, module.eps, *strides,
+                                          CG_P2=cg_p2, BLOCK_HW=block_hw, num_warps=NUM_WARPS)
         ctx.save_for_backward(x, weight, bias, stats)  # x, not relu(x): the backward recomputes it
-        ctx.module, ctx.per_example = module, per_example
+        ctx.module, ctx.per_example, ctx.fmt = module, per_example, fmt
         return out
 
     @staticmethod
@@ -175,16 +183,18 @@ class _ReluGroupNorm(torch.autograd.Function):
         x, weight, bias, stats = ctx.saved_tensors
         b, c, h, w = x.shape
         groups = ctx.module.num_groups
-        dy, dx, (gw, gb, cb) = dy.contiguous(), torch.empty_like(x), _example_sums(x)
+        dy, dx, (gw, gb, cb) = dy.contiguous(memory_format=ctx.fmt), torch.empty_like(x), _example_sums(x)
         cg_p2, block_hw = _blocks(c // groups, h * w)
         _norm_kernels()[1][(b * groups,)](x, weight, bias, stats, dy, dx, gw, gb, cb, c, h * w, c // groups,
-                                          CG_P2=cg_p2, BLOCK_HW=block_hw, num_warps=NUM_WARPS)
+                                          *_layout(x)[2], CG_P2=cg_p2, BLOCK_HW=block_hw, num_warps=NUM_WARPS)
         return dx, *_parameter_grads(ctx, gw, gb, None, cb), None, None
 
 
 def norm_fusable(x: torch.Tensor, act: nn.Module, norm: nn.Module) -> bool:
-    """Whether the kernels can run ``norm(act(x))`` on ``x`` [B, C, H, W]: a ReLU, then an affine GroupNorm."""
-    return type(act) is nn.ReLU and _kernel_input(x, norm, _norm_kernels())
+    """Whether the kernels can run ``norm(act(x))`` on ``x`` [B, C, H, W]: a ReLU, then an affine GroupNorm; x
+    NCHW-contiguous or channels-last."""
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    return type(act) is nn.ReLU and _kernel_input(x, norm, _norm_kernels(), channels_last)
 
 
 def relu_group_norms(x: torch.Tensor, act: nn.Module, *norms: nn.Module,

@@ -166,47 +166,59 @@ def backward_kernel(x_ptr, w_ptr, b_ptr, stats_ptr, dout_ptr, dx_ptr, gw_ptr, gb
 
 
 @triton.jit
-def relu_tile(x_ptr, c, c_mask, start, HW, BLOCK_HW: tl.constexpr):
-    """One tile [CG_P2, BLOCK_HW] of a group: (offsets, mask, x, relu(x)), float32."""
+def chan_update_2d(n, mean, m2, x, mask, cnt):
+    """:func:`chan_update` for a tile [R, S] of which the ``cnt`` elements where ``mask`` count."""
+    b_mean = tl.sum(tl.sum(x, axis=1), axis=0) / cnt
+    d = tl.where(mask, x - b_mean, 0.0)
+    total = n + cnt
+    delta = b_mean - mean
+    return total, mean + delta * (cnt / total), m2 + tl.sum(tl.sum(d * d, axis=1), axis=0) + delta * delta * (n * cnt / total)
+
+
+@triton.jit
+def relu_tile(x_ptr, c, c_mask, start, HW, stride_c, stride_p, BLOCK_HW: tl.constexpr):
+    """One tile [CG_P2, BLOCK_HW] of a group (channels by positions, either memory layout: the strides of a
+    channel and of a position): (offsets, mask, x, relu(x)), float32."""
     p = start + tl.arange(0, BLOCK_HW)
-    offs = c[:, None] * HW + p[None, :]
+    offs = c[:, None] * stride_c + p[None, :] * stride_p
     mask = c_mask[:, None] & (p < HW)[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     return offs, mask, x, tl.maximum(x, 0.0)
 
 
 @triton.jit
-def relu_norm_forward_kernel(x_ptr, w_ptr, b_ptr, out_ptr, stats_ptr, C, HW, CG, eps,
-                             CG_P2: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_S: tl.constexpr):
+def relu_norm_forward_kernel(x_ptr, w_ptr, b_ptr, out_ptr, stats_ptr, C, HW, CG, eps, stride_n, stride_c, stride_p,
+                             CG_P2: tl.constexpr, BLOCK_HW: tl.constexpr):
+    # out has x's strides: NCHW (stride_c = HW, stride_p = 1) or channels-last (stride_c = 1, stride_p = C).
     row = tl.program_id(0).to(tl.int64)  # example i, group g: row = i G + g
     G = C // CG
     i, g = row // G, row % G
-    base = (i * C + g * CG) * HW  # the group: CG channels of HW contiguous elements
-    S = CG * HW
+    base = i * stride_n + g * CG * stride_c  # the group's first element
+    c = tl.arange(0, CG_P2)
+    c_mask = c < CG
     n = tl.zeros((), tl.float32)
     mean = tl.zeros((), tl.float32)
     m2 = tl.zeros((), tl.float32)
-    for start in range(0, S, BLOCK_S):  # statistics of relu(x): the masked places load 0, counted out
-        offs = start + tl.arange(0, BLOCK_S)
-        mask = offs < S
-        r = tl.maximum(tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32), 0.0)
-        n, mean, m2 = chan_update(n, mean, m2, r, mask, tl.minimum(S - start, BLOCK_S).to(tl.float32))
-    rstd = 1.0 / tl.sqrt(m2 / S + eps)
+    for start in range(0, HW, BLOCK_HW):  # statistics of relu(x): the masked places load 0, counted out
+        _, mask, _, r = relu_tile(x_ptr + base, c, c_mask, start, HW, stride_c, stride_p, BLOCK_HW)
+        n, mean, m2 = chan_update_2d(n, mean, m2, r, mask, (CG * tl.minimum(HW - start, BLOCK_HW)).to(tl.float32))
+    rstd = 1.0 / tl.sqrt(m2 / (CG * HW) + eps)
     tl.store(stats_ptr + row * 2, mean)
     tl.store(stats_ptr + row * 2 + 1, rstd)
     c, c_mask, gamma, scale, shift = affine(w_ptr, b_ptr, g, CG, mean, rstd, CG_P2)
     for start in range(0, HW, BLOCK_HW):
-        offs, mask, _, r = relu_tile(x_ptr + base, c, c_mask, start, HW, BLOCK_HW)
+        offs, mask, _, r = relu_tile(x_ptr + base, c, c_mask, start, HW, stride_c, stride_p, BLOCK_HW)
         tl.store(out_ptr + base + offs, r * scale + shift, mask=mask)
 
 
 @triton.jit
 def relu_norm_backward_kernel(x_ptr, w_ptr, b_ptr, stats_ptr, dy_ptr, dx_ptr, gw_ptr, gb_ptr, cb_ptr, C, HW, CG,
-                              CG_P2: tl.constexpr, BLOCK_HW: tl.constexpr):
+                              stride_n, stride_c, stride_p, CG_P2: tl.constexpr, BLOCK_HW: tl.constexpr):
+    # dy and dx have x's strides.
     row = tl.program_id(0).to(tl.int64)
     G = C // CG
     i, g = row // G, row % G
-    base = (i * C + g * CG) * HW
+    base = i * stride_n + g * CG * stride_c
     mean = tl.load(stats_ptr + row * 2)
     rstd = tl.load(stats_ptr + row * 2 + 1)
     c, c_mask, gamma, scale, shift = affine(w_ptr, b_ptr, g, CG, mean, rstd, CG_P2)
@@ -215,7 +227,7 @@ def relu_norm_backward_kernel(x_ptr, w_ptr, b_ptr, stats_ptr, dy_ptr, dx_ptr, gw
     s_gw = tl.zeros((CG_P2,), tl.float32)
     s_gb = tl.zeros((CG_P2,), tl.float32)
     for start in range(0, HW, BLOCK_HW):
-        offs, mask, _, r = relu_tile(x_ptr + base, c, c_mask, start, HW, BLOCK_HW)
+        offs, mask, _, r = relu_tile(x_ptr + base, c, c_mask, start, HW, stride_c, stride_p, BLOCK_HW)
         dy = tl.load(dy_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)  # 0 where masked
         s_gw += tl.sum(dy * (r - mean) * rstd, axis=1)
         s_gb += tl.sum(dy, axis=1)
@@ -230,7 +242,7 @@ def relu_norm_backward_kernel(x_ptr, w_ptr, b_ptr, stats_ptr, dy_ptr, dx_ptr, gw
     gamma2 = gamma[:, None]
     s_cb = tl.zeros((CG_P2,), tl.float32)
     for start in range(0, HW, BLOCK_HW):
-        offs, mask, x, r = relu_tile(x_ptr + base, c, c_mask, start, HW, BLOCK_HW)
+        offs, mask, x, r = relu_tile(x_ptr + base, c, c_mask, start, HW, stride_c, stride_p, BLOCK_HW)
         dy = tl.load(dy_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         dx = tl.where(mask & (x > 0.0), rstd * (gamma2 * dy - m1 - (r - mean) * rstd * m2), 0.0)
         tl.store(dx_ptr + base + offs, dx, mask=mask)
