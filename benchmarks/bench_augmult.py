@@ -204,7 +204,7 @@ def parse_args(argv):
     p.add_argument("--channels-last", default=False, action=argparse.BooleanOptionalAction,
                    help="the fast engine's channels_last (CUDA; the yardstick is always channels-last on CUDA)")
     p.add_argument("--plain", default=None, help="yardstick configs, c<batch> compiled / e<batch> eager "
-                                                 "(default e1024,e4096,c1024,c4096 on CUDA, e256 on CPU)")
+                                                 "(default e1024,e4096,c1024,c4096 on CUDA, e256 on CPU; none: no yardstick)")
     p.add_argument("--plain-images", type=int, default=131072, help="images per timed yardstick run")
     p.add_argument("--plain-warmup-steps", type=int, default=3)
     p.add_argument("--weight-standardization", action="store_true",
@@ -240,7 +240,7 @@ def main(argv=None) -> int:
     data = random_images(args.size)
     rows = []
     plain = args.plain or ("e1024,e4096,c1024,c4096" if device.type == "cuda" else "e256")
-    for config in filter(None, plain.split(",")):
+    for config in filter(None, [] if plain == "none" else plain.split(",")):
         rows.append(time_yardstick(data, config, args, device))
         print(f"  yardstick {config}: {rows[-1]['views_per_s']:.0f} images/s", flush=True)
     physicals = [int(v) for v in args.physical.split(",") if v] or [None]
