@@ -23,8 +23,9 @@ under ``precision="bf16"``: the next conv reads it in bfloat16 anyway).
 WideResNet's pre-activation blocks run ReLU -> GroupNorm before each conv (no pool), through the model's
 ``act_norm(x, act, *norms)`` seam (:mod:`dpvision.models.wide_resnet`): :func:`relu_group_norms` does it in one
 program per (example, group) each way, saving x only (eager saves and rereads relu(x) and runs four
-kernels: ReLU, GroupNorm, their backwards, plus DP's per-example sums). Its backward hands the same
-per-example (gamma, beta) gradients to ``per_example`` (no conv: a block's input is a sum).
+kernels: ReLU, GroupNorm, their backwards, plus DP's per-example sums). x may be NCHW or channels-last
+(the kernels take a channel's and a position's strides; out and dx keep x's layout). Its backward hands the
+same per-example (gamma, beta) gradients to ``per_example`` (no conv: a block's input is a sum).
 
 Where the kernels cannot run (CPU, no Triton, odd sizes) the block runs its modules as before, so
 the CPU engine stays bit for bit what it was. ``TRITON_INTERPRET=1`` runs the kernels on the CPU
