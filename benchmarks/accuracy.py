@@ -53,6 +53,7 @@ from accuracy_plan import (MAX_CONFIGS, MAX_LIST, PROFILES, REPO, Grid, candidat
                            load_grid, within_budget)
 
 from dpvision.jobs.config import TrainConfig, load_recipe
+from dpvision.jobs.features import FeatureStore
 from dpvision.jobs.sweep import parse_list, sweep
 
 SEEDS = 3
@@ -301,9 +302,12 @@ def recipe_for(epsilon: float, recipes: dict[float | None, TrainConfig]) -> floa
     return min(recipes, key=lambda t: (abs(math.log(epsilon / t)), -t))
 
 
-def frontier_sweep(config: TrainConfig, label: str, epsilons, seeds, out: Path, baseline: bool, args) -> list[dict]:
+def frontier_sweep(config: TrainConfig, label: str, epsilons, seeds, out: Path, baseline: bool, args,
+                   features: FeatureStore | None = None) -> list[dict]:
+    """``features``: a store the frontier's recipes share (a ScatterNet's features computed once per split)."""
     base = machine(shrink(config, args), args)
-    rows = sweep(base, epsilons=epsilons, seeds=seeds, out=out, baseline=baseline, command=args.command)
+    rows = sweep(base, epsilons=epsilons, seeds=seeds, out=out, baseline=baseline, command=args.command,
+                 features=features)
     return [{**row, "value": label} for row in rows]
 
 
@@ -334,13 +338,13 @@ def phase_frontier(args) -> dict:
     for epsilon in epsilons:
         groups.setdefault(first[same_recipe(recipes[recipe_for(epsilon, recipes)])], []).append(epsilon)
     with_baseline = first[same_recipe(recipes[recipe_for(args.ablation_epsilon, recipes)])]
-    rows, parts = [], []
+    rows, parts, features = [], [], FeatureStore()
     for tuned, eps in groups.items():
         name = "recipe" if tuned is None else f"tuned_eps{tuned:g}"
         out = args.out / "frontier" / name
         print(f"frontier: {name} ({describe(recipes[tuned])}) at ε {', '.join(f'{e:g}' for e in eps)}", flush=True)
         got = frontier_sweep(recipes[tuned], "tuned", eps, seeds, out, args.baseline and tuned == with_baseline,
-                             args)
+                             args, features)
         rows += got
         parts.append({"label": "tuned", "folder": str(out), "tuned_at": None if tuned is None else tuned_at[tuned],
                       "epsilons": eps, "recipe": describe(recipes[tuned]),

@@ -218,3 +218,9 @@ def test_a_sweep_computes_each_split_once(tiny_mnist_root, tmp_path, monkeypatch
     rows = sweep(TrainConfig.from_dict(base), epsilons=[2.0, 8.0], seeds=[0], out=tmp_path / "out", baseline=False)
     assert len(rows) == 2 and rows[0]["test_accuracy"] != rows[1]["test_accuracy"]
     assert sorted(names) == sorted(set(names)) and len(names) == 3  # train, validation, test: once each
+    # Two sweeps of different recipes handed one store (accuracy.py's frontier): the features are not computed again.
+    store, other = FeatureStore(), {**base, "optim": {**base["optim"], "lr": base["optim"].get("lr", 0.1) / 2}}
+    for i, recipe in enumerate((base, other)):
+        sweep(TrainConfig.from_dict(recipe), epsilons=[2.0], seeds=[0], out=tmp_path / f"shared{i}", baseline=False,
+              features=store)
+    assert len(names) == 6

@@ -86,8 +86,10 @@ def run_config(base: TrainConfig, point: dict, vary: tuple[str, list] | None, ru
 
 
 def sweep(base: TrainConfig, *, epsilons: Sequence[float], seeds: Sequence[int], out: str | Path,
-          vary: tuple[str, list] | None = None, baseline: bool = True, command: str = "") -> list[dict]:
-    """Run (or finish) every point of the sweep and write the results; returns the result rows."""
+          vary: tuple[str, list] | None = None, baseline: bool = True, command: str = "",
+          features: FeatureStore | None = None) -> list[dict]:
+    """Run (or finish) every point of the sweep and write the results; returns the result rows. ``features``: a
+    store of frozen-prefix features to share with the caller's other sweeps on the same data (default: its own)."""
     if base.dp.enabled is False and not baseline:
         raise ValueError("--config: the recipe has DP switched off; a sweep over ε needs DP")
     points = plan_runs(epsilons=epsilons, seeds=seeds, vary=vary, baseline=baseline)
@@ -104,7 +106,7 @@ def sweep(base: TrainConfig, *, epsilons: Sequence[float], seeds: Sequence[int],
         atomic_write_text(plan_path, yaml.safe_dump(plan, sort_keys=False))
     # The runs share one data split per seed: a ScatterNet's cached features are computed once per split for all
     # of them (dpvision.jobs.features; a store keys them by the split's and the prefix's contents).
-    rows, given = [], Given(features=FeatureStore())
+    rows, given = [], Given(features=FeatureStore() if features is None else features)
     for i, point in enumerate(points, start=1):
         folder = runs_dir / point["name"]
         print(f"[{i}/{len(points)}] {point['name']}", end=" ", flush=True)
