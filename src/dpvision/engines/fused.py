@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpvision.models.wide_resnet import act_norm
+
 TILE = 1024  # pooled outputs per loop iteration of a program (channels x positions)
 STATS_BLOCK = 2048  # elements per loop iteration of the forward's statistics pass
 NUM_WARPS = 8
@@ -158,10 +160,10 @@ def group_norm_relu_pool(x: torch.Tensor, module: nn.GroupNorm, per_example: Per
     return F.max_pool2d(F.relu(module(x)), 2)
 
 
-def _layout(x: torch.Tensor) -> tuple[torch.Tensor, torch.memory_format, tuple[int, int, int]]:
-    """(x, its memory format, (stride of an example, of a channel, of a position)): NCHW or channels-last."""
+def _layout(x: torch.Tensor) -> tuple[torch.memory_format, tuple[int, int, int]]:
+    """(x's memory format, (stride of an example, of a channel, of a position)): NCHW or channels-last."""
     fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
-    return x, fmt, (x.stride(0), x.stride(1), x.stride(3))
+    return fmt, (x.stride(0), x.stride(1), x.stride(3))
 
 
 class _ReluGroupNorm(torch.autograd.Function):
@@ -169,7 +171,7 @@ class _ReluGroupNorm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, module, per_example):
         b, c, h, w = x.shape
         groups = module.num_groups
-        x, fmt, strides = _layout(x)
+        fmt, strides = _layout(x)
         out = torch.empty_like(x, memory_format=fmt)
         stats = torch.empty(b * groups, 2, device=x.device, dtype=torch.float32)  # (mean, rstd) of relu(x)
         cg_p2, block_hw = _blocks(c // groups, h * w)
@@ -187,7 +189,7 @@ class _ReluGroupNorm(torch.autograd.Function):
         dy, dx, (gw, gb, cb) = dy.contiguous(memory_format=ctx.fmt), torch.empty_like(x), _example_sums(x)
         cg_p2, block_hw = _blocks(c // groups, h * w)
         _norm_kernels()[1][(b * groups,)](x, weight, bias, stats, dy, dx, gw, gb, cb, c, h * w, c // groups,
-                                          *_layout(x)[2], CG_P2=cg_p2, BLOCK_HW=block_hw, num_warps=NUM_WARPS)
+                                          *_layout(x)[1], CG_P2=cg_p2, BLOCK_HW=block_hw, num_warps=NUM_WARPS)
         return dx, *_parameter_grads(ctx, gw, gb, None, cb), None, None
 
 
@@ -205,8 +207,7 @@ def relu_group_norms(x: torch.Tensor, act: nn.Module, *norms: nn.Module,
     as for :func:`group_norm_relu_pool`."""
     if all(norm_fusable(x, act, n) for n in norms):
         return tuple(_ReluGroupNorm.apply(x, n.weight, n.bias, n, per_example) for n in norms)
-    a = act(x)
-    return tuple(n(a) for n in norms)
+    return act_norm(x, act, *norms)  # the model's own seam: the modules, act once
 
 
 def _has_seam(module: nn.Module) -> bool:
