@@ -247,16 +247,16 @@ def section_profile(args, out: dict) -> None:
         workload, dp, options = parse_variant(text)
         data, _, model_cls = make_data(workload, args)
         run, _ = variant_runner(model_cls, data, dp, options, args, cuda_graphs=False, static_shapes=True)
-        run(3)
+        run(min(3, args.profile_steps))  # warm-up: kernels compiled and tuned, caches filled
         sync()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            run(10)
+            run(args.profile_steps)
             sync()
         table = prof.key_averages().table(sort_by=args.sort, row_limit=args.rows, max_name_column_width=70)
         events = prof.key_averages()
         total = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) \
-            / 1e3 / 10
-        print(f"\nprofile {text}: {total:.2f} ms of kernel time a step (10 steps)\n{table}")
+            / 1e3 / args.profile_steps
+        print(f"\nprofile {text}: {total:.2f} ms of kernel time a step ({args.profile_steps} steps)\n{table}")
         safe = text.replace(":", "_").replace(",", "_").replace("=", "-")
         with open(os.path.join(args.out, f"profile_{safe}.txt"), "w") as f:
             f.write(table)
@@ -298,9 +298,13 @@ def main() -> int:
     p.add_argument("--variants", default="wrn16_4:nodp:plain=1;wrn16_4:dp;wrn16_4:dp:precision=bf16")
     p.add_argument("--profile", default="wrn16_4:dp;wrn16_4:nodp:plain=1")
     p.add_argument("--rows", type=int, default=25, help="rows of each profile table")
+    p.add_argument("--profile-steps", type=int, default=10,
+                   help="steps profiled (after up to 3 warm-up steps); 2 for the large augmult steps")
     p.add_argument("--sort", default="cuda_time_total",
                    help="profile table order (self_cuda_time_total: kernels by their own time)")
     args = p.parse_args()
+    if args.profile_steps < 1:
+        p.error(f"--profile-steps must be at least 1, not {args.profile_steps}")
     DEV = torch.device(args.device)
     os.makedirs(args.out, exist_ok=True)
     out = {"device": torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu", "torch": torch.__version__}

@@ -166,13 +166,24 @@ def backward_kernel(x_ptr, w_ptr, b_ptr, stats_ptr, dout_ptr, dx_ptr, gw_ptr, gb
 
 
 @triton.jit
-def chan_update_2d(n, mean, m2, x, mask, cnt):
-    """:func:`chan_update` for a tile [R, S] of which the ``cnt`` elements where ``mask`` count."""
-    b_mean = tl.sum(tl.sum(x, axis=1), axis=0) / cnt
-    d = tl.where(mask, x - b_mean, 0.0)
-    total = n + cnt
-    delta = b_mean - mean
-    return total, mean + delta * (cnt / total), m2 + tl.sum(tl.sum(d * d, axis=1), axis=0) + delta * delta * (n * cnt / total)
+def lane_update(cnt, mean, m2, x, mask):
+    """Welford's update of every lane of a tile [R, S] (its own count, mean and sum of squared deviations)
+    with the lane's element where ``mask``. Elementwise: no reduction inside the caller's loop (a reduction
+    carried around a loop over 2-D tiles trips Triton's TritonGPUOptimizeThreadLocality pass on H100)."""
+    cnt = cnt + mask.to(tl.float32)
+    delta = x - mean
+    mean = mean + tl.where(mask, delta / tl.maximum(cnt, 1.0), 0.0)
+    return cnt, mean, m2 + tl.where(mask, delta * (x - mean), 0.0)
+
+
+@triton.jit
+def lanes_combined(cnt, mean, m2):
+    """(mean, sum of squared deviations) of all the lanes' elements together, by Chan's formula: the
+    lanes' sums plus each lane's count times its mean's squared distance to the overall mean."""
+    total = tl.sum(tl.sum(cnt, axis=1), axis=0)
+    mu = tl.sum(tl.sum(cnt * mean, axis=1), axis=0) / total
+    d = mean - mu
+    return mu, tl.sum(tl.sum(m2 + cnt * d * d, axis=1), axis=0)
 
 
 @triton.jit
@@ -196,12 +207,13 @@ def relu_norm_forward_kernel(x_ptr, w_ptr, b_ptr, out_ptr, stats_ptr, C, HW, CG,
     base = i * stride_n + g * CG * stride_c  # the group's first element
     c = tl.arange(0, CG_P2)
     c_mask = c < CG
-    n = tl.zeros((), tl.float32)
-    mean = tl.zeros((), tl.float32)
-    m2 = tl.zeros((), tl.float32)
-    for start in range(0, HW, BLOCK_HW):  # statistics of relu(x): the masked places load 0, counted out
+    cnt = tl.zeros((CG_P2, BLOCK_HW), tl.float32)  # statistics of relu(x), lane by lane
+    lane_mean = tl.zeros((CG_P2, BLOCK_HW), tl.float32)
+    lane_m2 = tl.zeros((CG_P2, BLOCK_HW), tl.float32)
+    for start in range(0, HW, BLOCK_HW):
         _, mask, _, r = relu_tile(x_ptr + base, c, c_mask, start, HW, stride_c, stride_p, BLOCK_HW)
-        n, mean, m2 = chan_update_2d(n, mean, m2, r, mask, (CG * tl.minimum(HW - start, BLOCK_HW)).to(tl.float32))
+        cnt, lane_mean, lane_m2 = lane_update(cnt, lane_mean, lane_m2, r, mask)
+    mean, m2 = lanes_combined(cnt, lane_mean, lane_m2)
     rstd = 1.0 / tl.sqrt(m2 / (CG * HW) + eps)
     tl.store(stats_ptr + row * 2, mean)
     tl.store(stats_ptr + row * 2 + 1, rstd)
@@ -224,13 +236,16 @@ def relu_norm_backward_kernel(x_ptr, w_ptr, b_ptr, stats_ptr, dy_ptr, dx_ptr, gw
     c, c_mask, gamma, scale, shift = affine(w_ptr, b_ptr, g, CG, mean, rstd, CG_P2)
 
     # Pass A: per channel, sum dy x_hat and sum dy: example i's dgamma and dbeta.
-    s_gw = tl.zeros((CG_P2,), tl.float32)
-    s_gb = tl.zeros((CG_P2,), tl.float32)
+    # Tiles accumulate elementwise and are reduced after the loop (see lane_update).
+    a_gw = tl.zeros((CG_P2, BLOCK_HW), tl.float32)
+    a_gb = tl.zeros((CG_P2, BLOCK_HW), tl.float32)
     for start in range(0, HW, BLOCK_HW):
         offs, mask, _, r = relu_tile(x_ptr + base, c, c_mask, start, HW, stride_c, stride_p, BLOCK_HW)
         dy = tl.load(dy_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)  # 0 where masked
-        s_gw += tl.sum(dy * (r - mean) * rstd, axis=1)
-        s_gb += tl.sum(dy, axis=1)
+        a_gw += dy * (r - mean) * rstd
+        a_gb += dy
+    s_gw = tl.sum(a_gw, axis=1)  # [CG_P2]
+    s_gb = tl.sum(a_gb, axis=1)
     tl.store(gw_ptr + i * C + g * CG + c, s_gw, mask=c_mask)
     tl.store(gb_ptr + i * C + g * CG + c, s_gb, mask=c_mask)
     S = CG * HW
@@ -240,11 +255,11 @@ def relu_norm_backward_kernel(x_ptr, w_ptr, b_ptr, stats_ptr, dy_ptr, dx_ptr, gw
     # Pass B: dx = [x > 0] rstd (gamma dy - m1 - x_hat m2), and its sums over space per channel (the
     # per-example bias gradients of the conv whose output x is).
     gamma2 = gamma[:, None]
-    s_cb = tl.zeros((CG_P2,), tl.float32)
+    a_cb = tl.zeros((CG_P2, BLOCK_HW), tl.float32)
     for start in range(0, HW, BLOCK_HW):
         offs, mask, x, r = relu_tile(x_ptr + base, c, c_mask, start, HW, stride_c, stride_p, BLOCK_HW)
         dy = tl.load(dy_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         dx = tl.where(mask & (x > 0.0), rstd * (gamma2 * dy - m1 - (r - mean) * rstd * m2), 0.0)
         tl.store(dx_ptr + base + offs, dx, mask=mask)
-        s_cb += tl.sum(dx, axis=1)
-    tl.store(cb_ptr + i * C + g * CG + c, s_cb, mask=c_mask)
+        a_cb += dx
+    tl.store(cb_ptr + i * C + g * CG + c, tl.sum(a_cb, axis=1), mask=c_mask)
