@@ -212,31 +212,38 @@ def section_variants(args, out: dict) -> None:
 
 
 def section_numerics(args, out: dict) -> None:
-    """One noise-free step (lr 1, so the update is the clipped sum / E[B]) per precision against fp32,
-    relative to the fp32 update and to the norm of the noise that step would add (sigma C sqrt(P) / E[B])."""
+    """One noise-free step (lr 1, so the update is the clipped sum / E[B]) per precision against fp32 (unfused),
+    relative to the fp32 update and to the norm of the noise that step would add (sigma C sqrt(P) / E[B]).
+    ``--numerics-options`` (e.g. ``augmult=16,augment_flip=1``) go to every engine; on CUDA each precision runs
+    fused and unfused (``fuse``), so a fused kernel's error is read next to the rounding of the same precision."""
     rows = []
+    extra = parse_variant(f"x:dp:{args.numerics_options}")[2]
+    fuses = (False, True) if DEV.type == "cuda" else (False,)
     for workload in ("wrn16_4", "celeba64"):
         data, _, model_cls = make_data(workload, argparse.Namespace(wrn_size=2048, celeba_size=2048))
         torch.manual_seed(0)
         model = model_cls()
         start = torch.cat([p.detach().flatten() for p in model.parameters()]).double().cpu()
         updates = {}
-        for precision in ("fp32", "tf32", "bf16"):
+        for precision, fuse in [("fp32", False)] + [(p, f) for p in ("fp32", "tf32", "bf16") for f in fuses][1:]:
             torch.backends.cudnn.allow_tf32 = precision != "fp32"
             engine = fast_engine(copy.deepcopy(model), data, args.batch_size, dp=True, device=DEV,
-                                 options={"precision": precision}, noise_multiplier=0.0, lr=1.0)
+                                 options={**extra, "precision": precision, "fuse": fuse}, noise_multiplier=0.0, lr=1.0)
             engine.train_epoch(max_steps=1)
-            updates[precision] = torch.cat([p.detach().flatten() for p in engine.model.parameters()]).double().cpu() \
-                - start
+            updates[precision, fuse] = torch.cat([p.detach().flatten() for p in engine.model.parameters()]).double() \
+                .cpu() - start
         torch.backends.cudnn.allow_tf32 = True
         noise = NOISE_MULTIPLIER * MAX_GRAD_NORM * len(start) ** 0.5 / engine.plan.expected_batch_size
-        for precision in ("tf32", "bf16"):
-            diff = float((updates[precision] - updates["fp32"]).norm())
-            row = {"workload": workload, "precision": precision,
-                   "rel_update_error": diff / float(updates["fp32"].norm()), "error_vs_noise": diff / noise}
+        reference = updates["fp32", False]
+        for (precision, fuse), update in updates.items():
+            if (precision, fuse) == ("fp32", False):
+                continue
+            diff = float((update - reference).norm())
+            row = {"workload": workload, "precision": precision, "fuse": fuse, "options": args.numerics_options,
+                   "rel_update_error": diff / float(reference.norm()), "error_vs_noise": diff / noise}
             rows.append(row)
-            print(f"  numerics {workload:9s} {precision}: one step vs fp32: rel. L2 {row['rel_update_error']:.2e}, "
-                  f"{row['error_vs_noise']:.2e} of the noise norm (sigma=1)")
+            print(f"  numerics {workload:9s} {precision} fuse={int(fuse)}: one step vs fp32 unfused: rel. L2 "
+                  f"{row['rel_update_error']:.2e}, {row['error_vs_noise']:.2e} of the noise norm (sigma=1)", flush=True)
     out["numerics"] = rows
 
 
@@ -298,6 +305,8 @@ def main() -> int:
     p.add_argument("--variants", default="wrn16_4:nodp:plain=1;wrn16_4:dp;wrn16_4:dp:precision=bf16")
     p.add_argument("--profile", default="wrn16_4:dp;wrn16_4:nodp:plain=1")
     p.add_argument("--rows", type=int, default=25, help="rows of each profile table")
+    p.add_argument("--numerics-options", default="",
+                   help="engine options of the numerics section, e.g. augmult=16,augment_flip=1")
     p.add_argument("--profile-steps", type=int, default=10,
                    help="steps profiled (after up to 3 warm-up steps); 2 for the large augmult steps")
     p.add_argument("--sort", default="cuda_time_total",
