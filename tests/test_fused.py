@@ -298,17 +298,24 @@ def test_cuda_graphs_fused_match_unfused(precision):
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_augmult_fused_wide_resnet_matches_unfused_on_cuda(precision):
-    """K = 4 views, 32x32: the fused kernels inside the manual backend's step against the unfused engine."""
+    """K = 4 views, 32x32: the fused kernels inside the manual backend's step against the unfused engine. fp32: equal
+    (exact arithmetic both ways). bf16: each run against the fp32 unfused one, the fused error at most 1.25x the
+    unfused one (two bf16 runs each ~17% from fp32 differ from each other by ~5%: H200, session 8)."""
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(8)
     data, model = make_data(512, (3, 32, 32), 4), tiny_wrn()
-    out = []
-    for fuse in (False, True):
+    out = {}
+    for run_precision, fuse in dict.fromkeys([("fp32", False), (precision, False), (precision, True)]):
         engine = fast_engine(model=copy.deepcopy(model), train_data=data, batch_size=64, optimizer=OptimizerSpec(lr=0.5),
                              dp=DP(noise_multiplier=0.0, max_grad_norm=0.1), seed=2, device="cuda", augmult=4,
-                             augment_flip=True, precision=precision, fuse=fuse)
+                             augment_flip=True, precision=run_precision, fuse=fuse)
         assert engine.fused_blocks == (9 if fuse else 0)
         engine.train_epoch(max_steps=2)
-        out.append(flat(engine.model.parameters()) - flat(model.parameters()))
-    assert out[0].norm() > 0 and rel(out[1], out[0]) < (1e-5 if precision == "fp32" else 2e-2)
+        out[run_precision, fuse] = flat(engine.model.parameters()) - flat(model.parameters())
+    reference = out["fp32", False]
+    assert reference.norm() > 0
+    if precision == "fp32":
+        assert rel(out["fp32", True], reference) < 1e-5
+    else:
+        assert rel(out[precision, True], reference) <= 1.25 * rel(out[precision, False], reference)
