@@ -51,3 +51,12 @@ def test_mixed_or_unreadable_settings_point_to_the_configs(tmp_path, second):
     if second is None:
         (tmp_path / "run1" / "config.yaml").write_text("run: [unclosed")
     assert "How each run used the test set is in its `config.yaml`" in report(rows)
+
+
+def test_one_seed_has_no_spread_and_several_seeds_do(tmp_path):
+    """A point run on one seed says so instead of printing a standard deviation of 0."""
+    rows = rows_with_runs(tmp_path, [{}] * 3)  # the no-DP point (one seed), then ε = 1 twice (two seeds)
+    rows[2]["test_accuracy"] = 0.8
+    table = [line for line in report(rows).splitlines() if line.startswith("| as given")]
+    assert table == ["| as given | 1 | 0.8500 ± 0.0707 | 2 |",
+                     "| as given | ∞ (no DP) | 0.9000 (one seed: no spread) | 1 |"]

@@ -93,7 +93,8 @@ def report_text(rows: Sequence[dict], *, points: Sequence[dict], vary, command: 
              f"| {vary[0] if vary else 'recipe'} | target ε | test accuracy | seeds |", "|---|---|---|---|"]
     for (value, eps), (mean, sd, n) in sorted(stats.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
         label = value if vary else "as given"
-        lines.append(f"| {label} | {'∞ (no DP)' if math.isinf(eps) else f'{eps:g}'} | {mean:.4f} ± {sd:.4f} | {n} |")
+        spread = f" ± {sd:.4f}" if n > 1 else " (one seed: no spread)"
+        lines.append(f"| {label} | {'∞ (no DP)' if math.isinf(eps) else f'{eps:g}'} | {mean:.4f}{spread} | {n} |")
     lines += ["", "Each run's ε (RDP, PRV, PLD) is in `results.csv`; it is at most its target (σ is calibrated "
               "with the recipe's accountant).",
               "", test_set_sentence(rows) + " The test set is there to report, not to choose: choose "
