@@ -139,14 +139,19 @@ def section_layers(args, out: dict) -> None:
 WORK = {"wrn16_4": wrn_workload, "celeba64": celeba_workload}
 
 
+def parse_options(text: str) -> dict:
+    """"precision=bf16,cuda_graphs=0" -> {"precision": "bf16", "cuda_graphs": False}."""
+    options = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        options[key] = parse_option(key, value)  # the keys FAST_KEYS does not know are booleans: plain, autotune
+    return options
+
+
 def parse_variant(text: str) -> tuple[str, bool, dict]:
     """"wrn16_4:dp:precision=bf16,cuda_graphs=0" -> (workload, dp, options)."""
     workload, dp, *rest = text.split(":")
-    options = {}
-    for item in filter(None, (rest[0] if rest else "").split(",")):
-        key, _, value = item.partition("=")
-        options[key] = parse_option(key, value)  # the keys FAST_KEYS does not know are booleans: plain, autotune
-    return workload, dp == "dp", options
+    return workload, dp == "dp", parse_options(rest[0] if rest else "")
 
 
 _DATA: dict = {}
@@ -217,7 +222,7 @@ def section_numerics(args, out: dict) -> None:
     ``--numerics-options`` (e.g. ``augmult=16,augment_flip=1``) go to every engine; on CUDA each precision runs
     fused and unfused (``fuse``), so a fused kernel's error is read next to the rounding of the same precision."""
     rows = []
-    extra = parse_variant(f"x:dp:{args.numerics_options}")[2]
+    extra = parse_options(args.numerics_options)
     fuses = (False, True) if DEV.type == "cuda" else (False,)
     for workload in ("wrn16_4", "celeba64"):
         data, _, model_cls = make_data(workload, argparse.Namespace(wrn_size=2048, celeba_size=2048))
@@ -225,7 +230,7 @@ def section_numerics(args, out: dict) -> None:
         model = model_cls()
         start = torch.cat([p.detach().flatten() for p in model.parameters()]).double().cpu()
         updates = {}
-        for precision, fuse in [("fp32", False)] + [(p, f) for p in ("fp32", "tf32", "bf16") for f in fuses][1:]:
+        for precision, fuse in [(p, f) for p in ("fp32", "tf32", "bf16") for f in fuses]:  # fp32 unfused first
             torch.backends.cudnn.allow_tf32 = precision != "fp32"
             engine = fast_engine(copy.deepcopy(model), data, args.batch_size, dp=True, device=DEV,
                                  options={**extra, "precision": precision, "fuse": fuse}, noise_multiplier=0.0, lr=1.0)
