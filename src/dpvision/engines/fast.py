@@ -325,4 +325,3 @@ class _Progress:
         if self.fn is not None and (self.done - self.reported >= self.every or self.done == self.total):
             self.fn(self.done - self.reported)
             self.reported = self.done
-
