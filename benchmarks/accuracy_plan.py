@@ -60,11 +60,12 @@ SECONDS_PER_EPOCH = {
     ("scatternet_cnn", "cifar10"): 1.0, ("scatternet_linear", "cifar10"): 0.8,  # guesses (not measured)
 }
 # WRN-16-4 on 32x32 images, H100 seconds per example-view by (weight standardisation, K bucket: K < 4, 4 <= K < 16,
-# K >= 16), from bench_augmult.py (bf16, E[B] 4096, fused; docs/performance.md, sessions 4, 8 and 9): K = 16 27 us
-# (no WS) and 33 us (WS); K = 4 58 us and 128 us; K = 1 84 us (no WS, session 4, before the fusion). The cost per
+# K >= 16), from bench_augmult.py (bf16, E[B] 4096, fused; docs/performance.md, sessions 4, 8, 9 and 10): K = 16
+# 27 us (no WS) and 33 us (WS); K = 4 40 us (no WS, session 10's chunks of 256 examples) and 128 us (WS, session 9,
+# chunks of 1,024: not re-measured); K = 1 84 us (no WS, session 4, before the fusion). The cost per
 # view falls as K grows, so each bucket takes its smallest K's cost (an over- not an under-estimate), and K = 1
 # with WS, not measured, takes the largest (128 us).
-WRN_SECONDS_PER_VIEW = {(False, 1): 84e-6, (False, 4): 58e-6, (False, 16): 27e-6,
+WRN_SECONDS_PER_VIEW = {(False, 1): 84e-6, (False, 4): 40e-6, (False, 16): 27e-6,
                         (True, 1): 128e-6, (True, 4): 128e-6, (True, 16): 33e-6}
 RUN_OVERHEAD_SECONDS = 4.0  # data onto the GPU, graph capture, σ calibration, the final evaluation
 SHAPE_OF = {"mnist": "mnist", "fashion-mnist": "mnist", "cifar10": "cifar10"}  # same image shape, same cost

@@ -58,7 +58,7 @@ def test_estimate_scales_with_epochs_views_and_images():
 
 
 def test_wrn_cost_per_view_follows_k_and_weight_standardisation():
-    """Session 9's H100 rows: a view costs more at K = 4 than at 16, more with weight standardisation; K between
+    """Sessions 9 and 10's H100 rows: a view costs more at K = 4 than at 16, more with weight standardisation; K between
     measured points is costed at the smaller measured K (never an underestimate)."""
     base = TrainConfig.from_dict({"data": {"dataset": "cifar10"}, "model": {"name": "wrn16_4"}, "optim": {"epochs": 1}})
 
@@ -67,7 +67,7 @@ def test_wrn_cost_per_view_follows_k_and_weight_standardisation():
         return (estimate_seconds(config, 50_000) - accuracy_plan.RUN_OVERHEAD_SECONDS) / (50_000 * max(1, k))
 
     assert per_view(4, True) == pytest.approx(128e-6) and per_view(16, True) == pytest.approx(33e-6)
-    assert per_view(4, False) == pytest.approx(58e-6) and per_view(16, False) == pytest.approx(27e-6)
+    assert per_view(4, False) == pytest.approx(40e-6) and per_view(16, False) == pytest.approx(27e-6)
     assert per_view(8, True) == pytest.approx(per_view(4, True)) and per_view(32, True) == pytest.approx(33e-6)
     assert per_view(2, False) == pytest.approx(84e-6) and per_view(0, False) == pytest.approx(84e-6)
 

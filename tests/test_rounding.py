@@ -118,9 +118,9 @@ def test_kept_gradients_formed_in_bf16_and_each_share_of_them_at_most_c(method, 
         model = all_kept_model().to(device)
         b = (AugmultManual(model, k=k, flip=True, generator=torch.Generator(device).manual_seed(0))
              if k > 1 else ManualPerSample(model))
-        b.method, b.amp_dtype, b.kept_amp_min_views = method, amp, 1  # the bf16 rule at every K (library: K >= 16)
+        b.method, b.amp_dtype = method, amp  # n = 6 examples a chunk: the bf16 rule (library: up to 256)
         if kept_dtype is not None:  # the previous rule: kept gradients formed in fp32 from upcast operands
-            monkeypatch.setattr(b, "_kept_dtype", lambda: kept_dtype)
+            monkeypatch.setattr(b, "_kept_dtype", lambda examples: kept_dtype)
         return b
 
     fp32 = clipped_sum(backend(None), x, y, torch.ones(n), "flat")
@@ -162,13 +162,15 @@ def test_grouped_bf16_pads_examples_to_a_searched_shape_and_keeps_each_example_i
     assert float(err.max()) < 1e-2
 
 
-def test_kept_gradients_from_bf16_operands_only_from_16_views_on():
-    """Measured on an H100 (docs/performance.md): kept gradients from the bf16 operands are faster at K = 16 and
-    slower at K = 1, so the library forms them from bf16 at K >= 16 only, in fp32 otherwise (and without bf16)."""
+def test_kept_gradients_from_bf16_operands_only_in_chunks_of_at_most_256_examples():
+    """Measured on an H100 (docs/performance.md, session 10): kept gradients from the bf16 operands are faster in
+    chunks of 256 examples (K = 1, 4 and 16) and 2-4x slower in chunks of 1,024, so the library forms them from
+    bf16 in chunks of at most 256 examples, whatever K, in fp32 otherwise (and always without bf16)."""
     b = ManualPerSample(all_kept_model())
-    assert b._kept_dtype() == torch.float32  # no amp
+    assert b._kept_dtype(256) == torch.float32  # no amp
     b.amp_dtype = torch.bfloat16
-    assert b._kept_dtype() == torch.float32  # K = 1
+    assert b._kept_dtype(256) == torch.bfloat16 and b._kept_dtype(1) == torch.bfloat16
+    assert b._kept_dtype(257) == torch.float32 and b._kept_dtype(1024) == torch.float32
     augmult = AugmultManual(all_kept_model(), k=16, flip=False, generator=torch.Generator().manual_seed(0))
     augmult.amp_dtype = torch.bfloat16
-    assert augmult._kept_dtype() == torch.bfloat16
+    assert augmult._kept_dtype(256) == torch.bfloat16 and augmult._kept_dtype(512) == torch.float32

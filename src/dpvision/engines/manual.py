@@ -34,7 +34,7 @@ from dpvision.engines.rounding import fp32_matmuls, margin, reduction_length, sq
 from dpvision.engines.tokens import check_tokens, token_gradients, token_source
 from dpvision.models.layers import WSConv2d
 
-KEPT_AMP_MIN_VIEWS = 16  # see ManualPerSample.kept_amp_min_views
+KEPT_AMP_MAX_EXAMPLES = 256  # see ManualPerSample.kept_amp_max_examples
 # Layers with fewer multiply-adds (B T d p) than this keep the shape rule's method on CUDA too: timing
 # them eagerly would measure kernel-launch overhead, not the GPU time that counts inside a CUDA graph.
 AUTOTUNE_MIN_MACS = 1 << 28
@@ -151,9 +151,10 @@ class ManualPerSample:
         self._tuned: dict[tuple, str] = {}
         self.views = 1  # K views of each example, consecutive in x (augmult)
         self.keep_budget = ghost.KEEP_BUDGET  # elements of per-example gradients pass 1 may keep for pass 2
-        # Kept gradients from the bf16 operands at K >= 16 views only: H100, WRN-16-4, B 4096 (bench_augmult.py),
-        # 22.8k views/s against 16.1k in fp32 at K = 16, but 9.9k against 11.9k at K = 1 (K = 4: not measured).
-        self.kept_amp_min_views = KEPT_AMP_MIN_VIEWS
+        # Kept gradients from the bf16 operands in chunks of at most 256 examples only (H100, WRN-16-4, bf16,
+        # bench_augmult.py, session 10): 256 examples a chunk, K = 1 / 4 / 16: 14.4k / 26.6k / 37.4k views/s
+        # against 12.4k / 16.9k / 22.7k in fp32; 1,024 examples, K = 1 / 4: 3.6k / 9.1k against 14.6k / 17.9k.
+        self.kept_amp_max_examples = KEPT_AMP_MAX_EXAMPLES
         self.chosen: dict[str, str | None] = {}  # layer name -> norm method of the last chunk (reports)
         self._handles = [m.register_forward_hook(self._hook) for m in self.layers]
         self._handles += [m.register_forward_pre_hook(self._cast_input) for m in self.layers
@@ -305,11 +306,11 @@ class ManualPerSample:
                 chains.append(squares_length(grads.shape[1], exact))
         return norm_sq, states, chains
 
-    def _kept_dtype(self) -> torch.dtype:
-        """The dtype whose operands form the per-example gradients kept for pass 2: the forward's (bf16 under
-        ``amp_dtype``: tensor cores) from ``kept_amp_min_views`` views an example on, else float32; either way the
-        kept numbers are both the norm's and the sum's (:mod:`.rounding`)."""
-        return self.amp_dtype if self.amp_dtype and self.views >= self.kept_amp_min_views else torch.float32
+    def _kept_dtype(self, examples: int) -> torch.dtype:
+        """The dtype whose operands form the per-example gradients kept for pass 2 in a chunk of ``examples``:
+        the forward's (bf16 under ``amp_dtype``: tensor cores) up to ``kept_amp_max_examples`` examples, else
+        float32; either way the kept numbers are both the norm's and the sum's (:mod:`.rounding`)."""
+        return self.amp_dtype if self.amp_dtype and examples <= self.kept_amp_max_examples else torch.float32
 
     def _norms(self, x: torch.Tensor, dzs: dict, exact: bool) -> tuple[torch.Tensor, dict, list[int]]:
         """Pass 1: ([B] squared per-example norms, each layer's state for pass 2, each layer's rounding
@@ -320,7 +321,7 @@ class ManualPerSample:
         token_sq, states, chains = self._token_norms(dzs, exact)
         norm_sq += token_sq
         room = self.keep_budget  # elements of per-example gradients still to keep
-        kept_dtype = self._kept_dtype()
+        kept_dtype = self._kept_dtype(b)
         for m in self.layers:
             if m in self._norm_layers:
                 sq, states[m] = self._sum_views(self._norm_layers.pop(m))
