@@ -10,7 +10,7 @@ invocation rewrites ``time_to_accuracy.json`` and ``time_to_accuracy.png`` under
 so far; ``--write-docs`` puts the table and figure into ``docs/accuracy.md`` (never typed by hand).
 
     python benchmarks/time_to_accuracy.py --data-root data --device cuda --max-minutes 8   # repeat until done
-    python benchmarks/time_to_accuracy.py --write-docs
+    python benchmarks/time_to_accuracy.py --write-docs [--out DIR --out DIR2 ...]   # one table of the sittings
     python benchmarks/time_to_accuracy.py --smoke --data-root /tmp/tiny_cifar --device cpu
 """
 
@@ -157,7 +157,8 @@ def figure(results: list[dict]):
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for result in results:
         pts = result["points"]
-        label = f"ε = {result['target_epsilon']:g}" + ("" if result["status"] == "finished" else " (so far)")
+        label = result.get("label", f"ε = {result['target_epsilon']:g}")
+        label += "" if result["status"] == "finished" else " (so far)"
         axes[0].plot([p["seconds"] / 60 for p in pts], [p["test_accuracy"] for p in pts], marker=".", label=label)
         axes[1].plot([p["example_views"] for p in pts], [p["test_accuracy"] for p in pts], marker=".", label=label)
     axes[0].set_xlabel("wall time of the run (minutes)")
@@ -203,32 +204,55 @@ def measure(args) -> dict:
     return report
 
 
-def table(report: dict) -> str:
+def table(reports: list[dict]) -> str:
+    """One row per run of every report (several when the points were sittings of different recipes)."""
     heads = " | ".join(f"time to {100 * t:g}%" for t in THRESHOLDS)
-    lines = [f"Recipe `{Path(report['recipe']).name}`; device: {report['device']}.", "",
+    devices = sorted({rep["device"] for rep in reports})
+    lines = [f"Device: {', '.join(devices)}.", "",
              f"| target ε | seed | epochs done | final test accuracy | ε spent | wall seconds | example-views | "
-             f"{heads} |", "|---" * (7 + len(THRESHOLDS)) + "|"]
-    for r in report["results"]:
-        last = r["points"][-1] if r["points"] else None
-        times = " | ".join("—" if (s := time_to(r["points"], t)) is None else f"{s:.0f} s" for t in THRESHOLDS)
-        lines.append(f"| {r['target_epsilon']:g} | {r['seed']} | {r['epochs_done']}/{r['epochs']}"
-                     f"{'' if r['status'] == 'finished' else ' (' + r['status'] + ')'} | "
-                     + (f"{100 * last['test_accuracy']:.2f}% | {last['epsilon']:.3f} | {last['seconds']:.0f} | "
-                        f"{last['example_views']:,} | " if last else "— | — | — | — | ") + times + " |")
+             f"{heads} | recipe |", "|---" * (8 + len(THRESHOLDS)) + "|"]
+    for rep in reports:
+        for r in rep["results"]:
+            last = r["points"][-1] if r["points"] else None
+            times = " | ".join("—" if (s := time_to(r["points"], t)) is None else f"{s:.0f} s" for t in THRESHOLDS)
+            lines.append(f"| {r['target_epsilon']:g} | {r['seed']} | {r['epochs_done']}/{r['epochs']}"
+                         f"{'' if r['status'] == 'finished' else ' (' + r['status'] + ')'} | "
+                         + (f"{100 * last['test_accuracy']:.2f}% | {last['epsilon']:.3f} | {last['seconds']:.0f} | "
+                            f"{last['example_views']:,} | " if last else "— | — | — | — | ") + times
+                         + f" | `{Path(rep['recipe']).name}` ({rep['folder']}) |")
     return "\n".join(lines) + "\n"
 
 
+def shown(folder: Path) -> str:
+    """A results folder as the docs name it: relative to benchmarks/results/ when it is under it."""
+    try:
+        return str(folder.resolve().relative_to(REPO / "benchmarks" / "results"))
+    except ValueError:
+        return folder.name
+
+
 def write_docs(args) -> None:
+    """docs/accuracy.md's table and figure from the report of every ``--out`` folder (one sitting's each)."""
     from accuracy_docs import marked
 
     from dpvision.runs import atomic_write_bytes, atomic_write_text
 
-    report = json.loads((args.out / "time_to_accuracy.json").read_text())
-    if report["smoke"] and Path(args.docs).resolve() == DOCS.resolve():
-        raise ValueError(f"--write-docs: {args.out} holds --smoke results; give --docs OTHER.md to see them")
+    reports = []
+    for out in args.outs:
+        path = out / "time_to_accuracy.json"
+        if not path.is_file():
+            raise ValueError(f"--write-docs: {path} does not exist; run the benchmark with --out {out} first")
+        reports.append({**json.loads(path.read_text()), "folder": shown(out)})
+        for r in reports[-1]["results"]:  # the figure tells the sittings' curves apart
+            r["label"] = f"ε = {r['target_epsilon']:g}" + (f", {shown(out)}" if len(args.outs) > 1 else "")
+        if reports[-1]["smoke"] and Path(args.docs).resolve() == DOCS.resolve():
+            raise ValueError(f"--write-docs: {out} holds --smoke results; give --docs OTHER.md to see them")
     picture = Path(args.docs).with_name(Path(args.docs).stem + "_cifar10_time.png")
-    atomic_write_bytes(picture, (args.out / "time_to_accuracy.png").read_bytes())
-    body = "```\n" + report["command"] + "\n```\n" + table(report) + f"\n![time to accuracy]({picture.name})\n"
+    buffer = io.BytesIO()
+    figure([r for rep in reports for r in rep["results"]]).savefig(buffer, format="png", dpi=110)
+    atomic_write_bytes(picture, buffer.getvalue())
+    commands = "".join(rep["command"] + "\n" for rep in reports)
+    body = "```\n" + commands + "```\n" + table(reports) + f"\n![time to accuracy]({picture.name})\n"
     atomic_write_text(args.docs, marked(Path(args.docs).read_text(encoding="utf-8"), MARKER, body))
     print(f"wrote {args.docs}")
 
@@ -251,13 +275,15 @@ def parse_args(argv=None):
         "this many minutes of this invocation; run again to continue")
     add("--data-root", default="data", help="holds cifar-10-batches-py/")
     add("--device", default=None, choices=("auto", "cpu", "cuda"))
-    add("--out", type=Path, default=None, help="default benchmarks/results/time_to_accuracy[_smoke]")
+    add("--out", type=Path, action="append", default=None, help="default benchmarks/results/time_to_accuracy"
+        "[_smoke]; with --write-docs it may be given several times (the sittings' folders, one table)")
     add("--smoke", action="store_true", help="a small CNN on a few hundred images: a CPU check")
     add("--write-docs", action="store_true", help="fill docs/accuracy.md's table from the JSON (no training)")
     add("--docs", type=Path, default=DOCS)
     args = parser.parse_args(argv)
-    args.out = args.out or REPO / "benchmarks" / "results" / ("time_to_accuracy_smoke" if args.smoke
-                                                               else "time_to_accuracy")
+    args.outs = args.out or [REPO / "benchmarks" / "results" / ("time_to_accuracy_smoke" if args.smoke
+                                                                 else "time_to_accuracy")]
+    args.out = args.outs[0]
     args.command = "python benchmarks/time_to_accuracy.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     return parser, args
 
@@ -275,6 +301,8 @@ def main(argv=None) -> int:
             raise ValueError("--epsilons must be positive numbers and --seeds between 1 and 100")
         if args.max_minutes is not None and not 0 < args.max_minutes < math.inf:
             raise ValueError(f"--max-minutes must be a positive number, got {args.max_minutes:g}")
+        if len(args.outs) > 1 and not args.write_docs:
+            raise ValueError("--out: one folder to train into (several only with --write-docs)")
         if args.write_docs:
             write_docs(args)
         else:

@@ -58,3 +58,34 @@ def test_bad_flags_are_one_line_errors(capsys):
     assert "--max-minutes must be a positive number" in capsys.readouterr().err
     assert time_to_accuracy.main(["--epsilons", "1,x"]) == 2
     assert "--epsilons must be a comma-separated list" in capsys.readouterr().err
+
+
+def report(epsilon: float, accuracy: float, recipe: str) -> dict:
+    """A finished one-point report, as measure() writes it."""
+    points = [{"epoch": e, "epsilon": epsilon * e / 2, "example_views": 1000 * e, "seconds": 10.0 * e, "steps": e,
+               "test_accuracy": accuracy * e / 2} for e in (1, 2)]
+    return {"smoke": False, "command": f"python benchmarks/time_to_accuracy.py --epsilons {epsilon:g}",
+            "recipe": recipe, "device": "CPU, torch x", "complete": True,
+            "results": [{"target_epsilon": epsilon, "seed": 0, "status": "finished", "run_dir": "r", "epochs": 2,
+                         "epochs_done": 2, "points": points}]}
+
+
+def test_write_docs_puts_several_sittings_in_one_table(tmp_path, capsys):
+    for name, eps, acc in (("a", 8, 0.686), ("b", 1, 0.5185)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "time_to_accuracy.json").write_text(json.dumps(report(eps, acc, f"/x/recipe_{name}.yaml")))
+    page = tmp_path / "page.md"
+    page.write_text("before\n<!-- accuracy:cifar10:time -->\nold\n<!-- /accuracy:cifar10:time -->\nafter\n")
+    outs = ["--out", str(tmp_path / "a"), "--out", str(tmp_path / "b")]
+    assert time_to_accuracy.main(["--write-docs", *outs, "--docs", str(page)]) == 0
+    text = page.read_text()
+    assert "old" not in text and text.startswith("before") and text.rstrip().endswith("after")
+    assert "--epsilons 8\n" in text and "--epsilons 1\n" in text
+    assert "| 8 | 0 | 2/2 | 68.60% | 8.000 | 20 | 2,000 |" in text and "`recipe_a.yaml` (a) |" in text
+    assert "| 1 | 0 | 2/2 | 51.85% | 1.000 | 20 | 2,000 |" in text and "`recipe_b.yaml` (b) |" in text
+    assert (tmp_path / "page_cifar10_time.png").read_bytes()[:4] == b"\x89PNG"
+    assert time_to_accuracy.main(["--write-docs", "--out", str(tmp_path / "c"), "--docs", str(page)]) == 2
+    assert "time_to_accuracy.json does not exist" in capsys.readouterr().err
+    assert time_to_accuracy.main(outs + ["--epsilons", "8"]) == 2  # training takes one folder
+    assert "--out: one folder to train into" in capsys.readouterr().err
+    assert page.read_text() == text  # the refused calls wrote nothing
