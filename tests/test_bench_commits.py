@@ -45,7 +45,38 @@ def test_table_has_a_column_per_run_and_a_dash_where_a_row_is_missing():
     assert "wrn16_4 fast DP | 14.10 | 19.51" in lines
 
 
-def test_run_without_prepared_commits_says_so(tmp_path):
+def test_bad_input_is_one_line_and_exit_status_2(tmp_path, capsys):
+    def refusal(*argv: str) -> str:
+        assert bench_commits.main(list(argv)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("bench_commits.py: error: ") and err.count("\n") == 1
+        return err
+
+    assert "'no-such-commit' is not a commit" in refusal("prepare", "no-such-commit", "--into", str(tmp_path / "t"))
+    assert not (tmp_path / "t" / "order.txt").exists()  # nothing written for a refused list
+    assert "cannot be read; run 'bench_commits.py prepare" in refusal("run", "--into", str(tmp_path / "none"))
     (tmp_path / "order.txt").write_text("")
-    with pytest.raises(SystemExit, match="lists no commits"):
-        bench_commits.run(tmp_path, [], False, tmp_path / "out")
+    assert "lists no commits" in refusal("run", "--into", str(tmp_path))
+    (tmp_path / "order.txt").write_text("abc1234\n")
+    assert "lacks the trees of abc1234" in refusal("run", "--into", str(tmp_path))
+
+
+def fake_tree(into: Path, sha: str, script: str) -> None:
+    """A prepared tree whose bench_dpsgd.py is ``script`` (argv: ... --json PATH)."""
+    (into / sha / "benchmarks").mkdir(parents=True)
+    (into / sha / "benchmarks" / "bench_dpsgd.py").write_text(script)
+
+
+def test_a_failing_commit_is_marked_and_the_others_still_run(tmp_path, capsys):
+    write = ("import json, sys\njson.dump({'results': [{'workload': 'w', 'engine': 'e', 'dp': True, "
+             "'ms_per_step': 2.5}]}, open(sys.argv[-1], 'w'))\n")
+    fake_tree(tmp_path, "aaa1111", "raise SystemExit(3)\n")
+    fake_tree(tmp_path, "bbb2222", write)
+    (tmp_path / "order.txt").write_text("aaa1111\nbbb2222\n")
+    out = tmp_path / "out"
+    (out).mkdir()
+    (out / "aaa1111.json").write_text('{"results": [{"workload": "w", "engine": "e", "dp": true, "ms_per_step": 1}]}')
+    assert bench_commits.main(["run", "--into", str(tmp_path), "--out", str(out), "--", "--x"]) == 1
+    printed = capsys.readouterr().out
+    assert "aaa1111: bench_dpsgd.py failed (exit status 3)" in printed
+    assert "w e DP | failed | 2.50" in printed  # the stale JSON of an earlier run did not stand in
