@@ -10,13 +10,14 @@ Two halves, because the GPU machine receives a copy of the working tree without 
   ms per step, one column per commit. The commits run one after another on the same warm GPU; rerun the first
   at the end (``--again``) to see the drift of the machine itself.
 
-Example (issue 23: the B = 256 WRN-16-4 bf16 DP step went from 14.1 to 19.5 ms on an H100 between
-2026-12-06 and 2026-12-07)::
+Example (issue 23, session 10: the B = 256 WRN-16-4 bf16 DP step was 24.2 ms at every commit from the exact-clipping
+change on, 19.4 ms after the fused ReLU -> GroupNorm; benchmarks/results/gpu_2026-12-07_s10/bisect.txt)::
 
-    python benchmarks/bench_commits.py prepare 750b5b3 f21a0bd 387a099 18fad1b ea019ba a89f048 HEAD
-    # on the device:
-    python benchmarks/bench_commits.py run --again -- --device cuda --workloads wrn16_4 \\
-        --wrn-engines plain,fast:precision=bf16 --max-steps 60 --epochs 3 --large-batch 0 --wrn-size 16384
+    python benchmarks/bench_commits.py prepare 750b5b3 91cff49 e7a78df ea019ba e2145c7 a89f048 HEAD
+    # on the device (carry .carry/commits):
+    python benchmarks/bench_commits.py run --again --out bisect -- --device cuda --workloads wrn16_4,celeba64 \\
+        --engines fast --wrn-engines plain,fast:precision=bf16 --max-steps 60 --warmup-steps 5 --epochs 3 \\
+        --large-batch 0 --celeba-size 8192 --wrn-size 16384
 """
 
 from __future__ import annotations
