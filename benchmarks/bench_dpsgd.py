@@ -74,7 +74,10 @@ BASELINE_OPTIONS = {"precision": "fp32", "channels_last": False, "pad_sigmas": 3
 LR = 0.1
 FAST_KEYS = {"fuse": bool, "precision": str, "channels_last": bool, "pad_sigmas": float, "cuda_graphs": bool,
              "grad_sample_mode": str, "method": str, "bucket": int, "cudnn_benchmark": bool, "augmult": int,
-             "physical_batch_size": int, "augment_flip": bool}
+             "physical_batch_size": int, "augment_flip": bool, "keep_gb": float}
+# keep_gb: the manual backend's budget (GiB of float32) for the per-example gradients pass 1 materialises and keeps
+# for pass 2 (a matrix-vector product instead of a weight-gradient pass); library default 0.125 GiB, augmult on
+# CUDA 1/16 of the card. With ``method=materialise`` and a budget above B x parameters it keeps every layer's.
 
 
 class PeakMemory:
@@ -171,12 +174,16 @@ class FastRecipe:
                  mode: str | None, graphs: bool | None, options: dict | None = None) -> None:
         self.device = device
         options = dict(options or {})
-        method = options.pop("method", None)
+        method, keep_gb = options.pop("method", None), options.pop("keep_gb", None)
         options.setdefault("grad_sample_mode", mode)
         options.setdefault("cuda_graphs", graphs)
         self.engine = fast_engine(model, data, batch_size, dp=dp, device=device, options=options)
         if method is not None and self.engine.backend is not None:
             self.engine.backend.method = method  # before the first chunk (and graph capture)
+        if keep_gb is not None and dp:
+            if not hasattr(self.engine.backend, "keep_budget"):
+                raise ValueError(f"keep_gb needs the manual backend, not {self.engine.grad_sample_mode}")
+            self.engine.backend.keep_budget = int(keep_gb * 2 ** 30) // 4  # before the first chunk and capture
         self.steps_per_epoch = self.engine.steps_per_epoch
 
     def run(self, max_steps: int | None) -> int:

@@ -81,10 +81,8 @@ from dpvision.privacy.plan import DPSettings, make_plan
 NUM_CLASSES = 10
 PLAIN_KEYS = {"precision": str, "channels_last": bool, "compile": str}
 OPACUS_KEYS = {"precision": str, "inplace_residual": bool}
-# The fast rows' keys: bench_dpsgd's, and ``keep_gb``, the manual backend's budget (GiB of float32) for per-example
-# gradients pass 1 materialised and keeps for pass 2 (a matrix-vector product instead of a weight-gradient pass;
-# library default 0.125). With ``method=materialise`` and a budget above B x parameters it keeps every layer's.
-FAST_KEYS = {**bench.FAST_KEYS, "keep_gb": float}
+# The fast rows' keys: bench_dpsgd's (``keep_gb`` among them: the manual backend's keep budget, GiB of float32).
+FAST_KEYS = bench.FAST_KEYS
 RESNET_ENGINES = ("plain,plain:precision=bf16+channels_last=1,plain:compile=1+precision=bf16+channels_last=1,"
                   "plain:compile=reduce-overhead+precision=bf16+channels_last=1,opacus-hooks:inplace_residual=1,"
                   "opacus-hooks,opacus-hooks:precision=tf32,opacus-ghost:precision=tf32,fast:precision=tf32,"
@@ -226,15 +224,8 @@ def make_recipe(kind: str, options: dict, model_fn, data: ImageTensors, batch: i
 
 
 def fast_recipe(model, data: ImageTensors, batch: int, device: torch.device, options: dict):
-    """bench_dpsgd's fast-engine recipe (DP), with the manual backend's keep budget set where ``keep_gb`` asks."""
-    options = dict(options)
-    keep_gb = options.pop("keep_gb", None)
-    recipe = bench.FastRecipe(model, data, batch, True, device, None, None, options)
-    if keep_gb is not None:
-        if not hasattr(recipe.engine.backend, "keep_budget"):
-            raise ValueError(f"keep_gb needs the manual backend, not {recipe.engine.grad_sample_mode}")
-        recipe.engine.backend.keep_budget = int(keep_gb * 2 ** 30) // 4  # before the first chunk and capture
-    return recipe
+    """bench_dpsgd's fast-engine recipe (DP; ``keep_gb`` sets the manual backend's keep budget)."""
+    return bench.FastRecipe(model, data, batch, True, device, None, None, options)
 
 
 def time_row(make, args, device: torch.device) -> dict:

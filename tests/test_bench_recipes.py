@@ -1,0 +1,33 @@
+"""benchmarks/bench_dpsgd.py's fast-engine recipe: the row options reach the engine they name."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpvision.data.tensors import ImageTensors
+from dpvision.models import SampleConvNet
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import bench_dpsgd  # noqa: E402
+
+
+def tiny_mnist(n: int = 64) -> ImageTensors:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=g)
+    return ImageTensors(images, torch.randint(0, 10, (n,), generator=g), (0.1307,), (0.3081,))
+
+
+def test_keep_gb_sets_the_manual_backends_keep_budget_and_is_refused_elsewhere():
+    cpu = torch.device("cpu")
+    recipe = bench_dpsgd.FastRecipe(SampleConvNet(), tiny_mnist(), 16, True, cpu, "manual", False, {"keep_gb": 0.5})
+    assert recipe.engine.backend.keep_budget == 2 ** 27  # 0.5 GiB of float32
+    assert recipe.run(max_steps=1) == 1
+    default = bench_dpsgd.FastRecipe(SampleConvNet(), tiny_mnist(), 16, True, cpu, "manual", False)
+    assert default.engine.backend.keep_budget != 2 ** 27
+    with pytest.raises(ValueError, match="keep_gb needs the manual backend, not vmap"):
+        bench_dpsgd.FastRecipe(SampleConvNet(), tiny_mnist(), 16, True, cpu, "vmap", False, {"keep_gb": 0.5})
