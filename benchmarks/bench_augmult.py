@@ -80,8 +80,8 @@ def random_images(size: int) -> ImageTensors:
 @contextlib.contextmanager
 def kept_precision(kept: str):
     """The manual backend's kept per-example gradients for the block only (a benchmark-only patch): ``fp32``
-    from upcast operands (the rule before issue 23), ``reduced`` from the bf16 operands whatever the chunk (the library
-    does so in chunks of at most ``KEPT_AMP_MAX_EXAMPLES`` examples), ``library``: the library as it is."""
+    from upcast operands (the rule before issue 23), ``reduced`` from the bf16 operands whatever the chunk (the
+    library does so in chunks of at most ``KEPT_AMP_MAX_EXAMPLES`` examples), ``library``: the library as it is."""
     saved = ManualPerSample._kept_dtype
     if kept == "fp32":
         ManualPerSample._kept_dtype = lambda self, examples: torch.float32
