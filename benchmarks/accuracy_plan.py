@@ -171,7 +171,7 @@ def estimate_seconds(config: TrainConfig, train_size: int) -> float:
     views = max(1, config.optim.augmult)
     shape = SHAPE_OF.get(config.data.dataset, "")
     if (config.model.name, shape) == ("wrn16_4", "cifar10"):
-        bucket = 16 if views >= 16 else 4 if views >= 4 else 1
+        bucket = max(k for _, k in WRN_SECONDS_PER_VIEW if k <= views)  # the largest measured K not above
         per_epoch = WRN_SECONDS_PER_VIEW[bool(config.model.weight_standardization), bucket] * train_size
     else:
         per_epoch = SECONDS_PER_EPOCH.get((config.model.name, shape))

@@ -220,12 +220,7 @@ def make_recipe(kind: str, options: dict, model_fn, data: ImageTensors, batch: i
     if kind.startswith("opacus-"):
         model_kw = {"inplace_residual": True} if options.pop("inplace_residual", False) else {}
         return lambda: OpacusVariant(model_fn(**model_kw), data, batch, device, kind.split("-")[1], **options)
-    return lambda: fast_recipe(model_fn(), data, batch, device, options)
-
-
-def fast_recipe(model, data: ImageTensors, batch: int, device: torch.device, options: dict):
-    """bench_dpsgd's fast-engine recipe (DP; ``keep_gb`` sets the manual backend's keep budget)."""
-    return bench.FastRecipe(model, data, batch, True, device, None, None, options)
+    return lambda: bench.FastRecipe(model_fn(), data, batch, True, device, None, None, options)  # DP; keep_gb too
 
 
 def time_row(make, args, device: torch.device) -> dict:

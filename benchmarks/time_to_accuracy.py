@@ -244,7 +244,7 @@ def write_docs(args) -> None:
             raise ValueError(f"--write-docs: {path} does not exist; run the benchmark with --out {out} first")
         reports.append({**json.loads(path.read_text()), "folder": shown(out)})
         for r in reports[-1]["results"]:  # the figure tells the sittings' curves apart
-            r["label"] = f"ε = {r['target_epsilon']:g}" + (f", {shown(out)}" if len(args.outs) > 1 else "")
+            r["label"] = f"ε = {r['target_epsilon']:g}" + (f", {reports[-1]['folder']}" if len(args.outs) > 1 else "")
         if reports[-1]["smoke"] and Path(args.docs).resolve() == DOCS.resolve():
             raise ValueError(f"--write-docs: {out} holds --smoke results; give --docs OTHER.md to see them")
     picture = Path(args.docs).with_name(Path(args.docs).stem + "_cifar10_time.png")

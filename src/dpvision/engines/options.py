@@ -22,6 +22,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from dpvision.engines.chunks import PAD_SIGMAS
+from dpvision.engines.manual import KEPT_AMP_MAX_EXAMPLES
 from dpvision.engines.per_sample import BACKENDS
 
 # Per-sample gradient backend by device type: first choice, then the fallback when the first
@@ -33,7 +34,7 @@ DEFAULT_MAX_PHYSICAL = {"cpu": 512, "cuda": 4096}
 # the kept per-example gradients come from the bf16 operands (manual.KEPT_AMP_MAX_EXAMPLES); H100, WRN-16-4, bf16,
 # K = 4: 26.6k views/s in chunks of 256 examples against 17.9k in chunks of 1,024 (session 10, bench_augmult.py).
 # K = 1 keeps its 4,096-view chunks (15.1k views/s against 14.4k in chunks of 256); K = 2 and 3: not measured.
-DEFAULT_AUGMULT_EXAMPLES = {"cpu": None, "cuda": 256}
+DEFAULT_AUGMULT_EXAMPLES = {"cpu": None, "cuda": KEPT_AMP_MAX_EXAMPLES}
 AUGMULT_EXAMPLES_MIN_K = 4
 # Numerics of the per-chunk work: "fp32" (matmuls/einsums in full fp32), "tf32" (TF32 tensor cores
 # for matmuls/einsums, scoped to the engine's chunks), "bf16" (autocast of forward/backward and the
