@@ -22,7 +22,8 @@ Engines (``--engines``, per workload with ``--wrn-engines``):
   ``fast-fp32``: the engine before run 9's speed options; ``fast:key=value+key=value``: the
   defaults overridden (keys ``precision``, ``channels_last``, ``pad_sigmas``, ``bucket``
   (0: every chunk padded to the capacity), ``cudnn_benchmark``, ``cuda_graphs``,
-  ``grad_sample_mode``, ``method``: the manual backend's norm method).
+  ``grad_sample_mode``, ``method``: the manual backend's norm method, ``keep_gb``: its keep budget in GiB, and
+  the rest of ``FAST_KEYS``).
 
 Each configuration: one warm-up run of a few steps (not timed; graph capture and
 cuDNN autotuning happen there), then ``--epochs`` timed runs; on the CPU (or with
