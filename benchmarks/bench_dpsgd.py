@@ -397,6 +397,12 @@ def matmul_ceilings(device: torch.device) -> dict:
     return out
 
 
+def refuse(message: str):
+    """Bad input: one line on stderr, exit status 2."""
+    print(f"bench_dpsgd.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def parse_engine(engine: str, args) -> tuple[str, dict]:
     """("opacus" | "opacus-hooks" | "opacus-ghost" | "plain" | "fast", fast engine options) from a name."""
     if engine in ("opacus", "opacus-hooks", "opacus-ghost", "plain"):
@@ -408,12 +414,15 @@ def parse_engine(engine: str, args) -> tuple[str, dict]:
                                  ("cuda_graphs", False if args.no_cuda_graphs else None)) if v is not None}
     name, _, rest = engine.partition(":")
     if name != "fast":
-        raise SystemExit(f"bench_dpsgd.py: error: unknown engine {engine!r}")
+        refuse(f"unknown engine {engine!r}")
     for item in filter(None, rest.split("+")):  # "," separates the engines
         key, _, value = item.partition("=")
         if key not in FAST_KEYS:
-            raise SystemExit(f"bench_dpsgd.py: error: {engine!r}: option must be one of {tuple(FAST_KEYS)}")
-        options[key] = parse_option(key, value)
+            refuse(f"{engine!r}: option must be one of {tuple(FAST_KEYS)}")
+        try:
+            options[key] = parse_option(key, value)
+        except ValueError:
+            refuse(f"{engine!r}: {key} takes a {FAST_KEYS[key].__name__}, not {value!r}")
     return "fast", options
 
 
@@ -491,7 +500,7 @@ def main(argv=None) -> int:
     results = []
     for workload in args.workloads.split(","):
         if workload not in WORKLOADS:
-            raise SystemExit(f"bench_dpsgd.py: error: --workloads: unknown {workload!r}, valid: {tuple(WORKLOADS)}")
+            refuse(f"--workloads: unknown {workload!r}, valid: {tuple(WORKLOADS)}")
         data, stock_dataset, model_cls = WORKLOADS[workload](args)
         engines = (args.wrn_engines if workload == "wrn16_4" else args.engines).split(",")
         makers = []

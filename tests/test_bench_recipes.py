@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -31,3 +32,14 @@ def test_keep_gb_sets_the_manual_backends_keep_budget_and_is_refused_elsewhere()
     assert default.engine.backend.keep_budget != 2 ** 27
     with pytest.raises(ValueError, match="keep_gb needs the manual backend, not vmap"):
         bench_dpsgd.FastRecipe(SampleConvNet(), tiny_mnist(), 16, True, cpu, "vmap", False, {"keep_gb": 0.5})
+
+
+@pytest.mark.parametrize("engine, message", [("fast:keep_gb=x", "keep_gb takes a float, not 'x'"),
+                                             ("fast:nope=1", "option must be one of"), ("turbo", "unknown engine")])
+def test_bad_engine_options_are_one_line_and_exit_status_2(engine, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        flags = argparse.Namespace(precision=None, channels_last=None, pad_sigmas=None, grad_sample_mode=None,
+                                   no_cuda_graphs=False)  # the command line's speed flags, none given
+        bench_dpsgd.parse_engine(engine, flags)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and message in err and err.count("\n") == 1
