@@ -391,12 +391,16 @@ def ablations(config: TrainConfig) -> list[tuple[str, str, dict | None]]:
     m, o = config.model, config.optim
     activation = m.activation or DEFAULT_ACTIVATION.get(m.name)
     augmult = getattr(o, "augmult", 0)
+    # The plain CNN keeps the recipe's activation (a linear head has none: the CNN's default, relu); it has no
+    # frozen features to cache, so an explicit run.cache_features: true goes back to auto.
+    plain = {"model.name": "sample_convnet", "model.activation": activation or DEFAULT_ACTIVATION["sample_convnet"]}
+    if config.run.cache_features is True:
+        plain["run.cache_features"] = "auto"
     rows = [
         ("activation -> relu", activation not in (None, "relu"), f"model.activation: {activation} -> relu",
          {"model.activation": "relu"}, f"model.activation is {activation}"),
         ("ScatterNet -> plain CNN", m.name.startswith("scatternet"),
-         f"model.name: {m.name} -> sample_convnet ({activation})",
-         {"model.name": "sample_convnet", "model.activation": activation}, f"model.name is {m.name}"),
+         f"model.name: {m.name} -> sample_convnet ({plain['model.activation']})", plain, f"model.name is {m.name}"),
         ("EMA off", o.ema_decay is not None, f"optim.ema_decay: {o.ema_decay} -> null", {"optim.ema_decay": None},
          "optim.ema_decay is null"),
         ("schedule -> constant", o.schedule != "constant" or o.warmup_epochs > 0,

@@ -173,3 +173,18 @@ def test_budget_drops_the_candidates_that_do_not_fit_and_reserves_the_frontier(c
     args.epsilons = [1.0, 3.0]
     reserved, _ = accuracy.budgeted(grid, points, 1, args)  # 2 ε x 3 seeds of final runs must fit too
     assert len(reserved) < len(kept) and reserved == kept[:len(reserved)]
+
+
+def test_ablation_variants_of_a_cached_linear_recipe_are_valid_configs():
+    """The shipped Fashion-MNIST recipe (ScatterNet + linear, run.cache_features: true) ablates to configurations that
+    validate: the plain CNN gets the CNN's default activation and the cache back to auto (it has no frozen features),
+    the others keep the cache; a technique the recipe lacks has no overrides."""
+    recipe = REPO / "benchmarks" / "results" / "accuracy_probes_2026-12-06_s5" / "fmnist_eps3.yaml"
+    config = TrainConfig.from_dict(yaml.safe_load(recipe.read_text())).with_overrides({"run.cache_features": True})
+    rows = {variant: (change, overrides) for variant, change, overrides in accuracy.ablations(config)}
+    change, plain = rows["ScatterNet -> plain CNN"]
+    assert plain == {"model.name": "sample_convnet", "model.activation": "relu", "run.cache_features": "auto"}
+    assert change == "model.name: scatternet_linear -> sample_convnet (relu)"
+    assert config.with_overrides(plain).run.cache_features == "auto"
+    assert config.with_overrides(rows["EMA off"][1]).run.cache_features is True
+    assert rows["activation -> relu"][1] is None and rows["augmult off"][1] is None

@@ -261,3 +261,25 @@ def test_bf16_close_to_fp32_on_cuda(method):
     bf16, _ = manual_clipped_sum(model, x, y, C, method, amp_dtype=torch.bfloat16)
     assert (bf16 - fp32).norm() < 1e-2 * len(x) * C
 
+
+
+def test_keep_budget_is_a_sixteenth_of_the_card_on_cuda_and_fixed_on_the_cpu(monkeypatch):
+    """The manual backend (augmult or not) may keep 1/16 of a CUDA card's memory of per-example gradients (every
+    WRN-16-4 layer at B = 256: faster on the H100); on the CPU the fixed budget, so CPU runs repeat bit for bit."""
+    import types
+
+    import dpvision.engines.ghost as ghost
+    import dpvision.engines.manual as manual
+    from dpvision.engines.augmult import AugmultManual
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    assert ManualPerSample(model).keep_budget == ghost.KEEP_BUDGET
+    card = types.SimpleNamespace(total_memory=80 * 2 ** 30)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: card)
+    assert manual.keep_budget(torch.device("cuda")) == 80 * 2 ** 30 // 16 // 4  # float32 elements: 5 GiB
+    small = types.SimpleNamespace(total_memory=2 ** 30)  # 1 GiB card: never below the CPU's budget
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: small)
+    assert manual.keep_budget(torch.device("cuda")) == ghost.KEEP_BUDGET
+    monkeypatch.setattr(manual, "keep_budget", lambda device: 123 if device.type == "cpu" else 0)
+    augmult = AugmultManual(model, k=2, flip=False, generator=torch.Generator())
+    assert augmult.keep_budget == ManualPerSample(model).keep_budget == 123  # one rule for both backends

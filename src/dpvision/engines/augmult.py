@@ -42,12 +42,6 @@ from dpvision.engines.clipping import ClipFn
 from dpvision.engines.per_sample import ManualPerSample, VmapPerSample
 
 PAD = 4  # pixels of reflect padding before the random crop (the usual CIFAR recipe)
-# On CUDA, the per-example gradients pass 1 may keep for pass 2, as a fraction of the card's memory in float32
-# elements (1/16 of it: 5 GB of an 80 GB card). A chunk holds K times fewer examples than views, so keeping a
-# large model's per-example gradients costs little there (WRN-16-4, 4096 views at K = 16: 256 x 2.75 M x 4 B
-# = 2.8 GB), and a kept layer's pass 2 is a matrix-vector product instead of a float32 weight-gradient pass
-# over all the views (:mod:`dpvision.engines.ghost`), its pass 1 under bf16 a tensor-core one (:mod:`.rounding`).
-KEEP_MEMORY_FRACTION = 1 / 16
 AUGMENTATIONS = ("crop", "crop_flip")
 
 
@@ -79,12 +73,8 @@ class AugmultManual(ManualPerSample):
     def __init__(self, model: nn.Module, *, k: int, flip: bool, generator: torch.Generator, pad: int = PAD) -> None:
         if k < 1:
             raise ValueError(f"augmult needs K >= 1, got {k}")
-        super().__init__(model)
+        super().__init__(model)  # on CUDA its keep budget holds a large model's per-example gradients (manual.py)
         self.views, self.flip, self.generator, self.pad = k, flip, generator, pad
-        device = next(model.parameters()).device
-        if device.type == "cuda":
-            memory = torch.cuda.get_device_properties(device).total_memory
-            self.keep_budget = max(self.keep_budget, int(memory * KEEP_MEMORY_FRACTION) // 4)
 
     def accumulate(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, clip: ClipFn,
                    acc_views: list[torch.Tensor], loss_sum: torch.Tensor, correct: torch.Tensor) -> None:

@@ -18,7 +18,7 @@ patches, d = C_in kh kw) and G_i [T, p] its output gradients. Its squared norm, 
 :func:`choose_method` takes ghost or materialise by multiply-adds (ghost for late, small-resolution,
 wide layers such as WRN-16-4's 8x8 stage, materialise for early ones); on CUDA the backend times the
 candidates once per layer and shape instead. No per-example gradient outlives its layer unless it is
-kept for pass 2 (``KEEP_BUDGET``), and each is formed in chunks of examples bounded by ``PATCH_BUDGET``.
+kept for pass 2 (``manual.keep_budget``), and each is formed in chunks of examples bounded by ``PATCH_BUDGET``.
 
 The clipped sum needs no per-example gradient (the book-keeping of Bu et al., ICML 2023,
 "Differentially Private Optimization on Large Model at Small Cost"): with clip factors f [B],
@@ -60,7 +60,7 @@ METHODS = ("auto", GHOST, MATERIALISE, GROUPED)
 # Elements of unfolded patches / Gram matrices / per-example gradients held at once (128 MiB of fp32): larger
 # batches are processed in chunks of examples, so the transient memory stays bounded.
 PATCH_BUDGET = 1 << 25
-# Elements of per-example weight gradients pass 1 may keep for pass 2 (then a matrix-vector product there).
+# Elements of per-example weight gradients pass 1 may keep for pass 2 on the CPU (CUDA: manual.keep_budget).
 KEEP_BUDGET = 1 << 25
 GROUPED_PAD = 64  # examples: the grouped kernel's shapes under bf16 are multiples of this (one search each)
 

@@ -35,6 +35,11 @@ from dpvision.engines.tokens import check_tokens, token_gradients, token_source
 from dpvision.models.layers import WSConv2d
 
 KEPT_AMP_MAX_EXAMPLES = 256  # see ManualPerSample.kept_amp_max_examples
+# On CUDA pass 1 may keep 1/16 of the card's memory of per-example gradients (float32; 5 GB of an 80 GB card): a
+# kept layer's pass 2 is a matrix-vector product instead of a float32 weight-gradient pass (under bf16 its pass 1
+# a tensor-core one, :mod:`.rounding`). H100, WRN-16-4, B = 256, bf16, two runs (session 12, bench_dpsgd.py): 15.3
+# ms a step with every layer kept against 17.8 ms within ghost.KEEP_BUDGET; the CPU keeps that budget, bit for bit.
+KEEP_MEMORY_FRACTION = 1 / 16
 # Layers with fewer multiply-adds (B T d p) than this keep the shape rule's method on CUDA too: timing
 # them eagerly would measure kernel-launch overhead, not the GPU time that counts inside a CUDA graph.
 AUTOTUNE_MIN_MACS = 1 << 28
@@ -71,6 +76,14 @@ def check_layer(module: nn.Module, attr: str, supported: tuple) -> None:
         raise UnsupportedModelError("manual per-sample gradients: grouped/padded-mode Conv2d")
     if isinstance(module, NORM_LAYERS) and module.weight is None:
         raise UnsupportedModelError(f"manual per-sample gradients: {type(module).__name__} without affine")
+
+
+def keep_budget(device: torch.device) -> int:
+    """Elements of per-example gradients pass 1 may keep for pass 2 on ``device`` (``KEEP_MEMORY_FRACTION``)."""
+    if device.type != "cuda":
+        return ghost.KEEP_BUDGET
+    memory = torch.cuda.get_device_properties(device).total_memory
+    return max(ghost.KEEP_BUDGET, int(memory * KEEP_MEMORY_FRACTION) // 4)
 
 
 class ManualPerSample:
@@ -150,7 +163,8 @@ class ManualPerSample:
         self.autotune = True
         self._tuned: dict[tuple, str] = {}
         self.views = 1  # K views of each example, consecutive in x (augmult)
-        self.keep_budget = ghost.KEEP_BUDGET  # elements of per-example gradients pass 1 may keep for pass 2
+        first = next(model.parameters(), None)  # elements of per-example gradients pass 1 may keep for pass 2
+        self.keep_budget = keep_budget(first.device if first is not None else torch.device("cpu"))
         # Kept gradients from the bf16 operands in chunks of at most 256 examples only (H100, WRN-16-4, bf16,
         # bench_augmult.py, session 10): 256 examples a chunk, K = 1 / 4 / 16: 14.4k / 26.6k / 37.4k views/s
         # against 12.4k / 16.9k / 22.7k in fp32; 1,024 examples, K = 1 / 4: 3.6k / 9.1k against 14.6k / 17.9k.
