@@ -43,3 +43,24 @@ def test_bad_engine_options_are_one_line_and_exit_status_2(engine, message, caps
         bench_dpsgd.parse_engine(engine, flags)
     err = capsys.readouterr().err
     assert stop.value.code == 2 and message in err and err.count("\n") == 1
+
+
+def test_bench_models_judges_the_plain_target_only_against_the_tuned_yardstick(capsys):
+    """ResNet-18's <= 1.3x-plain target is judged only when the compiled reduce-overhead plain row ran: against eager
+    rows alone (session 12's call) the script used to print "met" for a step 3x the tuned one."""
+    import bench_models
+
+    def row(engine, ms):
+        return {"workload": "resnet18_gn", "engine": engine, "ms_per_step": ms}
+
+    eager = [row("plain:precision=tf32", 8.03), row("fast:precision=tf32", 7.77),
+             row("plain:precision=bf16+channels_last=1+compile=1", 10.96)]
+    plain = {c["versus"]: c for c in bench_models.checks(eager)}["plain"]
+    assert plain["met"] is None and plain["ratio"] is None and "compile=reduce-overhead" in plain["missing"]
+    bench_models.print_checks([plain])
+    assert "not judged (no plain row with compile=reduce-overhead" in capsys.readouterr().out
+    tuned = eager + [row("plain:compile=reduce-overhead+precision=bf16+channels_last=1", 2.58)]
+    plain = {c["versus"]: c for c in bench_models.checks(tuned)}["plain"]
+    assert plain["met"] is False and abs(plain["ratio"] - 7.77 / 2.58) < 1e-9
+    hooks = {c["versus"]: c for c in bench_models.checks(tuned)}["opacus hooks"]
+    assert hooks["ratio"] is None and hooks["missing"] == "a side did not run"
