@@ -116,3 +116,19 @@ def test_baseline_section_only_in_place_of_an_unknown_section(tmp_path):
     assert train_config(args, ["--config", "--disable-dp"]).optim.lr == 0.05
     recipe.write_text("optim:\n  lr: 0.5\nbaselines:\n  optim.lr: 0.05\n")
     assert exit_code(main, ["train", "--config", recipe]) == 2
+
+
+# ----------------------------------------------------------------------------- the recipes' CPU hints
+HINTED = [p for p in (*DEFAULTS, *sorted((REPO / "recipes").glob("*.yaml"))) if "try --" in p.read_text()]
+
+
+@pytest.mark.parametrize("path", HINTED, ids=[p.name for p in HINTED])
+def test_cpu_hint_in_a_recipe_comment_is_a_valid_command(path):
+    """'try --k 2000 ... first' in a recipe's comment: its flags apply and the batch fits the k examples (the hint
+    once said --k 2000 alone, which a recipe of batch 4096 refuses before training)."""
+    comment = " ".join(line.lstrip("# ") for line in path.read_text().splitlines() if line.startswith("#"))
+    flags = comment.split("try ", 1)[1].split(" first", 1)[0].split()
+    args = build_parser(["train"]).parse_args(["train", "--config", str(path), *flags])
+    config = train_config(args, ["--config", *[f for f in flags if f.startswith("--")]])
+    assert config.data.k is not None and config.optim.batch_size <= config.data.k, flags
+    assert config.optim.eval_batch_size >= 1 and config.optim.epochs == 1
