@@ -68,13 +68,14 @@ def test_gradients_are_averaged_before_clipping():
     assert torch.allclose(clipped, mean_grad * (1e-3 / (mean_grad.norm() + 1e-6)), atol=1e-7)
 
 
-def test_cuda_augmult_chunks_hold_at_most_256_examples_from_k_2_unless_asked():
-    """On CUDA an augmult chunk of K >= 2 views an example holds at most 256 examples by default (where kept gradients come from the bf16
-    operands: faster there, measured on an H100); an explicit physical_batch_size is taken as given; CPU unchanged."""
+def test_cuda_augmult_chunks_hold_at_most_512_examples_from_k_2_unless_asked():
+    """On CUDA an augmult chunk of K >= 2 views an example holds at most 512 examples and 4,096 views by default
+    (where kept gradients come from the bf16 operands: faster there, measured on an H100); an explicit
+    physical_batch_size is taken as given; CPU unchanged."""
     from dpvision.engines.options import FastOptions
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    chunk = {k: FastOptions(augmult=k).resolve(cuda, dp=True).max_physical for k in (0, 1, 2, 3, 4, 16, 32)}
-    assert chunk == {0: 4096, 1: 4096, 2: 256, 3: 256, 4: 256, 16: 256, 32: 128}
+    chunk = {k: FastOptions(augmult=k).resolve(cuda, dp=True).max_physical for k in (0, 1, 2, 3, 4, 8, 16, 32)}
+    assert chunk == {0: 4096, 1: 4096, 2: 512, 3: 512, 4: 512, 8: 512, 16: 256, 32: 128}
     assert FastOptions(augmult=4, physical_batch_size=4096).resolve(cuda, dp=True).max_physical == 1024
     assert FastOptions(augmult=4).resolve(cpu, dp=True).max_physical == 128

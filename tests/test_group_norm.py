@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from dpvision.engines import group_norm
 from dpvision.engines.group_norm import group_norm_norm_sq, row_sums, triton_available
 
 HAS_CUDA = torch.cuda.is_available()
@@ -45,16 +46,22 @@ def test_no_kernel_on_the_cpu():
     assert not triton_available(a, a)
 
 
-@pytest.mark.parametrize("size", [3, 40])  # S = 9 and 1600: one block and several (Chan's combination)
-def test_kernel_under_triton_interpreter_equals_float64(size):
-    """The CUDA kernel's code, run by Triton's CPU interpreter (tests/conftest.py sets it where there is no CUDA)."""
+@pytest.mark.parametrize(("rows", "size"), [((3, 4), 3), ((3, 4), 40), ((3, 4), 1), ((5, 30), 2), ((7, 9), 17),
+                                             ((2, 70), 8), ((3, 4), 23)])
+@pytest.mark.parametrize("short_row_max", [group_norm.SHORT_ROW_MAX, 0], ids=["library", "one-row-kernel"])
+def test_kernel_under_triton_interpreter_equals_float64(rows, size, short_row_max, monkeypatch):
+    """The CUDA kernels' code, run by Triton's CPU interpreter (tests/conftest.py sets it where there is no CUDA):
+    rows of S = 1 .. 1,600 elements, short ones several a program (row counts not a multiple of a program's),
+    long ones Chan's combination over blocks; each short shape also through the one-row kernel."""
     pytest.importorskip("triton", reason="Triton is not installed: the PyTorch path runs instead")
     if HAS_CUDA or os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the interpreter is for machines without CUDA (test_cuda_kernel_equals_the_pytorch_path runs there)")
+    monkeypatch.setattr(group_norm, "SHORT_ROW_MAX", short_row_max)
     torch.manual_seed(2)
-    a, dz = torch.randn(3, 4, size, size) * 0.5 + 3, torch.randn(3, 4, size, size)
+    b, c = rows
+    a, dz = torch.randn(b, c, size, size) * 0.5 + 3, torch.randn(b, c, size, size)
     sums = row_sums(a, dz).double()  # [B C, 4]
-    a64, dz64 = a.double().reshape(12, -1), dz.double().reshape(12, -1)
+    a64, dz64 = a.double().reshape(b * c, -1), dz.double().reshape(b * c, -1)
     ref = torch.stack([(a64 * dz64).sum(1), dz64.sum(1), a64.mean(1),
                        (a64 - a64.mean(1, keepdim=True)).square().sum(1)], 1)
     assert torch.allclose(sums, ref, rtol=1e-5, atol=1e-4)

@@ -162,15 +162,16 @@ def test_grouped_bf16_pads_examples_to_a_searched_shape_and_keeps_each_example_i
     assert float(err.max()) < 1e-2
 
 
-def test_kept_gradients_from_bf16_operands_only_in_chunks_of_at_most_256_examples():
-    """Measured on an H100 (docs/performance.md, session 10): kept gradients from the bf16 operands are faster in
-    chunks of 256 examples (K = 1, 4 and 16) and 2-4x slower in chunks of 1,024, so the library forms them from
-    bf16 in chunks of at most 256 examples, whatever K, in fp32 otherwise (and always without bf16)."""
+def test_kept_gradients_from_bf16_operands_only_in_chunks_of_at_most_512_examples():
+    """Measured on an H100 (docs/performance.md, sessions 10 and 13): kept gradients from the bf16 operands are
+    faster in chunks of 256 and 512 examples and 2-4x slower in chunks of 1,024, so the library forms them from
+    bf16 in chunks of at most 512 examples, whatever K, in fp32 otherwise (and always without bf16)."""
     b = ManualPerSample(all_kept_model())
     assert b._kept_dtype(256) == torch.float32  # no amp
     b.amp_dtype = torch.bfloat16
     assert b._kept_dtype(256) == torch.bfloat16 and b._kept_dtype(1) == torch.bfloat16
-    assert b._kept_dtype(257) == torch.float32 and b._kept_dtype(1024) == torch.float32
+    assert b._kept_dtype(512) == torch.bfloat16 and b._kept_dtype(328) == torch.bfloat16  # B 256's largest chunk
+    assert b._kept_dtype(513) == torch.float32 and b._kept_dtype(1024) == torch.float32
     augmult = AugmultManual(all_kept_model(), k=16, flip=False, generator=torch.Generator().manual_seed(0))
     augmult.amp_dtype = torch.bfloat16
-    assert augmult._kept_dtype(256) == torch.bfloat16 and augmult._kept_dtype(512) == torch.float32
+    assert augmult._kept_dtype(512) == torch.bfloat16 and augmult._kept_dtype(513) == torch.float32

@@ -34,7 +34,7 @@ from dpvision.engines.rounding import fp32_matmuls, margin, reduction_length, sq
 from dpvision.engines.tokens import check_tokens, token_gradients, token_source
 from dpvision.models.layers import WSConv2d
 
-KEPT_AMP_MAX_EXAMPLES = 256  # see ManualPerSample.kept_amp_max_examples
+KEPT_AMP_MAX_EXAMPLES = 512  # see ManualPerSample.kept_amp_max_examples
 # On CUDA pass 1 may keep 1/16 of the card's memory of per-example gradients (float32; 5 GB of an 80 GB card): a
 # kept layer's pass 2 is a matrix-vector product instead of a float32 weight-gradient pass (under bf16 its pass 1
 # a tensor-core one, :mod:`.rounding`). H100, WRN-16-4, B = 256, bf16, two runs (session 12, bench_dpsgd.py): 15.3
@@ -165,9 +165,10 @@ class ManualPerSample:
         self.views = 1  # K views of each example, consecutive in x (augmult)
         first = next(model.parameters(), None)  # elements of per-example gradients pass 1 may keep for pass 2
         self.keep_budget = keep_budget(first.device if first is not None else torch.device("cpu"))
-        # Kept gradients from the bf16 operands in chunks of at most 256 examples only (H100, WRN-16-4, bf16,
-        # bench_augmult.py, session 10): 256 examples a chunk, K = 1 / 4 / 16: 14.4k / 26.6k / 37.4k views/s
-        # against 12.4k / 16.9k / 22.7k in fp32; 1,024 examples, K = 1 / 4: 3.6k / 9.1k against 14.6k / 17.9k.
+        # Kept gradients from the bf16 operands in chunks of at most 512 examples only (H100, WRN-16-4, bf16):
+        # 1,024 examples, K = 1 / 4: 3.6k / 9.1k views/s against 14.6k / 17.9k in fp32 (session 10); 512 examples,
+        # K = 4: 26.2k against 14.4k in fp32 and 22.2k in chunks of 256 (session 13, bench_augmult.py); B = 256
+        # (chunks of up to 328 examples): 12.5 / 12.8 ms a step against 15.2 with the limit at 256 (bench_dpsgd.py).
         self.kept_amp_max_examples = KEPT_AMP_MAX_EXAMPLES
         self.chosen: dict[str, str | None] = {}  # layer name -> norm method of the last chunk (reports)
         self._handles = [m.register_forward_hook(self._hook) for m in self.layers]

@@ -30,11 +30,12 @@ from dpvision.engines.per_sample import BACKENDS
 DEFAULT_GRAD_SAMPLE_MODE = {"cpu": ("manual", "vmap"), "cuda": ("manual", "vmap")}
 # Largest physical chunk by device type (examples whose per-sample gradients coexist).
 DEFAULT_MAX_PHYSICAL = {"cpu": 512, "cuda": 4096}
-# Under augmult with K >= 2 on CUDA, by default at most 256 examples a chunk (K = 4: 1,024 views, not 4,096): there
-# the kept per-example gradients come from the bf16 operands (manual.KEPT_AMP_MAX_EXAMPLES); H100, WRN-16-4, bf16,
-# bench_augmult.py, chunks of 256 examples against the 4,096-view ones: K = 4 26.6k views/s against 17.9k (1,024
-# examples; session 10); K = 2 16.2k against 15.0k, K = 3 17.2k against 14.6k (session 12). K = 1 keeps its
-# 4,096-view chunks (15.1k views/s against 14.4k in chunks of 256, session 10).
+# Under augmult with K >= 2 on CUDA, by default at most 512 examples a chunk (and at most DEFAULT_MAX_PHYSICAL views:
+# K = 2 / 4: 1,024 / 2,048 views, K = 16: 256 examples): there the kept per-example gradients come from the bf16
+# operands (manual.KEPT_AMP_MAX_EXAMPLES). H100, WRN-16-4, bf16, bench_augmult.py, one run each (session 13): K = 2
+# 23.6k views/s in chunks of 512 examples against 13.7k in chunks of 256; K = 4 26.2k against 22.2k; K = 16 keeps
+# 256 (4,096 views; 37.4k against 34.9k in chunks of 512). Session 10: K = 4 in chunks of 256 examples 26.6k views/s
+# against 17.9k in 4,096-view ones. K = 1 keeps its 4,096-view chunks (15.1k views/s against 14.4k in chunks of 256).
 DEFAULT_AUGMULT_EXAMPLES = {"cpu": None, "cuda": KEPT_AMP_MAX_EXAMPLES}
 AUGMULT_EXAMPLES_MIN_K = 2
 # Numerics of the per-chunk work: "fp32" (matmuls/einsums in full fp32), "tf32" (TF32 tensor cores
@@ -51,7 +52,7 @@ class FastOptions:
     """The fast engine's options as given; ``None`` picks the device's default (:meth:`resolve`).
 
     physical_batch_size: most examples per chunk (default 512 on CPU, 4096 on CUDA); with ``augmult`` most views
-        (K views an example: physical // K examples; on CUDA with K >= 2, by default at most 256 examples).
+        (K views an example: physical // K examples; on CUDA with K >= 2, by default at most 512 examples).
     grad_sample_mode: ``"manual"``, ``"vmap"`` or ``"hooks"`` (:mod:`dpvision.engines.per_sample`).
     cuda_graphs: capture each chunk as a CUDA graph (default: on CUDA unless ``hooks``).
     static_shapes: pad every chunk to a bucket size (default: when graphs are on; graphs need it).

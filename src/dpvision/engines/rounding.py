@@ -10,7 +10,7 @@ exact gradient g_i = G_i^T A_i of those numbers, each with fp32 rounding only.
 Kept layers (per-example gradients that pass 1 materialises and keeps for pass 2): the tensor g^_i that
 pass 1 stores is itself example i's share's data, pass 2 computing fl(f_i g^_i) from it, so however g^_i
 was rounded (it reads example i's operands only: a batched product or cuDNN's grouped kernel, the examples
-as groups) the norm of exactly those numbers bounds the share. Under bf16 (in chunks of at most 256 examples,
+as groups) the norm of exactly those numbers bounds the share. Under bf16 (in chunks of at most 512 examples,
 where measured faster) these layers form g^_i from the bf16 operands on tensor cores (float32 or bf16 out, upcast
 exactly) and take its squared norm in float64; their chain is the p d one-sign squares (float64) and the product by f_i, and caveats (1) and (3) below do
 not apply to them (only (2), the batch sum's own rounding).

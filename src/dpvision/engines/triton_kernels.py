@@ -1,7 +1,8 @@
 """The fast engine's Triton kernels (imported only where Triton is installed; the callers fall back to PyTorch).
 
-* ``row_sums_kernel`` (:mod:`dpvision.engines.group_norm`): per (example, channel) row, Σ dz·a, Σ dz, mean
-  and squared deviations of a, for the per-example GroupNorm gradients.
+* ``row_sums_kernel`` / ``short_row_sums_kernel`` (:mod:`dpvision.engines.group_norm`): per (example, channel)
+  row, Σ dz·a, Σ dz, mean and squared deviations of a, for the per-example GroupNorm gradients (one program a
+  row; several rows a program where rows are short).
 * ``forward_kernel`` / ``backward_kernel`` (:mod:`dpvision.engines.fused`): GroupNorm -> ReLU ->
   MaxPool2d(2), one program per (example, group) of a [B, C, H, W] conv output whose group is CG channels
   of H W contiguous elements; its tiles are [CG_P2, BLOCK_HW], the group's channels by pooled positions.
@@ -49,6 +50,26 @@ def row_sums_kernel(a_ptr, dz_ptr, out_ptr, S, BLOCK: tl.constexpr):
     tl.store(out_ptr + row * 4 + 1, s_z)
     tl.store(out_ptr + row * 4 + 2, mean)
     tl.store(out_ptr + row * 4 + 3, m2)
+
+
+@triton.jit
+def short_row_sums_kernel(a_ptr, dz_ptr, out_ptr, R, S, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    # The same four sums for rows of S <= BLOCK elements, ROWS rows a program (a [ROWS, BLOCK] tile, one load):
+    # the late layers of a ResNet at 32x32 have rows of 64 down to 1 element, where one program per row and
+    # a 1,024-wide block left almost every lane idle. One block a row: mean first, then squared deviations.
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]
+    cols = tl.arange(0, BLOCK)  # [BLOCK]
+    row_mask = rows < R
+    mask = row_mask[:, None] & (cols < S)[None, :]
+    offs = rows[:, None] * S + cols[None, :]
+    x = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(dz_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / S  # (S: an int, or a constexpr 1 where Triton specialises it)
+    d = tl.where(mask, x - mean[:, None], 0.0)
+    tl.store(out_ptr + rows * 4 + 0, tl.sum(x * g, axis=1), mask=row_mask)
+    tl.store(out_ptr + rows * 4 + 1, tl.sum(g, axis=1), mask=row_mask)
+    tl.store(out_ptr + rows * 4 + 2, mean, mask=row_mask)
+    tl.store(out_ptr + rows * 4 + 3, tl.sum(d * d, axis=1), mask=row_mask)
 
 
 @triton.jit
