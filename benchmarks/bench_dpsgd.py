@@ -67,7 +67,7 @@ from dpvision.data.tensors import ImageTensors, NormalizedTensorDataset
 from dpvision.models import CelebaCNN, SampleConvNet, build_model
 from dpvision.privacy.accounting import poisson_sample_rate
 from dpvision.privacy.plan import DPSettings, make_plan
-from dpvision.engines import FastOptions, OptimizerSpec
+from dpvision.engines import FastOptions, OptimizerSpec, group_norm
 from dpvision.engines.fast import FastEngine
 
 NOISE_MULTIPLIER, MAX_GRAD_NORM = 1.0, 1.0
@@ -75,10 +75,14 @@ BASELINE_OPTIONS = {"precision": "fp32", "channels_last": False, "pad_sigmas": 3
 LR = 0.1
 FAST_KEYS = {"fuse": bool, "precision": str, "channels_last": bool, "pad_sigmas": float, "cuda_graphs": bool,
              "grad_sample_mode": str, "method": str, "bucket": int, "cudnn_benchmark": bool, "augmult": int,
-             "physical_batch_size": int, "augment_flip": bool, "keep_gb": float}
+             "physical_batch_size": int, "augment_flip": bool, "keep_gb": float, "gn_short_rows": int}
 # keep_gb: the manual backend's budget (GiB of float32) for the per-example gradients pass 1 materialises and keeps
 # for pass 2 (a matrix-vector product instead of a weight-gradient pass); library default 0.125 GiB, augmult on
 # CUDA 1/16 of the card. With ``method=materialise`` and a budget above B x parameters it keeps every layer's.
+# gn_short_rows: group_norm.SHORT_ROW_MAX for the row (per-example GroupNorm sums of rows of at most this many
+# elements several rows a Triton program; 0: one program a row, the kernel before session 13); rows without it run
+# the library's value. CUDA with Triton only (elsewhere the sums are PyTorch's whatever the value).
+LIBRARY_SHORT_ROW_MAX = group_norm.SHORT_ROW_MAX
 
 
 class PeakMemory:
@@ -176,6 +180,8 @@ class FastRecipe:
         self.device = device
         options = dict(options or {})
         method, keep_gb = options.pop("method", None), options.pop("keep_gb", None)
+        short_rows = options.pop("gn_short_rows", None)  # read at every call: stays set while this row runs
+        group_norm.SHORT_ROW_MAX = LIBRARY_SHORT_ROW_MAX if short_rows is None else int(short_rows)
         options.setdefault("grad_sample_mode", mode)
         options.setdefault("cuda_graphs", graphs)
         self.engine = fast_engine(model, data, batch_size, dp=dp, device=device, options=options)

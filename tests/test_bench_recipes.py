@@ -34,6 +34,19 @@ def test_keep_gb_sets_the_manual_backends_keep_budget_and_is_refused_elsewhere()
         bench_dpsgd.FastRecipe(SampleConvNet(), tiny_mnist(), 16, True, cpu, "vmap", False, {"keep_gb": 0.5})
 
 
+def test_gn_short_rows_sets_the_group_norm_kernel_choice_for_its_row_only():
+    """fast:gn_short_rows=0 runs the one-row GroupNorm sums kernel (the side-by-side row of session 13's change);
+    the next row without the option is back on the library's value."""
+    from dpvision.engines import group_norm
+
+    library, cpu = group_norm.SHORT_ROW_MAX, torch.device("cpu")
+    assert bench_dpsgd.parse_option("gn_short_rows", "0") == 0
+    bench_dpsgd.FastRecipe(SampleConvNet(), tiny_mnist(), 16, True, cpu, "manual", False, {"gn_short_rows": 0})
+    assert group_norm.SHORT_ROW_MAX == 0
+    bench_dpsgd.FastRecipe(SampleConvNet(), tiny_mnist(), 16, True, cpu, "manual", False)
+    assert group_norm.SHORT_ROW_MAX == library > 0
+
+
 @pytest.mark.parametrize("engine, message", [("fast:keep_gb=x", "keep_gb takes a float, not 'x'"),
                                              ("fast:nope=1", "option must be one of"), ("turbo", "unknown engine")])
 def test_bad_engine_options_are_one_line_and_exit_status_2(engine, message, capsys):
