@@ -17,7 +17,6 @@ so far; ``--write-docs`` puts the table and figure into ``docs/accuracy.md`` (ne
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import io
 import itertools
@@ -45,44 +44,11 @@ SMOKE = {"data.k": 300, "optim.epochs": 3, "optim.batch_size": 64, "model.name":
 SMOKE_EPSILONS = (1.0, 8.0)
 
 
-class SittingOver(KeyboardInterrupt):
-    """Raised right after an epoch's checkpoint is saved when the next epoch would end past the limit."""
-
-
 def recipe(path: Path) -> TrainConfig:
     """The recipe without its ``baseline`` section (what ``--disable-dp`` would change; not used here)."""
     values = load_recipe(path)
     values.pop("baseline", None)
     return TrainConfig.from_dict(values, source=str(path))
-
-
-@contextlib.contextmanager
-def sitting(deadline: float | None, started: float):
-    """Stop training (``SittingOver``) after the checkpoint of an epoch whose successor, as long as it,
-    would end after ``deadline`` (``time.monotonic()``); the last epoch of a run always finishes.
-
-    Hooks ``Checkpointer.save`` of today's job loop: the save has happened when the exception is raised,
-    so ``dpvision.jobs.train.run(resume=...)`` continues from exactly there (docs/privacy.md, "Checkpoints
-    and resume"). The integrator may replace this with a ``run.max_minutes`` option of the job loop.
-    """
-    from dpvision.checkpoint import Checkpointer
-
-    original, state = Checkpointer.save, {"last": started, "rows": None}
-
-    def save(self, *, epoch: int, **kwargs) -> None:
-        original(self, epoch=epoch, **kwargs)
-        state["rows"] = (kwargs.get("extra") or {}).get("metrics")  # metrics.csv is written after the save
-        now = time.monotonic()
-        epoch_seconds, state["last"] = now - state["last"], now
-        epochs = self.config.get("optim.epochs")  # the run folder's config, flat keys
-        if deadline is not None and epoch != epochs and now + epoch_seconds > deadline:
-            raise SittingOver(f"epoch {epoch} checkpointed; the next would end past --max-minutes")
-
-    Checkpointer.save = save
-    try:
-        yield state
-    finally:
-        Checkpointer.save = original
 
 
 def point_config(base: TrainConfig, epsilon: float, seed: int, args) -> TrainConfig:
@@ -98,42 +64,34 @@ def point_config(base: TrainConfig, epsilon: float, seed: int, args) -> TrainCon
     return config.with_overrides(overrides)
 
 
-def train_point(config: TrainConfig, folder: Path, deadline: float | None) -> tuple[str, list | None]:
-    """``finished`` (now or before) or ``paused`` (``SittingOver``), with the metrics rows of the last saved
-    checkpoint (those of a paused sitting are not in metrics.csv yet); a started run continues from its checkpoint.
-    """
+def train_point(config: TrainConfig, folder: Path, deadline: float | None) -> str:
+    """``finished`` (now or before) or ``paused`` (the job's ``run.max_minutes`` ended the sitting after an epoch
+    whose successor would end past ``deadline``, ``time.monotonic()``); a started run continues from its checkpoint.
+    Every sitting trains at least one epoch, and the last epoch of a run always finishes."""
     import shutil
 
     from dpvision.jobs.train import run
 
     if (folder / "summary.json").is_file():
-        return "finished", None
-    with sitting(deadline, time.monotonic()) as state:
-        try:
-            if (folder / "checkpoint.pt").exists():
-                run(resume=folder, overrides={"run.quiet": True}, announce=False)
-            else:
-                shutil.rmtree(folder, ignore_errors=True)  # created but never checkpointed: nothing to keep
-                run(config, group="", announce=False)
-        except SittingOver:
-            return "paused", state["rows"]
-    return "finished", None
+        return "finished"
+    limit = {} if deadline is None else {"run.max_minutes": max((deadline - time.monotonic()) / 60, 1e-3)}
+    if (folder / "checkpoint.pt").exists():
+        summary = run(resume=folder, overrides={"run.quiet": True, **limit}, announce=False)
+    else:
+        shutil.rmtree(folder, ignore_errors=True)  # created but never checkpointed: nothing to keep
+        summary = run(config.with_overrides(limit), group="", announce=False)
+    return "paused" if summary.get("status") == "paused" else "finished"
 
 
-def curve(config: TrainConfig, folder: Path, saved: list | None = None) -> dict:
+def curve(config: TrainConfig, folder: Path) -> dict:
     """The run's per-epoch points: wall seconds so far (the sum of its epochs' seconds: training and the
     evaluations, over every sitting, without the start-up of each), example-views (steps x E[B] x max(1, K)),
-    test accuracy and ε spent.
-
-    ``saved``: the rows of a checkpoint that metrics.csv does not hold yet (a paused sitting).
-    """
+    test accuracy and ε spent."""
     path, meta = folder / "metrics.csv", folder / "config.yaml"
     rows = []
     if path.is_file():
         with open(path, newline="") as handle:
             rows = list(csv.DictReader(handle))
-    if saved and len(saved) > len(rows):
-        rows = saved
     resolved = yaml.safe_load(meta.read_text()).get("resolved", {}) if meta.is_file() else {}
     n = resolved.get("num_train") or 0
     views_per_step = [float(r["sample_rate"]) * n * max(1, config.optim.augmult) for r in rows]
@@ -184,12 +142,12 @@ def measure(args) -> dict:
         for seed in range(args.seeds):
             config = point_config(base, epsilon, seed, args)
             folder = args.out / "runs" / config.run.run_name
-            status, saved = "not started", None
+            status = "not started"
             if not out_of_time or (folder / "summary.json").is_file():
-                status, saved = train_point(config, folder, deadline)
+                status = train_point(config, folder, deadline)
                 out_of_time = out_of_time or status == "paused"
             results.append({"target_epsilon": epsilon, "seed": seed, "status": status, "run_dir": str(folder),
-                            "epochs": config.optim.epochs, **curve(config, folder, saved)})
+                            "epochs": config.optim.epochs, **curve(config, folder)})
             print(f"ε = {epsilon:g} seed {seed}: {status}, {results[-1]['epochs_done']}/{config.optim.epochs} "
                   "epochs", flush=True)
     report = {"smoke": args.smoke, "command": args.command, "recipe": str(args.recipe), "device": device_name(args),

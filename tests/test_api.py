@@ -136,6 +136,19 @@ def test_fit_by_name_and_resume_continue_the_same_run(tmp_path):
     assert again["run_dir"] == first["run_dir"] and again["steps"] == 2  # finished: nothing trained again
 
 
+def test_a_sitting_pauses_and_fit_resume_finishes_it(tmp_path):
+    train, test = tiny_split(16, 0), tiny_split(8, 1)
+    settings = {"optim": {"epochs": 2, "batch_size": 8}, "dp": {"noise_multiplier": 1.0}}
+    with working_dir(tmp_path):
+        paused = fit(small_net, train, test, **settings, run={"device": "cpu", "quiet": True, "max_minutes": 1e-6})
+        assert (paused["status"], paused["epoch"], paused["epochs"], paused["steps"]) == ("paused", 1, 2, 2)
+        done = fit(small_net, train, test, resume=paused["run_dir"], run={"quiet": True})
+        whole = fit(small_net, train, test, **settings, run={"device": "cpu", "quiet": True})
+        weights = [torch.load(tmp_path / s["run_dir"] / "model.pt", weights_only=True) for s in (done, whole)]
+    assert "status" not in done and done["steps"] == whole["steps"] == 4 and done["epsilon"] == whole["epsilon"]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 
 
 @pytest.mark.parametrize("name", ["torchvision:resnet18", pytest.param("torchvision:mobilenet_v3_small",

@@ -51,7 +51,9 @@ def fit(model: nn.Module | Callable[..., nn.Module] | str, train: Any, test: Any
     ``classes``: the class names (default ``"0"``, ``"1"``, ...). ``resume``: a run folder to continue with
     its saved config (give the same model and data; ``sections`` may then change only what ``--resume``
     lets change). ``model``'s own options (``activation``, ``width``) go in ``config``'s ``model`` section.
-    The summary is ``summary.json``'s content (test accuracy, ε, δ, σ, ...).
+    The summary is ``summary.json``'s content (test accuracy, ε, δ, σ, ...), or, when ``run={"max_minutes": M}``
+    ended the sitting before the last epoch, ``{"status": "paused", "run_dir": ..., "epoch": ...}``: call again
+    with ``resume=`` that folder (and ``run={"max_minutes": M}`` for another sitting).
     """
     from dpvision.jobs.train import run  # noqa: PLC0415 (the job pulls in matplotlib and the accountants)
 

@@ -29,7 +29,7 @@ from dpvision.jobs.sweep import MAX_RUNS, SWEEP_FIELDS, label, parse_list, sweep
 
 # dpvision train names every field of FLAGS by its usual flag (any other field: --set section.field=value).
 TRAIN_FLAGS = FlagMap()
-RESUME_FREE_FIELDS = ("data.root", "run.device", "run.quiet", "run.tensorboard")
+RESUME_FREE_FIELDS = ("data.root", "run.device", "run.quiet", "run.tensorboard", "run.max_minutes")
 DP_ONLY_FIELDS = ("dp.noise_multiplier", "dp.target_epsilon", "dp.max_epsilon")
 RECIPES = importlib.resources.files("dpvision") / "recipes"  # package data: default_<dataset>.yaml
 

@@ -190,6 +190,9 @@ class RunConfig:
     tensorboard: bool = False  # also write TensorBoard events next to metrics.csv (optional extra)
     # A model's frozen prefix (ScatterNet's scattering) computed once per split: auto (where allowed), true, false
     cache_features: str | bool = "auto"
+    # A sitting: stop cleanly after the epoch whose successor, as long as it, would end past this many minutes
+    # from the job's start (its checkpoint saved; --resume continues). Per invocation: a resume has none unless given.
+    max_minutes: float | None = None
 
     def __post_init__(self) -> None:
         need(self.engine in ENGINES, "run.engine", f"one of {', '.join(ENGINES)}", self.engine)
@@ -208,6 +211,9 @@ class RunConfig:
             need(isinstance(getattr(self, name), bool), f"run.{name}", "true or false", getattr(self, name))
         need(isinstance(self.cache_features, bool) or self.cache_features == "auto", "run.cache_features",
               "auto, true or false", self.cache_features)
+        if self.max_minutes is not None:
+            need(is_number(self.max_minutes) and self.max_minutes > 0, "run.max_minutes",
+                 "a number of minutes > 0 (or null: no limit)", self.max_minutes)
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "dp": DPConfig, "run": RunConfig}

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import math
+import shlex
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -94,6 +95,13 @@ def complete_line(path: str, epochs: int, stop_reason: str | None) -> str:
     """What a resume of a finished run says instead of training."""
     stopped = f"; stopped early: {stop_reason}" if stop_reason else ""
     return f"Run {path} is already complete ({epochs} epochs{stopped}): nothing to train"
+
+
+def paused_line(paused: Mapping[str, Any]) -> str:
+    """What a sitting that ``run.max_minutes`` ended says instead of the closing lines."""
+    spent = f", ε so far {paused['epsilon']:.4f}" if paused["dp"] else ""
+    return (f"Paused after epoch {paused['epoch']} of {paused['epochs']} (max {paused['max_minutes']:g} minutes"
+            f"{spent}); the checkpoint is saved: --resume {shlex.quote(str(paused['run_dir']))} continues")
 
 
 def curves_title(config, plan) -> str:

@@ -30,7 +30,7 @@ from dpvision.runs import RunDir
 
 # Settings that cannot change the numbers: a resumed run may set them anew.
 RESUME_FREE_KEYS = ("data.root", "data.download", "run.device", "run.quiet", "run.runs_dir", "run.run_name",
-                    "run.tensorboard")
+                    "run.tensorboard", "run.max_minutes")
 CURVES = "curves.png"
 TENSORBOARD = "tensorboard"
 # What a finished run folder may hold, in the order the closing "Outputs:" line names them.
@@ -151,6 +151,7 @@ def restore(run_path: str | os.PathLike, overrides: Mapping[str, Any]) -> tuple[
     bad = sorted(set(overrides) - set(RESUME_FREE_KEYS))
     if bad:
         raise ValueError(f"{bad[0]} cannot be changed when resuming (only {', '.join(RESUME_FREE_KEYS)} can)")
+    overrides = {"run.max_minutes": None, **overrides}  # a sitting's limit is its own invocation's, never inherited
     try:
         config = TrainConfig.from_dict(saved, source=str(path)).with_overrides(overrides)
     except (ValueError, TypeError) as err:

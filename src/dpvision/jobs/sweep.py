@@ -90,6 +90,9 @@ def sweep(base: TrainConfig, *, epsilons: Sequence[float], seeds: Sequence[int],
           features: FeatureStore | None = None) -> list[dict]:
     """Run (or finish) every point of the sweep and write the results; returns the result rows. ``features``: a
     store of frozen-prefix features to share with the caller's other sweeps on the same data (default: its own)."""
+    if base.run.max_minutes is not None:
+        raise ValueError(f"run.max_minutes {base.run.max_minutes:g}: a sitting's limit pauses one run, and a sweep "
+                         "runs many; give it to dpvision train (or leave it out)")
     if base.dp.enabled is False and not baseline:
         raise ValueError("--config: the recipe has DP switched off; a sweep over ε needs DP")
     points = plan_runs(epsilons=epsilons, seeds=seeds, vary=vary, baseline=baseline)

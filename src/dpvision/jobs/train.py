@@ -108,6 +108,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig | None, dist: DistContext, hooks: Hooks, *, resume=None,
                  overrides: dict | None = None, given: Given = Given()) -> None:
+        self.clock = time.monotonic()  # run.max_minutes counts from here: data loading and set-up included
         setup = prepare(config, dist, resume=resume, overrides=overrides, given=given)
         config, self.data, plan, self.engine = setup.config, setup.data, setup.plan, setup.engine
         self.config, self.plan, self.device, self.dist, self.hooks, self.resume = (
@@ -126,6 +127,7 @@ class Trainer:
         self.rows: list[dict] = []
         self.epoch = self.steps = 0
         self.stop_reason: str | None = None
+        self.paused = False  # run.max_minutes ended this sitting (the run is not finished)
         self.run_dir = self.checkpointer = self.tensorboard = self.path = None
         self.quiet = config.run.quiet or not dist.is_main  # one voice: rank 0's
         self.started = time.perf_counter()  # reset when training starts
@@ -204,10 +206,22 @@ class Trainer:
                 break
             self.epoch, self.steps = self.epoch + 1, self.steps + outcome.steps
             self._end_epoch(outcome.result, started)
+            if self._sitting_over(time.perf_counter() - started):
+                self.paused = True
+                break
         if self.stop_reason is not None and not self.quiet:
             print(f"Stopped early: {self.stop_reason}", flush=True)
         if self.tensorboard:
             self.tensorboard.close()
+
+    def _sitting_over(self, epoch_seconds: float) -> bool:
+        """``run.max_minutes``: whether the next epoch, as long as this one, would end past the limit. The epoch's
+        checkpoint is saved by now; rank 0's clock decides, so every rank stops after the same epoch."""
+        limit = self.config.run.max_minutes
+        if limit is None or self.finished:
+            return False
+        late = time.monotonic() + epoch_seconds > self.clock + 60 * limit
+        return bool(self.dist.broadcast_object(late if self.dist.is_main else None))
 
     def _end_epoch(self, result, started: float) -> None:
         """Judge the epoch's weights and make its row, then :meth:`_record` it."""
@@ -297,6 +311,14 @@ class Trainer:
             summary["epsilon_notes"] = self.ledger.epsilon_notes(delta=plan.delta)  # why an accountant says inf
         return summary
 
+    def paused_summary(self) -> dict:
+        """What a sitting that ``run.max_minutes`` ended returns: how far it got (no test set looked at, no
+        summary.json: the run is not finished; ``--resume`` continues it)."""
+        last = self.rows[-1] if self.rows else {}
+        return {"status": "paused", "run_dir": self.path, "epoch": self.epoch, "epochs": self.config.optim.epochs,
+                "steps": self.steps, "dp": self.plan.dp, "epsilon": last.get("epsilon", math.inf),
+                "max_minutes": self.config.run.max_minutes}
+
     def completed(self) -> dict:
         """A finished run resumed: nothing to train; its summary (written again only if it was lost)."""
         saved = self.dist.broadcast_object(read_summary(self.run_dir) if self.run_dir is not None else None)
@@ -322,7 +344,8 @@ def run(config: TrainConfig | None = None, *, resume: str | os.PathLike | None =
     place) that replace what ``config`` names (:mod:`dpvision.api`). ``hooks``: the fields of :class:`Hooks`
     (``front_end``, ``on_rows``, ``summary_extra``, ``hook``).
     A ``KeyboardInterrupt`` leaving this function carries ``run_dir``: the folder to resume
-    (``None`` before it was created).
+    (``None`` before it was created). With ``run.max_minutes`` a sitting may end before the last epoch: then
+    the return is :meth:`Trainer.paused_summary` (``"status": "paused"``) and ``resume`` continues the run.
     """
     hooks = Hooks(**hooks)  # an unknown name is a TypeError, not silently ignored
     device_name = (overrides or {}).get("run.device") or (config.run.device if config is not None else "auto")
@@ -337,14 +360,17 @@ def run(config: TrainConfig | None = None, *, resume: str | os.PathLike | None =
                   else contextlib.nullcontext()):
                 if not complete:
                     trainer.fit()
-                summary = trainer.completed() if complete else trainer.finish()
+                summary = (trainer.paused_summary() if trainer.paused else
+                           trainer.completed() if complete else trainer.finish())
             outputs = run_outputs(trainer.run_dir) if trainer.run_dir is not None else []
         except KeyboardInterrupt as interrupt:
             interrupt.run_dir = trainer.path  # the front-end's Ctrl-C line names the folder to --resume
             raise
         finally:
             trainer.close()
-    if announce and dist.is_main:
+    if announce and dist.is_main and trainer.paused:
+        print(report.paused_line(summary), flush=True)
+    elif announce and dist.is_main:
         if complete:
             print(report.complete_line(trainer.path, trainer.epoch, trainer.stop_reason), flush=True)
         print(report.final_line(summary, outputs), flush=True)
