@@ -146,6 +146,18 @@ def test_budget_too_small_for_any_candidate_is_a_clear_error(tmp_path, capsys):
     assert "--budget-seconds 5: no candidate" in err and not (tmp_path / "out" / "tune.json").exists()
 
 
+def test_a_sitting_limit_in_a_grid_is_refused_before_anything_trains(tmp_path, capsys):
+    write_data(tmp_path / "data", "fashion-mnist")
+    grid = yaml.safe_load(PROFILES["fashion-mnist"].grid.read_text())
+    grid["base"].setdefault("run", {})["max_minutes"] = 5
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+    argv = ["--dataset", "fashion-mnist", "--phase", "tune", "--grid", str(tmp_path / "grid.yaml"), "--data-root",
+            str(tmp_path / "data"), "--device", "cpu", "--out", str(tmp_path / "out")]
+    assert accuracy.main(argv) == 2
+    assert "run.max_minutes 5 would pause a run" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "tune.json").exists() and not (tmp_path / "out" / "runs").exists()
+
+
 def test_grid_of_another_dataset_is_refused(tmp_path, capsys):
     argv = ["--dataset", "cifar10", "--phase", "tune", "--grid", str(PROFILES["mnist"].grid), "--out",
             str(tmp_path / "out")]

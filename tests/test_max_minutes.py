@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dpvision.cli import main as dpvision_main
 from dpvision.jobs.config import TrainConfig
@@ -38,6 +39,7 @@ def test_sittings_resume_to_the_result_of_one_uninterrupted_run(tmp_path, tiny_m
     assert "Paused after epoch 1 of 3" in out and f"--resume {folder}" in out
     assert len(metrics(folder)) == 1 and not (folder / "summary.json").exists()
     assert metrics(folder) == metrics(reference)[:1]  # what was written is the uninterrupted run's epoch 1
+    assert yaml.safe_load((folder / "config.yaml").read_text())["run"]["max_minutes"] is None  # a --config of the run
 
     assert dpvision_main(["train", "--resume", str(folder), "--max-minutes", str(TINY)]) == 0  # a second sitting
     assert "Paused after epoch 2 of 3" in capsys.readouterr().out and len(metrics(folder)) == 2
@@ -76,5 +78,10 @@ def test_the_flag_gets_a_one_line_error_and_a_sweep_refuses_the_limit(tmp_path, 
     assert len(err.splitlines()) == 1 and "run.max_minutes must be a number of minutes > 0" in err
     sweep = ["sweep", *argv(tiny_mnist_root, tmp_path, "s")[1:], "--epsilons", "1", "--out", tmp_path / "sweep",
              "--max-minutes", 1]
-    assert exit_code(dpvision_main, [a for a in sweep if a != "--sigma" and a != "1.0"]) == 2
+    sweep = [a for a in sweep if a != "--sigma" and a != "1.0"]
+    assert exit_code(dpvision_main, sweep) == 2
     assert "a sweep runs many" in capsys.readouterr().err and not (tmp_path / "sweep").exists()
+    varied = [*sweep[:-2], "--vary", "run.max_minutes=0.000001,60"]  # the limit through --vary: refused the same
+    assert exit_code(dpvision_main, varied) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "a sweep runs many" in err and not (tmp_path / "sweep").exists()

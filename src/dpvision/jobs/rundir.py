@@ -95,7 +95,10 @@ def create_run(config: TrainConfig, plan, resolved: dict[str, Any], *, group: st
     run_dir = RunDir.create(config.run.runs_dir, config.data.dataset if group is None else group, name,
                             METRIC_COLUMNS)
     run_dir.lock()
-    run_dir.write_config({**config.to_dict(), RESOLVED: resolved})
+    # config.yaml is a valid --config of what ran; a sitting's limit is not part of it (run.max_minutes: one invocation's)
+    recipe = config.to_dict()
+    recipe["run"]["max_minutes"] = None
+    run_dir.write_config({**recipe, RESOLVED: resolved})
     return run_dir, _checkpointer(run_dir)
 
 

@@ -90,14 +90,15 @@ def sweep(base: TrainConfig, *, epsilons: Sequence[float], seeds: Sequence[int],
           features: FeatureStore | None = None) -> list[dict]:
     """Run (or finish) every point of the sweep and write the results; returns the result rows. ``features``: a
     store of frozen-prefix features to share with the caller's other sweeps on the same data (default: its own)."""
-    if base.run.max_minutes is not None:
-        raise ValueError(f"run.max_minutes {base.run.max_minutes:g}: a sitting's limit pauses one run, and a sweep "
-                         "runs many; give it to dpvision train (or leave it out)")
     if base.dp.enabled is False and not baseline:
         raise ValueError("--config: the recipe has DP switched off; a sweep over ε needs DP")
     points = plan_runs(epsilons=epsilons, seeds=seeds, vary=vary, baseline=baseline)
     runs_dir = Path(out) / "runs"
     configs = {p["name"]: run_config(base, p, vary, runs_dir) for p in points}  # validates every point first
+    limited = next((c.run.max_minutes for c in configs.values() if c.run.max_minutes is not None), None)
+    if limited is not None:  # also through --vary: a paused point would have no summary for results.csv
+        raise ValueError(f"run.max_minutes {limited:g}: a sitting's limit pauses one run, and a sweep runs many; "
+                         "give it to dpvision train (or leave it out)")
     out = check_writable_dir(out, flag="--out")  # only now: bad input leaves no folder behind
     plan = {"recipe": base.to_dict(), "epsilons": list(epsilons), "seeds": list(seeds), "baseline": baseline,
             "vary": {"field": vary[0], "values": vary[1]} if vary else None}
