@@ -85,8 +85,8 @@ FLAGS: dict[str, Flag] = {flag.field: flag for flag in (
     Flag("run.quiet", "--quiet", bool, "no progress bars or per-epoch lines"),
     Flag("run.tensorboard", "--tensorboard", bool,
          "also write TensorBoard events (needs pip install 'dpvision[tensorboard]')"),
-    Flag("run.max_minutes", "--max-minutes", float, "a sitting: stop after the epoch whose successor would end past "
-         "M minutes (checkpoint saved; --resume RUN_DIR continues)"),
+    Flag("run.max_minutes", "--max-minutes", float, "a sitting: stop after the epoch whose successor would end "
+         "more than MAX_MINUTES after the start (checkpoint saved; --resume RUN_DIR continues)"),
 )}
 
 
