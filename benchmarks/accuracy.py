@@ -54,7 +54,7 @@ from accuracy_plan import (MAX_CONFIGS, MAX_LIST, PROFILES, REPO, Grid, candidat
 
 from dpvision.jobs.config import TrainConfig, load_recipe
 from dpvision.jobs.features import FeatureStore
-from dpvision.jobs.sweep import parse_list, sweep
+from dpvision.jobs.sweep import parse_list, refuse_sitting_limit, sweep
 
 SEEDS = 3
 # --smoke: every run shrinks to this (the tiny synthetic datasets of the tests have 600 training images).
@@ -236,10 +236,8 @@ def budgeted(grid: Grid, points: list[dict], seeds: int, args) -> tuple[list[int
     """The indices of the candidates that fit ``--budget-seconds`` (estimated H100 seconds) and each one's
     estimate for one tune run; with ``--phase all`` the frontier's runs of the costliest kept one must fit too."""
     configs = [TrainConfig.from_dict(grid.base).with_overrides(p) for p in points]
-    limited = next((c.run.max_minutes for c in configs if c.run.max_minutes is not None), None)
-    if limited is not None:  # a paused tune run would have no summary to judge
-        raise ValueError(f"--grid {args.grid}: run.max_minutes {limited:g} would pause a run; the benchmark trains "
-                         "whole runs (leave it out)")
+    # A paused tune run would have no summary to judge.
+    refuse_sitting_limit(configs, why="the benchmark trains whole runs (leave it out)", where=f"--grid {args.grid}: ")
     size = PROFILES[args.dataset].train_size
     tune_costs = [estimate_seconds(c, size) for c in configs]
     final_costs = [estimate_seconds(final_form(c), size) for c in configs]

@@ -95,7 +95,8 @@ def create_run(config: TrainConfig, plan, resolved: dict[str, Any], *, group: st
     run_dir = RunDir.create(config.run.runs_dir, config.data.dataset if group is None else group, name,
                             METRIC_COLUMNS)
     run_dir.lock()
-    # config.yaml is a valid --config of what ran; a sitting's limit is not part of it (run.max_minutes: one invocation's)
+    # config.yaml is a valid --config of what ran; a sitting's limit is not part of it (run.max_minutes belongs to
+    # one invocation: a resume, which reads this file, has none unless given)
     recipe = config.to_dict()
     recipe["run"]["max_minutes"] = None
     run_dir.write_config({**recipe, RESOLVED: resolved})
@@ -154,7 +155,6 @@ def restore(run_path: str | os.PathLike, overrides: Mapping[str, Any]) -> tuple[
     bad = sorted(set(overrides) - set(RESUME_FREE_KEYS))
     if bad:
         raise ValueError(f"{bad[0]} cannot be changed when resuming (only {', '.join(RESUME_FREE_KEYS)} can)")
-    overrides = {"run.max_minutes": None, **overrides}  # a sitting's limit is its own invocation's, never inherited
     try:
         config = TrainConfig.from_dict(saved, source=str(path)).with_overrides(overrides)
     except (ValueError, TypeError) as err:

@@ -20,7 +20,7 @@ import json
 import math
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import yaml
 
@@ -85,6 +85,14 @@ def run_config(base: TrainConfig, point: dict, vary: tuple[str, list] | None, ru
     return base.with_overrides(overrides)
 
 
+def refuse_sitting_limit(configs: Iterable[TrainConfig], *, why: str, where: str = "") -> None:
+    """A one-line ``ValueError`` (``where`` first) if a config sets ``run.max_minutes``: callers that need every run
+    finished (a sweep, the accuracy benchmark) refuse a sitting's limit before anything trains."""
+    limited = next((c.run.max_minutes for c in configs if c.run.max_minutes is not None), None)
+    if limited is not None:
+        raise ValueError(f"{where}run.max_minutes {limited:g} would pause a run; {why}")
+
+
 def sweep(base: TrainConfig, *, epsilons: Sequence[float], seeds: Sequence[int], out: str | Path,
           vary: tuple[str, list] | None = None, baseline: bool = True, command: str = "",
           features: FeatureStore | None = None) -> list[dict]:
@@ -95,10 +103,8 @@ def sweep(base: TrainConfig, *, epsilons: Sequence[float], seeds: Sequence[int],
     points = plan_runs(epsilons=epsilons, seeds=seeds, vary=vary, baseline=baseline)
     runs_dir = Path(out) / "runs"
     configs = {p["name"]: run_config(base, p, vary, runs_dir) for p in points}  # validates every point first
-    limited = next((c.run.max_minutes for c in configs.values() if c.run.max_minutes is not None), None)
-    if limited is not None:  # also through --vary: a paused point would have no summary for results.csv
-        raise ValueError(f"run.max_minutes {limited:g}: a sitting's limit pauses one run, and a sweep runs many; "
-                         "give it to dpvision train (or leave it out)")
+    # Also through --vary: a paused point would have no summary for results.csv.
+    refuse_sitting_limit(configs.values(), why="a sweep runs many: give it to dpvision train (or leave it out)")
     out = check_writable_dir(out, flag="--out")  # only now: bad input leaves no folder behind
     plan = {"recipe": base.to_dict(), "epsilons": list(epsilons), "seeds": list(seeds), "baseline": baseline,
             "vary": {"field": vary[0], "values": vary[1]} if vary else None}

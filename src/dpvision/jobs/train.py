@@ -314,9 +314,8 @@ class Trainer:
     def paused_summary(self) -> dict:
         """What a sitting that ``run.max_minutes`` ended returns: how far it got (no test set looked at, no
         summary.json: the run is not finished; ``--resume`` continues it)."""
-        last = self.rows[-1] if self.rows else {}
         return {"status": "paused", "run_dir": self.path, "epoch": self.epoch, "epochs": self.config.optim.epochs,
-                "steps": self.steps, "dp": self.plan.dp, "epsilon": last.get("epsilon", math.inf),
+                "steps": self.steps, "dp": self.plan.dp, "epsilon": self.rows[-1]["epsilon"],  # a pause follows a row
                 "max_minutes": self.config.run.max_minutes}
 
     def completed(self) -> dict:
