@@ -13,9 +13,9 @@ here, both among Baradad et al.'s best:
 **The pretext task is supervised**: the label says which process and which parameter bucket drew the
 image (:data:`CLASS_NAMES`: small or large leaves, discs or squares, rough or smooth spectra), so the
 ordinary ``dpvision train`` job (cross-entropy) pretrains on it unchanged. Tang et al. and Baradad et al.
-use representation losses (contrastive learning) instead; those need a loss the training job does not
-have, while the supervised proxy still makes the network learn edges, occlusions, colour and texture
-statistics. The classifier head is thrown away when the weights initialise the private model.
+use a representation loss (contrastive learning) instead: ``optim.objective: contrastive``
+(:mod:`dpvision.engines.contrastive`) ignores the labels and learns from two views of each image. Either
+way the last layer (classifier or projection) is thrown away when the weights initialise the private model.
 
 Everything is vectorised torch on the CPU and seeded by one ``torch.Generator`` (no global randomness),
 at any image size and channel count; it reads no file and needs no network. Example:

@@ -88,7 +88,8 @@ class FastEngine(Engine):
         self.num_params = sum(p.numel() for p in self.params)
         self.optimizer = optimizer.build(self.params, plan)
         self.data = DeviceData.for_run(train_data, self.dist, dp=plan.dp, channels_last=self.settings.channels_last)
-        self.generators = engine_generators(seed, self.dist, augment=bool(self.settings.augmult))
+        augments = bool(self.settings.augmult) or self.settings.objective == "contrastive"
+        self.generators = engine_generators(seed, self.dist, augment=augments)
         self.sampler = PoissonSampler(plan.sample_rate, self.generators["sampling_generator"])  # swappable
         self.last_local_batch_sizes: list[int] = []  # this rank's part of last_batch_sizes (distributed DP)
         self.fused_blocks = 0  # GroupNorm -> ReLU -> pool runs fused
@@ -115,7 +116,8 @@ class FastEngine(Engine):
         s = self.settings
         self.step = PlainStep(model=self.model, data=self.data, numerics=numerics, bf16=s.precision == "bf16",
                               augmult=s.augmult, augment_flip=s.augment_flip,
-                              generator=self.generators.get("augment_generator"))
+                              generator=self.generators.get("augment_generator"),
+                              temperature=s.temperature if s.objective == "contrastive" else None)
         if s.fuse:
             self._fuse(None)
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from dpvision.engines.chunks import PAD_SIGMAS
+from dpvision.engines.contrastive import OBJECTIVES
 from dpvision.engines.manual import KEPT_AMP_MAX_EXAMPLES
 from dpvision.engines.per_sample import BACKENDS
 
@@ -67,6 +68,8 @@ class FastOptions:
         clipping (:mod:`dpvision.engines.augmult`: same sensitivity, same accounting); eager only. Under DP
         the manual backend's view-aware path where it supports the model, else torch.func vmap.
     augment_flip: random horizontal flips among the augmentations (not for digits).
+    objective: ``"cross_entropy"`` or, without DP only, ``"contrastive"`` (:mod:`dpvision.engines.contrastive`:
+        two strong views of each example, SimCLR's loss over the chunk's views at ``temperature``); eager only.
     """
 
     physical_batch_size: int | None = None
@@ -81,6 +84,8 @@ class FastOptions:
     fuse: bool | None = None
     augmult: int = 0
     augment_flip: bool = False
+    objective: str = "cross_entropy"
+    temperature: float = 0.5
 
     def __post_init__(self) -> None:
         if self.physical_batch_size is not None and self.physical_batch_size < 1:
@@ -95,6 +100,10 @@ class FastOptions:
             raise ValueError(f"bucket must be >= 0 (0: no buckets), got {self.bucket}")
         if not (isinstance(self.augmult, int) and self.augmult >= 0):
             raise ValueError(f"augmult must be an integer >= 0, got {self.augmult!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.objective == "contrastive" and self.augmult:
+            raise ValueError("the contrastive objective draws its own two views: augmult must be 0")
 
     def is_default(self) -> bool:
         """Nothing set: what the stock Opacus engine accepts."""
@@ -113,7 +122,10 @@ class FastOptions:
         if self.augmult and dp and "hooks" in modes:  # the mean over K views: manual or torch.func only
             raise ValueError("augmult needs grad_sample_mode 'manual' or 'vmap' (not 'hooks')")
         graphs = cuda and (not dp or "hooks" not in modes) if self.cuda_graphs is None else self.cuda_graphs and cuda
-        graphs = bool(graphs) and not self.augmult  # the augmentations draw fresh randomness every step
+        if self.objective == "contrastive" and dp:
+            raise ValueError("the contrastive objective has no per-example gradients: it trains without DP only")
+        # The augmentations (and the contrastive views) draw fresh randomness every step: eager.
+        graphs = bool(graphs) and not self.augmult and self.objective == "cross_entropy"
         if graphs and dp and modes[0] == "hooks":
             raise ValueError("cuda_graphs do not work with grad_sample_mode='hooks' (Opacus's Python-side state)")
         # physical_batch_size counts views (memory): K views of every example coexist, K times fewer examples.
@@ -131,7 +143,8 @@ class FastOptions:
             cudnn_benchmark=self.cudnn_benchmark and cuda,
             # Fused blocks change only the rounding (float32 sums in another order): CUDA by default, the
             # CPU only when asked (tests, under TRITON_INTERPRET=1), so CPU runs stay bit for bit.
-            fuse=cuda if self.fuse is None else self.fuse, augmult=self.augmult, augment_flip=self.augment_flip)
+            fuse=cuda if self.fuse is None else self.fuse, augmult=self.augmult, augment_flip=self.augment_flip,
+            objective=self.objective, temperature=float(self.temperature))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,3 +163,5 @@ class Resolved:
     fuse: bool
     augmult: int
     augment_flip: bool
+    objective: str
+    temperature: float

@@ -43,7 +43,11 @@ class DeviceData:
         features, :mod:`dpvision.jobs.features`) are already the model's input and pass unchanged."""
         if images.is_floating_point():
             return images
-        x = (images.float().div_(255.0) - self._mean) / self._std
+        return self.standardize(images.float().div_(255.0))
+
+    def standardize(self, x: torch.Tensor) -> torch.Tensor:
+        """float images [..., C, H, W] on the 0..1 scale (augmented views) -> the model's input."""
+        x = (x - self._mean) / self._std
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
     @classmethod

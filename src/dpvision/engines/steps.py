@@ -15,7 +15,9 @@ DP-SGD (:class:`DPStep`), the same mathematics as Opacus's ``DPOptimizer``:
    result to the optimizer as the parameters' ``.grad`` (views of one flat tensor).
 
 Without DP (:class:`PlainStep`): the mean cross-entropy over the global batch, by ordinary backward
-into ``.grad``; optionally over K augmented views of each example.
+into ``.grad``; optionally over K augmented views of each example, or the contrastive objective's mean
+loss over two strong views of each example (:mod:`dpvision.engines.contrastive`; each chunk's views are
+one another's negatives).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpvision.engines import contrastive
 from dpvision.engines.augmult import augment
 from dpvision.engines.clipping import ClipFn
 from dpvision.engines.distributed import DistContext
@@ -95,12 +98,17 @@ class DPStep:
 
 
 class PlainStep:
-    """Without DP: the batch's summed cross-entropy times ``scale`` (1 / global batch length), backward."""
+    """Without DP: the batch's summed cross-entropy times ``scale`` (1 / global batch length), backward.
+
+    ``temperature``: train the contrastive objective at this temperature instead (``generator`` draws its views).
+    """
 
     def __init__(self, *, model: nn.Module, data: DeviceData, numerics: Numerics, bf16: bool,
-                 augmult: int = 0, augment_flip: bool = False, generator: torch.Generator | None = None) -> None:
+                 augmult: int = 0, augment_flip: bool = False, generator: torch.Generator | None = None,
+                 temperature: float | None = None) -> None:
         self.model, self.data, self.numerics, self.bf16 = model, data, numerics, bf16
         self.augmult, self.augment_flip, self.generator = augmult, augment_flip, generator
+        self.temperature = temperature
         dev = data.images.device
         self.loss_sum = torch.zeros((), device=dev)
         self.correct = torch.zeros((), device=dev)
@@ -110,6 +118,8 @@ class PlainStep:
 
     def chunk(self, idx: torch.Tensor, scale: float) -> None:
         """Add the gradient of ``scale`` x the summed loss of examples ``idx`` [b] into ``.grad``."""
+        if self.temperature is not None:
+            return self._contrastive_chunk(idx, scale)
         k = max(1, self.augmult)
         with self.numerics, torch.autocast(idx.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             x, labels = self.data.batch(idx)
@@ -122,3 +132,15 @@ class PlainStep:
         with torch.no_grad():
             self.loss_sum.add_(loss.detach() / k)
             self.correct.add_((logits.argmax(1) == labels).sum() / k)
+
+    def _contrastive_chunk(self, idx: torch.Tensor, scale: float) -> None:
+        """The contrastive loss of examples ``idx`` [b], their two views each the other's positive."""
+        with self.numerics, torch.autocast(idx.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            x = self.data.images[idx].float() / 255  # [b, C, H, W] on the 0..1 scale the views are drawn on
+            v = contrastive.views(x, generator=self.generator).flatten(0, 1)  # [2b, C, H, W]: view 0s, then 1s
+            z = self.model(self.data.standardize(v)).float()  # [2b, PROJECTION_DIM]
+        loss, correct = contrastive.nt_xent(z, temperature=self.temperature)  # summed over the b examples
+        (loss * scale).backward()
+        with torch.no_grad():
+            self.loss_sum.add_(loss.detach())
+            self.correct.add_(correct)

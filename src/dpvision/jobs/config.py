@@ -17,7 +17,7 @@ Example:
     >>> TrainConfig.from_dict({"optim": {"epoch": 2}})
     Traceback (most recent call last):
     ...
-    ValueError: optim.epoch is not a setting (valid: name, lr, momentum, epochs, batch_size, eval_batch_size, schedule, warmup_epochs, ema_decay, augmult)
+    ValueError: optim.epoch is not a setting (valid: name, lr, momentum, epochs, batch_size, eval_batch_size, schedule, warmup_epochs, ema_decay, augmult, objective, temperature)
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from dpvision.checks import is_int, is_number, need
 from dpvision.data.registry import DATASETS, MAX_IMAGE_SIZE
 from dpvision.engines import ENGINES, OPTIMIZERS
 from dpvision.engines.clipping import CLIPPING_RULES
+from dpvision.engines.contrastive import OBJECTIVES
 from dpvision.engines.options import PRECISIONS as ENGINE_PRECISIONS
 from dpvision.engines.schedule import SCHEDULES
 from dpvision.models.external import is_external
@@ -145,6 +146,10 @@ class OptimConfig:
     warmup_epochs: float = 0.0  # linear lr warm-up over this many epochs
     ema_decay: float | None = None  # evaluate an exponential moving average of the weights (free in privacy)
     augmult: int = 0  # K > 0: K augmentations of each sampled example, gradients averaged before clipping
+    # "contrastive": SimCLR's loss on two strong views of each image, to pretrain a prior without DP
+    # (dpvision.engines.contrastive); the model's last layer is then a projection, not the classes
+    objective: str = "cross_entropy"
+    temperature: float = 0.5  # the contrastive objective's softmax temperature (SimCLR's CIFAR-10 value)
 
     def __post_init__(self) -> None:
         need(self.name in OPTIMIZERS, "optim.name", f"one of {', '.join(OPTIMIZERS)}", self.name)
@@ -164,6 +169,9 @@ class OptimConfig:
                   self.ema_decay)
         need(is_int(self.augmult) and 0 <= self.augmult <= MAX_AUGMULT, "optim.augmult",
               f"an integer between 0 and {MAX_AUGMULT}", self.augmult)
+        need(self.objective in OBJECTIVES, "optim.objective", f"one of {', '.join(OBJECTIVES)}", self.objective)
+        need(is_number(self.temperature) and 0.01 <= self.temperature <= 10, "optim.temperature",
+             "a number between 0.01 and 10", self.temperature)
 
 
 @dataclass(kw_only=True)
@@ -238,11 +246,25 @@ class TrainConfig:
                 if getattr(self.dp, name) is not None:
                     raise ValueError(f"dp.{name} needs model.input_norm private (it is {self.model.input_norm}): "
                                      f"drop dp.{name}, or set model.input_norm: private")
+        if self.optim.objective == "contrastive":
+            self._check_contrastive()
         if self.run.cache_features is True:
             self._check_cache()
         if not self.run.evaluate_test and self.run.test_every_epoch:
             raise ValueError("run.evaluate_test false needs run.test_every_epoch false (the test set is not to be "
                              "looked at)")
+
+    def _check_contrastive(self) -> None:
+        """The contrastive objective pretrains without DP, on the fast engine, with its own two views."""
+        if self.dp.enabled:
+            raise ValueError("optim.objective contrastive needs DP off (dp.enabled false, --disable-dp): its loss "
+                             "couples the examples of a batch, so there is no per-example gradient to clip; pretrain "
+                             "on synthetic or public images, then give the run's model.pt as model.init")
+        if self.run.engine != "fast":
+            raise ValueError(f"optim.objective contrastive needs run.engine fast (it is {self.run.engine})")
+        if self.optim.augmult:
+            raise ValueError(f"optim.objective contrastive draws its own two views of each image: set optim.augmult "
+                             f"to 0 (it is {self.optim.augmult})")
 
     def _check_cache(self) -> None:
         """``run.cache_features: true`` only where features can be computed once (dpvision.jobs.features)."""
@@ -255,6 +277,8 @@ class TrainConfig:
         built from an external name is checked by dpvision.jobs.features.refusal)."""
         if self.optim.augmult:
             return f"optim.augmult is {self.optim.augmult}: augmentation changes the images at every step"
+        if self.optim.objective == "contrastive":
+            return "optim.objective is contrastive: its views change the images at every step"
         model = MODEL_REGISTRY.get(self.model.name)
         if model is not None and not model.frozen_prefix:
             with_prefix = ", ".join(name for name, m in MODEL_REGISTRY.items() if m.frozen_prefix)

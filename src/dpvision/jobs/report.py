@@ -86,6 +86,9 @@ def start_line(config, plan, *, engine: str, device: str, path: str, resumed_at:
         f"{plan.steps_per_epoch} steps/epoch, delta={plan.delta:.3g}, {config.dp.accountant} accountant"
         + "".join(f"; input statistics released first (sigma={sigma:g}, {n} Gaussian releases, in epsilon)"
                   for sigma, _, n in plan.releases))
+    if config.optim.objective == "contrastive":
+        mode = ("no DP, the contrastive objective (accuracy: the share of views whose nearest other view in the "
+                "batch is their partner)")
     verb = "Training" if resumed_at is None else f"Resuming at epoch {resumed_at}:"
     return (f"{verb} {config.model.name} on {plan.num_train} {config.data.dataset} images on {device} "
             f"[{engine} engine] with {mode}; run folder {path}")

@@ -40,6 +40,7 @@ from dpvision.data import data_fingerprint, load_dataset
 from dpvision.data.mnist import random_subset
 from dpvision.data.registry import DATASET_REGISTRY
 from dpvision.engines import DistContext, Engine, FastOptions, OptimizerSpec, build_engine
+from dpvision.engines.contrastive import PROJECTION_DIM
 from dpvision.jobs.config import TrainConfig
 from dpvision.jobs.features import FeatureStore, cached_data, release
 from dpvision.jobs.rundir import restore
@@ -171,6 +172,11 @@ def plan_privacy(config: TrainConfig, *, num_train: int) -> Plan:
                      private_input_norm=config.model.input_norm == "private")
 
 
+def outputs(config: TrainConfig, data: Data) -> int:
+    """The model's outputs: the classes, or the contrastive objective's projection."""
+    return PROJECTION_DIM if config.optim.objective == "contrastive" else len(data.class_names)
+
+
 def validate(config: TrainConfig, given: Given = Given()) -> tuple[Data, Plan]:
     """The data, the model's options and the plan, checked (nothing written); returns ``(data, plan)``.
 
@@ -186,7 +192,7 @@ def validate(config: TrainConfig, given: Given = Given()) -> tuple[Data, Plan]:
         check_external(config.model.name, image_size=image_size)
     elif given.model is None:  # (the caller's own module was checked by dpvision.api)
         check_model_options(config.model.name, in_channels=int(data.train.images.shape[1]),
-                            num_classes=len(data.class_names), image_size=image_size,
+                            num_classes=outputs(config, data), image_size=image_size,
                             activation=config.model.activation, width=config.model.width,
                             weight_standardization=config.model.weight_standardization,
                             input_norm=config.model.input_norm)
@@ -260,7 +266,7 @@ def build(config: TrainConfig, data: Data, plan: Plan, dist: DistContext, given:
     seed_everything(config.run.seed)  # weight initialisation draws from torch's global generator
     model = given.model
     train = data.train
-    sizes = dict(in_channels=int(train.images.shape[1]), num_classes=len(data.class_names),
+    sizes = dict(in_channels=int(train.images.shape[1]), num_classes=outputs(config, data),
                  image_size=int(train.images.shape[-1]))
     if model is None:
         model = resolve_model(config.model.name, **sizes)  # torchvision:<name> or <module>:<factory>; else None
@@ -285,7 +291,7 @@ def build(config: TrainConfig, data: Data, plan: Plan, dist: DistContext, given:
     options = None  # the opacus engine takes none (config: run.precision is auto there)
     if config.run.engine == "fast":
         options = FastOptions(precision=None if config.run.precision == "auto" else config.run.precision,
-                              augmult=optim.augmult,
+                              augmult=optim.augmult, objective=optim.objective, temperature=optim.temperature,
                               augment_flip=bool(optim.augmult) and DATASET_REGISTRY[config.data.dataset].allows_flip)
     # One process: the engine's own world of one on this device; data-parallel: this rank's context.
     device = dist if dist.is_distributed else dist.device

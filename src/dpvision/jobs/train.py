@@ -36,10 +36,10 @@ from typing import Callable
 from tqdm import tqdm
 
 from dpvision.checkpoint import check_ledger
-from dpvision.engines import evaluate
+from dpvision.engines import contrastive, evaluate
 from dpvision.engines.distributed import DistContext
 from dpvision.jobs import report
-from dpvision.jobs.config import TrainConfig
+from dpvision.jobs.config import OptimConfig, TrainConfig
 from dpvision.jobs.ema import WeightAverage
 from dpvision.jobs.features import release
 from dpvision.jobs.loop import BestModel, EpochOutcome, epsilon_columns, train_private_epoch
@@ -84,11 +84,17 @@ def train(trainer: Trainer, epoch: int) -> EpochOutcome:
                                    progress=progress)
 
 
-def evaluate_split(model, data, batch_size: int, device) -> tuple[float, float, object]:
-    """Mean loss, accuracy and predictions [N] of ``model`` on one split (NaNs when there is none)."""
+def evaluate_split(model, data, optim: OptimConfig, device) -> tuple[float, float, object]:
+    """Mean loss, accuracy and predictions [N] of ``model`` on one split (NaNs when there is none).
+
+    Under the contrastive objective: its mean loss and pair accuracy (the share of views whose nearest other
+    view is their partner), no predictions."""
     if data is None:
         return math.nan, math.nan, None
-    return evaluate(model, data, batch_size=batch_size, device=device)
+    if optim.objective == "contrastive":
+        return (*contrastive.evaluate(model, data, batch_size=optim.eval_batch_size, device=device,
+                                      temperature=optim.temperature), None)
+    return evaluate(model, data, batch_size=optim.eval_batch_size, device=device)
 
 
 def judged(ema: WeightAverage | None, model):
@@ -225,10 +231,10 @@ class Trainer:
 
     def _end_epoch(self, result, started: float) -> None:
         """Judge the epoch's weights and make its row, then :meth:`_record` it."""
-        batch, device = self.config.optim.eval_batch_size, self.device
+        optim, device = self.config.optim, self.device
         with judged(self.ema, self.engine.model) as model:
-            val = evaluate_split(model, self.data.val, batch, device)[:2]
-            tested = (evaluate_split(model, self.data.test, batch, device)[:2] if self.config.run.test_every_epoch
+            val = evaluate_split(model, self.data.val, optim, device)[:2]
+            tested = (evaluate_split(model, self.data.test, optim, device)[:2] if self.config.run.test_every_epoch
                       else (math.nan, math.nan))
             improved = self.best.update(self.epoch, val[1], model)
         epsilons = epsilon_columns(self.ledger, delta=self.plan.delta, dp=self.plan.dp,
@@ -274,7 +280,7 @@ class Trainer:
             last = None
             if self.best.weights is not None:
                 if config.run.evaluate_test:
-                    last = evaluate_split(model, data.test, config.optim.eval_batch_size, self.device)[1]
+                    last = evaluate_split(model, data.test, config.optim, self.device)[1]
                 model.load_state_dict(self.best.weights)  # training is over: judge the selected weights
             tested = self._test(model)
         summary = self._summary(tested, test_accuracy_last=last)
@@ -291,7 +297,9 @@ class Trainer:
         if not self.config.run.evaluate_test:
             return report.summary_of_test(math.nan, math.nan, None, None)
         data = self.data
-        loss, accuracy, predictions = evaluate_split(model, data.test, self.config.optim.eval_batch_size, self.device)
+        loss, accuracy, predictions = evaluate_split(model, data.test, self.config.optim, self.device)
+        if predictions is None:  # the contrastive objective: no classes predicted
+            return report.summary_of_test(loss, accuracy, None, None)
         labels = data.test.labels
         per_class = report.group_accuracy(predictions, labels, [data.class_names[int(y)] for y in labels])
         per_group = report.group_accuracy(predictions, labels, list(data.test_groups)) if data.test_groups else None

@@ -1,0 +1,141 @@
+"""The contrastive objective (dpvision.engines.contrastive): SimCLR's loss and views, pretraining without DP
+through the one job, its refusals under DP, and its weights as a DP run's ``model.init``.
+
+Tiny synthetic images from dpvision.data.synthetic (16x16, 3 channels) through ``dpvision.fit``, CPU, fp32.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dpvision
+from dpvision.data.synthetic import generate
+from dpvision.engines.contrastive import PROJECTION_DIM, nt_xent, views
+from dpvision.jobs.config import TrainConfig
+
+from .job_helpers import metrics, read_csv
+
+PRETRAIN = {"dp": {"enabled": False},
+            "optim": {"objective": "contrastive", "epochs": 3, "batch_size": 64, "lr": 0.1, "momentum": 0.9},
+            "run": {"device": "cpu", "quiet": True, "seed": 0}}
+
+
+def reference_nt_xent(z: torch.Tensor, temperature: float) -> tuple[float, float]:
+    """SimCLR's loss written out view by view (its definition), and the views whose nearest other is the partner."""
+    z = F.normalize(z.double(), dim=1)
+    n = len(z)
+    total = found = 0.0
+    for i in range(n):
+        partner = (i + n // 2) % n
+        others = [k for k in range(n) if k != i]
+        logits = torch.stack([z[i] @ z[k] / temperature for k in others])
+        total -= float(torch.log_softmax(logits, 0)[others.index(partner)])
+        found += others[int(logits.argmax())] == partner
+    return total / 2, found / 2
+
+
+@pytest.mark.parametrize("b,d,temperature", [(1, 3, 0.5), (5, 7, 0.3), (16, 4, 2.0)])
+def test_nt_xent_is_simclr_loss_written_out(b, d, temperature):
+    z = torch.randn(2 * b, d, generator=torch.Generator().manual_seed(b))
+    loss, correct = nt_xent(z, temperature=temperature)
+    want_loss, want_correct = reference_nt_xent(z, temperature)
+    assert float(loss) == pytest.approx(want_loss, rel=1e-5)
+    assert float(correct) == want_correct
+
+
+def test_nt_xent_rewards_views_that_agree():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(8, 16, generator=g)
+    agree = torch.cat([z, z + 0.01 * torch.randn(8, 16, generator=g)])  # the two views nearly equal
+    loss_agree, correct = nt_xent(agree, temperature=0.5)
+    loss_random, _ = nt_xent(torch.randn(16, 16, generator=g), temperature=0.5)
+    assert float(correct) == 8 and float(loss_agree) < float(loss_random)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_views_are_seeded_in_range_and_differ(channels):
+    x = torch.rand(6, channels, 12, 12, generator=torch.Generator().manual_seed(1))
+    a = views(x, generator=torch.Generator().manual_seed(5))
+    b = views(x, generator=torch.Generator().manual_seed(5))
+    assert a.shape == (2, 6, channels, 12, 12) and torch.equal(a, b)
+    assert float(a.min()) >= 0 and float(a.max()) <= 1
+    assert not torch.allclose(a[0], a[1])  # two independent views
+    c = views(x, generator=torch.Generator().manual_seed(6))
+    assert not torch.allclose(a, c)
+
+
+def test_views_of_a_constant_image_keep_its_grey_level_without_jitter():
+    # A grey image: crops and flips change nothing, brightness scales it, contrast and saturation keep it.
+    x = torch.full((200, 3, 8, 8), 0.5)
+    v = views(x, generator=torch.Generator().manual_seed(0))
+    spread = v.flatten(2).amax(2) - v.flatten(2).amin(2)  # [2, 200]: within-image range
+    assert float(spread.max()) < 1e-6
+    levels = v[..., 0, 0, 0].flatten()  # 400 views' grey levels
+    assert 0.5 * 0.6 - 1e-6 <= float(levels.min()) and float(levels.max()) <= 0.5 * 1.4 + 1e-6
+    unchanged = (levels - 0.5).abs() < 1e-6
+    assert 0.1 < float(unchanged.float().mean()) < 0.35  # no jitter with probability 1 - 0.8
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"dp": {"enabled": True}}, "dp.enabled false"),
+    ({"run": {"engine": "opacus"}}, "run.engine fast"),
+    ({"optim": {"augmult": 2}}, "optim.augmult"),
+    ({"optim": {"objective": "triplet"}}, "optim.objective"),
+    ({"optim": {"temperature": 0}}, "optim.temperature"),
+    ({"run": {"cache_features": True}}, "run.cache_features true"),
+])
+def test_refusals_name_the_setting(change, field):
+    values = {"dp": {"enabled": False}, "optim": {"objective": "contrastive"}, "model": {"name": "scatternet_linear"}}
+    for section, fields in change.items():
+        values[section] = {**values.get(section, {}), **fields}
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        TrainConfig.from_dict(values)
+
+
+def synthetic_split(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    data = generate(n, image_size=16, channels=3, seed=seed)
+    return data.images, data.labels
+
+
+def test_pretraining_learns_views_resumes_exactly_and_initialises_a_dp_run(tmp_path):
+    train, val, test = synthetic_split(640, 0), synthetic_split(128, 2), synthetic_split(256, 1)
+    runs = {"runs_dir": str(tmp_path)}
+    summary = dpvision.fit("celeba_cnn", train, test, val, config=PRETRAIN, run={**PRETRAIN["run"], **runs,
+                                                                             "run_name": "pre"})
+    rows = read_csv(tmp_path / "python" / "pre" / "metrics.csv")
+    # The loss falls; pair accuracy among 255 other views of the 128 validation images is 10x chance (1/255)
+    # and more, among 511 of the 256 test images too.
+    assert float(rows[-1]["val_loss"]) < float(rows[0]["val_loss"]) - 0.1
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    assert float(rows[-1]["val_accuracy"]) > 10 / 255 and summary["test_accuracy"] > 10 / 511
+    assert summary["test_accuracy_per_class"] is None
+    assert math.isinf(summary["epsilon"]) and not summary["dp"]
+    weights = torch.load(tmp_path / "python" / "pre" / "model.pt", weights_only=True)
+    head = [w for name, w in weights.items() if name.endswith("weight")][-1]
+    assert head.shape[0] == PROJECTION_DIM
+
+    # A sitting of one epoch (run.max_minutes), then a resume: the same weights and rows as the one call (the
+    # views drawn from the checkpointed generator).
+    paused = dpvision.fit("celeba_cnn", train, test, val, config=PRETRAIN,
+                          run={**PRETRAIN["run"], **runs, "run_name": "parts", "max_minutes": 1e-6})
+    assert paused["status"] == "paused" and paused["epoch"] == 1
+    dpvision.fit("celeba_cnn", train, test, val, resume=tmp_path / "python" / "parts")
+    resumed = torch.load(tmp_path / "python" / "parts" / "model.pt", weights_only=True)
+    assert all(torch.equal(resumed[k], weights[k]) for k in weights)
+    assert metrics(tmp_path / "python" / "parts") == metrics(tmp_path / "python" / "pre")
+
+    # The pretrained body starts a DP run on the 6 classes, its projection head reset.
+    init = str(tmp_path / "python" / "pre" / "model.pt")
+    config = TrainConfig.from_dict({"model": {"name": "celeba_cnn", "init": init, "init_head": "reset"},
+                                    "dp": {"target_epsilon": 8.0}, "optim": {"epochs": 1, "batch_size": 64, "lr": 0.5},
+                                    "run": {**PRETRAIN["run"], **runs, "run_name": "dp"}})
+    tuned = dpvision.fit("celeba_cnn", train, test, val, config=config)
+    assert tuned["dp"] and tuned["epsilon"] <= 8.0 and len(tuned["test_accuracy_per_class"]) == 6
+    config_yaml = (tmp_path / "python" / "dp" / "config.yaml").read_text()
+    assert "init_head: reset" in config_yaml
+    json.dumps(tuned)  # the summary stays JSON
