@@ -15,9 +15,13 @@ import torch.nn.functional as F
 
 import dpvision
 from dpvision.data.synthetic import generate
-from dpvision.engines.contrastive import PROJECTION_DIM, nt_xent, views
+from dpvision.data.tensors import ImageTensors
+from dpvision.engines import FastOptions, OptimizerSpec
+from dpvision.engines.contrastive import PROJECTION_DIM, nt_xent, resized_crops, views
 from dpvision.jobs.config import TrainConfig
+from dpvision.models import CelebaCNN
 
+from .engine_helpers import fast_engine
 from .job_helpers import metrics, read_csv
 
 PRETRAIN = {"dp": {"enabled": False},
@@ -81,12 +85,81 @@ def test_views_of_a_constant_image_keep_its_grey_level_without_jitter():
     assert 0.1 < float(unchanged.float().mean()) < 0.35  # no jitter with probability 1 - 0.8
 
 
+def test_resized_crops_geometry():
+    x = torch.arange(2 * 3 * 6 * 8, dtype=torch.float32).view(2, 3, 6, 8)
+    one, zero = torch.ones(2), torch.zeros(2)
+    keep, mirror = torch.zeros(2, dtype=torch.bool), torch.ones(2, dtype=torch.bool)
+    same = resized_crops(x, width=one, height=one, cx=zero, cy=zero, mirror=keep)
+    assert torch.allclose(same, x, atol=1e-4)  # the whole image, pixel centres on pixel centres
+    assert torch.allclose(resized_crops(x, width=one, height=one, cx=zero, cy=zero, mirror=mirror), x.flip(-1),
+                          atol=1e-4)
+    # The left half (width 1/2 centred at -1/2), stretched to 8 columns: read between columns 0 and 4, rising.
+    left = resized_crops(x, width=one / 2, height=one, cx=-one / 2, cy=zero, mirror=keep)
+    assert torch.all(left <= x[..., 4:5] - 0.5) and torch.all(left >= x[..., 0:1] - 1e-4)
+    assert torch.all(left.diff(dim=-1) > 0)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_views_mirror_only_when_flips_are_allowed(flip):
+    # A grey ramp rising to the right: crops, resizing and the colour jitter keep it rising; only a mirror turns it.
+    ramp = torch.linspace(0.1, 0.9, 16).expand(300, 3, 16, 16).contiguous()
+    v = views(ramp, generator=torch.Generator().manual_seed(0), flip=flip)  # [2, 300, 3, 16, 16]
+    slope = (v[..., -1] - v[..., 0]).mean(dim=(2, 3))  # [2, 300]: right minus left
+    falling = float((slope < 0).float().mean())
+    assert falling == 0 if not flip else 0.4 < falling < 0.6
+
+
+def test_a_step_is_one_chunk_whatever_the_physical_size():
+    data = ImageTensors(torch.randint(0, 256, (24, 3, 16, 16), dtype=torch.uint8,
+                                      generator=torch.Generator().manual_seed(0)),
+                        torch.zeros(24, dtype=torch.int64), (0.5,) * 3, (0.25,) * 3)
+    weights = []
+    for physical in (None, 3):  # 3 examples a chunk would split the batch of 12 (and its negatives) in four
+        torch.manual_seed(0)
+        engine = fast_engine(model=CelebaCNN(in_channels=3, num_classes=PROJECTION_DIM),
+                             train_data=data, batch_size=12, optimizer=OptimizerSpec(lr=0.1), dp=None, seed=0,
+                             physical_batch_size=physical, objective="contrastive")
+        engine.train_epoch()
+        weights.append([p.detach().clone() for p in engine.model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*weights))
+
+
+def test_engine_options_refuse_dp_bad_temperatures_and_graphs():
+    with pytest.raises(ValueError, match="without DP only"):
+        FastOptions(objective="contrastive").resolve(torch.device("cpu"), dp=True)
+    for bad in (0, -1.0):
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            FastOptions(objective="contrastive", temperature=bad)
+    with pytest.raises(ValueError, match="needs the contrastive objective"):
+        FastOptions(temperature=0.5)
+    settings = FastOptions(objective="contrastive").resolve(torch.device("cuda"), dp=False)
+    assert not settings.cuda_graphs and settings.temperature == 0.5  # fresh views every step: eager
+
+
+def test_a_factory_gets_the_projection_width_also_on_resume(tmp_path):
+    seen = []
+
+    def factory(num_classes: int, in_channels: int, image_size: int):
+        seen.append(num_classes)
+        return CelebaCNN(in_channels=in_channels, num_classes=num_classes)
+
+    train, test = synthetic_split(64, 0), synthetic_split(32, 1)
+    run = {**PRETRAIN["run"], "runs_dir": str(tmp_path), "run_name": "f", "max_minutes": 1e-6}
+    assert dpvision.fit(factory, train, test, config=PRETRAIN, run=run)["status"] == "paused"
+    dpvision.fit(factory, train, test, resume=tmp_path / "python" / "f")
+    assert seen == [PROJECTION_DIM, PROJECTION_DIM]  # not the 6 classes
+    cross_entropy = {**PRETRAIN, "optim": {"epochs": 1, "batch_size": 64}}
+    dpvision.fit(factory, train, test, config=cross_entropy, run={**run, "run_name": "ce", "max_minutes": None})
+    assert seen[-1] == 6
+
+
 @pytest.mark.parametrize("change,field", [
     ({"dp": {"enabled": True}}, "dp.enabled false"),
     ({"run": {"engine": "opacus"}}, "run.engine fast"),
     ({"optim": {"augmult": 2}}, "optim.augmult"),
     ({"optim": {"objective": "triplet"}}, "optim.objective"),
     ({"optim": {"temperature": 0}}, "optim.temperature"),
+    ({"optim": {"batch_size": 8193}}, "optim.batch_size"),
     ({"run": {"cache_features": True}}, "run.cache_features true"),
 ])
 def test_refusals_name_the_setting(change, field):

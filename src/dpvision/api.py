@@ -34,6 +34,7 @@ from torch import nn
 from dpvision.data.files import DataError, check_total_bytes
 from dpvision.data.registry import data_fingerprint
 from dpvision.data.tensors import ImageTensors, neutral_stats
+from dpvision.engines.contrastive import PROJECTION_DIM
 from dpvision.jobs.config import SECTIONS, TrainConfig, load_recipe
 from dpvision.jobs.setup import Data, Given
 from dpvision.models.external import call_factory, make_dp_compatible
@@ -60,9 +61,10 @@ def fit(model: nn.Module | Callable[..., nn.Module] | str, train: Any, test: Any
     overrides = _section_overrides(sections)
     data = make_data(train, test, val, classes=classes)
     if resume is not None:  # the weights come from the checkpoint
-        return run(None, resume=resume, overrides=overrides, given=Given(data, _model(model, data, seed=0)[0]))
+        module = _model(model, data, seed=0, outputs=_outputs(_saved_objective(resume), data))[0]
+        return run(None, resume=resume, overrides=overrides, given=Given(data, module))
     config = _config(config).with_overrides(overrides)
-    module, name = _model(model, data, seed=config.run.seed)
+    module, name = _model(model, data, seed=config.run.seed, outputs=_outputs(config.optim.objective, data))
     config = config.with_overrides({"data.dataset": PYTHON_DATASET, "model.name": name})
     return run(config, given=Given(data, module))
 
@@ -93,13 +95,27 @@ def _config(config) -> TrainConfig:
     raise ValueError(f"config must be a TrainConfig, a recipe path or a dict, got {type(config).__name__}")
 
 
-def _model(model, data: Data, *, seed: int) -> tuple[nn.Module | None, str]:
+def _outputs(objective: str | None, data: Data) -> int:
+    """The model's outputs: the classes, or the contrastive objective's projection."""
+    return PROJECTION_DIM if objective == "contrastive" else len(data.class_names)
+
+
+def _saved_objective(resume) -> str | None:
+    """The objective in a run folder's config.yaml (None where it cannot be read: the job then says why)."""
+    try:
+        return (load_recipe(os.path.join(resume, "config.yaml")).get("optim") or {}).get("objective")
+    except (ValueError, AttributeError):
+        return None
+
+
+def _model(model, data: Data, *, seed: int, outputs: int) -> tuple[nn.Module | None, str]:
     """(the module to train or None, ``model.name``): a name (registry, ``torchvision:``, import path) is
-    built by the job itself; a factory is called after seeding, as the job seeds its own models."""
+    built by the job itself; a factory is called after seeding (as the job seeds its own models) with
+    ``num_classes=outputs``."""
     if isinstance(model, str):
         return None, model
     shape = data.train.images.shape
-    sizes = {"num_classes": len(data.class_names), "in_channels": int(shape[1]), "image_size": int(shape[-1])}
+    sizes = {"num_classes": outputs, "in_channels": int(shape[1]), "image_size": int(shape[-1])}
     if isinstance(model, nn.Module):
         _check_compatible(model)
         return model, f"python:{type(model).__name__}"

@@ -56,7 +56,8 @@ def build_engine(name: str, *, model: nn.Module, train_data: ImageTensors, plan:
     try:
         return engine_class(**common, options=options)
     except UnsupportedModelError as err:
-        own_math = (options is not None and options.augmult) or plan.clipping != "flat"
+        own_math = (options is not None and (options.augmult or options.objective != "cross_entropy")
+                    or plan.clipping != "flat")
         if engine_class.fallback is None or own_math:
             raise
         fallback_notice(name, engine_class.fallback, err)

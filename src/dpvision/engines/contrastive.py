@@ -11,11 +11,14 @@ with ``dp.enabled: false``; the job refuses it under DP). The weights it learns 
 ``model.init`` for DP-SGD on the private data, the head reset (``model.init_head: reset``).
 
 * :func:`views`: two views [2, b, C, H, W] of every image: a random resized crop (area 20-100%, aspect
-  3/4-4/3, bilinear), a random horizontal flip, with probability 0.8 a colour jitter (brightness, contrast,
-  saturation, each a factor in [0.6, 1.4]; SimCLR's CIFAR strength 0.5 without its hue shift) and with
-  probability 0.2 grey; all on the device from one generator.
+  3/4-4/3, a side clamped to the image's, bilinear), a random horizontal flip (not for digits), with
+  probability 0.8 a colour jitter (brightness, contrast, saturation, each a factor in [0.6, 1.4]; SimCLR's
+  CIFAR strength 0.5 without its hue shift) and with probability 0.2 grey; all on the device from one generator.
 * :func:`nt_xent`: the summed loss and the number of views whose nearest other view is their partner.
 * :func:`evaluate`: the mean loss and that "pair accuracy" on a split, views drawn from a fixed seed.
+
+A step's negatives are the other views of its whole batch: the engine runs a contrastive step as one chunk
+(``optim.batch_size`` at most ``MAX_BATCH``) in one process, so the loss does not depend on chunk sizes.
 
 The model's output layer is the projection (``PROJECTION_DIM`` outputs instead of the classes).
 
@@ -43,30 +46,47 @@ from dpvision.seeding import make_generator
 
 OBJECTIVES = ("cross_entropy", "contrastive")
 PROJECTION_DIM = 128  # outputs of the model's last layer under the contrastive objective (SimCLR: 128)
+DEFAULT_TEMPERATURE = 0.5  # SimCLR's CIFAR-10 value
+MAX_BATCH = 8192  # a step's batch is one chunk (its views are one another's negatives): 2 x 8,192 views coexist
 CROP_AREA = (0.2, 1.0)  # of the image, as SimCLR's CIFAR-10 setting (ImageNet: 0.08)
 CROP_RATIO = (3 / 4, 4 / 3)
 JITTER, JITTER_P, GREY_P = 0.4, 0.8, 0.2  # colour factors in [1 - JITTER, 1 + JITTER]
 EVAL_SEED = 12345  # the evaluation's views: the same at every epoch, so the numbers compare
 
 
+def resolve_temperature(temperature: float | None) -> float:
+    """The temperature a run uses: the one given, else ``DEFAULT_TEMPERATURE``."""
+    return DEFAULT_TEMPERATURE if temperature is None else float(temperature)
+
+
 def _uniform(n: int, low: float, high: float, g: torch.Generator, device) -> torch.Tensor:
     return low + (high - low) * torch.rand(n, generator=g, device=device)
 
 
-def _crops(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """[n, C, H, W] -> a random resized crop of each, flipped with probability 1/2 (bilinear, same size)."""
+def resized_crops(x: torch.Tensor, *, width: torch.Tensor, height: torch.Tensor, cx: torch.Tensor,
+                  cy: torch.Tensor, mirror: torch.Tensor) -> torch.Tensor:
+    """[n, C, H, W] -> each image's crop of ``width`` x ``height`` (fractions of its sides, [n]) centred at
+    (``cx``, ``cy``) (in [-1, 1] image coordinates, [n]), mirrored where ``mirror`` [n] is True, resized
+    bilinearly to H x W. Width = height = 1 at the centre is the image itself."""
+    sign = torch.where(mirror, -1.0, 1.0)
+    theta = torch.zeros(len(x), 2, 3, device=x.device)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = width * sign, cx, height, cy
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # [n, H, W, 2]: where each output pixel reads
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _crops(x: torch.Tensor, g: torch.Generator, flip: bool) -> torch.Tensor:
+    """[n, C, H, W] -> a random resized crop of each (area and aspect as SimCLR's; a side longer than the image
+    is clamped to it), mirrored with probability 1/2 when ``flip``."""
     n, dev = len(x), x.device
     area = _uniform(n, *CROP_AREA, g, dev)
     ratio = torch.exp(_uniform(n, math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]), g, dev))
     w = torch.sqrt(area * ratio).clamp(max=1.0)  # width and height as fractions of the image side
     h = torch.sqrt(area / ratio).clamp(max=1.0)
-    cx = (1 - w) * (2 * torch.rand(n, generator=g, device=dev) - 1)  # centre in [-1, 1] coordinates, inside
+    cx = (1 - w) * (2 * torch.rand(n, generator=g, device=dev) - 1)  # the crop stays inside the image
     cy = (1 - h) * (2 * torch.rand(n, generator=g, device=dev) - 1)
-    flip = torch.where(torch.rand(n, generator=g, device=dev) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(n, 2, 3, device=dev)
-    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * flip, cx, h, cy
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # [n, H, W, 2]
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    mirror = torch.rand(n, generator=g, device=dev) < 0.5
+    return resized_crops(x, width=w, height=h, cx=cx, cy=cy, mirror=mirror & flip)
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
@@ -91,10 +111,11 @@ def _colour(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return torch.where(to_grey, _grey(x).expand_as(x), x)
 
 
-def views(x: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
-    """float [b, C, H, W] in [0, 1] -> [2, b, C, H, W]: two independent strong augmentations of each image."""
+def views(x: torch.Tensor, *, generator: torch.Generator, flip: bool = True) -> torch.Tensor:
+    """float [b, C, H, W] in [0, 1] -> [2, b, C, H, W]: two independent strong augmentations of each image
+    (``flip`` False: never mirrored, for digits)."""
     both = torch.cat([x, x])  # [2b, C, H, W]: view v of image i is row v b + i
-    return _colour(_crops(both, generator), generator).view(2, *x.shape)
+    return _colour(_crops(both, generator, flip), generator).view(2, *x.shape)
 
 
 def nt_xent(z: torch.Tensor, *, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,19 +139,20 @@ def nt_xent(z: torch.Tensor, *, temperature: float) -> tuple[torch.Tensor, torch
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ImageTensors, *, batch_size: int, device, temperature: float,
-             ) -> tuple[float, float]:
-    """(mean loss, pair accuracy) of ``model`` on ``data``: two views of every image from a fixed seed, each
-    batch of ``batch_size`` images its own set of negatives (as in training)."""
+             flip: bool = True) -> tuple[float, float]:
+    """(mean loss, pair accuracy) of ``model`` on ``data``: two views of every image, each batch of
+    ``batch_size`` images its own set of negatives (as a training batch). The views are drawn on the CPU from
+    a fixed seed, so every epoch and every device sees the same ones."""
     was_training = model.training
     model.eval()
-    g = make_generator(EVAL_SEED, "contrastive_eval", torch.device(device))
-    mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
+    g = make_generator(EVAL_SEED, "contrastive_eval")  # CPU
+    mean = torch.tensor(data.mean).view(1, -1, 1, 1)
+    std = torch.tensor(data.std).view(1, -1, 1, 1)
     total_loss = total_correct = 0.0
     for start in range(0, len(data), batch_size):
-        x = data.images[start:start + batch_size].to(device).float() / 255  # [b, C, H, W] in [0, 1]
-        v = (views(x, generator=g) - mean) / std  # [2, b, C, H, W]
-        loss, correct = nt_xent(model(v.flatten(0, 1)), temperature=temperature)
+        x = data.images[start:start + batch_size].cpu().float() / 255  # [b, C, H, W] in [0, 1]
+        v = (views(x, generator=g, flip=flip) - mean) / std  # [2, b, C, H, W]
+        loss, correct = nt_xent(model(v.flatten(0, 1).to(device)), temperature=temperature)
         total_loss += float(loss)
         total_correct += float(correct)
     model.train(was_training)

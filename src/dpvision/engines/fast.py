@@ -114,6 +114,8 @@ class FastEngine(Engine):
 
     def _setup_plain(self, numerics: Numerics) -> None:
         s = self.settings
+        if s.objective == "contrastive" and self.dist.is_distributed:
+            raise ValueError("the contrastive objective runs in one process (its negatives are the whole batch)")
         self.step = PlainStep(model=self.model, data=self.data, numerics=numerics, bf16=s.precision == "bf16",
                               augmult=s.augmult, augment_flip=s.augment_flip,
                               generator=self.generators.get("augment_generator"),
@@ -284,6 +286,8 @@ class FastEngine(Engine):
         self.last_batch_sizes = [min(b, n - s * b) for s in range(steps)]
         order = torch.randperm(n, generator=self.generators["data_order_generator"], device=self.device)
         seen, physical = 0, self.settings.max_physical
+        if self.settings.objective == "contrastive":  # the batch's views are one another's negatives: one chunk
+            physical = b
         for s in range(steps):
             idx = order[s * b:(s + 1) * b]  # the global batch
             full, scale = len(idx) == b, 1.0 / len(idx)  # mean over the global batch

@@ -22,7 +22,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from dpvision.engines.chunks import PAD_SIGMAS
-from dpvision.engines.contrastive import OBJECTIVES
+from dpvision.engines.contrastive import OBJECTIVES, resolve_temperature
 from dpvision.engines.manual import KEPT_AMP_MAX_EXAMPLES
 from dpvision.engines.per_sample import BACKENDS
 
@@ -68,8 +68,9 @@ class FastOptions:
         clipping (:mod:`dpvision.engines.augmult`: same sensitivity, same accounting); eager only. Under DP
         the manual backend's view-aware path where it supports the model, else torch.func vmap.
     augment_flip: random horizontal flips among the augmentations (not for digits).
-    objective: ``"cross_entropy"`` or, without DP only, ``"contrastive"`` (:mod:`dpvision.engines.contrastive`:
-        two strong views of each example, SimCLR's loss over the chunk's views at ``temperature``); eager only.
+    objective: ``"cross_entropy"`` or, without DP and in one process only, ``"contrastive"``
+        (:mod:`dpvision.engines.contrastive`: two strong views of each example, SimCLR's loss over the views of
+        the whole batch, one chunk, at ``temperature``, default 0.5); eager only.
     """
 
     physical_batch_size: int | None = None
@@ -85,7 +86,7 @@ class FastOptions:
     augmult: int = 0
     augment_flip: bool = False
     objective: str = "cross_entropy"
-    temperature: float = 0.5
+    temperature: float | None = None
 
     def __post_init__(self) -> None:
         if self.physical_batch_size is not None and self.physical_batch_size < 1:
@@ -104,6 +105,8 @@ class FastOptions:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.objective == "contrastive" and self.augmult:
             raise ValueError("the contrastive objective draws its own two views: augmult must be 0")
+        if self.temperature is not None and not (self.objective == "contrastive" and self.temperature > 0):
+            raise ValueError(f"temperature must be > 0 and needs the contrastive objective, got {self.temperature!r}")
 
     def is_default(self) -> bool:
         """Nothing set: what the stock Opacus engine accepts."""
@@ -144,7 +147,8 @@ class FastOptions:
             # Fused blocks change only the rounding (float32 sums in another order): CUDA by default, the
             # CPU only when asked (tests, under TRITON_INTERPRET=1), so CPU runs stay bit for bit.
             fuse=cuda if self.fuse is None else self.fuse, augmult=self.augmult, augment_flip=self.augment_flip,
-            objective=self.objective, temperature=float(self.temperature))
+            objective=self.objective,
+            temperature=resolve_temperature(self.temperature))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -16,8 +16,8 @@ DP-SGD (:class:`DPStep`), the same mathematics as Opacus's ``DPOptimizer``:
 
 Without DP (:class:`PlainStep`): the mean cross-entropy over the global batch, by ordinary backward
 into ``.grad``; optionally over K augmented views of each example, or the contrastive objective's mean
-loss over two strong views of each example (:mod:`dpvision.engines.contrastive`; each chunk's views are
-one another's negatives).
+loss over two strong views of each example (:mod:`dpvision.engines.contrastive`; the batch is one chunk,
+its views one another's negatives).
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ class PlainStep:
         """The contrastive loss of examples ``idx`` [b], their two views each the other's positive."""
         with self.numerics, torch.autocast(idx.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             x = self.data.images[idx].float() / 255  # [b, C, H, W] on the 0..1 scale the views are drawn on
-            v = contrastive.views(x, generator=self.generator).flatten(0, 1)  # [2b, C, H, W]: view 0s, then 1s
+            v = contrastive.views(x, generator=self.generator, flip=self.augment_flip).flatten(0, 1)  # [2b, C, H, W]
             z = self.model(self.data.standardize(v)).float()  # [2b, PROJECTION_DIM]
         loss, correct = contrastive.nt_xent(z, temperature=self.temperature)  # summed over the b examples
         (loss * scale).backward()

@@ -36,6 +36,7 @@ from dpvision.checks import is_int, is_number, need
 from dpvision.data.registry import DATASETS, MAX_IMAGE_SIZE
 from dpvision.engines import ENGINES, OPTIMIZERS
 from dpvision.engines.clipping import CLIPPING_RULES
+from dpvision.engines.contrastive import MAX_BATCH as CONTRASTIVE_MAX_BATCH
 from dpvision.engines.contrastive import OBJECTIVES
 from dpvision.engines.options import PRECISIONS as ENGINE_PRECISIONS
 from dpvision.engines.schedule import SCHEDULES
@@ -149,7 +150,7 @@ class OptimConfig:
     # "contrastive": SimCLR's loss on two strong views of each image, to pretrain a prior without DP
     # (dpvision.engines.contrastive); the model's last layer is then a projection, not the classes
     objective: str = "cross_entropy"
-    temperature: float = 0.5  # the contrastive objective's softmax temperature (SimCLR's CIFAR-10 value)
+    temperature: float | None = None  # the contrastive objective's softmax temperature (None: SimCLR's 0.5)
 
     def __post_init__(self) -> None:
         need(self.name in OPTIMIZERS, "optim.name", f"one of {', '.join(OPTIMIZERS)}", self.name)
@@ -170,8 +171,15 @@ class OptimConfig:
         need(is_int(self.augmult) and 0 <= self.augmult <= MAX_AUGMULT, "optim.augmult",
               f"an integer between 0 and {MAX_AUGMULT}", self.augmult)
         need(self.objective in OBJECTIVES, "optim.objective", f"one of {', '.join(OBJECTIVES)}", self.objective)
-        need(is_number(self.temperature) and 0.01 <= self.temperature <= 10, "optim.temperature",
-             "a number between 0.01 and 10", self.temperature)
+        if self.temperature is not None:
+            need(self.objective == "contrastive", "optim.temperature",
+                 "null unless optim.objective is contrastive (cross-entropy has no temperature)", self.temperature)
+            need(is_number(self.temperature) and 0.01 <= self.temperature <= 10, "optim.temperature",
+                 "a number between 0.01 and 10", self.temperature)
+        if self.objective == "contrastive":
+            need(self.batch_size <= CONTRASTIVE_MAX_BATCH, "optim.batch_size",
+                 f"at most {CONTRASTIVE_MAX_BATCH} under optim.objective contrastive (a step's views are one chunk)",
+                 self.batch_size)
 
 
 @dataclass(kw_only=True)

@@ -138,8 +138,9 @@ def final_line(summary: Mapping[str, Any], outputs: Sequence[str]) -> str:
         privacy = "no DP (ε = ∞)"
     chosen = f" (best validation epoch {summary['best_epoch']})" if summary.get("test_accuracy_last") is not None \
         else ""
-    judged = (f"test accuracy {summary['test_accuracy']:.4f}{chosen}" if not math.isnan(summary["test_accuracy"])
-              else f"validation accuracy {summary['val_accuracy']:.4f} (test set not evaluated)")
+    measure = "pair accuracy" if summary.get("objective") == "contrastive" else "accuracy"
+    judged = (f"test {measure} {summary['test_accuracy']:.4f}{chosen}" if not math.isnan(summary["test_accuracy"])
+              else f"validation {measure} {summary['val_accuracy']:.4f} (test set not evaluated)")
     return (f"Done in {summary['wall_seconds']:.1f}s: {judged} | {privacy}\n"
             f"Outputs: {summary['run_dir']}/ ({', '.join(outputs)})")
 
@@ -159,7 +160,9 @@ def setting_summary(config, plan, data, *, engine: str, device) -> dict[str, Any
     return {"dataset": config.data.dataset, "model": config.model.name, "dp": plan.dp, "num_train": plan.num_train,
             "num_val": len(data.val) if data.val is not None else 0, "num_test": len(data.test),
             "class_names": list(data.class_names), "engine": engine, "device": str(device),
-            "seed": config.run.seed, "versions": library_versions()}
+            "seed": config.run.seed, "versions": library_versions(),
+            # the contrastive objective's "accuracy" is its pair accuracy (dpvision.engines.contrastive)
+            **({"objective": "contrastive"} if config.optim.objective == "contrastive" else {})}
 
 
 def privacy_summary(config, plan, epsilons: Mapping[str, float], *, steps: int) -> dict[str, Any]:

@@ -292,7 +292,8 @@ def build(config: TrainConfig, data: Data, plan: Plan, dist: DistContext, given:
     if config.run.engine == "fast":
         options = FastOptions(precision=None if config.run.precision == "auto" else config.run.precision,
                               augmult=optim.augmult, objective=optim.objective, temperature=optim.temperature,
-                              augment_flip=bool(optim.augmult) and DATASET_REGISTRY[config.data.dataset].allows_flip)
+                              augment_flip=(bool(optim.augmult) or optim.objective == "contrastive")
+                              and DATASET_REGISTRY[config.data.dataset].allows_flip)
     # One process: the engine's own world of one on this device; data-parallel: this rank's context.
     device = dist if dist.is_distributed else dist.device
     try:

@@ -36,10 +36,11 @@ from typing import Callable
 from tqdm import tqdm
 
 from dpvision.checkpoint import check_ledger
+from dpvision.data.registry import DATASET_REGISTRY
 from dpvision.engines import contrastive, evaluate
 from dpvision.engines.distributed import DistContext
 from dpvision.jobs import report
-from dpvision.jobs.config import OptimConfig, TrainConfig
+from dpvision.jobs.config import TrainConfig
 from dpvision.jobs.ema import WeightAverage
 from dpvision.jobs.features import release
 from dpvision.jobs.loop import BestModel, EpochOutcome, epsilon_columns, train_private_epoch
@@ -84,16 +85,18 @@ def train(trainer: Trainer, epoch: int) -> EpochOutcome:
                                    progress=progress)
 
 
-def evaluate_split(model, data, optim: OptimConfig, device) -> tuple[float, float, object]:
+def evaluate_split(model, data, config: TrainConfig, device) -> tuple[float, float, object]:
     """Mean loss, accuracy and predictions [N] of ``model`` on one split (NaNs when there is none).
 
     Under the contrastive objective: its mean loss and pair accuracy (the share of views whose nearest other
     view is their partner), no predictions."""
+    optim = config.optim
     if data is None:
         return math.nan, math.nan, None
     if optim.objective == "contrastive":
         return (*contrastive.evaluate(model, data, batch_size=optim.eval_batch_size, device=device,
-                                      temperature=optim.temperature), None)
+                                      temperature=contrastive.resolve_temperature(optim.temperature),
+                                      flip=DATASET_REGISTRY[config.data.dataset].allows_flip), None)
     return evaluate(model, data, batch_size=optim.eval_batch_size, device=device)
 
 
@@ -231,10 +234,10 @@ class Trainer:
 
     def _end_epoch(self, result, started: float) -> None:
         """Judge the epoch's weights and make its row, then :meth:`_record` it."""
-        optim, device = self.config.optim, self.device
+        config, device = self.config, self.device
         with judged(self.ema, self.engine.model) as model:
-            val = evaluate_split(model, self.data.val, optim, device)[:2]
-            tested = (evaluate_split(model, self.data.test, optim, device)[:2] if self.config.run.test_every_epoch
+            val = evaluate_split(model, self.data.val, config, device)[:2]
+            tested = (evaluate_split(model, self.data.test, config, device)[:2] if config.run.test_every_epoch
                       else (math.nan, math.nan))
             improved = self.best.update(self.epoch, val[1], model)
         epsilons = epsilon_columns(self.ledger, delta=self.plan.delta, dp=self.plan.dp,
@@ -280,7 +283,7 @@ class Trainer:
             last = None
             if self.best.weights is not None:
                 if config.run.evaluate_test:
-                    last = evaluate_split(model, data.test, config.optim, self.device)[1]
+                    last = evaluate_split(model, data.test, config, self.device)[1]
                 model.load_state_dict(self.best.weights)  # training is over: judge the selected weights
             tested = self._test(model)
         summary = self._summary(tested, test_accuracy_last=last)
@@ -297,7 +300,7 @@ class Trainer:
         if not self.config.run.evaluate_test:
             return report.summary_of_test(math.nan, math.nan, None, None)
         data = self.data
-        loss, accuracy, predictions = evaluate_split(model, data.test, self.config.optim, self.device)
+        loss, accuracy, predictions = evaluate_split(model, data.test, self.config, self.device)
         if predictions is None:  # the contrastive objective: no classes predicted
             return report.summary_of_test(loss, accuracy, None, None)
         labels = data.test.labels
