@@ -19,6 +19,7 @@ from dpvision.data.tensors import ImageTensors
 from dpvision.engines import FastOptions, OptimizerSpec
 from dpvision.engines.contrastive import PROJECTION_DIM, nt_xent, resized_crops, views
 from dpvision.jobs.config import TrainConfig
+from dpvision.jobs.setup import few_steps_advice, plan_privacy
 from dpvision.models import CelebaCNN
 
 from .engine_helpers import fast_engine
@@ -212,3 +213,10 @@ def test_pretraining_learns_views_resumes_exactly_and_initialises_a_dp_run(tmp_p
     config_yaml = (tmp_path / "python" / "dp" / "config.yaml").read_text()
     assert "init_head: reset" in config_yaml
     json.dumps(tuned)  # the summary stays JSON
+
+
+def test_too_few_steps_advice_keeps_the_batch_of_negatives():
+    config = TrainConfig.from_dict({"dp": {"enabled": False}, "optim": {"objective": "contrastive", "epochs": 10,
+                                                                         "batch_size": 256}})
+    advice = few_steps_advice(config, plan_privacy(config, num_train=630))
+    assert "try --batch-size 256 --epochs 67" in advice  # more epochs, not a smaller batch (fewer negatives)

@@ -224,7 +224,8 @@ def few_steps_advice(config: TrainConfig, plan: Plan) -> str | None:
     if plan.total_steps >= MIN_SENSIBLE_STEPS:
         return None
     n, batch = plan.num_train, optim.batch_size
-    while not plan.dp and batch > 32 and math.ceil(n / batch) * optim.epochs < MIN_SENSIBLE_STEPS:
+    halve = not plan.dp and optim.objective != "contrastive"  # contrastive: the batch is its negatives, keep it
+    while halve and batch > 32 and math.ceil(n / batch) * optim.epochs < MIN_SENSIBLE_STEPS:
         batch //= 2
     per_epoch = replace(plan, batch_size=batch).steps_per_epoch
     advised = replace(plan, batch_size=batch, epochs=max(optim.epochs, math.ceil(MIN_SENSIBLE_STEPS / per_epoch)))
